@@ -1,0 +1,32 @@
+# Two commands do all set-up: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast bench setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install-system-deps.sh
+	scripts/install-system-deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q -ra
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -ra -m "not testbed and not slow"
+
+bench: $(STAMP)
+	$(VENV)/bin/chiba-admin bench all
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

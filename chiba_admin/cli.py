@@ -1,0 +1,148 @@
+"""The chiba-admin command line: global options, command registry, and the one exit-code map."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from . import console
+from .errors import ChibaError, NodeSetError, TopologyError, UsageError
+
+__all__ = ["main", "run", "cli", "Context", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE",
+           "EXIT_INTERRUPTED", "exit_code_for", "COMMAND_MODULES"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# The one place exit codes are decided: bad input and configuration are 2, anything that
+# went wrong on hosts is 1, Ctrl-C is 130 (like a shell).
+_EXIT_BY_CLASS: list[tuple[type[BaseException], int]] = [
+    (UsageError, EXIT_USAGE),
+    (TopologyError, EXIT_USAGE),
+    (NodeSetError, EXIT_USAGE),
+    (click.UsageError, EXIT_USAGE),
+    (ChibaError, EXIT_FAILURE),
+    (KeyboardInterrupt, EXIT_INTERRUPTED),
+]
+
+# Each module defines click commands and a `register(group)` function.
+COMMAND_MODULES = [
+    "chiba_admin.commands.topology",
+    "chiba_admin.commands.cluster",
+]
+
+
+def exit_code_for(exc: BaseException) -> int:
+    for cls, code in _EXIT_BY_CLASS:
+        if isinstance(exc, cls):
+            return code
+    return EXIT_FAILURE
+
+
+def _default_cluster_file() -> str:
+    env = os.environ.get("CHIBA_CLUSTER")
+    if env:
+        return env
+    local = Path("clusters/demo.toml")
+    if local.is_file():
+        return str(local)
+    return str(Path(__file__).resolve().parent.parent / "clusters" / "demo.toml")
+
+
+@dataclass
+class Context:
+    """What every command needs: the topology (loaded lazily), output mode and state dir."""
+
+    cluster_file: str
+    state: str | None = None
+    json: bool = False
+    debug: bool = False
+    quiet: bool = False
+    verbose: int = 0
+    _topology: object = field(default=None, repr=False)
+
+    @property
+    def topology(self):
+        if self._topology is None:
+            from topology import load_topology
+
+            from .embedded import bind
+
+            self._topology = bind(load_topology(self.cluster_file),
+                                  Path(self.state) if self.state else None)
+        return self._topology
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--cluster", "cluster_file", metavar="FILE", default=None,
+              help="Topology TOML file (default: $CHIBA_CLUSTER or clusters/demo.toml).")
+@click.option("--state", metavar="DIR", envvar="CHIBA_STATE", default=None,
+              help="State directory of the embedded cluster "
+                   "(default: ~/.local/state/chiba-admin/NAME).")
+@click.option("--json", "json_output", is_flag=True, help="Print results as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only results and errors.")
+@click.option("-v", "--verbose", count=True, help="More detail (repeatable).")
+@click.version_option(package_name="chiba-admin", prog_name="chiba-admin")
+@click.pass_context
+def cli(ctx, cluster_file, state, json_output, debug, quiet, verbose):
+    """Stage files, synchronise repositories and run jobs on a president/mayor/node cluster."""
+    console.configure(quiet=quiet, verbose=verbose, json_output=json_output)
+    ctx.obj = Context(cluster_file or _default_cluster_file(), state, json_output, debug,
+                      quiet, verbose)
+
+
+def _register_all() -> None:
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(cli)
+
+
+_register_all()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI in-process and return its exit code (tests call this)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        rv = cli.main(args=argv, prog_name="chiba-admin", standalone_mode=False)
+        return int(rv or 0)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        console.get_err_console().print("chiba-admin: interrupted")
+        return EXIT_INTERRUPTED
+    except click.ClickException as e:
+        e.show()
+        return exit_code_for(e)
+    except (ChibaError, KeyboardInterrupt) as e:
+        if debug:
+            traceback.print_exc()
+        msg = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+        sys.stderr.write(f"chiba-admin: error: {msg}\n")
+        return exit_code_for(e)
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as e:  # a bug: say so in one line unless --debug
+        if debug:
+            traceback.print_exc()
+        else:
+            sys.stderr.write(f"chiba-admin: internal error: {type(e).__name__}: {e} "
+                             "(rerun with --debug for a traceback and report it)\n")
+        return EXIT_FAILURE
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

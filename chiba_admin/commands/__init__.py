@@ -1,0 +1,1 @@
+"""Click commands of chiba-admin, one module per command family."""

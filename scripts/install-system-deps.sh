@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tools and tests need, when root and when missing.
+set -euo pipefail
+need=()
+command -v rsync >/dev/null || need+=(rsync)
+command -v ssh >/dev/null || need+=(openssh-client)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ip >/dev/null || need+=(iproute2)
+command -v tar >/dev/null || need+=(tar)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing Debian packages: ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+else
+    echo "note: missing ${need[*]}; not root, so tests needing them will skip" >&2
+fi
