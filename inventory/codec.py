@@ -1,0 +1,256 @@
+"""Compact, versioned binary encoding of an Inventory, with a decoder that distrusts its input."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import zstandard
+
+from chiba_admin.errors import InventoryError
+
+from .entries import DIR, FILE, LINK, Entry, Inventory, Issue, decode_path, encode_path
+from .hashing import digest_size
+
+__all__ = ["MAGIC", "FORMAT_VERSION", "MAX_DECODED", "encode_inventory", "decode_inventory"]
+
+MAGIC = b"CHIBAINV"
+FORMAT_VERSION = 1
+MAX_DECODED = 1 << 30  # refuse to inflate more than this: a hostile frame must not eat RAM
+_HEADER = struct.Struct("<8sBBBBQ")  # magic, version, flags, algo id, reserved, body length
+_COUNTS = struct.Struct("<IIIII")  # entries, links, errors, skipped, root length
+_FLAG_DIGESTS = 1
+_ALGO_IDS = {None: 0, "blake3": 1, "xxh3_128": 2}
+_ALGO_NAMES = {v: k for k, v in _ALGO_IDS.items()}
+_KIND_CODES = {FILE: 0, DIR: 1, LINK: 2}
+_KIND_NAMES = (FILE, DIR, LINK)
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n - 1
+    while lo < hi:  # binary search on C-level slice compares beats a Python byte loop
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _shuffle(arr: np.ndarray) -> bytes:
+    # Grouping byte k of every value together turns slowly varying columns into long runs.
+    n = arr.shape[0]
+    return arr.view(np.uint8).reshape(n, arr.itemsize).T.tobytes()
+
+
+def _unshuffle(raw: bytes, n: int, dtype: str) -> np.ndarray:
+    size = np.dtype(dtype).itemsize
+    return np.frombuffer(raw, np.uint8).reshape(size, n).T.copy().view(dtype).reshape(n)
+
+
+def encode_inventory(inv: Inventory, *, level: int = 9) -> bytes:
+    """Bytes for broadcasting ``inv``: header + one zstd frame of columnar, prefix-shared data."""
+    entries = list(inv.entries.values())
+    n = len(entries)
+    has_digests = inv.algo is not None
+    dlen = digest_size(inv.algo) if has_digests else 0
+    shared = np.zeros(n, "<u4")
+    suflen = np.zeros(n, "<u4")
+    kinds = np.zeros(n, np.uint8)
+    modes = np.zeros(n, "<u2")
+    sizes = np.zeros(n, "<u8")
+    mtimes = np.zeros(n, "<i8")
+    suffixes: list[bytes] = []
+    targets: list[bytes] = []
+    digests: list[bytes] = []
+    prev = b""
+    for i, e in enumerate(entries):
+        raw = encode_path(e.path)
+        k = _common_prefix(prev, raw)
+        shared[i], suflen[i] = k, len(raw) - k
+        suffixes.append(raw[k:])
+        prev = raw
+        kinds[i] = _KIND_CODES[e.kind]
+        modes[i] = e.mode
+        sizes[i] = e.size
+        mtimes[i] = e.mtime_ns
+        if e.kind == LINK:
+            targets.append(encode_path(e.target or ""))
+        elif e.kind == FILE and has_digests:
+            if e.digest is None or len(e.digest) != dlen:
+                raise InventoryError("file without a digest in a hashed inventory", where=e.path,
+                                     hint="rescan with checksum=True")
+            digests.append(e.digest)
+    root = encode_path(inv.root)
+    issues = json.dumps([[i.path, i.message] for i in inv.errors]
+                        + [[i.path, i.message] for i in inv.skipped]).encode("ascii")
+    body = b"".join([
+        _COUNTS.pack(n, len(targets), len(inv.errors), len(inv.skipped), len(root)), root,
+        shared.tobytes(), suflen.tobytes(), b"".join(suffixes),
+        kinds.tobytes(), modes.tobytes(), _shuffle(sizes), _shuffle(mtimes),
+        np.array([len(t) for t in targets], "<u4").tobytes(), b"".join(targets),
+        b"".join(digests), struct.pack("<I", len(issues)), issues,
+    ])
+    frame = zstandard.ZstdCompressor(level=level, write_checksum=True,
+                                     write_content_size=True).compress(body)
+    flags = _FLAG_DIGESTS if has_digests else 0
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, flags, _ALGO_IDS[inv.algo], 0, len(body)) + frame
+
+
+class _Reader:
+    """Bounds-checked cursor: every overrun is a clear 'truncated' error, never an IndexError."""
+
+    __slots__ = ("buf", "pos")
+
+    def __init__(self, buf: bytes):
+        self.buf, self.pos = buf, 0
+
+    def take(self, n: int, what: str) -> bytes:
+        end = self.pos + n
+        if n < 0 or end > len(self.buf):
+            raise _corrupt(f"truncated {what}")
+        out = self.buf[self.pos:end]
+        self.pos = end
+        return out
+
+    def array(self, n: int, dtype: str, what: str) -> np.ndarray:
+        return np.frombuffer(self.take(n * np.dtype(dtype).itemsize, what), dtype)
+
+
+def _corrupt(what: str, where: str | None = None) -> InventoryError:
+    return InventoryError(f"corrupt inventory: {what}", where=where,
+                          hint="re-send it; if this persists the sender is broken or hostile")
+
+
+def decode_inventory(data: bytes | bytearray | memoryview, *,
+                     max_decoded: int = MAX_DECODED) -> Inventory:
+    """Inverse of encode_inventory. Rejects anything malformed or unsafe with InventoryError:
+    bad magic/version, truncation, checksum failure, absolute or climbing paths, empty
+    components, duplicates, children of symlinks or of files, children before parents."""
+    data = bytes(data)
+    if len(data) < _HEADER.size:
+        raise _corrupt("shorter than its header")
+    magic, version, flags, algo_id, _res, body_len = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise InventoryError("not a chiba inventory (bad magic)", hint="check what was sent")
+    if version != FORMAT_VERSION:
+        raise InventoryError(f"unsupported inventory format version {version}",
+                             hint=f"this build reads version {FORMAT_VERSION}; upgrade the older side")
+    if algo_id not in _ALGO_NAMES or bool(flags & _FLAG_DIGESTS) != (algo_id != 0) or flags & ~1:
+        raise _corrupt("bad flags or hash algorithm id")
+    if body_len > max_decoded:
+        raise _corrupt(f"claims {body_len} bytes, more than the {max_decoded} allowed")
+    try:
+        body = zstandard.ZstdDecompressor().decompress(data[_HEADER.size:],
+                                                       max_output_size=body_len)
+    except zstandard.ZstdError as exc:
+        raise _corrupt(f"compressed body does not decode ({exc})") from exc
+    if len(body) != body_len:
+        raise _corrupt("body length differs from header")
+    algo = _ALGO_NAMES[algo_id]
+    try:
+        inv = _parse_body(_Reader(body), algo)
+    except (ValueError, UnicodeError, struct.error, RecursionError) as exc:
+        raise _corrupt(str(exc)) from exc
+    return inv
+
+
+def _parse_body(r: _Reader, algo: str | None) -> Inventory:
+    n, n_links, n_err, n_skip, root_len = _COUNTS.unpack(r.take(_COUNTS.size, "counts"))
+    if n_links > n:
+        raise _corrupt("more links than entries")
+    root = decode_path(r.take(root_len, "root"))
+    shared = r.array(n, "<u4", "path prefixes").tolist()
+    suflen = r.array(n, "<u4", "path lengths").tolist()
+    blob = r.take(sum(suflen), "paths")
+    kinds = r.array(n, "u1", "kinds").tolist()
+    modes = r.array(n, "<u2", "modes").tolist()
+    sizes = _unshuffle(r.take(8 * n, "sizes"), n, "<u8").tolist()
+    mtimes = _unshuffle(r.take(8 * n, "mtimes"), n, "<i8").tolist()
+    tlens = r.array(n_links, "<u4", "link lengths").tolist()
+    tblob = r.take(sum(tlens), "link targets")
+    if kinds.count(2) != n_links:
+        raise _corrupt("link count does not match kinds")
+    n_files = kinds.count(0)
+    dlen = digest_size(algo) if algo else 0
+    dblob = r.take(dlen * n_files, "digests")
+    (ilen,) = struct.unpack("<I", r.take(4, "issue length"))
+    issues = json.loads(r.take(ilen, "issues").decode("ascii"))
+    if r.pos != len(r.buf):
+        raise _corrupt("trailing bytes after the issues")
+    if (not isinstance(issues, list) or len(issues) != n_err + n_skip
+            or not all(isinstance(i, list) and len(i) == 2 and all(isinstance(x, str) for x in i)
+                       for i in issues)):
+        raise _corrupt("malformed issue list")
+
+    table: dict[str, Entry] = {}
+    kind_of: dict[bytes, int] = {}
+    prev = b""
+    pos = tpos = tsum = dpos = 0
+    for i in range(n):
+        k, ln = shared[i], suflen[i]
+        if k > len(prev):
+            raise _corrupt(f"entry {i} shares more than the previous path")
+        raw = prev[:k] + blob[pos:pos + ln]
+        pos += ln
+        prev = raw
+        kind = kinds[i]
+        if kind > 2:
+            raise _corrupt(f"unknown entry kind {kind}", decode_path(raw))
+        _check_raw_path(raw, kind_of)
+        kind_of[raw] = kind
+        if modes[i] > 0o7777:
+            raise _corrupt("mode out of range", decode_path(raw))
+        target = digest = None
+        if kind == 2:
+            tl = tlens[tpos]
+            rawt = tblob[tsum:tsum + tl]
+            if not rawt or b"\0" in rawt:
+                raise _corrupt("empty or NUL-bearing symlink target", decode_path(raw))
+            target = decode_path(rawt)
+            tsum += tl
+            tpos += 1
+        elif kind == 0 and dlen:
+            digest = dblob[dpos:dpos + dlen]
+            dpos += dlen
+        path = decode_path(raw)
+        table[path] = Entry(path, _KIND_NAMES[kind], sizes[i], modes[i], mtimes[i], target, digest)
+    errors = [Issue(p, m) for p, m in issues[:n_err]]
+    skipped = [Issue(p, m) for p, m in issues[n_err:]]
+    return Inventory(table, errors, skipped, root=root, algo=algo)
+
+
+def _check_raw_path(raw: bytes, kind_of: dict[bytes, int]) -> None:
+    if not raw:
+        raise InventoryError("empty path in inventory", hint="inventory is corrupt or hostile")
+    if raw.startswith(b"/"):
+        raise InventoryError("absolute path in inventory", where=decode_path(raw),
+                             hint="inventories hold paths relative to their root")
+    if b"\0" in raw:
+        raise InventoryError("NUL byte in path", where=repr(raw), hint="inventory is corrupt")
+    if raw.endswith(b"/") or b"//" in raw:
+        raise InventoryError("empty path component", where=decode_path(raw),
+                             hint="inventory is corrupt or hostile")
+    wrapped = b"/" + raw + b"/"
+    if b"/../" in wrapped or b"/./" in wrapped:
+        raise InventoryError("'.' or '..' path component", where=decode_path(raw),
+                             hint="paths must not climb out of the root")
+    if raw in kind_of:
+        raise InventoryError("duplicate path in inventory", where=decode_path(raw),
+                             hint="inventory is corrupt or hostile")
+    cut = raw.rfind(b"/")
+    if cut > 0:
+        parent_kind = kind_of.get(raw[:cut])
+        if parent_kind == 2:
+            raise InventoryError("path goes through a symlink", where=decode_path(raw),
+                                 hint="a symlinked directory must not have members; inventory is hostile")
+        if parent_kind is None:
+            raise InventoryError("parent directory missing or listed after its child",
+                                 where=decode_path(raw), hint="inventory is corrupt or hostile")
+        if parent_kind != 1:
+            raise InventoryError("parent is not a directory", where=decode_path(raw),
+                                 hint="inventory is corrupt or hostile")

@@ -1,0 +1,180 @@
+"""Entry and Inventory: the data a tree scan produces and every planner consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from chiba_admin.errors import InventoryError
+
+__all__ = [
+    "FILE",
+    "DIR",
+    "LINK",
+    "KINDS",
+    "Entry",
+    "Issue",
+    "Inventory",
+    "check_source",
+    "encode_path",
+    "decode_path",
+    "validate_relpath",
+]
+
+FILE = "f"
+DIR = "d"
+LINK = "l"
+KINDS = (FILE, DIR, LINK)
+
+
+def encode_path(path: str) -> bytes:
+    """Paths are str with surrogateescape for undecodable bytes; this is the exact on-disk name."""
+    return path.encode("utf-8", "surrogateescape")
+
+
+def decode_path(raw: bytes) -> str:
+    # Explicit UTF-8 rather than os.fsdecode so every host decodes a broadcast inventory alike.
+    return raw.decode("utf-8", "surrogateescape")
+
+
+@dataclass(slots=True)
+class Entry:
+    """One tree member. ``path`` is relative, '/'-separated, never empty, '.' or '..'."""
+
+    path: str
+    kind: str  # FILE, DIR or LINK
+    size: int = 0  # bytes for files, target length for links, 0 for dirs
+    mode: int = 0  # permission bits (st_mode & 0o7777)
+    mtime_ns: int = 0
+    target: str | None = None  # symlink target, recorded verbatim, never followed
+    digest: bytes | None = None  # content hash of files when scanned with checksum=True
+
+    def to_dict(self) -> dict:
+        d = {"path": self.path, "kind": self.kind, "size": self.size, "mode": self.mode,
+             "mtime_ns": self.mtime_ns}
+        if self.target is not None:
+            d["target"] = self.target
+        if self.digest is not None:
+            d["digest"] = self.digest.hex()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Entry":
+        digest = d.get("digest")
+        return cls(d["path"], d["kind"], int(d.get("size", 0)), int(d.get("mode", 0)),
+                   int(d.get("mtime_ns", 0)), d.get("target"),
+                   bytes.fromhex(digest) if digest else None)
+
+
+@dataclass(slots=True, frozen=True)
+class Issue:
+    """A scan problem: an unreadable directory (error) or a skipped special file (warning)."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path or '.'}: {self.message}"
+
+
+def validate_relpath(path: str) -> None:
+    """Reject paths that could escape or alias a root: absolute, empty, '.', '..', NUL."""
+    if not path:
+        raise InventoryError("empty path in inventory", hint="inventory is corrupt or hostile")
+    if path.startswith("/"):
+        raise InventoryError("absolute path in inventory", where=path,
+                             hint="inventories hold paths relative to their root")
+    if "\0" in path:
+        raise InventoryError("NUL byte in path", where=repr(path), hint="inventory is corrupt")
+    for part in path.split("/"):
+        if part == "":
+            raise InventoryError("empty path component", where=path,
+                                 hint="inventory is corrupt or hostile")
+        if part in (".", ".."):
+            raise InventoryError(f"'{part}' path component", where=path,
+                                 hint="paths must not climb out of the root")
+
+
+@dataclass
+class Inventory:
+    """A scanned tree: entries keyed by path in parents-first (sorted) order, plus scan issues.
+
+    ``errors`` are problems that make the inventory incomplete (unreadable directories);
+    a sync from an inventory with errors must not delete. ``skipped`` are special files
+    (devices, fifos, sockets) that were reported and left out.
+    """
+
+    entries: dict[str, Entry] = field(default_factory=dict)
+    errors: list[Issue] = field(default_factory=list)
+    skipped: list[Issue] = field(default_factory=list)
+    root: str = ""
+    algo: str | None = None  # hash algorithm of the digests, None if not hashed
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[Entry], **kw) -> "Inventory":
+        """Build an inventory, sorting so parents precede children and rejecting duplicates."""
+        items = sorted(entries, key=_path_key)
+        table: dict[str, Entry] = {}
+        for e in items:
+            if e.path in table:
+                raise InventoryError("duplicate path in inventory", where=e.path)
+            table[e.path] = e
+        return cls(table, **kw)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self.entries.values())
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.entries
+
+    def __getitem__(self, path: str) -> Entry:
+        return self.entries[path]
+
+    def get(self, path: str) -> Entry | None:
+        return self.entries.get(path)
+
+    def files(self) -> list[Entry]:
+        """Regular files in inventory order: the index space of need bitmaps."""
+        return [e for e in self.entries.values() if e.kind == FILE]
+
+    def total_bytes(self) -> int:
+        return sum(e.size for e in self.entries.values() if e.kind == FILE)
+
+    def counts(self) -> dict[str, int]:
+        out = {FILE: 0, DIR: 0, LINK: 0}
+        for e in self.entries.values():
+            out[e.kind] += 1
+        return {"files": out[FILE], "dirs": out[DIR], "links": out[LINK],
+                "errors": len(self.errors), "skipped": len(self.skipped)}
+
+    def same_tree(self, other: "Inventory", *, content: bool = True) -> bool:
+        """True if both describe the same tree (paths, kinds, sizes, modes, mtimes, targets)."""
+        if self.entries.keys() != other.entries.keys():
+            return False
+        for path, a in self.entries.items():
+            b = other.entries[path]
+            if (a.kind, a.size, a.mode, a.mtime_ns, a.target) != (
+                    b.kind, b.size, b.mode, b.mtime_ns, b.target):
+                return False
+            if content and a.kind == FILE and a.digest != b.digest:
+                return False
+        return True
+
+
+def _path_key(e: Entry) -> str:
+    return e.path
+
+
+def check_source(inv: Inventory) -> None:
+    """Refuse a source that would make a --delete sync wipe its targets."""
+    if not inv.entries:
+        where = inv.root or None
+        if inv.errors:
+            raise InventoryError("source tree could not be read", where=where,
+                                 hint=f"{len(inv.errors)} scan error(s), first: {inv.errors[0]}")
+        raise InventoryError("source tree is empty", where=where,
+                             hint="refusing to sync: it would delete everything on the targets;"
+                                  " check the source path")

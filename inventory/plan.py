@@ -1,0 +1,358 @@
+"""Diff a source and a target inventory into an ordered, serialisable sync plan."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from chiba_admin.errors import InventoryError
+
+from .entries import DIR, FILE, KINDS, LINK, Entry, Inventory, check_source, validate_relpath
+from .hashing import ALGOS
+
+__all__ = [
+    "MKDIR", "WRITE", "SYMLINK", "META", "DELETE", "OPS",
+    "Action", "Plan", "make_plan", "needs", "file_differs", "format_plan",
+]
+
+MKDIR, WRITE, SYMLINK, META, DELETE = "mkdir", "write", "symlink", "meta", "delete"
+OPS = (MKDIR, WRITE, SYMLINK, META, DELETE)
+PLAN_VERSION = 1
+
+
+@dataclass(slots=True)
+class Action:
+    """One step of a sync. Fields describe the wanted (source) state; for DELETE the doomed one.
+
+    ``changes`` is '+' for something new, otherwise letters of rsync's itemize flags that
+    differ: c (content/target), s (size), t (mtime), p (permissions), T (type).
+    ``replace`` says an entry of another kind is in the way at ``path`` and is removed first.
+    """
+
+    op: str
+    path: str
+    kind: str
+    size: int = 0
+    mode: int = 0
+    mtime_ns: int = 0
+    target: str | None = None
+    digest: bytes | None = None
+    changes: str = ""
+    replace: bool = False
+
+    def to_dict(self) -> dict:
+        d: dict = {"op": self.op, "path": self.path, "kind": self.kind, "size": self.size,
+                   "mode": self.mode, "mtime_ns": self.mtime_ns, "changes": self.changes}
+        if self.target is not None:
+            d["target"] = self.target
+        if self.digest is not None:
+            d["digest"] = self.digest.hex()
+        if self.replace:
+            d["replace"] = True
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Action":
+        try:
+            op, path, kind = d["op"], d["path"], d["kind"]
+            digest = d.get("digest")
+            act = cls(op, path, kind, int(d.get("size", 0)), int(d.get("mode", 0)),
+                      int(d.get("mtime_ns", 0)), d.get("target"),
+                      bytes.fromhex(digest) if digest else None, str(d.get("changes", "")),
+                      bool(d.get("replace", False)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InventoryError(f"malformed plan action: {exc}", hint="plan is corrupt") from exc
+        if op not in OPS or kind not in KINDS or not isinstance(path, str):
+            raise InventoryError(f"malformed plan action {op!r}/{kind!r}", where=str(path),
+                                 hint="plan is corrupt")
+        validate_relpath(path)
+        if op == SYMLINK and not isinstance(act.target, str):
+            raise InventoryError("symlink action without target", where=path, hint="plan is corrupt")
+        return act
+
+
+@dataclass
+class Plan:
+    """What to do, in order, to make a target tree equal a source tree. Pure data."""
+
+    actions: list[Action] = field(default_factory=list)
+    delete: bool = False  # deletions requested *and* allowed
+    checksum: bool = False
+    warnings: list[str] = field(default_factory=list)
+    source_root: str = ""
+    target_root: str = ""
+    algo: str | None = None  # algorithm of the actions' digests, for verifying writes
+
+    def by_op(self, op: str) -> list[Action]:
+        return [a for a in self.actions if a.op == op]
+
+    def writes(self) -> list[Action]:
+        return self.by_op(WRITE)
+
+    def bytes_to_transfer(self) -> int:
+        return sum(a.size for a in self.actions if a.op == WRITE)
+
+    def summary(self) -> dict:
+        counts = {op: 0 for op in OPS}
+        for a in self.actions:
+            counts[a.op] += 1
+        return {**counts, "replace": sum(1 for a in self.actions if a.replace),
+                "bytes": self.bytes_to_transfer(), "delete_enabled": self.delete,
+                "warnings": len(self.warnings)}
+
+    def is_noop(self) -> bool:
+        return not self.actions
+
+    def to_dict(self) -> dict:
+        return {"version": PLAN_VERSION, "delete": self.delete, "checksum": self.checksum,
+                "warnings": list(self.warnings), "source_root": self.source_root,
+                "target_root": self.target_root, "algo": self.algo, "summary": self.summary(),
+                "actions": [a.to_dict() for a in self.actions]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        if not isinstance(d, dict) or d.get("version") != PLAN_VERSION:
+            raise InventoryError("unsupported plan format",
+                                 hint=f"expected version {PLAN_VERSION}, got {d.get('version') if isinstance(d, dict) else type(d).__name__}")
+        return cls([Action.from_dict(a) for a in d.get("actions", [])], bool(d.get("delete")),
+                   bool(d.get("checksum")), [str(w) for w in d.get("warnings", [])],
+                   str(d.get("source_root", "")), str(d.get("target_root", "")),
+                   _algo_or_none(d.get("algo")))
+
+    def to_json(self) -> str:
+        # ensure_ascii keeps surrogate-escaped (non-UTF-8) names as \udcXX, which round-trip.
+        return json.dumps(self.to_dict(), ensure_ascii=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Plan":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise InventoryError(f"plan is not valid JSON: {exc}", hint="plan is corrupt") from exc
+        return cls.from_dict(data)
+
+
+def _algo_or_none(algo: object) -> str | None:
+    if algo is None:
+        return None
+    if algo not in ALGOS:
+        raise InventoryError(f"unknown hash algorithm {algo!r} in plan", hint="plan is corrupt")
+    return str(algo)
+
+
+def file_differs(src: Entry, dst: Entry, checksum: bool, window_ns: int = 0) -> str:
+    """Itemize letters saying why ``dst``'s content must be rewritten, '' if it need not be."""
+    if checksum:
+        if src.digest is None or dst.digest is None:
+            raise InventoryError("checksum comparison without digests", where=src.path,
+                                 hint="scan both trees with checksum=True")
+        flags = ("c" if src.digest != dst.digest else "") + ("s" if src.size != dst.size else "")
+        return flags + ("t" if flags and abs(src.mtime_ns - dst.mtime_ns) > window_ns else "")
+    flags = ("s" if src.size != dst.size else "") + (
+        "t" if abs(src.mtime_ns - dst.mtime_ns) > window_ns else "")
+    return flags
+
+
+def _meta_flags(src: Entry, dst: Entry, window_ns: int) -> str:
+    flags = "t" if abs(src.mtime_ns - dst.mtime_ns) > window_ns else ""
+    # Linux ignores symlink permissions, so comparing them would only cause churn.
+    if src.kind != LINK and src.mode != dst.mode:
+        flags += "p"
+    return flags
+
+
+def _action(op: str, e: Entry, changes: str, replace: bool = False) -> Action:
+    return Action(op, e.path, e.kind, e.size, e.mode, e.mtime_ns, e.target, e.digest, changes,
+                  replace)
+
+
+def _parent(path: str) -> str:
+    i = path.rfind("/")
+    return path[:i] if i >= 0 else ""
+
+
+def _depth_key(path: str) -> tuple[int, str]:
+    return (-path.count("/"), path)
+
+
+def _under(path: str, roots: set[str]) -> bool:
+    while True:
+        i = path.rfind("/")
+        if i < 0:
+            return False
+        path = path[:i]
+        if path in roots:
+            return True
+
+
+def _check_algos(source: Inventory, target: Inventory) -> None:
+    if source.algo is None or target.algo is None:
+        raise InventoryError("checksum mode needs hashed inventories",
+                             where=source.root if source.algo is None else target.root,
+                             hint="scan both trees with checksum=True")
+    if source.algo != target.algo:
+        raise InventoryError(f"inventories hashed with {source.algo} and {target.algo}",
+                             hint="scan both trees with the same algorithm")
+
+
+def make_plan(source: Inventory, target: Inventory, *, delete: bool = False,
+              checksum: bool = False, allow_empty: bool = False,
+              modify_window_ns: int = 0) -> Plan:
+    """The actions that make ``target`` equal ``source``, in the order a safe sync applies them.
+
+    Order: mkdir (parents first), write, symlink, file/link metadata, deletions (deepest
+    first, only with ``delete``), directory metadata (deepest first). Directory times come
+    after deletions because removing an entry bumps its parent's mtime. Replacing a
+    directory by a non-directory destroys its contents, so it is a deletion: without
+    ``delete`` it is skipped with a warning. A source scan with errors disables deletions.
+    """
+    if not allow_empty:
+        check_source(source)
+    if checksum:
+        _check_algos(source, target)
+    warnings: list[str] = []
+    can_delete = delete
+    if delete and source.errors:
+        can_delete = False
+        warnings.append(f"deletions disabled: source scan had {len(source.errors)} error(s),"
+                        f" first: {source.errors[0]}")
+    if target.errors:
+        warnings.append(f"target scan had {len(target.errors)} error(s), first: {target.errors[0]}")
+    for issue in source.skipped:
+        warnings.append(f"source {issue}")
+
+    mkdirs: list[Action] = []
+    writes: list[Action] = []
+    links: list[Action] = []
+    metas: list[Action] = []
+    dir_metas: dict[str, Action] = {}
+    touched: set[str] = set()  # dirs whose entries change, so their mtime must be re-set
+    replaced_dirs: set[str] = set()
+    src_entries, dst_entries = source.entries, target.entries
+
+    for path, s in src_entries.items():
+        t = dst_entries.get(path)
+        if s.kind == DIR:
+            if t is None or t.kind != DIR:
+                mkdirs.append(_action(MKDIR, s, "+" if t is None else "T", replace=t is not None))
+                touched.add(_parent(path))
+                dir_metas[path] = _action(META, s, "+")
+            else:
+                flags = _meta_flags(s, t, modify_window_ns)
+                if flags:
+                    dir_metas[path] = _action(META, s, flags)
+            continue
+        if t is not None and t.kind == DIR:
+            if not can_delete:
+                warnings.append(f"{path}: not replacing directory with a "
+                                f"{'file' if s.kind == FILE else 'symlink'} (needs delete)")
+                continue
+            replaced_dirs.add(path)
+        replace = t is not None and t.kind != s.kind
+        if s.kind == FILE:
+            flags = "+" if t is None else "T" if replace else file_differs(s, t, checksum,
+                                                                              modify_window_ns)
+            if flags:
+                writes.append(_action(WRITE, s, flags, replace))
+                touched.add(_parent(path))
+            else:
+                flags = _meta_flags(s, t, modify_window_ns)
+                if flags:
+                    metas.append(_action(META, s, flags))
+        else:
+            if t is None or replace or t.target != s.target:
+                links.append(_action(SYMLINK, s, "+" if t is None else "T" if replace else "c",
+                                     replace))
+                touched.add(_parent(path))
+            elif abs(s.mtime_ns - t.mtime_ns) > modify_window_ns:
+                metas.append(_action(META, s, "t"))
+
+    deletes: list[Action] = []
+    if can_delete:
+        for path, t in dst_entries.items():
+            if path in src_entries or (replaced_dirs and _under(path, replaced_dirs)):
+                continue
+            deletes.append(_action(DELETE, t, "-"))
+            touched.add(_parent(path))
+        deletes.sort(key=lambda a: _depth_key(a.path))
+    for path in touched:
+        if path and path not in dir_metas:
+            s = src_entries.get(path)
+            if s is not None and s.kind == DIR:
+                dir_metas[path] = _action(META, s, "")
+    dir_list = sorted(dir_metas.values(), key=lambda a: _depth_key(a.path))
+    return Plan(mkdirs + writes + links + metas + deletes + dir_list, can_delete, checksum,
+                warnings, source.root, target.root, source.algo)
+
+
+def needs(source: Inventory, target: Inventory, checksum: bool = False) -> list[str]:
+    """Source files whose content ``target`` lacks, in source order: what must be sent to it."""
+    if checksum:
+        _check_algos(source, target)
+    dst = target.entries
+    out: list[str] = []
+    for path, s in source.entries.items():
+        if s.kind != FILE:
+            continue
+        t = dst.get(path)
+        if t is None or t.kind != FILE or file_differs(s, t, checksum):
+            out.append(path)
+    return out
+
+
+def _quote(path: str) -> str:
+    """rsync-like escaping so one action is one printable line whatever the name holds."""
+    if path.isprintable():
+        return path
+    out = []
+    for c in path:
+        o = ord(c)
+        if 0xDC80 <= o <= 0xDCFF:  # an undecodable byte kept by surrogateescape
+            out.append(f"\\#{o - 0xDC00:03o}")
+        elif c.isprintable():
+            out.append(c)
+        else:
+            out.extend(f"\\#{b:03o}" for b in c.encode("utf-8", "surrogatepass"))
+    return "".join(out)
+
+
+_KIND_LETTER = {FILE: "f", DIR: "d", LINK: "L"}
+
+
+def _itemize(a: Action) -> str:
+    x = _KIND_LETTER[a.kind]
+    if a.op == DELETE:
+        return "*deleting  "
+    if a.op == META:
+        changes = "tp" if a.changes == "+" else a.changes
+        return "." + x + "".join(ch if ch in changes else "." for ch in "cstp") + "....."
+    if a.changes in ("+", "T"):
+        y = "c" if a.op in (MKDIR, SYMLINK) else ">"
+        return f"{y}{x}+++++++++"
+    y = ">" if a.op == WRITE else "c"
+    flags = "".join(ch if ch in a.changes else "." for ch in "cstp") + "....."
+    return f"{y}{x}{flags}"
+
+
+def format_plan(plan: Plan, *, include_dir_times: bool = False) -> str:
+    """rsync --itemize-changes style lines for ``--dry-run``, then a one-line summary.
+
+    Directory time fixes that only follow from a mkdir or from changes inside the
+    directory are left out unless ``include_dir_times``, as rsync leaves them out.
+    """
+    lines = [f"warning: {w}" for w in plan.warnings]
+    for a in plan.actions:
+        if a.op == META and a.kind == DIR and a.changes in ("", "+") and not include_dir_times:
+            continue
+        name = _quote(a.path) + ("/" if a.kind == DIR else "")
+        line = f"{_itemize(a)} {name}"
+        if a.kind == LINK and a.op != DELETE:
+            line += f" -> {_quote(a.target or '')}"
+        if a.replace:
+            line += "  (replaces existing entry)"
+        lines.append(line)
+    s = plan.summary()
+    lines.append(f"{s[WRITE]} file(s) to write ({s['bytes']} bytes), {s[MKDIR]} dir(s),"
+                 f" {s[SYMLINK]} link(s), {s[META]} metadata fix(es), {s[DELETE]} deletion(s)"
+                 + ("" if plan.delete else " [deletions off]"))
+    return "\n".join(lines)
+

@@ -1,0 +1,133 @@
+"""Walk a tree with os.scandir into an Inventory: never follows links, skips special files."""
+
+from __future__ import annotations
+
+import os
+import stat
+from operator import attrgetter
+from typing import Iterable
+
+from chiba_admin.errors import InventoryError
+
+from .entries import DIR, FILE, LINK, Entry, Inventory, Issue
+from .excludes import IGNORE_FILE, ExcludeMatcher, read_ignore_file
+from .hashing import DEFAULT_ALGO, check_algo, hash_files
+
+__all__ = ["scan", "scan_root_checked"]
+
+_SPECIAL = {
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+}
+
+
+def scan_root_checked(root: str | os.PathLike) -> str:
+    """The root as a str path, or InventoryError if it is missing or not a directory."""
+    path = os.fsdecode(root)
+    try:
+        st = os.stat(path)  # the root itself may be a link to a dir, as rsync allows 'src/'
+    except FileNotFoundError as exc:
+        raise InventoryError("tree root does not exist", where=path,
+                             hint="check the path; refusing to treat a missing tree as empty") from exc
+    except OSError as exc:
+        raise InventoryError(f"cannot stat tree root: {exc.strerror}", where=path) from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise InventoryError("tree root is not a directory", where=path, hint="give a directory")
+    return path
+
+
+def scan(root: str | os.PathLike, *, excludes: Iterable[str] = (),
+         ignore_file: str | None = IGNORE_FILE, checksum: bool = False,
+         algo: str = DEFAULT_ALGO, threads: int | None = None) -> Inventory:
+    """Inventory the tree under ``root``.
+
+    ``excludes`` are rsync-style patterns; the patterns in ``root/ignore_file`` (if that
+    file exists, and ``ignore_file`` is not None) are added. With ``checksum=True`` every
+    file gets a content digest (``algo``), hashed by ``threads`` threads. Unreadable
+    directories become ``errors`` and special files ``skipped`` on the result; a missing
+    root raises InventoryError.
+    """
+    base = scan_root_checked(root)
+    if checksum:
+        check_algo(algo)
+    patterns = list(excludes)
+    if ignore_file:
+        ignore_path = os.path.join(base, ignore_file)
+        if os.path.isfile(ignore_path):
+            patterns += read_ignore_file(ignore_path)
+    matcher = ExcludeMatcher(patterns)
+    entries, errors, skipped = _walk(base, matcher)
+    entries.sort(key=attrgetter("path"))
+    inv = Inventory({e.path: e for e in entries}, errors, skipped, root=base,
+                    algo=algo if checksum else None)
+    if checksum:
+        _hash_into(inv, threads)
+    return inv
+
+
+def _walk(base: str, matcher: ExcludeMatcher) -> tuple[list[Entry], list[Issue], list[Issue]]:
+    entries: list[Entry] = []
+    errors: list[Issue] = []
+    skipped: list[Issue] = []
+    excluded = matcher.excluded if matcher else None
+    append = entries.append
+    S_IFMT, S_IMODE = stat.S_IFMT, stat.S_IMODE
+    IFREG, IFDIR, IFLNK = stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
+    stack: list[tuple[str, str]] = [(base, "")]
+    while stack:
+        dirpath, prefix = stack.pop()
+        try:
+            it = os.scandir(dirpath)
+        except OSError as exc:
+            errors.append(Issue(prefix.rstrip("/"), f"cannot read directory: {exc.strerror}"))
+            continue
+        with it:
+            while True:
+                try:
+                    de = next(it)
+                except StopIteration:
+                    break
+                except OSError as exc:
+                    errors.append(Issue(prefix.rstrip("/"), f"error listing directory: {exc.strerror}"))
+                    break
+                rel = prefix + de.name
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except OSError as exc:
+                    # Vanished or unreadable between listing and stat: the inventory is incomplete.
+                    errors.append(Issue(rel, f"cannot stat: {exc.strerror}"))
+                    continue
+                fmt = S_IFMT(st.st_mode)
+                if fmt == IFREG:
+                    if excluded is None or not excluded(rel, False):
+                        append(Entry(rel, FILE, st.st_size, S_IMODE(st.st_mode), st.st_mtime_ns))
+                elif fmt == IFDIR:
+                    if excluded is None or not excluded(rel, True):
+                        append(Entry(rel, DIR, 0, S_IMODE(st.st_mode), st.st_mtime_ns))
+                        stack.append((de.path, rel + "/"))
+                elif fmt == IFLNK:
+                    if excluded is None or not excluded(rel, False):
+                        try:
+                            target = os.readlink(de.path)
+                        except OSError as exc:
+                            errors.append(Issue(rel, f"cannot read symlink: {exc.strerror}"))
+                            continue
+                        append(Entry(rel, LINK, st.st_size, S_IMODE(st.st_mode), st.st_mtime_ns,
+                                     target))
+                elif excluded is None or not excluded(rel, False):
+                    skipped.append(Issue(rel, f"{_SPECIAL.get(fmt, 'special file')} skipped"))
+    return entries, errors, skipped
+
+
+def _hash_into(inv: Inventory, threads: int | None) -> None:
+    files = inv.files()
+    results = hash_files(inv.root, [e.path for e in files], inv.algo or DEFAULT_ALGO, threads=threads)
+    for e, res in zip(files, results):
+        if isinstance(res, OSError):
+            # A file we listed but cannot read: leave it out and mark the inventory incomplete.
+            inv.errors.append(Issue(e.path, f"cannot hash: {res.strerror}"))
+            del inv.entries[e.path]
+        else:
+            e.digest = res
