@@ -11,7 +11,7 @@ from .groups import Group, bitmap_paths, group_bitmaps, group_needs, needs_bitma
 from .hashing import ALGOS, DEFAULT_ALGO, hash_bytes, hash_file, hash_files, new_hasher
 from .plan import (DELETE, META, MKDIR, SYMLINK, WRITE, Action, Plan, format_plan, make_plan,
                    needs)
-from .scan import scan
+from .scanner import scan
 
 __all__ = [
     # data

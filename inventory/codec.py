@@ -18,7 +18,8 @@ __all__ = ["MAGIC", "FORMAT_VERSION", "MAX_DECODED", "encode_inventory", "decode
 MAGIC = b"CHIBAINV"
 FORMAT_VERSION = 1
 MAX_DECODED = 1 << 30  # refuse to inflate more than this: a hostile frame must not eat RAM
-_HEADER = struct.Struct("<8sBBBBQ")  # magic, version, flags, algo id, reserved, body length
+# magic, version, flags, algo id, reserved, body length, compressed length
+_HEADER = struct.Struct("<8sBBBBQQ")
 _COUNTS = struct.Struct("<IIIII")  # entries, links, errors, skipped, root length
 _FLAG_DIGESTS = 1
 _ALGO_IDS = {None: 0, "blake3": 1, "xxh3_128": 2}
@@ -98,7 +99,8 @@ def encode_inventory(inv: Inventory, *, level: int = 9) -> bytes:
     frame = zstandard.ZstdCompressor(level=level, write_checksum=True,
                                      write_content_size=True).compress(body)
     flags = _FLAG_DIGESTS if has_digests else 0
-    return _HEADER.pack(MAGIC, FORMAT_VERSION, flags, _ALGO_IDS[inv.algo], 0, len(body)) + frame
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, flags, _ALGO_IDS[inv.algo], 0, len(body),
+                        len(frame)) + frame
 
 
 class _Reader:
@@ -134,7 +136,7 @@ def decode_inventory(data: bytes | bytearray | memoryview, *,
     data = bytes(data)
     if len(data) < _HEADER.size:
         raise _corrupt("shorter than its header")
-    magic, version, flags, algo_id, _res, body_len = _HEADER.unpack_from(data)
+    magic, version, flags, algo_id, _res, body_len, frame_len = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise InventoryError("not a chiba inventory (bad magic)", hint="check what was sent")
     if version != FORMAT_VERSION:
@@ -144,6 +146,9 @@ def decode_inventory(data: bytes | bytearray | memoryview, *,
         raise _corrupt("bad flags or hash algorithm id")
     if body_len > max_decoded:
         raise _corrupt(f"claims {body_len} bytes, more than the {max_decoded} allowed")
+    if len(data) != _HEADER.size + frame_len:
+        # Truncated or padded: either way not what the sender produced.
+        raise _corrupt(f"{len(data) - _HEADER.size} body bytes where the header says {frame_len}")
     try:
         body = zstandard.ZstdDecompressor().decompress(data[_HEADER.size:],
                                                        max_output_size=body_len)

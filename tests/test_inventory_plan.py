@@ -1,0 +1,232 @@
+"""Diffs and plans: action order, type changes, delete safety, checksum vs quick, itemize, JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chiba_admin.errors import InventoryError
+from inventory import (DELETE, DIR, FILE, LINK, META, MKDIR, SYMLINK, WRITE, Entry, Inventory,
+                       Issue, Plan, check_source, format_plan, make_plan, needs)
+
+T0 = 1_700_000_000_000_000_000
+
+
+def F(path, size=1, mode=0o644, mtime=T0, digest=None):
+    return Entry(path, FILE, size, mode, mtime, None, digest)
+
+
+def D(path, mode=0o755, mtime=T0):
+    return Entry(path, DIR, 0, mode, mtime)
+
+
+def L(path, target, mtime=T0):
+    return Entry(path, LINK, len(target), 0o777, mtime, target)
+
+
+def inv(*entries, errors=(), algo=None):
+    return Inventory.from_entries(entries, errors=list(errors), algo=algo)
+
+
+def ops(plan):
+    return [(a.op, a.path) for a in plan.actions]
+
+
+def test_identical_trees_give_empty_plan():
+    a = inv(D("d"), F("d/f"), L("l", "d/f"))
+    p = make_plan(a, a, delete=True)
+    assert p.is_noop() and p.delete
+    assert p.summary()["bytes"] == 0
+
+
+def test_full_order_of_a_sync():
+    src = inv(D("a"), D("a/b"), F("a/b/new", 10), F("a/changed", 5), F("a/same", mode=0o600),
+              L("a/ln", "b/new"), D("z", mode=0o700))
+    dst = inv(D("a"), F("a/changed", 4), F("a/same", mode=0o644), D("gone"), D("gone/deep"),
+              F("gone/deep/x"), F("extra"), D("z"))
+    p = make_plan(src, dst, delete=True)
+    assert ops(p) == [
+        (MKDIR, "a/b"),
+        (WRITE, "a/b/new"), (WRITE, "a/changed"),
+        (SYMLINK, "a/ln"),
+        (META, "a/same"),
+        (DELETE, "gone/deep/x"), (DELETE, "gone/deep"), (DELETE, "extra"), (DELETE, "gone"),
+        (META, "a/b"), (META, "a"), (META, "z"),
+    ]
+    s = p.summary()
+    assert (s[WRITE], s[MKDIR], s[SYMLINK], s[DELETE], s["bytes"]) == (2, 1, 1, 4, 15)
+    changed = p.actions[2]
+    assert changed.changes == "s" and p.actions[4].changes == "p"
+
+
+def test_deletes_are_deepest_first_and_parents_follow_children():
+    dst = inv(D("a"), D("a/b"), D("a/b/c"), F("a/b/c/f"), F("a/g"), F("keep"))
+    p = make_plan(inv(F("keep")), dst, delete=True)
+    dels = [a.path for a in p.by_op(DELETE)]
+    assert dels == ["a/b/c/f", "a/b/c", "a/b", "a/g", "a"]
+    seen = set()
+    for path in dels:
+        assert not any(s.startswith(path + "/") for s in set(a.path for a in p.by_op(DELETE)) - seen)
+        seen.add(path)
+
+
+def test_no_deletes_unless_asked():
+    p = make_plan(inv(F("a")), inv(F("a"), F("b")))
+    assert p.is_noop() and not p.delete
+    assert "[deletions off]" in format_plan(p)
+
+
+def test_type_changes():
+    src = inv(D("was_file"), F("was_file/in"), F("was_dir"), L("was_file2", "x"), F("was_link"))
+    dst = inv(F("was_file"), D("was_dir"), F("was_dir/child"), F("was_file2"), L("was_link", "t"))
+    p = make_plan(src, dst, delete=True)
+    by = {(a.op, a.path): a for a in p.actions}
+    assert by[(MKDIR, "was_file")].replace and by[(MKDIR, "was_file")].changes == "T"
+    assert by[(WRITE, "was_dir")].replace
+    assert by[(SYMLINK, "was_file2")].replace
+    assert by[(WRITE, "was_link")].replace
+    # The replaced directory's members go with it: no separate deletes for them.
+    assert (DELETE, "was_dir/child") not in by
+
+
+def test_replacing_a_directory_needs_delete():
+    src = inv(F("x"), F("y"))
+    dst = inv(D("x"), F("x/precious"))
+    p = make_plan(src, dst)
+    assert ops(p) == [(WRITE, "y")]
+    assert any("not replacing directory" in w for w in p.warnings)
+
+
+def test_empty_source_refused():
+    with pytest.raises(InventoryError, match="empty") as ei:
+        make_plan(inv(), inv(F("a")), delete=True)
+    assert "delete everything" in ei.value.hint
+    with pytest.raises(InventoryError):
+        check_source(Inventory(root="/srv/repo"))
+    p = make_plan(inv(), inv(F("a")), delete=True, allow_empty=True)
+    assert ops(p) == [(DELETE, "a")]
+
+
+def test_unreadable_source_refused_with_reason():
+    bad = Inventory(errors=[Issue("", "cannot read directory: Permission denied")], root="/srv")
+    with pytest.raises(InventoryError, match="could not be read"):
+        check_source(bad)
+
+
+def test_source_scan_errors_disable_deletes():
+    src = inv(F("a"), D("locked"), errors=[Issue("locked", "cannot read directory: Permission denied")])
+    dst = inv(F("a"), D("locked"), F("locked/data"), F("b"))
+    p = make_plan(src, dst, delete=True)
+    assert not p.delete and not p.by_op(DELETE)
+    assert p.warnings and "deletions disabled" in p.warnings[0] and "locked" in p.warnings[0]
+    # Also a dir -> file replacement is a deletion, so it is off too.
+    src2 = inv(F("x"), errors=[Issue("q", "cannot read directory: x")])
+    assert make_plan(src2, inv(D("x"), F("x/y")), delete=True).is_noop()
+
+
+def test_quick_vs_checksum_mode():
+    h1, h2 = b"1" * 32, b"2" * 32
+    src = inv(F("same_meta_diff_content", 3, digest=h1), F("touched", 3, mtime=T0 + 5, digest=h1),
+              algo="blake3")
+    dst = inv(F("same_meta_diff_content", 3, digest=h2), F("touched", 3, digest=h1), algo="blake3")
+    quick = make_plan(src, dst)
+    assert ops(quick) == [(WRITE, "touched")]
+    assert quick.actions[0].changes == "t"
+    summed = make_plan(src, dst, checksum=True)
+    assert ops(summed) == [(WRITE, "same_meta_diff_content"), (META, "touched")]
+    assert summed.actions[0].changes == "c" and summed.algo == "blake3"
+    assert needs(src, dst) == ["touched"]
+    assert needs(src, dst, checksum=True) == ["same_meta_diff_content"]
+
+
+def test_checksum_mode_requires_digests():
+    with pytest.raises(InventoryError, match="checksum"):
+        make_plan(inv(F("a")), inv(F("a")), checksum=True)
+    with pytest.raises(InventoryError, match="same algorithm"):
+        make_plan(inv(F("a"), algo="blake3"), inv(F("a"), algo="xxh3_128"), checksum=True)
+
+
+def test_modify_window():
+    src, dst = inv(F("a", mtime=T0 + 999)), inv(F("a", mtime=T0))
+    assert ops(make_plan(src, dst)) == [(WRITE, "a")]
+    assert make_plan(src, dst, modify_window_ns=1000).is_noop()
+
+
+def test_symlink_changes_and_link_mtime_only():
+    src = inv(L("a", "new"), L("b", "same", mtime=T0 + 1))
+    dst = inv(L("a", "old"), L("b", "same"))
+    p = make_plan(src, dst)
+    assert ops(p) == [(SYMLINK, "a"), (META, "b")]
+
+
+def test_directory_mtimes_refreshed_where_contents_change():
+    src = inv(D("d"), D("d/e"), F("d/e/f", 2), D("quiet"), F("quiet/q"))
+    dst = inv(D("d"), D("d/e"), F("d/e/f", 1), D("quiet"), F("quiet/q"), F("quiet/extra"))
+    p = make_plan(src, dst, delete=True)
+    assert ops(p) == [(WRITE, "d/e/f"), (DELETE, "quiet/extra"), (META, "d/e"), (META, "quiet")]
+
+
+def test_needs_lists_files_only_in_source_order():
+    src = inv(D("d"), F("d/a"), F("d/b", 2), L("l", "d/a"), F("z"))
+    dst = inv(D("d"), F("d/a"), D("z"))
+    assert needs(src, dst) == ["d/b", "z"]
+
+
+def test_format_plan_itemizes_and_escapes():
+    src = inv(D("d"), F("d/new\nline", 3), F("chg", 2), L("ln", "t\tab"), F("perm", mode=0o600),
+              F("x"))
+    dst = inv(F("chg", 1), F("perm"), F("old"), D("x"))
+    text = format_plan(make_plan(src, dst, delete=True))
+    lines = text.splitlines()
+    assert "cd+++++++++ d/" in lines
+    assert ">f+++++++++ d/new\\#012line" in lines
+    assert ">f.s........ chg" not in lines and ">f.s....... chg" in lines
+    assert "cL+++++++++ ln -> t\\#011ab" in lines
+    assert ".f...p..... perm" in lines
+    assert "*deleting   old" in lines
+    assert ">f+++++++++ x  (replaces existing entry)" in lines
+    assert lines[-1].startswith("3 file(s) to write (6 bytes)")
+    assert all("\n" not in line for line in lines)
+
+
+def test_plan_json_round_trip_with_odd_names():
+    odd = "bad-\udcff-byte $(x) \"q\" 'q'\n"
+    src = inv(D(odd), F(odd + "/f", digest=b"\x01" * 32), L("l", odd), algo="blake3")
+    p = make_plan(src, inv(), checksum=False)
+    text = p.to_json()
+    text.encode("ascii")  # transportable anywhere
+    back = Plan.from_json(text)
+    assert back == p and back.actions[1].path == odd + "/f"
+    assert back.actions[1].digest == b"\x01" * 32 and back.algo == "blake3"
+    assert json.loads(text)["summary"]["write"] == 1
+
+
+@pytest.mark.parametrize("mutate,msg", [
+    (lambda d: d.update(version=99), "unsupported plan"),
+    (lambda d: d["actions"][0].update(path="/etc/passwd"), "absolute"),
+    (lambda d: d["actions"][0].update(path="a/../../x"), "'..'"),
+    (lambda d: d["actions"][0].update(path="a//b"), "empty path component"),
+    (lambda d: d["actions"][0].update(op="chown"), "malformed"),
+    (lambda d: d["actions"][0].pop("path"), "malformed"),
+    (lambda d: d.update(algo="md5"), "unknown hash"),
+])
+def test_plan_from_dict_rejects_hostile(mutate, msg):
+    d = make_plan(inv(F("a")), inv()).to_dict()
+    mutate(d)
+    with pytest.raises(InventoryError, match=msg):
+        Plan.from_dict(d)
+    with pytest.raises(InventoryError, match="not valid JSON"):
+        Plan.from_json("{nope")
+
+
+def test_diff_of_large_inventories_is_fast():
+    import time
+    src = inv(*(F(f"d{i // 1000}/f{i}", i) for i in range(50_000)),
+              *(D(f"d{j}") for j in range(50)))
+    dst = inv(*(F(f"d{i // 1000}/f{i}", i + (i % 10 == 0)) for i in range(50_000)),
+              *(D(f"d{j}") for j in range(50)))
+    t = time.perf_counter()
+    p = make_plan(src, dst, delete=True)
+    assert time.perf_counter() - t < 2.0
+    assert len(p.writes()) == 5000
