@@ -1,0 +1,108 @@
+"""A pipelined chain broadcast of variable-length frames over non-blocking point-to-point.
+
+Rank 0 of the communicator produces frames; rank i receives each frame from rank i-1,
+forwards it to rank i+1 and then hands it to its consumer, so every link of a chain
+ordered town by town carries the data once and the stream's bytes reach the last rank
+one frame behind the first. Waiting is a ``Test`` followed by a short sleep rather than a
+blocking call: on hosts whose ranks share cores, a spinning wait starves the ranks that
+have work (DESIGN.md, "Known facts").
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from mpi4py import MPI
+
+__all__ = ["TAG_DATA", "TAG_END", "wait", "chain_send", "chain_frames", "chain_receive",
+           "chain_stream"]
+
+TAG_DATA = 71
+TAG_END = 72
+_POLL = 0.001  # seconds between tests of a pending request
+
+
+def wait(req: MPI.Request, status: MPI.Status | None = None, poll: float = _POLL) -> None:
+    """Complete ``req`` without spinning a core."""
+    while not req.Test(status):
+        time.sleep(poll)
+
+
+def chain_send(comm: MPI.Comm, frames: Iterable[bytes | memoryview | np.ndarray],
+               *, depth: int = 2) -> int:
+    """Root side: send every frame down the chain; returns bytes sent. Ends the stream."""
+    total = 0
+    if comm.size < 2:
+        for f in frames:
+            total += len(f)
+        return total
+    pending: deque = deque()
+    for frame in frames:
+        while len(pending) >= depth:
+            req, _keep = pending.popleft()
+            wait(req)
+        buf = frame if isinstance(frame, np.ndarray) else np.frombuffer(frame, np.uint8)
+        pending.append((comm.Isend([buf, MPI.BYTE], dest=1, tag=TAG_DATA), buf))
+        total += buf.nbytes
+    while pending:
+        req, _keep = pending.popleft()
+        wait(req)
+    wait(comm.Isend([np.empty(0, np.uint8), MPI.BYTE], dest=1, tag=TAG_END))
+    return total
+
+
+def chain_frames(comm: MPI.Comm, max_frame: int) -> Iterator[memoryview]:
+    """Non-root side: yield each frame after forwarding it down the chain.
+
+    A yielded memoryview is valid until the next frame is requested. Three buffers rotate
+    so a buffer is reused only after its forward send has completed, and the next receive
+    is already posted while this frame is consumed. The stream ends when rank 0 ends it;
+    a consumer must iterate to the end (or call ``drain``) so the chain completes.
+    """
+    rank, size = comm.rank, comm.size
+    prev, nxt = rank - 1, (rank + 1 if rank + 1 < size else None)
+    bufs = [np.empty(max_frame, np.uint8) for _ in range(3)]
+    sends: list[MPI.Request | None] = [None, None, None]
+    status = MPI.Status()
+    i = 0
+    req = comm.Irecv([bufs[0], MPI.BYTE], source=prev, tag=MPI.ANY_TAG)
+    while True:
+        wait(req, status)
+        if status.Get_tag() == TAG_END:
+            if nxt is not None:
+                for s in sends:
+                    if s is not None:
+                        wait(s)
+                wait(comm.Isend([bufs[0][:0], MPI.BYTE], dest=nxt, tag=TAG_END))
+            return
+        n = status.Get_count(MPI.BYTE)
+        cur, follow = i % 3, (i + 1) % 3
+        if sends[follow] is not None:
+            wait(sends[follow])
+            sends[follow] = None
+        req = comm.Irecv([bufs[follow], MPI.BYTE], source=prev, tag=MPI.ANY_TAG)
+        if nxt is not None:
+            sends[cur] = comm.Isend([bufs[cur][:n], MPI.BYTE], dest=nxt, tag=TAG_DATA)
+        yield memoryview(bufs[cur])[:n]
+        i += 1
+
+
+def chain_receive(comm: MPI.Comm, max_frame: int,
+                  consume: Callable[[memoryview], None]) -> int:
+    """Non-root side: receive, forward, then ``consume`` each frame; returns bytes received."""
+    total = 0
+    for frame in chain_frames(comm, max_frame):
+        consume(frame)
+        total += len(frame)
+    return total
+
+
+def chain_stream(comm: MPI.Comm, frames: Iterable[bytes] | None, max_frame: int,
+                 consume: Callable[[memoryview], None] | None) -> int:
+    """Collective over ``comm``: rank 0 supplies ``frames``, every other rank ``consume``."""
+    if comm.rank == 0:
+        return chain_send(comm, frames or ())
+    return chain_receive(comm, max_frame, consume)

@@ -1,0 +1,342 @@
+"""mpisync's rank side: walk, agree, plan, reduce needs, stream each group, apply, report.
+
+Rank 0 holds the source; every other rank is a target. The steps follow mpiFileUtils'
+dsync (STYLE.md #10): the root inventories the source and broadcasts it; each target
+inventories its destination and plans; a gather of need bitmaps tells the root, for each
+file, which targets need it; files needed by the same set of targets form one group, and
+each group is streamed once down a pipelined chain over a sub-communicator of the root and
+just those targets (``Comm.Split``, one per group). Targets write to temporary names and
+rename into place, then make links, delete (only if asked and safe) and set metadata. A
+target that fails locally keeps taking part in every collective, so the others complete.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from typing import Iterator
+
+import numpy as np
+from mpi4py import MPI
+
+from chiba_admin.errors import ChibaError
+from inventory import (DestTree, Inventory, check_source, decode_inventory, delete_extraneous,
+                       encode_inventory, finalize, format_plan, group_bitmaps, hash_file,
+                       make_dirs, make_plan, make_symlinks, needs_bitmap, scan)
+from inventory.plan import WRITE
+
+from .framechain import chain_frames, chain_send
+
+__all__ = ["run_sync", "PIECE", "pack_frames", "iter_pieces", "MAX_PIECES"]
+
+# One piece of one file inside a frame. ``last`` marks a file's final piece; ``bad`` says
+# the root could not read the file, so receivers drop what they have of it.
+PIECE = np.dtype([("idx", "<u4"), ("offset", "<u8"), ("length", "<u4"), ("flags", "u1")])
+_LAST, _BAD = 1, 2
+MAX_PIECES = 4096  # small files packed into one frame, so 3,000 files are a few messages
+_HDR = struct.Struct("<I")
+
+
+def _max_frame(chunk: int) -> int:
+    return chunk + _HDR.size + MAX_PIECES * PIECE.itemsize
+
+
+# -- root: frames from files ---------------------------------------------------------------
+def pack_frames(src_root: str, files: list, indices: list[int], chunk: int,
+                errors: list[str]) -> Iterator[bytes]:
+    """Frames carrying the files ``indices`` (into ``files``) read once from ``src_root``.
+
+    Each frame is ``u32 header length | PIECE array | payload`` with at most ``chunk``
+    payload bytes; small files share a frame and large ones span several.
+    """
+    pieces: list[tuple[int, int, int, int]] = []
+    payload = bytearray()
+
+    def flush() -> bytes:
+        hdr = np.array(pieces, PIECE).tobytes()
+        frame = _HDR.pack(len(hdr)) + hdr + bytes(payload)
+        pieces.clear()
+        payload.clear()
+        return frame
+
+    for idx in indices:
+        entry = files[idx]
+        try:
+            fd = os.open(os.path.join(src_root, entry.path),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            errors.append(f"{entry.path}: cannot read source file: {exc.strerror}")
+            if len(pieces) >= MAX_PIECES:
+                yield flush()
+            pieces.append((idx, 0, 0, _LAST | _BAD))
+            continue
+        try:
+            offset, remaining = 0, entry.size
+            while True:
+                room = chunk - len(payload)
+                if room <= 0 or len(pieces) >= MAX_PIECES:
+                    yield flush()
+                    room = chunk
+                data = os.read(fd, min(room, remaining)) if remaining else b""
+                remaining -= len(data)
+                # a file that shrank since the scan ends early; receivers see the short
+                # size and refuse it rather than commit a truncated file
+                last = remaining == 0 or not data
+                pieces.append((idx, offset, len(data), _LAST if last else 0))
+                payload += data
+                offset += len(data)
+                if last:
+                    break
+        finally:
+            os.close(fd)
+    if pieces:
+        yield flush()
+
+
+# -- targets: pieces from frames -------------------------------------------------------------
+def iter_pieces(frames: Iterator[memoryview]) -> Iterator[tuple[int, int, memoryview, int]]:
+    """(file index, offset, data, flags) for every piece of every frame, in order."""
+    for frame in frames:
+        (hlen,) = _HDR.unpack_from(frame)
+        hdr = np.frombuffer(frame[_HDR.size:_HDR.size + hlen], PIECE)
+        pos = _HDR.size + hlen
+        for p in hdr.tolist():
+            idx, offset, length, flags = p
+            yield idx, offset, frame[pos:pos + length], flags
+            pos += length
+
+
+class _Target:
+    """A target's local state: its plan, destination tree, counters and first error."""
+
+    def __init__(self, host: str, dest: str, source: Inventory, opts: dict):
+        self.host, self.dest, self.source, self.opts = host, dest, source, opts
+        self.error: str | None = None
+        self.plan = None
+        self.tree: DestTree | None = None
+        self.writes: dict[str, object] = {}
+        self.got: set[str] = set()
+        self.stats = {"created": 0, "updated": 0, "deleted": 0, "meta": 0,
+                      "bytes_received": 0, "files_received": 0}
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = str(exc) if isinstance(exc, ChibaError) else f"{self.dest}: {exc}"
+
+    def plan_needs(self) -> np.ndarray:
+        src = self.source
+        try:
+            if os.path.lexists(self.dest):
+                target = scan(self.dest, excludes=self.opts["excludes"],
+                              checksum=self.opts["checksum"], algo=src.algo or "blake3")
+            else:
+                target = Inventory(root=self.dest, algo=src.algo if self.opts["checksum"]
+                                   else None)
+            self.plan = make_plan(src, target, delete=self.opts["delete"],
+                                  checksum=self.opts["checksum"])
+            self.writes = {a.path: a for a in self.plan.actions if a.op == WRITE}
+            return needs_bitmap(src, self.writes)
+        except (ChibaError, OSError) as exc:
+            self.fail(exc)
+            return needs_bitmap(src, ())
+
+    def prepare(self) -> None:
+        if self.error or self.opts["dry_run"]:
+            return
+        try:
+            if not os.path.isdir(self.dest):
+                os.makedirs(self.dest, exist_ok=True)
+            self.tree = DestTree(self.dest)
+            make_dirs(self.tree, self.plan)
+        except (ChibaError, OSError) as exc:
+            self.fail(exc)
+
+    def receive(self, frames: Iterator[memoryview]) -> None:
+        """Write every file of one group's stream; after a failure, only drain the stream."""
+        files = self.source.files()
+        pieces = iter_pieces(frames)
+        for idx, offset, data, flags in pieces:
+            self.stats["bytes_received"] += len(data)
+            if flags & _LAST and (flags & _BAD or self.error):
+                continue
+            rel = files[idx].path
+            stream = _file_stream(data, flags, pieces, self.stats)
+            if self.error or self.tree is None:
+                for _ in stream:
+                    pass
+                continue
+            a = self.writes.get(rel)
+            try:
+                if a is None:
+                    raise ChibaError(f"received {rel!r}, which this target did not ask for")
+                self.tree.write_file(rel, stream, a.mode, a.mtime_ns, size=a.size,
+                                     replace=a.replace)
+                self.stats["files_received"] += 1
+                self.got.add(rel)
+                self.stats["created" if a.changes == "+" else "updated"] += 1
+            except (ChibaError, OSError) as exc:
+                self.fail(exc if isinstance(exc, ChibaError)
+                          else ChibaError(f"cannot write: {exc.strerror or exc}",
+                                          where=os.path.join(self.dest, rel)))
+            for _ in stream:  # the rest of a file whose write failed
+                pass
+
+    def finish(self) -> None:
+        if self.error or self.tree is None:
+            return
+        try:
+            missing = [p for p in self.writes if p not in self.got]
+            if missing:
+                raise ChibaError(f"{len(missing)} file(s) not received, first {missing[0]!r}",
+                                 where=self.dest, hint="the source could not read them; "
+                                 "see the source errors and rerun")
+            made = make_symlinks(self.tree, self.plan)
+            self.stats["created"] += made.created
+            self.stats["updated"] += made.updated
+            if self.opts["verify"]:
+                self._verify()
+            gone = delete_extraneous(self.tree, self.plan)
+            self.stats["deleted"] += gone.deleted
+            self.stats["meta"] += finalize(self.tree, self.plan).meta
+        except (ChibaError, OSError) as exc:
+            self.fail(exc)
+
+    def _verify(self) -> None:
+        src = self.source
+        for rel in self.writes:
+            want = src.entries[rel].digest
+            got = hash_file(os.path.join(self.dest, rel), src.algo)
+            if want is not None and got != want:
+                raise ChibaError("content differs from the source after transfer",
+                                 where=os.path.join(self.dest, rel),
+                                 hint="check the target's disk and rerun")
+
+    def close(self) -> None:
+        if self.tree is not None:
+            self.tree.close()
+
+
+def _file_stream(first: memoryview, flags: int, pieces, stats) -> Iterator[memoryview]:
+    """The data of one file: its first piece, then pieces pulled until the last one."""
+    yield first
+    while not flags & _LAST:
+        _idx, _off, data, flags = next(pieces)
+        stats["bytes_received"] += len(data)
+        if flags & _BAD:
+            raise ChibaError("the source could not read this file")
+        yield data
+
+
+def run_sync(comm: MPI.Comm, spec: dict) -> dict | None:
+    """Collective: synchronise; returns the result dict on rank 0, None elsewhere.
+
+    ``spec``: source (root's local path), hosts (host of each rank), dests (local dest
+    path of each rank, rank 0's unused), delete, checksum, verify, dry_run, excludes, chunk.
+    """
+    rank = comm.rank
+    t0 = time.monotonic()
+    phases: dict[str, float] = {}
+    opts = {"delete": bool(spec.get("delete")), "checksum": bool(spec.get("checksum")),
+            "verify": bool(spec.get("verify")), "dry_run": bool(spec.get("dry_run")),
+            "excludes": list(spec.get("excludes", ()))}
+    chunk = int(spec.get("chunk", 4 << 20))
+
+    # 1. the root walks; its verdict and inventory reach everyone (uppercase for bytes)
+    blob, verdict = b"", None
+    if rank == 0:
+        try:
+            src = scan(spec["source"], excludes=opts["excludes"],
+                       checksum=opts["checksum"] or opts["verify"])
+            check_source(src)
+            blob = encode_inventory(src)
+        except ChibaError as exc:
+            verdict = str(exc)
+    verdict = comm.bcast(verdict if rank == 0 else None, root=0)
+    if verdict is not None:
+        return {"ok": False, "error": verdict, "stage": "source scan"} if rank == 0 else None
+    n = comm.bcast(len(blob), root=0)
+    buf = np.frombuffer(blob, np.uint8).copy() if rank == 0 else np.empty(n, np.uint8)
+    comm.Bcast([buf, MPI.BYTE], root=0)
+    if rank == 0:
+        phases["scan"] = time.monotonic() - t0
+    else:
+        src = decode_inventory(buf.tobytes())
+    files = src.files()
+
+    # 2-3. targets plan; a gather of need bitmaps lets the root group files by audience
+    t1 = time.monotonic()
+    me = None
+    if rank != 0:
+        me = _Target(spec["hosts"][rank], spec["dests"][rank], src, opts)
+        bitmap = me.plan_needs()
+        report = (bitmap, me.error, format_plan(me.plan) if opts["dry_run"] and me.plan
+                  else None, me.plan.summary() if me.plan else None,
+                  list(me.plan.warnings) if me.plan else [])
+    else:
+        report = None
+    reports = comm.gather(report, root=0)
+    groups_wire = None
+    if rank == 0:
+        phases["plan"] = time.monotonic() - t1
+        bitmaps = {r: reports[r][0] for r in range(1, comm.size) if reports[r][1] is None}
+        groups = group_bitmaps(src, bitmaps) if bitmaps and not opts["dry_run"] else []
+        index = {e.path: i for i, e in enumerate(files)}
+        groups_wire = [(sorted(g.targets), [index[p] for p in g.paths], g.nbytes)
+                       for g in groups]
+    groups_wire = comm.bcast(groups_wire, root=0)
+
+    # 4. one sub-communicator per group; the root streams its files down a chain
+    t2 = time.monotonic()
+    source_errors: list[str] = []
+    sent = 0
+    if me is not None:
+        me.prepare()
+    for ranks, indices, _nbytes in groups_wire:
+        member = rank == 0 or rank in ranks
+        sub = comm.Split(0 if member else MPI.UNDEFINED, key=rank)
+        if sub == MPI.COMM_NULL:
+            continue
+        try:
+            if rank == 0:
+                sent += chain_send(sub, pack_frames(spec["source"], files, indices, chunk,
+                                                    source_errors))
+            else:
+                me.receive(chain_frames(sub, _max_frame(chunk)))
+        finally:
+            sub.Free()
+    if rank == 0:
+        phases["transfer"] = time.monotonic() - t2
+
+    # 5. links, deletions and metadata, then everyone's summary to the root
+    t3 = time.monotonic()
+    if me is not None:
+        if not opts["dry_run"]:
+            me.finish()
+        me.close()
+        mine = {"host": me.host, "dest": me.dest, "ok": me.error is None,
+                "error": me.error, **me.stats}
+    else:
+        mine = None
+    results = comm.gather(mine, root=0)
+    if rank != 0:
+        return None
+    phases["finish"] = time.monotonic() - t3
+    hosts = {}
+    for r in range(1, comm.size):
+        res = results[r]
+        bitmap, err, plan_text, summary, warnings = reports[r]
+        res["plan_summary"] = summary
+        res["warnings"] = warnings
+        if plan_text is not None:
+            res["plan"] = plan_text
+        hosts[res["host"]] = res
+    failures = {h: r["error"] for h, r in hosts.items() if not r["ok"]}
+    return {
+        "ok": not failures and not source_errors,
+        "source_files": len(files), "source_bytes": src.total_bytes(),
+        "source_warnings": [str(i) for i in src.errors + src.skipped],
+        "source_errors": source_errors, "groups": len(groups_wire),
+        "bytes_sent": sent, "seconds": time.monotonic() - t0, "phases": phases,
+        "dry_run": opts["dry_run"], "hosts": hosts, "failures": failures,
+    }
