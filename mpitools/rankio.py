@@ -1,0 +1,134 @@
+"""What every MPI rank program shares: job spec, events to the launcher, quiet waiting, abort."""
+
+# Rank-side module: standard library, numpy and mpi4py only (no rich, click, networkx).
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+__all__ = ["EVENT_PREFIX", "load_job", "rank_hosts", "encode_job", "emit", "wait", "wait_all",
+           "agree_any", "Terminated", "rank_main", "test_hook", "maxrss_bytes", "SLEEP"]
+
+EVENT_PREFIX = "@@chiba "
+# Waiting by Test + a short sleep instead of a blocking call: ranks that outnumber cores
+# would otherwise spin and starve each other (DESIGN.md, "Known facts").
+SLEEP = 0.001
+
+
+class Terminated(BaseException):
+    """SIGTERM (mpiexec ending the job, a timeout or Ctrl-C on the launcher side)."""
+
+
+def encode_job(job: dict) -> str:
+    """The job spec as one argv word: ``b64:`` + base64 JSON (no quoting issues anywhere)."""
+    raw = json.dumps(job, separators=(",", ":")).encode()
+    return "b64:" + base64.urlsafe_b64encode(raw).decode()
+
+
+def load_job(arg: str) -> dict:
+    """Decode a job spec given as ``b64:...`` or as the path of a JSON file."""
+    if arg.startswith("b64:"):
+        return json.loads(base64.urlsafe_b64decode(arg[4:].encode()))
+    with open(arg, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def rank_hosts(job: dict) -> list[str]:
+    """Host of each rank: the launcher's CHIBA_RANK_HOSTS, else the job's own list."""
+    env = os.environ.get("CHIBA_RANK_HOSTS")
+    return env.split(",") if env else list(job["hosts"])
+
+
+def emit(event: str, **fields: Any) -> None:
+    """One JSON event line on stdout for the launcher (rank 0 by convention)."""
+    sys.stdout.write(EVENT_PREFIX + json.dumps({"event": event, **fields}, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def wait(req, idle: Callable[[], None] | None = None) -> None:
+    """Complete one request without spinning; ``idle`` runs between tests."""
+    if req is None:
+        return
+    while not req.Test():
+        if idle is not None:
+            idle()
+        time.sleep(SLEEP)
+
+
+def wait_all(reqs: list, idle: Callable[[], None] | None = None) -> None:
+    live = [r for r in reqs if r is not None]
+    if not live:
+        return
+    from mpi4py import MPI
+
+    while not MPI.Request.Testall(live):
+        if idle is not None:
+            idle()
+        time.sleep(SLEEP)
+
+
+def agree_any(comm, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (a LOR allreduce, waited quietly)."""
+    import numpy as np
+    from mpi4py import MPI
+
+    send = np.array([1 if flag else 0], dtype=np.int32)
+    recv = np.zeros(1, dtype=np.int32)
+    wait(comm.Iallreduce(send, recv, op=MPI.MAX))
+    return bool(recv[0])
+
+
+def maxrss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def test_hook(name: str, rank: int) -> str | None:
+    """Value of test hook ``CHIBA_TEST_<NAME>`` if it targets ``rank`` (``rank:value``)."""
+    spec = os.environ.get("CHIBA_TEST_" + name.upper())
+    if not spec:
+        return None
+    r, _, value = spec.partition(":")
+    return value if r in ("*", str(rank)) else None
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def rank_main(main: Callable[[Any, dict], int], argv: list[str] | None = None) -> None:
+    """Run ``main(comm, job)`` as a rank; an unhandled exception aborts the whole job.
+
+    ``main`` owns its agreed (expected) failures; anything escaping it is a bug or a kill,
+    after which peers could wait forever, so we Abort (STYLE #8).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    import mpi4py
+
+    mpi4py.rc.thread_level = "funneled"  # helper threads never call MPI
+    from mpi4py import MPI
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    comm = MPI.COMM_WORLD
+    try:
+        job = load_job(argv[0])
+        code = main(comm, job)
+    except Terminated:
+        sys.stderr.write(f"rank {comm.rank}: terminated\n")
+        sys.stderr.flush()
+        os._exit(143)
+    except BaseException:
+        sys.stderr.write(f"rank {comm.rank}: unhandled error, aborting the job\n")
+        traceback.print_exc()
+        sys.stderr.flush()
+        comm.Abort(70)
+        return
+    sys.stdout.flush()
+    sys.exit(code or 0)

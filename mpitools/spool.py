@@ -1,0 +1,163 @@
+"""The HTTP spool: publish packed archives under unguessable names and serve only those."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import re
+import secrets
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .archive import PackInfo, pack_tree
+
+__all__ = ["SpoolServer", "Published", "publish", "spool_name", "check_url",
+           "NAME_RE", "EXTENSIONS"]
+
+EXTENSIONS = {"zstd": ".tar.zst", "gzip": ".tar.gz", "none": ".tar"}
+# token_urlsafe(24) gives 32 characters; anything else (/, .., listing) is never served
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{32,}\.tar(?:\.zst|\.gz)?$")
+_SEND_CHUNK = 1 << 20
+
+
+def spool_name(compress: str) -> str:
+    """A fresh unguessable archive name for the spool."""
+    return secrets.token_urlsafe(24) + EXTENSIONS[compress]
+
+
+@dataclass
+class Published:
+    """An archive in the spool: its path, name and what packing recorded."""
+
+    path: str
+    name: str
+    info: PackInfo
+
+    def remove(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def publish(src: str, spool_dir: str, compress: str = "zstd", *,
+            hash_alg: str = "blake3") -> Published:
+    """Pack ``src`` into ``spool_dir`` under a fresh name (written aside, then renamed)."""
+    name = spool_name(compress)
+    final = os.path.join(spool_dir, name)
+    part = os.path.join(spool_dir, "." + name + ".part")  # dot names are never served
+    try:
+        with open(part, "wb", buffering=1 << 20) as out:
+            os.chmod(part, 0o600)
+            info = pack_tree(src, out, compress, hash_alg=hash_alg)
+        os.rename(part, final)
+    except BaseException:
+        try:
+            os.unlink(part)
+        except FileNotFoundError:
+            pass
+        raise
+    return Published(final, name, info)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """GET/HEAD of one archive by exact name; 404 for everything else, no listing."""
+
+    server_version = "chiba-spool/1"
+    spool_dir: str = "."  # set on a subclass per server
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - quiet by design
+        if getattr(self.server, "verbose", False):
+            super().log_message(format, *args)
+
+    def _open(self):
+        name = self.path.split("?", 1)[0].lstrip("/")
+        if not NAME_RE.match(name):
+            self.send_error(404, "not found")
+            return None
+        path = os.path.join(self.spool_dir, name)
+        try:
+            f = open(path, "rb")
+            size = os.fstat(f.fileno()).st_size
+        except OSError:
+            self.send_error(404, "not found")
+            return None
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        return f
+
+    def do_HEAD(self) -> None:  # noqa: N802 - http.server naming
+        f = self._open()
+        if f is not None:
+            f.close()
+
+    def do_GET(self) -> None:  # noqa: N802
+        f = self._open()
+        if f is None:
+            return
+        with f:
+            try:
+                shutil.copyfileobj(f, self.wfile, _SEND_CHUNK)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client went away; nothing to tell it
+
+
+class SpoolServer:
+    """A threaded HTTP server for one spool directory, as a context manager."""
+
+    def __init__(self, spool_dir: str, bind: str = "127.0.0.1", port: int = 0, *,
+                 verbose: bool = False):
+        handler = type("SpoolHandler", (_Handler,), {"spool_dir": str(Path(spool_dir))})
+        self.httpd = http.server.ThreadingHTTPServer((bind, port), handler)
+        self.httpd.daemon_threads = True
+        self.httpd.verbose = verbose  # type: ignore[attr-defined]
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.httpd.server_address[:2]
+        return str(host), int(port)
+
+    def url_for(self, name: str, host: str | None = None) -> str:
+        h, p = self.address
+        return f"http://{host or h}:{p}/{name}"
+
+    def start(self) -> "SpoolServer":
+        self._thread = threading.Thread(target=self.httpd.serve_forever,
+                                        kwargs={"poll_interval": 0.1}, name="spool",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.httpd.serve_forever(poll_interval=0.2)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join(5)
+        self.httpd.server_close()
+
+    def __enter__(self) -> "SpoolServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def check_url(url: str, timeout: float = 10.0) -> int:
+    """HEAD ``url``; returns its Content-Length or raises OSError with a clear reason."""
+    req = urllib.request.Request(url, method="HEAD")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return int(r.headers.get("Content-Length", -1))
+    except urllib.error.HTTPError as e:
+        raise OSError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise OSError(f"{url}: {e.reason}") from None
