@@ -1,0 +1,228 @@
+"""Text of every file a testbed writes: sshd and ssh configs, known_hosts, /etc/hosts, testbed.toml."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from .plan import HostPlan, TestbedPlan
+
+__all__ = ["Layout", "sshd_config", "ssh_config", "known_hosts", "etc_hosts",
+           "testbed_toml", "holder_script", "generate_ed25519", "mpi_recipe"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where things live under a testbed's state directory."""
+
+    state: Path
+
+    @property
+    def state_file(self) -> Path:
+        return self.state / "state.json"
+
+    @property
+    def topology_file(self) -> Path:
+        return self.state / "testbed.toml"
+
+    @property
+    def ssh_dir(self) -> Path:
+        return self.state / "ssh"
+
+    @property
+    def identity(self) -> Path:
+        return self.ssh_dir / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.ssh_dir / "known_hosts"
+
+    @property
+    def ssh_config(self) -> Path:
+        return self.ssh_dir / "ssh_config"
+
+    @property
+    def authorized_keys(self) -> Path:
+        return self.ssh_dir / "authorized_keys"
+
+    @property
+    def etc_hosts(self) -> Path:
+        return self.state / "etc" / "hosts"
+
+    def host_dir(self, host: str) -> Path:
+        return self.state / "hosts" / host
+
+    def host_key(self, host: str) -> Path:
+        return self.host_dir(host) / "ssh_host_ed25519_key"
+
+    def sshd_config(self, host: str) -> Path:
+        return self.host_dir(host) / "sshd_config"
+
+    def sshd_pid(self, host: str) -> Path:
+        return self.host_dir(host) / "sshd.pid"
+
+    def sshd_log(self, host: str) -> Path:
+        return self.host_dir(host) / "sshd.log"
+
+    def holder_log(self, host: str) -> Path:
+        return self.host_dir(host) / "holder.log"
+
+
+def generate_ed25519(comment: str) -> tuple[str, str]:
+    """A fresh ed25519 key pair as (OpenSSH private key text, public key line)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                             serialization.NoEncryption()).decode()
+    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                        serialization.PublicFormat.OpenSSH).decode()
+    return priv, f"{pub} {comment}"
+
+
+def sshd_config(h: HostPlan, lay: Layout) -> str:
+    """The sshd_config of one host: listens only on its testbed address, root by key."""
+    return "\n".join([
+        f"# testbed sshd for {h.name}",
+        f"ListenAddress {h.address}",
+        "Port 22",
+        f"HostKey {lay.host_key(h.name)}",
+        f"PidFile {lay.sshd_pid(h.name)}",
+        f"AuthorizedKeysFile {lay.authorized_keys}",
+        "PermitRootLogin prohibit-password",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        # no PAM, DNS or strict modes: none of them exist sensibly inside a namespace
+        "UsePAM no",
+        "UseDNS no",
+        "StrictModes no",
+        # mpiexec and fan-outs open many connections at once
+        "MaxStartups 1000",
+        "MaxSessions 100",
+        "Subsystem sftp internal-sftp",
+        "AcceptEnv CHIBA_*",
+        "PermitUserEnvironment no",
+        "PrintMotd no",
+        "PrintLastLog no",
+        "X11Forwarding no",
+        "LogLevel ERROR",
+        "",
+    ])
+
+
+def ssh_config(plan: TestbedPlan, lay: Layout) -> str:
+    """An ssh_config so `ssh -F FILE ccn01` works by name (PRRTE passes names)."""
+    out = [f"# testbed {plan.id}: use with ssh -F {lay.ssh_config}"]
+    for h in plan.hosts:
+        out += [f"Host {h.name}", f"    HostName {h.address}", ""]
+    out += ["Host *",
+            "    User root",
+            f"    IdentityFile {lay.identity}",
+            "    IdentitiesOnly yes",
+            f"    UserKnownHostsFile {lay.known_hosts}",
+            "    GlobalKnownHostsFile /dev/null",
+            "    StrictHostKeyChecking yes",
+            "    BatchMode yes",
+            "    ConnectTimeout 10",
+            "    LogLevel ERROR",
+            "    SendEnv CHIBA_*",
+            ""]
+    return "\n".join(out)
+
+
+def known_hosts(plan: TestbedPlan, host_pubkeys: dict[str, str]) -> str:
+    """known_hosts lines naming each host by name and by address."""
+    lines = []
+    for h in plan.hosts:
+        keytype, b64 = host_pubkeys[h.name].split()[:2]
+        lines.append(f"{h.name},{h.address} {keytype} {b64}")
+    return "\n".join(lines) + "\n"
+
+
+def etc_hosts(plan: TestbedPlan) -> str:
+    """The /etc/hosts every testbed host sees: every host's name at its testbed address."""
+    lines = ["127.0.0.1\tlocalhost", f"# testbed {plan.id} ({plan.subnet})"]
+    for h in plan.hosts:
+        lines.append(f"{h.address}\t{h.name}")
+        for nic in h.nics[1:]:
+            lines.append(f"{nic.address}\t{h.name}-{nic.network}")
+    return "\n".join(lines) + "\n"
+
+
+def holder_script(h: HostPlan, lay: Layout) -> str:
+    """Shell run in a fresh UTS+mount namespace: hostname, private mounts, then sleep.
+
+    The sleeping process anchors the host's namespaces, so sshd can be killed and
+    restarted (fault injection) without losing the host's mounts.
+    """
+    q = shlex.quote
+    cmds = ["set -e", f"hostname {q(h.name)}"]
+    for target, src in h.mounts:
+        cmds.append(f"mount --bind {q(src)} {q(target)}")
+    cmds.append(f"mount --bind {q(str(lay.etc_hosts))} /etc/hosts")
+    cmds.append("echo ready $$")
+    cmds.append("exec sleep infinity </dev/null >/dev/null 2>&1")
+    return "\n".join(cmds)
+
+
+def mpi_recipe(plan: TestbedPlan, lay: Layout) -> dict:
+    """The [mpi] table: Open MPI restricted to the testbed subnet, ssh through our config."""
+    return {
+        "btl_tcp_if_include": plan.subnet,
+        "prte_if_include": plan.subnet,
+        "plm_ssh_args": f"-F {lay.ssh_config}",
+    }
+
+
+def _fold(names: list[str]) -> str:
+    from ClusterShell.NodeSet import NodeSet
+
+    return str(NodeSet.fromlist(names))
+
+
+def _q(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def testbed_toml(plan: TestbedPlan, topo, lay: Layout) -> str:
+    """A kind = "ssh" topology file with the testbed's real addresses and SSH settings."""
+    pres = topo.president
+    paths = pres.paths
+    out = ["# Generated by `chiba-admin testbed up`; use with --cluster.",
+           "[cluster]", f"name = {_q(topo.name)}", 'kind = "ssh"',
+           f"description = {_q(f'namespace testbed {plan.id} on {plan.subnet}')}"]
+    if topo.home:
+        out.append(f"home = {_q(topo.home)}")
+    out += ["", "[defaults]", f"scratch = {_q(paths.scratch)}", f"spool = {_q(paths.spool)}",
+            f"repository = {_q(paths.repository)}", "",
+            "[defaults.ssh]", 'user = "root"', f"identity_file = {_q(str(lay.identity))}",
+            f"known_hosts = {_q(str(lay.known_hosts))}",
+            f"config_file = {_q(str(lay.ssh_config))}", 'host_key_policy = "strict"', "",
+            "[links.core]", f"bandwidth = {plan.core_bps!r}", ""]
+    towns = topo.town_names()
+    first = plan.town_bps[towns[0]]
+    out += ["[links.town]", f"bandwidth = {first!r}", ""]
+    out += ["[president]", f"name = {_q(pres.name)}", f"address = {_q(plan.host(pres.name).address)}",
+            ""]
+    for m in topo.mayors:
+        out += [f"[mayors.{_q(m.name)}]", f"address = {_q(plan.host(m.name).address)}", ""]
+    for t in towns:
+        nodes = topo.town_nodes(t)
+        out += [f"[towns.{_q(t)}]", f"mayor = {_q(topo.towns[t])}",
+                f"nodes = {_q(_fold(nodes))}",
+                f"addresses = {_q(_fold([plan.host(n).address for n in nodes]))}",
+                f"bandwidth = {plan.town_bps[t]!r}", ""]
+    # per-host path overrides survive; the testbed binds exactly these paths
+    for h in topo.hosts():
+        diff = {k: h.paths.get(k) for k in ("scratch", "spool", "repository")
+                if h.paths.get(k) != paths.get(k)}
+        if diff:
+            out.append(f"[hosts.{_q(h.name)}]")
+            out += [f"{k} = {_q(v)}" for k, v in diff.items()]
+            out.append("")
+    mpi = mpi_recipe(plan, lay)
+    out += ["[mpi]"] + [f"{k} = {_q(v)}" for k, v in mpi.items()] + [""]
+    return "\n".join(out)

@@ -1,0 +1,69 @@
+"""Session-scoped namespace testbed for integration tests: `testbed_cluster`, `require_testbed`.
+
+Use::
+
+    import pytest
+    from testbed_fixtures import require_testbed   # optional: skip early in a test
+
+    @pytest.mark.testbed
+    def test_something(testbed_cluster):
+        tb = testbed_cluster                    # a testbed.Testbed
+        tb.topology_file                        # testbed.toml: pass with --cluster
+        tb.exec("pres", ["hostname"]).stdout    # run in a host's namespaces
+        tb.exec("pres", tb.ssh_argv("ccn01", "ls /scratch"))   # real ssh from the president
+        tb.exec("pres", tb.mpiexec_argv(["ccn01", "ccn05"], [PY, "-m", "mpitools.x"]))
+        with tb.measure() as m: ...             # m.delta[host]["tx_bytes"], m.infrastructure
+
+The testbed is 2 towns x 4 nodes (pres, mayor1-2, ccn01-08), node links 20 Mbit/s and
+president/mayor links 200 Mbit/s. It is shared by the whole session: a test that injects
+a fault heals it in a ``finally``; a test that writes into scratch cleans up after itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+__all__ = ["testbed_cluster", "require_testbed", "testbed_unavailable", "TESTBED_SHAPE"]
+
+# towns, nodes per town, node Mbit/s, president/mayor Mbit/s
+TESTBED_SHAPE = (2, 4, 20.0, 200.0)
+
+
+def testbed_unavailable() -> str | None:
+    """Why a testbed cannot run here (None when it can)."""
+    if os.geteuid() != 0:
+        return "testbed needs root (network namespaces, tc, sshd)"
+    from testbed.system import require_tools
+
+    missing = require_tools()
+    if missing:
+        return f"testbed needs {', '.join(missing)} (scripts/install-system-deps.sh)"
+    if not os.path.isdir("/proc/self/ns") or shutil.which("ip") is None:
+        return "no network namespaces here"
+    return None
+
+
+def require_testbed() -> None:
+    """Skip the calling test (with the reason) when a testbed cannot run here."""
+    reason = testbed_unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def testbed_cluster(tmp_path_factory):
+    """A running 2 x 4 testbed for the whole session; always taken down at the end."""
+    require_testbed()
+    import testbed
+
+    towns, per_town, node_mbit, mayor_mbit = TESTBED_SHAPE
+    state = tmp_path_factory.mktemp("testbed") / "state"
+    topo = testbed.generated_topology(towns, per_town, node_mbit * 1e6, mayor_mbit * 1e6)
+    testbed.up(topo, state, node_bps=node_mbit * 1e6, mayor_bps=mayor_mbit * 1e6)
+    try:
+        yield testbed.Testbed(state)
+    finally:
+        testbed.down(state)
