@@ -75,8 +75,8 @@ class _CountingWriter:
 
 
 def pack_tree(src: str, out: BinaryIO, compress: str = "zstd", *, level: int | None = None,
-              hash_alg: str = "blake3") -> PackInfo:
-    """Stream ``src``'s contents (not the directory itself) as a tar into ``out``."""
+              hash_alg: str = "blake3", arcname: str | None = None) -> PackInfo:
+    """Stream ``src``'s contents as a tar into ``out`` (``src`` itself when ``arcname``)."""
     if compress not in COMPRESSIONS:
         raise ValueError(f"unknown compression {compress!r}")
     counter = _CountingWriter(out, new_hasher(hash_alg))
@@ -99,8 +99,12 @@ def pack_tree(src: str, out: BinaryIO, compress: str = "zstd", *, level: int | N
     # PAX keeps long names, newlines and non-ASCII names intact; stream mode never seeks.
     with tarfile.open(fileobj=comp, mode="w|", format=tarfile.PAX_FORMAT,
                       bufsize=1 << 20) as tar:
-        for entry in sorted(os.listdir(src)):
-            tar.add(os.path.join(src, entry), arcname=entry, recursive=True, filter=count)
+        if arcname is not None:
+            tar.add(src, arcname=arcname, recursive=True, filter=count)
+        else:
+            for entry in sorted(os.listdir(src)):
+                tar.add(os.path.join(src, entry), arcname=entry, recursive=True,
+                        filter=count)
     if comp is not counter:
         comp.close()
     counter.flush()

@@ -16,7 +16,7 @@ from .launcher import LaunchResult, launch, rank_hosts
 from .rankio import encode_job
 from .spool import Published, SpoolServer, publish, spool_name
 
-__all__ = ["stage_mpi", "stage_archive", "dest_for", "spool_dir_of", "check_nodes",
+__all__ = ["stage_mpi", "stage_archive", "collect_mpi", "dest_for", "spool_dir_of", "check_nodes",
            "DEFAULT_CHUNK", "DEFAULT_ALGORITHM", "host_rows", "launch_failures",
            "cleanup_embedded"]
 
@@ -216,6 +216,75 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dest: str, *, t0: f
     result["phase_bytes"] = {"pack": info.payload_bytes, "download": info.bytes,
                              "distribute": info.bytes * max(0, len(ranks) - 1),
                              "unpack": info.payload_bytes * n_ok}
+    result["seconds"] = time.time() - t0
+    result["phases"]["total"] = result["seconds"]
+    return result
+
+
+def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
+                chunk: int = DEFAULT_CHUNK, compress: str = "zstd",
+                timeout: float | None = None, progress=None, window: int = 4,
+                env: dict[str, str] | None = None) -> dict:
+    """Bring every node's ``path`` back to ``dest_dir/<host>/<name>`` on the home server.
+
+    Rank 0 runs on the home server (an extra rank) and unpacks at most ``window`` nodes'
+    streams at a time; each host's copy is moved in only when complete and verified.
+    """
+    if not path:
+        raise UsageError("no path given", hint="name a path relative to each node's scratch")
+    nodes = check_nodes(topo, nodes)
+    home = topo.home_server.name
+    if home in nodes:
+        raise UsageError(f"{home} is the home server; collect brings data to it",
+                         hint="select only the hosts to collect from")
+    if compress not in COMPRESSIONS:
+        raise UsageError(f"unknown compression {compress!r}", hint="zstd, gzip or none")
+    dest_dir = os.path.abspath(dest_dir)
+    t0 = time.time()
+    ranks = rank_hosts(topo, nodes, home)
+    paths = {h: topo.host(h).local_path(dest_for(topo, h, path)) for h in ranks[1:]}
+    name = os.path.basename(os.path.normpath(dest_for(topo, ranks[1], path))) or "root"
+    job = {"jobid": secrets.token_hex(6), "compress": compress, "chunk": int(chunk),
+           "hash_alg": "blake3", "hosts": ranks, "paths": paths, "out_dir": dest_dir,
+           "host_paths": {h: dest_for(topo, h, path) for h in ranks[1:]},
+           "name": name, "window": window}
+    started: dict[str, float] = {}
+
+    def on_event(ev: dict) -> None:
+        if ev.get("event") == "start":
+            started["t"] = float(ev.get("time", time.time()))
+        elif ev.get("event") == "progress" and progress is not None:
+            progress.update(ev.get("done"), None,
+                            f"collected {ev.get('hosts_done')}/{ev.get('hosts')} hosts")
+
+    res = launch(topo, "mpitools.collect", [encode_job(job)], ranks[1:], home,
+                 timeout=timeout, on_event=on_event, env=env)
+    result = {"method": "mpi", "algorithm": f"window{window}", "ok": False, "source": path,
+              "dest": dest_dir, "dest_dir": dest_dir, "nodes": ranks[1:], "bytes": 0,
+              "payload_bytes": 0, "files": 0, "seconds": 0.0, "phases": {}, "phase_bytes": {},
+              "hosts": {}, "failures": {}, "kind": topo.kind}
+    if started:
+        result["phases"]["launch"] = max(0.0, started["t"] - res.started)
+    r = res.result
+    if r is not None and r.get("reports") is not None and (r["reports"] or r.get("error")):
+        result["phases"].update(r.get("phases", {}))
+        reports = r["reports"]
+        result["hosts"] = host_rows(reports)
+        result["failures"] = {x["host"]: x["error"] for x in reports if x.get("error")}
+        if r.get("error"):
+            result["failures"][home] = r["error"]
+            result["error"] = r["error"]
+        result["ok"] = bool(r["ok"]) and res.returncode == 0 and not r.get("error")
+        result["bytes"] = sum(x["bytes"] for x in reports)
+        result["payload_bytes"] = sum(x.get("payload_bytes") or 0 for x in reports)
+        result["files"] = sum(x.get("files") or 0 for x in reports)
+        result["peak_rss"] = max([x.get("maxrss") or 0 for x in reports]
+                                 + [r.get("maxrss_root") or 0])
+    else:
+        clean_stale(dest_dir)  # rank 0 ran on this machine: tidy its temp dirs now
+        result["failures"] = launch_failures(res, ranks[1:], timeout)
+        result["error"] = res.describe()
+    result["phase_bytes"] = {"collect": result["bytes"]}
     result["seconds"] = time.time() - t0
     result["phases"]["total"] = result["seconds"]
     return result

@@ -1,0 +1,166 @@
+"""`chiba-admin stage` and `chiba-admin collect`: stage-in and stage-out, the MPI or the Transit way."""
+
+from __future__ import annotations
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from topology import expand, fold, format_bandwidth, format_bytes, parse_size
+
+from ..cli import EXIT_FAILURE, EXIT_OK, pass_ctx
+from ..console import get_console, get_err_console, print_json, progress
+from ..embedded import require_initialized
+from ..errors import UsageError
+
+__all__ = ["register", "stage_cmd", "collect_cmd", "render_result"]
+
+_METHODS = ("mpi", "transit")
+
+
+def _chunk(value: str) -> int:
+    try:
+        n = parse_size(value)
+    except ValueError as e:
+        raise UsageError(f"bad --chunk: {e}", hint="e.g. 4MiB, 1M, 65536") from None
+    if n < 4096:
+        raise UsageError(f"--chunk {value} is too small", hint="use at least 4KiB")
+    return n
+
+
+def _transit_progress(bar):
+    """Adapt the Transit runner's ``progress(event, **info)`` calls to a progress bar."""
+
+    def cb(event: str, **info) -> None:
+        if event == "start":
+            bar.update(label=f"transit: {info.get('stage')}")
+
+    return cb
+
+
+def render_result(result: dict, verb: str) -> None:
+    """A table with one row per host, a summary line, then each failure on stderr."""
+    hosts = result.get("hosts", {})
+    algo = f"/{result['algorithm']}" if result.get("algorithm") else ""
+    t = Table(title=f"{verb} --method {result['method']}{algo}: {result.get('source')} -> "
+                    f"{result.get('dest')}")
+    for col, justify in (("host", "left"), ("ok", "center"), ("stage", "left"),
+                         ("bytes", "right"), ("seconds", "right"),
+                         ("throughput", "right"), ("error", "left")):
+        t.add_column(col, justify=justify)
+    for name, h in hosts.items():
+        t.add_row(name, "yes" if h.get("ok") else "[red]NO[/]", str(h.get("stage") or ""),
+                  format_bytes(h.get("bytes") or 0), f"{h.get('seconds') or 0:.2f}",
+                  format_bandwidth(h["throughput_bps"]) if h.get("throughput_bps") else "-",
+                  escape(str(h.get("error") or "")))
+    con = get_console()
+    con.print(t)
+    ok = sum(1 for h in hosts.values() if h.get("ok"))
+    phases = ", ".join(f"{k} {v:.2f}s" for k, v in (result.get("phases") or {}).items()
+                       if k != "total" and isinstance(v, (int, float)))
+    con.print(f"{ok}/{len(result.get('nodes', hosts))} hosts ok; "
+              f"{result.get('files', 0)} files, {format_bytes(result.get('payload_bytes', 0))}"
+              f" (archive {format_bytes(result.get('bytes', 0))}) in "
+              f"{result.get('seconds', 0):.2f} s" + (escape(f" [{phases}]") if phases else ""))
+    if not result.get("ok"):
+        err = get_err_console()
+        if result.get("error"):
+            err.print(f"chiba-admin {verb}: {result['error']}", markup=False)
+        for name, why in (result.get("failures") or {}).items():
+            err.print(f"chiba-admin {verb}: {name}: {why}", markup=False)
+        err.print(f"chiba-admin {verb}: failed; nothing was committed on any node"
+                  if verb == "stage" else f"chiba-admin {verb}: failed for "
+                  f"{fold(result.get('failures') or {}) or 'some hosts'}", markup=False)
+
+
+def _finish(ctx, result: dict, verb: str) -> int:
+    if ctx.json:
+        print_json(result)
+    else:
+        render_result(result, verb)
+    return EXIT_OK if result.get("ok") else EXIT_FAILURE
+
+
+def _common(f):
+    for opt in reversed([
+        click.option("--nodes", "nodeset", required=True, metavar="NODESET",
+                     help="Destination nodes, e.g. 'ccn[01-04]' or @town1."),
+        click.option("--method", type=click.Choice(_METHODS), default="mpi",
+                     show_default=True, help="MPI program, or the legacy City Transit."),
+        click.option("--chunk", default="4MiB", show_default=True, metavar="SIZE",
+                     help="Bytes per MPI message (bounds each rank's memory)."),
+        click.option("--compress", type=click.Choice(("zstd", "gzip", "none")),
+                     default="zstd", show_default=True, help="Archive compression (mpi)."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+                     metavar="S", help="Stop everything after S seconds."),
+        click.option("--json", "json_output", is_flag=True, help="Print the result as JSON."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@click.command("stage")
+@click.argument("src", type=click.Path())
+@_common
+@click.option("--dest", default=None, metavar="PATH",
+              help="Where on each node; relative paths are under its scratch "
+                   "(default: SRC's name under scratch).")
+@click.option("--algorithm", type=click.Choice(("chain", "bcast")), default="chain",
+              show_default=True, help="chain: pipelined point-to-point in town order; "
+                                      "bcast: MPI_Bcast per chunk.")
+@click.option("--spool-url", default=None, metavar="URL",
+              help="Base URL of a running spool server (default: serve one for this run).")
+@pass_ctx
+def stage_cmd(ctx, src, nodeset, method, chunk, compress, timeout, json_output, dest,
+              algorithm, spool_url):
+    """Copy directory SRC onto every node: all nodes get it, or none does."""
+    ctx.json = ctx.json or json_output
+    topo = ctx.topology
+    nodes = expand(topo, nodeset)
+    require_initialized(topo)
+    size = _chunk(chunk)
+    with progress(f"stage ({method})", None) as bar:
+        if method == "transit":
+            from legacy_transit.transit import stage_transit
+
+            result = stage_transit(topo, src, nodes, dest, timeout=timeout,
+                                   progress=_transit_progress(bar))
+        else:
+            from mpitools.staging import stage_mpi
+
+            result = stage_mpi(topo, src, nodes, dest, algorithm=algorithm, chunk=size,
+                               compress=compress, timeout=timeout, progress=bar,
+                               spool_url=spool_url)
+    return _finish(ctx, result, "stage")
+
+
+@click.command("collect")
+@click.argument("path")
+@_common
+@click.option("--dest", "dest_dir", required=True, metavar="DIR",
+              help="Directory on this (home) machine; each host's copy goes to DIR/<host>/.")
+@pass_ctx
+def collect_cmd(ctx, path, nodeset, method, chunk, compress, timeout, json_output, dest_dir):
+    """Bring PATH (relative to scratch, or absolute) back from every node into DIR/<host>/."""
+    ctx.json = ctx.json or json_output
+    topo = ctx.topology
+    nodes = expand(topo, nodeset)
+    require_initialized(topo)
+    size = _chunk(chunk)
+    with progress(f"collect ({method})", None) as bar:
+        if method == "transit":
+            from legacy_transit.transit import collect_transit
+
+            result = collect_transit(topo, path, nodes, dest_dir, timeout=timeout,
+                                     progress=_transit_progress(bar))
+        else:
+            from mpitools.staging import collect_mpi
+
+            result = collect_mpi(topo, path, nodes, dest_dir, chunk=size, compress=compress,
+                                 timeout=timeout, progress=bar)
+    return _finish(ctx, result, "collect")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(stage_cmd)
+    group.add_command(collect_cmd)
