@@ -161,8 +161,9 @@ class DestTree:
             if stat.S_ISDIR(st.st_mode):
                 return False
             if not replace:
-                raise InventoryError("a non-directory is in the way", where=self.where(rel),
-                                     hint="rescan the target and re-plan") from None
+                what = "symlink" if stat.S_ISLNK(st.st_mode) else "non-directory"
+                raise InventoryError(f"a {what} is in the way of a directory", where=self.where(rel),
+                                     hint="refusing to follow or replace it unplanned; rescan and re-plan") from None
             os.unlink(name, dir_fd=pfd)
             os.mkdir(name, 0o700, dir_fd=pfd)
             return True

@@ -40,15 +40,19 @@ def scan_root_checked(root: str | os.PathLike) -> str:
 
 def scan(root: str | os.PathLike, *, excludes: Iterable[str] = (),
          ignore_file: str | None = IGNORE_FILE, checksum: bool = False,
-         algo: str = DEFAULT_ALGO, threads: int | None = None) -> Inventory:
+         algo: str = DEFAULT_ALGO, threads: int | None = None,
+         missing_ok: bool = False) -> Inventory:
     """Inventory the tree under ``root``.
 
     ``excludes`` are rsync-style patterns; the patterns in ``root/ignore_file`` (if that
     file exists, and ``ignore_file`` is not None) are added. With ``checksum=True`` every
     file gets a content digest (``algo``), hashed by ``threads`` threads. Unreadable
     directories become ``errors`` and special files ``skipped`` on the result; a missing
-    root raises InventoryError.
+    root raises InventoryError, unless ``missing_ok`` (a target not created yet), which
+    gives an empty inventory. Never use ``missing_ok`` for a source.
     """
+    if missing_ok and not os.path.lexists(root):
+        return Inventory(root=os.fsdecode(root), algo=check_algo(algo) if checksum else None)
     base = scan_root_checked(root)
     if checksum:
         check_algo(algo)

@@ -241,3 +241,8 @@ def test_vanished_file_during_hash_becomes_error(tmp_path, monkeypatch):
     monkeypatch.setattr(scan_mod, "hash_files", racing)
     inv = scan(tmp_path, checksum=True)
     assert list(inv.entries) == ["a"] and inv.errors[0].path == "b"
+
+
+def test_missing_ok_gives_empty_inventory_for_new_targets(tmp_path):
+    inv = scan(tmp_path / "not-yet", missing_ok=True, checksum=True)
+    assert len(inv) == 0 and inv.algo == "blake3" and not inv.errors
