@@ -37,6 +37,11 @@ _EXIT_BY_CLASS: list[tuple[type[BaseException], int]] = [
 COMMAND_MODULES = [
     "chiba_admin.commands.topology",
     "chiba_admin.commands.cluster",
+    "chiba_admin.commands.stage",
+    "chiba_admin.commands.spool",
+    "chiba_admin.commands.testbed",
+    "chiba_admin.commands.run",
+    "chiba_admin.commands.sync",
 ]
 
 

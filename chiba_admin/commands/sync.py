@@ -1,0 +1,91 @@
+"""`chiba-admin sync-mayors`: keep the repository on mayors (or any targets) identical to the president's."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import click
+from rich.table import Table
+
+from topology import expand, fold, format_bytes
+
+from ..cli import EXIT_FAILURE, EXIT_OK, pass_ctx
+from ..console import get_console, get_err_console, print_json
+from ..embedded import require_initialized
+
+__all__ = ["register", "sync_cmd", "METHODS", "render_sync"]
+
+
+def _sync_rsync(topo, src: str, targets: list[str], dest: str | None, opts: dict) -> dict:
+    from legacy_transit.rsync import sync_rsync
+
+    return sync_rsync(topo, src, targets, dest, delete=opts["delete"],
+                      dry_run=opts["dry_run"], excludes=tuple(opts["excludes"]),
+                      checksum=opts["checksum"], fanout=opts["fanout"])
+
+
+# method name -> runner(topo, src, targets, dest, opts) -> result dict; adding a method
+# (e.g. "mpi") is one entry here plus its name in the --method choices.
+METHODS: dict[str, Callable[..., dict]] = {
+    "rsync": _sync_rsync,
+}
+DEFAULT_METHOD = "rsync"
+
+
+def render_sync(result: dict) -> None:
+    """A table with one row per target, then one line per failure on stderr."""
+    hosts = result.get("hosts", {})
+    t = Table(title=f"sync-mayors --method {result['method']}: {result['source']} -> "
+                    f"{result['dest']}" + (" (dry run)" if result.get("dry_run") else ""))
+    for col, justify in (("host", "left"), ("ok", "center"), ("rc", "right"),
+                         ("seconds", "right"), ("files sent", "right"),
+                         ("bytes sent", "right"), ("bytes received", "right")):
+        t.add_column(col, justify=justify)
+    for name, h in hosts.items():
+        t.add_row(name, "yes" if h["ok"] else "[red]NO[/]", str(h.get("rc", "")),
+                  f"{h.get('seconds', 0):.2f}", str(h.get("files_transferred", "")),
+                  format_bytes(h.get("bytes_sent", 0)),
+                  format_bytes(h.get("bytes_received", 0)))
+    con = get_console()
+    con.print(t)
+    ok = sum(1 for h in hosts.values() if h["ok"])
+    con.print(f"{ok}/{len(hosts)} targets in sync in {result['seconds']:.2f} s")
+    err = get_err_console()
+    for name, why in result.get("failures", {}).items():
+        err.print(f"chiba-admin sync-mayors: {name}: {why}", markup=False)
+
+
+@click.command("sync-mayors")
+@click.argument("src", type=click.Path())
+@click.option("--method", type=click.Choice(sorted(METHODS)), default=DEFAULT_METHOD,
+              show_default=True, help="How to synchronise.")
+@click.option("--dest", default=None, metavar="PATH",
+              help="Destination on each target; relative to its repository path "
+                   "(default: the repository path itself).")
+@click.option("--targets", default="@mayors", show_default=True, metavar="NODESET",
+              help="Hosts to synchronise.")
+@click.option("--delete", is_flag=True, help="Delete files on targets that SRC lacks.")
+@click.option("--dry-run", "dry_run", is_flag=True, help="Show what would change; change nothing.")
+@click.option("--exclude", "excludes", multiple=True, metavar="PAT",
+              help="Leave out paths matching PAT (repeatable).")
+@click.option("-f", "fanout", type=click.IntRange(1, 1024), default=32, show_default=True,
+              help="How many targets at once.")
+@click.option("--checksum", is_flag=True, help="Compare file contents, not size and time.")
+@pass_ctx
+def sync_cmd(ctx, src, method, dest, targets, delete, dry_run, excludes, fanout, checksum):
+    """Make DEST on every target identical to SRC (a directory on this machine)."""
+    topo = ctx.topology
+    names = expand(topo, targets)
+    require_initialized(topo)
+    opts = {"delete": delete, "dry_run": dry_run, "excludes": excludes, "fanout": fanout,
+            "checksum": checksum}
+    result = METHODS[method](topo, src, names, dest, opts)
+    if ctx.json:
+        print_json(result)
+    else:
+        render_sync(result)
+    return EXIT_OK if result["ok"] else EXIT_FAILURE
+
+
+def register(group: click.Group) -> None:
+    group.add_command(sync_cmd)

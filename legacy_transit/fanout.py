@@ -1,0 +1,207 @@
+"""pdsh-style fan-out: a sliding window of threads, per-host results, labelled lines, dshbak grouping."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence, TypeVar
+
+from .transport import UNREACHABLE, Command, RunResult, Stdin, Transport
+
+__all__ = [
+    "DEFAULT_FANOUT",
+    "GroupResult",
+    "OutputGroup",
+    "LineSplitter",
+    "window",
+    "run_on",
+    "group_outputs",
+    "compact_rc",
+]
+
+DEFAULT_FANOUT = 32  # pdsh's default window (-f)
+
+T = TypeVar("T")
+LineHook = Callable[[str, str, str], None]  # (host, "stdout"|"stderr", line)
+
+
+def compact_rc(codes: Iterable[int]) -> int:
+    """One exit status for many, as ``pdsh -S``: the largest (0 when none)."""
+    return max(codes, default=0)
+
+
+@dataclass
+class GroupResult:
+    """Every host's RunResult of one fan-out; nothing raised halfway (STYLE #3)."""
+
+    results: dict[str, RunResult] = field(default_factory=dict)
+
+    @property
+    def succeeded(self) -> dict[str, RunResult]:
+        return {h: r for h, r in self.results.items() if r.ok}
+
+    @property
+    def failed(self) -> dict[str, RunResult]:
+        return {h: r for h, r in self.results.items() if not r.ok}
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    @property
+    def rc(self) -> int:
+        """pdsh -S: the largest remote exit code; an unreachable host counts as 255."""
+        return compact_rc(UNREACHABLE if r.error else r.rc for r in self.results.values())
+
+    def failures(self) -> dict[str, str]:
+        return {h: r.reason() for h, r in self.failed.items()}
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "rc": self.rc,
+                "hosts": {h: {"rc": r.rc, "ok": r.ok, "error": r.error,
+                              "seconds": round(r.seconds, 6), "stdout": r.out,
+                              "stderr": r.err}
+                          for h, r in self.results.items()},
+                "failures": self.failures()}
+
+
+def window(hosts: Sequence, fn: Callable[[object], T], fanout: int = DEFAULT_FANOUT,
+           on_done: Callable[[object, T | BaseException], None] | None = None
+           ) -> dict[str, T | BaseException]:
+    """Call ``fn(host)`` for every host, at most ``fanout`` at once; exceptions are results.
+
+    A sliding window like ``pdsh -f``: a slot is refilled as soon as any host finishes, so one
+    slow host holds one slot, not the whole batch.
+    """
+    if not hosts:
+        return {}
+    out: dict[str, T | BaseException] = {}
+    lock = threading.Lock()
+
+    def one(h):
+        try:
+            r = fn(h)
+        except Exception as e:  # a fan-out never raises halfway
+            r = e
+        with lock:
+            out[h.name] = r
+        if on_done is not None:
+            on_done(h, r)
+        return r
+
+    with ThreadPoolExecutor(max_workers=max(1, min(fanout, len(hosts))),
+                            thread_name_prefix="fanout") as pool:
+        list(pool.map(one, hosts))
+    return {h.name: out[h.name] for h in hosts}  # in the caller's host order
+
+
+class LineSplitter:
+    """Turns one stream's chunks into whole lines for a hook; ``flush`` emits a last partial line."""
+
+    def __init__(self, host: str, stream: str, hook: LineHook):
+        self.host, self.stream, self.hook = host, stream, hook
+        self._buf = b""
+
+    def __call__(self, data: bytes) -> None:
+        self._buf += data
+        *lines, self._buf = self._buf.split(b"\n")
+        for ln in lines:
+            self.hook(self.host, self.stream, ln.decode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        if self._buf:
+            buf, self._buf = self._buf, b""
+            self.hook(self.host, self.stream, buf.decode("utf-8", "replace"))
+
+
+def run_on(transport: Transport, hosts: Sequence, cmd: Command, *,
+           fanout: int = DEFAULT_FANOUT, timeout: float | None = None,
+           env: dict[str, str] | None = None, stdin: Stdin = None,
+           on_line: LineHook | None = None,
+           on_result: Callable[[RunResult], None] | None = None) -> GroupResult:
+    """Run ``cmd`` on every host through ``transport`` in a window; never raises for a host.
+
+    ``on_line(host, stream, line)`` sees output as it arrives (for ``host: line`` printing);
+    the full output is kept in each RunResult either way, for grouping afterwards.
+    """
+    if isinstance(stdin, (bytes, str)) or stdin is None:
+        data = stdin
+    else:  # one file object cannot feed many hosts: read it once
+        data = stdin.read()
+
+    def one(h) -> RunResult:
+        if on_line is None:
+            return transport.run(h, cmd, timeout=timeout, env=env, stdin=data)
+        outs, errs = [], []
+        so = LineSplitter(h.name, "stdout", on_line)
+        se = LineSplitter(h.name, "stderr", on_line)
+
+        def o(b):
+            outs.append(b)
+            so(b)
+
+        def e(b):
+            errs.append(b)
+            se(b)
+
+        r = transport.run(h, cmd, timeout=timeout, env=env, stdin=data,
+                          on_stdout=o, on_stderr=e)
+        so.flush()
+        se.flush()
+        r.stdout, r.stderr = b"".join(outs), b"".join(errs)
+        return r
+
+    def done(h, r):
+        if on_result is not None and isinstance(r, RunResult):
+            on_result(r)
+
+    got = window(hosts, one, fanout, done)
+    results = {}
+    for name, r in got.items():
+        if isinstance(r, BaseException):  # a bug or an unexpected library error
+            r = RunResult(name, UNREACHABLE, error=f"{type(r).__name__}: {r}")
+        results[name] = r
+    return GroupResult(results)
+
+
+@dataclass
+class OutputGroup:
+    """Hosts whose output was identical (a ``dshbak -c`` block); ``nodeset`` is folded."""
+
+    hosts: list[str]
+    nodeset: str
+    output: str
+    rc: int = 0
+
+
+def group_outputs(group: GroupResult, *, stream: str = "both",
+                  fold: Callable[[list[str]], str] | None = None) -> list[OutputGroup]:
+    """Hosts with identical output gathered into blocks, largest first (grouping as data).
+
+    ``stream`` is "stdout", "stderr" or "both" (stdout then stderr, as a terminal shows it).
+    Hosts that could not run show their error as their output, so they group too.
+    """
+    if fold is None:
+        from ClusterShell.NodeSet import NodeSet
+
+        def fold(names):
+            return str(NodeSet.fromlist(names))
+
+    buckets: dict[tuple[str, int], list[str]] = {}
+    for name, r in group.results.items():
+        if r.error:
+            text = f"error: {r.error}\n"
+        elif stream == "stdout":
+            text = r.out
+        elif stream == "stderr":
+            text = r.err
+        else:
+            text = r.out + r.err
+        key = (text, UNREACHABLE if r.error else r.rc)
+        buckets.setdefault(key, []).append(name)
+    order = {n: i for i, n in enumerate(group.results)}
+    groups = [OutputGroup(sorted(hs, key=order.__getitem__), fold(hs), text, rc)
+              for (text, rc), hs in buckets.items()]
+    groups.sort(key=lambda g: (-len(g.hosts), order[g.hosts[0]]))
+    return groups

@@ -1,0 +1,201 @@
+"""The rsync baseline: one real rsync per target (over ssh, or local for embedded) in a fan-out window."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+
+from chiba_admin.errors import UsageError
+
+from .fanout import DEFAULT_FANOUT, window
+
+__all__ = ["RsyncJob", "RsyncStats", "ssh_command", "plan_rsync", "rsync_argv",
+           "parse_stats", "sync_rsync"]
+
+_STAT_FIELDS = {
+    "files_transferred": r"Number of regular files transferred:\s*([\d,.]+)",
+    "files_total": r"Number of files:\s*([\d,.]+)",
+    "total_size": r"Total file size:\s*([\d,.]+)",
+    "bytes_sent": r"Total bytes sent:\s*([\d,.]+)",
+    "bytes_received": r"Total bytes received:\s*([\d,.]+)",
+    "literal_data": r"Literal data:\s*([\d,.]+)",
+}
+
+
+@dataclass(frozen=True)
+class RsyncJob:
+    """One target's rsync: the target host, its host path and the argv to run here."""
+
+    host: str
+    dest: str
+    argv: tuple[str, ...]
+    local_dest: str | None = None  # embedded: the directory to create before rsync runs
+    known_hosts: str | None = None  # named in host-key failures
+
+
+@dataclass
+class RsyncStats:
+    """What rsync --stats said about one transfer."""
+
+    files_transferred: int = 0
+    files_total: int = 0
+    total_size: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    literal_data: int = 0
+
+
+def parse_stats(text: str) -> RsyncStats:
+    """Numbers from ``rsync --stats`` output (thousands separators allowed)."""
+    vals = {}
+    for k, pat in _STAT_FIELDS.items():
+        m = re.search(pat, text)
+        if m:
+            vals[k] = int(float(m.group(1).replace(",", "")))
+    return RsyncStats(**vals)
+
+
+def ssh_command(host, strict: bool | None = None) -> str:
+    """The ``-e`` string for rsync: ssh with the host's port, key, known_hosts and user."""
+    s = host.ssh
+    policy = "accept-new" if s.host_key_policy == "accept-new" else "yes"
+    argv = ["ssh", "-F", os.path.expanduser(s.config_file) if s.config_file else "/dev/null",
+            "-p", str(s.port), "-o", "BatchMode=yes", "-o", f"StrictHostKeyChecking={policy}",
+            "-o", f"ConnectTimeout={int(max(1, s.connect_timeout))}"]
+    if s.identity_file:
+        argv += ["-i", os.path.expanduser(s.identity_file), "-o", "IdentitiesOnly=yes"]
+    if s.known_hosts:
+        argv += ["-o", f"UserKnownHostsFile={os.path.expanduser(s.known_hosts)}"]
+    if s.user:
+        argv += ["-l", s.user]
+    # rsync splits -e itself, honouring single and double quotes
+    return shlex.join(argv)
+
+
+def rsync_argv(src: str, host, dest: str, *, kind: str, delete: bool = False,
+               dry_run: bool = False, excludes: tuple[str, ...] = (), checksum: bool = False
+               ) -> tuple[str, ...]:
+    """The rsync command for one target (pure)."""
+    argv = ["rsync", "-a", "--stats"]
+    if delete:
+        argv.append("--delete")
+    if dry_run:
+        argv.append("--dry-run")
+    if checksum:
+        argv.append("--checksum")
+    for pat in excludes:
+        argv += ["--exclude", pat]
+    src = src.rstrip("/") + "/"  # the contents, not the directory itself
+    if kind == "embedded":
+        return tuple(argv + ["--", src, host.local_path(dest).rstrip("/") + "/"])
+    # rsync only creates the last path component; let the remote side make the rest first
+    argv += ["-e", ssh_command(host),
+             "--rsync-path", f"mkdir -p -- {shlex.quote(dest)} && rsync"]
+    return tuple(argv + ["--", src, f"{host.connect_address}:{dest.rstrip('/') or '/'}/"])
+
+
+def plan_rsync(topo, src: str, targets: list[str], dest: str | None = None, **opts
+               ) -> list[RsyncJob]:
+    """Check the request and build one job per target; raises UsageError on bad input."""
+    if not targets:
+        raise UsageError("no targets selected", hint="name hosts like @mayors")
+    if not src or not os.path.isdir(src):
+        raise UsageError("source is not a directory", where=os.path.abspath(src or "."),
+                         hint="sync-mayors copies a repository tree")
+    src = os.path.abspath(src)
+    if opts.get("delete") and not os.listdir(src):
+        # an empty source with --delete would wipe every target (mpiFileUtils dsync refuses too)
+        raise UsageError("refusing to --delete from an empty source", where=src,
+                         hint="check the source path; drop --delete to sync nothing")
+    jobs = []
+    for t in targets:
+        if t not in topo:
+            raise UsageError(f"unknown host {t!r}", where=topo.source)
+        h = topo.host(t)
+        d = h.resolve("repository", dest)
+        kh = os.path.expanduser(h.ssh.known_hosts or "~/.ssh/known_hosts")
+        jobs.append(RsyncJob(t, d, rsync_argv(src, h, d, kind=topo.kind, **opts),
+                             h.local_path(d) if topo.kind == "embedded" else None,
+                             None if topo.kind == "embedded" else kh))
+    return jobs
+
+
+def _run_job(job: RsyncJob, timeout: float | None) -> dict:
+    t0 = time.monotonic()
+    try:
+        if job.local_dest:
+            os.makedirs(job.local_dest, exist_ok=True)
+        p = subprocess.run(list(job.argv), capture_output=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+        rc, out, err = p.returncode, p.stdout.decode(errors="replace"), \
+            p.stderr.decode(errors="replace")
+        error = None
+    except subprocess.TimeoutExpired:
+        rc, out, err, error = 255, "", "", f"rsync timed out after {timeout:g}s"
+    except OSError as e:
+        rc, out, err, error = 255, "", "", f"cannot run rsync: {e.strerror or e}"
+    st = parse_stats(out)
+    if error is None and rc != 0:
+        error = f"rsync exit {rc}" + (f": {_why(err)}" if err.strip() else "")
+        if "Host key verification failed" in err and job.known_hosts:
+            error += f" (host key of {job.host} not as in known_hosts {job.known_hosts})"
+    return {"ok": error is None, "rc": rc, "seconds": round(time.monotonic() - t0, 6),
+            "dest": job.dest, "files_transferred": st.files_transferred,
+            "files_total": st.files_total, "total_size": st.total_size,
+            "bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received,
+            "error": error}
+
+
+_GENERIC = ("rsync error:", "rsync: connection unexpectedly closed", "@@@")
+
+
+def _why(stderr: str) -> str:
+    """The informative part of rsync's (or ssh's) complaint, not its generic trailer."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(_GENERIC)] or lines
+    why = useful[-1]
+    offending = [ln for ln in lines if ln.startswith("Offending")]  # names known_hosts:line
+    if offending and offending[0] != why:
+        why += f" ({offending[0]})"
+    return why
+
+
+def sync_rsync(topo, src: str, targets: list[str], dest: str | None = None, *,
+               delete: bool = False, dry_run: bool = False, excludes: tuple[str, ...] = (),
+               checksum: bool = False, fanout: int = DEFAULT_FANOUT,
+               timeout: float | None = None, progress=None) -> dict:
+    """Synchronise ``src`` to every target with its own rsync; failures are per host."""
+    if shutil.which("rsync") is None:
+        raise UsageError("rsync is not installed", hint="run scripts/install-system-deps.sh")
+    jobs = plan_rsync(topo, src, targets, dest, delete=delete, dry_run=dry_run,
+                      excludes=tuple(excludes), checksum=checksum)
+    t0 = time.monotonic()
+    if progress is not None:
+        progress("start", stage="rsync", hosts=[j.host for j in jobs])
+    by_host = {j.host: j for j in jobs}
+    got = window([topo.host(j.host) for j in jobs],
+                 lambda h: _run_job(by_host[h.name], timeout), fanout)
+    hosts, failures = {}, {}
+    for name, r in got.items():
+        if isinstance(r, BaseException):
+            r = {"ok": False, "rc": 255, "seconds": 0.0, "dest": by_host[name].dest,
+                 "files_transferred": 0, "files_total": 0, "total_size": 0, "bytes_sent": 0,
+                 "bytes_received": 0, "error": f"{type(r).__name__}: {r}"}
+        hosts[name] = r
+        if not r["ok"]:
+            failures[name] = r["error"]
+    secs = time.monotonic() - t0
+    if progress is not None:
+        progress("end", stage="rsync", seconds=secs, failed=sorted(failures))
+    dests = sorted({j.dest for j in jobs})
+    return {"method": "rsync", "ok": not failures, "source": os.path.abspath(src),
+            "dest": dests[0] if len(dests) == 1 else (dest or "<repository>"),
+            "targets": [j.host for j in jobs], "dry_run": dry_run,
+            "seconds": round(secs, 6),
+            "bytes_sent": sum(h["bytes_sent"] for h in hosts.values()),
+            "hosts": hosts, "failures": failures}

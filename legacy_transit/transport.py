@@ -1,0 +1,488 @@
+"""One Transport interface (run a command, put/get a file on a host): local for embedded, paramiko for SSH."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from typing import IO, Callable, Sequence, Union
+
+from chiba_admin.errors import TransportError
+
+__all__ = [
+    "RunResult",
+    "Transport",
+    "LocalTransport",
+    "SSHTransport",
+    "transport_for",
+    "command_line",
+    "env_prefixed",
+    "UNREACHABLE",
+]
+
+# ssh(1) exits 255 when it cannot reach a host; pdsh -S reports the same, so do we.
+UNREACHABLE = 255
+_CHUNK = 1 << 16
+_GENERIC_TRAILERS = ("Exiting with failure status", "Error is not recoverable")
+
+Command = Union[str, Sequence[str]]
+Sink = Callable[[bytes], None]
+Stdin = Union[None, bytes, str, IO[bytes]]
+
+
+@dataclass
+class RunResult:
+    """What one command on one host did; ``error`` is set when it could not run or timed out."""
+
+    host: str
+    rc: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.rc == 0
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode("utf-8", "replace")
+
+    @property
+    def err(self) -> str:
+        return self.stderr.decode("utf-8", "replace")
+
+    def reason(self) -> str:
+        """One line saying why it failed (empty when it did not)."""
+        if self.error:
+            return self.error
+        if self.rc == 0:
+            return ""
+        lines = [ln.strip() for ln in self.err.splitlines() if ln.strip()]
+        # the first complaint is the cause (tar then adds "Wrote only ..." lines and a
+        # generic trailer, "tar: Exiting with failure status ...")
+        useful = [ln for ln in lines if not any(g in ln for g in _GENERIC_TRAILERS)] or lines
+        return f"exit {self.rc}" + (f": {useful[0][:300]}" if useful else "")
+
+
+def command_line(cmd: Command) -> str:
+    """The shell command line for ``cmd``: an argv is quoted with shlex.join, a string kept as is."""
+    if isinstance(cmd, str):
+        return cmd
+    return shlex.join([str(a) for a in cmd])
+
+
+def env_prefixed(cmd: Command, env: dict[str, str]) -> str:
+    """``env K=V ... cmd``: sshd may refuse AcceptEnv, so the variables also ride in the line."""
+    if not env:
+        return command_line(cmd)
+    assigns = [f"{k}={v}" for k, v in sorted(env.items())]
+    if isinstance(cmd, str):
+        # a shell string needs a shell after env; sh -c keeps it POSIX whatever the login shell
+        return shlex.join(["env", *assigns, "sh", "-c", cmd])
+    return shlex.join(["env", *assigns, *[str(a) for a in cmd]])
+
+
+class Transport:
+    """Run commands and move files on hosts; subclasses fill in the three I/O hooks."""
+
+    def run(self, host, cmd: Command, timeout: float | None = None,
+            env: dict[str, str] | None = None, stdin: Stdin = None,
+            on_stdout: Sink | None = None, on_stderr: Sink | None = None) -> RunResult:
+        """Run ``cmd`` on ``host``; never raises for host trouble (it is in ``error``).
+
+        Output chunks go to ``on_stdout``/``on_stderr`` as they arrive (and are then not
+        kept in the result); ``stdin`` may be bytes, text or a binary file streamed in.
+        """
+        raise NotImplementedError
+
+    def put(self, host, local: str, remote: str) -> int:
+        """Copy local file ``local`` to host path ``remote``; returns bytes; raises TransportError."""
+        raise NotImplementedError
+
+    def get(self, host, remote: str, local: str) -> int:
+        """Copy host path ``remote`` to local file ``local``; returns bytes; raises TransportError."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Drop every connection."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --- shared stream plumbing ------------------------------------------------------------------
+class _Collector:
+    """Either forwards chunks to a sink or keeps them."""
+
+    def __init__(self, sink: Sink | None):
+        self.sink, self.parts = sink, []
+
+    def __call__(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.sink is not None:
+            self.sink(data)
+        else:
+            self.parts.append(data)
+
+    def value(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def _feed(write: Callable[[bytes], None], close: Callable[[], None], stdin: Stdin,
+          errors: list) -> None:
+    """Write ``stdin`` (bytes, text or a file) then close; a broken pipe just ends it."""
+    try:
+        if isinstance(stdin, str):
+            stdin = stdin.encode()
+        if isinstance(stdin, (bytes, bytearray)):
+            for i in range(0, len(stdin), _CHUNK):
+                write(bytes(stdin[i:i + _CHUNK]))
+        elif stdin is not None:
+            while True:
+                buf = stdin.read(_CHUNK)
+                if not buf:
+                    break
+                write(buf)
+    except (BrokenPipeError, OSError, EOFError) as e:  # the command stopped reading
+        errors.append(e)
+    finally:
+        try:
+            close()
+        except (OSError, EOFError):
+            pass
+
+
+def _fmt_timeout(t: float) -> str:
+    return f"{t:g}s"
+
+
+# --- local: the embedded cluster ---------------------------------------------------------
+class LocalTransport(Transport):
+    """Hosts are directories: a command is a local process in the host's root with its CHIBA_* env."""
+
+    def run(self, host, cmd: Command, timeout: float | None = None,
+            env: dict[str, str] | None = None, stdin: Stdin = None,
+            on_stdout: Sink | None = None, on_stderr: Sink | None = None) -> RunResult:
+        t0 = time.monotonic()
+        full_env = {**os.environ, **host.environment(), **(env or {})}
+        cwd = host.local_path("/") if getattr(host, "root", "") else None
+        shell = isinstance(cmd, str)
+        try:
+            p = subprocess.Popen(cmd if shell else [str(a) for a in cmd], shell=shell,
+                                 cwd=cwd, env=full_env, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 start_new_session=True)
+        except OSError as e:
+            return RunResult(host.name, 127, error=f"cannot start {command_line(cmd)[:60]}: "
+                             f"{e.strerror or e}", seconds=time.monotonic() - t0)
+        out, err, feed_err = _Collector(on_stdout), _Collector(on_stderr), []
+        threads = [threading.Thread(target=_pump, args=(p.stdout, out), daemon=True),
+                   threading.Thread(target=_pump, args=(p.stderr, err), daemon=True),
+                   threading.Thread(target=_feed, args=(p.stdin.write, p.stdin.close,
+                                                         stdin, feed_err), daemon=True)]
+        for t in threads:
+            t.start()
+        error = None
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(p)
+            rc = p.wait()
+            error = f"command timed out after {_fmt_timeout(timeout)}"
+        for t in threads:
+            t.join()
+        if error:
+            rc = UNREACHABLE
+        elif rc < 0:  # killed by a signal: report it the way a shell would
+            rc = 128 - rc
+        return RunResult(host.name, rc, out.value(), err.value(), error,
+                         time.monotonic() - t0)
+
+    def put(self, host, local: str, remote: str) -> int:
+        dst = host.local_path(remote)
+        try:
+            shutil.copyfile(local, dst)
+            return os.path.getsize(dst)
+        except OSError as e:
+            raise TransportError(f"cannot put {local} to {remote}: {e.strerror or e}",
+                                 where=host.name) from None
+
+    def get(self, host, remote: str, local: str) -> int:
+        src = host.local_path(remote)
+        try:
+            shutil.copyfile(src, local)
+            return os.path.getsize(local)
+        except OSError as e:
+            raise TransportError(f"cannot get {remote}: {e.strerror or e}",
+                                 where=host.name) from None
+
+
+def _pump(stream, sink: _Collector) -> None:
+    try:
+        while True:
+            buf = stream.read1(_CHUNK) if hasattr(stream, "read1") else stream.read(_CHUNK)
+            if not buf:
+                break
+            sink(buf)
+    finally:
+        stream.close()
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        p.kill()
+
+
+# --- SSH: real hosts, the testbed ------------------------------------------------------------
+class SSHTransport(Transport):
+    """paramiko with key authentication, host keys checked, one reused client per host."""
+
+    def __init__(self, connect_timeout: float | None = None):
+        self._connect_timeout = connect_timeout  # overrides each host's ssh.connect_timeout
+        self._clients: dict[str, object] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self._kh_lock = threading.Lock()  # accept-new writes known_hosts from many threads
+
+    # connection -----------------------------------------------------------------------
+    def _lock_for(self, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(name, threading.Lock())
+
+    def client(self, host):
+        """The connected paramiko client for ``host`` (connects once); raises TransportError."""
+        with self._lock_for(host.name):
+            c = self._clients.get(host.name)
+            if c is not None and c.get_transport() is not None and c.get_transport().is_active():
+                return c
+            c = self._connect(host)
+            self._clients[host.name] = c
+            return c
+
+    def _settings(self, host) -> dict:
+        s = host.ssh
+        opts = {"hostname": host.connect_address, "port": s.port, "user": s.user,
+                "identity": s.identity_file}
+        if s.config_file:
+            import paramiko
+
+            cfg = paramiko.SSHConfig.from_path(os.path.expanduser(s.config_file))
+            found = cfg.lookup(host.connect_address)
+            opts["hostname"] = found.get("hostname", opts["hostname"])
+            if "port" in found and s.port == 22:
+                opts["port"] = int(found["port"])
+            opts["user"] = opts["user"] or found.get("user")
+            if not opts["identity"] and found.get("identityfile"):
+                opts["identity"] = found["identityfile"][0]
+        return opts
+
+    def _connect(self, host):
+        import paramiko
+
+        s, o = host.ssh, self._settings(host)
+        timeout = self._connect_timeout or s.connect_timeout
+        kh = os.path.expanduser(s.known_hosts or "~/.ssh/known_hosts")
+        # paramiko logs tracebacks for failures we report ourselves, one line per host
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+        c = paramiko.SSHClient()
+        if os.path.exists(kh):
+            try:
+                c.load_host_keys(kh)
+            except (OSError, paramiko.SSHException) as e:
+                raise TransportError(f"cannot read known_hosts {kh}: {e}",
+                                     where=host.name) from None
+        c.set_missing_host_key_policy(
+            _AcceptNew(kh, self._kh_lock) if s.host_key_policy == "accept-new"
+            else paramiko.RejectPolicy())
+        where = f"{o['hostname']}:{o['port']}"
+        key = os.path.expanduser(o["identity"]) if o["identity"] else None
+        t0 = time.monotonic()
+        try:
+            c.connect(o["hostname"], port=o["port"], username=o["user"] or _local_user(),
+                      key_filename=key, timeout=timeout, banner_timeout=timeout,
+                      auth_timeout=timeout, allow_agent=key is None,
+                      look_for_keys=key is None)
+        except paramiko.BadHostKeyException as e:
+            c.close()
+            raise TransportError(
+                f"host key for {where} ({e.key.get_name()}) does not match known_hosts {kh}",
+                where=host.name, hint="possible man-in-the-middle; if the host was "
+                f"reinstalled remove the old key with ssh-keygen -f {kh} -R '{where}'") from None
+        except paramiko.AuthenticationException as e:
+            c.close()
+            raise TransportError(f"authentication failed at {where} as "
+                                 f"{o['user'] or _local_user()}: {e}", where=host.name,
+                                 hint=f"check identity_file {key}" if key else None) from None
+        except paramiko.SSHException as e:
+            c.close()
+            msg = str(e)
+            if "not found in known_hosts" in msg:
+                raise TransportError(f"unknown host key for {where}, not in known_hosts {kh}",
+                                     where=host.name, hint="add it (ssh-keyscan) or set "
+                                     "host_key_policy = \"accept-new\"") from None
+            # a peer that accepts TCP but never speaks SSH ends as "Error reading SSH
+            # protocol banner" or, when the reader thread lost the race, "No existing session"
+            if "banner" in msg.lower() or ("No existing session" in msg
+                                           and time.monotonic() - t0 >= timeout * 0.9):
+                msg = f"no SSH banner from {where} within {_fmt_timeout(timeout)}"
+            raise TransportError(msg, where=host.name) from None
+        except (socket.timeout, TimeoutError):
+            c.close()
+            raise TransportError(f"connection to {where} timed out after "
+                                 f"{_fmt_timeout(timeout)}", where=host.name) from None
+        except paramiko.ssh_exception.NoValidConnectionsError:
+            c.close()
+            raise TransportError(f"connection refused by {where}", where=host.name) from None
+        except OSError as e:
+            c.close()
+            raise TransportError(f"cannot connect to {where}: {e.strerror or e}",
+                                 where=host.name) from None
+        # keepalives notice a dead peer on long-running commands
+        c.get_transport().set_keepalive(15)
+        return c
+
+    def close(self) -> None:
+        with self._guard:
+            clients, self._clients = list(self._clients.values()), {}
+        for c in clients:
+            c.close()
+
+    # commands -------------------------------------------------------------------------
+    def run(self, host, cmd: Command, timeout: float | None = None,
+            env: dict[str, str] | None = None, stdin: Stdin = None,
+            on_stdout: Sink | None = None, on_stderr: Sink | None = None) -> RunResult:
+        t0 = time.monotonic()
+        full_env = {**host.environment(), **(env or {})}
+        try:
+            chan = self.client(host).get_transport().open_session(
+                timeout=self._connect_timeout or host.ssh.connect_timeout)
+        except TransportError as e:
+            return RunResult(host.name, UNREACHABLE, error=e.what,
+                             seconds=time.monotonic() - t0)
+        except Exception as e:  # paramiko raises SSHException/EOFError on a dying link
+            return RunResult(host.name, UNREACHABLE, error=f"cannot open a session: {e}",
+                             seconds=time.monotonic() - t0)
+        try:
+            try:
+                chan.update_environment(full_env)  # refused silently when AcceptEnv says no
+            except Exception:
+                pass
+            chan.exec_command(env_prefixed(cmd, full_env))
+            out, err, feed_err = _Collector(on_stdout), _Collector(on_stderr), []
+            threads = [threading.Thread(target=_chan_pump, args=(chan.recv, out), daemon=True),
+                       threading.Thread(target=_chan_pump, args=(chan.recv_stderr, err),
+                                        daemon=True),
+                       threading.Thread(target=_feed, args=(chan.sendall, chan.shutdown_write,
+                                                             stdin, feed_err), daemon=True)]
+            for t in threads:
+                t.start()
+            deadline = None if timeout is None else t0 + timeout
+            for t in threads[:2]:
+                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if any(t.is_alive() for t in threads[:2]):
+                chan.close()
+                return RunResult(host.name, UNREACHABLE, out.value(), err.value(),
+                                 f"command timed out after {_fmt_timeout(timeout)}",
+                                 time.monotonic() - t0)
+            rc = chan.recv_exit_status()
+            threads[2].join(1.0)
+            if rc == -1:  # the channel closed without an exit status: the link died
+                return RunResult(host.name, UNREACHABLE, out.value(), err.value(),
+                                 "connection lost before the command finished",
+                                 time.monotonic() - t0)
+            return RunResult(host.name, rc, out.value(), err.value(), None,
+                             time.monotonic() - t0)
+        except Exception as e:
+            return RunResult(host.name, UNREACHABLE, error=f"SSH session failed: {e}",
+                             seconds=time.monotonic() - t0)
+        finally:
+            chan.close()
+
+    def put(self, host, local: str, remote: str) -> int:
+        try:
+            sftp = self.client(host).open_sftp()
+        except TransportError:
+            raise
+        except Exception as e:
+            raise TransportError(f"cannot open SFTP: {e}", where=host.name) from None
+        try:
+            st = sftp.put(local, remote)
+            return st.st_size
+        except OSError as e:
+            raise TransportError(f"cannot put {local} to {remote}: {e.strerror or e}",
+                                 where=host.name) from None
+        finally:
+            sftp.close()
+
+    def get(self, host, remote: str, local: str) -> int:
+        try:
+            sftp = self.client(host).open_sftp()
+        except TransportError:
+            raise
+        except Exception as e:
+            raise TransportError(f"cannot open SFTP: {e}", where=host.name) from None
+        try:
+            sftp.get(remote, local)
+            return os.path.getsize(local)
+        except OSError as e:
+            raise TransportError(f"cannot get {remote}: {e.strerror or e}",
+                                 where=host.name) from None
+        finally:
+            sftp.close()
+
+
+def _chan_pump(recv: Callable[[int], bytes], sink: _Collector) -> None:
+    while True:
+        try:
+            buf = recv(_CHUNK)
+        except (OSError, EOFError):
+            break
+        if not buf:
+            break
+        sink(buf)
+
+
+def _local_user() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+class _AcceptNew:
+    """ssh's StrictHostKeyChecking=accept-new: learn unknown keys, still refuse changed ones."""
+
+    def __init__(self, path: str, lock: threading.Lock):
+        self.path, self.lock = path, lock
+
+    def missing_host_key(self, client, hostname, key) -> None:
+        with self.lock:
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            with open(self.path, "a", encoding="ascii") as f:
+                f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+
+
+def transport_for(topo_or_kind, connect_timeout: float | None = None) -> Transport:
+    """The transport a cluster needs: local processes for "embedded", paramiko for "ssh"."""
+    kind = topo_or_kind if isinstance(topo_or_kind, str) else topo_or_kind.kind
+    if kind == "embedded":
+        return LocalTransport()
+    if kind == "ssh":
+        return SSHTransport(connect_timeout)
+    raise TransportError(f"no transport for cluster kind {kind!r}",
+                         hint="use kind = \"embedded\" or \"ssh\"")

@@ -1,0 +1,314 @@
+"""Real SSH on loopback: a private sshd, paramiko transport, run/transit/collect/rsync over it, faults."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from legacy_transit.transport import SSHTransport, UNREACHABLE
+from test_legacy_embedded import WEIRD_NAMES, assert_same_tree, make_tree
+
+SSHD = "/usr/sbin/sshd"
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(SSHD) and shutil.which("ssh-keygen") and shutil.which("ssh")),
+    reason="needs openssh-server and openssh-client (scripts/install-system-deps.sh)")
+
+NODES = ["ccn01", "ccn02", "ccn03", "ccn04"]
+HOSTS = ["pres", "mayor1", "mayor2", *NODES]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Sshd:
+    dir: Path
+    port: int
+    key: str
+    known_hosts: str
+    host_pub: str
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """A real sshd on 127.0.0.1:<free port>, root key login, killed by PID at teardown."""
+    d = tmp_path_factory.mktemp("sshd")
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)],
+                       check=True)
+    shutil.copy(d / "client_key.pub", d / "authorized_keys")
+    port = _free_port()
+    (d / "sshd_config").write_text(f"""\
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {d}/host_key
+PidFile {d}/sshd.pid
+AuthorizedKeysFile {d}/authorized_keys
+UsePAM no
+UseDNS no
+StrictModes no
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+MaxStartups 200
+MaxSessions 100
+AcceptEnv CHIBA_*
+Subsystem sftp internal-sftp
+LogLevel ERROR
+""")
+    os.makedirs("/run/sshd", exist_ok=True)  # privilege separation dir sshd insists on
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
+                            stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "wb"))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.skip(f"sshd did not start: {(d / 'sshd.log').read_text()[-500:]}")
+            time.sleep(0.05)
+    pub = (d / "host_key.pub").read_text().split()
+    kh = d / "known_hosts"
+    kh.write_text(f"[127.0.0.1]:{port} {pub[0]} {pub[1]}\n")
+    yield Sshd(d, port, str(d / "client_key"), str(kh), f"{pub[0]} {pub[1]}")
+    proc.terminate()  # our own sshd, by its PID
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def write_topology(base: Path, s: Sshd, hosts: dict[str, dict] | None = None,
+                   name: str = "loop") -> str:
+    """An ssh topology whose hosts are all this machine, each with its own directories."""
+    lines = [f'[cluster]\nname = "{name}"\nkind = "ssh"\n',
+             f'[defaults.ssh]\nuser = "root"\nport = {s.port}\nidentity_file = "{s.key}"\n'
+             f'known_hosts = "{s.known_hosts}"\nconnect_timeout = 5\n',
+             '[links.core]\nbandwidth = "1Gbit"\n[links.town]\nbandwidth = "100Mbit"\n',
+             '[president]\nname = "pres"\naddress = "127.0.0.1"\n'
+             f'scratch = "{base}/pres/scratch"\nspool = "{base}/pres/spool"\n'
+             f'repository = "{base}/pres/repo"\n',
+             '[mayors.mayor1]\n[mayors.mayor2]\n',
+             '[towns.town1]\nmayor = "mayor1"\nnodes = "ccn[01-02]"\n',
+             '[towns.town2]\nmayor = "mayor2"\nnodes = "ccn[03-04]"\n']
+    for h in HOSTS:
+        for sub in ("scratch", "spool", "repo"):
+            os.makedirs(base / h / sub, exist_ok=True)
+        if h == "pres":
+            continue
+        lines.append(f'[hosts.{h}]\naddress = "127.0.0.1"\nscratch = "{base}/{h}/scratch"\n'
+                     f'spool = "{base}/{h}/spool"\nrepository = "{base}/{h}/repo"\n')
+        extra = (hosts or {}).get(h)
+        if extra:
+            lines.append(f"[hosts.{h}.ssh]\n" + "".join(
+                f"{k} = {v!r}\n".replace("'", '"') for k, v in extra.items()))
+    path = base / f"{name}.toml"
+    path.write_text("\n".join(lines))
+    return str(path)
+
+
+@pytest.fixture
+def loop(tmp_path, sshd):
+    """(topology file, base dir) of a healthy loopback cluster."""
+    base = tmp_path / "hosts"
+    return write_topology(base, sshd), base
+
+
+def _topo(path):
+    from topology import load_topology
+
+    return load_topology(path)
+
+
+@pytest.fixture
+def silent_port():
+    """A port that accepts TCP but never sends an SSH banner (a hung host)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    yield s.getsockname()[1]
+    s.close()
+
+
+# --- transport ---------------------------------------------------------------------------
+def test_ssh_run_quoting_env_and_reuse(loop):
+    path, base = loop
+    topo = _topo(path)
+    h = topo.host("ccn02")
+    with SSHTransport() as t:
+        for name in WEIRD_NAMES:
+            r = t.run(h, ["printf", "%s", name], timeout=10)
+            assert r.ok and r.stdout.decode() == name, (name, r)
+        r = t.run(h, 'echo "$CHIBA_HOST $CHIBA_ROLE $CHIBA_TOWN $CHIBA_SCRATCH"; exit 3')
+        assert r.rc == 3 and r.out.strip() == f"ccn02 node town1 {base}/ccn02/scratch"
+        r = t.run(h, ["cat"], stdin=b"x" * 300000)
+        assert r.ok and len(r.stdout) == 300000
+        client = t.client(h)
+        assert t.client(h) is client  # one reused connection per host
+        r = t.run(h, ["sleep", "5"], timeout=0.5)
+        assert r.rc == UNREACHABLE and "timed out after 0.5s" in r.error
+
+
+def test_ssh_put_get(loop, tmp_path):
+    path, base = loop
+    h = _topo(path).host("mayor1")
+    src = tmp_path / "blob"
+    src.write_bytes(os.urandom(200000))
+    with SSHTransport() as t:
+        assert t.put(h, str(src), f"{base}/mayor1/spool/b 'x'") == 200000
+        assert t.get(h, f"{base}/mayor1/spool/b 'x'", str(tmp_path / "back")) == 200000
+    assert (tmp_path / "back").read_bytes() == src.read_bytes()
+
+
+def test_ssh_faults_named(tmp_path, sshd, silent_port):
+    bad_kh = tmp_path / "bad_known_hosts"
+    other = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                            str(tmp_path / "other")], check=True)
+    assert other.returncode == 0
+    pub = (tmp_path / "other.pub").read_text().split()
+    bad_kh.write_text(f"[127.0.0.1]:{sshd.port} {pub[0]} {pub[1]}\n")
+    refused = _free_port()
+    path = write_topology(tmp_path / "h", sshd, {
+        "ccn01": {"port": refused},
+        "ccn02": {"port": silent_port, "connect_timeout": 1.0},
+        "ccn03": {"known_hosts": str(bad_kh)},
+    })
+    topo = _topo(path)
+    with SSHTransport() as t:
+        r1 = t.run(topo.host("ccn01"), "true")
+        r2 = t.run(topo.host("ccn02"), "true")
+        r3 = t.run(topo.host("ccn03"), "true")
+        r4 = t.run(topo.host("ccn04"), "true")
+    assert r1.rc == UNREACHABLE and f"connection refused by 127.0.0.1:{refused}" in r1.error
+    assert r2.rc == UNREACHABLE and f"no SSH banner from 127.0.0.1:{silent_port} within 1s" \
+        in r2.error
+    assert r3.rc == UNREACHABLE and "does not match known_hosts" in r3.error
+    assert str(bad_kh) in r3.error
+    assert r4.ok
+
+
+def test_accept_new_learns_then_strict_refuses_unknown(tmp_path, sshd):
+    kh = tmp_path / "learned"
+    path = write_topology(tmp_path / "h", sshd, {
+        "ccn01": {"known_hosts": str(kh), "host_key_policy": "accept-new"},
+        "ccn02": {"known_hosts": str(tmp_path / "empty")},
+    })
+    topo = _topo(path)
+    with SSHTransport() as t:
+        assert t.run(topo.host("ccn01"), "true").ok
+        r = t.run(topo.host("ccn02"), "true")
+    assert sshd.host_pub.split()[1] in kh.read_text()
+    assert r.rc == UNREACHABLE and "not in known_hosts" in r.error
+
+
+# --- commands over SSH ---------------------------------------------------------------------
+def test_run_cli_over_ssh_gathered(cli, loop):
+    path, base = loop
+    r = cli("--cluster", path, "run", "-w", "@nodes", "-b", "--", "sh", "-c",
+            'cd "$CHIBA_SCRATCH" && pwd | sed "s,.*/\\(ccn..\\)/scratch,\\1," && echo same')
+    assert r.code == 0, r.err
+    assert "ccn01 (1)" in r.out and "same" in r.out
+    r = cli("--cluster", path, "run", "-w", "@nodes", "-b", "echo same")
+    assert r.code == 0 and "ccn[01-04] (4)\n" in r.out and r.out.count("same") == 1
+
+
+def test_run_cli_failures_over_ssh(cli, tmp_path, sshd):
+    path = write_topology(tmp_path / "h", sshd, {"ccn04": {"port": _free_port()}})
+    r = cli("--cluster", path, "run", "-w", "@nodes", 'test "$CHIBA_HOST" != ccn02')
+    assert r.code == 255  # pdsh -S: the largest code; unreachable is 255
+    assert "ccn02: exited with code 1" in r.err
+    assert "ccn04: connection refused" in r.err
+    r = cli("--cluster", path, "run", "-w", "ccn[01-03]", 'test "$CHIBA_HOST" != ccn02')
+    assert r.code == 1
+
+
+def test_transit_over_ssh_byte_for_byte(cli, loop, tmp_path):
+    path, base = loop
+    src = make_tree(tmp_path / "payload")
+    r = cli("--cluster", path, "--json", "run", "-w", "pres", "true")
+    assert r.code == 0
+    from legacy_transit.transit import collect_transit, stage_transit
+
+    topo = _topo(path)
+    res = stage_transit(topo, str(src), NODES, "in/data", fanout=2)
+    assert res["ok"], res["failures"]
+    for n in NODES:
+        assert_same_tree(src, base / n / "scratch" / "in" / "data")
+        assert res["hosts"][n]["stage"] == "done" and res["hosts"][n]["bytes"] == res["bytes"]
+    assert res["phase_bytes"]["to_mayors"] == 2 * res["bytes"]
+    assert res["phase_bytes"]["to_president"] == 0  # the home server is the president
+    for h in ("pres", "mayor1", "mayor2"):
+        assert os.listdir(base / h / "spool") == []  # tars cleaned up
+    assert not list(base.rglob("pwned"))
+    out = collect_transit(topo, "in/data", NODES, str(tmp_path / "back"))
+    assert out["ok"], out["failures"]
+    for n in NODES:
+        assert_same_tree(src, tmp_path / "back" / n / "data")
+
+
+def test_transit_over_ssh_partial_failure(tmp_path, sshd):
+    from legacy_transit.transit import stage_transit
+
+    path = write_topology(tmp_path / "h", sshd, {"ccn03": {"port": _free_port()}})
+    src = make_tree(tmp_path / "payload")
+    res = stage_transit(_topo(path), str(src), NODES)
+    assert not res["ok"]
+    assert set(res["failures"]) == {"ccn03"}
+    h = res["hosts"]["ccn03"]
+    assert h["stage"] == "unpack" and "connection refused" in h["error"]
+    for n in ("ccn01", "ccn02", "ccn04"):
+        assert_same_tree(src, tmp_path / "h" / n / "scratch" / "payload")
+
+
+def test_transit_mayor_unreachable(tmp_path, sshd):
+    from legacy_transit.transit import stage_transit
+
+    path = write_topology(tmp_path / "h", sshd, {"mayor2": {"port": _free_port()}})
+    src = make_tree(tmp_path / "payload")
+    res = stage_transit(_topo(path), str(src), NODES)
+    assert set(res["failures"]) == {"ccn03", "ccn04"}
+    assert res["hosts"]["ccn03"]["stage"] == "to_mayors"
+    assert "mayor mayor2" in res["hosts"]["ccn03"]["error"]
+    assert res["hosts"]["ccn01"]["ok"] and res["hosts"]["ccn02"]["ok"]
+
+
+def test_rsync_over_ssh(cli, loop, tmp_path):
+    path, base = loop
+    src = make_tree(tmp_path / "repo")
+    r = cli("--cluster", path, "--json", "sync-mayors", str(src), "--dest", "sub dir")
+    assert r.code == 0, r.out + r.err
+    j = r.json()
+    assert j["ok"] and j["targets"] == ["mayor1", "mayor2"]
+    assert j["hosts"]["mayor1"]["files_transferred"] == len(WEIRD_NAMES) + 1
+    for m in ("mayor1", "mayor2"):
+        assert_same_tree(src, base / m / "repo" / "sub dir")
+    r = cli("--cluster", path, "--json", "sync-mayors", str(src), "--dest", "sub dir")
+    assert r.json()["hosts"]["mayor2"]["files_transferred"] == 0  # already in sync
+
+
+def test_rsync_over_ssh_refused_and_bad_key(cli, tmp_path, sshd):
+    bad = tmp_path / "bad_kh"
+    pub = sshd.host_pub.split()
+    bad.write_text(f"[127.0.0.1]:{sshd.port} ssh-ed25519 "
+                   "AAAAC3NzaC1lZDI1NTE5AAAAIHBhZ2VzaG91bGRub3RtYXRjaGFueXJlYWxrZXk=\n")
+    assert pub[0] == "ssh-ed25519"
+    path = write_topology(tmp_path / "h", sshd, {"mayor1": {"port": _free_port()},
+                                                 "mayor2": {"known_hosts": str(bad)}})
+    src = make_tree(tmp_path / "repo")
+    r = cli("--cluster", path, "sync-mayors", str(src))
+    assert r.code == 1
+    assert "mayor1: rsync exit" in r.err and "Connection refused" in r.err
+    assert "mayor2: rsync exit 255" in r.err and "Host key verification failed" in r.err
+    assert str(bad) in r.err
