@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from mpi4py import MPI
@@ -24,9 +24,11 @@ from chiba_admin.errors import ChibaError
 from inventory import (DestTree, Inventory, check_source, decode_inventory, delete_extraneous,
                        encode_inventory, finalize, format_plan, group_bitmaps, hash_file,
                        make_dirs, make_plan, make_symlinks, needs_bitmap, scan)
+from inventory.apply import TMP_MARK
 from inventory.plan import WRITE
 
 from .framechain import chain_frames, chain_send
+from .rankio import test_hook
 
 __all__ = ["run_sync", "PIECE", "pack_frames", "iter_pieces", "MAX_PIECES"]
 
@@ -107,6 +109,17 @@ def iter_pieces(frames: Iterator[memoryview]) -> Iterator[tuple[int, int, memory
             pos += length
 
 
+def _remove_stale_temps(dest: str) -> None:
+    """Temporary files of a killed run (``.NAME.chiba-tmp-XXXX``) go before we plan."""
+    for dirpath, dirnames, filenames in os.walk(dest):
+        for name in filenames:
+            if TMP_MARK in os.fsencode(name):
+                try:
+                    os.unlink(os.path.join(dirpath, name))
+                except OSError:
+                    pass
+
+
 class _Target:
     """A target's local state: its plan, destination tree, counters and first error."""
 
@@ -117,6 +130,8 @@ class _Target:
         self.tree: DestTree | None = None
         self.writes: dict[str, object] = {}
         self.got: set[str] = set()
+        die = test_hook("sync_die", int(opts.get("rank", -1)))
+        self.die_after = int(die) if die else None
         self.stats = {"created": 0, "updated": 0, "deleted": 0, "meta": 0,
                       "bytes_received": 0, "files_received": 0}
 
@@ -127,6 +142,8 @@ class _Target:
     def plan_needs(self) -> np.ndarray:
         src = self.source
         try:
+            if os.path.isdir(self.dest):
+                _remove_stale_temps(self.dest)
             if os.path.lexists(self.dest):
                 target = scan(self.dest, excludes=self.opts["excludes"],
                               checksum=self.opts["checksum"], algo=src.algo or "blake3")
@@ -174,6 +191,8 @@ class _Target:
                                      replace=a.replace)
                 self.stats["files_received"] += 1
                 self.got.add(rel)
+                if self.die_after is not None and len(self.got) >= self.die_after:
+                    os._exit(9)  # test hook: a target dying mid-transfer
                 self.stats["created" if a.changes == "+" else "updated"] += 1
             except (ChibaError, OSError) as exc:
                 self.fail(exc if isinstance(exc, ChibaError)
@@ -228,11 +247,23 @@ def _file_stream(first: memoryview, flags: int, pieces, stats) -> Iterator[memor
         yield data
 
 
-def run_sync(comm: MPI.Comm, spec: dict) -> dict | None:
+def _counted(frames: Iterator[bytes], base: int, total: int,
+             progress: Callable[[int, int], None] | None) -> Iterator[bytes]:
+    done = base
+    for f in frames:
+        yield f
+        done += len(f)
+        if progress is not None:
+            progress(min(done, total), total)
+
+
+def run_sync(comm: MPI.Comm, spec: dict,
+             progress: Callable[[int, int], None] | None = None) -> dict | None:
     """Collective: synchronise; returns the result dict on rank 0, None elsewhere.
 
     ``spec``: source (root's local path), hosts (host of each rank), dests (local dest
     path of each rank, rank 0's unused), delete, checksum, verify, dry_run, excludes, chunk.
+    ``progress(sent, total)`` is called on the root as payload bytes leave it.
     """
     rank = comm.rank
     t0 = time.monotonic()
@@ -268,7 +299,7 @@ def run_sync(comm: MPI.Comm, spec: dict) -> dict | None:
     t1 = time.monotonic()
     me = None
     if rank != 0:
-        me = _Target(spec["hosts"][rank], spec["dests"][rank], src, opts)
+        me = _Target(spec["hosts"][rank], spec["dests"][rank], src, {**opts, "rank": rank})
         bitmap = me.plan_needs()
         report = (bitmap, me.error, format_plan(me.plan) if opts["dry_run"] and me.plan
                   else None, me.plan.summary() if me.plan else None,
@@ -292,6 +323,7 @@ def run_sync(comm: MPI.Comm, spec: dict) -> dict | None:
     sent = 0
     if me is not None:
         me.prepare()
+    total = sum(g[2] for g in groups_wire)
     for ranks, indices, _nbytes in groups_wire:
         member = rank == 0 or rank in ranks
         sub = comm.Split(0 if member else MPI.UNDEFINED, key=rank)
@@ -299,8 +331,8 @@ def run_sync(comm: MPI.Comm, spec: dict) -> dict | None:
             continue
         try:
             if rank == 0:
-                sent += chain_send(sub, pack_frames(spec["source"], files, indices, chunk,
-                                                    source_errors))
+                frames = pack_frames(spec["source"], files, indices, chunk, source_errors)
+                sent += chain_send(sub, _counted(frames, sent, total, progress))
             else:
                 me.receive(chain_frames(sub, _max_frame(chunk)))
         finally:

@@ -7,11 +7,12 @@ from typing import Callable
 import click
 from rich.table import Table
 
-from topology import expand, fold, format_bytes
+from topology import expand, fold, format_bytes, parse_size
 
 from ..cli import EXIT_FAILURE, EXIT_OK, pass_ctx
 from ..console import get_console, get_err_console, print_json
 from ..embedded import require_initialized
+from ..errors import UsageError
 
 __all__ = ["register", "sync_cmd", "METHODS", "render_sync"]
 
@@ -21,35 +22,67 @@ def _sync_rsync(topo, src: str, targets: list[str], dest: str | None, opts: dict
 
     return sync_rsync(topo, src, targets, dest, delete=opts["delete"],
                       dry_run=opts["dry_run"], excludes=tuple(opts["excludes"]),
-                      checksum=opts["checksum"], fanout=opts["fanout"])
+                      checksum=opts["checksum"], fanout=opts["fanout"],
+                      timeout=opts["timeout"])
+
+
+def _sync_mpi(topo, src: str, targets: list[str], dest: str | None, opts: dict) -> dict:
+    from mpitools.syncing import sync_mpi
+
+    from ..console import progress
+
+    with progress("mpisync") as bar:
+        return sync_mpi(topo, src, targets, dest, delete=opts["delete"],
+                        dry_run=opts["dry_run"], excludes=tuple(opts["excludes"]),
+                        checksum=opts["checksum"], verify=opts["verify"],
+                        chunk=opts["chunk"], timeout=opts["timeout"], progress=bar)
 
 
 # method name -> runner(topo, src, targets, dest, opts) -> result dict; adding a method
 # (e.g. "mpi") is one entry here plus its name in the --method choices.
 METHODS: dict[str, Callable[..., dict]] = {
     "rsync": _sync_rsync,
+    "mpi": _sync_mpi,
 }
-DEFAULT_METHOD = "rsync"
+DEFAULT_METHOD = "mpi"
 
 
 def render_sync(result: dict) -> None:
     """A table with one row per target, then one line per failure on stderr."""
     hosts = result.get("hosts", {})
+    mpi = result["method"] == "mpi"
+    con = get_console()
+    for name, h in hosts.items():
+        if "plan" in h:
+            con.print(f"[bold]{name}[/] {h.get('dest', '')}: "
+                      f"{h['plan_summary']['write']} to write, "
+                      f"{h['plan_summary']['delete']} to delete")
+            con.print(h["plan"] or "  (nothing to do)", markup=False)
     t = Table(title=f"sync-mayors --method {result['method']}: {result['source']} -> "
                     f"{result['dest']}" + (" (dry run)" if result.get("dry_run") else ""))
-    for col, justify in (("host", "left"), ("ok", "center"), ("rc", "right"),
-                         ("seconds", "right"), ("files sent", "right"),
-                         ("bytes sent", "right"), ("bytes received", "right")):
+    cols = [("host", "left"), ("ok", "center"), ("seconds", "right"),
+            ("files received" if mpi else "files sent", "right")]
+    cols += ([("created", "right"), ("updated", "right"), ("deleted", "right"),
+              ("bytes received", "right")] if mpi else
+             [("rc", "right"), ("bytes sent", "right"), ("bytes received", "right")])
+    for col, justify in cols:
         t.add_column(col, justify=justify)
     for name, h in hosts.items():
-        t.add_row(name, "yes" if h["ok"] else "[red]NO[/]", str(h.get("rc", "")),
-                  f"{h.get('seconds', 0):.2f}", str(h.get("files_transferred", "")),
-                  format_bytes(h.get("bytes_sent", 0)),
-                  format_bytes(h.get("bytes_received", 0)))
-    con = get_console()
+        row = [name, "yes" if h["ok"] else "[red]NO[/]", f"{h.get('seconds', 0):.2f}",
+               str(h.get("files_transferred", ""))]
+        if mpi:
+            row += [str(h.get("created", "")), str(h.get("updated", "")),
+                    str(h.get("deleted", "")), format_bytes(h.get("bytes_received", 0))]
+        else:
+            row += [str(h.get("rc", "")), format_bytes(h.get("bytes_sent", 0)),
+                    format_bytes(h.get("bytes_received", 0))]
+        t.add_row(*row)
     con.print(t)
     ok = sum(1 for h in hosts.values() if h["ok"])
-    con.print(f"{ok}/{len(hosts)} targets in sync in {result['seconds']:.2f} s")
+    extra = (f"; {format_bytes(result.get('bytes_sent', 0))} left the president once, "
+             f"{result.get('groups', 0)} group(s)" if mpi and not result.get("dry_run") else "")
+    state = "planned (dry run)" if result.get("dry_run") else "in sync"
+    con.print(f"{ok}/{len(hosts)} targets {state} in {result['seconds']:.2f} s{extra}")
     err = get_err_console()
     for name, why in result.get("failures", {}).items():
         err.print(f"chiba-admin sync-mayors: {name}: {why}", markup=False)
@@ -71,14 +104,28 @@ def render_sync(result: dict) -> None:
 @click.option("-f", "fanout", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="How many targets at once.")
 @click.option("--checksum", is_flag=True, help="Compare file contents, not size and time.")
+@click.option("--verify", is_flag=True,
+              help="mpi: every target re-hashes what it received against the source.")
+@click.option("--chunk", default="4MiB", show_default=True, metavar="SIZE",
+              help="mpi: bytes per message (small files are packed together).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="S", help="Give up (and stop every process) after S seconds.")
 @pass_ctx
-def sync_cmd(ctx, src, method, dest, targets, delete, dry_run, excludes, fanout, checksum):
+def sync_cmd(ctx, src, method, dest, targets, delete, dry_run, excludes, fanout, checksum,
+             verify, chunk, timeout):
     """Make DEST on every target identical to SRC (a directory on this machine)."""
     topo = ctx.topology
     names = expand(topo, targets)
     require_initialized(topo)
+    if verify and method != "mpi":
+        raise UsageError("--verify is for --method mpi",
+                         hint="rsync checks its transfers itself; use --checksum to compare")
+    try:
+        chunk_bytes = parse_size(chunk)
+    except ValueError as e:
+        raise UsageError(f"bad --chunk: {e}", hint="e.g. --chunk 4MiB") from None
     opts = {"delete": delete, "dry_run": dry_run, "excludes": excludes, "fanout": fanout,
-            "checksum": checksum}
+            "checksum": checksum, "verify": verify, "chunk": chunk_bytes, "timeout": timeout}
     result = METHODS[method](topo, src, names, dest, opts)
     if ctx.json:
         print_json(result)

@@ -1,0 +1,100 @@
+"""mpisync from the CLI side: check the request, launch the ranks, shape the result."""
+
+from __future__ import annotations
+
+import os
+
+from chiba_admin.errors import UsageError
+
+from .launcher import launch
+from .rankio import encode_job
+from .staging import launch_failures
+
+__all__ = ["sync_mpi", "DEFAULT_CHUNK", "check_source_dir", "target_dests"]
+
+DEFAULT_CHUNK = 4 << 20
+
+
+def check_source_dir(src: str) -> str:
+    """The absolute source path; a missing, non-directory or empty source is refused."""
+    path = os.path.abspath(src)
+    if not os.path.exists(path):
+        raise UsageError("source directory not found", where=path,
+                         hint="give the repository's directory on the president")
+    if not os.path.isdir(path):
+        raise UsageError("source is not a directory", where=path, hint="give a directory")
+    with os.scandir(path) as it:
+        if next(it, None) is None:
+            raise UsageError("source directory is empty", where=path,
+                             hint="refusing to sync: it would empty every target; "
+                                  "check the path")
+    return path
+
+
+def target_dests(topo, targets: list[str], dest: str | None) -> dict[str, str]:
+    """Each target's destination as its rank sees it (repository-relative rule)."""
+    out = {}
+    for name in targets:
+        h = topo.host(name)
+        out[name] = h.local_path(h.resolve("repository", dest))
+    return out
+
+
+def sync_mpi(topo, src: str, targets: list[str], dest: str | None = None, *,
+             delete: bool = False, dry_run: bool = False, excludes: tuple[str, ...] = (),
+             checksum: bool = False, verify: bool = False, chunk: int = DEFAULT_CHUNK,
+             timeout: float | None = None, progress=None,
+             env: dict[str, str] | None = None) -> dict:
+    """Synchronise ``src`` (on the president) to ``targets`` with mpisync; the result dict."""
+    path = check_source_dir(src)
+    if not targets:
+        raise UsageError("no targets selected", hint="name hosts like @mayors or ccn[01-04]")
+    root = topo.president.name
+    if root in targets:
+        raise UsageError(f"{root} is the president: it holds the source and cannot be a "
+                         "target", hint="leave it out of --targets")
+    targets = list(dict.fromkeys(targets))
+    dests = target_dests(topo, targets, dest)
+    job = {"source": path, "dests": dests, "delete": delete, "dry_run": dry_run,
+           "excludes": list(excludes), "checksum": checksum, "verify": verify,
+           "chunk": int(chunk)}
+
+    def on_event(ev: dict) -> None:
+        if progress is not None and ev.get("event") == "progress":
+            progress.update(done=ev["done"], total=ev["total"], label="mpisync")
+
+    res = launch(topo, "mpitools.sync", [encode_job(job)], targets, root, timeout=timeout,
+                 on_event=on_event, env=env)
+    shown_dest = (dest if dest and os.path.isabs(dest)
+                  else topo.host(targets[0]).resolve("repository", dest))
+    base = {"method": "mpi", "source": path, "dest": shown_dest, "targets": targets,
+            "dry_run": dry_run, "launch_seconds": res.seconds}
+    r = res.result
+    if r is None:
+        failures = launch_failures(res, targets, timeout)
+        return {**base, "ok": False, "seconds": res.seconds, "bytes_sent": 0,
+                "hosts": {h: {"ok": h not in failures, "rc": 1 if h in failures else 0,
+                              "seconds": res.seconds, "files_transferred": 0,
+                              "bytes_sent": 0, "bytes_received": 0,
+                              "error": failures.get(h)} for h in targets},
+                "failures": failures}
+    if r.get("error") and not r.get("hosts"):
+        raise UsageError(r["error"])
+    hosts = {}
+    for name in targets:
+        h = r["hosts"][name]
+        hosts[name] = {"ok": h["ok"], "rc": 0 if h["ok"] else 1, "seconds": r["seconds"],
+                       "files_transferred": h["files_received"], "bytes_sent": 0,
+                       "bytes_received": h["bytes_received"], "created": h["created"],
+                       "updated": h["updated"], "deleted": h["deleted"], "meta": h["meta"],
+                       "dest": h["dest"], "warnings": h["warnings"], "error": h["error"]}
+        if "plan" in h:
+            hosts[name]["plan"] = h["plan"]
+            hosts[name]["plan_summary"] = h["plan_summary"]
+    failures = dict(r["failures"])
+    for e in r.get("source_errors", []):
+        failures.setdefault(topo.president.name, e)
+    return {**base, "ok": r["ok"], "seconds": res.seconds, "sync_seconds": r["seconds"],
+            "bytes_sent": r["bytes_sent"], "source_files": r["source_files"],
+            "source_bytes": r["source_bytes"], "groups": r["groups"], "phases": r["phases"],
+            "source_warnings": r["source_warnings"], "hosts": hosts, "failures": failures}
