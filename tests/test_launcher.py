@@ -1,0 +1,106 @@
+"""The launcher's pure half: mpiexec argv and env from a topology; failure parsing; job specs."""
+
+from __future__ import annotations
+
+from conftest import DEMO, REPO
+
+from mpitools.launcher import RANK_HOSTS_ENV, LaunchResult, _parse_failures, build_command
+from mpitools.rankio import encode_job, load_job
+from topology import load_topology, loads_topology
+
+_SSH = """
+[cluster]
+name = "lab"
+kind = "ssh"
+[links.core]
+bandwidth = "200Mbit"
+[links.town]
+bandwidth = "20Mbit"
+[president]
+name = "pres"
+address = "10.9.0.1"
+[mayors.m1]
+[mayors.m2]
+[towns.t1]
+mayor = "m1"
+nodes = "n[1-3]"
+[towns.t2]
+mayor = "m2"
+nodes = "n[4-6]"
+[mpi]
+mpiexec = "/opt/ompi/bin/mpiexec"
+python = "/opt/venv/bin/python"
+btl_tcp_if_include = "10.9.0.0/16"
+prte_if_include = "10.9.0.0/16"
+plm_ssh_args = "-F /etc/chiba/ssh_config"
+args = "--mca mpi_yield_when_idle 1"
+env = { OMP_NUM_THREADS = "1" }
+"""
+
+
+def test_embedded_command_runs_everything_here_oversubscribed():
+    topo = load_topology(DEMO)
+    plan = build_command(topo, "mpitools.stage", ["b64:xx"], ["ccn05", "ccn01"],
+                         as_root=True)
+    a = plan.argv
+    assert a[1] == "--allow-run-as-root" and a[a.index("-n") + 1] == "2"
+    assert "--oversubscribe" in a and a[a.index("--bind-to") + 1] == "none"
+    assert "--host" not in a and "-x" not in a
+    assert a[-4:] == [a[-4], "-m", "mpitools.stage", "b64:xx"]
+    assert plan.env[RANK_HOSTS_ENV] == "ccn05,ccn01"
+    assert plan.env["PYTHONPATH"].split(":")[0] == str(REPO)
+    assert "--allow-run-as-root" not in build_command(topo, "m", [], ["ccn01"]).argv
+
+
+def test_ssh_command_uses_hosts_in_town_order_and_mpi_table():
+    from mpitools.launcher import rank_hosts
+
+    topo = loads_topology(_SSH)
+    ranks = rank_hosts(topo, ["n5", "n1", "n4", "n2"])
+    assert ranks == ["n1", "n2", "n4", "n5"]
+    plan = build_command(topo, "mpitools.stage", ["J"], ranks, env={"CHIBA_TEST_DIE": "1:2"})
+    a = plan.argv
+    assert a[0] == "/opt/ompi/bin/mpiexec" and "--allow-run-as-root" not in a
+    assert a[a.index("--host") + 1] == "n1:1,n2:1,n4:1,n5:1"
+    assert a[a.index("--bind-to") + 1] == "none" and "--oversubscribe" not in a
+    s = " ".join(a)
+    assert "--mca btl tcp,self" in s and "--mca btl_tcp_if_include 10.9.0.0/16" in s
+    assert "--prtemca prte_if_include 10.9.0.0/16" in s
+    assert a[a.index("plm_ssh_args") + 1] == "-F /etc/chiba/ssh_config"
+    assert "--mca mpi_yield_when_idle 1" in s
+    forwarded = {a[i + 1] for i, x in enumerate(a) if x == "-x"}
+    assert {"CHIBA_RANK_HOSTS", "PYTHONPATH", "OMP_NUM_THREADS", "CHIBA_TEST_DIE"} <= forwarded
+    assert a[-4:] == ["/opt/venv/bin/python", "-m", "mpitools.stage", "J"]
+    assert plan.env["OMP_NUM_THREADS"] == "1"
+    assert "mpitools.stage" in plan.shell()
+
+
+def test_root_rank_comes_first():
+    from mpitools.launcher import rank_hosts
+
+    topo = loads_topology(_SSH)
+    assert rank_hosts(topo, ["n4", "n1"], "pres") == ["pres", "n1", "n4"]
+
+
+def test_parse_prterun_death_message():
+    msg = """--------------------------------------------------------------------------
+prterun detected that one or more processes exited with non-zero status,
+thus causing the job to be terminated. The first process to do so was:
+
+   Process name: [prterun-vm-5968@1,2]
+   Exit code:    9
+--------------------------------------------------------------------------"""
+    assert _parse_failures(msg) == {2: "process exited with status 9"}
+    r = LaunchResult(["mpiexec"], ("a", "b", "c"), 9, None, stderr=msg,
+                     failed_ranks=_parse_failures(msg))
+    assert r.failed_hosts() == {"c": "process exited with status 9"}
+    assert "c (process exited with status 9)" in r.describe() and not r.ok
+    assert _parse_failures("MPI_ABORT was invoked on rank 1 in communicator") == {
+        1: "rank aborted the job (see its error above)"}
+
+
+def test_job_spec_round_trip_survives_any_characters():
+    job = {"dests": {"a": "/scratch/we\"ird $(x)\nname"}, "n": 3}
+    word = encode_job(job)
+    assert word.startswith("b64:") and all(c.isalnum() or c in "-_=:" for c in word)
+    assert load_job(word) == job

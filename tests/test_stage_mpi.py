@@ -1,0 +1,277 @@
+"""Staging through real mpiexec on the embedded cluster: byte-identical trees, every failure."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from mpitools.spool import SpoolServer
+from mpitools.staging import stage_archive
+from test_stage_helpers import (assert_same_tree, crafted_tar, make_tree, stage_leftovers,
+                                tree_signature)
+
+pytestmark = pytest.mark.mpi
+
+NODES = [f"ccn0{i}" for i in range(1, 9)]
+HOST_KEYS = {"ok", "bytes", "seconds", "throughput_bps", "stage", "error"}
+TOP_KEYS = {"method", "algorithm", "ok", "source", "dest", "nodes", "bytes", "payload_bytes",
+            "files", "seconds", "phases", "phase_bytes", "hosts", "failures"}
+
+
+def scratch(topo, host: str) -> str:
+    h = topo.host(host)
+    return h.local_path(h.scratch)
+
+
+def scratch_listing(topo) -> dict[str, list[str]]:
+    return {n: sorted(os.listdir(scratch(topo, n))) for n in NODES}
+
+
+def rank_processes() -> list[int]:
+    """Rank programs of ours still alive (there must be none after any command)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if b"mpitools.stage" in cmd or b"mpitools.collect" in cmd:
+                out.append(int(d))
+    return out
+
+
+def test_stage_chain_every_node_byte_identical(embedded, cli, tmp_path):
+    src = make_tree(tmp_path / "proj")
+    stale = os.path.join(scratch(embedded, "ccn02"), ".proj.chiba-stage-deadjob")
+    os.makedirs(os.path.join(stale, "junk"))
+    r = cli("stage", src, "--nodes", "@nodes", "--chunk", "64KiB", "--json")
+    assert r.code == 0, r.err
+    j = r.json()
+    assert TOP_KEYS <= set(j) and j["method"] == "mpi" and j["algorithm"] == "chain"
+    assert j["ok"] and j["failures"] == {} and j["dest"] == "/scratch/proj"
+    assert j["nodes"] == NODES and set(j["hosts"]) == set(NODES)
+    for n in NODES:
+        h = j["hosts"][n]
+        assert HOST_KEYS <= set(h) and h["ok"] and h["bytes"] == j["bytes"]
+        assert h["throughput_bps"] > 0
+        assert_same_tree(src, os.path.join(scratch(embedded, n), "proj"))
+    assert {"pack", "launch", "check", "prepare", "transfer", "commit", "total"} <= \
+        set(j["phases"])
+    assert j["payload_bytes"] > 300_000 and j["files"] > 10
+    assert 0 < j["peak_rss"] < 200 * 2**20
+    assert not os.path.exists(stale), "a dead job's temp dir is removed by the next run"
+    assert stage_leftovers(embedded, NODES) == []
+    spool = embedded.home_server.local_path(embedded.home_server.spool)
+    assert os.listdir(spool) == [], "the spooled archive is used once and removed"
+
+
+def test_stage_bcast_gzip_replaces_existing_destination(embedded, cli, tmp_path):
+    src = make_tree(tmp_path / "proj", big=50_000)
+    town1 = NODES[:4]
+    for n in town1:
+        old = os.path.join(scratch(embedded, n), "jobs", "run 1")
+        os.makedirs(old)
+        open(os.path.join(old, "old.txt"), "w").write("old")
+    r = cli("stage", src, "--nodes", "@town1", "--dest", "/scratch/jobs/run 1",
+            "--algorithm", "bcast", "--compress", "gzip")
+    assert r.code == 0, r.err
+    assert "4/4 hosts ok" in r.out and "ccn04" in r.out and "bcast" in r.out
+    for n in town1:
+        dest = os.path.join(scratch(embedded, n), "jobs", "run 1")
+        assert_same_tree(src, dest)
+        assert sorted(os.listdir(os.path.dirname(dest))) == ["run 1"]
+    assert all(os.listdir(scratch(embedded, n)) == [] for n in NODES[4:])
+
+
+def test_bad_input_is_refused_before_anything_runs(embedded, cli, tmp_path):
+    before = scratch_listing(embedded)
+    r = cli("stage", str(tmp_path / "missing"), "--nodes", "@nodes")
+    assert r.code == 2 and "source directory not found" in r.err
+    assert cli("stage", str(tmp_path), "--nodes", "").code == 2
+    r = cli("stage", str(tmp_path), "--nodes", "ccn[07-12]")
+    assert r.code == 2 and "unknown host" in r.err
+    assert cli("stage", str(tmp_path), "--nodes", "@nowhere").code == 2
+    r = cli("stage", str(tmp_path), "--nodes", "ccn01", "--chunk", "lots")
+    assert r.code == 2 and "--chunk" in r.err
+    assert cli("collect", "x", "--nodes", "", "--dest", str(tmp_path)).code == 2
+    assert scratch_listing(embedded) == before
+
+
+@pytest.mark.parametrize("case", ["unreachable", "missing"])
+def test_spool_problem_is_reported_before_any_node_is_touched(embedded, cli, tmp_path, case):
+    src = make_tree(tmp_path / "proj", big=1000)
+    before = scratch_listing(embedded)
+    if case == "unreachable":
+        r = cli("stage", src, "--nodes", "@nodes", "--spool-url", "http://127.0.0.1:1",
+                "--json")
+        want = "spool unreachable"
+    else:
+        (tmp_path / "empty").mkdir()
+        with SpoolServer(str(tmp_path / "empty")) as srv:
+            r = cli("stage", src, "--nodes", "@nodes", "--json",
+                    "--spool-url", srv.url_for("").rstrip("/"))
+        want = "HTTP 404"
+    assert r.code == 1
+    j = r.json()
+    assert not j["ok"] and list(j["failures"]) == ["ccn01"]
+    assert want in j["failures"]["ccn01"]
+    assert scratch_listing(embedded) == before
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "link", "device"])
+def test_hostile_archive_is_refused_on_every_node(embedded, tmp_path, kind):
+    tar = tmp_path / "evil.tar"
+    tar.write_bytes(crafted_tar(kind))
+    nodes = ["ccn01", "ccn06"]
+    r = stage_archive(embedded, str(tar), nodes, "evil", compress="none", chunk=4096)
+    assert not r["ok"]
+    assert set(r["failures"]) == set(nodes)
+    assert all("refused" in why for why in r["failures"].values()), r["failures"]
+    for n in nodes:
+        assert os.listdir(scratch(embedded, n)) == []
+    assert not os.path.exists("/etc/chiba-evil")
+    assert not os.path.lexists(os.path.join(embedded.state_dir, "hosts", "evil"))
+
+
+def test_unwritable_destination_on_one_node_aborts_all(embedded, cli, tmp_path):
+    src = make_tree(tmp_path / "proj", big=1000)
+    open(os.path.join(scratch(embedded, "ccn03"), "out"), "w").close()  # parent is a file
+    r = cli("stage", src, "--nodes", "@nodes", "--dest", "out/data", "--json")
+    assert r.code == 1
+    j = r.json()
+    assert list(j["failures"]) == ["ccn03"] and "cannot prepare" in j["failures"]["ccn03"]
+    assert all(not h["ok"] for h in j["hosts"].values())
+    listing = scratch_listing(embedded)
+    assert listing.pop("ccn03") == ["out"]
+    assert all(v == [] for v in listing.values()), listing
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+def test_full_destination_on_one_node_aborts_all(embedded, cli, tmp_path):
+    src = make_tree(tmp_path / "proj", big=600_000)
+    full = os.path.join(scratch(embedded, "ccn06"), "full")
+    os.mkdir(full)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", full], check=True)
+    try:
+        r = cli("stage", src, "--nodes", "@nodes", "--dest", "full/data", "--json",
+                "--chunk", "64KiB")
+        assert r.code == 1
+        j = r.json()
+        assert list(j["failures"]) == ["ccn06"], j["failures"]
+        assert "No space left" in j["failures"]["ccn06"]
+        assert os.listdir(full) == []
+    finally:
+        subprocess.run(["umount", full], check=True)
+    listing = scratch_listing(embedded)
+    assert listing.pop("ccn06") == ["full"]
+    assert all(v == [] for v in listing.values()), listing
+
+
+def test_node_dying_mid_transfer_is_named_and_nothing_is_left(embedded, cli, tmp_path,
+                                                             monkeypatch):
+    src = make_tree(tmp_path / "proj", big=2_000_000)
+    monkeypatch.setenv("CHIBA_TEST_DIE", "3:2")  # rank 3 (ccn04) exits at its 3rd chunk
+    t = time.time()
+    r = cli("stage", src, "--nodes", "@nodes", "--chunk", "64KiB", "--json",
+            "--timeout", "60")
+    assert time.time() - t < 40
+    assert r.code == 1
+    j = r.json()
+    assert list(j["failures"]) == ["ccn04"], j["failures"]
+    assert "status 9" in j["failures"]["ccn04"]
+    assert all(v == [] for v in scratch_listing(embedded).values())
+    assert rank_processes() == []
+
+
+def test_timeout_stops_mpiexec_and_cleans_up(embedded, cli, tmp_path, monkeypatch):
+    src = make_tree(tmp_path / "proj", big=1_000_000)
+    monkeypatch.setenv("CHIBA_TEST_DELAY", "0:1.0")  # rank 0 takes 1 s per chunk
+    t = time.time()
+    r = cli("stage", src, "--nodes", "@town2", "--chunk", "64KiB", "--json",
+            "--timeout", "6")
+    assert time.time() - t < 20
+    assert r.code == 1
+    j = r.json()
+    assert set(j["failures"]) == set(NODES[4:])
+    assert all("timed out" in why for why in j["failures"].values())
+    assert all(v == [] for v in scratch_listing(embedded).values())
+    assert rank_processes() == []
+
+
+def test_ctrl_c_ends_mpiexec_and_removes_temp_dirs(embedded, cli, tmp_path, monkeypatch):
+    src = make_tree(tmp_path / "proj", big=1_000_000)
+    monkeypatch.setenv("CHIBA_TEST_DELAY", "0:1.0")
+    timer = threading.Timer(6.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        r = cli("stage", src, "--nodes", "@town1", "--chunk", "64KiB")
+    finally:
+        timer.cancel()
+    assert r.code == 130 and "interrupted" in r.err
+    assert all(v == [] for v in scratch_listing(embedded).values())
+    assert rank_processes() == []
+
+
+def _results(topo, host: str) -> str:
+    d = os.path.join(scratch(topo, host), "results")
+    make_tree(d, big=20_000, seed=hash(host) % 1000)
+    open(os.path.join(d, "host.txt"), "w").write(host)
+    return d
+
+
+def test_collect_brings_every_node_back(embedded, cli, tmp_path):
+    trees = {n: _results(embedded, n) for n in NODES if n != "ccn07"}
+    out = tmp_path / "out"
+    r = cli("collect", "results", "--nodes", "@nodes", "--dest", str(out), "--json",
+            "--chunk", "16KiB")
+    assert r.code == 1
+    j = r.json()
+    assert list(j["failures"]) == ["ccn07"] and "does not exist" in j["failures"]["ccn07"]
+    assert sorted(os.listdir(out)) == sorted(trees)
+    for n, d in trees.items():
+        assert j["hosts"][n]["ok"] and j["hosts"][n]["bytes"] > 0
+        assert_same_tree(d, out / n / "results")
+    # a second collection replaces each host's copy in place and succeeds
+    os.remove(os.path.join(trees["ccn01"], "host.txt"))
+    r = cli("collect", "/scratch/results", "--nodes", "@town1", "--dest", str(out))
+    assert r.code == 0, r.err
+    assert "4/4 hosts ok" in r.out
+    assert_same_tree(trees["ccn01"], out / "ccn01" / "results")
+    assert not [n for n in os.listdir(out / "ccn01") if n != "results"]
+    assert rank_processes() == []
+
+
+def test_transit_method_is_dispatched(embedded, cli, tmp_path, monkeypatch):
+    import legacy_transit.transit as transit
+
+    seen = {}
+
+    def fake_stage(topo, src, nodes, dest=None, **kw):
+        seen["stage"] = (src, nodes, dest)
+        return {"method": "transit", "algorithm": None, "ok": True, "source": src,
+                "dest": "/scratch/x", "nodes": nodes, "bytes": 1, "payload_bytes": 1,
+                "files": 1, "seconds": 0.1, "phases": {"pack": 0.1}, "phase_bytes": {},
+                "hosts": {n: {"ok": True, "bytes": 1, "seconds": 0.1, "throughput_bps": 80,
+                              "stage": "done", "error": None} for n in nodes},
+                "failures": {}}
+
+    def fake_collect(topo, path, nodes, dest_dir, **kw):
+        seen["collect"] = (path, nodes, dest_dir)
+        return {**fake_stage(topo, path, nodes), "ok": False, "failures": {"ccn02": "gone"}}
+
+    monkeypatch.setattr(transit, "stage_transit", fake_stage)
+    monkeypatch.setattr(transit, "collect_transit", fake_collect)
+    r = cli("stage", str(tmp_path), "--nodes", "ccn[01-02]", "--method", "transit",
+            "--dest", "x", "--json")
+    assert r.code == 0 and r.json()["method"] == "transit"
+    assert seen["stage"] == (str(tmp_path), ["ccn01", "ccn02"], "x")
+    r = cli("collect", "x", "--nodes", "ccn[01-02]", "--method", "transit",
+            "--dest", str(tmp_path / "o"))
+    assert r.code == 1 and "ccn02: gone" in r.err
+    assert seen["collect"] == ("x", ["ccn01", "ccn02"], str(tmp_path / "o"))
