@@ -42,6 +42,7 @@ COMMAND_MODULES = [
     "chiba_admin.commands.testbed",
     "chiba_admin.commands.run",
     "chiba_admin.commands.sync",
+    "chiba_admin.commands.bench",
 ]
 
 

@@ -34,7 +34,9 @@ def get_console() -> Console:
     global _console
     if _console is None:
         # a fresh Console each configure() so tests capturing sys.stdout see output
-        _console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+        # a pipe or file gets wide tables rather than columns squeezed to 80 characters
+        width = None if sys.stdout.isatty() else 160
+        _console = Console(file=sys.stdout, highlight=False, soft_wrap=True, width=width)
     return _console
 
 
