@@ -5,7 +5,8 @@ from __future__ import annotations
 from .apply import (ApplyResult, DestTree, apply_plan, delete_extraneous, finalize, local_fetch,
                     make_dirs, make_symlinks, write_file_atomic)
 from .codec import FORMAT_VERSION, MAGIC, decode_inventory, encode_inventory
-from .entries import DIR, FILE, LINK, Entry, Inventory, Issue, check_source
+from .entries import (DIR, FILE, LINK, Entry, Inventory, Issue, check_source, decode_path,
+                      encode_path, validate_relpath)
 from .excludes import IGNORE_FILE, ExcludeMatcher, read_ignore_file
 from .groups import Group, bitmap_paths, group_bitmaps, group_needs, needs_bitmap, union_bitmaps
 from .hashing import ALGOS, DEFAULT_ALGO, hash_bytes, hash_file, hash_files, new_hasher
@@ -16,6 +17,7 @@ from .scanner import scan
 __all__ = [
     # data
     "Entry", "Inventory", "Issue", "FILE", "DIR", "LINK",
+    "encode_path", "decode_path", "validate_relpath",
     # scanning and hashing
     "scan", "check_source", "ExcludeMatcher", "read_ignore_file", "IGNORE_FILE",
     "ALGOS", "DEFAULT_ALGO", "hash_file", "hash_files", "hash_bytes", "new_hasher",

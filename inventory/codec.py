@@ -192,21 +192,23 @@ def _parse_body(r: _Reader, algo: str | None) -> Inventory:
                        for i in issues)):
         raise _corrupt("malformed issue list")
 
+    raws = _rebuild_paths(shared, suflen, blob)
+    # One C-level scan of all paths finds any unsafe one; only then go looking for which.
+    joined = b"\0" + b"\0".join(raws) + b"\0"
+    suspicious = (b"\0" in blob or any(bad in joined for bad in _BAD_SEQUENCES)
+                  or len(set(raws)) != n)
     table: dict[str, Entry] = {}
     kind_of: dict[bytes, int] = {}
-    prev = b""
-    pos = tpos = tsum = dpos = 0
-    for i in range(n):
-        k, ln = shared[i], suflen[i]
-        if k > len(prev):
-            raise _corrupt(f"entry {i} shares more than the previous path")
-        raw = prev[:k] + blob[pos:pos + ln]
-        pos += ln
-        prev = raw
+    tpos = tsum = dpos = 0
+    for i, raw in enumerate(raws):
         kind = kinds[i]
         if kind > 2:
             raise _corrupt(f"unknown entry kind {kind}", decode_path(raw))
-        _check_raw_path(raw, kind_of)
+        if suspicious:
+            _check_raw_path(raw, kind_of)
+        cut = raw.rfind(b"/")
+        if cut > 0 and kind_of.get(raw[:cut]) != 1:
+            _check_raw_path(raw, kind_of)  # raises the precise parent error
         kind_of[raw] = kind
         if modes[i] > 0o7777:
             raise _corrupt("mode out of range", decode_path(raw))
@@ -227,6 +229,23 @@ def _parse_body(r: _Reader, algo: str | None) -> Inventory:
     errors = [Issue(p, m) for p, m in issues[:n_err]]
     skipped = [Issue(p, m) for p, m in issues[n_err:]]
     return Inventory(table, errors, skipped, root=root, algo=algo)
+
+
+_BAD_SEQUENCES = (b"\0/", b"/\0", b"//", b"\0\0", b"/./", b"/../", b"\0./", b"\0../",
+                  b"/.\0", b"/..\0", b"\0.\0", b"\0..\0")
+
+
+def _rebuild_paths(shared: list[int], suflen: list[int], blob: bytes) -> list[bytes]:
+    out: list[bytes] = []
+    prev = b""
+    pos = 0
+    for i, (k, ln) in enumerate(zip(shared, suflen)):
+        if k > len(prev):
+            raise _corrupt(f"entry {i} shares more than the previous path")
+        prev = prev[:k] + blob[pos:pos + ln]
+        pos += ln
+        out.append(prev)
+    return out
 
 
 def _check_raw_path(raw: bytes, kind_of: dict[bytes, int]) -> None:

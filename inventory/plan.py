@@ -229,8 +229,14 @@ def make_plan(source: Inventory, target: Inventory, *, delete: bool = False,
     replaced_dirs: set[str] = set()
     src_entries, dst_entries = source.entries, target.entries
 
+    get = dst_entries.get
     for path, s in src_entries.items():
-        t = dst_entries.get(path)
+        t = get(path)
+        # Fast path for the usual case, an unchanged entry: no calls, no allocations.
+        if (t is not None and t.mtime_ns == s.mtime_ns and t.size == s.size and t.kind == s.kind
+                and t.mode == s.mode and t.target == s.target
+                and (not checksum or t.digest == s.digest)):
+            continue
         if s.kind == DIR:
             if t is None or t.kind != DIR:
                 mkdirs.append(_action(MKDIR, s, "+" if t is None else "T", replace=t is not None))
@@ -288,13 +294,18 @@ def needs(source: Inventory, target: Inventory, checksum: bool = False) -> list[
     """Source files whose content ``target`` lacks, in source order: what must be sent to it."""
     if checksum:
         _check_algos(source, target)
-    dst = target.entries
+    get = target.entries.get
     out: list[str] = []
     for path, s in source.entries.items():
         if s.kind != FILE:
             continue
-        t = dst.get(path)
-        if t is None or t.kind != FILE or file_differs(s, t, checksum):
+        t = get(path)
+        if t is None or t.kind != FILE:
+            out.append(path)
+        elif checksum:
+            if t.digest != s.digest or t.size != s.size:
+                out.append(path)
+        elif t.size != s.size or t.mtime_ns != s.mtime_ns:
             out.append(path)
     return out
 
