@@ -9,7 +9,7 @@ from pathlib import Path
 from .plan import HostPlan, TestbedPlan
 
 __all__ = ["Layout", "sshd_config", "ssh_config", "known_hosts", "etc_hosts",
-           "testbed_toml", "holder_script", "generate_ed25519", "mpi_recipe"]
+           "testbed_toml", "holder_script", "generate_ed25519", "mpi_recipe", "PRTE_IF"]
 
 
 @dataclass(frozen=True)
@@ -168,11 +168,17 @@ def holder_script(h: HostPlan, lay: Layout) -> str:
     return "\n".join(cmds)
 
 
+PRTE_IF = "eth0"
+
+
 def mpi_recipe(plan: TestbedPlan, lay: Layout) -> dict:
     """The [mpi] table: Open MPI restricted to the testbed subnet, ssh through our config."""
     return {
         "btl_tcp_if_include": plan.subnet,
-        "prte_if_include": plan.subnet,
+        # PRRTE's daemons crash now and then (prted segfault in libprrte) on a host with
+        # two NICs inside the include range, i.e. on a mayor; every testbed host's
+        # primary NIC is eth0, so naming it keeps out-of-band traffic in the testbed too
+        "prte_if_include": PRTE_IF,
         "plm_ssh_args": f"-F {lay.ssh_config}",
     }
 

@@ -11,10 +11,10 @@ from typing import Sequence
 
 from chiba_admin.errors import TestbedError, UsageError
 
-from . import counters as _counters
+from .counters import Snapshot, counters, measure, snapshot
 from . import faults as _faults
 from . import lifecycle, system
-from .configs import Layout
+from .configs import PRTE_IF, Layout
 from .plan import TestbedPlan, plan_from_dict
 from .state import State, proc_alive
 
@@ -33,16 +33,16 @@ def mpiexec_argv(ssh_config: str | Path, subnet: str, hosts: dict[str, int],
                  env: Sequence[str] = ("PATH",), extra: Sequence[str] = ()) -> list[str]:
     """The mpiexec command line (pure) that runs ``cmd`` on testbed ``hosts`` over SSH.
 
-    Run it inside the president's namespaces (``Testbed.exec("pres", argv)``). TCP and
-    PRRTE's out-of-band traffic are held to the testbed subnet; ssh gets our ssh_config.
+    Run it inside the president's namespaces (``Testbed.exec("pres", argv)``). MPI's TCP
+    traffic is held to the testbed subnet, PRRTE's out-of-band traffic to each host's
+    primary NIC (eth0, see configs.PRTE_IF); ssh gets our ssh_config.
     """
     argv = [mpiexec, "--allow-run-as-root",
             "--host", ",".join(f"{h}:{n}" for h, n in hosts.items()),
             "--mca", "plm_ssh_args", f"-F {ssh_config}",
             "--mca", "btl", "tcp,self",
             "--mca", "btl_tcp_if_include", subnet,
-            "--mca", "oob_tcp_if_include", subnet,
-            "--prtemca", "prte_if_include", subnet,
+            "--prtemca", "prte_if_include", PRTE_IF,
             "--bind-to", "none"]
     for var in env:
         argv += ["-x", var]
@@ -141,6 +141,8 @@ class Testbed:
              capture: bool = True) -> subprocess.CompletedProcess:
         """Run ``cmd`` on ``host`` and wait; text output captured unless ``capture=False``."""
         kw = {"capture_output": True} if capture else {}
+        if input is None:
+            kw["stdin"] = subprocess.DEVNULL  # ssh and mpiexec must not read our stdin
         cp = subprocess.run(self.exec_argv(host, cmd), text=True, timeout=timeout,
                             input=input, env=env, **kw)
         if check and cp.returncode != 0:
@@ -151,6 +153,7 @@ class Testbed:
 
     def popen(self, host: str, cmd: Cmd, **kw) -> subprocess.Popen:
         """Start ``cmd`` on ``host`` without waiting (``subprocess.Popen`` keywords)."""
+        kw.setdefault("stdin", subprocess.DEVNULL)
         return subprocess.Popen(self.exec_argv(host, cmd), **kw)
 
     def ssh_argv(self, host: str, cmd: Cmd) -> list[str]:
@@ -173,14 +176,14 @@ class Testbed:
 
     # counters and faults -----------------------------------------------------------------
     def counters(self) -> dict:
-        return _counters.counters(self.state)
+        return counters(self.state)
 
-    def snapshot(self) -> _counters.Snapshot:
-        return _counters.snapshot(self.state)
+    def snapshot(self) -> Snapshot:
+        return snapshot(self.state)
 
     def measure(self):
         """``with tb.measure() as m: ...``; then ``m.delta``, ``m.infrastructure``."""
-        return _counters.measure(self.state)
+        return measure(self.state)
 
     def fault(self, host: str, kind: str) -> str:
         return _faults.fault(self.state, host, kind)

@@ -118,7 +118,7 @@ def _bring_up(plan: TestbedPlan, topo: Topology, lay: Layout, st: State, log: Lo
     _make_mount_points(plan, st)
     log(f"files written ({time.monotonic() - t0:.1f}s)")
 
-    if not os.path.ismount("/run/netns"):
+    if not system.is_mount_point("/run/netns"):
         # `ip netns add` turns /run/netns into a mount point; undo that in `down` too
         st.set(netns_mount_created=True)
         if not os.path.exists("/run/netns"):
@@ -290,7 +290,7 @@ def down(state_dir: Path | str | None = None, *, keep_data: bool = False,
         raise TestbedError(f"could not delete namespaces {', '.join(left)}",
                            hint="check `ip netns pids NAME` and retry down")
     if st.data.get("netns_mount_created") and not system.netns_list() \
-            and os.path.ismount("/run/netns"):
+            and system.is_mount_point("/run/netns"):
         system.run(["umount", "/run/netns"], check=False)
     removed_dirs = _remove_mount_points(st)
     _remove_state(lay, st, keep_data)

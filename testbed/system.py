@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 from chiba_admin.errors import TestbedError
 
-__all__ = ["run", "ip_batch", "tc_batch_run", "sysctl_in", "netns_list", "netns_inode",
+__all__ = ["is_mount_point", "run", "ip_batch", "tc_batch_run", "sysctl_in", "netns_list", "netns_inode",
            "root_cidrs", "processes_in", "nsenter_argv", "in_netns", "require_tools",
            "parallel"]
 
@@ -56,6 +56,15 @@ def tc_batch_run(lines: list[str], ns: str, what: str = "tc -batch") -> None:
 def sysctl_in(ns: str, assignments: list[str]) -> None:
     run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *assignments],
         what=f"sysctl in {ns}")
+
+
+def is_mount_point(path: str) -> bool:
+    """True when ``path`` is a mount point here (also a bind mount on the same fs)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return any(ln.split()[4] == path for ln in f)
+    except OSError:
+        return False
 
 
 def netns_list() -> list[str]:

@@ -84,6 +84,7 @@ def test_testbed_toml_loads_as_ssh_cluster(plan, tmp_path):
     assert t.host("ccn01").ssh.config_file == str(lay.ssh_config)
     assert t.host("ccn01").ssh.identity_file == str(lay.identity)
     assert t.mpi["btl_tcp_if_include"] == "10.222.0.0/16"
+    assert t.mpi["prte_if_include"] == "eth0"
     assert t.mpi["plm_ssh_args"] == f"-F {lay.ssh_config}"
     assert t.link("mayor1", "ccn01").bandwidth == 20e6
     assert t.link("pres", "mayor1").bandwidth == 200e6
