@@ -50,3 +50,4 @@ def embedded(tmp_path, monkeypatch):
     topo = bind(load_topology(DEMO), state)
     init_cluster(topo)
     return topo
+from testbed_fixtures import *  # noqa: F401,F403
