@@ -15,6 +15,9 @@ from .hashing import DEFAULT_ALGO, check_algo, hash_files
 
 __all__ = ["scan", "scan_root_checked"]
 
+# Below the root nothing is followed: a dir swapped for a link mid-scan is not entered.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _SPECIAL = {
     stat.S_IFCHR: "character device",
     stat.S_IFBLK: "block device",
@@ -83,45 +86,57 @@ def _walk(base: str, matcher: ExcludeMatcher) -> tuple[list[Entry], list[Issue],
     while stack:
         dirpath, prefix = stack.pop()
         try:
-            it = os.scandir(dirpath)
+            # Listing through a directory fd makes every stat/readlink relative to it, so
+            # the kernel does not re-walk the full path for each entry.
+            dfd = os.open(dirpath, _DIR_FLAGS if prefix else _ROOT_FLAGS)
         except OSError as exc:
             errors.append(Issue(prefix.rstrip("/"), f"cannot read directory: {exc.strerror}"))
             continue
-        with it:
-            while True:
-                try:
-                    de = next(it)
-                except StopIteration:
-                    break
-                except OSError as exc:
-                    errors.append(Issue(prefix.rstrip("/"), f"error listing directory: {exc.strerror}"))
-                    break
-                rel = prefix + de.name
-                try:
-                    st = de.stat(follow_symlinks=False)
-                except OSError as exc:
-                    # Vanished or unreadable between listing and stat: the inventory is incomplete.
-                    errors.append(Issue(rel, f"cannot stat: {exc.strerror}"))
-                    continue
-                fmt = S_IFMT(st.st_mode)
-                if fmt == IFREG:
-                    if excluded is None or not excluded(rel, False):
-                        append(Entry(rel, FILE, st.st_size, S_IMODE(st.st_mode), st.st_mtime_ns))
-                elif fmt == IFDIR:
-                    if excluded is None or not excluded(rel, True):
-                        append(Entry(rel, DIR, 0, S_IMODE(st.st_mode), st.st_mtime_ns))
-                        stack.append((de.path, rel + "/"))
-                elif fmt == IFLNK:
-                    if excluded is None or not excluded(rel, False):
-                        try:
-                            target = os.readlink(de.path)
-                        except OSError as exc:
-                            errors.append(Issue(rel, f"cannot read symlink: {exc.strerror}"))
-                            continue
-                        append(Entry(rel, LINK, st.st_size, S_IMODE(st.st_mode), st.st_mtime_ns,
-                                     target))
-                elif excluded is None or not excluded(rel, False):
-                    skipped.append(Issue(rel, f"{_SPECIAL.get(fmt, 'special file')} skipped"))
+        try:
+            it = os.scandir(dfd)
+        except OSError as exc:
+            os.close(dfd)
+            errors.append(Issue(prefix.rstrip("/"), f"cannot read directory: {exc.strerror}"))
+            continue
+        try:
+            with it:
+                while True:
+                    try:
+                        de = next(it)
+                    except StopIteration:
+                        break
+                    except OSError as exc:
+                        errors.append(Issue(prefix.rstrip("/"), f"error listing directory: {exc.strerror}"))
+                        break
+                    name = de.name
+                    rel = prefix + name
+                    try:
+                        st = de.stat(follow_symlinks=False)
+                    except OSError as exc:
+                        # Vanished or unreadable between listing and stat: the inventory is incomplete.
+                        errors.append(Issue(rel, f"cannot stat: {exc.strerror}"))
+                        continue
+                    fmt = S_IFMT(st.st_mode)
+                    if fmt == IFREG:
+                        if excluded is None or not excluded(rel, False):
+                            append(Entry(rel, FILE, st.st_size, S_IMODE(st.st_mode), st.st_mtime_ns))
+                    elif fmt == IFDIR:
+                        if excluded is None or not excluded(rel, True):
+                            append(Entry(rel, DIR, 0, S_IMODE(st.st_mode), st.st_mtime_ns))
+                            stack.append((dirpath + "/" + name, rel + "/"))
+                    elif fmt == IFLNK:
+                        if excluded is None or not excluded(rel, False):
+                            try:
+                                target = os.readlink(name, dir_fd=dfd)
+                            except OSError as exc:
+                                errors.append(Issue(rel, f"cannot read symlink: {exc.strerror}"))
+                                continue
+                            append(Entry(rel, LINK, st.st_size, S_IMODE(st.st_mode), st.st_mtime_ns,
+                                         target))
+                    elif excluded is None or not excluded(rel, False):
+                        skipped.append(Issue(rel, f"{_SPECIAL.get(fmt, 'special file')} skipped"))
+        finally:
+            os.close(dfd)
     return entries, errors, skipped
 
 

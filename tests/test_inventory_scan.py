@@ -93,15 +93,15 @@ def test_missing_root_raises_and_file_root_raises(tmp_path):
 def test_unreadable_directory_is_a_scan_error_not_an_exception(tmp_path, monkeypatch):
     put(tmp_path, "good/a")
     put(tmp_path, "locked/b")
-    real = os.scandir
+    real = os.open
     locked = str(tmp_path / "locked")
 
-    def fake(path):
+    def fake_open(path, flags, *args, **kw):
         if os.fsdecode(path) == locked:
             raise PermissionError(13, "Permission denied", path)
-        return real(path)
+        return real(path, flags, *args, **kw)
 
-    monkeypatch.setattr("inventory.scanner.os.scandir", fake)
+    monkeypatch.setattr("inventory.scanner.os.open", fake_open)
     inv = scan(tmp_path)
     assert "good/a" in inv and "locked" in inv and "locked/b" not in inv
     assert [(e.path, e.message) for e in inv.errors] == [("locked", "cannot read directory: Permission denied")]
