@@ -226,23 +226,23 @@ def test_run_exit_codes_and_timeouts(demo, cli):
 def test_sync_mayors_rsync_embedded(demo, cli, tmp_path):
     topo, state = demo
     src = make_tree(tmp_path / "repo")
-    r = cli("sync-mayors", str(src))
+    r = cli("sync-mayors", "--method", "rsync", str(src))
     assert r.code == 0, r.err
     assert "mayor1" in r.out and "2/2 targets in sync" in r.out
     for m in ("mayor1", "mayor2"):
         assert_same_tree(src, _h(state, m, "opt/chiba/repo"))
-    j = cli("--json", "sync-mayors", str(src)).json()
+    j = cli("--json", "sync-mayors", "--method", "rsync", str(src)).json()
     assert j["ok"] and all(h["files_transferred"] == 0 for h in j["hosts"].values())
     # a stale file on one mayor: --dry-run leaves it, --delete removes it
     stale = _h(state, "mayor2", "opt/chiba/repo", "stale")
     stale.write_text("old")
     (src / "plain.txt").write_text("changed")
-    j = cli("--json", "sync-mayors", "--dry-run", "--delete", str(src)).json()
+    j = cli("--json", "sync-mayors", "--method", "rsync", "--dry-run", "--delete", str(src)).json()
     assert j["ok"] and stale.exists() and j["hosts"]["mayor1"]["files_transferred"] == 1
-    j = cli("--json", "sync-mayors", "--delete", "--checksum", str(src)).json()
+    j = cli("--json", "sync-mayors", "--method", "rsync", "--delete", "--checksum", str(src)).json()
     assert j["ok"] and not stale.exists()
     assert_same_tree(src, _h(state, "mayor2", "opt/chiba/repo"))
-    j = cli("--json", "sync-mayors", "--targets", "ccn0[1-2]", "--dest", "r", "--exclude",
+    j = cli("--json", "sync-mayors", "--method", "rsync", "--targets", "ccn0[1-2]", "--dest", "r", "--exclude",
             "*.txt", str(src)).json()
     assert j["targets"] == ["ccn01", "ccn02"] and j["dest"] == "/opt/chiba/repo/r"
     got = _tree(_h(state, "ccn02", "opt/chiba/repo/r"))
@@ -251,16 +251,36 @@ def test_sync_mayors_rsync_embedded(demo, cli, tmp_path):
 
 def test_sync_mayors_bad_input_and_failure(demo, cli, tmp_path):
     topo, state = demo
-    r = cli("sync-mayors", str(tmp_path / "missing"))
+    r = cli("sync-mayors", "--method", "rsync", str(tmp_path / "missing"))
     assert r.code == 2 and "source is not a directory" in r.err
     (tmp_path / "empty").mkdir()
-    r = cli("sync-mayors", "--delete", str(tmp_path / "empty"))
+    r = cli("sync-mayors", "--method", "rsync", "--delete", str(tmp_path / "empty"))
     assert r.code == 2 and "empty source" in r.err
-    r = cli("sync-mayors", "--targets", "mayor9", str(tmp_path))
+    r = cli("sync-mayors", "--method", "rsync", "--targets", "mayor9", str(tmp_path))
     assert r.code == 2
     # mayor1's destination is a file: its rsync fails, mayor2's succeeds
     _h(state, "mayor1", "opt/chiba/repo/blocked").write_text("x")
     src = make_tree(tmp_path / "src")
-    r = cli("sync-mayors", "--dest", "blocked/sub", str(src))
+    r = cli("sync-mayors", "--method", "rsync", "--dest", "blocked/sub", str(src))
     assert r.code == 1 and "mayor1" in r.err and "mayor2" not in r.err
     assert_same_tree(src, _h(state, "mayor2", "opt/chiba/repo/blocked/sub"))
+
+
+def test_stage_and_collect_cli_method_transit(demo, cli, tmp_path):
+    """The lead's stage/collect commands drive stage_transit/collect_transit (exit 1 on a host)."""
+    topo, state = demo
+    src = make_tree(tmp_path / "cli src")
+    r = cli("--json", "stage", str(src), "--nodes", "@town2", "--method", "transit")
+    assert r.code == 0, r.err
+    assert r.json()["method"] == "transit" and r.json()["nodes"] == NODES[4:]
+    for n in NODES[4:]:
+        assert_same_tree(src, _h(state, n, "scratch", "cli src"))
+    _h(state, "ccn02", "scratch", "cli src").write_text("blocks the directory")
+    r = cli("stage", str(src), "--nodes", "ccn0[1-2]", "--method", "transit")
+    assert r.code == 1 and "ccn02" in r.err and "ccn01" not in r.err
+    r = cli("collect", "cli src", "--nodes", "@town2", "--method", "transit", "--dest",
+            str(tmp_path / "back"))
+    assert r.code == 0, r.err
+    assert_same_tree(src, tmp_path / "back" / "ccn07" / "cli src")
+    r = cli("stage", str(tmp_path / "nope"), "--nodes", "@nodes", "--method", "transit")
+    assert r.code == 2 and "source does not exist" in r.err

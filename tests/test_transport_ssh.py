@@ -287,14 +287,14 @@ def test_transit_mayor_unreachable(tmp_path, sshd):
 def test_rsync_over_ssh(cli, loop, tmp_path):
     path, base = loop
     src = make_tree(tmp_path / "repo")
-    r = cli("--cluster", path, "--json", "sync-mayors", str(src), "--dest", "sub dir")
+    r = cli("--cluster", path, "--json", "sync-mayors", "--method", "rsync", str(src), "--dest", "sub dir")
     assert r.code == 0, r.out + r.err
     j = r.json()
     assert j["ok"] and j["targets"] == ["mayor1", "mayor2"]
     assert j["hosts"]["mayor1"]["files_transferred"] == len(WEIRD_NAMES) + 1
     for m in ("mayor1", "mayor2"):
         assert_same_tree(src, base / m / "repo" / "sub dir")
-    r = cli("--cluster", path, "--json", "sync-mayors", str(src), "--dest", "sub dir")
+    r = cli("--cluster", path, "--json", "sync-mayors", "--method", "rsync", str(src), "--dest", "sub dir")
     assert r.json()["hosts"]["mayor2"]["files_transferred"] == 0  # already in sync
 
 
@@ -307,7 +307,7 @@ def test_rsync_over_ssh_refused_and_bad_key(cli, tmp_path, sshd):
     path = write_topology(tmp_path / "h", sshd, {"mayor1": {"port": _free_port()},
                                                  "mayor2": {"known_hosts": str(bad)}})
     src = make_tree(tmp_path / "repo")
-    r = cli("--cluster", path, "sync-mayors", str(src))
+    r = cli("--cluster", path, "sync-mayors", "--method", "rsync", str(src))
     assert r.code == 1
     assert "mayor1: rsync exit" in r.err and "Connection refused" in r.err
     assert "mayor2: rsync exit 255" in r.err and "Host key verification failed" in r.err

@@ -1,0 +1,212 @@
+"""Unit tests of the fan-out, grouping, quoting, and pure planning, with a fake transport."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from legacy_transit.fanout import (GroupResult, LineSplitter, compact_rc, group_outputs,
+                                   run_on, window)
+from legacy_transit.rsync import parse_stats, rsync_argv, ssh_command
+from legacy_transit.transit import plan_transit
+from legacy_transit.transit_agent import unpack_command
+from legacy_transit.transport import (RunResult, Transport, UNREACHABLE, command_line,
+                                      env_prefixed, transport_for)
+from conftest import DEMO
+from topology import Host, SSHSettings, load_topology
+
+
+class FakeTransport(Transport):
+    """Scripted per-host behaviour; records how many commands ran at once."""
+
+    def __init__(self, script=None, delay=0.02):
+        self.script, self.delay = script or {}, delay
+        self.active = self.peak = 0
+        self.lock = threading.Lock()
+        self.calls = []
+
+    def run(self, host, cmd, timeout=None, env=None, stdin=None, on_stdout=None,
+            on_stderr=None):
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            self.calls.append((host.name, cmd, stdin))
+        try:
+            time.sleep(self.delay)
+            beh = self.script.get(host.name, ("out\n", "", 0))
+            if isinstance(beh, Exception):
+                raise beh
+            if beh == "unreachable":
+                return RunResult(host.name, UNREACHABLE, error="connection refused")
+            out, err, rc = beh
+            r = RunResult(host.name, rc)
+            for chunk in (out[:3], out[3:]):  # split mid-line, as a network would
+                if on_stdout:
+                    on_stdout(chunk.encode())
+                else:
+                    r.stdout += chunk.encode()
+            if on_stderr:
+                on_stderr(err.encode())
+            else:
+                r.stderr = err.encode()
+            return r
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def hosts(n):
+    return [Host(f"n{i:02d}", "node", "t1") for i in range(1, n + 1)]
+
+
+def test_window_is_bounded_and_ordered():
+    t = FakeTransport()
+    res = run_on(t, hosts(20), "x", fanout=4)
+    assert t.peak == 4
+    assert list(res.results) == [f"n{i:02d}" for i in range(1, 21)]
+    assert res.ok and res.rc == 0
+
+
+def test_failures_never_stop_others_and_rc_like_pdsh_S():
+    script = {"n02": ("", "boom\n", 3), "n03": RuntimeError("bug"), "n04": "unreachable"}
+    res = run_on(FakeTransport(script), hosts(6), ["true"], fanout=2)
+    assert set(res.succeeded) == {"n01", "n05", "n06"}
+    assert set(res.failed) == {"n02", "n03", "n04"}
+    assert res.rc == UNREACHABLE
+    assert res.failures()["n02"] == "exit 3: boom"
+    assert "RuntimeError: bug" in res.failures()["n03"]
+    assert res.failures()["n04"] == "connection refused"
+    res = run_on(FakeTransport({"n02": ("", "", 3), "n05": ("", "", 1)}), hosts(6), "x")
+    assert res.rc == 3
+    assert compact_rc([]) == 0
+
+
+def test_lines_labelled_as_they_arrive_and_grouped():
+    lines = []
+    script = {"n03": ("other\n", "", 0), "n04": ("no newline", "warn\n", 0)}
+    res = run_on(FakeTransport(script), hosts(5), "x",
+                 on_line=lambda h, s, ln: lines.append((h, s, ln)))
+    assert ("n01", "stdout", "out") in lines and ("n04", "stdout", "no newline") in lines
+    assert ("n04", "stderr", "warn") in lines
+    assert res.results["n01"].out == "out\n"  # kept for grouping even when streamed
+    groups = group_outputs(res)
+    assert [g.nodeset for g in groups] == ["n[01-02,05]", "n03", "n04"]
+    assert groups[0].output == "out\n" and len(groups[0].hosts) == 3
+    assert groups[2].output == "no newlinewarn\n"
+
+
+def test_grouping_separates_exit_codes_and_errors():
+    script = {"n02": ("out\n", "", 1), "n03": "unreachable", "n04": "unreachable"}
+    groups = group_outputs(run_on(FakeTransport(script), hosts(4), "x"))
+    by = {g.nodeset: g for g in groups}
+    assert by["n[03-04]"].output == "error: connection refused\n"
+    assert by["n[03-04]"].rc == UNREACHABLE and by["n02"].rc == 1 and by["n01"].rc == 0
+
+
+def test_window_exceptions_and_empty():
+    assert window([], lambda h: 1) == {}
+    got = window(hosts(3), lambda h: 1 / 0 if h.name == "n02" else h.name, fanout=8)
+    assert got["n01"] == "n01" and isinstance(got["n02"], ZeroDivisionError)
+
+
+def test_stdin_file_read_once_for_all_hosts(tmp_path):
+    f = tmp_path / "in"
+    f.write_bytes(b"data")
+    t = FakeTransport()
+    with open(f, "rb") as fh:
+        run_on(t, hosts(3), "cat", stdin=fh)
+    assert [c[2] for c in t.calls] == [b"data"] * 3
+
+
+def test_line_splitter_partial_lines():
+    got = []
+    s = LineSplitter("h", "stdout", lambda h, st_, ln: got.append(ln))
+    for chunk in (b"ab", b"c\nde", b"f\n\nlast"):
+        s(chunk)
+    s.flush()
+    assert got == ["abc", "def", "", "last"]
+
+
+NASTY = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                max_size=20)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(NASTY, min_size=1, max_size=4), NASTY)
+def test_quoting_survives_a_real_shell(args, value):
+    """What we build is what the remote program receives, whatever the names."""
+    line = env_prefixed(["sh", "-c", 'printf "%s\\0" "$CHIBA_X" "$@"', "sh", *args],
+                        {"CHIBA_X": value})
+    out = subprocess.run(["sh", "-c", line], capture_output=True, check=True).stdout
+    got = out.decode("utf-8", "surrogateescape").split("\0")[:-1]
+    assert got == [value, *args]
+
+
+def test_command_line_forms():
+    assert command_line(["printf", "%s", "a b"]) == "printf %s 'a b'"
+    assert command_line("ls | wc -l") == "ls | wc -l"
+    assert env_prefixed("echo $X", {"X": "1"}) == "env X=1 sh -c 'echo $X'"
+    line = unpack_command("/s/it's $(x)", "/m/t.tar")
+    assert line == ("mkdir -p -- '/s/it'\"'\"'s $(x)' && tar -x -f /m/t.tar -C "
+                    "'/s/it'\"'\"'s $(x)' --no-same-owner")
+    assert type(transport_for("embedded")).__name__ == "LocalTransport"
+    assert type(transport_for("ssh")).__name__ == "SSHTransport"
+
+
+def test_plan_transit_routes_and_dest_rule(tmp_path):
+    (tmp_path / "d").mkdir()
+    topo = load_topology(DEMO)
+    p = plan_transit(topo, str(tmp_path / "d"), ["ccn07", "ccn01", "ccn02"])
+    assert [(leg.mayor.name, [n.name for n in leg.nodes]) for leg in p.legs] == \
+        [("mayor1", ["ccn01", "ccn02"]), ("mayor2", ["ccn07"])]
+    assert p.dests["ccn01"] == "/scratch/d" and p.same_host
+    assert p.legs[0].tar.startswith("/var/spool/chiba/transit-d-")
+    assert plan_transit(topo, str(tmp_path / "d"), ["ccn01"], "/abs").dests["ccn01"] == "/abs"
+    assert plan_transit(topo, str(tmp_path / "d"), ["ccn01"], "r/x").dests["ccn01"] == \
+        "/scratch/r/x"
+
+
+def test_rsync_argv_and_stats():
+    h = Host("m1", "mayor", address="10.0.0.2",
+             ssh=SSHSettings(user="root", port=2222, identity_file="/k/id x",
+                             known_hosts="/k/kh"))
+    argv = rsync_argv("/src", h, "/opt/repo dir", kind="ssh", delete=True,
+                      excludes=("*.o",), checksum=True)
+    assert argv[:3] == ("rsync", "-a", "--stats") and "--delete" in argv
+    assert argv[-2:] == ("/src/", "10.0.0.2:/opt/repo dir/")
+    e = argv[argv.index("-e") + 1]
+    assert "-p 2222" in e and "'/k/id x'" in e and "UserKnownHostsFile=/k/kh" in e
+    assert "StrictHostKeyChecking=yes" in ssh_command(h)
+    assert argv[argv.index("--rsync-path") + 1] == "mkdir -p -- '/opt/repo dir' && rsync"
+    emb = Host("m1", "mayor", root="/state/m1")
+    assert rsync_argv("/src/", emb, "/opt/r", kind="embedded")[-1] == "/state/m1/opt/r/"
+    s = parse_stats("Number of files: 1,234 (reg: 1,000)\n"
+                    "Number of regular files transferred: 12\nTotal file size: 9,876,543 "
+                    "bytes\nTotal bytes sent: 1,024\nTotal bytes received: 35\n")
+    assert (s.files_total, s.files_transferred, s.total_size, s.bytes_sent,
+            s.bytes_received) == (1234, 12, 9876543, 1024, 35)
+
+
+def test_group_result_to_dict_is_json():
+    import json
+
+    g = GroupResult({"a": RunResult("a", 0, b"x\n"), "b": RunResult("b", 2, b"", b"e\n")})
+    d = json.loads(json.dumps(g.to_dict()))
+    assert d["rc"] == 2 and d["failures"] == {"b": "exit 2: e"}
+
+
+def test_local_transport_timeout_kills_the_group(tmp_path):
+    t = transport_for("embedded")
+    h = Host("x", "node", root=str(tmp_path))
+    t0 = time.monotonic()
+    r = t.run(h, "sleep 10 & sleep 10; wait", timeout=0.3)
+    assert r.rc == UNREACHABLE and "timed out" in r.error
+    assert time.monotonic() - t0 < 3
+    r = t.run(h, ["sh", "-c", 'pwd; echo "$CHIBA_SCRATCH"'])
+    assert r.out.splitlines() == [str(tmp_path), str(Path(tmp_path, "scratch"))]

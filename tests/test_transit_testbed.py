@@ -1,0 +1,113 @@
+"""City Transit, run, collect and rsync on the namespace testbed: real sshd per host, shaped links."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_legacy_embedded import assert_same_tree, make_tree
+
+pytestmark = pytest.mark.testbed
+CHIBA = os.path.join(os.path.dirname(sys.executable), "chiba-admin")
+NODES = [f"ccn0{i}" for i in range(1, 9)]
+
+
+@pytest.fixture
+def tb(request):
+    """The session testbed when tests/testbed_fixtures.py provides it; skip otherwise."""
+    try:
+        from testbed_fixtures import require_testbed
+    except ImportError:
+        pytest.skip("tests/testbed_fixtures.py is not available")
+    require_testbed()
+    try:
+        return request.getfixturevalue("testbed_cluster")
+    except pytest.FixtureLookupError:
+        pytest.skip("the testbed_cluster fixture is not registered")
+
+
+def _data(tb, host: str, kind: str) -> Path:
+    """Where a host's private scratch/spool/repository lives on this machine's disk."""
+    for path, src in tb.plan.host(host).mounts:
+        if src.endswith(f"/data/{kind}"):
+            return Path(src)
+    raise KeyError(kind)
+
+
+def _cli(tb, *args: str, host: str | None = None):
+    """chiba-admin run on the president (where the paper ran City Transit)."""
+    cp = tb.exec(host or tb.president, [CHIBA, "--cluster", str(tb.topology_file), *args],
+                 timeout=180)
+    return cp.returncode, cp.stdout, cp.stderr
+
+
+def _cleanup(tb, hosts, *paths):
+    for h in hosts:
+        tb.exec(h, ["rm", "-rf", "--", *paths])
+
+
+def test_transit_stage_collect_run_on_testbed(tb, tmp_path):
+    src = make_tree(tmp_path / "payload", big=256 * 1024)
+    try:
+        code, out, err = _cli(tb, "--json", "stage", str(src), "--nodes", "@nodes",
+                              "--method", "transit", "--dest", "lt/in")
+        res = json.loads(out)
+        assert code == 0 and res["ok"], err + json.dumps(res.get("failures"))
+        print(f"\ntestbed transit to 8 nodes: {res['seconds']:.2f} s, phases {res['phases']}")
+        for n in NODES:
+            assert_same_tree(src, _data(tb, n, "scratch") / "lt" / "in")
+        for h in ("pres", "mayor1", "mayor2"):
+            assert list(_data(tb, h, "spool").glob("transit-*")) == []
+        # every node's checksums agree: one gathered block
+        code, out, err = _cli(tb, "run", "-w", "@nodes", "-b", "--", "sh", "-c",
+                              'cd "$CHIBA_SCRATCH/lt/in" && sha256sum -- *.txt')
+        assert code == 0 and "ccn[01-08] (8)" in out, err
+        code, out, err = _cli(tb, "--json", "collect", "lt/in", "--nodes", "ccn0[1-3]",
+                              "--method", "transit", "--dest", str(tmp_path / "back"))
+        assert code == 0, err
+        for n in ("ccn01", "ccn02", "ccn03"):
+            assert_same_tree(src, tmp_path / "back" / n / "in")
+    finally:
+        _cleanup(tb, NODES, "/scratch/lt")
+
+
+def test_transit_fault_on_testbed_names_host_and_stage(tb, tmp_path):
+    src = make_tree(tmp_path / "payload", big=200 * 1024)
+    tb.fault("ccn06", "fill-disk")
+    try:
+        tb.fault("ccn02", "kill-sshd")
+        try:
+            code, out, err = _cli(tb, "--json", "stage", str(src), "--nodes", "@nodes",
+                                  "--method", "transit", "--dest", "lt/f")
+        finally:
+            tb.heal("ccn02")
+    finally:
+        tb.heal("ccn06")
+    try:
+        res = json.loads(out)
+        assert code == 1 and set(res["failures"]) == {"ccn02", "ccn06"}, res["failures"]
+        assert res["hosts"]["ccn02"]["stage"] == "unpack"
+        assert "refused" in res["hosts"]["ccn02"]["error"]
+        assert "space" in res["hosts"]["ccn06"]["error"]
+        for n in ("ccn01", "ccn03", "ccn05", "ccn08"):
+            assert_same_tree(src, _data(tb, n, "scratch") / "lt" / "f")
+    finally:
+        _cleanup(tb, NODES, "/scratch/lt")
+
+
+def test_rsync_on_testbed(tb, tmp_path):
+    src = make_tree(tmp_path / "repo")
+    try:
+        code, out, err = _cli(tb, "--json", "sync-mayors", "--method", "rsync", str(src), "--dest", "lt-repo")
+        res = json.loads(out)
+        assert code == 0 and res["ok"], res["failures"]
+        for m in ("mayor1", "mayor2"):
+            assert_same_tree(src, _data(tb, m, "repository") / "lt-repo")
+        code, out, err = _cli(tb, "--json", "sync-mayors", "--method", "rsync", str(src), "--dest", "lt-repo")
+        assert all(h["files_transferred"] == 0 for h in json.loads(out)["hosts"].values())
+    finally:
+        _cleanup(tb, ["mayor1", "mayor2"], "/opt/chiba/repo/lt-repo")
