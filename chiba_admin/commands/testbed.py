@@ -26,15 +26,17 @@ def usage_text(tb) -> str:
     """How to use a testbed that is up (printed by `up`)."""
     pres = tb.president
     node = tb.hosts_by_role("node")[0]
+    st = f" --state {tb.state}"
     lines = [
         f"testbed {tb.id} is up: {len(tb.hosts)} hosts on {tb.subnet}, state in {tb.state}",
         f"  topology:   chiba-admin --cluster {tb.topology_file} topology show",
-        f"  a shell:    chiba-admin testbed exec {pres} -- bash",
-        f"  ssh:        chiba-admin testbed exec {pres} -- ssh -F {tb.ssh_config} {node} hostname",
-        f"  commands:   chiba-admin testbed exec {pres} -- chiba-admin --cluster "
+        f"  a shell:    chiba-admin testbed exec{st} {pres} -- bash",
+        f"  ssh:        chiba-admin testbed exec{st} {pres} -- ssh -F {tb.ssh_config} {node} "
+        "hostname",
+        f"  commands:   chiba-admin testbed exec{st} {pres} -- chiba-admin --cluster "
         f"{tb.topology_file} ...   (run them on the president)",
-        f"  counters:   chiba-admin testbed counters --state {tb.state}",
-        f"  take down:  chiba-admin testbed down --state {tb.state}",
+        f"  counters:   chiba-admin testbed counters{st}",
+        f"  take down:  chiba-admin testbed down{st}",
     ]
     return "\n".join(lines)
 
