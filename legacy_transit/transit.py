@@ -314,12 +314,12 @@ def _leg_of(legs, mayor) -> TownLeg:
 def _unpack(topo, plan, legs, transport, run: _Run, size: int, fanout, timeout) -> None:
     """Run the agent on every mayor at once; each fans out to its nodes."""
     t_stage = time.monotonic()
+    by_mayor = {leg.mayor.name: leg for leg in legs}
 
     def on_mayor(m):
-        leg = _leg_of(legs, m)
-        pend = run.pending(leg.nodes)
+        pend = run.pending(by_mayor[m.name].nodes)
         agent = {"action": "unpack", "kind": topo.kind, "fanout": fanout, "timeout": timeout,
-                 "bytes": size, "file": m.local_path(leg.tar),
+                 "bytes": size, "file": m.local_path(by_mayor[m.name].tar),
                  # embedded: the node's process reads the tar on the mayor's "disk" (the
                  # paper's NFS mount); over SSH the mayor streams it into the node's tar -x
                  "mode": "read" if topo.kind == "embedded" else "stream",
@@ -330,9 +330,9 @@ def _unpack(topo, plan, legs, transport, run: _Run, size: int, fanout, timeout) 
 
     got = window([leg.mayor for leg in legs], on_mayor, len(legs))
     for mname, r in got.items():
-        if isinstance(r, BaseException):
-            for n in run.pending(_leg_of(legs, _named(legs, mname)).nodes):
-                run.fail(n.name, "unpack", f"mayor {mname}: {r}")
+        if isinstance(r, BaseException):  # a bug here must not hide the other towns
+            for n in run.pending(by_mayor[mname].nodes):
+                run.fail(n.name, "unpack", f"mayor {mname}: {type(r).__name__}: {r}")
             continue
         pend, detail, err = r
         for n in pend:
@@ -346,10 +346,6 @@ def _unpack(topo, plan, legs, transport, run: _Run, size: int, fanout, timeout) 
                 run.hosts[n.name].update(ok=True, bytes=size, seconds=round(secs, 6),
                                          throughput_bps=round(size * 8 / secs, 1) if secs else 0.0)
                 run.phase_bytes["unpack"] += size
-
-
-def _named(legs, name):
-    return next(leg.mayor for leg in legs if leg.mayor.name == name)
 
 
 def _call_agent(topo, transport, host, plan: dict, timeout, children: int, fanout
@@ -369,15 +365,16 @@ def _call_agent(topo, transport, host, plan: dict, timeout, children: int, fanou
 
 
 def _cleanup(plan, legs, transport, local_tar, run: _Run, fanout) -> None:
+    by_mayor = {leg.mayor.name: leg for leg in legs}
     if legs:
         got = window([leg.mayor for leg in legs],
                      lambda m: transport.run(m, ["rm", "-f", "--",
-                                                 m.local_path(_leg_of(legs, m).tar)]),
+                                                 m.local_path(by_mayor[m.name].tar)]),
                      fanout)
         for m, r in got.items():
             if isinstance(r, BaseException) or not r.ok:
                 why = str(r) if isinstance(r, BaseException) else r.reason()
-                run.failures[m] = f"cleanup: cannot remove {_leg_of(legs, _named(legs, m)).tar}: {why}"
+                run.failures[m] = f"cleanup: cannot remove {by_mayor[m].tar}: {why}"
     if not plan.same_host and run.phase_bytes["to_president"]:
         r = transport.run(plan.president, ["rm", "-f", "--",
                                            plan.president.local_path(plan.president_tar)])

@@ -284,3 +284,24 @@ def test_stage_and_collect_cli_method_transit(demo, cli, tmp_path):
     assert_same_tree(src, tmp_path / "back" / "ccn07" / "cli src")
     r = cli("stage", str(tmp_path / "nope"), "--nodes", "@nodes", "--method", "transit")
     assert r.code == 2 and "source does not exist" in r.err
+
+
+def test_transit_home_server_not_president(tmp_path):
+    """With a separate home server the tar goes home -> president, and the president's own
+    agent pushes it to the mayors (recursive control one level up)."""
+    from chiba_admin.embedded import bind, init_cluster
+    from legacy_transit.transit import stage_transit
+    from topology import loads_topology
+
+    text = Path(DEMO).read_text().replace('kind = "embedded"', 'kind = "embedded"\nhome = "mayor2"')
+    topo = bind(loads_topology(text, "home.toml"), tmp_path / "state")
+    init_cluster(topo)
+    src = make_tree(tmp_path / "d")
+    res = stage_transit(topo, str(src), ["ccn01", "ccn08"])
+    assert res["ok"], res["failures"]
+    assert res["phase_bytes"]["to_president"] == res["bytes"] > 0
+    assert res["phase_bytes"]["to_mayors"] == 2 * res["bytes"]
+    for n in ("ccn01", "ccn08"):
+        assert_same_tree(src, tmp_path / "state" / "hosts" / n / "scratch" / "d")
+    for h in ("pres", "mayor1", "mayor2"):
+        assert os.listdir(tmp_path / "state" / "hosts" / h / "var/spool/chiba") == []

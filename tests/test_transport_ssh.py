@@ -91,9 +91,10 @@ LogLevel ERROR
 
 
 def write_topology(base: Path, s: Sshd, hosts: dict[str, dict] | None = None,
-                   name: str = "loop") -> str:
+                   name: str = "loop", home: str | None = None) -> str:
     """An ssh topology whose hosts are all this machine, each with its own directories."""
-    lines = [f'[cluster]\nname = "{name}"\nkind = "ssh"\n',
+    lines = [f'[cluster]\nname = "{name}"\nkind = "ssh"\n'
+             + (f'home = "{home}"\n' if home else ""),
              f'[defaults.ssh]\nuser = "root"\nport = {s.port}\nidentity_file = "{s.key}"\n'
              f'known_hosts = "{s.known_hosts}"\nconnect_timeout = 5\n',
              '[links.core]\nbandwidth = "1Gbit"\n[links.town]\nbandwidth = "100Mbit"\n',
@@ -270,6 +271,20 @@ def test_transit_over_ssh_partial_failure(tmp_path, sshd):
     assert h["stage"] == "unpack" and "connection refused" in h["error"]
     for n in ("ccn01", "ccn02", "ccn04"):
         assert_same_tree(src, tmp_path / "h" / n / "scratch" / "payload")
+
+
+def test_transit_over_ssh_home_not_president(tmp_path, sshd):
+    from legacy_transit.transit import stage_transit
+
+    path = write_topology(tmp_path / "h", sshd, home="mayor2")
+    src = make_tree(tmp_path / "payload")
+    res = stage_transit(_topo(path), str(src), ["ccn01", "ccn04"])
+    assert res["ok"], res["failures"]
+    assert res["phase_bytes"]["to_president"] == res["bytes"]
+    for n in ("ccn01", "ccn04"):
+        assert_same_tree(src, tmp_path / "h" / n / "scratch" / "payload")
+    for h in ("pres", "mayor1", "mayor2"):
+        assert os.listdir(tmp_path / "h" / h / "spool") == []
 
 
 def test_transit_mayor_unreachable(tmp_path, sshd):
