@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -90,23 +92,51 @@ def environment(site: "Site") -> dict:
 
 @dataclass
 class Site:
-    """A cluster to benchmark on: its topology, link rates, counters and clean-up."""
+    """A cluster to benchmark on: how to run chiba-admin there, its link rates and counters.
+
+    Every run is the real command an operator types, run where the operator would run it
+    (on the testbed: inside the president's namespaces), timed as a user waits for it.
+    """
 
     kind: str
     topo: object
+    cluster_args: list[str]
     node_bps: float | None
     mayor_bps: float | None
     measure: Callable[[], contextlib.AbstractContextManager]
-    wipe: Callable[[list[str], str], None]
+    wrap: Callable[[list[str]], list[str]] = lambda argv: argv
     close: Callable[[], None] = lambda: None
     towns: int = 0
     nodes_per_town: int = 0
-    extra: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "name": self.topo.name, "towns": self.towns,
                 "nodes_per_town": self.nodes_per_town, "node_bps": self.node_bps,
                 "mayor_bps": self.mayor_bps, "hosts": self.topo.summary()["hosts"]}
+
+    def cli(self, *args: str, timeout: float = 1800) -> tuple[dict | None, float, str]:
+        """Run ``chiba-admin --json ARGS`` on the site; (parsed JSON or None, wall s, stderr)."""
+        exe = str(Path(sys.executable).with_name("chiba-admin"))
+        argv = self.wrap([exe, "--json", *self.cluster_args, *args])
+        t0 = time.monotonic()
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+        wall = time.monotonic() - t0
+        try:
+            out = json.loads(p.stdout) if p.stdout.strip() else None
+        except ValueError:
+            out = None
+        return out, wall, p.stderr.strip()
+
+    def wipe(self, hosts: list[str], var: str, rel: str) -> None:
+        """Remove ``$var/rel`` (var: CHIBA_SCRATCH or CHIBA_REPO) on ``hosts`` with `run`,
+        so the same line serves directories, the testbed and real hosts."""
+        from topology import fold
+
+        script = f'rm -rf -- "${var}"/{shlex.quote(rel)}'
+        out, _, err = self.cli("run", "-w", fold(hosts), "--", "sh", "-c", script)
+        if out is None and err:
+            raise UsageError(f"cannot clean ${var}/{rel} on {fold(hosts)}: {err}")
 
 
 class _NoCounters:
@@ -125,43 +155,38 @@ def embedded_site(towns: int, per_town: int, workdir: Path) -> Site:
 
     from .embedded import bind, init_cluster
 
-    topo = loads_topology(generated_topology_toml(towns, per_town, 100e6, 1e9),
-                          source="<bench embedded>")
-    topo.name = "bench-embedded"
-    topo = bind(topo, workdir / "cluster")
+    text = generated_topology_toml(towns, per_town, 100e6, 1e9).replace(
+        'name = "testbed"', 'name = "bench-embedded"')
+    tfile = workdir / f"embedded-{towns}x{per_town}.toml"
+    tfile.write_text(text)
+    state = workdir / f"cluster-{towns}x{per_town}"
+    topo = bind(loads_topology(text, source=str(tfile)), state)
     init_cluster(topo)
-
-    def wipe(hosts: list[str], path: str) -> None:
-        for h in hosts:
-            shutil.rmtree(topo.host(h).local_path(path), ignore_errors=True)
-
-    return Site("embedded", topo, None, None, _no_measure, wipe, towns=towns,
-                nodes_per_town=per_town)
+    return Site("embedded", topo, ["--cluster", str(tfile), "--state", str(state)], None,
+                None, _no_measure, towns=towns, nodes_per_town=per_town,
+                close=lambda: shutil.rmtree(state, ignore_errors=True))
 
 
 def testbed_site(towns: int, per_town: int, workdir: Path, node_mbit: float,
                  mayor_mbit: float) -> Site:
     """A namespace testbed brought up for the benchmark and taken down by ``close``."""
     import testbed
-    from legacy_transit.fanout import run_on
-    from legacy_transit.transport import transport_for
     from topology import load_topology
 
-    state = workdir / "testbed"
+    state = workdir / f"testbed-{towns}x{per_town}"
     topo0 = testbed.generated_topology(towns, per_town, node_mbit * 1e6, mayor_mbit * 1e6)
     testbed.up(topo0, state, node_bps=node_mbit * 1e6, mayor_bps=mayor_mbit * 1e6)
-    tb = testbed.Testbed(state)
-    topo = load_topology(tb.topology_file)
-
-    transport = transport_for(topo)
-
-    def wipe(hosts: list[str], path: str) -> None:
-        run_on(transport, [topo.host(h) for h in hosts], ["rm", "-rf", "--", path])
-
-    return Site("testbed", topo, node_mbit * 1e6, mayor_mbit * 1e6,
-                lambda: testbed.measure(state), wipe,
-                lambda: (transport.close(), testbed.down(state)),
-                towns=towns, nodes_per_town=per_town, extra={"state": str(state)})
+    try:
+        tb = testbed.Testbed(state)
+        topo = load_topology(tb.topology_file)
+        pres = tb.president
+    except BaseException:
+        testbed.down(state)
+        raise
+    return Site("testbed", topo, ["--cluster", str(tb.topology_file)], node_mbit * 1e6,
+                mayor_mbit * 1e6, lambda: testbed.measure(state),
+                wrap=lambda argv: tb.exec_argv(pres, argv),
+                close=lambda: testbed.down(state), towns=towns, nodes_per_town=per_town)
 
 
 def open_site(where: str, towns: int, per_town: int, workdir: Path, *,
@@ -185,21 +210,17 @@ STAGE_METHODS = (("transit", None), ("mpi", "bcast"), ("mpi", "chain"))
 
 def _stage_once(site: Site, method: str, alg: str | None, src: Path, nodes: list[str],
                 dest: str) -> dict:
-    topo = site.topo
+    from topology import fold
+
+    args = ["stage", str(src), "--nodes", fold(nodes), "--dest", dest, "--method", method]
+    if alg:
+        args += ["--algorithm", alg]
     with site.measure() as m:
-        t0 = time.monotonic()
-        if method == "transit":
-            from legacy_transit.transit import stage_transit
-
-            res = stage_transit(topo, str(src), nodes, dest)
-        else:
-            from mpitools.staging import stage_mpi
-
-            res = stage_mpi(topo, str(src), nodes, dest, algorithm=alg)
-        wall = time.monotonic() - t0
+        res, wall, err = site.cli(*args)
+    res = res or {}
     return {"ok": bool(res.get("ok")), "seconds": wall, "phases": res.get("phases", {}),
-            "failures": res.get("failures", {}), "archive_bytes": res.get("bytes"),
-            "nic": m.infrastructure}
+            "failures": res.get("failures") or ({"-": err} if err and not res else {}),
+            "archive_bytes": res.get("bytes"), "nic": m.infrastructure}
 
 
 def stage_suite(site: Site, *, node_counts: list[int], sizes: list[int], datas: list[str],
@@ -223,7 +244,7 @@ def stage_suite(site: Site, *, node_counts: list[int], sizes: list[int], datas: 
                 dest = f"bench-{data}"
                 for i in range(repeat):
                     for method, alg in methods:
-                        site.wipe(nodes, site.topo.host(nodes[0]).resolve("scratch", dest))
+                        site.wipe(nodes, "CHIBA_SCRATCH", dest)
                         r = _stage_once(site, method, alg, src, nodes, dest)
                         run = {"workload": "stage", "data": data, "size_bytes": payload,
                                "nodes": n, "method": method, "algorithm": alg,
@@ -231,7 +252,7 @@ def stage_suite(site: Site, *, node_counts: list[int], sizes: list[int], datas: 
                         runs.append(run)
                         if on_run:
                             on_run(run)
-                site.wipe(nodes, site.topo.host(nodes[0]).resolve("scratch", dest))
+                site.wipe(nodes, "CHIBA_SCRATCH", dest)
     return runs
 
 
@@ -240,20 +261,17 @@ SYNC_METHODS = ("rsync", "mpi")
 
 
 def _sync_once(site: Site, method: str, src: Path, targets: list[str], dest: str) -> dict:
-    topo = site.topo
+    from topology import fold
+
+    args = ["sync-mayors", str(src), "--targets", fold(targets), "--dest", dest,
+            "--method", method, "--delete"]
+    if method == "rsync":
+        args += ["-f", str(max(1, len(targets)))]
     with site.measure() as m:
-        t0 = time.monotonic()
-        if method == "rsync":
-            from legacy_transit.rsync import sync_rsync
-
-            res = sync_rsync(topo, str(src), targets, dest, delete=True,
-                             fanout=max(1, len(targets)))
-        else:
-            from mpitools.syncing import sync_mpi
-
-            res = sync_mpi(topo, str(src), targets, dest, delete=True)
-        wall = time.monotonic() - t0
-    return {"ok": bool(res.get("ok")), "seconds": wall, "failures": res.get("failures", {}),
+        res, wall, err = site.cli(*args)
+    res = res or {}
+    return {"ok": bool(res.get("ok")), "seconds": wall,
+            "failures": res.get("failures") or ({"-": err} if err and not res else {}),
             "nic": m.infrastructure}
 
 
@@ -274,12 +292,11 @@ def sync_suite(site: Site, *, target_counts: list[int], repeat: int, workdir: Pa
         if n > len(pool):
             raise UsageError(f"{n} targets asked, the site has {len(pool)} hosts to use")
         targets = pool[:n]
-        path = site.topo.host(targets[0]).resolve("repository", dest)
         for method in SYNC_METHODS:
             for scenario in ("full", "changed", "nochange"):
                 for i in range(repeat):
                     if scenario == "full":
-                        site.wipe(targets, path)
+                        site.wipe(targets, "CHIBA_REPO", dest)
                         changed = benchdata.tree_bytes(src)
                     elif scenario == "changed":
                         seed += 1
@@ -292,7 +309,7 @@ def sync_suite(site: Site, *, target_counts: list[int], repeat: int, workdir: Pa
                     runs.append(run)
                     if on_run:
                         on_run(run)
-        site.wipe(targets, path)
+        site.wipe(targets, "CHIBA_REPO", dest)
     return runs
 
 
@@ -303,8 +320,6 @@ def write_record(site: Site, suite: str, runs: list[dict], outdir: Path,
     path = outdir / f"{suite}-{site.kind}-{stamp}.json"
     rec = {"schema": SCHEMA, "suite": suite, "cluster": site.describe(),
            "env": env or environment(site), "runs": runs}
-    import json
-
     path.write_text(json.dumps(rec, indent=1, default=str))
     return path
 
