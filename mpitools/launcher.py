@@ -133,12 +133,16 @@ def build_command(topo, module: str, args: list[str], ranks: list[str], *,
         # names, not addresses: ssh configs and /etc/hosts know hosts by name
         argv += ["--host", ",".join(f"{h}:1" for h in ranks), "--map-by", "slot",
                  "--bind-to", "none"]
+        if mpi.get("fault_tolerance", True):
+            # ULFM: a dead rank is reported to its peers as an error on their requests
+            # (instead of the TCP layer aborting whoever noticed first), so the rank
+            # that saw it can name the lost host before the job is aborted
+            argv += ["--with-ft", "ulfm"]
         if mpi.get("plm_ssh_args"):
             argv += ["--mca", "plm_ssh_args", str(mpi["plm_ssh_args"])]
         if mpi.get("btl_tcp_if_include"):
             cidr = str(mpi["btl_tcp_if_include"])
-            argv += ["--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", cidr,
-                     "--mca", "oob_tcp_if_include", cidr]
+            argv += ["--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", cidr]
         if mpi.get("prte_if_include"):
             argv += ["--prtemca", "prte_if_include", str(mpi["prte_if_include"])]
         for k in sorted(add_env):
@@ -290,8 +294,21 @@ def launch(topo, module: str, args: list[str], hosts: list[str], root: str | Non
             t.join(1)
         res.seconds = time.time() - res.started
         res.stdout, res.stderr = "\n".join(out_tail), "\n".join(err_tail)
-        res.failed_ranks = _parse_failures(res.stderr)
+        res.failed_ranks = _blame(res.events, _parse_failures(res.stderr))
     return res
+
+
+def _blame(events: list[dict], parsed: dict[int, str]) -> dict[int, str]:
+    """Dead ranks: those that exited or that a neighbour lost; aborting ranks only if none."""
+    lost = {int(e["peer"]): f"lost: rank {e['rank']} saw its connection fail ({e.get('why')})"
+            for e in events if e.get("event") == "peer-lost" and e.get("peer") is not None}
+    dead = {r: w for r, w in parsed.items() if "aborted" not in w}
+    # ranks that reported a loss or aborted on purpose are alive witnesses, not victims
+    reporters = {int(e["rank"]) for e in events if e.get("event") == "peer-lost"}
+    reporters |= {r for r, w in parsed.items() if "aborted" in w}
+    out = {r: w for r, w in lost.items() if r not in reporters}
+    out.update({r: w for r, w in dead.items() if r not in reporters})
+    return out or lost or parsed
 
 
 def _wait_rc(proc: subprocess.Popen, deadline: float | None, grace: float,

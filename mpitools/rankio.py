@@ -12,7 +12,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-__all__ = ["EVENT_PREFIX", "load_job", "rank_hosts", "encode_job", "emit", "wait", "wait_all",
+__all__ = ["EVENT_PREFIX", "PeerLost", "load_job", "rank_hosts", "encode_job", "emit", "wait", "wait_all",
            "agree_any", "Terminated", "rank_main", "test_hook", "maxrss_bytes", "SLEEP"]
 
 EVENT_PREFIX = "@@chiba "
@@ -23,6 +23,14 @@ SLEEP = 0.001
 
 class Terminated(BaseException):
     """SIGTERM (mpiexec ending the job, a timeout or Ctrl-C on the launcher side)."""
+
+
+class PeerLost(Exception):
+    """A point-to-point operation with ``peer`` failed: that rank (or its link) is gone."""
+
+    def __init__(self, peer: int | None, why: str):
+        super().__init__(f"lost rank {peer}: {why}")
+        self.peer, self.why = peer, why
 
 
 def encode_job(job: dict) -> str:
@@ -51,14 +59,24 @@ def emit(event: str, **fields: Any) -> None:
     sys.stdout.flush()
 
 
-def wait(req, idle: Callable[[], None] | None = None) -> None:
-    """Complete one request without spinning; ``idle`` runs between tests."""
+def wait(req, idle: Callable[[], None] | None = None, peer: int | None = None) -> None:
+    """Complete one request without spinning; ``idle`` runs between tests.
+
+    With ``peer`` given, an MPI error on the request becomes ``PeerLost(peer)``.
+    """
     if req is None:
         return
-    while not req.Test():
-        if idle is not None:
-            idle()
-        time.sleep(SLEEP)
+    try:
+        while not req.Test():
+            if idle is not None:
+                idle()
+            time.sleep(SLEEP)
+    except PeerLost:
+        raise
+    except Exception as e:  # mpi4py's MPI.Exception, without importing MPI here
+        if peer is None or type(e).__module__.split(".")[0] != "mpi4py":
+            raise
+        raise PeerLost(peer, str(e)) from None
 
 
 def wait_all(reqs: list, idle: Callable[[], None] | None = None) -> None:
@@ -117,9 +135,19 @@ def rank_main(main: Callable[[Any, dict], int], argv: list[str] | None = None) -
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     comm = MPI.COMM_WORLD
+    # errors come back as exceptions, so a rank can say which peer vanished before aborting
+    comm.Set_errhandler(MPI.ERRORS_RETURN)
+    MPI.COMM_SELF.Set_errhandler(MPI.ERRORS_RETURN)
     try:
         job = load_job(argv[0])
         code = main(comm, job)
+    except PeerLost as e:
+        # any rank may print events: the launcher blames ``peer``, not this rank
+        emit("peer-lost", rank=comm.rank, peer=e.peer, why=e.why)
+        sys.stderr.write(f"rank {comm.rank}: {e}; aborting the job\n")
+        sys.stderr.flush()
+        comm.Abort(75)
+        return
     except Terminated:
         sys.stderr.write(f"rank {comm.rank}: terminated\n")
         sys.stderr.flush()

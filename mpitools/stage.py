@@ -18,8 +18,8 @@ from typing import Callable
 import numpy as np
 
 from .archive import Extractor, clean_stale, lock_dir, remove_tree, temp_names
-from .rankio import (agree_any, emit, maxrss_bytes, rank_hosts, rank_main, test_hook, wait,
-                     wait_all)
+from .rankio import (PeerLost, agree_any, emit, maxrss_bytes, rank_hosts, rank_main, test_hook,
+                     wait)
 
 __all__ = ["ALGORITHMS", "NodeStage", "chain", "bcast", "main"]
 
@@ -180,35 +180,52 @@ def chain(comm, total: int, chunk: int, get: Callable | None, sink: Callable,
 
     def progress() -> None:
         for b in range(_NBUF):
-            if sends[b] is not None and sends[b].Test():
-                sends[b], held[b] = None, None
+            if sends[b] is not None:
+                try:
+                    if sends[b].Test():
+                        sends[b], held[b] = None, None
+                except MPI.Exception as e:
+                    raise PeerLost(nxt, e.Get_error_string()) from None
 
     def post_recv(i: int) -> None:
         b = i % _NBUF
         recvs[b] = comm.Irecv([bufs[b], _chunk_len(i, total, chunk), MPI.BYTE],
                               source=rank - 1, tag=_TAG)
 
+    try:
+        _chain_loop(comm, total, chunk, get, sink, hooks, n_chunks, bufs, recvs, sends, held,
+                    progress, post_recv, nxt)
+    except MPI.Exception as e:  # an error not tied to one request: neighbour unknown
+        raise PeerLost(None, e.Get_error_string()) from None
+
+
+def _chain_loop(comm, total, chunk, get, sink, hooks, n_chunks, bufs, recvs, sends, held,
+                progress, post_recv, nxt) -> None:
+    from mpi4py import MPI
+
+    rank = comm.rank
     if rank:
         for i in range(min(_NBUF, n_chunks)):
             post_recv(i)
     for i in range(n_chunks):
         b, n = i % _NBUF, _chunk_len(i, total, chunk)
         if rank == 0:
-            wait(sends[b], progress)
+            wait(sends[b], progress, nxt)
             data = get(i, progress)
         else:
-            wait(recvs[b], progress)
+            wait(recvs[b], progress, rank - 1)
             data = bufs[b][:n]
         hooks(i)
         if nxt is not None:
-            wait(sends[b])
+            wait(sends[b], None, nxt)
             held[b] = data
             sends[b] = comm.Isend([data, n, MPI.BYTE], dest=nxt, tag=_TAG)
         sink(data if rank == 0 else data.tobytes(), progress)
         if rank and i + _NBUF < n_chunks:
-            wait(sends[b], progress)  # the buffer is reused by chunk i + _NBUF
+            wait(sends[b], progress, nxt)  # the buffer is reused by chunk i + _NBUF
             post_recv(i + _NBUF)
-    wait_all(sends)
+    for r in sends:
+        wait(r, None, nxt)
 
 
 def bcast(comm, total: int, chunk: int, get: Callable | None, sink: Callable,

@@ -16,13 +16,28 @@ from .launcher import LaunchResult, launch, rank_hosts
 from .rankio import encode_job
 from .spool import Published, SpoolServer, publish, spool_name
 
-__all__ = ["stage_mpi", "stage_archive", "collect_mpi", "dest_for", "spool_dir_of", "check_nodes",
+__all__ = ["stage_mpi", "stage_archive", "collect_mpi", "pipeline_segment", "dest_for", "spool_dir_of", "check_nodes",
            "DEFAULT_CHUNK", "DEFAULT_ALGORITHM", "host_rows", "launch_failures",
            "cleanup_embedded"]
 
 DEFAULT_CHUNK = 4 << 20
 # measured faster on every setup we tried (see mpitools/README-section.md)
 DEFAULT_ALGORITHM = "chain"
+
+
+def pipeline_segment(total: int, ranks: int, chunk: int, *, depth: int = 16,
+                     floor: int = 64 << 10) -> int:
+    """Message size for the chain: small enough that the pipeline's fill and drain
+    (one segment per hop) cost about 1/``depth`` of the transfer, never above ``chunk``.
+
+    A chain of P ranks moving C segments takes about (C + P - 1) segment times, so
+    C = depth * (P - 1) keeps it within depth / (depth + 1) of line rate.
+    """
+    if ranks < 2:
+        return chunk
+    seg = -(-total // (depth * (ranks - 1)))
+    seg = -(-seg // floor) * floor  # whole multiples of the floor
+    return max(min(seg, chunk), min(floor, chunk))
 
 
 def dest_for(topo, host: str, dest: str) -> str:
@@ -165,6 +180,8 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dest: str, *, t0: f
     host_dest = dest_for(topo, ranks[0], dest)
     dests = {h: topo.host(h).local_path(dest_for(topo, h, dest)) for h in ranks}
     info = pub.info
+    # chain: segments sized for the pipeline; bcast: the paper's one chunk per MPI_Bcast
+    seg = pipeline_segment(info.bytes, len(ranks), chunk) if algorithm == "chain" else chunk
     started: dict[str, float] = {}
 
     def on_event(ev: dict) -> None:
@@ -178,7 +195,7 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dest: str, *, t0: f
     with _spool_url(topo, pub.name, spool_url) as url:
         job = {"jobid": secrets.token_hex(6), "url": url, "size": info.bytes,
                "hash": info.hash, "hash_alg": info.hash_alg, "compress": info.compress,
-               "chunk": int(chunk), "algorithm": algorithm, "hosts": ranks, "dests": dests}
+               "chunk": seg, "algorithm": algorithm, "hosts": ranks, "dests": dests}
         if progress is not None:
             progress.update(0, info.bytes, "starting MPI")
         try:
@@ -192,7 +209,7 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dest: str, *, t0: f
         "dest": host_dest, "nodes": ranks, "bytes": info.bytes,
         "payload_bytes": info.payload_bytes, "files": info.files,
         "seconds": 0.0, "phases": {"pack": pack}, "phase_bytes": {}, "hosts": {},
-        "failures": {}, "compress": info.compress, "chunk": int(chunk),
+        "failures": {}, "compress": info.compress, "chunk": int(chunk), "segment": seg,
         "kind": topo.kind,
     }
     if started:
@@ -216,6 +233,7 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dest: str, *, t0: f
                                "error": result["failures"].get(h, "the job was stopped")}
                            for h in ranks}
         result["error"] = res.describe()
+        result["mpiexec_stderr"] = res.stderr.splitlines()[-30:]
     n_ok = sum(1 for h in result["hosts"].values() if h["ok"])
     result["phase_bytes"] = {"pack": info.payload_bytes, "download": info.bytes,
                              "distribute": info.bytes * max(0, len(ranks) - 1),
@@ -292,6 +310,7 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
         clean_stale(dest_dir)  # rank 0 ran on this machine: tidy its temp dirs now
         result["failures"] = launch_failures(res, ranks[1:], timeout)
         result["error"] = res.describe()
+        result["mpiexec_stderr"] = res.stderr.splitlines()[-30:]
     result["phase_bytes"] = {"collect": result["bytes"]}
     result["seconds"] = time.time() - t0
     result["phases"]["total"] = result["seconds"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -32,16 +33,29 @@ def scratch_listing(topo) -> dict[str, list[str]]:
     return {n: sorted(os.listdir(scratch(topo, n))) for n in NODES}
 
 
-def rank_processes() -> list[int]:
-    """Rank programs of ours still alive (there must be none after any command)."""
+def rank_processes(topo) -> list[int]:
+    """This test's rank programs still alive (none may outlive a command).
+
+    Other people's runs on the same machine are told apart by the job spec, which names
+    this test's state directory.
+    """
+    from mpitools.rankio import load_job
+
     out = []
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
-                cmd = open(f"/proc/{d}/cmdline", "rb").read()
-            except OSError:
+                argv = open(f"/proc/{d}/cmdline", "rb").read().decode().split("\0")
+            except (OSError, UnicodeDecodeError):
                 continue
-            if b"mpitools.stage" in cmd or b"mpitools.collect" in cmd:
+            if not any(a in ("mpitools.stage", "mpitools.collect") for a in argv):
+                continue
+            spec = next((a for a in argv if a.startswith("b64:")), None)
+            try:
+                job = json.dumps(load_job(spec)) if spec else ""
+            except ValueError:
+                job = ""
+            if topo.state_dir in job:
                 out.append(int(d))
     return out
 
@@ -186,7 +200,7 @@ def test_node_dying_mid_transfer_is_named_and_nothing_is_left(embedded, cli, tmp
     assert list(j["failures"]) == ["ccn04"], j["failures"]
     assert "status 9" in j["failures"]["ccn04"]
     assert all(v == [] for v in scratch_listing(embedded).values())
-    assert rank_processes() == []
+    assert rank_processes(embedded) == []
 
 
 def test_timeout_stops_mpiexec_and_cleans_up(embedded, cli, tmp_path, monkeypatch):
@@ -201,7 +215,7 @@ def test_timeout_stops_mpiexec_and_cleans_up(embedded, cli, tmp_path, monkeypatc
     assert set(j["failures"]) == set(NODES[4:])
     assert all("timed out" in why for why in j["failures"].values())
     assert all(v == [] for v in scratch_listing(embedded).values())
-    assert rank_processes() == []
+    assert rank_processes(embedded) == []
 
 
 def test_ctrl_c_ends_mpiexec_and_removes_temp_dirs(embedded, cli, tmp_path, monkeypatch):
@@ -215,7 +229,7 @@ def test_ctrl_c_ends_mpiexec_and_removes_temp_dirs(embedded, cli, tmp_path, monk
         timer.cancel()
     assert r.code == 130 and "interrupted" in r.err
     assert all(v == [] for v in scratch_listing(embedded).values())
-    assert rank_processes() == []
+    assert rank_processes(embedded) == []
 
 
 def _results(topo, host: str) -> str:
@@ -244,7 +258,7 @@ def test_collect_brings_every_node_back(embedded, cli, tmp_path):
     assert "4/4 hosts ok" in r.out
     assert_same_tree(trees["ccn01"], out / "ccn01" / "results")
     assert not [n for n in os.listdir(out / "ccn01") if n != "results"]
-    assert rank_processes() == []
+    assert rank_processes(embedded) == []
 
 
 def test_transit_method_is_dispatched(embedded, cli, tmp_path, monkeypatch):
