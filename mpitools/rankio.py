@@ -12,8 +12,9 @@ import time
 import traceback
 from typing import Any, Callable
 
-__all__ = ["EVENT_PREFIX", "PeerLost", "load_job", "rank_hosts", "encode_job", "emit", "wait", "wait_all",
-           "agree_any", "Terminated", "rank_main", "test_hook", "maxrss_bytes", "SLEEP"]
+__all__ = ["EVENT_PREFIX", "PeerLost", "load_job", "rank_hosts", "encode_job", "emit",
+           "wait", "wait_all", "agree_any", "Terminated", "rank_main", "test_hook",
+           "maxrss_bytes", "SLEEP"]
 
 EVENT_PREFIX = "@@chiba "
 # Waiting by Test + a short sleep instead of a blocking call: ranks that outnumber cores

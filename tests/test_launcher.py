@@ -104,3 +104,16 @@ def test_job_spec_round_trip_survives_any_characters():
     word = encode_job(job)
     assert word.startswith("b64:") and all(c.isalnum() or c in "-_=:" for c in word)
     assert load_job(word) == job
+
+
+def test_rank_programs_import_lean():
+    """Every rank pays for its imports at start-up: no rich, click, networkx or topology."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mpitools.stage, mpitools.collect; "
+            "print(sorted(m for m in ('rich', 'click', 'networkx', 'topology', 'chiba_admin')"
+            " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=str(REPO), check=True).stdout.strip()
+    assert out == "[]"
