@@ -17,6 +17,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from mpi4py import MPI
 
+from .rankio import PeerLost
+
 __all__ = ["TAG_DATA", "TAG_END", "wait", "chain_send", "chain_frames", "chain_receive",
            "chain_stream"]
 
@@ -25,15 +27,27 @@ TAG_END = 72
 _POLL = 0.001  # seconds between tests of a pending request
 
 
-def wait(req: MPI.Request, status: MPI.Status | None = None, poll: float = _POLL) -> None:
-    """Complete ``req`` without spinning a core."""
-    while not req.Test(status):
-        time.sleep(poll)
+def wait(req: MPI.Request, status: MPI.Status | None = None, poll: float = _POLL,
+         peer: int | None = None) -> None:
+    """Complete ``req`` without spinning a core; a failure names ``peer`` (a world rank)."""
+    try:
+        while not req.Test(status):
+            time.sleep(poll)
+    except MPI.Exception as e:
+        raise PeerLost(peer, e.Get_error_string()) from None
+
+
+def _world(ranks: list[int] | None, r: int | None) -> int | None:
+    return r if ranks is None or r is None else ranks[r]
 
 
 def chain_send(comm: MPI.Comm, frames: Iterable[bytes | memoryview | np.ndarray],
-               *, depth: int = 2) -> int:
-    """Root side: send every frame down the chain; returns bytes sent. Ends the stream."""
+               *, depth: int = 2, world: list[int] | None = None) -> int:
+    """Root side: send every frame down the chain; returns bytes sent. Ends the stream.
+
+    ``world[i]`` is the world rank of ``comm``'s rank i, so a lost peer is named.
+    """
+    nxt = _world(world, 1)
     total = 0
     if comm.size < 2:
         for f in frames:
@@ -43,18 +57,19 @@ def chain_send(comm: MPI.Comm, frames: Iterable[bytes | memoryview | np.ndarray]
     for frame in frames:
         while len(pending) >= depth:
             req, _keep = pending.popleft()
-            wait(req)
+            wait(req, peer=nxt)
         buf = frame if isinstance(frame, np.ndarray) else np.frombuffer(frame, np.uint8)
         pending.append((comm.Isend([buf, MPI.BYTE], dest=1, tag=TAG_DATA), buf))
         total += buf.nbytes
     while pending:
         req, _keep = pending.popleft()
-        wait(req)
-    wait(comm.Isend([np.empty(0, np.uint8), MPI.BYTE], dest=1, tag=TAG_END))
+        wait(req, peer=nxt)
+    wait(comm.Isend([np.empty(0, np.uint8), MPI.BYTE], dest=1, tag=TAG_END), peer=nxt)
     return total
 
 
-def chain_frames(comm: MPI.Comm, max_frame: int) -> Iterator[memoryview]:
+def chain_frames(comm: MPI.Comm, max_frame: int,
+                 world: list[int] | None = None) -> Iterator[memoryview]:
     """Non-root side: yield each frame after forwarding it down the chain.
 
     A yielded memoryview is valid until the next frame is requested. Three buffers rotate
@@ -64,24 +79,25 @@ def chain_frames(comm: MPI.Comm, max_frame: int) -> Iterator[memoryview]:
     """
     rank, size = comm.rank, comm.size
     prev, nxt = rank - 1, (rank + 1 if rank + 1 < size else None)
+    wprev, wnxt = _world(world, prev), _world(world, nxt)
     bufs = [np.empty(max_frame, np.uint8) for _ in range(3)]
     sends: list[MPI.Request | None] = [None, None, None]
     status = MPI.Status()
     i = 0
     req = comm.Irecv([bufs[0], MPI.BYTE], source=prev, tag=MPI.ANY_TAG)
     while True:
-        wait(req, status)
+        wait(req, status, peer=wprev)
         if status.Get_tag() == TAG_END:
             if nxt is not None:
                 for s in sends:
                     if s is not None:
-                        wait(s)
-                wait(comm.Isend([bufs[0][:0], MPI.BYTE], dest=nxt, tag=TAG_END))
+                        wait(s, peer=wnxt)
+                wait(comm.Isend([bufs[0][:0], MPI.BYTE], dest=nxt, tag=TAG_END), peer=wnxt)
             return
         n = status.Get_count(MPI.BYTE)
         cur, follow = i % 3, (i + 1) % 3
         if sends[follow] is not None:
-            wait(sends[follow])
+            wait(sends[follow], peer=wnxt)
             sends[follow] = None
         req = comm.Irecv([bufs[follow], MPI.BYTE], source=prev, tag=MPI.ANY_TAG)
         if nxt is not None:

@@ -27,8 +27,8 @@ from inventory import (DestTree, Inventory, check_source, decode_inventory, dele
 from inventory.apply import TMP_MARK
 from inventory.plan import WRITE
 
-from .framechain import chain_frames, chain_send
-from .rankio import test_hook
+from .framechain import chain_frames, chain_send, wait
+from .rankio import PeerLost, test_hook
 
 __all__ = ["run_sync", "PIECE", "pack_frames", "iter_pieces", "MAX_PIECES"]
 
@@ -259,6 +259,36 @@ def _counted(frames: Iterator[bytes], base: int, total: int,
 
 def run_sync(comm: MPI.Comm, spec: dict,
              progress: Callable[[int, int], None] | None = None) -> dict | None:
+    """Collective: synchronise; the result dict on rank 0, None elsewhere (see _run_sync).
+
+    An MPI error outside a point-to-point exchange (a collective with a dead rank) names
+    no peer; it becomes PeerLost so the launcher's blame comes from the witnesses.
+    """
+    try:
+        return _run_sync(comm, spec, progress)
+    except MPI.Exception as e:
+        raise PeerLost(_failed_rank(comm), e.Get_error_string()) from None
+    except PeerLost as e:
+        if e.peer is None:
+            raise PeerLost(_failed_rank(comm), e.why) from None
+        raise
+
+
+def _failed_rank(comm: MPI.Comm) -> int | None:
+    """The first rank ULFM knows to have failed (None without ULFM or when none is known)."""
+    try:
+        group = comm.Get_failed()
+        n = group.Get_size()
+        if n == 0:
+            return None
+        ranks = MPI.Group.Translate_ranks(group, list(range(n)), comm.Get_group())
+        return min(r for r in ranks if r != MPI.UNDEFINED)
+    except (MPI.Exception, NotImplementedError, AttributeError, ValueError):
+        return None
+
+
+def _run_sync(comm: MPI.Comm, spec: dict,
+              progress: Callable[[int, int], None] | None = None) -> dict | None:
     """Collective: synchronise; returns the result dict on rank 0, None elsewhere.
 
     ``spec``: source (root's local path), hosts (host of each rank), dests (local dest
@@ -283,6 +313,9 @@ def run_sync(comm: MPI.Comm, spec: dict,
             blob = encode_inventory(src)
         except ChibaError as exc:
             verdict = str(exc)
+    # quiet barriers before collectives that wait on uneven work: a blocking collective
+    # spins, and spinning ranks starve the ones still scanning when cores are shared
+    wait(comm.Ibarrier())
     verdict = comm.bcast(verdict if rank == 0 else None, root=0)
     if verdict is not None:
         return {"ok": False, "error": verdict, "stage": "source scan"} if rank == 0 else None
@@ -306,6 +339,7 @@ def run_sync(comm: MPI.Comm, spec: dict,
                   list(me.plan.warnings) if me.plan else [])
     else:
         report = None
+    wait(comm.Ibarrier())
     reports = comm.gather(report, root=0)
     groups_wire = None
     if rank == 0:
@@ -329,14 +363,17 @@ def run_sync(comm: MPI.Comm, spec: dict,
         sub = comm.Split(0 if member else MPI.UNDEFINED, key=rank)
         if sub == MPI.COMM_NULL:
             continue
+        world = [0] + sorted(ranks)  # Split by key=rank keeps world order
         try:
             if rank == 0:
                 frames = pack_frames(spec["source"], files, indices, chunk, source_errors)
-                sent += chain_send(sub, _counted(frames, sent, total, progress))
+                sent += chain_send(sub, _counted(frames, sent, total, progress), world=world)
             else:
-                me.receive(chain_frames(sub, _max_frame(chunk)))
+                me.receive(chain_frames(sub, _max_frame(chunk), world=world))
         finally:
             sub.Free()
+    # everyone has received everything before the root calls the transfer done
+    wait(comm.Ibarrier())
     if rank == 0:
         phases["transfer"] = time.monotonic() - t2
 
@@ -350,6 +387,7 @@ def run_sync(comm: MPI.Comm, spec: dict,
                 "error": me.error, **me.stats}
     else:
         mine = None
+    wait(comm.Ibarrier())
     results = comm.gather(mine, root=0)
     if rank != 0:
         return None
