@@ -30,6 +30,9 @@ RANK_HOSTS_ENV = "CHIBA_RANK_HOSTS"
 FORWARD_PREFIXES = ("CHIBA_",)
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 _TAIL = 400
+# every rank program emits "start" first; mpiexec starting 33 Python ranks on 2 cores
+# over SSH took 9-14 s, so a minute without it means the launch hung
+START_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class LaunchResult:
     started: float = 0.0
     seconds: float = 0.0
     timed_out: bool = False
+    start_timed_out: bool = False
     interrupted: bool = False
     failed_ranks: dict[int, str] = field(default_factory=dict)
 
@@ -79,6 +83,9 @@ class LaunchResult:
 
     def describe(self) -> str:
         """One line saying why there is no result (for error messages)."""
+        if self.start_timed_out:
+            return ("the ranks did not start in time (mpiexec or its ssh launch hung); "
+                    "mpiexec was stopped: check that every host is reachable and rerun")
         if self.timed_out:
             return "timed out; mpiexec and its ranks were stopped"
         if self.interrupted:
@@ -224,13 +231,17 @@ def _reader(stream, sink: "queue.Queue", tag: str) -> None:
 
 def launch(topo, module: str, args: list[str], hosts: list[str], root: str | None = None, *,
            timeout: float | None = None, on_event: Callable[[dict], None] | None = None,
-           env: dict[str, str] | None = None, grace: float = 5.0) -> LaunchResult:
+           env: dict[str, str] | None = None, grace: float = 5.0,
+           start_timeout: float | None = START_TIMEOUT) -> LaunchResult:
     """Run ``python -m module args`` as one rank per host and wait for it.
 
     Rank placement is ``rank_hosts(topo, hosts, root)``. Lines that rank programs print
     as ``@@chiba {json}`` are events: each goes to ``on_event`` (on this thread) and the
     ``result`` event becomes ``LaunchResult.result``. On timeout or Ctrl-C mpiexec's
     process group gets SIGTERM, then SIGKILL after ``grace`` seconds; Ctrl-C re-raises.
+    A job whose ranks print no event within ``start_timeout`` seconds is stopped too: a
+    launch that hangs (an ssh that never returns, a daemon that never reports) would
+    otherwise keep the user waiting forever.
     """
     ranks = rank_hosts(topo, hosts, root)
     # remote ranks see only what -x forwards: pass CHIBA_* settings (test hooks included)
@@ -266,6 +277,11 @@ def launch(topo, module: str, args: list[str], hosts: list[str], root: str | Non
             except queue.Empty:
                 if deadline is not None and time.time() > deadline:
                     res.timed_out = True
+                    _stop(proc, grace)
+                    break
+                if (start_timeout is not None and not res.events
+                        and time.time() > res.started + start_timeout):
+                    res.start_timed_out = True
                     _stop(proc, grace)
                     break
                 continue

@@ -24,19 +24,19 @@ DEFAULT_CHUNK = 4 << 20
 DEFAULT_ALGORITHM = "chain"
 
 
-def pipeline_segment(total: int, ranks: int, chunk: int, *, depth: int = 16,
-                     floor: int = 64 << 10) -> int:
-    """Message size for the chain: small enough that the pipeline's fill and drain
-    (one segment per hop) cost about 1/``depth`` of the transfer, never above ``chunk``.
+# Chain messages of 64 KiB: on the testbed (8 nodes, 20 Mb/s) a chain moved 64 MiB at 0.94
+# of line rate with 64 KiB messages, 0.90 with 256 KiB, 0.77 with 1 MiB and 0.64 with
+# 4 MiB (same run). Store-and-forward fill grows with the message, and messages above
+# Open MPI's TCP eager limit (64 KiB) add a rendezvous round trip through shaped queues.
+SEGMENT = 64 << 10
 
-    A chain of P ranks moving C segments takes about (C + P - 1) segment times, so
-    C = depth * (P - 1) keeps it within depth / (depth + 1) of line rate.
-    """
+
+def pipeline_segment(total: int, ranks: int, chunk: int, *, segment: int = SEGMENT) -> int:
+    """Message size for the chain: ``segment`` (never above ``chunk``; ``chunk`` for a
+    chain of one rank, where nothing is forwarded)."""
     if ranks < 2:
         return chunk
-    seg = -(-total // (depth * (ranks - 1)))
-    seg = -(-seg // floor) * floor  # whole multiples of the floor
-    return max(min(seg, chunk), min(floor, chunk))
+    return min(segment, chunk)
 
 
 def dest_for(topo, host: str, dest: str) -> str:

@@ -12,7 +12,9 @@ from .staging import launch_failures
 
 __all__ = ["sync_mpi", "DEFAULT_CHUNK", "check_source_dir", "target_dests"]
 
-DEFAULT_CHUNK = 4 << 20
+# 64 KiB frames: on the testbed a 9-rank chain at 200 Mb/s moved 150 MB at 0.93 of line
+# rate with 64 KiB messages against 0.85-0.90 with 256 KiB-1 MiB (see staging.SEGMENT)
+DEFAULT_CHUNK = 64 << 10
 
 
 def check_source_dir(src: str) -> str:

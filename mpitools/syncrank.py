@@ -36,12 +36,21 @@ __all__ = ["run_sync", "PIECE", "pack_frames", "iter_pieces", "MAX_PIECES"]
 # the root could not read the file, so receivers drop what they have of it.
 PIECE = np.dtype([("idx", "<u4"), ("offset", "<u8"), ("length", "<u4"), ("flags", "u1")])
 _LAST, _BAD = 1, 2
-MAX_PIECES = 4096  # small files packed into one frame, so 3,000 files are a few messages
+MAX_PIECES = 128  # small files share a frame: 3,000 files are a few dozen messages
 _HDR = struct.Struct("<I")
+_SLACK = 64  # room for MPI's own header, so a whole frame stays under the eager limit
 
 
 def _max_frame(chunk: int) -> int:
-    return chunk + _HDR.size + MAX_PIECES * PIECE.itemsize
+    return chunk
+
+
+def _payload_budget(chunk: int) -> int:
+    """Payload bytes per frame, so header + payload never exceed ``chunk``."""
+    budget = chunk - _HDR.size - MAX_PIECES * PIECE.itemsize - _SLACK
+    if budget < 4096:
+        raise ValueError(f"chunk of {chunk} bytes is too small (at least 8 KiB)")
+    return budget
 
 
 # -- root: frames from files ---------------------------------------------------------------
@@ -54,6 +63,7 @@ def pack_frames(src_root: str, files: list, indices: list[int], chunk: int,
     """
     pieces: list[tuple[int, int, int, int]] = []
     payload = bytearray()
+    chunk = _payload_budget(chunk)
 
     def flush() -> bytes:
         hdr = np.array(pieces, PIECE).tobytes()

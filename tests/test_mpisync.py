@@ -179,3 +179,18 @@ def test_dead_target_aborts_named_and_rerun_converges(embedded, cli, tmp_path, m
     r = cli("sync-mayors", src)
     assert r.code == 0, r.err
     assert same(src, d2) and same(src, repo_of(embedded, "mayor1"))
+
+
+def test_launch_that_never_starts_is_stopped(embedded, tmp_path, monkeypatch):
+    """A hung launch (no rank ever reports) ends after start_timeout, with a reason."""
+    import time
+
+    from mpitools.launcher import launch
+
+    (tmp_path / "hang_probe.py").write_text("import time\ntime.sleep(120)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    t0 = time.time()
+    res = launch(embedded, "hang_probe", [], ["ccn01", "ccn02"], start_timeout=3, grace=2)
+    assert res.start_timed_out and not res.ok
+    assert time.time() - t0 < 30
+    assert "did not start in time" in res.describe()

@@ -106,8 +106,8 @@ def render_sync(result: dict) -> None:
 @click.option("--checksum", is_flag=True, help="Compare file contents, not size and time.")
 @click.option("--verify", is_flag=True,
               help="mpi: every target re-hashes what it received against the source.")
-@click.option("--chunk", default="4MiB", show_default=True, metavar="SIZE",
-              help="mpi: bytes per message (small files are packed together).")
+@click.option("--chunk", default="64KiB", show_default=True, metavar="SIZE",
+              help="mpi: bytes per message, at least 8KiB (small files share one).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="S", help="Give up (and stop every process) after S seconds.")
 @pass_ctx
@@ -122,6 +122,8 @@ def sync_cmd(ctx, src, method, dest, targets, delete, dry_run, excludes, fanout,
                          hint="rsync checks its transfers itself; use --checksum to compare")
     try:
         chunk_bytes = parse_size(chunk)
+        if chunk_bytes < 8192:
+            raise ValueError("at least 8KiB")
     except ValueError as e:
         raise UsageError(f"bad --chunk: {e}", hint="e.g. --chunk 4MiB") from None
     opts = {"delete": delete, "dry_run": dry_run, "excludes": excludes, "fanout": fanout,
