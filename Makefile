@@ -26,7 +26,7 @@ test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -ra -m "not testbed and not slow"
 
 bench: $(STAMP)
-	$(VENV)/bin/chiba-admin bench all
+	bash scripts/bench.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

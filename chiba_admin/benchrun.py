@@ -277,7 +277,7 @@ def _sync_once(site: Site, method: str, src: Path, targets: list[str], dest: str
 
 def sync_suite(site: Site, *, target_counts: list[int], repeat: int, workdir: Path,
                files: int, size: int, target_role: str = "mayor",
-               on_run: Callable[[dict], None] | None = None) -> list[dict]:
+               methods=SYNC_METHODS, on_run: Callable[[dict], None] | None = None) -> list[dict]:
     """Full sync, a 5% change, then no change, for each target count and method."""
     runs = []
     src = workdir / "sync-repo"
@@ -292,7 +292,7 @@ def sync_suite(site: Site, *, target_counts: list[int], repeat: int, workdir: Pa
         if n > len(pool):
             raise UsageError(f"{n} targets asked, the site has {len(pool)} hosts to use")
         targets = pool[:n]
-        for method in SYNC_METHODS:
+        for method in methods:
             for scenario in ("full", "changed", "nochange"):
                 for i in range(repeat):
                     if scenario == "full":

@@ -62,6 +62,9 @@ def _say(run: dict) -> None:
 @click.option("--data", "datas", default="random,tree", show_default=True,
               help="Staging data: random (incompressible) and/or tree (compressible).")
 @click.option("--repeat", type=click.IntRange(1, 50), default=3, show_default=True)
+@click.option("--methods", default=None, metavar="LIST",
+              help="Subset of methods: stage transit,bcast,chain; sync rsync,mpi "
+                   "(default: all).")
 @click.option("--targets", "targets", default="4,8", show_default=True,
               help="Sync target counts (mayors first, then nodes).")
 @click.option("--repo-files", type=click.IntRange(1), default=3000, show_default=True)
@@ -72,7 +75,7 @@ def _say(run: dict) -> None:
 @click.option("--workdir", default=None, type=click.Path(),
               help="Where generated data goes (default: a temporary directory).")
 @pass_ctx
-def bench_cmd(ctx, suite, where, shapes, sizes, datas, repeat, targets, repo_files,
+def bench_cmd(ctx, suite, where, shapes, sizes, datas, repeat, methods, targets, repo_files,
               repo_size, node_mbit, mayor_mbit, outdir, workdir):
     """Run legacy and MPI methods side by side and record every run under results/."""
     from ..benchrun import (environment, open_site, stage_suite, sync_suite, workdir_for,
@@ -84,6 +87,7 @@ def bench_cmd(ctx, suite, where, shapes, sizes, datas, repeat, targets, repo_fil
     if bad:
         raise UsageError(f"unknown --data {', '.join(sorted(bad))}", hint="random and/or tree")
     target_list = _ints(targets, "--targets")
+    stage_methods, sync_methods = _methods(methods)
     rsize = _sizes(repo_size)[0]
     work = workdir_for(workdir)
     written = []
@@ -99,6 +103,7 @@ def bench_cmd(ctx, suite, where, shapes, sizes, datas, repeat, targets, repo_fil
                               f"{per} nodes[/]")
                     runs = stage_suite(site, node_counts=[towns * per], sizes=size_list,
                                        datas=data_list, repeat=repeat, workdir=work,
+                                       methods=stage_methods,
                                        on_run=None if ctx.quiet else _say)
                     written.append(write_record(site, "stage", runs, Path(outdir),
                                                 environment(site)))
@@ -115,6 +120,7 @@ def bench_cmd(ctx, suite, where, shapes, sizes, datas, repeat, targets, repo_fil
                           f"{target_list}[/]")
                 runs = sync_suite(site, target_counts=target_list, repeat=repeat,
                                   workdir=work, files=repo_files, size=rsize,
+                                  methods=sync_methods,
                                   on_run=None if ctx.quiet else _say)
                 written.append(write_record(site, "sync", runs, Path(outdir),
                                             environment(site)))
@@ -130,6 +136,21 @@ def bench_cmd(ctx, suite, where, shapes, sizes, datas, repeat, targets, repo_fil
         get_console().print("see them with: chiba-admin report " +
                             " ".join(str(p) for p in written))
     return 0
+
+
+def _methods(value: str | None):
+    from ..benchrun import STAGE_METHODS, SYNC_METHODS
+
+    if not value:
+        return STAGE_METHODS, SYNC_METHODS
+    names = [v for v in value.split(",") if v]
+    by_name = {(alg or m): (m, alg) for m, alg in STAGE_METHODS}
+    unknown = [n for n in names if n not in by_name and n not in SYNC_METHODS]
+    if unknown:
+        raise UsageError(f"unknown method(s) {', '.join(unknown)}",
+                         hint="stage: transit, bcast, chain; sync: rsync, mpi")
+    return (tuple(by_name[n] for n in names if n in by_name),
+            tuple(n for n in names if n in SYNC_METHODS))
 
 
 def _auto_shapes(where: str) -> str:
