@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Union
 
 from chiba_admin.errors import InventoryError
 
-from .entries import DIR, FILE, LINK, encode_path
+from .entries import DIR, LINK, encode_path
 from .hashing import BLOCK_SIZE, new_hasher
 from .plan import DELETE, META, MKDIR, SYMLINK, WRITE, Action, Plan
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from chiba_admin.errors import InventoryError
 
-from .entries import FILE, Inventory
+from .entries import Inventory
 
 __all__ = [
     "Group",

@@ -24,6 +24,9 @@ else
         --repo-files 1000 --repo-size 30M
 fi
 python benchmarks/bench_inventory.py --out results/inventory.json
+# per-rank peak memory staging 1 GiB with 4 MiB chunks (embedded cluster)
+python benchmarks/bench_stage.py --where embedded --algorithms chain --repeat 1 --size 1M \
+    --memory 1G --out results/stage-memory.json
 chiba-admin report results --plot results/figures
 chiba-admin report results --markdown > results/report.md
 echo "report: results/report.md, figures: results/figures/"

@@ -7,7 +7,7 @@ from typing import Callable
 import click
 from rich.table import Table
 
-from topology import expand, fold, format_bytes, parse_size
+from topology import expand, format_bytes, parse_size
 
 from ..cli import EXIT_FAILURE, EXIT_OK, pass_ctx
 from ..console import get_console, get_err_console, print_json
