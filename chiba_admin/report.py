@@ -263,10 +263,14 @@ def _bars(ax, rows, xkey, ykey, labels, ylabel, title):
     xs = sorted({r[xkey] for r in rows})
     width = 0.8 / max(1, len(labels))
     for j, label in enumerate(labels):
-        ys = [next((r[ykey] for r in rows if r[xkey] == x and r["label"] == label
-                    and r[ykey] is not None), 0) for x in xs]
-        pos = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(xs))]
-        bars = ax.bar(pos, ys, width, label=label)
+        pts = [(i + (j - (len(labels) - 1) / 2) * width,
+                next((r[ykey] for r in rows if r[xkey] == x and r["label"] == label
+                      and r[ykey] is not None), None)) for i, x in enumerate(xs)]
+        # a case that was not measured gets no bar, never a zero
+        pts = [(p, y) for p, y in pts if y is not None]
+        if not pts:
+            continue
+        bars = ax.bar([p for p, _ in pts], [y for _, y in pts], width, label=label)
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
     ax.set_xticks(range(len(xs)), [str(x) for x in xs])
     ax.set_ylabel(ylabel)
