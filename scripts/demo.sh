@@ -38,14 +38,14 @@ chiba-admin stage "$data/job42-input" --nodes @nodes --method transit --dest job
 say "every node has the same files: chiba-admin run -w @nodes -b -- ..."
 chiba-admin run -w @nodes -b -- sh -c 'cd "$CHIBA_SCRATCH/job42-input" && find . -type f | sort | xargs -d "\n" cat | sha256sum'
 
-say "chiba-admin sync-mayors repo --delete                     (mpisync)"
-chiba-admin sync-mayors "$data/repo" --delete
+say "chiba-admin sync-mayors repo --dest repo-mpi --delete     (mpisync)"
+chiba-admin sync-mayors "$data/repo" --dest repo-mpi --delete
 
 say "chiba-admin sync-mayors repo --method rsync --dest repo-rsync   (one rsync per mayor)"
 chiba-admin sync-mayors "$data/repo" --method rsync --dest repo-rsync --delete
 
 say "change 5% of the repository, then mpisync again: only the changes move"
 python -c "import sys; from chiba_admin.benchdata import mutate_repository as m; print(m(sys.argv[1], 0.05, 7), 'bytes changed')" "$data/repo"
-chiba-admin sync-mayors "$data/repo" --delete
+chiba-admin sync-mayors "$data/repo" --dest repo-mpi --delete
 
 say "done: state in $CHIBA_STATE (remove it with rm -rf); try chiba-admin --help"
