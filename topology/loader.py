@@ -30,7 +30,7 @@ KNOWN_KEYS: dict[str, set[str]] = {
     "mayor": {"address", "ssh"} | _PATH_KEYS,
     "town": {"mayor", "nodes", "addresses", "bandwidth", "latency"},
     "host": _HOST_KEYS,
-    "mpi": {"mpiexec", "args", "env", "btl_tcp_if_include", "prte_if_include",
+    "mpi": {"mpiexec", "args", "env", "btl_tcp_if_include", "prte_if_include", "fault_tolerance",
             "plm_ssh_args", "python"},
 }
 _KINDS = ("embedded", "ssh")
