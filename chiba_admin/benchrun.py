@@ -150,13 +150,12 @@ def _no_measure() -> Iterator[_NoCounters]:
 
 def embedded_site(towns: int, per_town: int, workdir: Path) -> Site:
     """An embedded cluster of ``towns`` x ``per_town`` nodes in ``workdir`` (no links)."""
-    from testbed.plan import generated_topology_toml
     from topology import loads_topology
+    from topology.generate import generated_topology_toml
 
     from .embedded import bind, init_cluster
 
-    text = generated_topology_toml(towns, per_town, 100e6, 1e9).replace(
-        'name = "testbed"', 'name = "bench-embedded"')
+    text = generated_topology_toml(towns, per_town, 100e6, 1e9, name="bench-embedded")
     tfile = workdir / f"embedded-{towns}x{per_town}.toml"
     tfile.write_text(text)
     state = workdir / f"cluster-{towns}x{per_town}"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from chiba_admin.errors import UsageError
 from topology import MAYOR, NODE, PRESIDENT, Topology
+from topology.generate import generated_topology_toml  # noqa: F401 (re-exported)
 
 __all__ = [
     "NicPlan", "HostPlan", "TestbedPlan", "plan_testbed", "choose_octet", "new_testbed_id",
@@ -248,31 +249,6 @@ def host_sysctls(h: HostPlan | None) -> list[str]:
     if h is not None:
         out.append(f"net.ipv4.ip_forward={1 if h.forward else 0}")
     return out
-
-
-def generated_topology_toml(towns: int, nodes_per_town: int, node_bps: float,
-                            mayor_bps: float) -> str:
-    """A Chiba-City-shaped topology: pres, mayor1..T, town1..T of ccnNN nodes."""
-    if towns < 1 or nodes_per_town < 1:
-        raise UsageError("--towns and --nodes-per-town must be at least 1")
-    total = towns * nodes_per_town
-    width = max(2, len(str(total)))
-    lines = ["[cluster]", 'name = "testbed"', 'kind = "embedded"',
-             f'description = "testbed: {towns} towns of {nodes_per_town} nodes"', "",
-             "[defaults]", 'scratch = "/scratch"', 'spool = "/var/spool/chiba"',
-             'repository = "/opt/chiba/repo"', "",
-             "[links.core]", f"bandwidth = {float(mayor_bps)!r}", "",
-             "[links.town]", f"bandwidth = {float(node_bps)!r}", "",
-             "[president]", 'name = "pres"', ""]
-    for t in range(1, towns + 1):
-        lines.append(f"[mayors.mayor{t}]")
-    lines.append("")
-    for t in range(1, towns + 1):
-        lo = (t - 1) * nodes_per_town + 1
-        hi = t * nodes_per_town
-        lines += [f"[towns.town{t}]", f'mayor = "mayor{t}"',
-                  f'nodes = "ccn[{lo:0{width}d}-{hi:0{width}d}]"', ""]
-    return "\n".join(lines)
 
 
 def plan_from_dict(d: dict) -> TestbedPlan:

@@ -152,7 +152,7 @@ def in_netns(ns: str) -> Iterator[None]:
     except FileNotFoundError:
         raise TestbedError(f"no network namespace {ns}",
                            hint="is the testbed up? see `chiba-admin testbed status`") from None
-    own = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         _setns(target)
         try:
