@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import statistics
 import sys
@@ -36,29 +35,10 @@ NODE_BPS, MAYOR_BPS = 20e6, 200e6
 
 def _make_data(work: Path, size: int) -> dict[str, str]:
     """An incompressible single file and a compressible tree of text, both ``size`` bytes."""
-    rnd = random.Random(7)
-    inc = work / "incompressible"
-    inc.mkdir()
-    with open(inc / "data.bin", "wb") as f:
-        left = size
-        while left:
-            n = min(left, 8 << 20)
-            f.write(os.urandom(n))
-            left -= n
-    tree = work / "compressible"
-    words = [f"w{rnd.randrange(5000)}" for _ in range(20000)]
-    per = max(1, size // 64)
-    for i in range(64):
-        d = tree / f"dir{i % 8}"
-        d.mkdir(parents=True, exist_ok=True)
-        line_no, chunks, got = 0, [], 0
-        while got < per:
-            line = f"{i}:{line_no} " + " ".join(words[(line_no * 7 + k) % len(words)]
-                                                 for k in range(12)) + "\n"
-            chunks.append(line)
-            got += len(line)
-            line_no += 1
-        (d / f"file {i}.txt").write_text("".join(chunks)[:per])
+    from chiba_admin.benchdata import make_random, make_text_tree
+
+    inc = make_random(work / "incompressible", size, seed=7)
+    tree = make_text_tree(work / "compressible", size, files=64, seed=7)
     return {"incompressible": str(inc), "compressible": str(tree)}
 
 

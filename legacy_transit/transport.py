@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Callable, Sequence, Union
 
@@ -413,7 +414,9 @@ class SSHTransport(Transport):
         finally:
             chan.close()
 
-    def put(self, host, local: str, remote: str) -> int:
+    @contextmanager
+    def _sftp(self, host):
+        """An SFTP session on ``host``'s reused connection, closed after the block."""
         try:
             sftp = self.client(host).open_sftp()
         except TransportError:
@@ -421,29 +424,26 @@ class SSHTransport(Transport):
         except Exception as e:
             raise TransportError(f"cannot open SFTP: {e}", where=host.name) from None
         try:
-            st = sftp.put(local, remote)
-            return st.st_size
-        except OSError as e:
-            raise TransportError(f"cannot put {local} to {remote}: {e.strerror or e}",
-                                 where=host.name) from None
+            yield sftp
         finally:
             sftp.close()
 
+    def put(self, host, local: str, remote: str) -> int:
+        with self._sftp(host) as sftp:
+            try:
+                return sftp.put(local, remote).st_size
+            except OSError as e:
+                raise TransportError(f"cannot put {local} to {remote}: {e.strerror or e}",
+                                     where=host.name) from None
+
     def get(self, host, remote: str, local: str) -> int:
-        try:
-            sftp = self.client(host).open_sftp()
-        except TransportError:
-            raise
-        except Exception as e:
-            raise TransportError(f"cannot open SFTP: {e}", where=host.name) from None
-        try:
-            sftp.get(remote, local)
-            return os.path.getsize(local)
-        except OSError as e:
-            raise TransportError(f"cannot get {remote}: {e.strerror or e}",
-                                 where=host.name) from None
-        finally:
-            sftp.close()
+        with self._sftp(host) as sftp:
+            try:
+                sftp.get(remote, local)
+                return os.path.getsize(local)
+            except OSError as e:
+                raise TransportError(f"cannot get {remote}: {e.strerror or e}",
+                                     where=host.name) from None
 
 
 def _chan_pump(recv: Callable[[int], bytes], sink: _Collector) -> None:
