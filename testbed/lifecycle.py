@@ -177,6 +177,7 @@ def _write_files(plan: TestbedPlan, topo: Topology, lay: Layout, st: State) -> N
     lay.known_hosts.write_text(configs.known_hosts(plan, pubs))
     lay.ssh_config.write_text(configs.ssh_config(plan, lay))
     lay.etc_hosts.write_text(configs.etc_hosts(plan))
+    lay.bashrc.write_text(configs.BASHRC)
 
 
 def _make_mount_points(plan: TestbedPlan, st: State) -> None:
