@@ -4,15 +4,13 @@ Run as ``mpiexec ... python -m mpitools.collect JOB``; rank 0 is the home server
 ``DIR/<host>/<name>``; at most ``window`` nodes send at once so rank 0's memory is bounded.
 """
 
-# Rank-side: keep imports lean (standard library, numpy, mpi4py, zstandard/blake3).
+# Rank-side: keep imports lean (standard library, mpi4py, zstandard/blake3).
 from __future__ import annotations
 
 import os
 import queue
 import threading
 import time
-
-import numpy as np
 
 from .archive import (ChunkWriter, Extractor, clean_stale, lock_dir, pack_tree, remove_tree,
                       temp_names)
@@ -103,7 +101,7 @@ class _Incoming:
         os.mkdir(self.tmp)
         self.fd = lock_dir(self.tmp)
         self.ex = Extractor(self.tmp, job["compress"], hash_alg=job["hash_alg"], depth=2)
-        self.buf = np.empty(int(job["chunk"]), dtype=np.uint8)
+        self.buf = bytearray(int(job["chunk"]))
         self.status = MPI.Status()
         self.t = time.time()
         self.req = None
@@ -123,7 +121,7 @@ class _Incoming:
             return None
         n = self.status.Get_count(MPI.BYTE)
         if n:
-            self.ex.feed(self.buf[:n].tobytes())
+            self.ex.feed(bytes(self.buf[:n]))
             self.post()
         return n
 

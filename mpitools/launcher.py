@@ -68,6 +68,7 @@ class LaunchResult:
     start_timed_out: bool = False
     interrupted: bool = False
     failed_ranks: dict[int, str] = field(default_factory=dict)
+    result_at: float = 0.0  # when the result event arrived (the rest is mpiexec's exit)
 
     @property
     def ok(self) -> bool:
@@ -77,6 +78,10 @@ class LaunchResult:
         """Host -> reason for ranks mpiexec reported as dead (parsed from its messages)."""
         return {self.hosts[r]: why for r, why in self.failed_ranks.items()
                 if 0 <= r < len(self.hosts)}
+
+    def exit_seconds(self) -> float:
+        """Seconds from the result event to mpiexec's exit (its ranks and daemons ending)."""
+        return max(0.0, self.started + self.seconds - self.result_at) if self.result_at else 0.0
 
     def first_event(self, name: str) -> dict | None:
         return next((e for e in self.events if e.get("event") == name), None)
@@ -295,7 +300,7 @@ def launch(topo, module: str, args: list[str], hosts: list[str], root: str | Non
                     continue
                 res.events.append(ev)
                 if ev.get("event") == "result":
-                    res.result = ev
+                    res.result, res.result_at = ev, time.time()
                 if on_event is not None:
                     on_event(ev)
             else:

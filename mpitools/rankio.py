@@ -1,6 +1,6 @@
 """What every MPI rank program shares: job spec, events to the launcher, quiet waiting, abort."""
 
-# Rank-side module: standard library, numpy and mpi4py only (no rich, click, networkx).
+# Rank-side module: standard library and mpi4py only (no rich, click, networkx).
 from __future__ import annotations
 
 import base64
@@ -94,11 +94,12 @@ def wait_all(reqs: list, idle: Callable[[], None] | None = None) -> None:
 
 def agree_any(comm, flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any rank (a LOR allreduce, waited quietly)."""
-    import numpy as np
+    import array
+
     from mpi4py import MPI
 
-    send = np.array([1 if flag else 0], dtype=np.int32)
-    recv = np.zeros(1, dtype=np.int32)
+    send = array.array("i", [1 if flag else 0])
+    recv = array.array("i", [0])
     wait(comm.Iallreduce(send, recv, op=MPI.MAX))
     return bool(recv[0])
 

@@ -194,7 +194,7 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dest: str, *, t0: f
     with _spool_url(topo, pub.name, spool_url) as url:
         job = {"jobid": secrets.token_hex(6), "url": url, "size": info.bytes,
                "hash": info.hash, "hash_alg": info.hash_alg, "compress": info.compress,
-               "chunk": seg, "algorithm": algorithm, "hosts": ranks, "dests": dests}
+               "chunk": seg, "buffer": int(chunk), "algorithm": algorithm, "hosts": ranks, "dests": dests}
         if progress is not None:
             progress.update(0, info.bytes, "starting MPI")
         try:
@@ -216,6 +216,7 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dest: str, *, t0: f
     if res.result is not None:
         r = res.result
         result["phases"].update(r.get("phases", {}))
+        result["phases"]["exit"] = res.exit_seconds()
         result["hosts"] = host_rows(r["reports"])
         result["failures"] = {x["host"]: x["error"] for x in r["reports"]
                               if x.get("primary") and x.get("error")}
@@ -293,6 +294,7 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
     r = res.result
     if r is not None and r.get("reports") is not None and (r["reports"] or r.get("error")):
         result["phases"].update(r.get("phases", {}))
+        result["phases"]["exit"] = res.exit_seconds()
         reports = r["reports"]
         result["hosts"] = host_rows(reports)
         result["failures"] = {x["host"]: x["error"] for x in reports if x.get("error")}

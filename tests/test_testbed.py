@@ -104,6 +104,20 @@ def test_openssh_by_name_from_president(testbed_cluster):
     assert name == "ccn07" and addr == tb.address("ccn02") and other == "ccn02"
 
 
+def test_ssh_sessions_start_like_a_plain_node(testbed_cluster):
+    # a session's bash reads the host's own ~/.bashrc (the testbed's), not this machine's
+    from testbed import configs
+
+    tb = testbed_cluster
+    rc = configs.login_bashrc()
+    if rc is None:
+        pytest.skip("this user has no ~/.bashrc to stand in for")
+    cp = tb.exec(tb.president, tb.ssh_argv("ccn02", f"cat {rc}"), check=True)
+    assert cp.stdout == configs.BASHRC
+    with open(rc) as f:  # and the machine's own file is untouched
+        assert f.read() != configs.BASHRC
+
+
 def test_node_link_rate_within_15_percent(testbed_cluster):
     n, secs = _transfer(testbed_cluster, "ccn01", "ccn02")
     rate = n * 8 / secs

@@ -104,6 +104,7 @@ def test_ssh_and_sshd_configs(plan, tmp_path):
     sc = configs.ssh_config(p, lay)
     assert "Host ccn03\n    HostName 10.222.1.3" in sc
     assert "StrictHostKeyChecking yes" in sc and "User root" in sc
+    assert "KexAlgorithms curve25519-sha256" in sc
     d = configs.sshd_config(p.host("ccn03"), lay)
     for opt in ("UsePAM no", "UseDNS no", "StrictModes no", "MaxStartups 1000",
                 "MaxSessions 100", "PermitRootLogin prohibit-password",
@@ -114,6 +115,9 @@ def test_ssh_and_sshd_configs(plan, tmp_path):
     assert "10.222.0.1\tpres" in hosts and "10.222.2.4\tccn08" in hosts
     script = configs.holder_script(p.host("ccn03"), lay)
     assert "hostname ccn03" in script and "/scratch" in script and "/etc/hosts" in script
+    rc = configs.login_bashrc()
+    if rc is not None:
+        assert f"mount --bind {lay.bashrc} {rc}" in script
 
 
 def test_plan_roundtrip_and_faults(plan):
