@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Mapping
-
-import numpy as np
+from typing import TYPE_CHECKING, Hashable, Iterable, Mapping
 
 from chiba_admin.errors import InventoryError
 
 from .entries import Inventory
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "Group",
@@ -82,25 +83,28 @@ def group_needs(needs_by_target: Mapping[Hashable, Iterable[str]],
     return groups
 
 
-def needs_bitmap(source: Inventory, paths: Iterable[str]) -> np.ndarray:
+def needs_bitmap(source: Inventory, paths: Iterable[str]) -> bytes:
     """One bit per source file (source.files() order), set if needed: 12.5 KB per 100k files.
 
-    The uint8 array is a ready MPI buffer: Allreduce with BOR gives the union,
-    Allgather gives every target's needs for group_bitmaps.
+    Bits are packed most significant first (numpy's packbits order). The bytes are a
+    ready MPI buffer: a BOR reduction gives the union, a gather every target's needs for
+    group_bitmaps. Built without numpy: targets make one and never pay its import.
     """
     files = source.files()
     index = {e.path: i for i, e in enumerate(files)}
-    bits = np.zeros(len(files), bool)
+    bits = bytearray((len(files) + 7) // 8)
     for p in paths:
         i = index.get(p)
         if i is None:
             raise InventoryError("needed path is not a file of the source inventory", where=p,
                                  hint="need lists must come from this source")
-        bits[i] = True
-    return np.packbits(bits)
+        bits[i >> 3] |= 0x80 >> (i & 7)
+    return bytes(bits)
 
 
 def _check_bitmap(source_files: int, bitmap) -> np.ndarray:
+    import numpy as np
+
     arr = np.frombuffer(bytes(bitmap), np.uint8) if not isinstance(bitmap, np.ndarray) else bitmap
     if arr.dtype != np.uint8 or arr.ndim != 1 or arr.size != (source_files + 7) // 8:
         raise InventoryError(f"need bitmap has {arr.size} bytes for {source_files} files",
@@ -110,6 +114,8 @@ def _check_bitmap(source_files: int, bitmap) -> np.ndarray:
 
 def bitmap_paths(source: Inventory, bitmap: np.ndarray | bytes) -> list[str]:
     """The paths a need bitmap names, in source order."""
+    import numpy as np
+
     files = source.files()
     arr = _check_bitmap(len(files), bitmap)
     idx = np.flatnonzero(np.unpackbits(arr, count=len(files)))
@@ -118,6 +124,8 @@ def bitmap_paths(source: Inventory, bitmap: np.ndarray | bytes) -> list[str]:
 
 def union_bitmaps(bitmaps: Iterable[np.ndarray | bytes]) -> np.ndarray:
     """Files needed by anyone: the OR reduction mpisync does to decide what to send at all."""
+    import numpy as np
+
     arrs = [np.frombuffer(bytes(b), np.uint8) if not isinstance(b, np.ndarray) else b
             for b in bitmaps]
     if not arrs:
@@ -131,6 +139,8 @@ def union_bitmaps(bitmaps: Iterable[np.ndarray | bytes]) -> np.ndarray:
 def group_bitmaps(source: Inventory, bitmaps: Mapping[Hashable, np.ndarray | bytes]) -> list[Group]:
     """group_needs for gathered bitmaps, vectorised: columns of the target x file bit matrix
     with equal bit patterns form one group."""
+    import numpy as np  # the root's work only; targets never import it
+
     files = source.files()
     nfiles = len(files)
     targets = _sorted_targets(bitmaps)

@@ -14,7 +14,6 @@ import time
 from collections import deque
 from typing import Callable, Iterable, Iterator
 
-import numpy as np
 from mpi4py import MPI
 
 from .rankio import PeerLost
@@ -41,7 +40,7 @@ def _world(ranks: list[int] | None, r: int | None) -> int | None:
     return r if ranks is None or r is None else ranks[r]
 
 
-def chain_send(comm: MPI.Comm, frames: Iterable[bytes | memoryview | np.ndarray],
+def chain_send(comm: MPI.Comm, frames: Iterable[bytes | bytearray | memoryview],
                *, depth: int = 2, world: list[int] | None = None) -> int:
     """Root side: send every frame down the chain; returns bytes sent. Ends the stream.
 
@@ -58,13 +57,13 @@ def chain_send(comm: MPI.Comm, frames: Iterable[bytes | memoryview | np.ndarray]
         while len(pending) >= depth:
             req, _keep = pending.popleft()
             wait(req, peer=nxt)
-        buf = frame if isinstance(frame, np.ndarray) else np.frombuffer(frame, np.uint8)
+        buf = memoryview(frame).cast("B")
         pending.append((comm.Isend([buf, MPI.BYTE], dest=1, tag=TAG_DATA), buf))
         total += buf.nbytes
     while pending:
         req, _keep = pending.popleft()
         wait(req, peer=nxt)
-    wait(comm.Isend([np.empty(0, np.uint8), MPI.BYTE], dest=1, tag=TAG_END), peer=nxt)
+    wait(comm.Isend([bytearray(0), MPI.BYTE], dest=1, tag=TAG_END), peer=nxt)
     return total
 
 
@@ -80,7 +79,7 @@ def chain_frames(comm: MPI.Comm, max_frame: int,
     rank, size = comm.rank, comm.size
     prev, nxt = rank - 1, (rank + 1 if rank + 1 < size else None)
     wprev, wnxt = _world(world, prev), _world(world, nxt)
-    bufs = [np.empty(max_frame, np.uint8) for _ in range(3)]
+    bufs = [memoryview(bytearray(max_frame)) for _ in range(3)]
     sends: list[MPI.Request | None] = [None, None, None]
     status = MPI.Status()
     i = 0
@@ -102,7 +101,7 @@ def chain_frames(comm: MPI.Comm, max_frame: int,
         req = comm.Irecv([bufs[follow], MPI.BYTE], source=prev, tag=MPI.ANY_TAG)
         if nxt is not None:
             sends[cur] = comm.Isend([bufs[cur][:n], MPI.BYTE], dest=nxt, tag=TAG_DATA)
-        yield memoryview(bufs[cur])[:n]
+        yield bufs[cur][:n]
         i += 1
 
 

@@ -22,7 +22,7 @@ from topology import place_ranks
 
 from .rankio import EVENT_PREFIX
 
-__all__ = ["LaunchPlan", "LaunchResult", "rank_hosts", "build_command", "launch",
+__all__ = ["LaunchPlan", "LaunchResult", "rank_hosts", "build_command", "launch", "RANK_ENV",
            "RANK_HOSTS_ENV", "FORWARD_PREFIXES"]
 
 RANK_HOSTS_ENV = "CHIBA_RANK_HOSTS"
@@ -30,6 +30,10 @@ RANK_HOSTS_ENV = "CHIBA_RANK_HOSTS"
 FORWARD_PREFIXES = ("CHIBA_",)
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 _TAIL = 400
+# Every rank gets these unless the topology's [mpi] env says otherwise. Ranks never do
+# linear algebra, and numpy's OpenBLAS starting a thread per core cost 0.1 s of CPU
+# per rank at import (measured), paid 9 times over on 2 cores.
+RANK_ENV = {"OPENBLAS_NUM_THREADS": "1"}
 # every rank program emits "start" first; mpiexec starting 33 Python ranks on 2 cores
 # over SSH took 9-14 s, so a minute without it means the launch hung
 START_TIMEOUT = 60.0
@@ -126,7 +130,7 @@ def build_command(topo, module: str, args: list[str], ranks: list[str], *,
     embedded = topo.kind == "embedded"
     mpiexec = mpi.get("mpiexec") or str(Path(sys.executable).with_name("mpiexec"))
     python = mpi.get("python") or sys.executable
-    add_env = {RANK_HOSTS_ENV: ",".join(ranks)}
+    add_env = {RANK_HOSTS_ENV: ",".join(ranks), **RANK_ENV}
     add_env.update({str(k): str(v) for k, v in (mpi.get("env") or {}).items()})
     add_env.update(env or {})
     pp = os.environ.get("PYTHONPATH", "")
@@ -139,6 +143,10 @@ def build_command(topo, module: str, args: list[str], ranks: list[str], *,
     if embedded:
         # hosts are directories here: all ranks on this machine, more ranks than cores
         argv += ["--oversubscribe", "--bind-to", "none"]
+        if not any("btl" in a for a in _mpi_list(mpi.get("args"))):
+            # the libfabric and UCX transports probe for hardware in every rank's
+            # MPI_Init (1 s of 1.6 s for 8 local ranks); shared memory is what runs here
+            argv += ["--mca", "btl", "^ofi,uct"]
     else:
         for h in ranks:
             topo.host(h)  # unknown names fail here, not in mpiexec

@@ -17,7 +17,6 @@ import struct
 import time
 from typing import Callable, Iterator
 
-import numpy as np
 from mpi4py import MPI
 
 from chiba_admin.errors import ChibaError
@@ -34,7 +33,8 @@ __all__ = ["run_sync", "PIECE", "pack_frames", "iter_pieces", "MAX_PIECES"]
 
 # One piece of one file inside a frame. ``last`` marks a file's final piece; ``bad`` says
 # the root could not read the file, so receivers drop what they have of it.
-PIECE = np.dtype([("idx", "<u4"), ("offset", "<u8"), ("length", "<u4"), ("flags", "u1")])
+# file index, offset, length, flags; packed, little-endian
+PIECE = struct.Struct("<IQIB")
 _LAST, _BAD = 1, 2
 MAX_PIECES = 128  # small files share a frame: 3,000 files are a few dozen messages
 _HDR = struct.Struct("<I")
@@ -47,7 +47,7 @@ def _max_frame(chunk: int) -> int:
 
 def _payload_budget(chunk: int) -> int:
     """Payload bytes per frame, so header + payload never exceed ``chunk``."""
-    budget = chunk - _HDR.size - MAX_PIECES * PIECE.itemsize - _SLACK
+    budget = chunk - _HDR.size - MAX_PIECES * PIECE.size - _SLACK
     if budget < 4096:
         raise ValueError(f"chunk of {chunk} bytes is too small (at least 8 KiB)")
     return budget
@@ -66,7 +66,7 @@ def pack_frames(src_root: str, files: list, indices: list[int], chunk: int,
     chunk = _payload_budget(chunk)
 
     def flush() -> bytes:
-        hdr = np.array(pieces, PIECE).tobytes()
+        hdr = b"".join(PIECE.pack(*p) for p in pieces)
         frame = _HDR.pack(len(hdr)) + hdr + bytes(payload)
         pieces.clear()
         payload.clear()
@@ -111,10 +111,8 @@ def iter_pieces(frames: Iterator[memoryview]) -> Iterator[tuple[int, int, memory
     """(file index, offset, data, flags) for every piece of every frame, in order."""
     for frame in frames:
         (hlen,) = _HDR.unpack_from(frame)
-        hdr = np.frombuffer(frame[_HDR.size:_HDR.size + hlen], PIECE)
         pos = _HDR.size + hlen
-        for p in hdr.tolist():
-            idx, offset, length, flags = p
+        for idx, offset, length, flags in PIECE.iter_unpack(frame[_HDR.size:pos]):
             yield idx, offset, frame[pos:pos + length], flags
             pos += length
 
@@ -149,7 +147,7 @@ class _Target:
         if self.error is None:
             self.error = str(exc) if isinstance(exc, ChibaError) else f"{self.dest}: {exc}"
 
-    def plan_needs(self) -> np.ndarray:
+    def plan_needs(self) -> bytes:
         src = self.source
         try:
             if os.path.isdir(self.dest):
@@ -330,12 +328,12 @@ def _run_sync(comm: MPI.Comm, spec: dict,
     if verdict is not None:
         return {"ok": False, "error": verdict, "stage": "source scan"} if rank == 0 else None
     n = comm.bcast(len(blob), root=0)
-    buf = np.frombuffer(blob, np.uint8).copy() if rank == 0 else np.empty(n, np.uint8)
+    buf = bytearray(blob) if rank == 0 else bytearray(n)
     comm.Bcast([buf, MPI.BYTE], root=0)
     if rank == 0:
         phases["scan"] = time.monotonic() - t0
     else:
-        src = decode_inventory(buf.tobytes())
+        src = decode_inventory(bytes(buf))
     files = src.files()
 
     # 2-3. targets plan; a gather of need bitmaps lets the root group files by audience

@@ -49,6 +49,9 @@ def test_embedded_command_runs_everything_here_oversubscribed():
     assert a[-4:] == [a[-4], "-m", "mpitools.stage", "b64:xx"]
     assert plan.env[RANK_HOSTS_ENV] == "ccn05,ccn01"
     assert plan.env["PYTHONPATH"].split(":")[0] == str(REPO)
+    assert plan.env["OPENBLAS_NUM_THREADS"] == "1"
+    # no hardware probing of libfabric/UCX in every local rank's MPI_Init
+    assert a[a.index("btl") - 1:a.index("btl") + 2] == ["--mca", "btl", "^ofi,uct"]
     assert "--allow-run-as-root" not in build_command(topo, "m", [], ["ccn01"]).argv
 
 
@@ -65,6 +68,8 @@ def test_ssh_command_uses_hosts_in_town_order_and_mpi_table():
     assert a[a.index("--bind-to") + 1] == "none" and "--oversubscribe" not in a
     s = " ".join(a)
     assert "--mca btl tcp,self" in s and "--mca btl_tcp_if_include 10.9.0.0/16" in s
+    assert "^ofi" not in s  # real clusters keep their fabric transports
+    assert "-x OPENBLAS_NUM_THREADS" in s
     assert "--prtemca prte_if_include 10.9.0.0/16" in s
     assert a[a.index("plm_ssh_args") + 1] == "-F /etc/chiba/ssh_config"
     assert "--mca mpi_yield_when_idle 1" in s
