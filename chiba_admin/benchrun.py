@@ -269,7 +269,7 @@ def _sync_once(site: Site, method: str, src: Path, targets: list[str], dest: str
     with site.measure() as m:
         res, wall, err = site.cli(*args)
     res = res or {}
-    return {"ok": bool(res.get("ok")), "seconds": wall,
+    return {"ok": bool(res.get("ok")), "seconds": wall, "phases": res.get("phases", {}),
             "failures": res.get("failures") or ({"-": err} if err and not res else {}),
             "nic": m.infrastructure}
 
