@@ -134,7 +134,7 @@ def run(quick: bool, tmpdir: str | None) -> dict:
         secs, groups = _median(lambda: inv.group_bitmaps(scanned, per), runs)
         res["group_bitmaps_32_targets_s"] = round(secs, 4)
         res["group_count"] = len(groups)
-        res["need_bitmap_bytes"] = int(next(iter(per.values())).nbytes)
+        res["need_bitmap_bytes"] = len(next(iter(per.values())))
 
         dest = work / "dest"
         t = time.perf_counter()
