@@ -335,6 +335,11 @@ def _blame(events: list[dict], parsed: dict[int, str]) -> dict[int, str]:
     # ranks that reported a loss or aborted on purpose are alive witnesses, not victims
     reporters = {int(e["rank"]) for e in events if e.get("event") == "peer-lost"}
     reporters |= {r for r, w in parsed.items() if "aborted" in w}
+    # once a witness aborts the job, ranks it kills look lost to their neighbours too;
+    # a loss the runtime confirms (that rank exited on its own) is the cause
+    confirmed = {r: lost[r] for r in dead if r in lost and r not in reporters}
+    if confirmed:
+        return confirmed
     out = {r: w for r, w in lost.items() if r not in reporters}
     out.update({r: w for r, w in dead.items() if r not in reporters})
     return out or lost or parsed

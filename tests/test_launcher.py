@@ -6,7 +6,8 @@ import os
 
 from conftest import DEMO, REPO
 
-from mpitools.launcher import RANK_HOSTS_ENV, LaunchResult, _parse_failures, build_command
+from mpitools.launcher import (RANK_HOSTS_ENV, LaunchResult, _blame, _parse_failures,
+                               build_command)
 from mpitools.rankio import encode_job, load_job
 from topology import load_topology, loads_topology
 
@@ -131,3 +132,13 @@ def test_rank_programs_import_lean():
                    "urllib.request")) == "[]"
     # mpisync targets: the inventory without numpy (the root loads it for grouping)
     assert loaded("mpitools.sync", ("rich", "click", "networkx", "topology", "numpy")) == "[]"
+
+
+def test_blame_prefers_the_loss_the_runtime_confirms():
+    # rank 5 exited; rank 6 saw it and aborted; the abort killed rank 1 under rank 0's send
+    events = [{"event": "peer-lost", "rank": 6, "peer": 5, "why": "PROC_FAILED"},
+              {"event": "peer-lost", "rank": 0, "peer": 1, "why": "PROC_FAILED"}]
+    parsed = {5: "process exited with status 9", 6: "rank aborted the job (see its error above)"}
+    assert list(_blame(events, parsed)) == [5]
+    # nothing confirmed by the runtime (a link down): every reported loss stands
+    assert sorted(_blame(events, {})) == [1, 5]
