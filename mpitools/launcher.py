@@ -72,6 +72,7 @@ class LaunchResult:
     start_timed_out: bool = False
     interrupted: bool = False
     failed_ranks: dict[int, str] = field(default_factory=dict)
+    start_at: float = 0.0   # rank 0's "start" event (its own clock when it says)
     result_at: float = 0.0  # when the result event arrived (the rest is mpiexec's exit)
 
     @property
@@ -82,6 +83,10 @@ class LaunchResult:
         """Host -> reason for ranks mpiexec reported as dead (parsed from its messages)."""
         return {self.hosts[r]: why for r, why in self.failed_ranks.items()
                 if 0 <= r < len(self.hosts)}
+
+    def launch_seconds(self) -> float | None:
+        """Seconds from starting mpiexec to rank 0's start event (None: it never came)."""
+        return max(0.0, self.start_at - self.started) if self.start_at else None
 
     def exit_seconds(self) -> float:
         """Seconds from the result event to mpiexec's exit (its ranks and daemons ending)."""
@@ -309,6 +314,8 @@ def launch(topo, module: str, args: list[str], hosts: list[str], root: str | Non
                 res.events.append(ev)
                 if ev.get("event") == "result":
                     res.result, res.result_at = ev, time.time()
+                elif ev.get("event") == "start" and not res.start_at:
+                    res.start_at = float(ev.get("time") or time.time())
                 if on_event is not None:
                     on_event(ev)
             else:

@@ -181,11 +181,8 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dest: str, *, t0: f
     info = pub.info
     # chain: segments sized for the pipeline; bcast: the paper's one chunk per MPI_Bcast
     seg = pipeline_segment(info.bytes, len(ranks), chunk) if algorithm == "chain" else chunk
-    started: dict[str, float] = {}
-
     def on_event(ev: dict) -> None:
         if ev.get("event") == "start":
-            started["t"] = float(ev.get("time", time.time()))
             if progress is not None:
                 progress.update(0, info.bytes, f"staging to {len(ranks)} nodes")
         elif ev.get("event") == "progress" and progress is not None:
@@ -211,8 +208,8 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dest: str, *, t0: f
         "failures": {}, "compress": info.compress, "chunk": int(chunk), "segment": seg,
         "kind": topo.kind,
     }
-    if started:
-        result["phases"]["launch"] = max(0.0, started["t"] - res.started)
+    if res.launch_seconds() is not None:
+        result["phases"]["launch"] = res.launch_seconds()
     if res.result is not None:
         r = res.result
         result["phases"].update(r.get("phases", {}))
@@ -270,12 +267,8 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
            "hash_alg": "blake3", "hosts": ranks, "paths": paths, "out_dir": dest_dir,
            "host_paths": {h: dest_for(topo, h, path) for h in ranks[1:]},
            "name": name, "window": window}
-    started: dict[str, float] = {}
-
     def on_event(ev: dict) -> None:
-        if ev.get("event") == "start":
-            started["t"] = float(ev.get("time", time.time()))
-        elif ev.get("event") == "progress" and progress is not None:
+        if ev.get("event") == "progress" and progress is not None:
             progress.update(ev.get("done"), None,
                             f"collected {ev.get('hosts_done')}/{ev.get('hosts')} hosts")
 
@@ -289,8 +282,8 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
               "dest": dest_dir, "dest_dir": dest_dir, "nodes": ranks[1:], "bytes": 0,
               "payload_bytes": 0, "files": 0, "seconds": 0.0, "phases": {}, "phase_bytes": {},
               "hosts": {}, "failures": {}, "kind": topo.kind}
-    if started:
-        result["phases"]["launch"] = max(0.0, started["t"] - res.started)
+    if res.launch_seconds() is not None:
+        result["phases"]["launch"] = res.launch_seconds()
     r = res.result
     if r is not None and r.get("reports") is not None and (r["reports"] or r.get("error")):
         result["phases"].update(r.get("phases", {}))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import os
 
 from chiba_admin.errors import UsageError
@@ -63,11 +61,7 @@ def sync_mpi(topo, src: str, targets: list[str], dest: str | None = None, *,
            "excludes": list(excludes), "checksum": checksum, "verify": verify,
            "chunk": int(chunk)}
 
-    started: list[float] = []
-
     def on_event(ev: dict) -> None:
-        if ev.get("event") == "start":
-            started.append(time.time())
         if progress is not None and ev.get("event") == "progress":
             progress.update(done=ev["done"], total=ev["total"], label="mpisync")
 
@@ -105,6 +99,6 @@ def sync_mpi(topo, src: str, targets: list[str], dest: str | None = None, *,
     return {**base, "ok": r["ok"], "seconds": res.seconds, "sync_seconds": r["seconds"],
             "bytes_sent": r["bytes_sent"], "source_files": r["source_files"],
             "source_bytes": r["source_bytes"], "groups": r["groups"],
-            "phases": {**({"launch": started[0] - res.started} if started else {}),
+            "phases": {**({"launch": res.launch_seconds()} if res.start_at else {}),
                        **r["phases"], "exit": res.exit_seconds()},
             "source_warnings": r["source_warnings"], "hosts": hosts, "failures": failures}
