@@ -108,11 +108,13 @@ class Site:
     close: Callable[[], None] = lambda: None
     towns: int = 0
     nodes_per_town: int = 0
+    disk: str | None = None   # where hosts keep their data (testbed: tmpfs or dir)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "name": self.topo.name, "towns": self.towns,
                 "nodes_per_town": self.nodes_per_town, "node_bps": self.node_bps,
-                "mayor_bps": self.mayor_bps, "hosts": self.topo.summary()["hosts"]}
+                "mayor_bps": self.mayor_bps, "hosts": self.topo.summary()["hosts"],
+                "disk": self.disk}
 
     def cli(self, *args: str, timeout: float = 1800) -> tuple[dict | None, float, str]:
         """Run ``chiba-admin --json ARGS`` on the site; (parsed JSON or None, wall s, stderr)."""
@@ -185,7 +187,8 @@ def testbed_site(towns: int, per_town: int, workdir: Path, node_mbit: float,
     return Site("testbed", topo, ["--cluster", str(tb.topology_file)], node_mbit * 1e6,
                 mayor_mbit * 1e6, lambda: testbed.measure(state),
                 wrap=lambda argv: tb.exec_argv(pres, argv),
-                close=lambda: testbed.down(state), towns=towns, nodes_per_town=per_town)
+                close=lambda: testbed.down(state), towns=towns, nodes_per_town=per_town,
+                disk=testbed.status(state).get("disk"))
 
 
 def open_site(where: str, towns: int, per_town: int, workdir: Path, *,

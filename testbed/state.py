@@ -95,7 +95,7 @@ class State:
         self.path = Path(path)
         self.data = data if data is not None else {
             "version": STATE_VERSION, "id": None, "phase": "planning", "created": time.time(),
-            "namespaces": [], "bridges": [], "veths": [], "dirs_created": [],
+            "namespaces": [], "bridges": [], "veths": [], "dirs_created": [], "disks": [],
             "holders": {}, "sshd": {}, "faults": {}, "plan": None,
         }
 
@@ -124,6 +124,7 @@ class State:
         self.save()
 
     def add(self, key: str, items: list) -> None:
+        self.data.setdefault(key, [])
         for it in items:
             if it not in self.data[key]:
                 self.data[key].append(it)

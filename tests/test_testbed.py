@@ -96,6 +96,22 @@ def test_paramiko_to_every_host_sees_own_hostname_and_scratch(testbed_cluster):
             tb.exec(h, "rm -f /scratch/.whoami")
 
 
+def test_each_host_has_its_own_disk(testbed_cluster):
+    tb = testbed_cluster
+    st = tb.status()
+    assert st["disk"] == "tmpfs"
+    for h in ("ccn01", "ccn02"):
+        out = tb.exec(h, "findmnt -rn -o SOURCE,FSTYPE -T /scratch", check=True).stdout.split()
+        assert out == [f"chiba-{tb.id}-{h}[/scratch]", "tmpfs"], out
+    try:
+        tb.exec("ccn01", "head -c 1048576 /dev/zero > /scratch/.mine", check=True)
+        assert tb.exec("ccn02", "test -e /scratch/.mine").returncode != 0
+        used = tb.exec("ccn01", "df --output=used -k /scratch | tail -1", check=True)
+        assert int(used.stdout) >= 1024
+    finally:
+        tb.exec("ccn01", "rm -f /scratch/.mine")
+
+
 def test_openssh_by_name_from_president(testbed_cluster):
     tb = testbed_cluster
     cp = tb.exec(tb.president, tb.ssh_argv("ccn07", "hostname; getent hosts ccn02"),
@@ -279,6 +295,32 @@ def test_up_down_leaves_nothing(tmp_path, towns, per_town, cli):
     assert up_s + down_s < 60
 
 
+def test_bad_disk_size_refused_before_anything_exists(tmp_path, cli):
+    require_testbed()
+    state = tmp_path / "bad"
+    r = cli("testbed", "up", "--towns", "1", "--nodes-per-town", "1", "--disk-size", "lots",
+            "--state", str(state))
+    assert r.code == 2 and "bad disk size 'lots'" in r.err
+    assert not state.exists()
+
+
+def test_down_keep_data_copies_files_off_the_tmpfs(tmp_path, cli):
+    require_testbed()
+    import testbed
+
+    state = tmp_path / "keep"
+    testbed.up(testbed.generated_topology(1, 1, 20e6, 200e6), state)
+    tb = testbed.Testbed(state)
+    tb.exec("ccn01", "echo kept > /scratch/note && ln -s note /scratch/link", check=True)
+    r = cli("--json", "testbed", "down", "--keep-data", "--state", str(state))
+    assert r.code == 0, r.err
+    data = state / "hosts" / "ccn01" / "data" / "scratch"
+    with open("/proc/mounts") as f:
+        assert not [ln for ln in f if str(state) in ln]
+    assert (data / "note").read_text() == "kept\n"
+    assert os.readlink(data / "link") == "note"
+
+
 def test_down_after_half_finished_up(tmp_path, monkeypatch):
     require_testbed()
     import testbed
@@ -295,6 +337,10 @@ def test_down_after_half_finished_up(tmp_path, monkeypatch):
         testbed.up(testbed.generated_topology(1, 2, 20e6, 200e6), state, rollback=False)
     prefix = testbed.status(state)["hosts"] and f"chiba-{testbed.status(state)['id']}-"
     assert any(ns.startswith(prefix) for ns in system.netns_list())
+    with open("/proc/mounts") as f:
+        assert [ln for ln in f if str(state) in ln]  # the hosts' disks were mounted
     testbed.down(state)
     assert not any(ns.startswith(prefix) for ns in system.netns_list())
+    with open("/proc/mounts") as f:
+        assert not [ln for ln in f if str(state) in ln]
     assert not state.exists()

@@ -57,9 +57,17 @@ def testbed_group():
 @click.option("--mayor-mbit", type=click.FloatRange(min=0.1), default=None,
               help="President and mayor link rate in Mbit/s (default 200, or the "
                    "topology's core links with --cluster).")
+@click.option("--disk", type=click.Choice(["tmpfs", "dir"]), default="tmpfs",
+              show_default=True,
+              help="Where each host's scratch, spool and repository live: its own tmpfs "
+                   "(like a host's own disk), or directories on the state dir's "
+                   "filesystem.")
+@click.option("--disk-size", default="2G", show_default=True, metavar="SIZE",
+              help="Capacity of each host's tmpfs (e.g. 512M, 4G, 10%).")
 @_state_opt
 @click.pass_context
-def up_cmd(click_ctx, towns, nodes_per_town, node_mbit, mayor_mbit, state_dir):
+def up_cmd(click_ctx, towns, nodes_per_town, node_mbit, mayor_mbit, disk, disk_size,
+           state_dir):
     """Bring a testbed up (the --cluster topology, or a generated one with --towns)."""
     import testbed
     from topology import load_topology
@@ -75,7 +83,8 @@ def up_cmd(click_ctx, towns, nodes_per_town, node_mbit, mayor_mbit, state_dir):
         topo = testbed.generated_topology(towns or 2, nodes_per_town or 4, node_bps, mayor_bps)
     err = get_err_console()
     log = (lambda m: err.print(f"testbed: {m}")) if verbosity() > 0 else None
-    testbed.up(topo, state_dir, node_bps=node_bps, mayor_bps=mayor_bps, log=log)
+    testbed.up(topo, state_dir, node_bps=node_bps, mayor_bps=mayor_bps, log=log, disk=disk,
+               disk_size=disk_size)
     tb = testbed.Testbed(state_dir)
     if ctx.json:
         print_json(testbed.status(tb.state))
@@ -86,7 +95,8 @@ def up_cmd(click_ctx, towns, nodes_per_town, node_mbit, mayor_mbit, state_dir):
 
 @testbed_group.command("down")
 @click.option("--keep-data", is_flag=True,
-              help="Keep each host's scratch/spool/repository data under the state dir.")
+              help="Keep each host's scratch/spool/repository data under the state dir "
+                   "(copied off its tmpfs first).")
 @_state_opt
 @pass_ctx
 def down_cmd(ctx, keep_data, state_dir):
