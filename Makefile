@@ -9,11 +9,13 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install-system-deps.sh
+# editable_mode=compat: a plain path in a .pth file. The default editable finder is
+# imported by every Python start (20 of 53 ms), and every rank and CLI call is one.
+$(STAMP): pyproject.toml scripts/install-system-deps.sh Makefile
 	scripts/install-system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
 demo: $(STAMP)

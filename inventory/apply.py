@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import shutil
 import stat
 from dataclasses import dataclass, field
@@ -63,7 +62,7 @@ def _split(rel: str) -> tuple[str, str]:
 def _tmp_name(name: str) -> bytes:
     # Bytes keep the name valid even when truncation splits a multi-byte character;
     # 200 bytes leaves room for the marker inside the 255-byte NAME_MAX.
-    return b"." + encode_path(name)[:200] + TMP_MARK + secrets.token_hex(6).encode()
+    return b"." + encode_path(name)[:200] + TMP_MARK + os.urandom(6).hex().encode()
 
 
 class DestTree:

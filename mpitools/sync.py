@@ -3,13 +3,7 @@
 # Rank-side module: lean imports only (no rich, click, networkx).
 from __future__ import annotations
 
-import os
 import time
-
-if os.environ.get("PMIX_RANK") == "0":
-    # the root groups files with numpy; importing it now, before MPI starts, overlaps
-    # the other ranks' start-up instead of keeping them waiting (targets never need it)
-    import numpy  # noqa: F401
 
 from .rankio import emit, rank_hosts, rank_main
 from .syncrank import run_sync

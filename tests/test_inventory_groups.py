@@ -93,12 +93,20 @@ def test_needs_feeds_grouping():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.dictionaries(st.integers(0, 40), st.sets(st.integers(0, 29)), max_size=12))
-def test_group_bitmaps_equals_group_needs(raw):
+@given(st.dictionaries(st.integers(0, 40), st.sets(st.integers(0, 29)), max_size=12),
+       st.sampled_from([256, 2]))
+def test_group_bitmaps_equals_group_needs(raw, refine_limit):
+    import inventory.groups as groups_mod
+
     src = source(30)
     per = {t: [f"d/f{i}" for i in sorted(idx)] for t, idx in raw.items()}
     expected = group_needs(per, src)
-    got = group_bitmaps(src, {t: needs_bitmap(src, p) for t, p in per.items()})
+    # a limit of 2 classes sends most examples down the one-key-per-file path
+    old, groups_mod._REFINE_CLASSES = groups_mod._REFINE_CLASSES, refine_limit
+    try:
+        got = group_bitmaps(src, {t: needs_bitmap(src, p) for t, p in per.items()})
+    finally:
+        groups_mod._REFINE_CLASSES = old
     assert got == expected
     # Every needed (target, path) pair is in exactly one group.
     pairs = {(t, p) for g in got for t in g.targets for p in g.paths}

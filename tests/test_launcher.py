@@ -119,10 +119,10 @@ def test_rank_programs_import_lean():
     import subprocess
     import sys
 
-    def loaded(modules: str, heavy: tuple[str, ...]) -> str:
+    def loaded(modules: str, heavy: tuple[str, ...], rank: str = "1") -> str:
         code = (f"import sys, {modules}; "
                 f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
-        env = {k: v for k, v in os.environ.items() if k != "PMIX_RANK"}
+        env = {**{k: v for k, v in os.environ.items() if k != "PMIX_RANK"}, "PMIX_RANK": rank}
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               cwd=str(REPO), env=env, check=True).stdout.strip()
 
@@ -130,8 +130,11 @@ def test_rank_programs_import_lean():
     assert loaded("mpitools.stage, mpitools.collect",
                   ("rich", "click", "networkx", "topology", "chiba_admin", "numpy",
                    "urllib.request")) == "[]"
-    # mpisync targets: the inventory without numpy (the root loads it for grouping)
-    assert loaded("mpitools.sync", ("rich", "click", "networkx", "topology", "numpy")) == "[]"
+    # mpisync, targets and root: the inventory without numpy, thread pools or logging
+    for rank in ("0", "1"):
+        assert loaded("mpitools.sync", ("rich", "click", "networkx", "topology", "numpy",
+                                        "concurrent.futures", "logging", "secrets",
+                                        "traceback"), rank) == "[]"
 
 
 def test_blame_prefers_the_loss_the_runtime_confirms():
