@@ -129,6 +129,11 @@ def sync_rows(records: list[dict]) -> list[dict]:
             "vs_bound": (med / bound) if med and bound else None,
             "president_bytes": _median([(r.get("nic") or {}).get("president_tx") for r in ok]),
         }
+        # mpisync reports its phases: the transfer alone against the bound shows how much
+        # of the gap is moving bytes and how much is starting and ending the job
+        xfer = _median([(r.get("phases") or {}).get("transfer") for r in ok])
+        row["transfer_s"] = xfer
+        row["transfer_vs_bound"] = (xfer / bound) if xfer and bound else None
         if method == "rsync" and med:
             base[(kind, targets, scenario)] = med
         rows.append(row)
@@ -179,6 +184,7 @@ STAGE_COLS = [("nodes", "nodes", str), ("data", "data", str),
 SYNC_COLS = [("targets", "targets", str), ("scenario", "scenario", str),
              ("method", "label", str), ("median s", "median_s", _f),
              ("bound s", "bound_s", _f), ("x bound", "vs_bound", _f),
+             ("transfer s", "transfer_s", _f), ("transfer x bound", "transfer_vs_bound", _f),
              ("x rsync", "speedup_vs_legacy", _f), ("president MB", "president_bytes", _mb),
              ("completed", "completed", lambda b: "yes" if b else "NO"),
              ("runs", "runs", str)]

@@ -72,6 +72,12 @@ def test_report_figures_come_from_records(bench_results):
                 (row["method"], row["scenario"])]
         assert row["median_s"] == pytest.approx(statistics.median(r["seconds"] for r in mine))
         assert row["completed"] and row["bound_s"] is None  # no link rate: no bound
+        assert row["transfer_vs_bound"] is None
+        if row["method"] == "mpi":  # its transfer phase, from the same runs
+            assert row["transfer_s"] == pytest.approx(
+                statistics.median(r["phases"]["transfer"] for r in mine))
+        else:
+            assert row["transfer_s"] is None  # rsync has no phases
 
 
 def test_report_cli_outputs(bench_results, cli, tmp_path):
