@@ -71,37 +71,50 @@ def _label(method: str, algorithm: str) -> str:
         method, f"MPI {algorithm}" if algorithm else "mpisync" if method == "mpi" else method)
 
 
-def stage_rows(records: list[dict]) -> list[dict]:
-    """One row per (cluster kind, nodes, data, size, method): medians and ratios."""
-    groups = aggregate(records)
-    rows = []
-    base: dict[tuple, float] = {}
-    for key, runs in groups.items():
-        if key[0] != "stage":
+def _workload_rows(records: list[dict], workload: str, legacy: str, fields) -> list[dict]:
+    """Rows of one workload: what every comparison shows, then ``fields(key, runs, ok, med)``,
+    then the speed-up over the ``legacy`` method measured at the same scale.
+
+    Keys are (workload, cluster kind, *scale, method, algorithm), so ``key[1:-2]`` names
+    one comparison and ``key[-2]`` the method.
+    """
+    rows, base = [], {}
+    for key, runs in aggregate(records).items():
+        if key[0] != workload:
             continue
-        _, kind, nodes, data, size, method, alg = key
         ok = [r for r in runs if r["ok"]]
         med = _median([r["seconds"] for r in ok])
+        row = {"runs": len(runs), "failures": len(runs) - len(ok), "median_s": med,
+               "president_bytes": _median([(r.get("nic") or {}).get("president_tx")
+                                           for r in ok]),
+               **fields(key, runs, ok, med)}
+        if key[-2] == legacy and med:
+            base[key[1:-2]] = med
+        rows.append((key[1:-2], row))
+    for scale, row in rows:
+        b = base.get(scale)
+        row["speedup_vs_legacy"] = (b / row["median_s"]) if b and row["median_s"] else None
+    return [row for _, row in rows]
+
+
+def stage_rows(records: list[dict]) -> list[dict]:
+    """One row per (cluster kind, nodes, data, size, method): medians and ratios."""
+    def fields(key, runs, ok, med):
+        _, kind, nodes, data, size, method, alg = key
         node_bps = runs[0]["_cluster"].get("node_bps")
-        row = {
+        return {
             "cluster": kind, "nodes": nodes, "data": data, "size_bytes": size,
             "method": method, "algorithm": alg, "label": _label(method, alg),
-            "runs": len(runs), "failures": len(runs) - len(ok),
-            "median_s": med, "min_s": min((r["seconds"] for r in ok), default=None),
+            "min_s": min((r["seconds"] for r in ok), default=None),
             "max_s": max((r["seconds"] for r in ok), default=None),
             "per_node_mbps": (size * 8 / med / 1e6) if med else None,
             "aggregate_mbps": (size * 8 * nodes / med / 1e6) if med else None,
             "efficiency": (size * 8 / node_bps / med) if med and node_bps else None,
-            "president_bytes": _median([(r.get("nic") or {}).get("president_tx") for r in ok]),
             "mayors_bytes": _median([(r.get("nic") or {}).get("mayors_town_tx") for r in ok]),
             "launch_s": _median([(r.get("phases") or {}).get("launch") for r in ok]),
         }
-        if method == "transit" and med:
-            base[(kind, nodes, data, size)] = med
-        rows.append(row)
-    for row in rows:
-        b = base.get((row["cluster"], row["nodes"], row["data"], row["size_bytes"]))
-        row["speedup_vs_legacy"] = (b / row["median_s"]) if b and row["median_s"] else None
+
+    rows = _workload_rows(records, "stage", "transit", fields)
     rows.sort(key=lambda r: (r["cluster"], r["nodes"], r["data"], r["size_bytes"],
                              r["method"] != "transit", r["algorithm"]))
     return rows
@@ -109,37 +122,23 @@ def stage_rows(records: list[dict]) -> list[dict]:
 
 def sync_rows(records: list[dict]) -> list[dict]:
     """One row per (cluster kind, targets, scenario, method): medians, bound and ratios."""
-    groups = aggregate(records)
-    rows = []
-    base: dict[tuple, float] = {}
-    for key, runs in groups.items():
-        if key[0] != "sync":
-            continue
+    def fields(key, runs, ok, med):
         _, kind, targets, scenario, method, _ = key
-        ok = [r for r in runs if r["ok"]]
-        med = _median([r["seconds"] for r in ok])
         pres_bps = runs[0]["_cluster"].get("mayor_bps")
         changed = _median([r.get("changed_bytes") for r in runs])
         bound = (changed * 8 / pres_bps) if changed is not None and pres_bps else None
-        row = {
-            "cluster": kind, "targets": targets, "scenario": scenario, "method": method,
-            "label": _label(method, ""), "runs": len(runs), "failures": len(runs) - len(ok),
-            "completed": len(ok) == len(runs), "median_s": med,
-            "changed_bytes": changed, "bound_s": bound,
-            "vs_bound": (med / bound) if med and bound else None,
-            "president_bytes": _median([(r.get("nic") or {}).get("president_tx") for r in ok]),
-        }
         # mpisync reports its phases: the transfer alone against the bound shows how much
         # of the gap is moving bytes and how much is starting and ending the job
         xfer = _median([(r.get("phases") or {}).get("transfer") for r in ok])
-        row["transfer_s"] = xfer
-        row["transfer_vs_bound"] = (xfer / bound) if xfer and bound else None
-        if method == "rsync" and med:
-            base[(kind, targets, scenario)] = med
-        rows.append(row)
-    for row in rows:
-        b = base.get((row["cluster"], row["targets"], row["scenario"]))
-        row["speedup_vs_legacy"] = (b / row["median_s"]) if b and row["median_s"] else None
+        return {
+            "cluster": kind, "targets": targets, "scenario": scenario, "method": method,
+            "label": _label(method, ""), "completed": len(ok) == len(runs),
+            "changed_bytes": changed, "bound_s": bound,
+            "vs_bound": (med / bound) if med and bound else None,
+            "transfer_s": xfer, "transfer_vs_bound": (xfer / bound) if xfer and bound else None,
+        }
+
+    rows = _workload_rows(records, "sync", "rsync", fields)
     order = {"full": 0, "changed": 1, "nochange": 2}
     rows.sort(key=lambda r: (r["cluster"], r["targets"], order.get(r["scenario"], 9),
                              r["method"] != "rsync"))
