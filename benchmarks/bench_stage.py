@@ -43,22 +43,11 @@ def _make_data(work: Path, size: int) -> dict[str, str]:
 
 
 def _embedded_toml(nodes: int) -> str:
+    """An embedded Chiba City with at least ``nodes`` nodes in 2 or 4 towns (use the first)."""
+    from topology.generate import generated_topology_toml
+
     towns = 2 if nodes <= 8 else 4
-    per = -(-nodes // towns)
-    out = ['[cluster]', 'name = "bench"', 'kind = "embedded"', '[links.core]',
-           f'bandwidth = {MAYOR_BPS!r}', '[links.town]', f'bandwidth = {NODE_BPS!r}',
-           '[president]', 'name = "pres"']
-    n = 1
-    for t in range(1, towns + 1):
-        out += [f'[mayors.mayor{t}]']
-    for t in range(1, towns + 1):
-        k = min(per, nodes - n + 1)
-        if k <= 0:
-            break
-        out += [f'[towns.town{t}]', f'mayor = "mayor{t}"',
-                f'nodes = "ccn[{n:03d}-{n + k - 1:03d}]"']
-        n += k
-    return "\n".join(out) + "\n"
+    return generated_topology_toml(towns, -(-nodes // towns), NODE_BPS, MAYOR_BPS, name="bench")
 
 
 def _summary(runs: list[dict], payload: int, link_bps: float | None) -> dict:
@@ -93,7 +82,7 @@ def _run_embedded(args, data: dict[str, str], work: Path) -> dict:
 
     topo = bind(loads_topology(_embedded_toml(args.nodes), "bench.toml"), work / "state")
     init_cluster(topo)
-    nodes = [h.name for h in topo.nodes]
+    nodes = [h.name for h in topo.nodes][:args.nodes]
     res: dict = {"note": "embedded cluster: no links, every rank on this machine; raw "
                          "times only, no efficiency", "nodes": len(nodes), "cases": {}}
     for name, src in data.items():
@@ -127,7 +116,7 @@ def _run_memory(args, work: Path) -> dict:
             f.write(os.urandom(8 << 20))
     topo = bind(loads_topology(_embedded_toml(4), "mem.toml"), work / "memstate")
     init_cluster(topo)
-    nodes = [h.name for h in topo.nodes]
+    nodes = [h.name for h in topo.nodes][:4]
     out = {"bytes": args.memory, "chunk": 4 << 20, "nodes": len(nodes), "cases": {}}
     for algo in ("chain", "bcast"):
         r = stage_mpi(topo, str(src), nodes, "mem", algorithm=algo, chunk=4 << 20)
