@@ -166,6 +166,15 @@ def _feed(write: Callable[[bytes], None], close: Callable[[], None], stdin: Stdi
             pass
 
 
+@contextmanager
+def _file_errors(host, what: str):
+    """A failed file transfer as one TransportError: what, why, on which host."""
+    try:
+        yield
+    except OSError as e:
+        raise TransportError(f"{what}: {e.strerror or e}", where=host.name) from None
+
+
 def _fmt_timeout(t: float) -> str:
     return f"{t:g}s"
 
@@ -214,21 +223,14 @@ class LocalTransport(Transport):
 
     def put(self, host, local: str, remote: str) -> int:
         dst = host.local_path(remote)
-        try:
+        with _file_errors(host, f"cannot put {local} to {remote}"):
             shutil.copyfile(local, dst)
             return os.path.getsize(dst)
-        except OSError as e:
-            raise TransportError(f"cannot put {local} to {remote}: {e.strerror or e}",
-                                 where=host.name) from None
 
     def get(self, host, remote: str, local: str) -> int:
-        src = host.local_path(remote)
-        try:
-            shutil.copyfile(src, local)
+        with _file_errors(host, f"cannot get {remote}"):
+            shutil.copyfile(host.local_path(remote), local)
             return os.path.getsize(local)
-        except OSError as e:
-            raise TransportError(f"cannot get {remote}: {e.strerror or e}",
-                                 where=host.name) from None
 
 
 def _pump(stream, sink: _Collector) -> None:
@@ -429,21 +431,13 @@ class SSHTransport(Transport):
             sftp.close()
 
     def put(self, host, local: str, remote: str) -> int:
-        with self._sftp(host) as sftp:
-            try:
-                return sftp.put(local, remote).st_size
-            except OSError as e:
-                raise TransportError(f"cannot put {local} to {remote}: {e.strerror or e}",
-                                     where=host.name) from None
+        with self._sftp(host) as sftp, _file_errors(host, f"cannot put {local} to {remote}"):
+            return sftp.put(local, remote).st_size
 
     def get(self, host, remote: str, local: str) -> int:
-        with self._sftp(host) as sftp:
-            try:
-                sftp.get(remote, local)
-                return os.path.getsize(local)
-            except OSError as e:
-                raise TransportError(f"cannot get {remote}: {e.strerror or e}",
-                                     where=host.name) from None
+        with self._sftp(host) as sftp, _file_errors(host, f"cannot get {remote}"):
+            sftp.get(remote, local)
+            return os.path.getsize(local)
 
 
 def _chan_pump(recv: Callable[[int], bytes], sink: _Collector) -> None:

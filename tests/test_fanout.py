@@ -7,9 +7,11 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chiba_admin.errors import TransportError
 from legacy_transit.fanout import (GroupResult, LineSplitter, compact_rc, group_outputs,
                                    run_on, window)
 from legacy_transit.rsync import parse_stats, rsync_argv, ssh_command
@@ -209,3 +211,14 @@ def test_local_transport_timeout_kills_the_group(tmp_path):
     assert time.monotonic() - t0 < 3
     r = t.run(h, ["sh", "-c", 'pwd; echo "$CHIBA_SCRATCH"'])
     assert r.out.splitlines() == [str(tmp_path), str(Path(tmp_path, "scratch"))]
+
+
+def test_local_transport_put_get_errors_name_file_and_host(tmp_path):
+    t = transport_for("embedded")
+    h = Host("x", "node", root=str(tmp_path))
+    with pytest.raises(TransportError, match=r"cannot put /nonexistent/a to /s/b: .*No such"
+                       ) as e:
+        t.put(h, "/nonexistent/a", "/s/b")
+    assert e.value.where == "x"
+    with pytest.raises(TransportError, match=r"cannot get /s/missing: .*No such"):
+        t.get(h, "/s/missing", str(tmp_path / "back"))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from chiba_admin.errors import TransportError
 from legacy_transit.transport import SSHTransport, UNREACHABLE
 from test_legacy_embedded import WEIRD_NAMES, assert_same_tree, make_tree
 
@@ -171,6 +172,12 @@ def test_ssh_put_get(loop, tmp_path):
         assert t.put(h, str(src), f"{base}/mayor1/spool/b 'x'") == 200000
         assert t.get(h, f"{base}/mayor1/spool/b 'x'", str(tmp_path / "back")) == 200000
     assert (tmp_path / "back").read_bytes() == src.read_bytes()
+    with SSHTransport() as t:
+        with pytest.raises(TransportError, match=r"cannot get /nonexistent/f: .*") as e:
+            t.get(h, "/nonexistent/f", str(tmp_path / "nope"))
+        assert e.value.where == "mayor1"
+        with pytest.raises(TransportError, match=r"cannot put .*blob to /nonexistent/f: "):
+            t.put(h, str(src), "/nonexistent/f")
 
 
 def test_ssh_faults_named(tmp_path, sshd, silent_port):
