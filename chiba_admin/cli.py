@@ -167,12 +167,9 @@ def _exit_now(code: int) -> None:
         if t is not threading.main_thread() and not t.daemon:
             t.join()
     atexit._run_exitfuncs()
-    try:
-        sys.stdout.flush()
-    except (BrokenPipeError, ValueError):
-        code = code or EXIT_OK
-    try:
-        sys.stderr.flush()
-    except (BrokenPipeError, ValueError):
-        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):  # a reader that went away, a closed stream
+            pass
     os._exit(code)
