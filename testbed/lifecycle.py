@@ -182,8 +182,7 @@ def _write_files(plan: TestbedPlan, topo: Topology, lay: Layout, st: State) -> N
     for h in plan.hosts:
         d = lay.host_dir(h.name)
         if st.data.get("disk") == "tmpfs":
-            _mount_disk(lay.host_dir(h.name) / "data", f"chiba-{plan.id}-{h.name}",
-                        st.data["disk_size"], st)
+            _mount_disk(d / "data", f"chiba-{plan.id}-{h.name}", st.data["disk_size"], st)
         for _, src in h.mounts:
             Path(src).mkdir(parents=True, exist_ok=True)
         hpriv, hpub = configs.generate_ed25519(f"root@{h.name}")
