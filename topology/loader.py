@@ -10,6 +10,7 @@ from ClusterShell.NodeSet import NodeSet, NodeSetException
 
 from chiba_admin.errors import TopologyError
 
+from .confine import host_path_ok
 from .model import MAYOR, NODE, PRESIDENT, Host, HostPaths, Link, SSHSettings, Topology
 from .units import parse_bandwidth, parse_latency
 
@@ -18,16 +19,16 @@ __all__ = ["load_topology", "loads_topology", "KNOWN_KEYS"]
 _PATH_KEYS = {"scratch", "spool", "repository"}
 _SSH_KEYS = {"user", "port", "identity_file", "known_hosts", "host_key_policy",
              "connect_timeout", "config_file"}
-_HOST_KEYS = {"address", "ssh", "town"} | _PATH_KEYS
+_HOST_KEYS = {"address", "ssh", "town", "dest_roots"} | _PATH_KEYS
 KNOWN_KEYS: dict[str, set[str]] = {
     "": {"cluster", "defaults", "links", "president", "mayors", "towns", "hosts", "mpi"},
     "cluster": {"name", "kind", "description", "home"},
-    "defaults": _PATH_KEYS | {"ssh"},
+    "defaults": _PATH_KEYS | {"ssh", "dest_roots"},
     "ssh": _SSH_KEYS,
     "links": {"core", "town"},
     "link": {"bandwidth", "latency"},
-    "president": {"name", "address", "ssh"} | _PATH_KEYS,
-    "mayor": {"address", "ssh"} | _PATH_KEYS,
+    "president": {"name", "address", "ssh", "dest_roots"} | _PATH_KEYS,
+    "mayor": {"address", "ssh", "dest_roots"} | _PATH_KEYS,
     "town": {"mayor", "nodes", "addresses", "bandwidth", "latency"},
     "host": _HOST_KEYS,
     "mpi": {"mpiexec", "args", "env", "btl_tcp_if_include", "prte_if_include", "fault_tolerance",
@@ -134,13 +135,24 @@ class _Builder:
         return SSHSettings(**kw)
 
     def _paths(self, d: dict, table: str, base: HostPaths) -> HostPaths:
-        kw = {k: getattr(base, k) for k in _PATH_KEYS}
+        kw = {k: getattr(base, k) for k in _PATH_KEYS | {"dest_roots"}}
         for k in _PATH_KEYS & set(d):
-            v = d[k]
-            if not isinstance(v, str) or not v.startswith("/"):
-                self.fail(f"{k} in [{table}] must be an absolute path", table, k)
-            kw[k] = v
+            kw[k] = self._host_path(d[k], table, k)
+        if "dest_roots" in d:
+            v = d["dest_roots"]
+            if not isinstance(v, list):
+                self.fail(f"dest_roots in [{table}] must be a list of absolute paths", table,
+                          "dest_roots", hint='write dest_roots = ["/data"]')
+            kw["dest_roots"] = tuple(self._host_path(x, table, "dest_roots") for x in v)
         return HostPaths(**kw)
+
+    def _host_path(self, v, table: str, key: str) -> str:
+        """A host directory: absolute, normalised, not ``/`` (else one line, exit 2)."""
+        if not isinstance(v, str) or not host_path_ok(v):
+            self.fail(f"{key} in [{table}] must be an absolute path, normalised and not /"
+                      f" (got {v!r})", table, key,
+                      hint="write it like /scratch, without .., // or a trailing /")
+        return v
 
     # build ----------------------------------------------------------------------
     def build(self) -> Topology:

@@ -48,6 +48,9 @@ class HostPaths:
     scratch: str = "/scratch"
     spool: str = "/var/spool/chiba"
     repository: str = "/opt/chiba/repo"
+    # Extra roots under which ``--dest`` may point (besides scratch or the repository);
+    # the topology file must list them explicitly (``dest_roots = ["/data"]``).
+    dest_roots: tuple[str, ...] = ()
 
     def get(self, which: str) -> str:
         if which not in ("scratch", "spool", "repository"):

@@ -1,0 +1,169 @@
+"""Host-side walking below a trusted root without following symlinks, and destination locks.
+
+Standard library only: rank programs and the City Transit agent import it.
+
+A tool running as root writes under a root directory that the topology names (scratch,
+repository, a ``dest_roots`` entry); the path below it may cross directories that any user
+can write, where a symlink planted by that user (``scratch/jobdir -> /etc``) would redirect
+a write done by path. So every component below the root is opened relative to its parent's
+file descriptor with ``O_NOFOLLOW | O_DIRECTORY`` (the approach of openat2's
+``RESOLVE_NO_SYMLINKS``, done one component at a time so it works on any kernel), and the
+tool then works with ``*at`` calls on the final descriptor.
+
+The lock (:func:`lock_dest`) is one exact-named file beside the destination,
+``.NAME.chiba-lock``, held with ``flock`` for the life of a run: every method (MPI stage,
+City Transit, mpisync, rsync's wrapper) takes the same lock, so a second run on the same
+destination of a host is refused whatever the method.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+
+__all__ = ["BeneathError", "open_root", "open_dir_beneath", "split_rel", "lock_dest",
+           "unlock_dest", "LOCK_SUFFIX", "lock_name"]
+
+LOCK_SUFFIX = ".chiba-lock"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class BeneathError(OSError):
+    """A path below a root could not be walked safely (symlink, not a directory, missing).
+
+    ``str()`` is one line naming the path and why; ``errno`` is kept from the cause.
+    """
+
+    def __init__(self, err: int, what: str, path: str):
+        super().__init__(err, what, path)
+        self.what = what
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.what}"
+
+
+def split_rel(rel: str) -> list[str]:
+    """The components of a relative path; raises ValueError on ``..``, ``.``-only or absolute.
+
+    ``""`` gives ``[]``. Repeated slashes are tolerated, ``..`` never.
+    """
+    if rel.startswith("/"):
+        raise ValueError(f"not a relative path: {rel!r}")
+    parts = [p for p in rel.split("/") if p and p != "."]
+    if any(p == ".." for p in parts):
+        raise ValueError(f"'..' in {rel!r}")
+    return parts
+
+
+def open_root(root: str, *, create: bool = False, mode: int = 0o755) -> int:
+    """Open the trusted root directory (symlinks in it are the administrator's, followed).
+
+    With ``create`` missing directories are made (``mode``). Returns a directory fd.
+    Raises BeneathError when it is missing or not a directory.
+    """
+    try:
+        if create:
+            os.makedirs(root, mode=mode, exist_ok=True)
+        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise BeneathError(errno.ENOENT, "directory does not exist (run `chiba-admin cluster"
+                           " init`)", root) from None
+    except NotADirectoryError:
+        raise BeneathError(errno.ENOTDIR, "not a directory", root) from None
+
+
+def open_dir_beneath(root_fd: int, rel: str, *, create: bool = False, mode: int = 0o755,
+                     display: str = "") -> int:
+    """Open directory ``rel`` below ``root_fd`` without following any symlink in ``rel``.
+
+    Each component is opened with ``O_NOFOLLOW | O_DIRECTORY`` relative to the previous
+    one; with ``create`` a missing component is made with ``mkdirat`` (``mode``, umask
+    applies). Returns a new fd (the caller closes it). ``display`` prefixes paths in errors.
+    Raises BeneathError (ELOOP for a symlink, ENOTDIR for a non-directory, ENOENT missing).
+    """
+    fd = os.dup(root_fd)
+    done = display.rstrip("/")
+    try:
+        for part in split_rel(rel):
+            done = f"{done}/{part}" if done else part
+            try:
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise BeneathError(errno.ENOENT, "does not exist", done) from None
+                try:
+                    os.mkdir(part, mode, dir_fd=fd)
+                except FileExistsError:
+                    pass  # a racing creator: open it below, with the same checks
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+                    if stat.S_ISLNK(st.st_mode):
+                        raise BeneathError(errno.ELOOP, "is a symbolic link (not followed)",
+                                           done) from None
+                    raise BeneathError(errno.ENOTDIR, "is not a directory", done) from None
+                raise
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def lock_name(name: str) -> str:
+    """The exact lock-file name for a destination called ``name``: ``.NAME.chiba-lock``."""
+    return f".{name}{LOCK_SUFFIX}"
+
+
+def lock_dest(parent_fd: int, name: str, *, display: str = "") -> int:
+    """Take the run lock of destination ``name`` in directory ``parent_fd``; returns its fd.
+
+    Non-blocking: raises BeneathError(EBUSY) when another live run holds it (the message
+    says so). The lock file is created ``O_NOFOLLOW`` (a planted symlink is refused) and
+    re-checked after locking so that a lock file removed by its previous holder is not
+    trusted. Release with :func:`unlock_dest`.
+    """
+    lname = lock_name(name)
+    shown = f"{display.rstrip('/')}/{name}" if display else name
+    for _ in range(8):
+        try:
+            fd = os.open(lname, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=parent_fd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise BeneathError(e.errno, f"lock file {lname} is a symbolic link", shown) \
+                    from None
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BeneathError(errno.EBUSY, "another chiba-admin run is writing this"
+                               " destination (wait for it, or pick another --dest)",
+                               shown) from None
+        try:
+            now = os.stat(lname, dir_fd=parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            now = None
+        held = os.fstat(fd)
+        if now is not None and (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev):
+            return fd
+        os.close(fd)  # its holder removed it while we waited: take the new one
+    raise BeneathError(errno.EBUSY, "could not take the destination lock", shown)
+
+
+def unlock_dest(parent_fd: int, name: str, fd: int) -> None:
+    """Release a lock from :func:`lock_dest`: remove the file (still held), then close."""
+    try:
+        st = os.stat(lock_name(name), dir_fd=parent_fd, follow_symlinks=False)
+        if (st.st_ino, st.st_dev) == (os.fstat(fd).st_ino, os.fstat(fd).st_dev):
+            os.unlink(lock_name(name), dir_fd=parent_fd)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,134 @@
+"""Destination confinement (topology.confine) and walking below a root (inventory.beneath)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from chiba_admin.errors import TopologyError, UsageError
+from inventory.beneath import BeneathError, lock_dest, open_dir_beneath, open_root, unlock_dest
+from topology.confine import confine_dest, host_path_ok
+from topology.loader import loads_topology
+from topology.model import Host, HostPaths
+
+NODE = Host("ccn01", "node", "town1",
+            paths=HostPaths("/scratch", "/var/spool/chiba", "/opt/chiba/repo", ("/data",)))
+
+
+@pytest.mark.parametrize("value,expect", [
+    (None, ("/scratch", "input")),
+    ("job/in", ("/scratch", "job/in")),
+    ("/scratch/job", ("/scratch", "job")),
+    ("/scratch//job/./x", ("/scratch", "job/x")),
+    ("/data/run1", ("/data", "run1")),
+])
+def test_confine_accepts(value, expect):
+    d = confine_dest(NODE, "scratch", value, default_name="input")
+    assert (d.root, d.rel) == expect
+
+
+@pytest.mark.parametrize("value,words", [
+    ("", "empty --dest"),
+    ("../etc", "'..'"),
+    ("a/../../etc", "'..'"),
+    ("/", "root directory"),
+    ("//", "root directory"),
+    ("/etc", "outside"),
+    ("/scratchy/x", "outside"),
+    (".", "is the host's scratch"),
+    ("/scratch", "is the host's scratch"),
+    ("/data", "destination root"),
+    ("/var/spool", "outside"),
+])
+def test_confine_refuses(value, words):
+    with pytest.raises(UsageError) as e:
+        confine_dest(NODE, "scratch", value, default_name="input")
+    assert words in str(e.value) and "ccn01" in str(e.value)
+
+
+def test_confine_refuses_ancestor_of_host_dirs():
+    h = Host("m", "mayor", paths=HostPaths("/scratch", "/scratch/spool", "/srv/repo"))
+    with pytest.raises(UsageError, match="is the host's spool"):
+        confine_dest(h, "scratch", "/scratch/spool", default_name="x")
+    # sync-mayors owns the repository itself, but never a parent of it
+    assert confine_dest(h, "repository", None, allow_root=True).path == "/srv/repo"
+    r = Host("m", "mayor", paths=HostPaths("/scratch", "/var/spool", "/srv/repo",
+                                           ("/srv",)))
+    with pytest.raises(UsageError, match="contains the host's repository"):
+        confine_dest(r, "repository", "/srv", allow_root=True)
+
+
+@pytest.mark.parametrize("p,ok", [("/scratch", True), ("/", False), ("scratch", False),
+                                  ("/a/../b", False), ("/a/", False), ("//a", False),
+                                  ("/a//b", False)])
+def test_host_path_ok(p, ok):
+    assert host_path_ok(p) is ok
+
+
+TOPO = """
+[cluster]
+kind = "embedded"
+[defaults]
+scratch = {scratch}
+[links.core]
+bandwidth = "1Gbit"
+[links.town]
+bandwidth = "100Mbit"
+[president]
+name = "pres"
+[mayors.m1]
+[towns.t1]
+mayor = "m1"
+nodes = "n[1-2]"
+"""
+
+
+@pytest.mark.parametrize("bad", ['"/"', '"/scratch/../etc"', '"rel"', '"/a/"'])
+def test_topology_refuses_bad_host_paths(bad):
+    with pytest.raises(TopologyError, match="scratch in \\[defaults\\] must be an absolute path"):
+        loads_topology(TOPO.format(scratch=bad), "t.toml")
+
+
+def test_topology_dest_roots():
+    t = loads_topology(TOPO.format(scratch='"/scratch"\ndest_roots = ["/data"]'), "t.toml")
+    assert t.host("n1").paths.dest_roots == ("/data",)
+    with pytest.raises(TopologyError, match="dest_roots"):
+        loads_topology(TOPO.format(scratch='"/scratch"\ndest_roots = "/data"'), "t.toml")
+
+
+def test_open_beneath_refuses_planted_symlink(tmp_path):
+    root, outside = tmp_path / "scratch", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    (root / "jobdir").symlink_to(outside)
+    rfd = open_root(str(root))
+    try:
+        with pytest.raises(BeneathError) as e:
+            open_dir_beneath(rfd, "jobdir/x", create=True)
+        assert e.value.errno == errno.ELOOP and "symbolic link" in str(e.value)
+        assert list(outside.iterdir()) == []
+        fd = open_dir_beneath(rfd, "a/b/c", create=True)
+        os.close(fd)
+        assert (root / "a/b/c").is_dir()
+        with pytest.raises(ValueError):
+            open_dir_beneath(rfd, "a/../../x")
+    finally:
+        os.close(rfd)
+
+
+def test_lock_dest_is_exclusive_and_removed(tmp_path):
+    rfd = open_root(str(tmp_path))
+    try:
+        fd = lock_dest(rfd, "job")
+        with pytest.raises(BeneathError) as e:
+            lock_dest(rfd, "job")
+        assert e.value.errno == errno.EBUSY and "another chiba-admin run" in str(e.value)
+        unlock_dest(rfd, "job", fd)
+        assert not (tmp_path / ".job.chiba-lock").exists()
+        os.close(lock_dest(rfd, "job"))  # free again
+        (tmp_path / ".other.chiba-lock").symlink_to("/etc/passwd")
+        with pytest.raises(BeneathError, match="symbolic link"):
+            lock_dest(rfd, "other")
+    finally:
+        os.close(rfd)
