@@ -24,9 +24,11 @@ import os
 import stat
 
 __all__ = ["BeneathError", "open_root", "open_dir_beneath", "split_rel", "lock_dest",
-           "unlock_dest", "LOCK_SUFFIX", "lock_name"]
+           "unlock_dest", "LOCK_SUFFIX", "lock_name", "STAGED_SUFFIX", "staged_marker",
+           "mark_staged", "was_staged", "unmark_staged"]
 
 LOCK_SUFFIX = ".chiba-lock"
+STAGED_SUFFIX = ".chiba-staged"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -167,3 +169,39 @@ def unlock_dest(parent_fd: int, name: str, fd: int) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def staged_marker(name: str) -> str:
+    """The exact marker-file name recording that ``name`` was created by a stage/collect."""
+    return f".{name}{STAGED_SUFFIX}"
+
+
+def mark_staged(parent_fd: int, name: str, jobid: str) -> None:
+    """Record (beside it, in ``parent_fd``) that destination ``name`` is chiba-admin's own.
+
+    An existing destination without this marker was not made by a stage or collect, and
+    every method refuses to replace it unless the user says ``--replace``.
+    """
+    fd = os.open(staged_marker(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o644, dir_fd=parent_fd)
+    try:
+        os.write(fd, f"{jobid}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def was_staged(parent_fd: int, name: str) -> bool:
+    """True when ``name`` in ``parent_fd`` carries a marker from :func:`mark_staged`."""
+    try:
+        st = os.stat(staged_marker(name), dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode)
+
+
+def unmark_staged(parent_fd: int, name: str) -> None:
+    """Remove the marker of ``name`` (when a rollback removes what a stage created)."""
+    try:
+        os.unlink(staged_marker(name), dir_fd=parent_fd)
+    except FileNotFoundError:
+        pass

@@ -8,7 +8,8 @@ import os
 import pytest
 
 from chiba_admin.errors import TopologyError, UsageError
-from inventory.beneath import BeneathError, lock_dest, open_dir_beneath, open_root, unlock_dest
+from inventory.beneath import (BeneathError, lock_dest, mark_staged, open_dir_beneath, open_root,
+                               unlock_dest, unmark_staged, was_staged)
 from topology.confine import confine_dest, host_path_ok
 from topology.loader import loads_topology
 from topology.model import Host, HostPaths
@@ -130,5 +131,17 @@ def test_lock_dest_is_exclusive_and_removed(tmp_path):
         (tmp_path / ".other.chiba-lock").symlink_to("/etc/passwd")
         with pytest.raises(BeneathError, match="symbolic link"):
             lock_dest(rfd, "other")
+    finally:
+        os.close(rfd)
+
+
+def test_staged_marker(tmp_path):
+    rfd = open_root(str(tmp_path))
+    try:
+        assert not was_staged(rfd, "job")
+        mark_staged(rfd, "job", "j1")
+        assert was_staged(rfd, "job") and (tmp_path / ".job.chiba-staged").read_text() == "j1\n"
+        unmark_staged(rfd, "job")
+        assert not was_staged(rfd, "job")
     finally:
         os.close(rfd)
