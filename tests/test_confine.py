@@ -145,3 +145,31 @@ def test_staged_marker(tmp_path):
         assert not was_staged(rfd, "job")
     finally:
         os.close(rfd)
+
+
+def test_check_source(tmp_path):
+    from inventory.source import check_source
+
+    with pytest.raises(UsageError, match="no SRC given"):
+        check_source("")
+    with pytest.raises(UsageError, match="does not exist"):
+        check_source(str(tmp_path / "nope"))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/a").write_bytes(b"xyz")
+    os.mkfifo(tmp_path / "d/fifo")
+    (tmp_path / "d/l").symlink_to("/dev/null")  # a symlink to a device is data, not a device
+    info = check_source(str(tmp_path / "d"))
+    assert (info.is_dir, info.files, info.bytes) == (True, 3, 3)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod of a device node needs root")
+def test_check_source_refuses_devices(tmp_path):
+    import stat as st
+
+    from inventory.source import check_source
+
+    (tmp_path / "d/sub").mkdir(parents=True)
+    os.mknod(tmp_path / "d/sub/null", st.S_IFCHR | 0o600, os.makedev(1, 3))
+    with pytest.raises(UsageError) as e:
+        check_source(str(tmp_path / "d"))
+    assert "character device" in str(e.value) and "d/sub/null" in str(e.value)
