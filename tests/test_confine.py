@@ -173,3 +173,17 @@ def test_check_source_refuses_devices(tmp_path):
     with pytest.raises(UsageError) as e:
         check_source(str(tmp_path / "d"))
     assert "character device" in str(e.value) and "d/sub/null" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["a;b", "a b", "a/b", "-x", "a,b", "@x", "a[1]"])
+def test_topology_refuses_bad_host_names(name):
+    text = TOPO.format(scratch='"/scratch"').replace('name = "pres"', f'name = {name!r}'
+                                                      .replace("'", '"'))
+    with pytest.raises(TopologyError, match="bad host name"):
+        loads_topology(text, "t.toml")
+
+
+def test_topology_refuses_bad_town_name():
+    text = TOPO.format(scratch='"/scratch"').replace("[towns.t1]", '[towns."t 1"]')
+    with pytest.raises(TopologyError, match="bad town name"):
+        loads_topology(text, "t.toml")

@@ -35,6 +35,9 @@ KNOWN_KEYS: dict[str, set[str]] = {
             "plm_ssh_args", "python"},
 }
 _KINDS = ("embedded", "ssh")
+# RFC 1123 labels plus '_' (seen in cluster names); no ',', '[', '@', ';', '/', spaces:
+# those are nodeset syntax or shell/path metacharacters.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 def load_topology(path: str | Path) -> Topology:
@@ -184,6 +187,7 @@ class _Builder:
         overrides = self._check_keys_map(doc.get("hosts", {}), "host", "hosts")
 
         def host(name, role, table, d, town=None, address=None):
+            self._name(name, "host", table)
             o = overrides.get(name, {})
             merged = {**d, **{k: v for k, v in o.items() if k != "ssh"}}
             ssh = self._ssh(d.get("ssh"), f"{table}.ssh", base_ssh)
@@ -214,6 +218,7 @@ class _Builder:
         served = set()
         for tname, td in towns.items():
             table = f"towns.{tname}"
+            self._name(tname, "town", table)
             mname = self._str(td, "mayor", table, required=True)
             if mname not in mayors:
                 self.fail(f"town {tname} names unknown mayor {mname!r}", table, "mayor",
@@ -270,6 +275,13 @@ class _Builder:
         for k, v in d.items():
             self._check_keys(v, kind, f"{table}.{k}")
         return d
+
+    def _name(self, name, what: str, table: str) -> None:
+        """Host and town names: what a hostname and a nodeset allow (else exit 2)."""
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            self.fail(f"bad {what} name {name!r} in [{table}]", table,
+                      hint="use letters, digits, '-', '_' and '.', starting with a letter or"
+                           " digit (it must be selectable in a nodeset)")
 
     def _dup(self, topo: Topology, name: str, table: str) -> None:
         if name in topo:
