@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         console.get_err_console().print("chiba-admin: interrupted")
         return EXIT_INTERRUPTED
     except click.ClickException as e:
-        e.show()
+        sys.stderr.write(f"chiba-admin: error: {_click_line(e)}\n")
         return exit_code_for(e)
     except (ChibaError, KeyboardInterrupt) as e:
         if debug:
@@ -147,6 +147,19 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"chiba-admin: internal error: {type(e).__name__}: {e} "
                              "(rerun with --debug for a traceback and report it)\n")
         return EXIT_FAILURE
+
+
+def _click_line(e: click.ClickException) -> str:
+    """click's error as the one line every error gets: where, what, what to do.
+
+    click's own rendering is a usage block of four lines; the option, the value and what
+    is allowed are all in ``format_message()``, the command in the context.
+    """
+    msg = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None and isinstance(e, click.UsageError):
+        return f"{ctx.command_path}: {msg} (see `{ctx.command_path} --help`)"
+    return msg
 
 
 def run() -> None:
