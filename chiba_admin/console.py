@@ -8,8 +8,10 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TransferSpeedColumn)
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from topology.units import format_bandwidth, format_bytes
 
 __all__ = ["get_console", "get_err_console", "configure", "progress", "print_json",
            "verbosity", "Progressor"]
@@ -72,6 +74,22 @@ class Progressor:
         self._p.update(self._t, **kw)
 
 
+class BytesColumn(ProgressColumn):
+    """``done / total`` in IEC bytes, 3 significant digits (the tables' units)."""
+
+    def render(self, task) -> Text:
+        total = "?" if task.total is None else format_bytes(task.total)
+        return Text(f"{format_bytes(task.completed)} / {total}")
+
+
+class RateColumn(ProgressColumn):
+    """The transfer rate in bit/s, 3 significant digits (the tables' units)."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else format_bandwidth(speed * 8))
+
+
 @contextmanager
 def progress(label: str, total: float | None = None, *, unit_bytes: bool = True
              ) -> Iterator[Progressor]:
@@ -81,7 +99,7 @@ def progress(label: str, total: float | None = None, *, unit_bytes: bool = True
         yield Progressor(None, None)
         return
     cols = [TextColumn("{task.description}"), BarColumn()]
-    cols += [DownloadColumn(), TransferSpeedColumn()] if unit_bytes else []
+    cols += [BytesColumn(), RateColumn()] if unit_bytes else []
     cols += [TimeElapsedColumn()]
     with Progress(*cols, console=err, transient=True) as p:
         yield Progressor(p, p.add_task(label, total=total))

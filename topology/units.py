@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 __all__ = ["parse_bandwidth", "parse_latency", "parse_size", "format_bandwidth",
@@ -50,15 +51,40 @@ def parse_size(value) -> int:
     return int(_parse(value, _SIZE, "size"))
 
 
+def _sig3(x: float) -> str:
+    """``x`` with 3 significant digits, no exponent, no trailing zeros (``48.9``, ``100``)."""
+    if x == 0:
+        return "0"
+    digits = max(0, 2 - int(math.floor(math.log10(abs(x)))))
+    text = f"{x:.{digits}f}"
+    if float(text) >= 1000 and digits == 0:  # 999.6 rounds to 1000: keep 4 digits, no dot
+        return text
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def format_bandwidth(bps: float) -> str:
-    for unit, f in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
-        if bps >= f:
-            return f"{bps / f:g} {unit}"
-    return f"{bps:g} bit/s"
+    """A rate in bits per second with SI prefixes and 3 significant digits.
+
+    ``48888888.9`` -> ``"48.9 Mbit/s"``; ``1.04709e9`` -> ``"1.05 Gbit/s"``. Rates are
+    always bit/s (the unit links are sold in); sizes are always IEC bytes
+    (:func:`format_bytes`), in every table and progress bar.
+    """
+    for unit, f in (("Tbit/s", 1e12), ("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if abs(bps) >= f * 0.9995:
+            return f"{_sig3(bps / f)} {unit}"
+    return f"{_sig3(bps)} bit/s"
 
 
 def format_bytes(n: float) -> str:
-    for unit, f in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if abs(n) >= f:
-            return f"{n / f:.1f} {unit}"
-    return f"{int(n)} B"
+    """A size in bytes with IEC prefixes and 3 significant digits.
+
+    ``14_784_921`` -> ``"14.1 MiB"``; ``1023`` -> ``"1023 B"`` below 1 KiB (whole bytes);
+    a value that would print as 1000 or more of a unit moves to the next (``"0.98 GiB"``).
+    """
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    for unit, f in (("KiB", 1024), ("MiB", 1024**2), ("GiB", 1024**3), ("TiB", 1024**4)):
+        v = n / f
+        if abs(v) < 999.5 or unit == "TiB":
+            return f"{_sig3(v)} {unit}"
+    raise AssertionError("unreachable")
