@@ -246,7 +246,8 @@ def testbed_toml(plan: TestbedPlan, topo, lay: Layout) -> str:
         out += [f"[towns.{_q(t)}]", f"mayor = {_q(topo.towns[t])}",
                 f"nodes = {_q(_fold(nodes))}",
                 f"addresses = {_q(_fold([plan.host(n).address for n in nodes]))}",
-                f"bandwidth = {plan.town_bps[t]!r}", ""]
+                f"bandwidth = {plan.town_bps[t]!r}",
+                f"uplink = {plan.uplink_bps.get(t, plan.town_bps[t])!r}", ""]
     # per-host path overrides survive; the testbed binds exactly these paths
     for h in topo.hosts():
         diff = {k: h.paths.get(k) for k in ("scratch", "spool", "repository")

@@ -45,8 +45,10 @@ def default_state_dir() -> Path:
 
 
 def generated_topology(towns: int, nodes_per_town: int, node_bps: float,
-                       mayor_bps: float) -> Topology:
-    return loads_topology(generated_topology_toml(towns, nodes_per_town, node_bps, mayor_bps),
+                       mayor_bps: float, uplink_bps: float | None = None) -> Topology:
+    """A generated Chiba-shaped topology (rates in bits/s; uplink default: node rate)."""
+    return loads_topology(generated_topology_toml(towns, nodes_per_town, node_bps, mayor_bps,
+                                                  uplink_bps=uplink_bps),
                           source="<testbed --towns>")
 
 
@@ -79,7 +81,8 @@ def _require_root(what: str) -> None:
 
 
 def up(topo: Topology, state_dir: Path | str | None = None, *, node_bps: float | None = None,
-       mayor_bps: float | None = None, log: Log | None = None,
+       mayor_bps: float | None = None, uplink_bps: float | None = None,
+       log: Log | None = None,
        rollback: bool = True, disk: str = "tmpfs",
        disk_size: str = DEFAULT_DISK_SIZE) -> TestbedPlan:
     """Create the testbed for ``topo`` under ``state_dir``; return its plan.
@@ -107,7 +110,8 @@ def up(topo: Topology, state_dir: Path | str | None = None, *, node_bps: float |
     taken = {ns.split("-")[1] for ns in system.netns_list() if ns.startswith("chiba-")
              and ns.count("-") >= 2}
     plan = plan_testbed(topo, new_testbed_id(taken), choose_octet(system.root_cidrs()),
-                        lay.state, node_bps=node_bps, mayor_bps=mayor_bps)
+                        lay.state, node_bps=node_bps, mayor_bps=mayor_bps,
+                        uplink_bps=uplink_bps)
     created_state = not lay.state.exists()
     lay.state.mkdir(parents=True, exist_ok=True)
     st = State(lay.state_file)

@@ -77,6 +77,7 @@ class TestbedPlan:
     state: str
     core_bps: float
     town_bps: dict[str, float] = field(default_factory=dict)
+    uplink_bps: dict[str, float] = field(default_factory=dict)  # mayor's town-side NIC
 
     def host(self, name: str) -> HostPlan:
         for h in self.hosts:
@@ -122,12 +123,16 @@ def choose_octet(used: list[str], rng: random.Random | None = None) -> int:
 
 
 def plan_testbed(topo: Topology, tid: str, octet: int, state: str | Path, *,
-                 node_bps: float | None = None, mayor_bps: float | None = None) -> TestbedPlan:
+                 node_bps: float | None = None, mayor_bps: float | None = None,
+                 uplink_bps: float | None = None) -> TestbedPlan:
     """Plan namespaces, NICs, addresses and routes for ``topo``.
 
     Core network 10.X.0.0/24 (president .1, mayor k .(1+k)); town k gets 10.X.k.0/24 with
-    nodes at .1.. and its mayor at .254. The mayor's town NIC runs at the mayor's (core)
-    speed, like a switch uplink; every node NIC runs at its town's bandwidth.
+    nodes at .1.. and its mayor at .254. Every node NIC runs at its town's bandwidth; each
+    mayor's town-side NIC at the town's uplink rate (the topology's, by default the node
+    rate as on Chiba City: docs/design.md, "The network"). ``node_bps``, ``mayor_bps`` (the
+    core) and ``uplink_bps`` override the topology's rates (bits/s); an ``uplink_bps``
+    equal to ``mayor_bps`` is the "fat mayors" shape.
     """
     prefix = f"chiba-{tid}-"
     state = str(state)
@@ -146,11 +151,13 @@ def plan_testbed(topo: Topology, tid: str, octet: int, state: str | Path, *,
     mayor_core: dict[str, str] = {}
     town_of_mayor: dict[str, int] = {}
     town_bps: dict[str, float] = {}
+    up_bps: dict[str, float] = {}
     for k, t in enumerate(towns, start=1):
         m = topo.towns[t]
         town_of_mayor.setdefault(m, k)
         nodes = topo.town_nodes(t)
-        town_bps[t] = node_bps or topo.link(m, nodes[0]).bandwidth
+        town_bps[t] = node_bps or topo.town_link(t).bandwidth
+        up_bps[t] = uplink_bps or (node_bps if node_bps else topo.town_uplink(t).bandwidth)
     for i, m in enumerate(topo.mayors, start=1):
         mayor_core[m.name] = f"{base}.0.{i + 1}"
     town_nets = {t: f"{base}.{k}.0/24" for k, t in enumerate(towns, start=1)}
@@ -171,7 +178,7 @@ def plan_testbed(topo: Topology, tid: str, octet: int, state: str | Path, *,
             for j, t in enumerate(served):
                 k = towns.index(t) + 1
                 nics.append(NicPlan(f"eth{j + 1}", f"t{idx}x{j}", f"br{k}", town_gw[t], 24,
-                                    core_bps, t))
+                                    up_bps[t], t))
             routes = tuple((town_nets[t], mayor_core[topo.towns[t]]) for t in towns
                            if topo.towns[t] != h.name)
             hosts.append(HostPlan(h.name, h.role, None, ns, tuple(nics), routes, True,
@@ -185,7 +192,7 @@ def plan_testbed(topo: Topology, tid: str, octet: int, state: str | Path, *,
             hosts.append(HostPlan(h.name, h.role, h.town, ns, nics, routes, False, mounts))
     bridges = ("br0",) + tuple(f"br{k}" for k in range(1, len(towns) + 1))
     return TestbedPlan(tid, prefix, f"{base}.0.0/16", prefix + _SWITCH, bridges,
-                       tuple(hosts), state, core_bps, town_bps)
+                       tuple(hosts), state, core_bps, town_bps, up_bps)
 
 
 def _mounts(h, state: str) -> tuple[tuple[str, str], ...]:
@@ -260,4 +267,5 @@ def plan_from_dict(d: dict) -> TestbedPlan:
                  tuple(tuple(m) for m in h["mounts"]))
         for h in d["hosts"])
     return TestbedPlan(d["id"], d["prefix"], d["subnet"], d["switch_ns"], tuple(d["bridges"]),
-                       hosts, d["state"], d["core_bps"], dict(d.get("town_bps", {})))
+                       hosts, d["state"], d["core_bps"], dict(d.get("town_bps", {})),
+                       dict(d.get("uplink_bps", {})))

@@ -42,7 +42,9 @@ def test_addresses_and_wiring(plan):
     assert m1.routes == (("10.222.2.0/24", "10.222.0.3"),)
     # node links at the town rate, president and mayor NICs (both sides) at the core rate
     assert p.host("ccn01").nics[0].rate_bps == 20e6
-    assert {n.rate_bps for n in m1.nics} == {200e6}
+    # the paper's network: the mayor's core NIC at the core rate, its town-side NIC at the
+    # town's rate (shared by the town's nodes), not at the core rate
+    assert [(n.ifname, n.rate_bps) for n in m1.nics] == [("eth0", 200e6), ("eth1", 20e6)]
     ports = [n.port for h in p.hosts for n in h.nics]
     assert len(set(ports)) == len(ports) and max(map(len, ports)) <= 15
 
@@ -54,7 +56,7 @@ def test_batches(plan):
     assert any("peer name eth1 netns chiba-beef-mayor1" in ln for ln in sw)
     hb = host_batch(p.host("ccn01"))
     assert hb[0] == "link set lo up" and "route add 10.222.0.0/16 via 10.222.1.254" in hb
-    assert tc_batch(p.host("mayor1"))[1].startswith("qdisc replace dev eth1 root tbf rate 200000000bit")
+    assert tc_batch(p.host("mayor1"))[1].startswith("qdisc replace dev eth1 root tbf rate 20000000bit")
     assert len(switch_tc_batch(p)) == 1 + 2 * 2 + 8
 
 
@@ -151,3 +153,16 @@ def test_up_without_root_is_one_line_exit_2(cli, monkeypatch, tmp_path):
     r = cli("testbed", "up", "--state", str(tmp_path / "s"))
     assert r.code == 2
     assert "needs root" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+def test_fat_mayors_shape_is_still_available(tmp_path):
+    """--uplink-mbit = --mayor-mbit: the shape that hid City Transit's bottleneck."""
+    fat = generated_topology(2, 4, 20e6, 200e6, uplink_bps=200e6)
+    p = plan_testbed(fat, "0002", 202, tmp_path)
+    assert [n.rate_bps for n in p.host("mayor2").nics] == [200e6, 200e6]
+    p2 = plan_testbed(generated_topology(2, 4, 20e6, 200e6), "0003", 203, tmp_path,
+                      uplink_bps=200e6)
+    assert p2.host("mayor1").nics[1].rate_bps == 200e6 and p2.uplink_bps["town1"] == 200e6
+    lay = Layout(tmp_path / "st")
+    t = loads_topology(configs.testbed_toml(p, fat, lay), "testbed.toml")
+    assert t.town_uplink("town1").bandwidth == 200e6 and t.town_link("town1").bandwidth == 20e6

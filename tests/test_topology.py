@@ -217,3 +217,28 @@ def test_bad_misc():
 def test_missing_file(tmp_path):
     with pytest.raises(TopologyError, match="topology file not found"):
         load_topology(tmp_path / "nope.toml")
+
+
+def test_town_switch_is_a_shared_link():
+    """A mayor's town-side link is its own edge that routes and bottlenecks cross."""
+    from topology.model import switch_of
+
+    text = (REPO / "clusters" / "chiba-city.toml").read_text()
+    city = loads_topology(text, "chiba-city.toml")
+    assert city.town_uplink("town1").bandwidth == 100e6
+    assert [lk.kind for lk in city.route("chiba-pres", "ccn001")] == ["core", "uplink", "town"]
+    assert city.path("chiba-pres", "ccn001") == ["chiba-pres", "mayor1", "ccn001"]
+    assert switch_of("town1") not in city and len(city.hosts()) == 265
+    fat = loads_topology(text.replace('uplink = "100Mbit"', 'uplink = "1Gbit"'), "fat.toml")
+    assert fat.town_uplink("town1").bandwidth == 1e9
+    assert fat.bottleneck("chiba-pres", "ccn001") == 100e6
+    # a town whose uplink is slower than its nodes: the uplink is the bottleneck
+    slow = loads_topology(text.replace('uplink = "100Mbit"', 'uplink = "10Mbit"'), "s.toml")
+    assert slow.bottleneck("chiba-pres", "ccn001") == 10e6
+    assert slow.bottleneck("ccn001", "ccn002") == 100e6  # node to node stays in the switch
+    assert slow.link("mayor1", "ccn001").bandwidth == 100e6  # the node's own link
+
+
+def test_uplink_defaults_to_the_town_node_rate(topo):
+    for t in topo.town_names():
+        assert topo.town_uplink(t).bandwidth == topo.town_link(t).bandwidth

@@ -8,8 +8,14 @@ __all__ = ["generated_topology_toml"]
 
 
 def generated_topology_toml(towns: int, nodes_per_town: int, node_bps: float,
-                            mayor_bps: float, *, name: str = "testbed") -> str:
-    """A Chiba-City-shaped topology: pres, mayor1..T, town1..T of ccnNN nodes."""
+                            mayor_bps: float, *, name: str = "testbed",
+                            uplink_bps: float | None = None) -> str:
+    """A Chiba-City-shaped topology: pres, mayor1..T, town1..T of ccnNN nodes.
+
+    Rates in bits/s: ``node_bps`` each node's link, ``mayor_bps`` the core (president -
+    mayors), ``uplink_bps`` each mayor's town-side link (default: ``node_bps``, as on
+    Chiba City; pass ``mayor_bps`` for the "fat mayors" shape).
+    """
     if towns < 1 or nodes_per_town < 1:
         raise UsageError("--towns and --nodes-per-town must be at least 1")
     total = towns * nodes_per_town
@@ -19,7 +25,8 @@ def generated_topology_toml(towns: int, nodes_per_town: int, node_bps: float,
              "[defaults]", 'scratch = "/scratch"', 'spool = "/var/spool/chiba"',
              'repository = "/opt/chiba/repo"', "",
              "[links.core]", f"bandwidth = {float(mayor_bps)!r}", "",
-             "[links.town]", f"bandwidth = {float(node_bps)!r}", "",
+             "[links.town]", f"bandwidth = {float(node_bps)!r}",
+             f"uplink = {float(uplink_bps or node_bps)!r}", "",
              "[president]", 'name = "pres"', ""]
     for t in range(1, towns + 1):
         lines.append(f"[mayors.mayor{t}]")

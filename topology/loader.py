@@ -26,10 +26,10 @@ KNOWN_KEYS: dict[str, set[str]] = {
     "defaults": _PATH_KEYS | {"ssh", "dest_roots"},
     "ssh": _SSH_KEYS,
     "links": {"core", "town"},
-    "link": {"bandwidth", "latency"},
+    "link": {"bandwidth", "latency", "uplink"},
     "president": {"name", "address", "ssh", "dest_roots"} | _PATH_KEYS,
     "mayor": {"address", "ssh", "dest_roots"} | _PATH_KEYS,
-    "town": {"mayor", "nodes", "addresses", "bandwidth", "latency"},
+    "town": {"mayor", "nodes", "addresses", "bandwidth", "latency", "uplink"},
     "host": _HOST_KEYS,
     "mpi": {"mpiexec", "args", "env", "btl_tcp_if_include", "prte_if_include", "fault_tolerance",
             "plm_ssh_args", "python"},
@@ -100,16 +100,17 @@ class _Builder:
             self.fail(f"{key!r} in [{table}] must be a non-empty string", table, key)
         return v
 
-    def _bandwidth(self, d: dict, table: str, default: float | None = None) -> float:
-        if "bandwidth" not in d:
+    def _bandwidth(self, d: dict, table: str, default: float | None = None, *,
+                   key: str = "bandwidth") -> float:
+        if key not in d:
             if default is not None:
                 return default
-            self.fail(f"missing bandwidth in [{table}]", table,
-                      hint='add bandwidth = "1Gbit" (bits per second)')
+            self.fail(f"missing {key} in [{table}]", table,
+                      hint=f'add {key} = "1Gbit" (bits per second)')
         try:
-            return parse_bandwidth(d["bandwidth"])
+            return parse_bandwidth(d[key])
         except ValueError as e:
-            self.fail(f"bad bandwidth in [{table}]: {e}", table, "bandwidth",
+            self.fail(f"bad {key} in [{table}]: {e}", table, key,
                       hint='use a positive rate such as "100Mbit" or 1e8')
 
     def _latency(self, d: dict, table: str, default: float = 0.0) -> float:
@@ -224,9 +225,14 @@ class _Builder:
                 self.fail(f"town {tname} names unknown mayor {mname!r}", table, "mayor",
                           hint=f"define [mayors.{mname}] or fix the name")
             served.add(mname)
-            topo.add_town(tname, mname)
             link = Link(self._bandwidth(td, table, town_default.bandwidth),
                         self._latency(td, table, town_default.latency), "town")
+            # The mayor's town-side NIC: its own rate, by default the town's node rate
+            # (Chiba City: Fast Ethernet on both sides of the town switch).
+            up = self._bandwidth(td, table, self._bandwidth(links["town"], "links.town",
+                                                            link.bandwidth, key="uplink"),
+                                 key="uplink")
+            topo.add_town(tname, mname, Link(up, link.latency, "uplink"))
             names = self._nodeset(td.get("nodes", ""), table, "nodes")
             addrs = self._nodeset(td.get("addresses", ""), table, "addresses")
             if addrs and len(addrs) != len(names):

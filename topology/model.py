@@ -20,6 +20,7 @@ __all__ = [
     "Host",
     "Link",
     "Topology",
+    "switch_of",
 ]
 
 PRESIDENT = "president"
@@ -127,11 +128,26 @@ class Host:
 
 @dataclass(frozen=True)
 class Link:
-    """A network link: bandwidth in bits per second, latency in seconds."""
+    """A network link: bandwidth in bits per second, latency in seconds.
+
+    ``kind`` is ``"core"`` (president-mayor), ``"uplink"`` (a mayor's town-side NIC to its
+    town's switch, shared by every copy the mayor sends into the town) or ``"town"`` (a
+    node's NIC to its town's switch).
+    """
 
     bandwidth: float
     latency: float = 0.0
-    kind: str = "town"  # "core" (president-mayor) or "town" (mayor-node)
+    kind: str = "town"
+
+
+def switch_of(town: str) -> str:
+    """The graph vertex of ``town``'s switch (``"town1/switch"``; no host name has a ``/``).
+
+    The paper's network: "the mayors ... are connected to them by Fast Ethernet": a town's
+    nodes share their mayor's town-side link, so it is an edge of its own (mayor - switch)
+    that routes and bottlenecks cross, distinct from each node's link (switch - node).
+    """
+    return f"{town}/switch"
 
 
 class Topology:
@@ -169,17 +185,38 @@ class Topology:
         if host.role == NODE and host.town:
             self._town_nodes.setdefault(host.town, []).append(host.name)
 
-    def add_town(self, town: str, mayor: str) -> None:
+    def add_town(self, town: str, mayor: str, uplink: Link | None = None) -> None:
+        """Add ``town`` served by ``mayor``: its switch, linked to the mayor by ``uplink``.
+
+        Without ``uplink`` the switch is linked when the first node is attached, at that
+        node's rate (Chiba City: Fast Ethernet on both sides of the town switch).
+        """
         self.towns[town] = mayor
         self._town_nodes.setdefault(town, [])
+        self.graph.add_node(switch_of(town), switch=town)
+        if uplink is not None:
+            self.graph.add_edge(mayor, switch_of(town), link=uplink)
 
     def connect(self, a: str, b: str, link: Link) -> None:
+        """Link two vertices; a mayor-to-node link goes through the node's town switch."""
+        ha, hb = self.graph.nodes.get(a, {}).get("host"), self.graph.nodes.get(b, {}).get("host")
+        if ha is not None and hb is not None and {ha.role, hb.role} == {MAYOR, NODE}:
+            node = ha if ha.role == NODE else hb
+            sw = switch_of(node.town)
+            mayor = self.towns[node.town]
+            if not self.graph.has_edge(mayor, sw):
+                self.graph.add_edge(mayor, sw, link=Link(link.bandwidth, link.latency,
+                                                         "uplink"))
+            a, b = sw, node.name
         self.graph.add_edge(a, b, link=link)
 
     def with_root(self, root_for: "callable") -> "Topology":
         """A copy whose hosts have ``root`` set by ``root_for(host) -> str``."""
         t = Topology(self.name, self.kind, self.source, self.description, self.mpi)
         for name, data in self.graph.nodes(data=True):
+            if "host" not in data:  # a town switch
+                t.graph.add_node(name, **data)
+                continue
             h = data["host"]
             t.graph.add_node(name, host=replace(h, root=root_for(h)))
         for a, b, data in self.graph.edges(data=True):
@@ -199,10 +236,10 @@ class Topology:
                                 hint="see `chiba-admin topology show`") from None
 
     def __contains__(self, name: str) -> bool:
-        return name in self.graph
+        return "host" in self.graph.nodes.get(name, {})
 
     def hosts(self, role: str | None = None) -> list[Host]:
-        hs = [d["host"] for _, d in self.graph.nodes(data=True)]
+        hs = [d["host"] for _, d in self.graph.nodes(data=True) if "host" in d]
         if role is not None:
             hs = [h for h in hs if h.role == role]
         return sorted(hs, key=_host_order(self))
@@ -253,25 +290,50 @@ class Topology:
         return {t: sorted(out[t], key=_natural_key) for t in sorted(out, key=_natural_key)}
 
     def link(self, a: str, b: str) -> Link:
+        """The link between adjacent vertices; for a mayor and one of its nodes, the node's.
+
+        (A mayor and its node are two hops apart, through the town switch; the node's own
+        link is what callers asking for "the mayor-node link" have always meant. The
+        mayor's town-side link is :meth:`town_uplink`.)
+        """
+        if not self.graph.has_edge(a, b):
+            for x, y in ((a, b), (b, a)):
+                h = self.graph.nodes.get(y, {}).get("host")
+                if h is not None and h.role == NODE and self.towns.get(h.town) == x:
+                    return self.graph.edges[switch_of(h.town), y]["link"]
         return self.graph.edges[a, b]["link"]
 
-    def path(self, a: str, b: str) -> list[str]:
-        """Hosts on the route from ``a`` to ``b``, both included."""
+    def town_link(self, town: str) -> Link:
+        """The link of ``town``'s first node (the town's node rate)."""
+        return self.graph.edges[switch_of(town), self.town_nodes(town)[0]]["link"]
+
+    def town_uplink(self, town: str) -> Link:
+        """The mayor's town-side link to ``town``'s switch, shared by all the town's nodes."""
+        return self.graph.edges[self.towns[town], switch_of(town)]["link"]
+
+    def _vertex_path(self, a: str, b: str) -> list[str]:
         self.host(a), self.host(b)
         if a == b:
             return [a]
         return nx.shortest_path(self.graph, a, b)
 
+    def path(self, a: str, b: str) -> list[str]:
+        """Hosts on the route from ``a`` to ``b``, both included (switches left out)."""
+        return [v for v in self._vertex_path(a, b) if v in self]
+
+    def route(self, a: str, b: str) -> list[Link]:
+        """The links a message from ``a`` to ``b`` crosses, in order (switch hops included)."""
+        p = self._vertex_path(a, b)
+        return [self.graph.edges[x, y]["link"] for x, y in zip(p, p[1:])]
+
     def bottleneck(self, a: str, b: str) -> float:
         """Smallest bandwidth (bits/s) on the route from ``a`` to ``b``; inf for a == b."""
-        p = self.path(a, b)
-        if len(p) < 2:
-            return float("inf")
-        return min(self.link(x, y).bandwidth for x, y in zip(p, p[1:]))
+        links = self.route(a, b)
+        return min((lk.bandwidth for lk in links), default=float("inf"))
 
     def latency(self, a: str, b: str) -> float:
-        p = self.path(a, b)
-        return sum(self.link(x, y).latency for x, y in zip(p, p[1:]))
+        """Sum of the latencies (seconds) on the route from ``a`` to ``b``."""
+        return sum(lk.latency for lk in self.route(a, b))
 
     def uplink(self, name: str) -> Link:
         """The link that connects a host towards the president (its NIC's speed)."""
@@ -281,8 +343,9 @@ class Topology:
             if not links:
                 raise TopologyError("the president has no links")
             return max(links, key=lambda l: l.bandwidth)
-        parent = self.president.name if h.role == MAYOR else self.towns[h.town]
-        return self.link(name, parent)
+        if h.role == MAYOR:
+            return self.link(name, self.president.name)
+        return self.graph.edges[switch_of(h.town), name]["link"]
 
     def summary(self) -> dict:
         return {
@@ -292,7 +355,7 @@ class Topology:
             "mayors": len(self.mayors),
             "towns": len(self.towns),
             "nodes": len(self.nodes),
-            "hosts": self.graph.number_of_nodes(),
+            "hosts": sum(1 for _, d in self.graph.nodes(data=True) if "host" in d),
         }
 
 

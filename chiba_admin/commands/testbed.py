@@ -57,6 +57,10 @@ def testbed_group():
 @click.option("--mayor-mbit", type=click.FloatRange(min=0.1), default=None,
               help="President and mayor link rate in Mbit/s (default 200, or the "
                    "topology's core links with --cluster).")
+@click.option("--uplink-mbit", type=click.FloatRange(min=0.1), default=None,
+              help="Each mayor's town-side link in Mbit/s, shared by its town's nodes "
+                   "(default: the node rate, as on Chiba City; the --mayor-mbit value gives"
+                   " the 'fat mayors' shape).")
 @click.option("--disk", type=click.Choice(["tmpfs", "dir"]), default="tmpfs",
               show_default=True,
               help="Where each host's scratch, spool and repository live: its own tmpfs "
@@ -66,8 +70,8 @@ def testbed_group():
               help="Capacity of each host's tmpfs (e.g. 512M, 4G, 10%).")
 @_state_opt
 @click.pass_context
-def up_cmd(click_ctx, towns, nodes_per_town, node_mbit, mayor_mbit, disk, disk_size,
-           state_dir):
+def up_cmd(click_ctx, towns, nodes_per_town, node_mbit, mayor_mbit, uplink_mbit, disk,
+           disk_size, state_dir):
     """Bring a testbed up (the --cluster topology, or a generated one with --towns)."""
     import testbed
     from topology import load_topology
@@ -80,11 +84,12 @@ def up_cmd(click_ctx, towns, nodes_per_town, node_mbit, mayor_mbit, disk, disk_s
         node_bps, mayor_bps = _mbit(node_mbit), _mbit(mayor_mbit)
     else:
         node_bps, mayor_bps = _mbit(node_mbit or 20), _mbit(mayor_mbit or 200)
-        topo = testbed.generated_topology(towns or 2, nodes_per_town or 4, node_bps, mayor_bps)
+        topo = testbed.generated_topology(towns or 2, nodes_per_town or 4, node_bps, mayor_bps,
+                                          _mbit(uplink_mbit))
     err = get_err_console()
     log = (lambda m: err.print(f"testbed: {m}")) if verbosity() > 0 else None
-    testbed.up(topo, state_dir, node_bps=node_bps, mayor_bps=mayor_bps, log=log, disk=disk,
-               disk_size=disk_size)
+    testbed.up(topo, state_dir, node_bps=node_bps, mayor_bps=mayor_bps,
+               uplink_bps=_mbit(uplink_mbit), log=log, disk=disk, disk_size=disk_size)
     tb = testbed.Testbed(state_dir)
     if ctx.json:
         print_json(testbed.status(tb.state))

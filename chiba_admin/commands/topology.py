@@ -19,10 +19,10 @@ def topology_dict(topo) -> dict:
     towns = []
     for t in topo.town_names():
         nodes = topo.town_nodes(t)
-        link = topo.link(topo.towns[t], nodes[0])
+        link, up = topo.town_link(t), topo.town_uplink(t)
         towns.append({"name": t, "mayor": topo.towns[t], "nodes": fold(nodes),
                       "count": len(nodes), "bandwidth": link.bandwidth,
-                      "latency": link.latency})
+                      "latency": link.latency, "uplink_bandwidth": up.bandwidth})
     core = topo.link(pres.name, topo.mayors[0].name)
     return {**topo.summary(), "source": topo.source, "home": topo.home_server.name,
             "core_bandwidth": core.bandwidth, "core_latency": core.latency,
@@ -51,7 +51,8 @@ def show(ctx):
     for t in d["towns_detail"]:
         m = p.add(f"mayor [bold]{t['mayor']}[/] ─ {format_bandwidth(d['core_bandwidth'])}")
         m.add(f"{t['name']}: {t['nodes']} ({t['count']} nodes) ─ "
-              f"{format_bandwidth(t['bandwidth'])}")
+              f"{format_bandwidth(t['bandwidth'])} each, "
+              f"{format_bandwidth(t['uplink_bandwidth'])} shared to the mayor")
     get_console().print(tree)
     return 0
 
