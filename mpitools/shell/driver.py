@@ -1,0 +1,169 @@
+"""``chiba-admin shell``'s CLI side: read the script and its directives, launch MPISH once.
+
+Planning (:func:`plan_shell`) is pure apart from reading the script and the allocation's
+node list; :func:`run_shell` launches the rank program with the existing launcher and
+writes the job's output as rank 0 forwards it (bytes, intact).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+from chiba_admin.errors import MPIToolError, UsageError
+
+from ..launcher import launch
+from ..rankio import encode_job
+from .directives import (DirectiveError, JobRequest, nodefile_text, parse_pbs, parse_slurm,
+                         pbs_environment, slurm_environment)
+
+__all__ = ["ShellPlan", "plan_shell", "run_shell", "allocation_nodes"]
+
+
+@dataclass
+class ShellPlan:
+    """One shell job: hosts (one rank each, rank 0 first), slots per host, the job spec."""
+
+    hosts: list[str]
+    ppn: int
+    walltime: float | None
+    job: dict = field(default_factory=dict)
+    stdout: str | None = None
+    stderr: str | None = None
+    join: bool = False
+
+
+def allocation_nodes(environ: dict[str, str]) -> list[str] | None:
+    """The nodes of the allocation this command runs in: ``PBS_NODEFILE`` (one line per
+    slot, repeats folded) or ``SLURM_JOB_NODELIST`` (parsed by ClusterShell); else None."""
+    nf = environ.get("PBS_NODEFILE")
+    if nf:
+        try:
+            with open(nf, encoding="utf-8") as f:
+                names = [ln.strip() for ln in f if ln.strip()]
+        except OSError as e:
+            raise UsageError(f"cannot read PBS_NODEFILE: {e.strerror}", where=nf) from None
+        return list(dict.fromkeys(names))
+    nl = environ.get("SLURM_JOB_NODELIST")
+    if nl:
+        from ClusterShell.NodeSet import NodeSet, NodeSetException
+
+        try:
+            return list(NodeSet(nl))
+        except NodeSetException as e:
+            raise UsageError(f"bad SLURM_JOB_NODELIST {nl!r}: {e}") from None
+    return None
+
+
+def plan_shell(topo, script: str, nodes: list[str] | None, *, args: tuple[str, ...] = (),
+               ppn: int | None = None, mode: str = "plain", walltime: float | None = None,
+               environ: dict[str, str] | None = None) -> ShellPlan:
+    """Check the request and build the job spec; raises UsageError (exit 2) on bad input.
+
+    ``mode`` is ``"pbs"``, ``"slurm"`` or ``"plain"``. Nodes: ``nodes`` (``--nodes``), else
+    the allocation's (:func:`allocation_nodes`); a directive asking for more nodes than
+    given is refused, fewer takes the first ones. ``ppn``: the option, else the directive,
+    else 1; ``walltime`` (seconds): the option, else the directive.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    try:
+        with open(script, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise UsageError("job script does not exist", where=script) from None
+    except OSError as e:
+        raise UsageError(f"cannot read the job script: {e.strerror}", where=script) from None
+    text = raw.decode("utf-8", "replace")
+    try:
+        req = (parse_pbs(text, script) if mode == "pbs" else
+               parse_slurm(text, script) if mode == "slurm" else JobRequest())
+    except DirectiveError as e:
+        raise UsageError(str(e), hint="fix the directive or override it on the command line"
+                         ) from None
+    given = nodes if nodes is not None else allocation_nodes(environ)
+    if not given:
+        raise UsageError("no nodes for the job", hint="give --nodes NODESET, or run inside "
+                         "an allocation (PBS_NODEFILE, SLURM_JOB_NODELIST)")
+    for n in given:
+        topo.host(n)  # unknown -> TopologyError (exit 2)
+    if req.nodes is not None:
+        if req.nodes > len(given):
+            raise UsageError(f"the script asks for {req.nodes} nodes, {len(given)} given",
+                             where=script, hint="give more nodes or lower the directive")
+        given = given[:req.nodes]
+    if ppn or req.ppn:
+        ppn = ppn or req.ppn
+    else:  # sbatch -n alone: as many slots per node as the tasks need
+        ppn = -(-req.ntasks // len(given)) if req.ntasks else 1
+    if req.ntasks and req.ntasks > len(given) * ppn:
+        raise UsageError(f"the script asks for {req.ntasks} tasks, {len(given)} nodes x "
+                         f"{ppn} slots given", where=script)
+    walltime = walltime or req.walltime
+    name = req.name or os.path.basename(script)
+    jobid = f"{secrets.token_hex(3)}.{topo.president.name}"
+    cwd = os.getcwd()
+    env: dict[str, str] = dict(req.variables)
+    home = os.path.expanduser("~")
+    nodefile = None
+    if mode == "pbs":
+        nodefile = nodefile_text(given, ppn)
+        env.update(pbs_environment(jobid=jobid, name=name, nodes=given, ppn=ppn,
+                                   nodefile="", workdir=cwd, submit_host=socket.gethostname()))
+        env.pop("PBS_NODEFILE")  # rank 0 writes the file on its host and sets the path
+        start_dir = home  # Torque starts the script in $HOME
+    elif mode == "slurm":
+        from ClusterShell.NodeSet import NodeSet
+
+        env.update(slurm_environment(jobid=jobid.split(".")[0], name=name,
+                                     nodelist=str(NodeSet.fromlist(given)), nodes=len(given),
+                                     ntasks=req.ntasks or len(given) * ppn, ppn=ppn,
+                                     submit_dir=cwd, submit_host=socket.gethostname()))
+        start_dir = cwd  # sbatch starts in the submit directory
+    else:
+        start_dir = cwd
+    job = {"hosts": given, "ppn": ppn, "script_text": text, "args": list(args),
+           "script_name": script, "env": env, "cwd": start_dir, "jobid": jobid.split(".")[0],
+           "walltime": walltime, "nodefile": nodefile,
+           "host_env": {h: topo.host(h).environment() for h in given}}
+    return ShellPlan(given, ppn, walltime, job, req.stdout, req.stderr, req.join)
+
+
+def run_shell(topo, plan: ShellPlan, *, write: Callable[[int, bytes], None] | None = None,
+              warn: Callable[[str], None] | None = None) -> dict:
+    """Launch the shell's ranks (one per host) and run the script; returns the result.
+
+    ``write(stream, data)`` gets the job's output (1 stdout, 2 stderr) as it comes;
+    ``warn(line)`` the shell's own notices (walltime). Result: ``{"rc", "requests",
+    "walltime_exceeded", "seconds", "launch_seconds", "hosts"}``. Raises MPIToolError when
+    the job could not run (naming the host and the runtime's reason).
+    """
+    import base64
+
+    write = write or _write_std
+    warn = warn or (lambda line: sys.stderr.write(line + "\n"))
+
+    def on_event(ev: dict) -> None:
+        if ev.get("event") == "out":
+            write(int(ev.get("s", 1)), base64.b64decode(ev.get("d", "")))
+        elif ev.get("event") == "warn":
+            warn(f"chiba-admin shell: {ev.get('msg')}")
+
+    res = launch(topo, "mpitools.shell.ranks", [encode_job(plan.job)], plan.hosts,
+                 on_event=on_event)
+    if res.result is None:
+        raise MPIToolError(f"the shell job did not complete: {res.describe()}",
+                           where=plan.hosts[0])
+    out = {k: res.result.get(k) for k in ("rc", "requests", "walltime_exceeded", "seconds")}
+    out["launch_seconds"] = res.launch_seconds()
+    out["hosts"] = plan.hosts
+    return out
+
+
+def _write_std(stream: int, data: bytes) -> None:
+    out = sys.stdout.buffer if stream == 1 else sys.stderr.buffer
+    out.write(data)
+    out.flush()

@@ -1,0 +1,510 @@
+"""``python -m mpitools.shell.ranks JOB``: MPISH, a parallel shell that is an MPI program.
+
+Rank-side module: standard library and mpi4py only (no rich, click, networkx).
+
+The paper's section 6: one MPI job started once on the job's nodes; rank 0 runs the job
+script with the real ``bash`` and takes requests on a Unix socket from the small commands
+it puts first on the script's ``PATH`` (``mpiexec``, ``mpirun``, ``srun``, ``pbsdsh``:
+:mod:`mpitools.shell.client`); every rank starts its host's tasks of a request, serves
+their PMI-1 requests (:mod:`mpitools.shell.pmi`, keys exchanged between ranks at each
+barrier with one allgather), forwards their output to rank 0 and reports exit statuses.
+
+Messages from rank 0 to the others (``_REQ``): a request dict, or None to stop; from the
+others to rank 0: output pieces (``_OUT``) and the statuses at the end (``_DONE``). Every
+send from a rank that runs tasks is non-blocking, so a rank waiting in a PMI allgather
+never holds up another (DESIGN.md: waiting without spinning; ranks sleep between tests, 1 ms
+while a command runs and backing off to 20 ms when idle).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from ..rankio import emit, rank_hosts, rank_main
+from .pmi import PMIServer
+from .tasks import LocalTasks
+
+__all__ = ["main", "place_tasks", "mapping_blocks", "WRAPPERS"]
+
+_REQ, _OUT, _DONE = 11, 12, 13
+WRAPPERS = ("mpiexec", "mpirun", "srun", "pbsdsh")
+_IDLE_CAP = 0.02    # seconds between tests when nothing runs (measured: DESIGN.md)
+_BUSY_SLEEP = 0.001
+_KILL_GRACE = 3.0
+
+
+def place_tasks(ntasks: int, nodes: int, ppn: int, use_nodes: int | None = None
+                ) -> dict[int, list[int]]:
+    """Block placement: node index -> its task numbers (as mpiexec's ``--map-by slot``).
+
+    ``use_nodes`` (srun's ``-N``) spreads the tasks evenly over that many nodes; otherwise
+    nodes fill up ``ppn`` slots at a time. Raises ValueError when the tasks do not fit.
+    """
+    if ntasks < 1:
+        raise ValueError("at least one task is needed")
+    if use_nodes is not None:
+        if not 1 <= use_nodes <= nodes:
+            raise ValueError(f"{use_nodes} nodes asked, the job has {nodes}")
+        per = -(-ntasks // use_nodes)
+        if per > ppn:
+            raise ValueError(f"{ntasks} tasks on {use_nodes} nodes need {per} slots per "
+                             f"node, the job has {ppn}")
+    else:
+        if ntasks > nodes * ppn:
+            raise ValueError(f"{ntasks} tasks asked, the job has {nodes * ppn} slots "
+                             f"({nodes} nodes x {ppn})")
+        per = ppn
+    out: dict[int, list[int]] = {}
+    for t in range(ntasks):
+        out.setdefault(t // per, []).append(t)
+    return out
+
+
+def mapping_blocks(placement: dict[int, list[int]]) -> str:
+    """``PMI_process_mapping`` of a placement: runs of nodes with equal task counts."""
+    blocks: list[list[int]] = []
+    for node in sorted(placement):
+        n = len(placement[node])
+        if blocks and blocks[-1][2] == n and blocks[-1][0] + blocks[-1][1] == node:
+            blocks[-1][1] += 1
+        else:
+            blocks.append([node, 1, n])
+    return "(vector," + ",".join(f"({a},{b},{c})" for a, b, c in blocks) + ")"
+
+
+@dataclass
+class _Command:
+    """One parallel command as every rank sees it."""
+
+    id: int
+    req: dict
+    tasks: LocalTasks = field(default_factory=LocalTasks)
+    pmi: PMIServer | None = None
+    sub: object = None
+    done_sent: bool = False
+    protocol_errors: dict[int, str] = field(default_factory=dict)
+    aborted: dict[int, int] = field(default_factory=dict)
+    scanned: float = 0.0
+
+
+class _Rank:
+    """State and loop of one rank; rank 0 adds the script, the socket and the clients."""
+
+    def __init__(self, comm, job: dict):
+        from mpi4py import MPI
+
+        self.MPI, self.comm, self.job = MPI, comm, job
+        self.rank, self.size = comm.rank, comm.size
+        self.hosts = rank_hosts(job)
+        self.host = self.hosts[self.rank]
+        self.cmd: _Command | None = None
+        self.pending: list = []  # isend requests still in flight
+        self.stopping = False
+
+    # messages -----------------------------------------------------------------------
+    def isend(self, obj, dest: int, tag: int) -> None:
+        self.pending.append(self.comm.isend(obj, dest=dest, tag=tag))
+        self.pending = [r for r in self.pending if not r.Test()]
+
+    def poll_mpi(self) -> bool:
+        st = self.MPI.Status()
+        if not self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.MPI.ANY_TAG, status=st):
+            return False
+        msg = self.comm.recv(source=st.Get_source(), tag=st.Get_tag())
+        self.on_message(st.Get_source(), st.Get_tag(), msg)
+        return True
+
+    def on_message(self, source: int, tag: int, msg) -> None:
+        if tag == _REQ:
+            if msg is None:
+                self.stopping = True
+            elif msg.get("kill"):
+                if self.cmd is not None and self.cmd.id == msg["id"]:
+                    self.cmd.tasks.signal_all(msg["kill"])
+            else:
+                self.begin(msg)
+
+    # a command ----------------------------------------------------------------------
+    def begin(self, req: dict) -> None:
+        """Start this rank's tasks of ``req`` (every rank calls this for every request)."""
+        self.end_command()
+        mine = req["placement"].get(str(self.rank), [])
+        color = 1 if mine else self.MPI.UNDEFINED
+        sub = self.comm.Split(color, self.rank)  # the ranks that run tasks: PMI exchange
+        cmd = _Command(req["id"], req, sub=sub)
+        self.cmd = cmd
+        if not mine:
+            cmd.done_sent = True  # nothing to report
+            return
+        size = req["ntasks"]
+
+        def exchange(new: dict[str, str]) -> dict[str, str]:
+            merged: dict[str, str] = {}
+            for part in sub.allgather(new):
+                merged.update(part)
+            return merged
+
+        cmd.pmi = PMIServer(size, f"kvs_{self.job['jobid']}_{req['id']}",
+                            preload={"PMI_process_mapping": req["mapping"]},
+                            exchange=exchange,
+                            on_abort=lambda r, code, m: cmd.aborted.__setitem__(r, code),
+                            on_error=lambda r, why: cmd.protocol_errors.__setitem__(r, why))
+        node = sorted(int(k) for k in req["placement"]).index(self.rank)
+        base = {**req["env"], **self.job.get("host_env", {}).get(self.host, {})}
+        for local, t in enumerate(mine):
+            child = cmd.pmi.add_task(t)
+            env = {**base, **cmd.pmi.environment(t, child),
+                   "SLURM_PROCID": str(t), "SLURM_LOCALID": str(local),
+                   "SLURM_NODEID": str(node), "SLURM_STEP_NUM_TASKS": str(size),
+                   "PBS_TASKNUM": str(t + 1), "PBS_VNODENUM": str(t),
+                   "CHIBA_TASK": str(t)}
+            cmd.tasks.start(t, req["argv"], env, req.get("cwd"), (child.fileno(),))
+            child.close()
+
+    def pump_command(self) -> bool:
+        """Serve PMI, forward output, report the end; returns whether anything happened."""
+        cmd = self.cmd
+        if cmd is None or cmd.done_sent:
+            return False
+        busy = bool(cmd.pmi and cmd.pmi.serve(0))
+        now = time.monotonic()
+        if now - cmd.scanned > 0.1:
+            cmd.scanned = now
+            cmd.tasks.scan_libraries((b"libmpi.so.40",))  # Open MPI's soname
+        for task, stream, data in cmd.tasks.pieces():
+            busy = True
+            if data is not None:
+                self.output(cmd.id, task, stream, data)
+        if cmd.tasks.finished():
+            openmpi = [t for t, libs in cmd.tasks.libraries().items() if libs]
+            uninit = [t for t in openmpi if not cmd.pmi.tasks[t].initialised]
+            errors = dict(cmd.tasks.errors())
+            for t, why in cmd.protocol_errors.items():
+                errors.setdefault(t, f"PMI protocol error: {why}")
+            self.report(cmd.id, {"host": self.host, "statuses": cmd.tasks.statuses(),
+                                 "errors": errors, "uninit": uninit,
+                                 "aborted": cmd.aborted})
+            cmd.done_sent = True
+            cmd.pmi.close()
+            busy = True
+        return busy
+
+    def output(self, cid: int, task: int, stream: int, data: bytes) -> None:
+        self.isend((cid, task, stream, data), 0, _OUT)
+
+    def report(self, cid: int, done: dict) -> None:
+        self.isend((cid, done), 0, _DONE)
+
+    def end_command(self) -> None:
+        cmd, self.cmd = self.cmd, None
+        if cmd is not None and cmd.sub is not None and cmd.sub != self.MPI.COMM_NULL:
+            cmd.sub.Free()
+
+    def kill_everything(self) -> None:
+        if self.cmd is not None:
+            self.cmd.tasks.signal_all(signal.SIGTERM)
+            deadline = time.monotonic() + _KILL_GRACE
+            while self.cmd.tasks.running() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.cmd.tasks.kill_all()
+
+    def finish_sends(self) -> None:
+        while self.pending:
+            self.pending = [r for r in self.pending if not r.Test()]
+            time.sleep(_BUSY_SLEEP)
+
+    # the loop of ranks other than 0 ---------------------------------------------------
+    def run_worker(self) -> int:
+        sleep = _BUSY_SLEEP
+        try:
+            while not self.stopping:
+                busy = self.poll_mpi()
+                busy |= self.pump_command()
+                running = self.cmd is not None and not self.cmd.done_sent
+                sleep = _BUSY_SLEEP if busy or running else min(_IDLE_CAP, sleep * 2)
+                if not busy:
+                    time.sleep(sleep)
+        finally:
+            self.kill_everything()
+        self.finish_sends()
+        self.end_command()
+        return 0
+
+
+class _Leader(_Rank):
+    """Rank 0: runs the script, listens on the socket, routes output to clients."""
+
+    def __init__(self, comm, job: dict):
+        super().__init__(comm, job)
+        self.rundir = tempfile.mkdtemp(prefix="chiba-shell-")  # mode 0700
+        self.sock_path = os.path.join(self.rundir, "sock")
+        self.sel = selectors.DefaultSelector()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.sock_path)
+        self.listener.listen(64)
+        self.listener.setblocking(False)
+        self.sel.register(self.listener, selectors.EVENT_READ, "listen")
+        self.queue: list[tuple[socket.socket, dict]] = []
+        self.client: socket.socket | None = None
+        self.done: dict[int, dict] = {}
+        self.expect: set[int] = set()
+        self.next_id = 0
+        self.served = 0
+        self.script = LocalTasks()
+        self.walltime_hit = False
+
+    # the script -----------------------------------------------------------------------
+    def start_script(self) -> None:
+        bindir = os.path.join(self.rundir, "bin")
+        os.mkdir(bindir, 0o755)
+        for name in WRAPPERS:
+            path = os.path.join(bindir, name)
+            with open(path, "w") as f:
+                f.write(f"#!/bin/sh\nexec '{sys.executable}' -m mpitools.shell.client "
+                        f"{name} \"$@\"\n")
+            os.chmod(path, 0o755)
+        env = {**os.environ, **self.job.get("env", {})}
+        if self.job.get("nodefile") is not None:
+            nf = os.path.join(self.rundir, "nodefile")
+            with open(nf, "w") as f:
+                f.write(self.job["nodefile"])
+            env["PBS_NODEFILE"] = nf
+        env.update(self.job.get("host_env", {}).get(self.host, {}))
+        env["CHIBA_SHELL_SOCKET"] = self.sock_path
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "/usr/bin:/bin")
+        for k in [k for k in env if k.startswith(("OMPI_", "PMIX_", "PRTE_"))]:
+            # the script is not a rank of this job: an mpiexec it starts (chiba-admin
+            # stage, say) must not find this job's runtime in its environment
+            if not k.startswith("OMPI_MCA_"):
+                del env[k]
+        # nodes share no file system: the script travels in the job spec
+        path = os.path.join(self.rundir, "script")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.job["script_text"])
+        self.script.start(-1, ["bash", path, *self.job.get("args", [])], env,
+                          self.job.get("cwd"))
+
+    # clients --------------------------------------------------------------------------
+    def poll_clients(self) -> bool:
+        busy = False
+        for key, _ in self.sel.select(0):
+            busy = True
+            if key.data == "listen":
+                try:
+                    conn, _ = self.listener.accept()
+                except BlockingIOError:
+                    continue
+                self.accept(conn)
+        return busy
+
+    def accept(self, conn: socket.socket) -> None:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        if uid not in (os.getuid(), 0):
+            _reply(conn, {"k": "e", "msg": f"refused: uid {uid} is not the job's owner"})
+            conn.close()
+            return
+        conn.settimeout(10)
+        try:
+            line = _readline(conn, 1 << 20)
+            req = json.loads(line)
+            if not isinstance(req, dict) or not isinstance(req.get("argv"), list) \
+                    or not req["argv"]:
+                raise ValueError("a request needs a non-empty argv")
+        except (OSError, ValueError) as e:
+            _reply(conn, {"k": "e", "msg": f"bad request: {e}"})
+            conn.close()
+            return
+        conn.settimeout(None)
+        self.queue.append((conn, req))
+
+    def start_next(self) -> bool:
+        if self.cmd is not None or not self.queue:
+            return False
+        conn, req = self.queue.pop(0)
+        nodes, ppn = len(self.hosts), int(self.job["ppn"])
+        try:
+            if req.get("per_node"):
+                placement = {n: [n] for n in range(nodes)}
+            elif req.get("per_slot"):
+                placement = place_tasks(nodes * ppn, nodes, ppn)
+            else:
+                placement = place_tasks(int(req.get("ntasks") or nodes * ppn), nodes, ppn,
+                                        req.get("nodes"))
+        except (ValueError, TypeError) as e:
+            _reply(conn, {"k": "e", "msg": str(e)})
+            conn.close()
+            return True
+        ntasks = sum(len(v) for v in placement.values())
+        msg = {"id": self.next_id, "argv": [str(a) for a in req["argv"]],
+               "env": {str(k): str(v) for k, v in (req.get("env") or {}).items()},
+               "cwd": req.get("cwd"), "ntasks": ntasks,
+               "placement": {str(k): v for k, v in placement.items()},
+               "mapping": mapping_blocks(placement)}
+        self.next_id += 1
+        self.client = conn
+        self.done, self.expect = {}, {int(k) for k in msg["placement"]}
+        for r in range(1, self.size):
+            self.isend(msg, r, _REQ)
+        self.begin(msg)
+        return True
+
+    # routing ----------------------------------------------------------------------------
+    def output(self, cid: int, task: int, stream: int, data: bytes) -> None:
+        if self.cmd is not None and self.cmd.id == cid and self.client is not None:
+            _reply(self.client, {"k": "o", "t": task, "s": stream,
+                                 "d": base64.b64encode(data).decode()})
+
+    def report(self, cid: int, done: dict) -> None:
+        self.done[self.rank] = done
+
+    def on_message(self, source: int, tag: int, msg) -> None:
+        if tag == _OUT:
+            self.output(*msg)
+        elif tag == _DONE:
+            cid, done = msg
+            if self.cmd is not None and self.cmd.id == cid:
+                self.done[source] = done
+        else:
+            super().on_message(source, tag, msg)
+
+    def maybe_end_command(self) -> bool:
+        if self.cmd is None or not self.cmd.done_sent or set(self.done) != self.expect:
+            return False
+        statuses, errors, uninit, aborted = {}, [], [], {}
+        for r in sorted(self.done):
+            d = self.done[r]
+            statuses.update({int(t): s for t, s in d["statuses"].items()})
+            errors += [f"{d['host']}: task {t}: {why}" for t, why in d["errors"].items()]
+            uninit += d["uninit"]
+            aborted.update(d["aborted"])
+        rc = max(statuses.values(), default=0)
+        if aborted:
+            rc = max(rc, *(int(c) or 1 for c in aborted.values()))
+        if self.client is not None:
+            _reply(self.client, {"k": "x", "rc": rc, "errors": errors,
+                                 "uninit": sorted(uninit), "ntasks": len(statuses),
+                                 "aborted": {str(k): v for k, v in aborted.items()}})
+            self.client.close()
+            self.client = None
+        self.served += 1
+        self.end_command()
+        return True
+
+    # the loop of rank 0 ---------------------------------------------------------------------
+    def run_leader(self) -> int:
+        t0 = time.monotonic()
+        emit("start", ranks=self.size, time=time.time())
+        self.start_script()
+        walltime = self.job.get("walltime")
+        warned = False
+        sleep = _BUSY_SLEEP
+        try:
+            while True:
+                busy = self.poll_mpi()
+                busy |= self.poll_clients()
+                busy |= self.start_next()
+                busy |= self.pump_command()
+                busy |= self.maybe_end_command()
+                for _, stream, data in self.script.pieces():
+                    busy = True
+                    if data is not None:
+                        emit("out", s=stream, d=base64.b64encode(data).decode())
+                if self.script.finished():
+                    break
+                if walltime:
+                    left = walltime - (time.monotonic() - t0)
+                    if not warned and left <= min(60.0, walltime * 0.1):
+                        warned = True
+                        emit("warn", msg=f"walltime: {max(left, 0):.0f} s left")
+                    if left <= 0:
+                        self.walltime_hit = True
+                        emit("warn", msg=f"walltime of {walltime:g} s exceeded: ending "
+                                         "every task")
+                        break
+                sleep = _BUSY_SLEEP if busy or self.cmd else min(_IDLE_CAP, sleep * 2)
+                if not busy:
+                    time.sleep(sleep)
+        finally:
+            self.stop_all()
+        self.end_command()
+        status = self.script.statuses().get(-1, 1)
+        if self.walltime_hit:
+            status = 124
+        emit("result", rc=status, requests=self.served, walltime_exceeded=self.walltime_hit,
+             seconds=time.monotonic() - t0)
+        return 0
+
+    def stop_all(self) -> None:
+        self.script.signal_all(signal.SIGTERM)
+        self.kill_everything()
+        for r in range(1, self.size):
+            self.isend(None, r, _REQ)
+        self.finish_sends()
+        deadline = time.monotonic() + _KILL_GRACE
+        while self.script.running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.script.kill_all()
+        for _, stream, data in self.script.pieces(1 << 30):
+            if data is not None:
+                emit("out", s=stream, d=base64.b64encode(data).decode())
+        for conn, _ in self.queue:
+            conn.close()
+        if self.client is not None:
+            _reply(self.client, {"k": "e", "msg": "the shell job ended"})
+            self.client.close()
+        self.listener.close()
+        try:
+            os.unlink(self.sock_path)
+            for extra in ("nodefile", "script"):
+                if os.path.exists(os.path.join(self.rundir, extra)):
+                    os.unlink(os.path.join(self.rundir, extra))
+            for name in WRAPPERS:
+                os.unlink(os.path.join(self.rundir, "bin", name))
+            os.rmdir(os.path.join(self.rundir, "bin"))
+            os.rmdir(self.rundir)
+        except OSError:
+            pass
+
+
+def _reply(conn: socket.socket, frame: dict) -> None:
+    try:
+        conn.sendall(json.dumps(frame, separators=(",", ":")).encode() + b"\n")
+    except OSError:
+        pass  # a client that went away (its command was interrupted)
+
+
+def _readline(conn: socket.socket, limit: int) -> bytes:
+    buf = bytearray()
+    while not buf.endswith(b"\n"):
+        data = conn.recv(65536)
+        if not data:
+            break
+        buf += data
+        if len(buf) > limit:
+            raise ValueError(f"request over {limit} bytes")
+    return bytes(buf)
+
+
+def main(comm, job: dict) -> int:
+    """Rank 0 leads (script, socket, routing); every other rank serves its host's tasks."""
+    if comm.rank == 0:
+        return _Leader(comm, job).run_leader()
+    return _Rank(comm, job).run_worker()
+
+
+if __name__ == "__main__":
+    rank_main(main)
+

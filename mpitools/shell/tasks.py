@@ -1,0 +1,158 @@
+"""The processes one MPISH rank runs for a parallel command: start, stdio, exit status.
+
+Rank-side module: standard library only.
+
+Each task's stdout and stderr are read by a thread into one FIFO queue as
+``(task, stream, bytes)`` pieces, ``None`` bytes marking end of file, so the rank's main
+loop forwards every byte, in order per task and stream, without blocking on any task.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import threading
+from dataclasses import dataclass, field
+
+__all__ = ["exit_status", "LocalTasks", "Piece"]
+
+STDOUT, STDERR = 1, 2
+Piece = tuple[int, int, "bytes | None"]  # (task, stream, data); None data = end of file
+
+
+def exit_status(returncode: int) -> int:
+    """A process's status as shells and srun report it: its code, or 128+N for signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+@dataclass
+class _Task:
+    task: int
+    proc: subprocess.Popen | None
+    open_streams: int = 2
+    status: int | None = None
+    error: str | None = None
+    libs: set = field(default_factory=set)
+
+
+@dataclass
+class LocalTasks:
+    """The tasks of one command on this rank's host.
+
+    ``start(task, argv, env, cwd, pass_fds)`` starts one (a start failure becomes status
+    127 or 126 with ``error`` set, as a shell reports "command not found" / "permission
+    denied"); :meth:`pieces` drains output; :meth:`finished` is true once every task has
+    exited and both of its streams reached end of file; :meth:`statuses` and
+    :meth:`errors` give what to report; :meth:`signal_all` forwards a signal.
+    """
+
+    out: "queue.Queue[Piece]" = field(default_factory=queue.Queue)
+    tasks: dict[int, _Task] = field(default_factory=dict)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self, task: int, argv: list[str], env: dict[str, str], cwd: str | None,
+              pass_fds: tuple[int, ...] = ()) -> None:
+        try:
+            proc = subprocess.Popen(argv, env=env, cwd=cwd or None, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    pass_fds=pass_fds, start_new_session=True)
+        except FileNotFoundError:
+            self.tasks[task] = _Task(task, None, 0, 127, f"command not found: {argv[0]}")
+            return
+        except PermissionError:
+            self.tasks[task] = _Task(task, None, 0, 126, f"permission denied: {argv[0]}")
+            return
+        except OSError as e:
+            self.tasks[task] = _Task(task, None, 0, 126, f"cannot start {argv[0]}: "
+                                                         f"{e.strerror}")
+            return
+        self.tasks[task] = _Task(task, proc)
+        for stream, pipe in ((STDOUT, proc.stdout), (STDERR, proc.stderr)):
+            t = threading.Thread(target=self._read, args=(task, stream, pipe), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _read(self, task: int, stream: int, pipe) -> None:
+        fd = pipe.fileno()
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            self.out.put((task, stream, data))
+        pipe.close()
+        self.out.put((task, stream, None))
+
+    def pieces(self, limit: int = 64) -> list[Piece]:
+        """Up to ``limit`` output pieces, in the order they were read (never blocks)."""
+        got = []
+        while len(got) < limit:
+            try:
+                piece = self.out.get_nowait()
+            except queue.Empty:
+                break
+            if piece[2] is None:
+                self.tasks[piece[0]].open_streams -= 1
+            got.append(piece)
+        return got
+
+    def finished(self) -> bool:
+        for t in self.tasks.values():
+            if t.proc is not None and t.status is None:
+                rc = t.proc.poll()
+                if rc is not None:
+                    t.status = exit_status(rc)
+            if t.status is None or t.open_streams > 0:
+                return False
+        return self.out.empty()
+
+    def statuses(self) -> dict[int, int]:
+        return {t.task: t.status for t in self.tasks.values() if t.status is not None}
+
+    def errors(self) -> dict[int, str]:
+        return {t.task: t.error for t in self.tasks.values() if t.error}
+
+    def running(self) -> list[int]:
+        return [t.task for t in self.tasks.values() if t.proc is not None
+                and t.proc.poll() is None]
+
+    def scan_libraries(self, names: tuple[bytes, ...]) -> None:
+        """Note which of ``names`` (shared-library file names) each live task has mapped.
+
+        MPISH uses it to recognise Open MPI programs (``libmpi.so.40``), which speak PMIx
+        only and would silently run as jobs of size 1 under a PMI-1 server (DESIGN.md).
+        """
+        for t in self.tasks.values():
+            if t.proc is None or t.proc.poll() is not None or len(t.libs) == len(names):
+                continue
+            try:
+                with open(f"/proc/{t.proc.pid}/maps", "rb") as f:
+                    maps = f.read()
+            except OSError:
+                continue
+            t.libs.update(n.decode() for n in names if n in maps)
+
+    def libraries(self) -> dict[int, list[str]]:
+        return {t.task: sorted(t.libs) for t in self.tasks.values() if t.libs}
+
+    def signal_all(self, sig: int) -> None:
+        """Send ``sig`` to every task's process group (tasks start in their own session)."""
+        for t in self.tasks.values():
+            if t.proc is not None and t.proc.poll() is None:
+                try:
+                    os.killpg(t.proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    def kill_all(self) -> None:
+        self.signal_all(signal.SIGKILL)
+        for t in self.tasks.values():
+            if t.proc is not None:
+                try:
+                    t.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
