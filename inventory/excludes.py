@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Iterable, NamedTuple
 
 from chiba_admin.errors import InventoryError
@@ -54,6 +55,8 @@ _POSIX = {
     b"xdigit": set(b"0123456789abcdefABCDEF"),
 }
 _NEVER = b"(?!)"
+# os.fsencode's codec, called directly: it is a third of a match's cost per entry
+_FS_ENC, _FS_ERR = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 _SLASH = ord("/")
 
 
@@ -291,7 +294,7 @@ class ExcludeMatcher:
         rx = self._dir if is_dir else self._file
         if rx is None:
             return False
-        text = b"/" + (os.fsencode(relpath) if isinstance(relpath, str) else relpath)
+        text = b"/" + (relpath.encode(_FS_ENC, _FS_ERR) if isinstance(relpath, str) else relpath)
         m = rx.fullmatch(text + b"/" if is_dir else text)
         return m is not None and not self._include[is_dir][m.lastindex - 1]
 

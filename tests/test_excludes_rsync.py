@@ -239,3 +239,92 @@ def _parents(path):
 
 def _self_and_parents(path):
     return _parents(path) + [path]
+
+
+# --- through the CLI, both methods, on the embedded cluster ---------------------------------
+
+RULES_ARGS = ["+ src/keep.o", "*.o", "- x2", "build/***", "[#;!]*"]
+RULES_FILE = b"# kept out by both methods\n;\n[[:upper:]]*\r\n**/x\n+ d/\n- d/cache*\n"
+
+
+def _tree_paths(root) -> set[bytes]:
+    inv = scan(root)
+    return {os.fsencode(p) for p in inv.entries}
+
+
+def _cli_rules(tmp_path):
+    rules_file = tmp_path / "rules"
+    rules_file.write_bytes(RULES_FILE)
+    args = [a for r in RULES_ARGS for a in ("--exclude", r)] + ["--exclude-from", str(rules_file)]
+    return args, rules_file
+
+
+@pytest.mark.mpi
+def test_both_methods_sync_rsyncs_selection(embedded, cli, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    os.remove(src / "fifo")  # special files are the contract test's; here: names only
+    # the old hidden ignore file is data now: synced, and its rules apply nowhere
+    (src / ".chiba-ignore").write_bytes(b"+ keep\n*\n")
+    args, rules_file = _cli_rules(tmp_path)
+    want = rsync_selects(src, RULES_ARGS, exclude_from=rules_file)
+    assert b".chiba-ignore" in want and b"src/keep.o" in want and b"src/a.o" not in want
+    got = {}
+    for method in ("mpi", "rsync"):
+        r = cli("sync-mayors", "--method", method, str(src), "--targets", "mayor1",
+                "--dest", method, *args)
+        assert r.code == 0, (method, r.out, r.err)
+        h = embedded.host("mayor1")
+        got[method] = _tree_paths(h.local_path(h.resolve("repository", method)))
+    assert got["mpi"] == want
+    assert got["rsync"] == want
+
+
+@pytest.mark.mpi
+def test_delete_keeps_excluded_target_files_both_methods(embedded, cli, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.c").write_bytes(b"c")
+    args = ["--exclude", "+ keep.o", "--exclude", "*.o", "--exclude", "/cache/"]
+    for method in ("mpi", "rsync"):
+        h = embedded.host("mayor1")
+        dest = h.local_path(h.resolve("repository", method))
+        for rel in ("junk.o", "cache/blob", "gone.txt", "sub/keep.o", "sub/cache"):
+            os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+            with open(os.path.join(dest, rel), "wb") as fh:
+                fh.write(b"target only")
+        r = cli("sync-mayors", "--method", method, str(src), "--targets", "mayor1",
+                "--dest", method, "--delete", *args)
+        assert r.code == 0, (method, r.out, r.err)
+        # excluded paths stay (junk.o, the top cache/ and its content); an included
+        # keep.o, a file named cache and the emptied sub/ go, as with real rsync
+        assert _tree_paths(dest) == {b"a.c", b"junk.o", b"cache", b"cache/blob"}, method
+
+
+@pytest.mark.parametrize("method", ["mpi", "rsync"])
+@pytest.mark.parametrize("bad,why", [(["--exclude", "- "], "bad --exclude: exclude rule has no pattern"),
+                                     (["--exclude-from", "/nonexistent/rules"], "cannot read exclude file"),
+                                     (["--exclude-from", "-"], "standard input")])
+def test_bad_rules_refused_before_anything_both_methods(embedded, cli, tmp_path, method, bad, why):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    r = cli("sync-mayors", "--method", method, str(src), "--targets", "mayor1", "--dest", "new",
+            *bad)
+    assert r.code == 2 and why in r.err, r.err
+    h = embedded.host("mayor1")
+    assert not os.path.lexists(h.local_path(h.resolve("repository", "new")))
+
+
+def test_bad_line_in_exclude_from_is_named(tmp_path, monkeypatch):
+    from chiba_admin.commands.sync import exclude_rules
+    from chiba_admin.errors import UsageError
+
+    (tmp_path / "rules").write_bytes(b"*.o\n+ \n")
+    with pytest.raises(UsageError, match="no pattern") as ei:
+        exclude_rules((), (str(tmp_path / "rules"),))
+    assert ei.value.where.startswith(str(tmp_path / "rules"))
+    (tmp_path / "rules").write_bytes(b"*.o\n# c\n+ keep.o\n")
+    monkeypatch.chdir(tmp_path)  # a relative file is made absolute for rsync
+    assert exclude_rules(("a",), ("rules",)) == (["a", "*.o", "+ keep.o"], (str(tmp_path / "rules"),))
