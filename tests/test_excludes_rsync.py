@@ -82,10 +82,6 @@ MULTI = [
 CASES = [[p] for p in SINGLE] + MULTI
 
 
-def _mkfifo(path):
-    os.mkfifo(path)
-
-
 def make_tree(root):
     for rel in FILES:
         path = os.path.join(root, rel)
@@ -96,7 +92,7 @@ def make_tree(root):
         os.makedirs(os.path.join(root, rel), exist_ok=True)
     for name, target in LINKS.items():
         os.symlink(target, os.path.join(root, name))
-    _mkfifo(os.path.join(root, "fifo"))
+    os.mkfifo(os.path.join(root, "fifo"))
 
 
 def _names(out: bytes, prefix: bytes = b"") -> set[bytes]:
@@ -107,7 +103,7 @@ def _names(out: bytes, prefix: bytes = b"") -> set[bytes]:
             continue
         name = re.sub(rb"\\#([0-7]{3})", lambda m: bytes([int(m[1], 8)]), line[len(prefix):])
         if name != b"./":
-            names.add(name.rstrip(b"/") if name.endswith(b"/") else name)
+            names.add(name[:-1] if name.endswith(b"/") else name)
     return names
 
 
