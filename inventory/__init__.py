@@ -7,7 +7,7 @@ from .apply import (ApplyResult, DestTree, apply_plan, delete_extraneous, finali
 from .codec import FORMAT_VERSION, MAGIC, decode_inventory, encode_inventory
 from .entries import (DIR, FILE, LINK, Entry, Inventory, Issue, check_source, decode_path,
                       encode_path, validate_relpath)
-from .excludes import IGNORE_FILE, ExcludeMatcher, read_ignore_file
+from .excludes import ExcludeMatcher, parse_rules, read_exclude_from
 from .groups import Group, bitmap_paths, group_bitmaps, group_needs, needs_bitmap, union_bitmaps
 from .hashing import ALGOS, DEFAULT_ALGO, hash_bytes, hash_file, hash_files, new_hasher
 from .plan import (DELETE, META, MKDIR, SYMLINK, WRITE, Action, Plan, format_plan, make_plan,
@@ -19,7 +19,7 @@ __all__ = [
     "Entry", "Inventory", "Issue", "FILE", "DIR", "LINK",
     "encode_path", "decode_path", "validate_relpath",
     # scanning and hashing
-    "scan", "check_source", "ExcludeMatcher", "read_ignore_file", "IGNORE_FILE",
+    "scan", "check_source", "ExcludeMatcher", "parse_rules", "read_exclude_from",
     "ALGOS", "DEFAULT_ALGO", "hash_file", "hash_files", "hash_bytes", "new_hasher",
     # planning
     "Action", "Plan", "make_plan", "format_plan", "needs",

@@ -10,7 +10,7 @@ from typing import Iterable
 from chiba_admin.errors import InventoryError
 
 from .entries import DIR, FILE, LINK, Entry, Inventory, Issue
-from .excludes import IGNORE_FILE, ExcludeMatcher, read_ignore_file
+from .excludes import ExcludeMatcher
 from .hashing import DEFAULT_ALGO, check_algo, hash_files
 
 __all__ = ["scan", "scan_root_checked"]
@@ -41,14 +41,14 @@ def scan_root_checked(root: str | os.PathLike) -> str:
     return path
 
 
-def scan(root: str | os.PathLike, *, excludes: Iterable[str] = (),
-         ignore_file: str | None = IGNORE_FILE, checksum: bool = False,
+def scan(root: str | os.PathLike, *, excludes: Iterable[str] = (), checksum: bool = False,
          algo: str = DEFAULT_ALGO, threads: int | None = None,
          missing_ok: bool = False) -> Inventory:
     """Inventory the tree under ``root``.
 
-    ``excludes`` are rsync-style patterns; the patterns in ``root/ignore_file`` (if that
-    file exists, and ``ignore_file`` is not None) are added. With ``checksum=True`` every
+    ``excludes`` are rsync ``--exclude`` arguments in order (see inventory.excludes): the
+    entries rsync would leave out are left out, and an excluded directory is not entered.
+    No file in the tree adds rules. With ``checksum=True`` every
     file gets a content digest (``algo``), hashed by ``threads`` threads. Unreadable
     directories become ``errors`` and special files ``skipped`` on the result; a missing
     root raises InventoryError, unless ``missing_ok`` (a target not created yet), which
@@ -59,12 +59,7 @@ def scan(root: str | os.PathLike, *, excludes: Iterable[str] = (),
     base = scan_root_checked(root)
     if checksum:
         check_algo(algo)
-    patterns = list(excludes)
-    if ignore_file:
-        ignore_path = os.path.join(base, ignore_file)
-        if os.path.isfile(ignore_path):
-            patterns += read_ignore_file(ignore_path)
-    matcher = ExcludeMatcher(patterns)
+    matcher = ExcludeMatcher(excludes)
     entries, errors, skipped = _walk(base, matcher)
     entries.sort(key=attrgetter("path"))
     inv = Inventory({e.path: e for e in entries}, errors, skipped, root=base,

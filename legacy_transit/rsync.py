@@ -78,9 +78,11 @@ def ssh_command(host, strict: bool | None = None) -> str:
 
 
 def rsync_argv(src: str, host, dest: str, *, kind: str, delete: bool = False,
-               dry_run: bool = False, excludes: tuple[str, ...] = (), checksum: bool = False
+               dry_run: bool = False, excludes: tuple[str, ...] = (),
+               exclude_from: tuple[str, ...] = (), checksum: bool = False
                ) -> tuple[str, ...]:
-    """The rsync command for one target (pure)."""
+    """The rsync command for one target (pure); ``--exclude`` rules come before the
+    ``--exclude-from`` files, the order mpisync applies them in."""
     argv = ["rsync", "-a", "--stats"]
     if delete:
         argv.append("--delete")
@@ -90,6 +92,8 @@ def rsync_argv(src: str, host, dest: str, *, kind: str, delete: bool = False,
         argv.append("--checksum")
     for pat in excludes:
         argv += ["--exclude", pat]
+    for path in exclude_from:
+        argv += ["--exclude-from", path]
     src = src.rstrip("/") + "/"  # the contents, not the directory itself
     if kind == "embedded":
         return tuple(argv + ["--", src, host.local_path(dest).rstrip("/") + "/"])
@@ -167,13 +171,15 @@ def _why(stderr: str) -> str:
 
 def sync_rsync(topo, src: str, targets: list[str], dest: str | None = None, *,
                delete: bool = False, dry_run: bool = False, excludes: tuple[str, ...] = (),
-               checksum: bool = False, fanout: int = DEFAULT_FANOUT,
+               exclude_from: tuple[str, ...] = (), checksum: bool = False,
+               fanout: int = DEFAULT_FANOUT,
                timeout: float | None = None, progress=None) -> dict:
     """Synchronise ``src`` to every target with its own rsync; failures are per host."""
     if shutil.which("rsync") is None:
         raise UsageError("rsync is not installed", hint="run scripts/install-system-deps.sh")
     jobs = plan_rsync(topo, src, targets, dest, delete=delete, dry_run=dry_run,
-                      excludes=tuple(excludes), checksum=checksum)
+                      excludes=tuple(excludes), exclude_from=tuple(exclude_from),
+                      checksum=checksum)
     t0 = time.monotonic()
     if progress is not None:
         progress("start", stage="rsync", hosts=[j.host for j in jobs])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import click
@@ -12,17 +13,19 @@ from topology import expand, format_bytes, parse_size
 from ..cli import EXIT_FAILURE, EXIT_OK, pass_ctx
 from ..console import get_console, get_err_console, print_json
 from ..embedded import require_initialized
-from ..errors import UsageError
+from ..errors import InventoryError, UsageError
 
-__all__ = ["register", "sync_cmd", "METHODS", "render_sync"]
+__all__ = ["register", "sync_cmd", "METHODS", "render_sync", "exclude_rules"]
 
 
 def _sync_rsync(topo, src: str, targets: list[str], dest: str | None, opts: dict) -> dict:
     from legacy_transit.rsync import sync_rsync
 
+    # rsync reads the --exclude-from files itself: the same rules, parsed by rsync
     return sync_rsync(topo, src, targets, dest, delete=opts["delete"],
                       dry_run=opts["dry_run"], excludes=tuple(opts["excludes"]),
-                      checksum=opts["checksum"], fanout=opts["fanout"],
+                      exclude_from=tuple(opts["exclude_from"]), checksum=opts["checksum"],
+                      fanout=opts["fanout"],
                       timeout=opts["timeout"])
 
 
@@ -33,7 +36,7 @@ def _sync_mpi(topo, src: str, targets: list[str], dest: str | None, opts: dict) 
 
     with progress("mpisync") as bar:
         return sync_mpi(topo, src, targets, dest, delete=opts["delete"],
-                        dry_run=opts["dry_run"], excludes=tuple(opts["excludes"]),
+                        dry_run=opts["dry_run"], excludes=tuple(opts["rules"]),
                         checksum=opts["checksum"], verify=opts["verify"],
                         chunk=opts["chunk"], timeout=opts["timeout"], progress=bar)
 
@@ -100,7 +103,10 @@ def render_sync(result: dict) -> None:
 @click.option("--delete", is_flag=True, help="Delete files on targets that SRC lacks.")
 @click.option("--dry-run", "dry_run", is_flag=True, help="Show what would change; change nothing.")
 @click.option("--exclude", "excludes", multiple=True, metavar="PAT",
-              help="Leave out paths matching PAT (repeatable).")
+              help="rsync's --exclude PAT, by both methods (repeatable; '+ PAT' includes).")
+@click.option("--exclude-from", "exclude_from", multiple=True, metavar="FILE",
+              help="rsync's --exclude-from FILE: one rule a line, '#'/';' comments; "
+                   "read after every --exclude (repeatable).")
 @click.option("-f", "fanout", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="How many targets at once.")
 @click.option("--checksum", is_flag=True, help="Compare file contents, not size and time.")
@@ -111,8 +117,8 @@ def render_sync(result: dict) -> None:
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="S", help="Give up (and stop every process) after S seconds.")
 @pass_ctx
-def sync_cmd(ctx, src, method, dest, targets, delete, dry_run, excludes, fanout, checksum,
-             verify, chunk, timeout):
+def sync_cmd(ctx, src, method, dest, targets, delete, dry_run, excludes, exclude_from, fanout,
+             checksum, verify, chunk, timeout):
     """Make DEST on every target identical to SRC (a directory on this machine)."""
     topo = ctx.topology
     names = expand(topo, targets)
@@ -126,7 +132,9 @@ def sync_cmd(ctx, src, method, dest, targets, delete, dry_run, excludes, fanout,
             raise ValueError("at least 8KiB")
     except ValueError as e:
         raise UsageError(f"bad --chunk: {e}", hint="e.g. --chunk 4MiB") from None
-    opts = {"delete": delete, "dry_run": dry_run, "excludes": excludes, "fanout": fanout,
+    rules, exclude_from = exclude_rules(excludes, exclude_from)
+    opts = {"delete": delete, "dry_run": dry_run, "excludes": excludes,
+            "exclude_from": exclude_from, "rules": rules, "fanout": fanout,
             "checksum": checksum, "verify": verify, "chunk": chunk_bytes, "timeout": timeout}
     result = METHODS[method](topo, src, names, dest, opts)
     if ctx.json:
@@ -134,6 +142,36 @@ def sync_cmd(ctx, src, method, dest, targets, delete, dry_run, excludes, fanout,
     else:
         render_sync(result)
     return EXIT_OK if result["ok"] else EXIT_FAILURE
+
+
+def exclude_rules(excludes: tuple[str, ...], exclude_from: tuple[str, ...]
+                  ) -> tuple[list[str], tuple[str, ...]]:
+    """(every rule in rsync's order: the --exclude ones, then each file's lines; the files
+    as absolute paths). Raises UsageError for an unreadable file or a malformed rule, so
+    both methods refuse the same input before anything is sent."""
+    from inventory import read_exclude_from
+    from inventory.excludes import parse_rules
+
+    try:
+        parse_rules(excludes)
+    except InventoryError as e:
+        raise UsageError(f"bad --exclude: {e.what}", where=e.where, hint=e.hint) from None
+    rules, files = list(excludes), []
+    for name in exclude_from:
+        if name == "-":
+            raise UsageError("--exclude-from - (standard input) is not supported",
+                             hint="write the rules to a file and give its path")
+        path = os.path.abspath(name)
+        try:
+            lines = read_exclude_from(path)
+            parse_rules(lines)
+        except InventoryError as e:
+            raise UsageError(f"bad --exclude-from: {e.what}",
+                             where=f"{path}: {e.where}" if e.where != path else path,
+                             hint=e.hint) from None
+        rules += lines
+        files.append(path)
+    return rules, tuple(files)
 
 
 def register(group: click.Group) -> None:
