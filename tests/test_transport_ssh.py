@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -332,5 +333,9 @@ def test_rsync_over_ssh_refused_and_bad_key(cli, tmp_path, sshd):
     r = cli("--cluster", path, "sync-mayors", "--method", "rsync", str(src))
     assert r.code == 1
     assert "mayor1: rsync exit" in r.err and "Connection refused" in r.err
-    assert "mayor2: rsync exit 255" in r.err and "Host key verification failed" in r.err
+    # rsync's exit status here is racy: its _exit_cleanup() reaps the failed ssh with
+    # waitpid(WNOHANG) and takes ssh's 255 only when ssh has already exited; otherwise it
+    # keeps its own 12 (protocol stream error). The product reports whichever rsync said.
+    assert re.search(r"mayor2: rsync exit (12|255): Host key verification failed", r.err), \
+        r.err
     assert str(bad) in r.err
