@@ -15,6 +15,8 @@ import pytest
 
 from chiba_admin.errors import TransportError
 from legacy_transit.transport import SSHTransport, UNREACHABLE
+from test_fanout import (check_gather_compares_bytes, check_gather_keeps_stderr_apart,
+                         check_timeout_bounds_every_child)
 from test_legacy_embedded import WEIRD_NAMES, assert_same_tree, make_tree
 
 SSHD = "/usr/sbin/sshd"
@@ -231,6 +233,18 @@ def test_run_cli_over_ssh_gathered(cli, loop):
     assert "ccn01 (1)" in r.out and "same" in r.out
     r = cli("--cluster", path, "run", "-w", "@nodes", "-b", "echo same")
     assert r.code == 0 and "ccn[01-04] (4)\n" in r.out and r.out.count("same") == 1
+
+
+def test_run_timeout_bounds_every_child_over_ssh(cli, loop):
+    check_timeout_bounds_every_child(cli, "--cluster", loop[0])
+
+
+def test_run_gather_compares_bytes_over_ssh(cli, loop):
+    check_gather_compares_bytes(cli, "--cluster", loop[0])
+
+
+def test_run_gather_keeps_stderr_apart_over_ssh(cli, loop):
+    check_gather_keeps_stderr_apart(cli, "--cluster", loop[0])
 
 
 def test_run_cli_failures_over_ssh(cli, tmp_path, sshd):
