@@ -202,22 +202,26 @@ def end_tagged_line(tag: str) -> str:
     """A POSIX sh line that SIGKILLs every process tagged ``tag`` or under it (``tag/...``).
 
     Reads Linux ``/proc/PID/environ`` with ``grep -z`` (GNU and BusyBox). Exits 0 once no
-    such process is left, 1 when they kept appearing. The line's own processes carry the
-    tag only in their command line, not their environment; zombies have no environment.
+    such process is left, 1 when they kept appearing, 2 without /proc, 3 when grep lacks
+    -z. The line's own processes carry the tag only in their command line, not their
+    environment; zombies have no environment.
     Raises ValueError for a malformed tag (it goes into a regular expression).
     """
     if not _TAG.fullmatch(tag):
         raise ValueError(f"not a run tag: {tag!r}")
     scan = (f"grep -lzxE -e '{RUN_TAG}={tag}(/[0-9a-f]+)*' /proc/[0-9]*/environ 2>/dev/null"
             " | sed -e 's,^/proc/,,' -e 's,/environ$,,'")
-    return (f'n=0; while p=$({scan}); [ -n "$p" ]; do '
+    # without /proc or grep -z the scan would find nothing and claim success: say so instead
+    return ("[ -r /proc/self/environ ] || exit 2; printf 'x\\0' | grep -qzx x || exit 3; "
+            f'n=0; while p=$({scan}); [ -n "$p" ]; do '
             f'[ "$n" -lt {_END_ROUNDS} ] || exit 1; kill -KILL $p 2>/dev/null; n=$((n+1)); '
             "done; exit 0")
 
 
 def _end_status(rc: int) -> str | None:
     """What an end_tagged_line exit status says went wrong (None: all ended)."""
-    return {0: None, 1: "processes kept appearing"}.get(rc, f"exit {rc}")
+    return {0: None, 1: "processes kept appearing", 2: "no /proc/PID/environ to find them",
+            3: "grep cannot read NUL-separated input (-z)"}.get(rc, f"exit {rc}")
 
 
 def _timeout_error(timeout: float, not_ended: str | None) -> str:

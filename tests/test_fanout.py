@@ -246,7 +246,7 @@ def test_local_transport_put_get_errors_name_file_and_host(tmp_path):
         t.get(h, "/s/missing", str(tmp_path / "back"))
 
 
-def test_end_tagged_line_ends_its_tree_and_nothing_else(monkeypatch):
+def test_end_tagged_line_ends_its_tree_and_nothing_else(monkeypatch, tmp_path):
     """The timeout kill is as narrow as it is thorough: real processes, real /proc."""
     import secrets
 
@@ -275,6 +275,14 @@ def test_end_tagged_line_ends_its_tree_and_nothing_else(monkeypatch):
             p.wait()
     with pytest.raises(ValueError):
         end_tagged_line("x'; reboot; '")
+    # a grep without -z would find nothing: the line says so rather than "all ended"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "grep").write_text("#!/bin/sh\nexit 2\n")
+    (fake / "grep").chmod(0o755)
+    r = subprocess.run(["sh", "-c", end_tagged_line(tag)],
+                       env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+    assert r.returncode == 3
     monkeypatch.setenv(RUN_TAG, tag)
     assert re.fullmatch(rf"{tag}/[0-9a-f]{{16}}", _new_tag())
     monkeypatch.setenv(RUN_TAG, "not-a-tag")
