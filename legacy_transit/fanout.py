@@ -167,41 +167,48 @@ def run_on(transport: Transport, hosts: Sequence, cmd: Command, *,
 
 @dataclass
 class OutputGroup:
-    """Hosts whose output was identical (a ``dshbak -c`` block); ``nodeset`` is folded."""
+    """Hosts whose output was byte-for-byte identical (a ``dshbak -c`` block).
+
+    ``nodeset`` is folded; ``data`` is the raw bytes the hosts agreed on, ``output`` their
+    text for display (undecodable bytes replaced, so two groups may look alike).
+    """
 
     hosts: list[str]
     nodeset: str
-    output: str
+    data: bytes
     rc: int = 0
 
+    @property
+    def output(self) -> str:
+        return self.data.decode("utf-8", "replace")
 
-def group_outputs(group: GroupResult, *, stream: str = "both",
+
+def group_outputs(group: GroupResult, *, stream: str = "stdout",
                   fold: Callable[[list[str]], str] | None = None) -> list[OutputGroup]:
     """Hosts with identical output gathered into blocks, largest first (grouping as data).
 
-    ``stream`` is "stdout", "stderr" or "both" (stdout then stderr, as a terminal shows it).
-    Hosts that could not run show their error as their output, so they group too.
+    ``stream`` "stdout" (clush -b): one block per distinct (stdout bytes, exit code); a host
+    that could not run and printed nothing is left out, its error is reported elsewhere.
+    ``stream`` "stderr": one block per distinct stderr bytes (``rc`` 0), hosts with none
+    left out. Comparison is on raw bytes, never on decoded text.
     """
+    if stream not in ("stdout", "stderr"):
+        raise ValueError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
     if fold is None:
         from ClusterShell.NodeSet import NodeSet
 
         def fold(names):
             return str(NodeSet.fromlist(names))
 
-    buckets: dict[tuple[str, int], list[str]] = {}
+    buckets: dict[tuple[bytes, int], list[str]] = {}
     for name, r in group.results.items():
-        if r.error:
-            text = f"error: {r.error}\n"
-        elif stream == "stdout":
-            text = r.out
-        elif stream == "stderr":
-            text = r.err
-        else:
-            text = r.out + r.err
-        key = (text, UNREACHABLE if r.error else r.rc)
-        buckets.setdefault(key, []).append(name)
+        if stream == "stderr":
+            if r.stderr:
+                buckets.setdefault((r.stderr, 0), []).append(name)
+        elif r.stdout or not r.error:
+            buckets.setdefault((r.stdout, UNREACHABLE if r.error else r.rc), []).append(name)
     order = {n: i for i, n in enumerate(group.results)}
-    groups = [OutputGroup(sorted(hs, key=order.__getitem__), fold(hs), text, rc)
-              for (text, rc), hs in buckets.items()]
+    groups = [OutputGroup(sorted(hs, key=order.__getitem__), fold(hs), data, rc)
+              for (data, rc), hs in buckets.items()]
     groups.sort(key=lambda g: (-len(g.hosts), order[g.hosts[0]]))
     return groups

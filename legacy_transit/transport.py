@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
+import selectors
 import shlex
 import shutil
 import signal
@@ -26,12 +29,21 @@ __all__ = [
     "command_line",
     "env_prefixed",
     "UNREACHABLE",
+    "RUN_TAG",
+    "end_tagged_line",
 ]
 
 # ssh(1) exits 255 when it cannot reach a host; pdsh -S reports the same, so do we.
 UNREACHABLE = 255
 _CHUNK = 1 << 16
 _GENERIC_TRAILERS = ("Exiting with failure status", "Error is not recoverable")
+# Every command runs with RUN_TAG=<tag> in its environment, which its children inherit
+# (also those that leave its process group or session), so a timeout can end all of them.
+# A command run from inside another (the transit agent runs node commands) gets the outer
+# tag with its own appended, "outer/inner", so ending the outer ends the inner too.
+RUN_TAG = "CHIBA_RUN_TAG"
+_TAG = re.compile(r"[0-9a-f]{16}(/[0-9a-f]{16})*")
+_END_ROUNDS = 5  # kills of processes forked between one scan and the next
 
 Command = Union[str, Sequence[str]]
 Sink = Callable[[bytes], None]
@@ -179,6 +191,44 @@ def _fmt_timeout(t: float) -> str:
     return f"{t:g}s"
 
 
+def _new_tag() -> str:
+    """A fresh run tag, under the tag of the command this process runs in, if any."""
+    mine = secrets.token_hex(8)
+    outer = os.environ.get(RUN_TAG, "")
+    return f"{outer}/{mine}" if _TAG.fullmatch(outer) else mine
+
+
+def end_tagged_line(tag: str) -> str:
+    """A POSIX sh line that SIGKILLs every process tagged ``tag`` or under it (``tag/...``).
+
+    Reads Linux ``/proc/PID/environ`` with ``grep -z`` (GNU and BusyBox). Exits 0 once no
+    such process is left, 1 when they kept appearing, 2 without /proc, 3 when grep lacks
+    -z. The line's own processes carry the tag only in their command line, not their
+    environment; zombies have no environment.
+    Raises ValueError for a malformed tag (it goes into a regular expression).
+    """
+    if not _TAG.fullmatch(tag):
+        raise ValueError(f"not a run tag: {tag!r}")
+    scan = (f"grep -lzxE -e '{RUN_TAG}={tag}(/[0-9a-f]+)*' /proc/[0-9]*/environ 2>/dev/null"
+            " | sed -e 's,^/proc/,,' -e 's,/environ$,,'")
+    # without /proc or grep -z the scan would find nothing and claim success: say so instead
+    return ("[ -r /proc/self/environ ] || exit 2; printf 'x\\0' | grep -qzx x || exit 3; "
+            f'n=0; while p=$({scan}); [ -n "$p" ]; do '
+            f'[ "$n" -lt {_END_ROUNDS} ] || exit 1; kill -KILL $p 2>/dev/null; n=$((n+1)); '
+            "done; exit 0")
+
+
+def _end_status(rc: int) -> str | None:
+    """What an end_tagged_line exit status says went wrong (None: all ended)."""
+    return {0: None, 1: "processes kept appearing", 2: "no /proc/PID/environ to find them",
+            3: "grep cannot read NUL-separated input (-z)"}.get(rc, f"exit {rc}")
+
+
+def _timeout_error(timeout: float, not_ended: str | None) -> str:
+    msg = f"command timed out after {_fmt_timeout(timeout)}"
+    return msg + (f"; could not end its processes: {not_ended}" if not_ended else "")
+
+
 # --- local: the embedded cluster ---------------------------------------------------------
 class LocalTransport(Transport):
     """Hosts are directories: a command is a local process in the host's root with its CHIBA_* env."""
@@ -187,10 +237,13 @@ class LocalTransport(Transport):
             env: dict[str, str] | None = None, stdin: Stdin = None,
             on_stdout: Sink | None = None, on_stderr: Sink | None = None) -> RunResult:
         t0 = time.monotonic()
-        full_env = {**os.environ, **host.environment(), **(env or {})}
+        deadline = None if timeout is None else t0 + timeout
+        tag = _new_tag()
+        full_env = {**os.environ, **host.environment(), **(env or {}), RUN_TAG: tag}
         cwd = host.local_path("/") if getattr(host, "root", "") else None
         shell = isinstance(cmd, str)
         try:
+            # its own session: one killpg ends the command and every child that stays
             p = subprocess.Popen(cmd if shell else [str(a) for a in cmd], shell=shell,
                                  cwd=cwd, env=full_env, stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -199,25 +252,30 @@ class LocalTransport(Transport):
             return RunResult(host.name, 127, error=f"cannot start {command_line(cmd)[:60]}: "
                              f"{e.strerror or e}", seconds=time.monotonic() - t0)
         out, err, feed_err = _Collector(on_stdout), _Collector(on_stderr), []
-        threads = [threading.Thread(target=_pump, args=(p.stdout, out), daemon=True),
-                   threading.Thread(target=_pump, args=(p.stderr, err), daemon=True),
-                   threading.Thread(target=_feed, args=(p.stdin.write, p.stdin.close,
-                                                         stdin, feed_err), daemon=True)]
-        for t in threads:
-            t.start()
+        feeder = threading.Thread(target=_feed, args=(p.stdin.write, p.stdin.close, stdin,
+                                                      feed_err), daemon=True)
+        feeder.start()
+        reader = _PipeReader({p.stdout: out, p.stderr: err})
+        rc = None
+        # The leader is reaped only after its outputs closed: until then its pid, hence
+        # its process group, cannot be reused, so the killpg below hits nobody else.
+        if reader.read_until(deadline):
+            try:
+                rc = p.wait(timeout=_left(deadline))
+            except subprocess.TimeoutExpired:
+                pass  # it closed its outputs but kept running
         error = None
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(p)
-            rc = p.wait()
-            error = f"command timed out after {_fmt_timeout(timeout)}"
-        for t in threads:
-            t.join()
-        if error:
+        if rc is None:  # -u reached, maybe only by a background child holding the output
+            error = _timeout_error(timeout, _end_local(p, tag))
+            p.wait()
+            reader.drain()
             rc = UNREACHABLE
         elif rc < 0:  # killed by a signal: report it the way a shell would
             rc = 128 - rc
+        reader.close()
+        # a child left running (daemonised, outputs redirected) may hold stdin unread;
+        # the command is over, so the rest of the input is not waited for
+        feeder.join(1.0)
         return RunResult(host.name, rc, out.value(), err.value(), error,
                          time.monotonic() - t0)
 
@@ -233,22 +291,73 @@ class LocalTransport(Transport):
             return os.path.getsize(local)
 
 
-def _pump(stream, sink: _Collector) -> None:
-    try:
-        while True:
-            buf = stream.read1(_CHUNK) if hasattr(stream, "read1") else stream.read(_CHUNK)
-            if not buf:
-                break
-            sink(buf)
-    finally:
-        stream.close()
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def _kill_group(p: subprocess.Popen) -> None:
+class _PipeReader:
+    """Reads a process's output pipes in the calling thread, so a deadline can stop it.
+
+    A blocked read() cannot be abandoned; a background child that keeps a pipe open would
+    hold a reader thread (and the caller joining it) for as long as it lives.
+    """
+
+    def __init__(self, pipes: dict):
+        self._sel = selectors.DefaultSelector()
+        self._files = list(pipes)
+        for f, sink in pipes.items():
+            os.set_blocking(f.fileno(), False)
+            self._sel.register(f, selectors.EVENT_READ, sink)
+
+    def read_until(self, deadline: float | None) -> bool:
+        """Forward chunks to the sinks until every pipe is at EOF (True) or the deadline."""
+        while self._sel.get_map():
+            wait = _left(deadline)
+            if wait == 0.0:
+                return False
+            for key, _ in self._sel.select(wait):
+                self._read(key)
+        return True
+
+    def drain(self) -> None:
+        """What is already buffered in the pipes, without waiting for more."""
+        while self._sel.get_map():
+            ready = self._sel.select(0)
+            if not ready:
+                return
+            for key, _ in ready:
+                self._read(key)
+
+    def _read(self, key) -> None:
+        try:
+            buf = os.read(key.fd, _CHUNK)
+        except BlockingIOError:
+            return
+        if buf:
+            key.data(buf)
+        else:
+            self._sel.unregister(key.fileobj)
+
+    def close(self) -> None:
+        self._sel.close()
+        for f in self._files:
+            f.close()
+
+
+def _end_local(p: subprocess.Popen, tag: str) -> str | None:
+    """SIGKILL the command's process group, then any tagged process that left it; why not, or None."""
     try:
         os.killpg(p.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         p.kill()
+    if not os.path.isdir("/proc/self"):
+        return None  # no /proc to find escaped children by: the process group has to do
+    try:
+        r = subprocess.run(["sh", "-c", end_tagged_line(tag)], stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    return _end_status(r.returncode)
 
 
 # --- SSH: real hosts, the testbed ------------------------------------------------------------
@@ -370,15 +479,12 @@ class SSHTransport(Transport):
             env: dict[str, str] | None = None, stdin: Stdin = None,
             on_stdout: Sink | None = None, on_stderr: Sink | None = None) -> RunResult:
         t0 = time.monotonic()
-        full_env = {**host.environment(), **(env or {})}
+        tag = _new_tag()
+        full_env = {**host.environment(), **(env or {}), RUN_TAG: tag}
         try:
-            chan = self.client(host).get_transport().open_session(
-                timeout=self._connect_timeout or host.ssh.connect_timeout)
+            chan = self._session(host)
         except TransportError as e:
             return RunResult(host.name, UNREACHABLE, error=e.what,
-                             seconds=time.monotonic() - t0)
-        except Exception as e:  # paramiko raises SSHException/EOFError on a dying link
-            return RunResult(host.name, UNREACHABLE, error=f"cannot open a session: {e}",
                              seconds=time.monotonic() - t0)
         try:
             try:
@@ -394,14 +500,18 @@ class SSHTransport(Transport):
                                                              stdin, feed_err), daemon=True)]
             for t in threads:
                 t.start()
-            deadline = None if timeout is None else t0 + timeout
+            # -u bounds the command; connecting was bounded by the connect timeout (-t)
+            deadline = None if timeout is None else time.monotonic() + timeout
             for t in threads[:2]:
-                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if any(t.is_alive() for t in threads[:2]):
+                t.join(_left(deadline))
+            # sshd closes the outputs only when every holder has closed them (a background
+            # child keeps them open) and sends the exit status only when the command ended
+            if any(t.is_alive() for t in threads[:2]) or \
+                    not chan.status_event.wait(_left(deadline)):
+                not_ended = self._end_remote(host, tag)
                 chan.close()
                 return RunResult(host.name, UNREACHABLE, out.value(), err.value(),
-                                 f"command timed out after {_fmt_timeout(timeout)}",
-                                 time.monotonic() - t0)
+                                 _timeout_error(timeout, not_ended), time.monotonic() - t0)
             rc = chan.recv_exit_status()
             threads[2].join(1.0)
             if rc == -1:  # the channel closed without an exit status: the link died
@@ -415,6 +525,41 @@ class SSHTransport(Transport):
                              seconds=time.monotonic() - t0)
         finally:
             chan.close()
+
+    def _session(self, host):
+        """A new session channel on ``host``'s connection; raises TransportError."""
+        try:
+            return self.client(host).get_transport().open_session(
+                timeout=self._connect_timeout or host.ssh.connect_timeout)
+        except TransportError:
+            raise
+        except Exception as e:  # paramiko raises SSHException/EOFError on a dying link
+            raise TransportError(f"cannot open a session: {e}", where=host.name) from None
+
+    def _end_remote(self, host, tag: str) -> str | None:
+        """SIGKILL every process of a timed-out command on ``host``; why not, or None.
+
+        Closing the channel is not enough: without a pty sshd signals nothing on hang-up,
+        and the command or its background children would keep running.
+        """
+        limit = self._connect_timeout or host.ssh.connect_timeout
+        try:
+            k = self._session(host)
+        except TransportError as e:
+            return e.what
+        try:
+            k.settimeout(limit)
+            k.exec_command(end_tagged_line(tag))
+            k.shutdown_write()
+            while k.recv(_CHUNK):  # the line prints nothing; EOF when it is done
+                pass
+            if not k.status_event.wait(limit):
+                return f"no answer within {_fmt_timeout(limit)}"
+            return _end_status(k.recv_exit_status())
+        except Exception as e:  # socket.timeout or a dying link
+            return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        finally:
+            k.close()
 
     @contextmanager
     def _sftp(self, host):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import select
 import subprocess
 import threading
 import time
@@ -99,15 +102,34 @@ def test_lines_labelled_as_they_arrive_and_grouped():
     groups = group_outputs(res)
     assert [g.nodeset for g in groups] == ["n[01-02,05]", "n03", "n04"]
     assert groups[0].output == "out\n" and len(groups[0].hosts) == 3
-    assert groups[2].output == "no newlinewarn\n"
+    assert groups[2].output == "no newline"  # stderr is grouped apart
+    errs = group_outputs(res, stream="stderr")
+    assert [(g.nodeset, g.output) for g in errs] == [("n04", "warn\n")]
 
 
-def test_grouping_separates_exit_codes_and_errors():
+def test_grouping_separates_exit_codes_and_leaves_errors_to_stderr():
     script = {"n02": ("out\n", "", 1), "n03": "unreachable", "n04": "unreachable"}
-    groups = group_outputs(run_on(FakeTransport(script), hosts(4), "x"))
-    by = {g.nodeset: g for g in groups}
-    assert by["n[03-04]"].output == "error: connection refused\n"
-    assert by["n[03-04]"].rc == UNREACHABLE and by["n02"].rc == 1 and by["n01"].rc == 0
+    res = run_on(FakeTransport(script), hosts(4), "x")
+    by = {g.nodeset: g for g in group_outputs(res)}
+    assert set(by) == {"n01", "n02"}  # n03, n04 printed nothing: their error is a stderr line
+    assert by["n02"].rc == 1 and by["n01"].rc == 0
+    partial = GroupResult({"a": RunResult("a", UNREACHABLE, b"started\n", error="timed out")})
+    [g] = group_outputs(partial)
+    assert g.output == "started\n" and g.rc == UNREACHABLE
+    with pytest.raises(ValueError):
+        group_outputs(res, stream="both")
+
+
+def test_grouping_compares_bytes_not_text():
+    """caf\\xe9 and caf\\xe8 both decode to 'caf\\ufffd', yet they are two outputs."""
+    res = GroupResult({"n01": RunResult("n01", 0, b"caf\xe9", b"x\xff"),
+                       "n02": RunResult("n02", 0, b"caf\xe8", b"x\xfe"),
+                       "n03": RunResult("n03", 0, b"caf\xe9", b"x\xff")})
+    out = group_outputs(res)
+    assert [(g.nodeset, g.data) for g in out] == [("n[01,03]", b"caf\xe9"),
+                                                  ("n02", b"caf\xe8")]
+    assert out[0].output == out[1].output == "caf\ufffd"
+    assert [g.data for g in group_outputs(res, stream="stderr")] == [b"x\xff", b"x\xfe"]
 
 
 def test_window_exceptions_and_empty():
@@ -222,3 +244,124 @@ def test_local_transport_put_get_errors_name_file_and_host(tmp_path):
     assert e.value.where == "x"
     with pytest.raises(TransportError, match=r"cannot get /s/missing: .*No such"):
         t.get(h, "/s/missing", str(tmp_path / "back"))
+
+
+def test_end_tagged_line_ends_its_tree_and_nothing_else(monkeypatch, tmp_path):
+    """The timeout kill is as narrow as it is thorough: real processes, real /proc."""
+    import secrets
+
+    from legacy_transit.transport import RUN_TAG, _new_tag, end_tagged_line
+
+    outer, mine, other = (secrets.token_hex(8) for _ in range(3))
+    tag = f"{outer}/{mine}"
+    ended = {"it": tag, "its child": f"{tag}/{other}"}
+    kept = {"its parent": outer, "a sibling": f"{outer}/{other}", "unrelated": other,
+            "a longer name": f"{tag}ab", "no tag": None}
+    procs = {}
+    for name, val in {**ended, **kept}.items():
+        env = {k: v for k, v in os.environ.items() if k != RUN_TAG}
+        if val is not None:
+            env[RUN_TAG] = val
+        procs[name] = subprocess.Popen(["sleep", "60"], env=env)
+    try:
+        r = subprocess.run(["sh", "-c", end_tagged_line(tag)], capture_output=True)
+        assert r.returncode == 0, r.stderr
+        for name in ended:
+            assert procs[name].wait(timeout=20) == -9, name
+        assert [n for n in kept if procs[n].poll() is not None] == []
+    finally:
+        for p in procs.values():  # ours, by PID
+            p.kill()
+            p.wait()
+    with pytest.raises(ValueError):
+        end_tagged_line("x'; reboot; '")
+    # a grep without -z would find nothing: the line says so rather than "all ended"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "grep").write_text("#!/bin/sh\nexit 2\n")
+    (fake / "grep").chmod(0o755)
+    r = subprocess.run(["sh", "-c", end_tagged_line(tag)],
+                       env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+    assert r.returncode == 3
+    monkeypatch.setenv(RUN_TAG, tag)
+    assert re.fullmatch(rf"{tag}/[0-9a-f]{{16}}", _new_tag())
+    monkeypatch.setenv(RUN_TAG, "not-a-tag")
+    assert re.fullmatch(r"[0-9a-f]{16}", _new_tag())
+
+
+# --- `run` as pdsh/clush users expect: one contract, checked on each transport --------------
+# (tests/test_transport_ssh.py runs the same checks over a real sshd)
+CONTRACT_HOSTS = "ccn[01-04]"
+# ccn01, ccn03: the shell ends at once, two background children keep its stdout open, one of
+# them in a session of its own; ccn02, ccn04: the command closes its outputs, runs on.
+BACKGROUND = ('case "$CHIBA_HOST" in ccn01|ccn03) echo started; sleep 60 & echo "bg $!"; '
+              'setsid sleep 60 & echo "bg $!";; '
+              '*) echo started; echo "bg $$"; exec sleep 60 >&- 2>&-;; esac')
+
+
+def still_running(pids: list[int], cap: float = 20.0) -> list[int]:
+    """Which of ``pids`` have not ended within ``cap`` s (pidfds become readable when a
+    process ends: events, no polling; all waited on at once, well inside their sleep 60)."""
+    fds = {}
+    for pid in pids:
+        try:
+            fds[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            pass  # already gone
+    try:
+        waiting = set(fds)
+        end = time.monotonic() + cap
+        while waiting and time.monotonic() < end:
+            ready, _, _ = select.select(list(waiting), [], [], end - time.monotonic())
+            waiting -= set(ready)
+        return sorted(fds[fd] for fd in waiting)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def check_timeout_bounds_every_child(cli, *pre):
+    """-u bounds the command whatever its children do; each host 255, one stderr line."""
+    # 5 s, not less: every host must print "started" first, also on a loaded machine
+    r = cli(*pre, "run", "-u", "5", "-w", CONTRACT_HOSTS, BACKGROUND)
+    hosts = [f"ccn0{i}" for i in range(1, 5)]
+    assert r.code == 255, (r.out, r.err)
+    assert sorted(r.err.splitlines()) == [f"chiba-admin run: {h}: command timed out after 5s"
+                                          for h in hosts]
+    for h in hosts:
+        assert f"{h}: started" in r.out.splitlines()
+    pids = [int(p) for p in re.findall(r"^ccn0\d: bg (\d+)$", r.out, re.M)]
+    assert len(pids) == 6, r.out
+    assert still_running(pids) == []  # all ended, none left running
+
+
+def check_gather_compares_bytes(cli, *pre):
+    """-b: caf\\xe9 and caf\\xe8 are two outputs, though both display as caf\\ufffd."""
+    r = cli(*pre, "run", "-b", "-w", CONTRACT_HOSTS,
+            'if [ "$CHIBA_HOST" = ccn01 ]; then printf "caf\\351"; else printf "caf\\350"; fi')
+    assert r.code == 0, r.err
+    assert "ccn[02-04] (3)\n" in r.out and "ccn01 (1)\n" in r.out
+    assert r.out.count("caf\ufffd") == 2
+
+
+def check_gather_keeps_stderr_apart(cli, *pre):
+    """-b as clush -b: stdout gathered on stdout; stderr on stderr, gathered, labelled."""
+    r = cli(*pre, "run", "-b", "-w", CONTRACT_HOSTS,
+            'echo out; echo warn >&2; [ "$CHIBA_HOST" != ccn01 ] || echo only-here >&2')
+    assert r.code == 0, r.err
+    assert "ccn[01-04] (4)\n" in r.out and "out\n" in r.out
+    assert "warn" not in r.out and "only-here" not in r.out
+    assert sorted(r.err.splitlines()) == ["ccn01: only-here", "ccn01: warn",
+                                          "ccn[02-04]: warn"]
+
+
+def test_run_timeout_bounds_every_child_local(embedded, cli):
+    check_timeout_bounds_every_child(cli)
+
+
+def test_run_gather_compares_bytes_local(embedded, cli):
+    check_gather_compares_bytes(cli)
+
+
+def test_run_gather_keeps_stderr_apart_local(embedded, cli):
+    check_gather_keeps_stderr_apart(cli)

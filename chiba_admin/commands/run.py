@@ -13,11 +13,11 @@ from ..cli import pass_ctx
 from ..console import get_console, print_json
 from ..embedded import require_initialized
 
-__all__ = ["register", "run_cmd", "render_groups", "render_failures"]
+__all__ = ["register", "run_cmd", "render_groups", "render_error_groups", "render_failures"]
 
 
 def render_groups(groups, out=None) -> None:
-    """dshbak -c / clush -b: one block per distinct output, headed by its folded nodeset."""
+    """dshbak -c / clush -b: one block per distinct stdout, headed by its folded nodeset."""
     out = out or sys.stdout
     for g in groups:
         head = f"{g.nodeset} ({len(g.hosts)})"
@@ -28,6 +28,16 @@ def render_groups(groups, out=None) -> None:
         text = g.output
         out.write(text if text.endswith("\n") or not text else text + "\n")
     out.flush()
+
+
+def render_error_groups(groups, err=None) -> None:
+    """Gathered stderr: each line labelled with the folded nodeset of the hosts that wrote
+    exactly that stderr (clush labels stderr lines ``node: line``)."""
+    err = err or sys.stderr
+    for g in groups:
+        for line in g.output.splitlines():
+            err.write(f"{g.nodeset}: {line}\n")
+    err.flush()
 
 
 def render_failures(group, err=None) -> None:
@@ -45,11 +55,13 @@ def render_failures(group, err=None) -> None:
 @click.option("-f", "fanout", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="How many hosts at once (sliding window, as pdsh -f).")
 @click.option("-b", "gather", is_flag=True,
-              help="Gather identical outputs under one nodeset header (dshbak -c).")
+              help="Gather identical stdout under one nodeset header (clush -b); stderr "
+              "stays on stderr, gathered, each line labelled with its nodeset.")
 @click.option("-t", "connect_timeout", type=click.FloatRange(min=0, min_open=True),
               default=None, help="Connect timeout in seconds (default: the topology's).")
 @click.option("-u", "command_timeout", type=click.FloatRange(min=0, min_open=True),
-              default=None, help="Command timeout in seconds (default: none).")
+              default=None, help="Command timeout in seconds, for the command and every "
+              "process it started (default: none); a host over it counts 255.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @pass_ctx
 def run_cmd(ctx, nodeset, fanout, gather, connect_timeout, command_timeout, command):
@@ -58,7 +70,8 @@ def run_cmd(ctx, nodeset, fanout, gather, connect_timeout, command_timeout, comm
     One argument is a shell command line (`run -w @nodes 'ls | wc -l'`); several are an argv,
     quoted for the remote shell (`run -w @nodes -- sh -c 'cd "$CHIBA_SCRATCH" && ls'`).
     Each command sees CHIBA_HOST, CHIBA_ROLE, CHIBA_TOWN, CHIBA_SCRATCH, CHIBA_SPOOL and
-    CHIBA_REPO. The exit status is the largest remote one (pdsh -S); 255 for unreachable.
+    CHIBA_REPO. The exit status is the largest remote one (pdsh -S); 255 for an unreachable
+    or timed-out host.
     """
     from legacy_transit.fanout import group_outputs, run_on
     from legacy_transit.transport import transport_for
@@ -80,14 +93,18 @@ def run_cmd(ctx, nodeset, fanout, gather, connect_timeout, command_timeout, comm
         res = run_on(transport, [topo.host(n) for n in names], cmd, fanout=fanout,
                      timeout=command_timeout, on_line=None if quiet_live else live)
     groups = group_outputs(res, fold=fold)
+    err_groups = group_outputs(res, stream="stderr", fold=fold)
     if ctx.json:
         d = res.to_dict()
         d["groups"] = [{"nodeset": g.nodeset, "hosts": g.hosts, "rc": g.rc, "output": g.output}
                        for g in groups]
+        d["stderr_groups"] = [{"nodeset": g.nodeset, "hosts": g.hosts, "output": g.output}
+                              for g in err_groups]
         print_json(d)
         return res.rc
     if gather:
         render_groups(groups)
+        render_error_groups(err_groups)
     elif res.failed and ctx.verbose:
         get_console().print(f"{fold(res.failed)}: failed")
     render_failures(res)
