@@ -252,12 +252,13 @@ class Sources:
 
 
 def find_records(paths: list[str | Path], *, own: str | Path = OWN_DIR,
-                 shipped: str | Path = SHIPPED_DIR, shipped_only: bool = False) -> Sources:
+                 shipped: str | Path | None = None, shipped_only: bool = False) -> Sources:
     """The records a report shows: those named by ``paths``; else ``own`` (results/) when
     it holds any; else (or with ``shipped_only``) the ones shipped with the project, with a
     note saying where they come from. UsageError when there are none."""
     if paths:
         return Sources(load_records(list(paths)), False)
+    shipped = SHIPPED_DIR if shipped is None else shipped
     if not shipped_only:
         try:
             return Sources(load_records([own]), False)
