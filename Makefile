@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench setup clean
+.PHONY: demo test test-fast bench bench-quick setup clean
 
 setup: $(STAMP)
 
@@ -27,8 +27,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -ra -m "not testbed and not slow"
 
+# the README's comparison: the testbed as root (about 30 minutes), else the embedded cluster
 bench: $(STAMP)
-	bash scripts/bench.sh
+	bash scripts/bench.sh default
+
+# one size, 8 nodes, fewer repeats: the testbed as root (about 7 minutes), else embedded
+bench-quick: $(STAMP)
+	bash scripts/bench.sh quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

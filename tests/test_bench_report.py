@@ -74,6 +74,9 @@ def test_collect_memory_inventory_records(bench_results):
     rec, runs = _runs(bench_results, "inventory", "local")
     metrics = {r["metric"]: r for r in runs}
     assert metrics["scan_entries_per_s"]["value"] > 0 and "diff_s" in metrics
+    # the diff target is set for 100,000 entries: not judged on 200
+    assert metrics["diff_s"]["target"] is None and metrics["diff_s"]["met"] is None
+    assert metrics["scan_entries_per_s"]["target"] == ">= 50000"
     assert rec["cluster"]["kind"] == "local"
     records = load_records([bench_results])
     assert {r["method"] for r in collect_rows(records)} == {"transit", "mpi"}

@@ -271,7 +271,8 @@ def find_records(paths: list[str | Path], *, own: str | Path = OWN_DIR,
     if not recs:
         raise UsageError("no benchmark records found", where=str(shipped if shipped_only
                                                                  else own),
-                         hint="run `chiba-admin bench quick` or `make bench` first; this "
+                         hint="this checkout ships none under docs/results/" if shipped_only
+                         else "run `chiba-admin bench quick` or `make bench` first; this "
                               "checkout ships none under docs/results/")
     head = ("Records shipped with chiba-admin" if shipped_only else
             f"No results of your own under {own}/: showing the records shipped with "

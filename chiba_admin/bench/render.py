@@ -16,6 +16,10 @@ def _f(x, fmt="{:.2f}", dash="-"):
     return dash if x is None else fmt.format(x)
 
 
+def _s(x):
+    return "-" if x is None else str(x)
+
+
 def _mb(x):
     return "-" if x is None else f"{x / 1e6:.1f}"
 
@@ -29,36 +33,36 @@ def _yes(b):
 
 
 _CPU = ("CPU busy", "cpu_busy", _busy)
-STAGE_COLS = [("nodes", "nodes", str), ("data", "data", str),
-              ("size MB", "size_bytes", _mb), ("method", "label", str),
+STAGE_COLS = [("nodes", "nodes", _s), ("data", "data", _s),
+              ("size MB", "size_bytes", _mb), ("method", "label", _s),
               ("median s", "median_s", _f), ("per-node Mb/s", "per_node_mbps", _f),
               ("aggregate Mb/s", "aggregate_mbps", lambda x: _f(x, "{:.1f}")),
               ("efficiency", "efficiency", _f), ("x legacy", "speedup_vs_legacy", _f),
               ("launch s", "launch_s", _f),
               ("president MB", "president_bytes", _mb), ("mayors MB", "mayors_bytes", _mb),
-              _CPU, ("runs", "runs", str), ("failed", "failures", str)]
-COLLECT_COLS = [("nodes", "nodes", str), ("data", "data", str),
-                ("MB per node", "size_bytes", _mb), ("method", "label", str),
+              _CPU, ("runs", "runs", _s), ("failed", "failures", _s)]
+COLLECT_COLS = [("nodes", "nodes", _s), ("data", "data", _s),
+                ("MB per node", "size_bytes", _mb), ("method", "label", _s),
                 ("median s", "median_s", _f),
                 ("aggregate Mb/s", "aggregate_mbps", lambda x: _f(x, "{:.1f}")),
                 ("efficiency", "efficiency", _f), ("x legacy", "speedup_vs_legacy", _f),
-                ("president MB", "president_bytes", _mb), _CPU, ("runs", "runs", str),
-                ("failed", "failures", str)]
-SYNC_COLS = [("targets", "targets", str), ("scenario", "scenario", str),
-             ("method", "label", str), ("median s", "median_s", _f),
+                ("president MB", "president_bytes", _mb), _CPU, ("runs", "runs", _s),
+                ("failed", "failures", _s)]
+SYNC_COLS = [("targets", "targets", _s), ("scenario", "scenario", _s),
+             ("method", "label", _s), ("median s", "median_s", _f),
              ("bound s", "bound_s", _f), ("x bound", "vs_bound", _f),
              ("transfer s", "transfer_s", _f), ("transfer x bound", "transfer_vs_bound", _f),
              ("x rsync", "speedup_vs_legacy", _f), ("president MB", "president_bytes", _mb),
              _CPU, ("completed", "completed", lambda b: "yes" if b else "NO"),
-             ("runs", "runs", str)]
-MEMORY_COLS = [("nodes", "nodes", str), ("size MB", "size_bytes", _mb),
-               ("chunk", "chunk", str), ("method", "label", str),
+             ("runs", "runs", _s)]
+MEMORY_COLS = [("nodes", "nodes", _s), ("size MB", "size_bytes", _mb),
+               ("chunk", "chunk", _s), ("method", "label", _s),
                ("peak RSS MB (any rank)", "peak_rss", _mb),
                ("median host RSS MB", "median_host_rss", _mb), ("median s", "median_s", _f),
-               _CPU, ("runs", "runs", str), ("failed", "failures", str)]
-INVENTORY_COLS = [("metric", "metric", str), ("value", "value", lambda x: _f(x, "{:.4g}")),
-                  ("unit", "unit", str), ("target", "target", lambda x: x or "-"),
-                  ("met", "met", _yes), ("files", "files", str), _CPU, ("runs", "runs", str)]
+               _CPU, ("runs", "runs", _s), ("failed", "failures", _s)]
+INVENTORY_COLS = [("metric", "metric", _s), ("value", "value", lambda x: _f(x, "{:.4g}")),
+                  ("unit", "unit", _s), ("target", "target", lambda x: x or "-"),
+                  ("met", "met", _yes), ("files", "files", _s), _CPU, ("runs", "runs", _s)]
 
 # (report_dict key, Markdown title, rich title, columns)
 TABLES = [
