@@ -54,6 +54,10 @@ def test_stage_rows_from_v1_runs(recs):
     assert chain["aggregate_mbps"] == pytest.approx(8 * 64 * M * 8 / 32.5 / 1e6)
     assert chain["president_bytes"] == statistics.median([68e6, 69e6])
     assert chain["launch_s"] == statistics.median([0.9, 1.0])
+    # the transfer phase alone against the node link (the failed run is left out)
+    assert chain["transfer_s"] == 29.5 and chain["phases_s"]["transfer"] == 29.5
+    assert chain["transfer_efficiency"] == pytest.approx((64 * M + 10240) * 8 / 20e6 / 29.5)
+    assert transit["transfer_efficiency"] is None  # Transit reports no transfer phase
     assert chain["cpu_busy"] is None and chain["cpu_bound"] is None  # v1: not measured
     assert [r["label"] for r in rows] == ["City Transit", "MPI chain"]
 

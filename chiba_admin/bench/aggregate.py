@@ -63,7 +63,10 @@ def _common(runs: list[dict]) -> tuple[list[dict], dict]:
     ok = [r for r in runs if r.get("ok")]
     med = _median([r.get("seconds") for r in ok])
     busy = _median([r.get("cpu_busy") for r in runs])
-    return ok, {"runs": len(runs), "failures": len(runs) - len(ok), "median_s": med,
+    names = dict.fromkeys(k for r in ok for k, v in (r.get("phases") or {}).items()
+                          if isinstance(v, (int, float)))
+    return ok, {"phases_s": {k: _median([(r.get("phases") or {}).get(k) for r in ok])
+                             for k in names},"runs": len(runs), "failures": len(runs) - len(ok), "median_s": med,
                 "min_s": min((r["seconds"] for r in ok), default=None),
                 "max_s": max((r["seconds"] for r in ok), default=None),
                 "cpu_busy": busy, "cpu_bound": None if busy is None else busy >= CPU_BOUND,
@@ -96,7 +99,14 @@ def _transfer_fields(link: str):
         size, nodes = case["size_bytes"], case["nodes"]
         bps = runs[0]["_cluster"].get(link)
         line = size * 8 * (nodes if link == "mayor_bps" else 1)
+        # the transfer phase alone against the link: what the chain's pipeline achieves
+        # without start-up and exit (archive bytes, as they cross each link)
+        xfer = _median([(r.get("phases") or {}).get("transfer") for r in ok])
+        arch = _median([r.get("archive_bytes") for r in ok])
         return {"label": label(case["method"], case["algorithm"]), "link_bps": bps,
+                "transfer_s": xfer,
+                "transfer_efficiency": (arch * 8 / bps / xfer)
+                if xfer and arch and bps and link == "node_bps" else None,
                 "per_node_mbps": (size * 8 / med / 1e6) if med else None,
                 "aggregate_mbps": (size * 8 * nodes / med / 1e6) if med else None,
                 "efficiency": (line / bps / med) if med and bps else None,

@@ -265,6 +265,13 @@ def inventory(*, files: int, hash_bytes: int, repeat: int, workdir: Path,
     secs, plan, busy = _median_time(lambda: inv.make_plan(scanned, target, delete=True),
                                     repeat)
     out("diff_s", secs, "s", secs, busy, plan=plan.summary())
+    secs, _, busy = _median_time(lambda: inv.needs(scanned, target), repeat)
+    out("needs_s", secs, "s", secs, busy)
+    # what mpisync's rank 0 does with 32 targets' need bitmaps: group equal ones
+    per = {r: inv.needs_bitmap(scanned, [e.path for e in scanned.files()[r::7]])
+           for r in range(32)}
+    secs, grouped, busy = _median_time(lambda: inv.group_bitmaps(scanned, per), repeat)
+    out("group_bitmaps_32_targets_s", secs, "s", secs, busy, groups=len(grouped))
     dest = workdir / "inventory-dest"
     secs, applied, busy = _median_time(
         lambda: inv.apply_plan(inv.make_plan(scanned, inv.scan(dest, missing_ok=True)), dest,
