@@ -215,3 +215,24 @@ def test_bench_cli_plans_and_refusals(cli):
                      (["--data", "zeros"], "unknown --data")):
         r = cli("bench", "stage", "--where", "embedded", *bad, "--dry-run")
         assert r.code == 2 and msg in r.err, (bad, r.err)
+
+
+def test_a_failing_suite_keeps_what_it_measured(tmp_path, monkeypatch):
+    def inventory(*, workdir, on_run, **params):
+        on_run({"workload": "inventory", "metric": "scan_entries_per_s", "value": 1.0,
+                "ok": True, "seconds": 0.1, "cpu_busy": 0.5})
+        raise KeyboardInterrupt  # Ctrl-C, or a failing host, half-way
+
+    monkeypatch.setattr(suites.workloads, "inventory", inventory)
+    monkeypatch.setattr(records, "environment", lambda cluster: {"git_commit": "c0ffee1",
+                                                                 "date": "2026-11-30"})
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        suites.run_plan([suites.Step("inventory", None, {})], suite="quick",
+                        where="embedded", workdir=tmp_path, outdir=tmp_path / "out",
+                        on_run=seen.append)
+    (f,) = (tmp_path / "out").glob("quick-local-*.json")
+    rec = json.loads(f.read_text())
+    assert rec["partial"] is True and rec["runs"] == seen and rec["commit"] == "c0ffee1"
+    md = render.to_markdown(aggregate.report_dict(records.load_records([f])))
+    assert "(stopped half-way: partial)" in md

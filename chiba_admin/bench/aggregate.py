@@ -194,10 +194,11 @@ def code_size_rows(records: list[dict]) -> list[dict]:
 
 
 def sources(records: list[dict]) -> list[dict]:
-    """Where each record comes from: file, suite, cluster kind, commit and date."""
+    """Where each record comes from: file, suite, cluster kind, commit, date, and whether
+    its suite stopped half-way (``partial``)."""
     return [{"file": r.get("_file"), "suite": r.get("suite"),
              "cluster": (r.get("cluster") or {}).get("kind"), "commit": r.get("commit"),
-             "date": r.get("date")} for r in records]
+             "date": r.get("date"), "partial": bool(r.get("partial"))} for r in records]
 
 
 def report_dict(records: list[dict]) -> dict:

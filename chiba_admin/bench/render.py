@@ -101,7 +101,8 @@ def _where(kind: str) -> str:
 
 def _provenance_lines(d: dict) -> list[str]:
     return [f"{s['file']}: {s['suite']} on {_where(s['cluster'])}, commit {s['commit']}, "
-            f"{s['date']}" for s in d.get("sources", [])]
+            f"{s['date']}" + (" (stopped half-way: partial)" if s.get("partial") else "")
+            for s in d.get("sources", [])]
 
 
 def to_markdown(d: dict) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import UsageError
+from ..errors import ChibaError, UsageError
 
 __all__ = ["Site", "embedded_site", "testbed_site", "open_site", "resolve_where",
            "testbed_possible", "parse_shapes", "sync_shape", "NODE_MBIT", "MAYOR_MBIT"]
@@ -71,14 +71,14 @@ class Site:
     def wipe(self, hosts: list[str], var: str, rel: str) -> None:
         """Remove ``$var/rel`` and the tools' marker files beside it (``.rel.chiba-*``) on
         ``hosts`` (var: CHIBA_SCRATCH or CHIBA_REPO) with `run`, so the same line serves
-        directories, the testbed and real hosts. UsageError naming the hosts on failure."""
+        directories, the testbed and real hosts. ChibaError (exit 1) naming the hosts."""
         from topology import fold
 
         q = shlex.quote(rel)
         script = f'rm -rf -- "${var}"/{q} "${var}"/.{q}.chiba-*'
         out, _, err = self.cli("run", "-w", fold(hosts), "--", "sh", "-c", script)
         if out is None and err:
-            raise UsageError(f"cannot clean ${var}/{rel} on {fold(hosts)}: {err}")
+            raise ChibaError(f"cannot clean ${var}/{rel}: {err}", where=fold(hosts))
 
 
     def remove_local(self, path: str | Path) -> None:

@@ -175,25 +175,41 @@ def run_plan(plan: list[Step], *, suite: str | None, where: str, workdir: Path, 
              on_run: Callable[[dict], None] | None = None,
              on_site: Callable[[str, tuple | None], None] | None = None) -> list[Path]:
     """Run ``plan`` with ``where`` resolved (testbed|embedded); one record per site, written
-    as soon as that site's steps are done. Records are named after ``suite``, or (None)
-    after the workloads they hold ("stage", "sync", ...). Returns the record files."""
+    as soon as that site's steps are done (or fail: what was measured is kept, marked
+    ``"partial": true``). Records are named after ``suite``, or (None) after the workloads
+    they hold ("stage", "sync", ...). Returns the record files."""
     written = []
     for (kind, shape), steps in _groups(plan, where):
         if on_site:
             on_site(kind, shape)
-        if shape is None:
-            cluster = {"kind": "local", "name": "this machine"}
-            runs = [r for s in steps for r in _run_step(s, None, workdir, on_run)]
-        else:
-            site = open_site(kind, *shape, workdir, node_mbit=node_mbit,
-                             mayor_mbit=mayor_mbit)
-            try:
-                cluster = site.describe()
-                runs = [r for s in steps for r in _run_step(s, site, workdir, on_run)]
-            finally:
-                site.close()
-        env = records.environment(cluster)
+        runs: list[dict] = []
+
+        def keep(run: dict) -> None:
+            runs.append(run)
+            if on_run:
+                on_run(run)
+
+        cluster = {"kind": "local", "name": "this machine"}
         name = suite or "+".join(dict.fromkeys(s.workload for s in steps))
-        written.append(records.write_record(records.make_record(name, cluster, runs, env),
-                                            outdir))
+        done = False
+        try:
+            if shape is None:
+                for s in steps:
+                    _run_step(s, None, workdir, keep)
+            else:
+                site = open_site(kind, *shape, workdir, node_mbit=node_mbit,
+                                 mayor_mbit=mayor_mbit)
+                try:
+                    cluster = site.describe()
+                    for s in steps:
+                        _run_step(s, site, workdir, keep)
+                finally:
+                    site.close()
+            done = True
+        finally:
+            if runs:
+                rec = records.make_record(name, cluster, runs, records.environment(cluster))
+                if not done:
+                    rec["partial"] = True
+                written.append(records.write_record(rec, outdir))
     return written

@@ -18,7 +18,7 @@ from typing import Callable
 from . import data
 from .records import cpu_meter
 from .sites import Site
-from ..errors import UsageError
+from ..errors import ChibaError, UsageError
 
 __all__ = ["STAGE_METHODS", "COLLECT_METHODS", "SYNC_METHODS", "MEMORY_ALGORITHMS",
            "INVENTORY_TARGETS", "stage", "collect", "sync", "memory", "inventory",
@@ -111,8 +111,8 @@ def collect(site: Site, *, nodes: int, sizes: list[int], datas: list[str], repea
         site.wipe(names, "CHIBA_SCRATCH", rel)
         res, _ = _measured(site, ["stage", str(src), "--nodes", fold(names), "--dest", rel])
         if not res.get("ok"):
-            raise UsageError(f"cannot stage the collect payload to {fold(names)}: "
-                             f"{res.get('failures') or res.get('error')}")
+            raise ChibaError(f"cannot stage the collect payload: "
+                             f"{res.get('failures') or res.get('error')}", where=fold(names))
         for i in range(repeat):
             for method, alg in methods:
                 back = tempfile.mkdtemp(prefix="collect-", dir=workdir)
