@@ -80,6 +80,8 @@ def test_collect_rows_cpu_busy_and_president_efficiency(recs):
     # everything crosses the president's link: 8 nodes x 16 MiB at 200 Mb/s
     assert mpi["efficiency"] == pytest.approx(8 * 16 * M * 8 / 200e6 / 9.0)
     assert mpi["cpu_busy"] == pytest.approx(0.95) and mpi["cpu_bound"] is True
+    # what arrived at the president (its receive counter), median over the runs
+    assert mpi["president_rx_bytes"] == 8 * 16 * M + 500
     transit = _row(rows, method="transit")
     assert transit["cpu_busy"] == pytest.approx(0.45) and transit["cpu_bound"] is False
 

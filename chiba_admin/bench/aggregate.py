@@ -112,6 +112,8 @@ def _transfer_fields(link: str):
                 "efficiency": (line / bps / med) if med and bps else None,
                 "mayors_bytes": _median([(r.get("nic") or {}).get("mayors_town_tx")
                                          for r in ok]),
+                "president_rx_bytes": _median([(r.get("nic") or {}).get("president_rx")
+                                               for r in ok]),
                 "launch_s": _median([(r.get("phases") or {}).get("launch") for r in ok])}
     return fields
 

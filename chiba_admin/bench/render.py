@@ -47,7 +47,7 @@ COLLECT_COLS = [("nodes", "nodes", _s), ("data", "data", _s),
                 ("median s", "median_s", _f),
                 ("aggregate Mb/s", "aggregate_mbps", lambda x: _f(x, "{:.1f}")),
                 ("efficiency", "efficiency", _f), ("x legacy", "speedup_vs_legacy", _f),
-                ("president MB", "president_bytes", _mb), _CPU, ("runs", "runs", _s),
+                ("president rx MB", "president_rx_bytes", _mb), _CPU, ("runs", "runs", _s),
                 ("failed", "failures", _s)]
 SYNC_COLS = [("targets", "targets", _s), ("scenario", "scenario", _s),
              ("method", "label", _s), ("median s", "median_s", _f),

@@ -48,10 +48,14 @@ def _measured(site: Site, args: list[str]) -> tuple[dict, dict]:
     with site.measure() as m, cpu_meter() as cpu:
         res, wall, err = site.cli(*args)
     res = res or {}
+    nic = m.infrastructure
+    if nic is not None:  # collect's bytes arrive at the president: its receive counter too
+        nic = {**nic, "president_rx": sum(v.get("rx_bytes", 0) for v in m.delta.values()
+                                          if v.get("role") == "president")}
     return res, {"ok": bool(res.get("ok")), "seconds": wall,
                  "phases": res.get("phases", {}),
                  "failures": res.get("failures") or ({"-": err} if err and not res else {}),
-                 "nic": m.infrastructure, "cpu_busy": cpu.busy}
+                 "nic": nic, "cpu_busy": cpu.busy}
 
 
 def _emit(runs: list[dict], run: dict, on_run: OnRun) -> None:
