@@ -214,6 +214,7 @@ def test_bench_cli_plans_and_refusals(cli):
                           "repeat": 3, "methods": [["transit", None]]}]
     for bad, msg in ((["--shape", "0x4"], "bad shape"), (["--targets", "x"], "bad --targets"),
                      (["--methods", "scp"], "unknown method"),
+                     (["--methods", "rsync"], "names no stage method"),
                      (["--data", "zeros"], "unknown --data")):
         r = cli("bench", "stage", "--where", "embedded", *bad, "--dry-run")
         assert r.code == 2 and msg in r.err, (bad, r.err)

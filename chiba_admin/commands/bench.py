@@ -143,6 +143,11 @@ def bench_cmd(cctx, ctx, what, where, shapes, sizes, datas, repeat, methods, tar
             raise UsageError(f"unknown --data {', '.join(sorted(bad)) or repr(datas)}",
                              hint="random and/or tree")
         stage_m, collect_m, sync_m = _methods(methods)
+        chosen = {"stage": stage_m, "collect": collect_m, "sync": sync_m}
+        if not chosen.get(what, True) or (what == "all" and not (stage_m or sync_m)):
+            raise UsageError(f"--methods {methods} names no {what} method",
+                             hint="stage: transit, bcast, chain; collect: transit, mpi; "
+                                  "sync: rsync, mpi")
         plan = suites.plan_from_options(
             what, shapes=sites.parse_shapes(shapes or ("2x4,4x8" if site_kind == "testbed"
                                                        else "2x4")),
