@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 VENV_MPICH := .venv-mpich
 STAMP_MPICH := $(VENV_MPICH)/.installed
 
-.PHONY: demo test test-fast bench setup clean
+.PHONY: demo test test-fast bench bench-quick setup clean
 
 setup: $(STAMP)
 
@@ -37,8 +37,13 @@ test: $(STAMP) $(STAMP_MPICH)
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -ra -m "not testbed and not slow"
 
+# the README's comparison: the testbed as root (about 30 minutes), else the embedded cluster
 bench: $(STAMP)
-	bash scripts/bench.sh
+	bash scripts/bench.sh default
+
+# one size, 8 nodes, fewer repeats: the testbed as root (about 7 minutes), else embedded
+bench-quick: $(STAMP)
+	bash scripts/bench.sh quick
 
 clean:
 	rm -rf $(VENV) $(VENV_MPICH) build *.egg-info .pytest_cache

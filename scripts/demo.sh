@@ -20,7 +20,7 @@ rm -rf "$data"
 python - "$data" <<'PY'
 import sys
 from pathlib import Path
-from chiba_admin.benchdata import make_random, make_repository, make_text_tree
+from chiba_admin.bench.data import make_random, make_repository, make_text_tree
 home = Path(sys.argv[1])
 make_text_tree(home / "job42-input", 8 << 20, files=120)
 make_random(home / "job42-input" / "weights", 4 << 20)
@@ -45,7 +45,19 @@ say "chiba-admin sync-mayors repo --method rsync --dest repo-rsync   (one rsync 
 chiba-admin sync-mayors "$data/repo" --method rsync --dest repo-rsync --delete
 
 say "change 5% of the repository, then mpisync again: only the changes move"
-python -c "import sys; from chiba_admin.benchdata import mutate_repository as m; print(m(sys.argv[1], 0.05, 7), 'bytes changed')" "$data/repo"
+python -c "import sys; from chiba_admin.bench.data import mutate_repository as m; print(m(sys.argv[1], 0.05, 7), 'bytes changed')" "$data/repo"
 chiba-admin sync-mayors "$data/repo" --dest repo-mpi --delete
+
+say "chiba-admin bench all --where embedded   (a small benchmark: both ways, timed, recorded)"
+results="$CHIBA_STATE/results"
+rm -rf "$results"
+chiba-admin -q bench all --where embedded --shape 2x4 --sizes 4M --data random --repeat 1 \
+    --targets 2 --repo-files 200 --repo-size 4M --out "$results"
+
+say "chiba-admin report $results   (this demo's embedded runs)"
+chiba-admin report "$results"
+
+say "chiba-admin report --shipped   (the testbed comparison shipped in docs/results/)"
+chiba-admin report --shipped || echo "(no records shipped in docs/results/ in this checkout)"
 
 say "done: state in $CHIBA_STATE (remove it with rm -rf); try chiba-admin --help"

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from chiba_admin.report import load_records, report_dict, stage_rows, sync_rows, to_markdown
+from chiba_admin.bench.aggregate import (collect_rows, inventory_rows, memory_rows,
+                                         report_dict, stage_rows, sync_rows)
+from chiba_admin.bench.records import load_records
+from chiba_admin.bench.render import to_markdown
 
 pytestmark = pytest.mark.mpi
 
@@ -19,28 +22,36 @@ def bench_results(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("results")
     work = tmp_path_factory.mktemp("work")
-    assert main(["-q", "bench", "all", "--where", "embedded", "--shape", "1x3",
+    common = ["--where", "embedded", "--out", str(out), "--workdir", str(work)]
+    assert main(["-q", "bench", "all", "--shape", "1x3",
                  "--sizes", "300K", "--data", "random", "--repeat", "1", "--targets", "2",
-                 "--repo-files", "30", "--repo-size", "2M", "--out", str(out),
-                 "--workdir", str(work)]) == 0
+                 "--repo-files", "30", "--repo-size", "2M", *common]) == 0
+    assert main(["-q", "bench", "collect", "--shape", "1x3", "--sizes", "300K", "--data",
+                 "random", "--repeat", "1", *common]) == 0
+    assert main(["-q", "bench", "memory", "--memory-size", "1M", *common]) == 0
+    assert main(["-q", "bench", "inventory", "--inventory-files", "200", "--hash-size", "1M",
+                 "--repeat", "1", *common]) == 0
     return out
 
 
-def _runs(out: Path, suite: str) -> tuple[dict, list[dict]]:
-    (f,) = out.glob(f"{suite}-embedded-*.json")
+def _runs(out: Path, suite: str, kind: str = "embedded") -> tuple[dict, list[dict]]:
+    (f,) = out.glob(f"{suite}-{kind}-*.json")
     rec = json.loads(f.read_text())
     return rec, rec["runs"]
 
 
 def test_records_have_environment_and_every_method(bench_results):
     rec, runs = _runs(bench_results, "stage")
-    assert rec["schema"] == "chiba-bench/1" and rec["cluster"]["kind"] == "embedded"
+    assert rec["schema"] == "chiba-bench/2" and rec["cluster"]["kind"] == "embedded"
     env = rec["env"]
     assert "Open MPI" in env["mpi_library"] and env["git_commit"] and env["date"]
+    assert (rec["commit"], rec["date"]) == (env["git_commit"], env["date"])
     assert env["code_lines"]["mpisync (MPI; + inventory below)"]["lines"] > 50
     assert {(r["method"], r["algorithm"]) for r in runs} == {
         ("transit", None), ("mpi", "bcast"), ("mpi", "chain")}
     assert all(r["ok"] and r["nodes"] == 3 and r["nic"] is None for r in runs)
+    # every run says how busy this machine's CPUs were meanwhile (/proc/stat)
+    assert all(0 < r["cpu_busy"] <= 1 for r in runs)
     rec, runs = _runs(bench_results, "sync")
     assert {(r["method"], r["scenario"]) for r in runs} == {
         (m, s) for m in ("rsync", "mpi") for s in ("full", "changed", "nochange")}
@@ -48,6 +59,28 @@ def test_records_have_environment_and_every_method(bench_results):
     full = [r for r in runs if r["scenario"] == "full"]
     assert all(r["changed_bytes"] > 1_500_000 for r in full)
     assert all(r["changed_bytes"] == 0 for r in runs if r["scenario"] == "nochange")
+    assert all(0 < r["cpu_busy"] <= 1 for r in runs)
+
+
+def test_collect_memory_inventory_records(bench_results):
+    _, runs = _runs(bench_results, "collect")
+    assert {r["method"] for r in runs} == {"transit", "mpi"}
+    assert all(r["ok"] and r["nodes"] == 3 and r["size_bytes"] == 300 << 10 for r in runs)
+    _, runs = _runs(bench_results, "memory")
+    assert {r["algorithm"] for r in runs} == {"chain", "bcast"}
+    for r in runs:  # every host's peak RSS, and the largest of all ranks above them
+        assert r["ok"] and len(r["rss_by_host"]) == 4
+        assert r["peak_rss"] >= max(r["rss_by_host"].values()) > 10e6
+    rec, runs = _runs(bench_results, "inventory", "local")
+    metrics = {r["metric"]: r for r in runs}
+    assert metrics["scan_entries_per_s"]["value"] > 0 and "diff_s" in metrics
+    # the diff target is set for 100,000 entries: not judged on 200
+    assert metrics["diff_s"]["target"] is None and metrics["diff_s"]["met"] is None
+    assert metrics["scan_entries_per_s"]["target"] == ">= 50000"
+    assert rec["cluster"]["kind"] == "local"
+    records = load_records([bench_results])
+    assert {r["method"] for r in collect_rows(records)} == {"transit", "mpi"}
+    assert len(memory_rows(records)) == 2 and len(inventory_rows(records)) == len(runs)
 
 
 def test_report_figures_come_from_records(bench_results):
@@ -84,16 +117,20 @@ def test_report_cli_outputs(bench_results, cli, tmp_path):
     r = cli("report", str(bench_results), "--plot", str(tmp_path / "fig"))
     assert r.code == 0, r.err
     assert "EMBEDDED CLUSTER" in r.out and "City Transit" in r.out and "mpisync" in r.out
-    assert "Code size" in r.out
+    assert "Code size" in r.out and "CPU busy" in r.out and "Collect" in r.out
     figs = sorted(p.name for p in (tmp_path / "fig").glob("*.png"))
     assert figs == ["staging-embedded.png", "sync-embedded.png"]
     assert all((tmp_path / "fig" / f).stat().st_size > 10_000 for f in figs)
     j = cli("--json", "report", str(bench_results)).json()
     assert {r["label"] for r in j["stage"]} == {"City Transit", "MPI bcast", "MPI chain"}
+    assert j["shipped"] is False and {s["cluster"] for s in j["sources"]} == {"embedded",
+                                                                             "local"}
     md = cli("report", "--markdown", str(bench_results)).out
     assert md.startswith("## Results on the embedded cluster")
     assert "| nodes | data |" in md and "| targets | scenario |" in md
-    assert md == to_markdown(report_dict(load_records([bench_results]))) + "\n"
+    d = report_dict(load_records([bench_results]))
+    d.update(note=None, shipped=False)
+    assert md == to_markdown(d) + "\n"
 
 
 def test_report_bad_input(cli, tmp_path):

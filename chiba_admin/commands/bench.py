@@ -1,8 +1,13 @@
-"""`chiba-admin bench stage|sync|all` and `chiba-admin report`: measure side by side, then compare."""
+"""`chiba-admin bench` and `chiba-admin report`: measure side by side, then compare.
+
+Thin: options become a plan (chiba_admin.bench.suites), records are read, aggregated and
+rendered by chiba_admin.bench.
+"""
 
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import click
@@ -15,117 +20,162 @@ from ..errors import UsageError
 
 __all__ = ["register", "bench_cmd", "report_cmd"]
 
-
-def _shapes(value: str) -> list[tuple[int, int]]:
-    out = []
-    for part in value.split(","):
-        try:
-            t, n = part.lower().split("x")
-            out.append((int(t), int(n)))
-        except ValueError:
-            raise UsageError(f"bad shape {part!r}", hint="write TOWNSxNODES, e.g. 2x4,4x8")
-    return out
+_NAMED_OK = {"what", "where", "outdir", "workdir", "node_mbit", "mayor_mbit", "dry_run"}
 
 
 def _ints(value: str, what: str) -> list[int]:
     try:
-        return [int(v) for v in value.split(",") if v]
+        out = [int(v) for v in value.split(",") if v]
     except ValueError:
-        raise UsageError(f"bad {what} {value!r}", hint="a comma-separated list of numbers")
+        out = []
+    if not out or min(out) < 1:
+        raise UsageError(f"bad {what} {value!r}", hint="a comma-separated list of numbers >= 1")
+    return out
 
 
-def _sizes(value: str) -> list[int]:
+def _sizes(value: str, option: str = "--sizes") -> list[int]:
     try:
-        return [parse_size(v) for v in value.split(",") if v]
+        out = [parse_size(v) for v in value.split(",") if v]
     except ValueError as e:
-        raise UsageError(f"bad --sizes: {e}", hint="e.g. --sizes 64M,16M") from None
+        raise UsageError(f"bad {option}: {e}", hint=f"e.g. {option} 64M,16M") from None
+    if not out:
+        raise UsageError(f"bad {option}: empty", hint=f"e.g. {option} 64M")
+    return out
 
 
 def _say(run: dict) -> None:
-    con = get_err_console()
-    what = (f"stage {run['data']} {run['size_bytes'] / 1e6:.0f} MB -> {run['nodes']} nodes "
-            f"{run['method']}{'/' + run['algorithm'] if run.get('algorithm') else ''}"
-            if run["workload"] == "stage" else
-            f"sync {run['scenario']} -> {run['targets']} targets {run['method']}")
+    w = run["workload"]
+    alg = f"/{run['algorithm']}" if run.get("algorithm") else ""
+    what = {
+        "stage": lambda: f"stage {run['data']} {run['size_bytes'] / 1e6:.0f} MB -> "
+                         f"{run['nodes']} nodes {run['method']}{alg}",
+        "collect": lambda: f"collect {run['data']} {run['size_bytes'] / 1e6:.0f} MB <- "
+                           f"{run['nodes']} nodes {run['method']}",
+        "sync": lambda: f"sync {run['scenario']} -> {run['targets']} targets {run['method']}",
+        "memory": lambda: f"memory {run['size_bytes'] / 1e6:.0f} MB -> {run['nodes']} nodes "
+                          f"{run['algorithm']}: peak RSS "
+                          f"{(run.get('peak_rss') or 0) / 1e6:.0f} MB",
+        "inventory": lambda: f"inventory {run['metric']} = {run['value']:.4g} {run['unit']}",
+    }[w]()
     state = "ok" if run["ok"] else "[red]FAILED[/]"
-    con.print(f"  {what} #{run['repeat'] + 1}: {run['seconds']:.2f} s {state}")
+    n = f" #{run['repeat'] + 1}" if "repeat" in run else ""
+    busy = f", CPU {run['cpu_busy']:.0%}" if run.get("cpu_busy") is not None else ""
+    get_err_console().print(f"  {what}{n}: {run['seconds']:.2f} s{busy} {state}")
+
+
+def _methods(value: str | None):
+    """(stage, collect, sync) methods from ``--methods`` (default: every method)."""
+    from ..bench.workloads import COLLECT_METHODS, STAGE_METHODS, SYNC_METHODS
+
+    if not value:
+        return STAGE_METHODS, COLLECT_METHODS, SYNC_METHODS
+    names = [v for v in value.split(",") if v]
+    stage = {(alg or m): (m, alg) for m, alg in STAGE_METHODS}
+    collect = {m: (m, alg) for m, alg in COLLECT_METHODS}
+    unknown = [n for n in names if n not in stage and n not in collect
+               and n not in SYNC_METHODS]
+    if unknown:
+        raise UsageError(f"unknown method(s) {', '.join(unknown)}",
+                         hint="stage: transit, bcast, chain; collect: transit, mpi; "
+                              "sync: rsync, mpi")
+    return (tuple(stage[n] for n in names if n in stage),
+            tuple(collect[n] for n in names if n in collect),
+            tuple(n for n in names if n in SYNC_METHODS))
 
 
 @click.command("bench")
-@click.argument("suite", type=click.Choice(["stage", "sync", "all"]))
+@click.argument("what", metavar="WHAT", type=click.Choice(
+    ["stage", "sync", "collect", "memory", "inventory", "all", "default", "quick"]))
 @click.option("--where", type=click.Choice(["auto", "testbed", "embedded"]), default="auto",
               show_default=True, help="auto: the testbed when root, else the embedded cluster.")
 @click.option("--shape", "shapes", default=None, metavar="TxN[,TxN]",
-              help="Staging clusters, towns x nodes per town "
+              help="Staging/collect clusters, towns x nodes per town "
                    "(default: 2x4,4x8 on the testbed, 2x4 embedded).")
 @click.option("--sizes", default="64M", show_default=True, help="Staging data sizes.")
 @click.option("--data", "datas", default="random,tree", show_default=True,
               help="Staging data: random (incompressible) and/or tree (compressible).")
 @click.option("--repeat", type=click.IntRange(1, 50), default=3, show_default=True)
 @click.option("--methods", default=None, metavar="LIST",
-              help="Subset of methods: stage transit,bcast,chain; sync rsync,mpi "
-                   "(default: all).")
+              help="Subset of methods: stage transit,bcast,chain; collect transit,mpi; "
+                   "sync rsync,mpi (default: all).")
 @click.option("--targets", "targets", default="4,8", show_default=True,
               help="Sync target counts (mayors first, then nodes).")
 @click.option("--repo-files", type=click.IntRange(1), default=3000, show_default=True)
 @click.option("--repo-size", default="150M", show_default=True)
+@click.option("--memory-size", default="1G", show_default=True,
+              help="Payload of the memory case (4 MiB chunks, 4 embedded nodes).")
+@click.option("--inventory-files", type=click.IntRange(1), default=100_000,
+              show_default=True, help="Files of the inventory case's tree.")
+@click.option("--hash-size", default="1G", show_default=True,
+              help="File size of the inventory case's hash measurement.")
 @click.option("--node-mbit", type=float, default=20.0, show_default=True)
 @click.option("--mayor-mbit", type=float, default=200.0, show_default=True)
 @click.option("--out", "outdir", default="results", show_default=True, type=click.Path())
 @click.option("--workdir", default=None, type=click.Path(),
               help="Where generated data goes (default: a temporary directory).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and run nothing.")
 @pass_ctx
-def bench_cmd(ctx, suite, where, shapes, sizes, datas, repeat, methods, targets, repo_files,
-              repo_size, node_mbit, mayor_mbit, outdir, workdir):
-    """Run legacy and MPI methods side by side and record every run under results/."""
-    from ..benchrun import (environment, open_site, stage_suite, sync_suite, workdir_for,
-                            write_record)
+@click.pass_context
+def bench_cmd(cctx, ctx, what, where, shapes, sizes, datas, repeat, methods, targets,
+              repo_files, repo_size, memory_size, inventory_files, hash_size, node_mbit,
+              mayor_mbit, outdir, workdir, dry_run):
+    """Run legacy and MPI methods side by side and record every run under results/.
 
-    size_list = _sizes(sizes)
-    data_list = [d for d in datas.split(",") if d]
-    bad = set(data_list) - {"random", "tree"}
-    if bad:
-        raise UsageError(f"unknown --data {', '.join(sorted(bad))}", hint="random and/or tree")
-    target_list = _ints(targets, "--targets")
-    stage_methods, sync_methods = _methods(methods)
-    rsize = _sizes(repo_size)[0]
-    work = workdir_for(workdir)
-    written = []
+    WHAT is a workload (stage, sync, collect, memory, inventory; all = stage and sync) or a
+    named suite (default: the README's comparison; quick: one size, 8 nodes, fewer
+    repeats). A named suite's plan is fixed: only --where, --out, --workdir, the link
+    rates and --dry-run apply.
+    """
+    from ..bench import sites, suites
+
+    site_kind = sites.resolve_where(where)
+    if what in suites.SUITES:
+        given = [p.opts[0] for p in cctx.command.params if p.name not in _NAMED_OK
+                 and cctx.get_parameter_source(p.name) != click.core.ParameterSource.DEFAULT]
+        if given:
+            raise UsageError(f"{', '.join(given)} does not apply to the named suite {what}",
+                             hint="use `bench stage|sync|...` for a plan of your own")
+        plan, suite = suites.SUITES[what](site_kind), what
+    else:
+        data_list = [d for d in datas.split(",") if d]
+        bad = set(data_list) - {"random", "tree"}
+        if bad or not data_list:
+            raise UsageError(f"unknown --data {', '.join(sorted(bad)) or repr(datas)}",
+                             hint="random and/or tree")
+        stage_m, collect_m, sync_m = _methods(methods)
+        chosen = {"stage": stage_m, "collect": collect_m, "sync": sync_m}
+        if not chosen.get(what, True) or (what == "all" and not (stage_m or sync_m)):
+            raise UsageError(f"--methods {methods} names no {what} method",
+                             hint="stage: transit, bcast, chain; collect: transit, mpi; "
+                                  "sync: rsync, mpi")
+        plan = suites.plan_from_options(
+            what, shapes=sites.parse_shapes(shapes or ("2x4,4x8" if site_kind == "testbed"
+                                                       else "2x4")),
+            sizes=_sizes(sizes), datas=data_list, repeat=repeat, stage_methods=stage_m,
+            collect_methods=collect_m, sync_methods=sync_m,
+            targets=_ints(targets, "--targets"), repo_files=repo_files,
+            repo_size=_sizes(repo_size, "--repo-size")[0],
+            memory_size=_sizes(memory_size, "--memory-size")[0],
+            inventory_files=inventory_files, hash_size=_sizes(hash_size, "--hash-size")[0])
+        suite = None
+    if dry_run:
+        steps = suites.describe_plan(plan, site_kind)
+        if ctx.json:
+            print_json({"where": site_kind, "suite": suite, "plan": steps})
+        else:
+            for s in steps:
+                head = f"{s.pop('workload')} on {s.pop('site')} {s.pop('shape') or ''}"
+                click.echo(f"{head}: " + ", ".join(f"{k}={v}" for k, v in s.items()))
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="chiba-bench-", dir=workdir))
     con = get_err_console()
     try:
-        if suite in ("stage", "all"):
-            default = "2x4" if where == "embedded" else None
-            for towns, per in _shapes(shapes or default or _auto_shapes(where)):
-                site = open_site(where, towns, per, work, node_mbit=node_mbit,
-                                 mayor_mbit=mayor_mbit)
-                try:
-                    con.print(f"[bold]staging on the {site.kind} cluster, {towns} towns x "
-                              f"{per} nodes[/]")
-                    runs = stage_suite(site, node_counts=[towns * per], sizes=size_list,
-                                       datas=data_list, repeat=repeat, workdir=work,
-                                       methods=stage_methods,
-                                       on_run=None if ctx.quiet else _say)
-                    written.append(write_record(site, "stage", runs, Path(outdir),
-                                                environment(site)))
-                finally:
-                    site.close()
-        if suite in ("sync", "all"):
-            need = max(target_list)
-            towns = min(8, need)
-            per = max(1, -(-(need - towns) // towns))
-            site = open_site(where, towns, per, work, node_mbit=node_mbit,
-                             mayor_mbit=mayor_mbit)
-            try:
-                con.print(f"[bold]synchronisation on the {site.kind} cluster, targets "
-                          f"{target_list}[/]")
-                runs = sync_suite(site, target_counts=target_list, repeat=repeat,
-                                  workdir=work, files=repo_files, size=rsize,
-                                  methods=sync_methods,
-                                  on_run=None if ctx.quiet else _say)
-                written.append(write_record(site, "sync", runs, Path(outdir),
-                                            environment(site)))
-            finally:
-                site.close()
+        written = suites.run_plan(
+            plan, suite=suite, where=site_kind, workdir=work, outdir=Path(outdir),
+            node_mbit=node_mbit, mayor_mbit=mayor_mbit, on_run=None if ctx.quiet else _say,
+            on_site=lambda kind, shape: con.print(
+                (f"[bold]{what} on the {kind} cluster" if shape else f"[bold]{what} on this machine")
+                + (f", {shape[0]} towns x {shape[1]} nodes[/]" if shape else "[/]")))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if ctx.json:
@@ -138,50 +188,32 @@ def bench_cmd(ctx, suite, where, shapes, sizes, datas, repeat, methods, targets,
     return 0
 
 
-def _methods(value: str | None):
-    from ..benchrun import STAGE_METHODS, SYNC_METHODS
-
-    if not value:
-        return STAGE_METHODS, SYNC_METHODS
-    names = [v for v in value.split(",") if v]
-    by_name = {(alg or m): (m, alg) for m, alg in STAGE_METHODS}
-    unknown = [n for n in names if n not in by_name and n not in SYNC_METHODS]
-    if unknown:
-        raise UsageError(f"unknown method(s) {', '.join(unknown)}",
-                         hint="stage: transit, bcast, chain; sync: rsync, mpi")
-    return (tuple(by_name[n] for n in names if n in by_name),
-            tuple(n for n in names if n in SYNC_METHODS))
-
-
-def _auto_shapes(where: str) -> str:
-    import os
-
-    from ..benchrun import _testbed_possible
-
-    if where == "testbed" or (where == "auto" and os.geteuid() == 0 and _testbed_possible()):
-        return "2x4,4x8"
-    return "2x4"
-
-
 @click.command("report")
 @click.argument("files", nargs=-1, type=click.Path())
 @click.option("--plot", "plot_dir", default=None, type=click.Path(),
               help="Write PNG figures of both comparisons into this directory.")
 @click.option("--markdown", is_flag=True, help="Print Markdown tables (for sharing).")
+@click.option("--shipped", is_flag=True,
+              help="Show the records shipped with chiba-admin (docs/results/).")
 @pass_ctx
-def report_cmd(ctx, files, plot_dir, markdown):
-    """Compare legacy and MPI tools from recorded runs (default: every file in results/)."""
-    from ..report import load_records, plot, render_rich, report_dict, to_markdown
+def report_cmd(ctx, files, plot_dir, markdown, shipped):
+    """Compare legacy and MPI tools from recorded runs (default: every file in results/,
+    or the records shipped in docs/results/ when results/ has none)."""
+    from ..bench import aggregate, records, render
 
-    d = report_dict(load_records(list(files) or ["results"]))
+    if shipped and files:
+        raise UsageError("--shipped and FILES name different records", hint="give one")
+    src = records.find_records(list(files), shipped_only=shipped)
+    d = aggregate.report_dict(src.records)
+    d["note"], d["shipped"] = src.note, src.shipped
     if plot_dir:
-        d["figures"] = plot(d, plot_dir)
+        d["figures"] = render.plot(d, plot_dir)
     if ctx.json:
         print_json(d)
     elif markdown:
-        click.echo(to_markdown(d))
+        click.echo(render.to_markdown(d))
     else:
-        render_rich(d, get_console())
+        render.render_rich(d, get_console())
         for f in d.get("figures", []):
             get_console().print(f"figure: {f}")
     return 0

@@ -1,4 +1,5 @@
-"""Benchmark workloads: incompressible data, a compressible tree, a synthetic repository."""
+"""Generated benchmark payloads: incompressible data, a compressible tree, a synthetic
+repository, many small files. Deterministic for a seed."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import os
 import random
 from pathlib import Path
 
-__all__ = ["make_random", "make_text_tree", "make_repository", "mutate_repository", "tree_bytes"]
+__all__ = ["make_random", "make_text_tree", "make_repository", "mutate_repository",
+           "make_small_files", "tree_bytes"]
 
 _WORDS = ("cluster node mayor president town stage sync broadcast reduce rank chunk "
           "archive tar spool scratch repository inventory plan apply rsync pdsh transit "
@@ -104,6 +106,19 @@ def mutate_repository(root: str | Path, fraction: float = 0.05, seed: int = 1) -
     return changed
 
 
+def make_small_files(root: str | Path, files: int, per_dir: int = 500) -> Path:
+    """``files`` files of 2-32 distinct bytes, ``per_dir`` to a directory (an inventory's
+    worst case: metadata, not data; distinct contents so digests do not compress away)."""
+    root = Path(root)
+    for i in range(files):
+        d = root / f"pkg{i // per_dir:04d}" / f"sub{(i // 50) % 10}"
+        if i % 50 == 0:
+            d.mkdir(parents=True, exist_ok=True)
+        (d / f"file_{i:06d}.dat").write_bytes(f"{i}\n".encode() * ((i % 16) + 1))
+    return root
+
+
 def tree_bytes(root: str | Path) -> int:
+    """Bytes in the regular files below ``root`` (symlinks not followed)."""
     return sum(p.stat().st_size for p in Path(root).rglob("*")
                if p.is_file() and not p.is_symlink())

@@ -1,0 +1,214 @@
+"""Records -> rows: medians, throughputs, bounds and ratios, one row per measured case (pure).
+
+Every figure is computed from the runs passed in (medians of measured times, byte counters
+and CPU shares); nothing is estimated, and a value without measurements is None.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+__all__ = ["KEYS", "CPU_BOUND", "groups", "stage_rows", "collect_rows", "sync_rows",
+           "memory_rows", "inventory_rows", "code_size_rows", "sources", "report_dict",
+           "label"]
+
+# What identifies a case of each workload (besides the cluster kind)
+KEYS = {
+    "stage": ("nodes", "data", "size_bytes", "method", "algorithm"),
+    "collect": ("nodes", "data", "size_bytes", "method", "algorithm"),
+    "sync": ("targets", "scenario", "method"),
+    "memory": ("nodes", "size_bytes", "chunk", "algorithm"),
+    "inventory": ("metric",),
+}
+# A run whose median CPU busy share reaches this was bound by the machine's cores (every
+# emulated host and rank shares them), not by the emulated links.
+CPU_BOUND = 0.9
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def groups(records: list[dict], workload: str) -> dict[tuple, list[dict]]:
+    """Runs of ``workload`` grouped by (cluster kind, *KEYS[workload]); each run gets
+    ``_cluster`` (its record's cluster). A missing algorithm groups as ""."""
+    out: dict[tuple, list[dict]] = defaultdict(list)
+    for rec in records:
+        cl = rec.get("cluster") or {}
+        for run in rec["runs"]:
+            if run.get("workload") != workload:
+                continue
+            key = (cl.get("kind", "?"),) + tuple(
+                (run.get(f) or "") if f == "algorithm" else run.get(f) for f in KEYS[workload])
+            out[key].append({**run, "_cluster": cl})
+    return out
+
+
+def label(method: str, algorithm: str, workload: str = "stage") -> str:
+    """The name a table shows: "City Transit", "MPI chain", "mpisync", "rsync", ..."""
+    if method == "transit":
+        return "City Transit"
+    if method == "rsync":
+        return "rsync"
+    if method == "mpi":
+        if workload == "sync":
+            return "mpisync"
+        return f"MPI {algorithm}" if algorithm else "MPI"
+    return method
+
+
+def _common(runs: list[dict]) -> tuple[list[dict], dict]:
+    ok = [r for r in runs if r.get("ok")]
+    med = _median([r.get("seconds") for r in ok])
+    busy = _median([r.get("cpu_busy") for r in runs])
+    names = dict.fromkeys(k for r in ok for k, v in (r.get("phases") or {}).items()
+                          if isinstance(v, (int, float)))
+    return ok, {"phases_s": {k: _median([(r.get("phases") or {}).get(k) for r in ok])
+                             for k in names},"runs": len(runs), "failures": len(runs) - len(ok), "median_s": med,
+                "min_s": min((r["seconds"] for r in ok), default=None),
+                "max_s": max((r["seconds"] for r in ok), default=None),
+                "cpu_busy": busy, "cpu_bound": None if busy is None else busy >= CPU_BOUND,
+                "president_bytes": _median([(r.get("nic") or {}).get("president_tx")
+                                            for r in ok])}
+
+
+def _rows(records, workload: str, legacy: str | None, fields) -> list[dict]:
+    """One row per case: the common columns, ``fields(case, runs, ok, median)``, and the
+    speed-up over the ``legacy`` method measured in the same case."""
+    rows, base = [], {}
+    for key, runs in groups(records, workload).items():
+        case = dict(zip(("cluster",) + KEYS[workload], key))
+        ok, row = _common(runs)
+        row = {**case, **row, **fields(case, runs, ok, row["median_s"])}
+        scale = tuple(v for k, v in case.items() if k not in ("method", "algorithm"))
+        if legacy and case.get("method") == legacy and row["median_s"]:
+            base[scale] = row["median_s"]
+        rows.append((scale, row))
+    for scale, row in rows:
+        b = base.get(scale)
+        row["speedup_vs_legacy"] = (b / row["median_s"]) if b and row["median_s"] else None
+    return [row for _, row in rows]
+
+
+def _transfer_fields(link: str):
+    """Throughput columns of stage and collect; efficiency against the cluster's ``link``
+    rate (node_bps: a node's link for staging; mayor_bps: the president's, for collect)."""
+    def fields(case, runs, ok, med):
+        size, nodes = case["size_bytes"], case["nodes"]
+        bps = runs[0]["_cluster"].get(link)
+        line = size * 8 * (nodes if link == "mayor_bps" else 1)
+        # the transfer phase alone against the link: what the chain's pipeline achieves
+        # without start-up and exit (archive bytes, as they cross each link)
+        xfer = _median([(r.get("phases") or {}).get("transfer") for r in ok])
+        arch = _median([r.get("archive_bytes") for r in ok])
+        return {"label": label(case["method"], case["algorithm"]), "link_bps": bps,
+                "transfer_s": xfer,
+                "transfer_efficiency": (arch * 8 / bps / xfer)
+                if xfer and arch and bps and link == "node_bps" else None,
+                "per_node_mbps": (size * 8 / med / 1e6) if med else None,
+                "aggregate_mbps": (size * 8 * nodes / med / 1e6) if med else None,
+                "efficiency": (line / bps / med) if med and bps else None,
+                "mayors_bytes": _median([(r.get("nic") or {}).get("mayors_town_tx")
+                                         for r in ok]),
+                "president_rx_bytes": _median([(r.get("nic") or {}).get("president_rx")
+                                               for r in ok]),
+                "launch_s": _median([(r.get("phases") or {}).get("launch") for r in ok])}
+    return fields
+
+
+def _sorted(rows: list[dict], keys: tuple, legacy: str) -> list[dict]:
+    return sorted(rows, key=lambda r: tuple((r[k] is None, r[k]) if k != "method"
+                                            else (r[k] != legacy, r[k]) for k in keys))
+
+
+def stage_rows(records: list[dict]) -> list[dict]:
+    """One row per (cluster kind, nodes, data, size, method): medians and ratios.
+    Efficiency = (size / node link rate) / median time."""
+    rows = _rows(records, "stage", "transit", _transfer_fields("node_bps"))
+    return _sorted(rows, ("cluster", "nodes", "data", "size_bytes", "method", "algorithm"),
+                   "transit")
+
+
+def collect_rows(records: list[dict]) -> list[dict]:
+    """One row per (cluster kind, nodes, data, size, method). Everything crosses the
+    president's link, so efficiency = (nodes x size / president link rate) / median time."""
+    rows = _rows(records, "collect", "transit", _transfer_fields("mayor_bps"))
+    return _sorted(rows, ("cluster", "nodes", "data", "size_bytes", "method", "algorithm"),
+                   "transit")
+
+
+def sync_rows(records: list[dict]) -> list[dict]:
+    """One row per (cluster kind, targets, scenario, method): medians, bound and ratios.
+    The bound is changed bytes / president link rate."""
+    def fields(case, runs, ok, med):
+        pres_bps = runs[0]["_cluster"].get("mayor_bps")
+        changed = _median([r.get("changed_bytes") for r in runs])
+        bound = (changed * 8 / pres_bps) if changed is not None and pres_bps else None
+        # mpisync reports its phases: the transfer alone against the bound shows how much
+        # of the gap is moving bytes and how much is starting and ending the job
+        xfer = _median([(r.get("phases") or {}).get("transfer") for r in ok])
+        return {"label": label(case["method"], "", "sync"), "completed": len(ok) == len(runs),
+                "changed_bytes": changed, "bound_s": bound,
+                "vs_bound": (med / bound) if med and bound else None,
+                "transfer_s": xfer,
+                "transfer_vs_bound": (xfer / bound) if xfer and bound else None}
+
+    order = {"full": 0, "changed": 1, "nochange": 2}
+    rows = _rows(records, "sync", "rsync", fields)
+    return sorted(rows, key=lambda r: (r["cluster"], r["targets"],
+                                       order.get(r["scenario"], 9), r["method"] != "rsync"))
+
+
+def memory_rows(records: list[dict]) -> list[dict]:
+    """One row per (cluster kind, nodes, size, chunk, algorithm): the largest peak RSS of
+    any rank (bytes) and the median over hosts of each host's peak."""
+    def fields(case, runs, ok, med):
+        per_host = [v for r in ok for v in (r.get("rss_by_host") or {}).values()]
+        return {"label": label("mpi", case["algorithm"]),
+                "peak_rss": max((r.get("peak_rss") or 0 for r in ok), default=0) or None,
+                "median_host_rss": _median(per_host)}
+
+    rows = _rows(records, "memory", None, fields)
+    return sorted(rows, key=lambda r: (r["cluster"], r["size_bytes"], r["algorithm"]))
+
+
+def inventory_rows(records: list[dict]) -> list[dict]:
+    """One row per metric: the median value, its unit and target, and whether it was met."""
+    def fields(case, runs, ok, med):
+        met = [r["met"] for r in ok if r.get("met") is not None]
+        return {"value": _median([r.get("value") for r in ok]), "unit": runs[-1].get("unit"),
+                "target": runs[-1].get("target"), "met": all(met) if met else None,
+                "files": runs[-1].get("files")}
+
+    return sorted(_rows(records, "inventory", None, fields), key=lambda r: r["metric"])
+
+
+def code_size_rows(records: list[dict]) -> list[dict]:
+    """Lines of code of each tool's implementation, as recorded with the newest record."""
+    for rec in sorted(records, key=lambda r: str(r.get("date")), reverse=True):
+        sizes = (rec.get("env") or {}).get("code_lines")
+        if sizes:
+            return [{"tool": k, "lines": v["lines"], "files": v["files"]}
+                    for k, v in sizes.items()]
+    return []
+
+
+def sources(records: list[dict]) -> list[dict]:
+    """Where each record comes from: file, suite, cluster kind, commit, date, and whether
+    its suite stopped half-way (``partial``)."""
+    return [{"file": r.get("_file"), "suite": r.get("suite"),
+             "cluster": (r.get("cluster") or {}).get("kind"), "commit": r.get("commit"),
+             "date": r.get("date"), "partial": bool(r.get("partial"))} for r in records]
+
+
+def report_dict(records: list[dict]) -> dict:
+    """Everything ``report`` shows, as data (``--json`` prints it as is)."""
+    newest = max(records, key=lambda r: str(r.get("date")))
+    return {"clusters": sorted({(r.get("cluster") or {}).get("kind", "?") for r in records}),
+            "files": [r.get("_file") for r in records], "sources": sources(records),
+            "environment": newest.get("env", {}),
+            "stage": stage_rows(records), "collect": collect_rows(records),
+            "sync": sync_rows(records), "memory": memory_rows(records),
+            "inventory": inventory_rows(records), "code_size": code_size_rows(records)}

@@ -1,0 +1,215 @@
+"""Named sets of benchmark runs (``default``, ``quick``) and the runner that executes a plan:
+one site per shape, brought up once, one record per site.
+
+A plan is a list of ``Step``; ``SUITES[name](where)`` gives a named suite's plan for the
+testbed or the embedded cluster. ``bench stage|sync|...`` builds its plan from its options
+(``plan_from_options``), so named and ad-hoc runs go through the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import records, workloads
+from .sites import NODE_MBIT, MAYOR_MBIT, open_site, sync_shape
+
+__all__ = ["Step", "SUITES", "WORKLOAD_CHOICES", "plan_from_options", "run_plan",
+           "describe_plan"]
+
+M = 1 << 20
+G = 1 << 30
+
+
+@dataclass
+class Step:
+    """One workload on one site shape with the workload function's keyword arguments.
+
+    ``shape`` is (towns, nodes per town), None for ``inventory`` (no cluster);
+    ``where`` forces a site kind (the memory case runs on the embedded cluster: it measures
+    processes, and the testbed's hosts are the same processes).
+    """
+
+    workload: str
+    shape: tuple[int, int] | None
+    params: dict = field(default_factory=dict)
+    where: str | None = None
+
+    def site_key(self, where: str) -> tuple[str, tuple[int, int] | None]:
+        return ("local" if self.shape is None else self.where or where), self.shape
+
+
+def _stage(shape, **kw) -> Step:
+    return Step("stage", shape, {"nodes": shape[0] * shape[1], **kw})
+
+
+def _collect(shape, **kw) -> Step:
+    return Step("collect", shape, {"nodes": shape[0] * shape[1], **kw})
+
+
+def _sync(targets: list[int], **kw) -> Step:
+    return Step("sync", sync_shape(max(targets)), {"target_counts": targets, **kw})
+
+
+def _memory(size: int) -> Step:
+    return Step("memory", (2, 2), {"size": size, "nodes": 4, "chunk": "4MiB"},
+                where="embedded")
+
+
+def _inventory(files: int, hash_bytes: int, repeat: int) -> Step:
+    return Step("inventory", None, {"files": files, "hash_bytes": hash_bytes,
+                                    "repeat": repeat})
+
+
+_TRANSIT_CHAIN = (("transit", None), ("mpi", "chain"))
+_BCAST = (("mpi", "bcast"),)
+
+
+def default_suite(where: str) -> list[Step]:
+    """The README's comparison. Testbed (as root): about 30 minutes on 2 cores."""
+    if where == "testbed":
+        return [
+            # 8 nodes (2 towns x 4), median of 3; MPI_Bcast takes minutes a run: one run
+            _stage((2, 4), sizes=[64 * M], datas=["random"], repeat=3,
+                   methods=_TRANSIT_CHAIN),
+            _stage((2, 4), sizes=[64 * M], datas=["random"], repeat=1, methods=_BCAST),
+            _stage((2, 4), sizes=[64 * M], datas=["tree"], repeat=1),
+            _collect((2, 4), sizes=[64 * M], datas=["random"], repeat=1),
+            # 32 nodes (4 towns x 8)
+            _stage((4, 8), sizes=[64 * M], datas=["random"], repeat=1,
+                   methods=_TRANSIT_CHAIN),
+            # 3,000 files / 150 MB to 4 and 8 mayors: full, 5% changed, unchanged
+            _sync([4, 8], repeat=3, files=3000, size=150 * M),
+            # 64 targets (8 mayors + 56 nodes, 65 ranks on 2 cores): do both complete?
+            _sync([64], repeat=1, files=300, size=15 * M),
+            _memory(1 * G),
+            _inventory(100_000, 1 * G, 5),
+        ]
+    return [
+        _stage((2, 4), sizes=[16 * M], datas=["random", "tree"], repeat=3),
+        _collect((2, 4), sizes=[16 * M], datas=["random"], repeat=3),
+        _sync([2], repeat=3, files=1000, size=30 * M),
+        _memory(1 * G),
+        _inventory(100_000, 1 * G, 5),
+    ]
+
+
+def quick_suite(where: str) -> list[Step]:
+    """One size, 8 nodes, fewer repeats. Testbed: about 7 minutes on 2 cores (staging
+    2 x 2 x ~35 s, collect 2 x ~30 s, sync 8 mayors ~75 s, two bring-ups, the rest)."""
+    if where == "testbed":
+        return [
+            _stage((2, 4), sizes=[64 * M], datas=["random"], repeat=2,
+                   methods=_TRANSIT_CHAIN),
+            _collect((2, 4), sizes=[64 * M], datas=["random"], repeat=1),
+            _sync([8], repeat=1, files=3000, size=150 * M),
+            _memory(256 * M),
+            _inventory(20_000, 256 * M, 3),
+        ]
+    return [
+        _stage((2, 4), sizes=[16 * M], datas=["random"], repeat=2),
+        _collect((2, 4), sizes=[16 * M], datas=["random"], repeat=1),
+        _sync([8], repeat=1, files=1000, size=30 * M),
+        _memory(256 * M),
+        _inventory(20_000, 256 * M, 3),
+    ]
+
+
+SUITES: dict[str, Callable[[str], list[Step]]] = {"default": default_suite,
+                                                  "quick": quick_suite}
+WORKLOAD_CHOICES = ("stage", "sync", "collect", "memory", "inventory", "all")
+
+
+def plan_from_options(what: str, *, shapes: list[tuple[int, int]], sizes: list[int],
+                      datas: list[str], repeat: int, stage_methods, collect_methods,
+                      sync_methods, targets: list[int], repo_files: int, repo_size: int,
+                      memory_size: int, inventory_files: int, hash_size: int) -> list[Step]:
+    """The plan of ``bench WHAT`` (``all``: stage then sync, as it always was)."""
+    plan: list[Step] = []
+    if what in ("stage", "all"):
+        plan += [_stage(s, sizes=sizes, datas=datas, repeat=repeat, methods=stage_methods)
+                 for s in shapes]
+    if what == "collect":
+        plan += [_collect(s, sizes=sizes, datas=datas, repeat=repeat,
+                          methods=collect_methods) for s in shapes]
+    if what in ("sync", "all"):
+        plan.append(_sync(targets, repeat=repeat, files=repo_files, size=repo_size,
+                          methods=sync_methods))
+    if what == "memory":
+        plan.append(_memory(memory_size))
+    if what == "inventory":
+        plan.append(_inventory(inventory_files, hash_size, repeat))
+    return plan
+
+
+def describe_plan(plan: list[Step], where: str) -> list[dict]:
+    """The plan as data (``--dry-run``, tests): site, shape, workload, parameters."""
+    out = []
+    for s in plan:
+        kind, shape = s.site_key(where)
+        params = {k: ([list(m) if isinstance(m, tuple) else m for m in v]
+                      if isinstance(v, (list, tuple)) else v) for k, v in s.params.items()}
+        out.append({"workload": s.workload, "site": kind,
+                    "shape": f"{shape[0]}x{shape[1]}" if shape else None, **params})
+    return out
+
+
+def _groups(plan: list[Step], where: str) -> list[tuple[tuple, list[Step]]]:
+    """Steps grouped by site (kind, shape) in order of first appearance: one bring-up each."""
+    groups: dict[tuple, list[Step]] = {}
+    for s in plan:
+        groups.setdefault(s.site_key(where), []).append(s)
+    return list(groups.items())
+
+
+def _run_step(step: Step, site, workdir: Path, on_run) -> list[dict]:
+    fn = getattr(workloads, step.workload)
+    if site is None:
+        return fn(workdir=workdir, on_run=on_run, **step.params)
+    return fn(site, workdir=workdir, on_run=on_run, **step.params)
+
+
+def run_plan(plan: list[Step], *, suite: str | None, where: str, workdir: Path, outdir: Path,
+             node_mbit: float = NODE_MBIT, mayor_mbit: float = MAYOR_MBIT,
+             on_run: Callable[[dict], None] | None = None,
+             on_site: Callable[[str, tuple | None], None] | None = None) -> list[Path]:
+    """Run ``plan`` with ``where`` resolved (testbed|embedded); one record per site, written
+    as soon as that site's steps are done (or fail: what was measured is kept, marked
+    ``"partial": true``). Records are named after ``suite``, or (None) after the workloads
+    they hold ("stage", "sync", ...). Returns the record files."""
+    written = []
+    for (kind, shape), steps in _groups(plan, where):
+        if on_site:
+            on_site(kind, shape)
+        runs: list[dict] = []
+
+        def keep(run: dict) -> None:
+            runs.append(run)
+            if on_run:
+                on_run(run)
+
+        cluster = {"kind": "local", "name": "this machine"}
+        name = suite or "+".join(dict.fromkeys(s.workload for s in steps))
+        done = False
+        try:
+            if shape is None:
+                for s in steps:
+                    _run_step(s, None, workdir, keep)
+            else:
+                site = open_site(kind, *shape, workdir, node_mbit=node_mbit,
+                                 mayor_mbit=mayor_mbit)
+                try:
+                    cluster = site.describe()
+                    for s in steps:
+                        _run_step(s, site, workdir, keep)
+                finally:
+                    site.close()
+            done = True
+        finally:
+            if runs:
+                rec = records.make_record(name, cluster, runs, records.environment(cluster))
+                if not done:
+                    rec["partial"] = True
+                written.append(records.write_record(rec, outdir))
+    return written

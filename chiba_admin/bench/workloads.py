@@ -1,0 +1,297 @@
+"""What a benchmark runs: stage, collect, sync, memory (through the CLI on a site) and
+inventory (the library, in this process). Each returns run dicts in the record schema.
+
+Methods are interleaved within each repeat, so a noisy moment hits them alike. Every run
+carries ``cpu_busy`` (chiba_admin.bench.records) and, on the testbed, the bytes through the
+president's and mayors' NICs (``nic``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import data
+from .records import cpu_meter
+from .sites import Site
+from ..errors import ChibaError, UsageError
+
+__all__ = ["STAGE_METHODS", "COLLECT_METHODS", "SYNC_METHODS", "MEMORY_ALGORITHMS",
+           "INVENTORY_TARGETS", "stage", "collect", "sync", "memory", "inventory",
+           "make_payload"]
+
+OnRun = Callable[[dict], None] | None
+
+STAGE_METHODS = (("transit", None), ("mpi", "bcast"), ("mpi", "chain"))
+COLLECT_METHODS = (("transit", None), ("mpi", None))
+SYNC_METHODS = ("rsync", "mpi")
+MEMORY_ALGORITHMS = ("chain", "bcast")
+
+
+def make_payload(workdir: Path, kind: str, size: int) -> tuple[Path, int]:
+    """The staging source ``workdir/stage-KIND-SIZE`` (made once): (path, payload bytes).
+
+    kind: ``random`` (one incompressible file) or ``tree`` (compressible text files).
+    """
+    src = workdir / f"stage-{kind}-{size}"
+    if not src.exists():
+        (data.make_random if kind == "random" else data.make_text_tree)(src, size)
+    return src, data.tree_bytes(src)
+
+
+def _measured(site: Site, args: list[str]) -> tuple[dict, dict]:
+    """Run one command on the site; (its JSON or {}, the measured part of a run)."""
+    with site.measure() as m, cpu_meter() as cpu:
+        res, wall, err = site.cli(*args)
+    res = res or {}
+    nic = m.infrastructure
+    if nic is not None:  # collect's bytes arrive at the president: its receive counter too
+        nic = {**nic, "president_rx": sum(v.get("rx_bytes", 0) for v in m.delta.values()
+                                          if v.get("role") == "president")}
+    return res, {"ok": bool(res.get("ok")), "seconds": wall,
+                 "phases": res.get("phases", {}),
+                 "failures": res.get("failures") or ({"-": err} if err and not res else {}),
+                 "nic": nic, "cpu_busy": cpu.busy}
+
+
+def _emit(runs: list[dict], run: dict, on_run: OnRun) -> None:
+    runs.append(run)
+    if on_run:
+        on_run(run)
+
+
+def _nodes(site: Site, n: int) -> list[str]:
+    names = site.node_names()
+    if n > len(names):
+        raise UsageError(f"{n} nodes asked, the site has {len(names)}")
+    return names[:n]
+
+
+def stage(site: Site, *, nodes: int, sizes: list[int], datas: list[str], repeat: int,
+          workdir: Path, methods=STAGE_METHODS, chunk: str | None = None,
+          on_run: OnRun = None) -> list[dict]:
+    """`chiba-admin stage` of each (data, size) to the first ``nodes`` nodes, every method
+    ``repeat`` times; a fresh destination for every run."""
+    from topology import fold
+
+    runs: list[dict] = []
+    names = _nodes(site, nodes)
+    for kind in datas:
+        for size in sizes:
+            src, payload = make_payload(workdir, kind, size)
+            dest = f"bench-{kind}"
+            for i in range(repeat):
+                for method, alg in methods:
+                    site.wipe(names, "CHIBA_SCRATCH", dest)
+                    args = ["stage", str(src), "--nodes", fold(names), "--dest", dest,
+                            "--method", method]
+                    args += ["--algorithm", alg] if alg else []
+                    args += ["--chunk", chunk] if chunk else []
+                    res, m = _measured(site, args)
+                    _emit(runs, {"workload": "stage", "data": kind, "size_bytes": payload,
+                                 "nodes": nodes, "method": method, "algorithm": alg,
+                                 "repeat": i, **m, "archive_bytes": res.get("bytes")},
+                          on_run)
+            site.wipe(names, "CHIBA_SCRATCH", dest)
+    return runs
+
+
+def collect(site: Site, *, nodes: int, sizes: list[int], datas: list[str], repeat: int,
+            workdir: Path, methods=COLLECT_METHODS, on_run: OnRun = None) -> list[dict]:
+    """`chiba-admin collect` of a staged payload back from the first ``nodes`` nodes into a
+    fresh directory on the president, every method ``repeat`` times. ``size_bytes`` is
+    what each node sends; all of it crosses the president's link."""
+    from topology import fold
+
+    runs: list[dict] = []
+    names = _nodes(site, nodes)
+    for kind, size in ((k, s) for k in datas for s in sizes):
+        src, payload = make_payload(workdir, kind, size)
+        rel = f"bench-collect-{kind}"
+        site.wipe(names, "CHIBA_SCRATCH", rel)
+        res, _ = _measured(site, ["stage", str(src), "--nodes", fold(names), "--dest", rel])
+        if not res.get("ok"):
+            raise ChibaError(f"cannot stage the collect payload: "
+                             f"{res.get('failures') or res.get('error')}", where=fold(names))
+        for i in range(repeat):
+            for method, alg in methods:
+                back = tempfile.mkdtemp(prefix="collect-", dir=workdir)
+                shutil.rmtree(back)  # collect makes it; an existing one could be refused
+                _, m = _measured(site, ["collect", rel, "--nodes", fold(names), "--dest",
+                                        back, "--method", method])
+                site.remove_local(back)
+                _emit(runs, {"workload": "collect", "data": kind, "size_bytes": payload,
+                             "nodes": nodes, "method": method, "algorithm": alg,
+                             "repeat": i, **m}, on_run)
+        site.wipe(names, "CHIBA_SCRATCH", rel)
+    return runs
+
+
+def sync(site: Site, *, target_counts: list[int], repeat: int, workdir: Path, files: int,
+         size: int, target_role: str = "mayor", methods=SYNC_METHODS,
+         on_run: OnRun = None) -> list[dict]:
+    """`chiba-admin sync-mayors` of a generated repository: in full, after a 5% change,
+    and unchanged, for each target count (mayors first, then nodes) and method."""
+    from topology import fold
+
+    runs: list[dict] = []
+    src = workdir / f"sync-repo-{files}-{size}"
+    if not src.exists():
+        data.make_repository(src, files=files, size=size)
+    pool = [h.name for h in site.topo.hosts(target_role)]
+    if target_role == "mayor":
+        pool += site.node_names()  # beyond the mayors, nodes serve as targets
+    dest, seed = "bench-repo", 1
+    for n in target_counts:
+        if n > len(pool):
+            raise UsageError(f"{n} targets asked, the site has {len(pool)} hosts to use")
+        targets = pool[:n]
+        for method in methods:
+            for scenario in ("full", "changed", "nochange"):
+                for i in range(repeat):
+                    if scenario == "full":
+                        site.wipe(targets, "CHIBA_REPO", dest)
+                        changed = data.tree_bytes(src)
+                    elif scenario == "changed":
+                        seed += 1
+                        changed = data.mutate_repository(src, 0.05, seed)
+                    else:
+                        changed = 0
+                    args = ["sync-mayors", str(src), "--targets", fold(targets), "--dest",
+                            dest, "--method", method, "--delete"]
+                    args += ["-f", str(max(1, n))] if method == "rsync" else []
+                    _, m = _measured(site, args)
+                    _emit(runs, {"workload": "sync", "scenario": scenario, "targets": n,
+                                 "method": method, "repeat": i, "changed_bytes": changed,
+                                 **m}, on_run)
+        site.wipe(targets, "CHIBA_REPO", dest)
+    return runs
+
+
+def memory(site: Site, *, size: int, nodes: int, workdir: Path, chunk: str = "4MiB",
+           algorithms=MEMORY_ALGORITHMS, on_run: OnRun = None) -> list[dict]:
+    """Every rank's peak RSS staging ``size`` incompressible bytes in ``chunk`` messages:
+    memory per rank must not grow with the payload."""
+    from topology import fold
+
+    runs: list[dict] = []
+    names = _nodes(site, nodes)
+    src, payload = make_payload(workdir, "random", size)
+    for alg in algorithms:
+        site.wipe(names, "CHIBA_SCRATCH", "bench-memory")
+        res, m = _measured(site, ["stage", str(src), "--nodes", fold(names), "--dest",
+                                  "bench-memory", "--algorithm", alg, "--chunk", chunk])
+        hosts = res.get("hosts") or {}
+        _emit(runs, {"workload": "memory", "method": "mpi", "algorithm": alg,
+                     "size_bytes": payload, "chunk": chunk, "nodes": nodes, **m,
+                     "peak_rss": res.get("peak_rss"),
+                     "rss_by_host": {h: v.get("maxrss") for h, v in hosts.items()}},
+              on_run)
+    site.wipe(names, "CHIBA_SCRATCH", "bench-memory")
+    return runs
+
+
+# -- inventory (the library on this machine) ------------------------------------------------
+# metric: (comparison, target, smallest tree it is set for); "met" says whether it held.
+# The diff and encoding targets are for a tree of 100,000 entries.
+INVENTORY_TARGETS = {
+    "scan_entries_per_s": (">=", 50_000, 0),
+    "hash_blake3_gb_per_s": (">=", 1.0, 0),
+    "diff_s": ("<", 1.0, 100_000),
+    "encoded_bytes": ("<", 6_000_000, 100_000),
+}
+
+
+def _median_time(fn: Callable[[], object], reps: int) -> tuple[float, object, float | None]:
+    """(median seconds, last result, CPU busy share over all repetitions)."""
+    times, out = [], None
+    with cpu_meter() as cpu:
+        for _ in range(reps):
+            t = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times), out, cpu.busy
+
+
+def _mutated(inv, base):
+    """A target that differs like a real one: 10% changed, 1% missing, 1% extra."""
+    entries = []
+    for i, e in enumerate(base):
+        if e.kind == inv.FILE and i % 100 == 7:
+            continue
+        size = e.size + 1 if e.kind == inv.FILE and i % 10 == 3 else e.size
+        entries.append(inv.Entry(e.path, e.kind, size, e.mode, e.mtime_ns, e.target, e.digest))
+    files = base.files()
+    for e in files[: len(files) // 100]:
+        entries.append(inv.Entry(e.path + ".old", inv.FILE, 1, 0o644, e.mtime_ns))
+    return inv.Inventory.from_entries(entries, root="target")
+
+
+def inventory(*, files: int, hash_bytes: int, repeat: int, workdir: Path,
+              on_run: OnRun = None) -> list[dict]:
+    """Scan, hash, encode, diff and apply of the ``inventory`` package on a generated tree
+    of ``files`` small files and a ``hash_bytes`` file, median of ``repeat``; one run per
+    metric (``metric``, ``value``, ``unit``, ``target``, ``met``)."""
+    import inventory as inv
+
+    runs: list[dict] = []
+
+    def out(metric: str, value: float, unit: str, secs: float, busy, *, n: int | None = files,
+            **extra) -> None:
+        op, limit, least = INVENTORY_TARGETS.get(metric, (None, None, 0))
+        if files < least:
+            op = None
+        met = None if op is None else (value >= limit if op == ">=" else value < limit)
+        _emit(runs, {"workload": "inventory", "metric": metric, "value": value, "unit": unit,
+                     "files": n, "target": f"{op} {limit}" if op else None, "met": met,
+                     "ok": True, "seconds": secs, "cpu_busy": busy, **extra}, on_run)
+
+    tree = workdir / "inventory-tree"
+    data.make_small_files(tree, files)
+    inv.scan(tree)  # warm the dentry and inode caches
+    secs, scanned, busy = _median_time(lambda: inv.scan(tree), repeat)
+    out("scan_entries_per_s", round(len(scanned) / secs), "entries/s", secs, busy)
+    secs, hashed, busy = _median_time(lambda: inv.scan(tree, checksum=True), repeat)
+    out("scan_checksum_entries_per_s", round(len(hashed) / secs), "entries/s", secs, busy)
+    plain = inv.encode_inventory(scanned)
+    out("encoded_bytes", len(plain), "bytes", 0.0, None,
+        bytes_per_entry=round(len(plain) / len(scanned), 2))
+    secs, _, busy = _median_time(lambda: inv.encode_inventory(hashed), repeat)
+    out("encode_s", secs, "s", secs, busy)
+    full = inv.encode_inventory(hashed)
+    secs, _, busy = _median_time(lambda: inv.decode_inventory(full), repeat)
+    out("decode_s", secs, "s", secs, busy)
+    target = _mutated(inv, scanned)
+    secs, plan, busy = _median_time(lambda: inv.make_plan(scanned, target, delete=True),
+                                    repeat)
+    out("diff_s", secs, "s", secs, busy, plan=plan.summary())
+    secs, _, busy = _median_time(lambda: inv.needs(scanned, target), repeat)
+    out("needs_s", secs, "s", secs, busy)
+    # what mpisync's rank 0 does with 32 targets' need bitmaps: group equal ones
+    per = {r: inv.needs_bitmap(scanned, [e.path for e in scanned.files()[r::7]])
+           for r in range(32)}
+    secs, grouped, busy = _median_time(lambda: inv.group_bitmaps(scanned, per), repeat)
+    out("group_bitmaps_32_targets_s", secs, "s", secs, busy, groups=len(grouped))
+    dest = workdir / "inventory-dest"
+    secs, applied, busy = _median_time(
+        lambda: inv.apply_plan(inv.make_plan(scanned, inv.scan(dest, missing_ok=True)), dest,
+                               inv.local_fetch(tree)), 1)
+    out("apply_files_per_s", round(applied.created / secs), "files/s", secs, busy)
+    shutil.rmtree(dest)
+    shutil.rmtree(tree)
+
+    big = data.make_random(workdir / "inventory-big", hash_bytes) / "data.bin"
+    inv.hash_file(big)  # page cache warm: measure the hash, not the disk
+    for algo in inv.ALGOS:
+        secs, _, busy = _median_time(lambda: inv.hash_file(big, algo), repeat)
+        out(f"hash_{algo}_gb_per_s", round(hash_bytes / secs / 1e9, 3), "GB/s", secs, busy,
+            n=None, bytes=hash_bytes)
+    secs, _, busy = _median_time(lambda: inv.hash_file(big, "blake3", threads=1), repeat)
+    out("hash_blake3_1thread_gb_per_s", round(hash_bytes / secs / 1e9, 3), "GB/s", secs, busy,
+        n=None, bytes=hash_bytes)
+    shutil.rmtree(big.parent)
+    return runs
