@@ -43,12 +43,16 @@ class Site:
     towns: int = 0
     nodes_per_town: int = 0
     disk: str | None = None   # where hosts keep their data (testbed: tmpfs or dir)
+    uplink_bps: float | None = None  # each mayor's town-side link (None: the node rate)
 
     def describe(self) -> dict:
         """The record's ``cluster``: kind, name, shape, link rates (bit/s), host counts."""
         return {"kind": self.kind, "name": self.topo.name, "towns": self.towns,
                 "nodes_per_town": self.nodes_per_town, "node_bps": self.node_bps,
-                "mayor_bps": self.mayor_bps, "hosts": self.topo.summary()["hosts"],
+                "mayor_bps": self.mayor_bps, "uplink_bps": self.uplink_bps or self.node_bps,
+                "shape": ("fat mayors" if self.uplink_bps and self.mayor_bps
+                          and self.uplink_bps >= self.mayor_bps else "paper"),
+                "hosts": self.topo.summary()["hosts"],
                 "disk": self.disk}
 
     def node_names(self) -> list[str]:
@@ -115,14 +119,21 @@ def embedded_site(towns: int, per_town: int, workdir: Path) -> Site:
 
 
 def testbed_site(towns: int, per_town: int, workdir: Path, node_mbit: float,
-                 mayor_mbit: float) -> Site:
-    """A namespace testbed brought up for the benchmark and taken down by ``close``."""
+                 mayor_mbit: float, uplink_mbit: float | None = None) -> Site:
+    """A namespace testbed brought up for the benchmark and taken down by ``close``.
+
+    Rates in Mbit/s; ``uplink_mbit`` is each mayor's town-side link (default: the node
+    rate, the paper's network; ``mayor_mbit`` gives the "fat mayors" shape).
+    """
     import testbed
     from topology import load_topology
 
     state = workdir / f"testbed-{towns}x{per_town}"
-    topo0 = testbed.generated_topology(towns, per_town, node_mbit * 1e6, mayor_mbit * 1e6)
-    testbed.up(topo0, state, node_bps=node_mbit * 1e6, mayor_bps=mayor_mbit * 1e6)
+    up_bps = uplink_mbit * 1e6 if uplink_mbit else None
+    topo0 = testbed.generated_topology(towns, per_town, node_mbit * 1e6, mayor_mbit * 1e6,
+                                       up_bps)
+    testbed.up(topo0, state, node_bps=node_mbit * 1e6, mayor_bps=mayor_mbit * 1e6,
+               uplink_bps=up_bps)
     try:
         tb = testbed.Testbed(state)
         topo = load_topology(tb.topology_file)
@@ -134,7 +145,7 @@ def testbed_site(towns: int, per_town: int, workdir: Path, node_mbit: float,
                 mayor_mbit * 1e6, lambda: testbed.measure(state),
                 wrap=lambda argv: tb.exec_argv(pres, argv),
                 close=lambda: testbed.down(state), towns=towns, nodes_per_town=per_town,
-                disk=testbed.status(state).get("disk"))
+                disk=testbed.status(state).get("disk"), uplink_bps=up_bps)
 
 
 def testbed_possible() -> bool:
@@ -154,10 +165,11 @@ def resolve_where(where: str) -> str:
 
 
 def open_site(where: str, towns: int, per_town: int, workdir: Path, *,
-              node_mbit: float = NODE_MBIT, mayor_mbit: float = MAYOR_MBIT) -> Site:
+              node_mbit: float = NODE_MBIT, mayor_mbit: float = MAYOR_MBIT,
+              uplink_mbit: float | None = None) -> Site:
     """Bring up a site of ``towns`` x ``per_town`` nodes; the caller calls ``site.close()``."""
     if resolve_where(where) == "testbed":
-        return testbed_site(towns, per_town, workdir, node_mbit, mayor_mbit)
+        return testbed_site(towns, per_town, workdir, node_mbit, mayor_mbit, uplink_mbit)
     return embedded_site(towns, per_town, workdir)
 
 

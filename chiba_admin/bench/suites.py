@@ -172,7 +172,7 @@ def _run_step(step: Step, site, workdir: Path, on_run) -> list[dict]:
 
 def run_plan(plan: list[Step], *, suite: str | None, where: str, workdir: Path, outdir: Path,
              node_mbit: float = NODE_MBIT, mayor_mbit: float = MAYOR_MBIT,
-             on_run: Callable[[dict], None] | None = None,
+             uplink_mbit: float | None = None, on_run: Callable[[dict], None] | None = None,
              on_site: Callable[[str, tuple | None], None] | None = None) -> list[Path]:
     """Run ``plan`` with ``where`` resolved (testbed|embedded); one record per site, written
     as soon as that site's steps are done (or fail: what was measured is kept, marked
@@ -198,7 +198,7 @@ def run_plan(plan: list[Step], *, suite: str | None, where: str, workdir: Path, 
                     _run_step(s, None, workdir, keep)
             else:
                 site = open_site(kind, *shape, workdir, node_mbit=node_mbit,
-                                 mayor_mbit=mayor_mbit)
+                                 mayor_mbit=mayor_mbit, uplink_mbit=uplink_mbit)
                 try:
                     cluster = site.describe()
                     for s in steps:

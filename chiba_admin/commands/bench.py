@@ -20,7 +20,8 @@ from ..errors import UsageError
 
 __all__ = ["register", "bench_cmd", "report_cmd"]
 
-_NAMED_OK = {"what", "where", "outdir", "workdir", "node_mbit", "mayor_mbit", "dry_run"}
+_NAMED_OK = {"what", "where", "outdir", "workdir", "node_mbit", "mayor_mbit", "uplink_mbit",
+             "dry_run"}
 
 
 def _ints(value: str, what: str) -> list[int]:
@@ -110,6 +111,9 @@ def _methods(value: str | None):
               help="File size of the inventory case's hash measurement.")
 @click.option("--node-mbit", type=float, default=20.0, show_default=True)
 @click.option("--mayor-mbit", type=float, default=200.0, show_default=True)
+@click.option("--uplink-mbit", type=click.FloatRange(min=0.1), default=None,
+              help="Each mayor's town-side link (default: the node rate, the paper's "
+                   "network; the --mayor-mbit value gives the 'fat mayors' shape).")
 @click.option("--out", "outdir", default="results", show_default=True, type=click.Path())
 @click.option("--workdir", default=None, type=click.Path(),
               help="Where generated data goes (default: a temporary directory).")
@@ -118,7 +122,7 @@ def _methods(value: str | None):
 @click.pass_context
 def bench_cmd(cctx, ctx, what, where, shapes, sizes, datas, repeat, methods, targets,
               repo_files, repo_size, memory_size, inventory_files, hash_size, node_mbit,
-              mayor_mbit, outdir, workdir, dry_run):
+              mayor_mbit, uplink_mbit, outdir, workdir, dry_run):
     """Run legacy and MPI methods side by side and record every run under results/.
 
     WHAT is a workload (stage, sync, collect, memory, inventory; all = stage and sync) or a
@@ -172,7 +176,8 @@ def bench_cmd(cctx, ctx, what, where, shapes, sizes, datas, repeat, methods, tar
     try:
         written = suites.run_plan(
             plan, suite=suite, where=site_kind, workdir=work, outdir=Path(outdir),
-            node_mbit=node_mbit, mayor_mbit=mayor_mbit, on_run=None if ctx.quiet else _say,
+            node_mbit=node_mbit, mayor_mbit=mayor_mbit, uplink_mbit=uplink_mbit,
+            on_run=None if ctx.quiet else _say,
             on_site=lambda kind, shape: con.print(
                 (f"[bold]{what} on the {kind} cluster" if shape else f"[bold]{what} on this machine")
                 + (f", {shape[0]} towns x {shape[1]} nodes[/]" if shape else "[/]")))
