@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml scripts/install-system-deps.sh Makefile
 	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
-demo: $(STAMP)
+demo: $(STAMP) $(STAMP_MPICH)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
 
 $(STAMP_MPICH): Makefile

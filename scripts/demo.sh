@@ -48,6 +48,14 @@ say "change 5% of the repository, then mpisync again: only the changes move"
 python -c "import sys; from chiba_admin.bench.data import mutate_repository as m; print(m(sys.argv[1], 0.05, 7), 'bytes changed')" "$data/repo"
 chiba-admin sync-mayors "$data/repo" --dest repo-mpi --delete
 
+say "chiba-admin shell --pbs examples/pbs-job.sh   (MPISH: one MPI job runs the script; stage in, MPI program, collect)"
+mpi_program=""
+if [ -x .venv-mpich/bin/python ]; then  # an MPICH program wires up through the shell's PMI
+    mpi_program="$PWD/.venv-mpich/bin/python $PWD/examples/allreduce.py"
+fi
+(cd "$data" && INPUT="$data/job42-input" MPI_PROGRAM="$mpi_program" \
+    chiba-admin -q shell --pbs --nodes @nodes "$OLDPWD/examples/pbs-job.sh")
+
 say "chiba-admin bench all --where embedded   (a small benchmark: both ways, timed, recorded)"
 results="$CHIBA_STATE/results"
 rm -rf "$results"
