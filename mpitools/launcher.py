@@ -23,7 +23,7 @@ from .diagnose import RuntimeReport, parse_runtime
 from .rankio import EVENT_PREFIX
 
 __all__ = ["LaunchPlan", "LaunchResult", "rank_hosts", "build_command", "launch", "RANK_ENV",
-           "RANK_HOSTS_ENV", "FORWARD_PREFIXES"]
+           "RANK_HOSTS_ENV", "FORWARD_PREFIXES", "rank_python", "rank_env"]
 
 RANK_HOSTS_ENV = "CHIBA_RANK_HOSTS"
 # variables forwarded to remote ranks with -x (local ranks inherit the whole environment)
@@ -154,6 +154,21 @@ def _mpi_list(value) -> list[str]:
     return shlex.split(value) if isinstance(value, str) else [str(v) for v in value]
 
 
+def rank_python(topo) -> str:
+    """The interpreter the ranks run: the topology's [mpi] python, else this one."""
+    return (topo.mpi or {}).get("python") or sys.executable
+
+
+def rank_env(topo, env: dict[str, str] | None = None) -> dict[str, str]:
+    """Variables every rank gets beyond its host's: RANK_ENV, [mpi] env, ``env``, PYTHONPATH."""
+    out = dict(RANK_ENV)
+    out.update({str(k): str(v) for k, v in ((topo.mpi or {}).get("env") or {}).items()})
+    out.update(env or {})
+    pp = os.environ.get("PYTHONPATH", "")
+    out["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + pp if pp else "")
+    return out
+
+
 def build_command(topo, module: str, args: list[str], ranks: list[str], *,
                   as_root: bool = False, env: dict[str, str] | None = None) -> LaunchPlan:
     """The mpiexec argv and environment for ``python -m module args`` with one rank per host.
@@ -165,12 +180,8 @@ def build_command(topo, module: str, args: list[str], ranks: list[str], *,
     mpi = topo.mpi or {}
     embedded = topo.kind == "embedded"
     mpiexec = mpi.get("mpiexec") or str(Path(sys.executable).with_name("mpiexec"))
-    python = mpi.get("python") or sys.executable
-    add_env = {RANK_HOSTS_ENV: ",".join(ranks), **RANK_ENV}
-    add_env.update({str(k): str(v) for k, v in (mpi.get("env") or {}).items()})
-    add_env.update(env or {})
-    pp = os.environ.get("PYTHONPATH", "")
-    add_env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + pp if pp else "")
+    python = rank_python(topo)
+    add_env = {RANK_HOSTS_ENV: ",".join(ranks), **rank_env(topo, env)}
 
     argv = [mpiexec]
     if as_root:
