@@ -21,7 +21,7 @@ DIRS = ("scratch", "spool", "repository")
 # The topology gives no modes: scratch and the repository are readable by everyone (jobs
 # read what was staged, nodes serve the repository), the spool only by the tools (root).
 DEFAULT_MODES = {"scratch": 0o755, "spool": 0o700, "repository": 0o755}
-CHECK_NAMES = ("ssh", "dirs", "python", "interfaces", "mpi")
+CHECK_NAMES = ("ssh", "dirs", "python", "interfaces", "if", "mpi")
 # bytes written (then removed) to prove a directory takes data: a full disk still lets
 # one create an empty file, so an empty probe would pass on a full scratch
 _PROBE_BYTES = 4096

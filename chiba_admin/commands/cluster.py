@@ -165,10 +165,20 @@ def _skipped(host: str):
 
 def _grouped(checks) -> list[tuple[list[str], object]]:
     """Checks with equal (check, status, detail) as one row under their hosts (dshbak -c)."""
+    from ..hostcheck import CHECK_NAMES
+
     groups: dict[tuple, tuple[list[str], object]] = {}
-    for c in checks:
+    first: dict[str, int] = {}
+    for i, c in enumerate(checks):
+        first.setdefault(c.host, i)
         groups.setdefault((c.check, c.status, c.detail), ([], c))[0].append(c.host)
-    return list(groups.values())
+
+    def key(g):
+        name = g[1].check.split(":")[0]
+        kind = CHECK_NAMES.index(name) if name in CHECK_NAMES else len(CHECK_NAMES)
+        return kind, first[g[0][0]]
+
+    return sorted(groups.values(), key=key)
 
 
 def _check_table(topo, checks, summary) -> None:
