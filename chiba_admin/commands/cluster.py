@@ -154,6 +154,7 @@ def check(ctx, nodeset, fanout, timeout, min_free, mpi_timeout, no_mpi):
                     "checks": [c.to_dict() for c in checks], "mpi": summary})
     else:
         _check_table(topo, checks, summary)
+    _failure_lines(checks)
     return 0 if ok else 1
 
 
@@ -202,13 +203,17 @@ def _check_table(topo, checks, summary) -> None:
         line += (f"; MPI job over {len(summary['hosts'])} hosts launched in "
                  f"{summary['launch_seconds'] or 0:.2f} s, done in {summary['seconds']:.2f} s")
     con.print(line)
-    # one line per failure on stderr too, so a script or a log sees host and reason
+
+
+def _failure_lines(checks) -> None:
+    """One stderr line per failed check (host, check, reason), with or without --json."""
     from ..console import get_err_console
 
     err = get_err_console()
-    for c in fails:
-        err.print(f"chiba-admin cluster check: {c.host}: {c.check}: {c.detail}", markup=False,
-                  highlight=False)
+    for c in checks:
+        if c.status == "fail":
+            err.print(f"chiba-admin cluster check: {c.host}: {c.check}: {c.detail}",
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 @cluster_group.command("status")
