@@ -428,8 +428,8 @@ def _run_once(topo, plan: LaunchPlan, timeout: float | None,
         res.explanation = list(report.explanation)
         mpi = getattr(topo, "mpi", None) or {}
         if report.daemon_crash and (mpi.get("prte_if_include") or mpi.get("btl_tcp_if_include")):
-            # measured on the testbed: prted segfaults at start-up in 7 of 10 launches when
-            # prte_if_include matches two NICs of a host
+            # measured on the testbed: prted segfaulted at start-up in 10 of 24 launches
+            # over two mayors when prte_if_include matched both NICs of each
             res.hint = ("an [mpi] interface setting that matches several NICs of a host can "
                         "crash PRRTE's daemons; `chiba-admin cluster check` lists them")
     return res

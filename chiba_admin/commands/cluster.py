@@ -221,6 +221,13 @@ def _failure_lines(checks) -> None:
 def status(ctx):
     """Say whether the embedded cluster's host directories exist."""
     topo = ctx.topology
+    if topo.kind != "embedded":
+        msg = "hosts are machines reached over SSH: `chiba-admin cluster check` checks them"
+        if ctx.json:
+            print_json({"kind": topo.kind, "initialised": None, "note": msg})
+        else:
+            get_console().print(f"{topo.name} ({topo.kind}): {msg}")
+        return 0
     ok = is_initialized(topo)
     if ctx.json:
         print_json({"state_dir": topo.state_dir, "kind": topo.kind, "initialised": ok})
