@@ -448,8 +448,7 @@ def mpi_check(topo, hosts: Sequence[str], *, timeout: float = 120.0,
     out = []
     for h in hosts:
         if h in blamed:
-            said = f'; Open MPI: "{res.explanation[0]}"' if res.explanation else ""
-            out.append(Check(h, "mpi", _FAIL, blamed[h] + said))
+            out.append(Check(h, "mpi", _FAIL, blamed[h]))
         elif blamed:
             out.append(Check(h, "mpi", _SKIP, "job stopped by the failure on "
                              + ", ".join(blamed)))

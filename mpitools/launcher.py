@@ -120,9 +120,8 @@ class LaunchResult:
         if self.interrupted:
             return "interrupted; mpiexec and its ranks were stopped"
         if self.failed_daemons:
-            said = f'; Open MPI: "{self.explanation[0]}"' if self.explanation else ""
             return ("MPI start-up failed on " + "; ".join(
-                f"{h}: {w}" for h, w in self.failed_daemons.items()) + said
+                f"{h}: {w}" for h, w in self.failed_daemons.items())
                 + (f" ({self.hint})" if self.hint else ""))
         dead = self.failed_hosts()
         if dead:
@@ -233,11 +232,13 @@ def _daemon_failures(topo, report: RuntimeReport, hosts: tuple[str, ...]) -> dic
             if h.address:
                 by_addr[h.address] = h.name
     ssh = {by_addr.get(k, k): line for k, line in report.ssh.items()}
+    said = f'; Open MPI: "{report.explanation[0]}"' if report.explanation else ""
     out = {}
     for host, why in report.daemons.items():
         name = by_addr.get(host, host)
         out[name] = ssh.pop(name, None) or (
-            why + (" and ssh reported no error, so it crashed" if report.daemon_crash else ""))
+            why + (" and ssh reported no error, so it crashed" if report.daemon_crash else "")
+            + said)
     # ssh refused a host whose daemon the runtime did not name (it names only the first)
     for name, line in ssh.items():
         if name in hosts:

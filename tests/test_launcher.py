@@ -186,8 +186,10 @@ def test_daemon_crash_names_the_host_and_the_runtimes_reason():
     hosts = ("pres", "mayor1", "mayor2")
     r = LaunchResult(["mpiexec"], hosts, 255, None, explanation=list(rep.explanation),
                      failed_daemons=_daemon_failures(loads_topology(_SSH), rep, hosts))
-    # only mayor1 is blamed, with the runtime's own words
+    # only mayor1 is blamed, with the runtime's own words (every tool shows this reason)
     assert list(r.failed_hosts()) == ["mayor1"]
+    assert r.failed_hosts()["mayor1"].endswith(
+        'so it crashed; Open MPI: "A daemon failed to report back after being spawned."')
     d = r.describe()
     assert d.startswith("MPI start-up failed on mayor1: its MPI daemon (prted) failed to "
                         "report back (exit status 255) and ssh reported no error, so it "
