@@ -34,6 +34,7 @@ def main(comm, job: dict) -> int:
     hosts = rank_hosts(job)
     hold = test_hook("hold", rank)  # tests: keep this rank alive so it can be killed
     if hold:
+        emit("holding", rank=rank, pid=os.getpid())
         time.sleep(float(hold))
     t0 = time.time()
     send, recv = array.array("l", [rank]), array.array("l", [0])

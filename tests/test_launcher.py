@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from conftest import DEMO, REPO
 
 from mpitools.launcher import (RANK_HOSTS_ENV, LaunchResult, _blame, _parse_failures,
@@ -127,7 +129,7 @@ def test_rank_programs_import_lean():
                               cwd=str(REPO), env=env, check=True).stdout.strip()
 
     # numpy cost 0.13-0.2 s of CPU per rank, urllib 50 ms (only rank 0 downloads)
-    assert loaded("mpitools.stage, mpitools.collect",
+    assert loaded("mpitools.stage, mpitools.collect, mpitools.ping",
                   ("rich", "click", "networkx", "topology", "chiba_admin", "numpy",
                    "urllib.request")) == "[]"
     # mpisync, targets and root: the inventory without numpy, thread pools or logging
@@ -280,3 +282,21 @@ def test_no_retry_when_ssh_says_why_and_v_shows_command_and_output(tmp_path, mon
     err = capsys.readouterr().err
     assert "mpiexec command: " in err and "mpitools.ping J" in err
     assert "A daemon failed to report back" in err and "setpgid" in err
+
+
+@pytest.mark.mpi
+def test_kill_9_of_a_rank_blames_only_its_host_through_real_mpiexec(embedded):
+    """The embedded job of the issue: every host was told "mpiexec exited with status 137"."""
+    import signal
+
+    from mpitools.launcher import launch
+
+    def on_event(ev):
+        if ev.get("event") == "holding" and ev.get("rank") == 2:
+            os.kill(int(ev["pid"]), signal.SIGKILL)
+
+    res = launch(embedded, "mpitools.ping", [encode_job({})], ["ccn01", "ccn02", "ccn03",
+                 "ccn04"], timeout=120, on_event=on_event, env={"CHIBA_TEST_HOLD": "*:120"})
+    assert not res.ok and res.returncode == 137
+    assert res.failed_hosts() == {"ccn03": "process killed by signal 9 (Killed)"}
+    assert res.describe() == "rank(s) died: ccn03 (process killed by signal 9 (Killed))"
