@@ -120,9 +120,8 @@ class LaunchResult:
         if self.interrupted:
             return "interrupted; mpiexec and its ranks were stopped"
         if self.failed_daemons:
-            return ("MPI start-up failed on " + "; ".join(
+            return "MPI start-up failed on " + "; ".join(
                 f"{h}: {w}" for h, w in self.failed_daemons.items())
-                + (f" ({self.hint})" if self.hint else ""))
         dead = self.failed_hosts()
         if dead:
             return "rank(s) died: " + ", ".join(f"{h} ({w})" for h, w in dead.items())
@@ -433,6 +432,9 @@ def _run_once(topo, plan: LaunchPlan, timeout: float | None,
             # over two mayors when prte_if_include matched both NICs of each
             res.hint = ("an [mpi] interface setting that matches several NICs of a host can "
                         "crash PRRTE's daemons; `chiba-admin cluster check` lists them")
+            # each tool prints its per-host reasons, not describe(): the hint goes there
+            res.failed_daemons = {h: f"{w} ({res.hint})" if "crashed" in w else w
+                                  for h, w in res.failed_daemons.items()}
     return res
 
 

@@ -260,6 +260,8 @@ def test_daemon_crash_at_start_up_is_retried_once_and_reported(tmp_path, monkeyp
     res = launch(_fake(tmp_path, monkeypatch, 5), "m", [], ["m1", "m2"])
     assert not res.ok and (tmp_path / "count").read_text().strip() == "2"
     assert list(res.failed_hosts()) == ["mayor1"] and res.retried
+    # the topology restricts interfaces: the reason says where to look
+    assert res.failed_hosts()["mayor1"].endswith("`chiba-admin cluster check` lists them)")
 
 
 def test_no_retry_when_ssh_says_why_and_v_shows_command_and_output(tmp_path, monkeypatch,
