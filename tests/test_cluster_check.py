@@ -318,3 +318,42 @@ def test_sftp_put_into_a_missing_host_directory_names_it(testbed_cluster, tmp_pa
     assert str(e.value).startswith("ccn04: cannot put ")
     assert str(e.value).endswith(f": spool directory {h.spool} is missing (run `chiba-admin "
                                  "cluster init`)")
+
+
+def test_init_on_an_ssh_cluster_names_hosts_that_refuse(cli, tmp_path):
+    """SSH clusters are initialised over SSH now; a host that refuses is a row, exit 1."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    topo = tmp_path / "lab.toml"
+    topo.write_text(f"""
+[cluster]
+name = "lab"
+kind = "ssh"
+[defaults.ssh]
+port = {port}
+connect_timeout = 5
+[links.core]
+bandwidth = "1Gbit"
+[links.town]
+bandwidth = "100Mbit"
+[president]
+name = "pres"
+address = "127.0.0.1"
+[mayors.m1]
+address = "127.0.0.1"
+[towns.t1]
+mayor = "m1"
+nodes = "n1"
+addresses = "127.0.0.1"
+""")
+    r = cli("--cluster", topo, "--json", "cluster", "init", "--hosts", "m1,n1")
+    assert r.code == 1, r.err
+    j = r.json()
+    assert [(d["host"], d["which"], d["state"]) for d in j["dirs"]] == [
+        (h, w, "unreachable") for h in ("m1", "n1") for w in ("scratch", "spool", "repository")]
+    assert j["dirs"][0]["detail"] == f"connection refused by 127.0.0.1:{port}"
+    assert r.err.splitlines() == [f"chiba-admin cluster init: {h}: connection refused by "
+                                  f"127.0.0.1:{port}" for h in ("m1", "n1")]

@@ -89,7 +89,25 @@ def init(ctx, nodeset, fanout, timeout, dry_run):
                     "hosts": hosts, "dirs": [vars(r) | {"ok": r.ok} for r in rows]})
     else:
         _init_table(topo, rows, dry_run)
+    _init_failure_lines(rows)
     return 0 if ok else 1
+
+
+def _init_failure_lines(rows) -> None:
+    """One stderr line per host that could not be reached, per directory that failed."""
+    from ..console import get_err_console
+
+    err, said = get_err_console(), set()
+    for r in rows:
+        if r.ok:
+            continue
+        key = r.host if r.state == "unreachable" else (r.host, r.which)
+        if key in said:
+            continue
+        said.add(key)
+        what = r.detail if r.state == "unreachable" else f"{r.which} {r.path}: {r.detail}"
+        err.print(f"chiba-admin cluster init: {r.host}: {what}", markup=False, highlight=False,
+                  soft_wrap=True)
 
 
 def _init_table(topo, rows, dry_run: bool) -> None:
