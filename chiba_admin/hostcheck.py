@@ -1,4 +1,4 @@
-"""`cluster init` and `cluster check` on any cluster: pure plans and scripts, run through the Transport."""
+"""`cluster init` and `cluster check`: pure plans and scripts, run through the Transport."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
+
+from topology import format_bytes
 
 from .errors import TransportError
 
@@ -58,7 +60,8 @@ def init_script(dirs: Sequence[DirPlan], dry_run: bool = False) -> str:
     directories keep their mode and owner: ``scratch = "/tmp"`` must not chmod /tmp.
     """
     lines = ["set -u", "one() {",
-             '  if [ -d "$2" ]; then printf "%s\\texists\\t%s\\t\\n" "$1" "$(stat -c "%a %U" -- "$2")"',
+             '  if [ -d "$2" ]; then '
+             'printf "%s\\texists\\t%s\\t\\n" "$1" "$(stat -c "%a %U" -- "$2")"',
              '  elif [ -e "$2" ] || [ -L "$2" ]; then printf "%s\\tnotdir\\t\\t%s\\n" "$1" '
              '"exists but is not a directory"',
              '  elif [ "$4" = dry ]; then printf "%s\\twould-create\\t%s\\t\\n" "$1" "$3"',
@@ -187,14 +190,6 @@ def probe_script(dirs: Sequence[DirPlan]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _iec(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.3g} PiB"
-
-
 def _os_reason(text: str) -> str:
     """'head: error writing 'standard output': No space left on device' -> the errno text."""
     text = text.strip()
@@ -214,7 +209,7 @@ def parse_probe(host: str, dirs: Sequence[DirPlan], out: str, min_free: int) -> 
         state = p[1]
         avail = int(p[2]) * 1024 if len(p) > 2 and p[2].isdigit() else None
         data = {"path": d.path, "free_bytes": avail}
-        free = f", {_iec(avail)} free" if avail is not None else ""
+        free = f", {format_bytes(avail)} free" if avail is not None else ""
         if state == "missing":
             checks.append(Check(host, name, _FAIL, f"{d.path} is missing (run "
                                 "`chiba-admin cluster init`)", data))
@@ -225,8 +220,9 @@ def parse_probe(host: str, dirs: Sequence[DirPlan], out: str, min_free: int) -> 
             checks.append(Check(host, name, _FAIL, f"{d.path} is not writable: "
                                 f"{why or 'write failed'}{free}", data))
         elif avail is not None and avail < min_free:
-            checks.append(Check(host, name, _WARN, f"{d.path} writable, only {_iec(avail)} "
-                                f"free (under {_iec(min_free)})", data))
+            checks.append(Check(host, name, _WARN, f"{d.path} writable, only "
+                                f"{format_bytes(avail)} free (under {format_bytes(min_free)})",
+                                data))
         else:
             checks.append(Check(host, name, _OK, f"{d.path} writable{free}", data))
     return checks
@@ -246,7 +242,7 @@ def parse_ip_addr(text: str) -> list[tuple[str, str]]:
 
 
 def interface_matches(setting: str, addrs: list[tuple[str, str]]) -> list[str]:
-    """Interfaces an Open MPI ``*_if_include`` value selects: names or CIDR subnets, comma-separated."""
+    """Interfaces an Open MPI ``*_if_include`` value selects (names or CIDRs, comma-separated)."""
     names = []
     for part in (p.strip() for p in str(setting).split(",")):
         if not part:
@@ -282,7 +278,7 @@ def python_command() -> str:
 
 
 # --- checks (execution) -----------------------------------------------------------------------
-def _ssh_check(transport, h, timeout: float) -> Check:
+def _ssh_check(transport, h) -> Check:
     client = getattr(transport, "client", None)
     if client is None:
         return Check(h.name, "ssh", _OK, "local host directory (embedded): no SSH")
@@ -371,7 +367,7 @@ def check_hosts(topo, hosts: Sequence[str], transport, *, fanout: int = 32,
     settings = if_settings(topo) if topo.kind != "embedded" else {}
 
     def one(h) -> list[Check]:
-        ssh = _ssh_check(transport, h, timeout)
+        ssh = _ssh_check(transport, h)
         out = [ssh]
         if not ssh.ok:
             out += [Check(h.name, n, _SKIP, "not checked: no SSH") for n in ("dirs", "python")]

@@ -1,4 +1,4 @@
-"""Read Open MPI 5 / PRRTE's own diagnosis out of mpiexec's output: which rank or daemon died, where, why."""
+"""Open MPI 5 / PRRTE's own diagnosis in mpiexec's output: which rank or daemon died, where, why."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `cluster check` MPI job: every rank starts MPI, meets the others (barrier, allreduce), says where it ran."""
+"""The `cluster check` MPI job: each rank starts MPI, meets the others, says where it ran."""
 
 # Rank-side module: standard library and mpi4py only (no rich, click, networkx).
 from __future__ import annotations

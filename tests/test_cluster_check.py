@@ -1,4 +1,4 @@
-"""`cluster init` and `cluster check`: their scripts under a real sh, the CLI on the embedded cluster, and on the testbed (real sshd)."""
+"""`cluster init` and `cluster check`: scripts under a real sh, the CLI embedded and on testbed."""
 
 from __future__ import annotations
 
