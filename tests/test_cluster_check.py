@@ -202,30 +202,32 @@ def test_init_over_ssh_creates_every_directory_once(testbed_cluster, tmp_path): 
 
 @pytest.mark.testbed
 @pytest.mark.mpi
-def test_check_names_a_dead_sshd_and_a_full_scratch(testbed_cluster):  # noqa: F811
+def test_check_names_a_dead_sshd_a_full_scratch_and_a_pulled_cable(
+        testbed_cluster):  # noqa: F811
     tb = testbed_cluster
-    tb.fault("ccn02", "kill-sshd")
+    faults = {"ccn02": "kill-sshd", "ccn03": "fill-disk", "ccn05": "link-down"}
     try:
-        tb.fault("ccn03", "fill-disk")
-        try:
-            code, out, err = _cli(tb, "--json", "cluster", "check")
-        finally:
-            tb.heal("ccn03")
+        for host, kind in faults.items():
+            tb.fault(host, kind)
+        # --timeout bounds each host: the unplugged one costs 2 s, not ssh's default
+        code, out, err = _cli(tb, "--json", "cluster", "check", "--timeout", "2")
     finally:
-        tb.heal("ccn02")
+        for host in faults:
+            tb.heal(host)
     assert code == 1, err
     j = json.loads(out)
     bad = {(c["host"], c["check"]): c["detail"] for c in j["checks"] if not c["ok"]}
-    assert set(bad) == {("ccn02", "ssh"), ("ccn03", "dirs:scratch")}, bad
+    assert set(bad) == {("ccn02", "ssh"), ("ccn03", "dirs:scratch"), ("ccn05", "ssh")}, bad
     assert bad[("ccn02", "ssh")].startswith("connection refused by 10.")
+    assert bad[("ccn05", "ssh")].endswith(":22 timed out after 2s")
     assert bad[("ccn03", "dirs:scratch")].startswith(
         "/scratch is not writable: No space left on device")
     # the MPI job ran over everyone else, ccn03 included (its ranks need no scratch)
     mpi = {c["host"]: c["status"] for c in j["checks"] if c["check"] == "mpi"}
-    assert mpi.pop("ccn02") == "skip" and set(mpi.values()) == {"ok"}, mpi
-    assert j["mpi"]["ok"] and "ccn02" not in j["mpi"]["hosts"]
+    assert mpi.pop("ccn02") == mpi.pop("ccn05") == "skip" and set(mpi.values()) == {"ok"}, mpi
+    assert j["mpi"]["ok"] and not {"ccn02", "ccn05"} & set(j["mpi"]["hosts"])
     lines = [ln for ln in err.splitlines() if ln.startswith("chiba-admin cluster check:")]
-    assert len(lines) == 2 and any("ccn02: ssh: connection refused" in ln for ln in lines)
+    assert len(lines) == 3 and any("ccn02: ssh: connection refused" in ln for ln in lines)
 
 
 @pytest.mark.testbed
