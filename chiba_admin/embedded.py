@@ -41,8 +41,8 @@ def init_cluster(topo: Topology) -> list[str]:
     if topo.kind != "embedded":
         raise UsageError(f"cluster {topo.name!r} is of kind {topo.kind!r}; only an embedded "
                          "cluster is initialised here", where=topo.source,
-                         hint="for real hosts prepare them yourself; for the testbed use "
-                              "`chiba-admin testbed up`")
+                         hint="`chiba-admin cluster init` prepares SSH hosts "
+                              "(chiba_admin.hostcheck.init_hosts)")
     made = []
     for h in topo.hosts():
         for which in ("scratch", "spool", "repository"):

@@ -179,12 +179,40 @@ def _feed(write: Callable[[bytes], None], close: Callable[[], None], stdin: Stdi
 
 
 @contextmanager
-def _file_errors(host, what: str):
-    """A failed file transfer as one TransportError: what, why, on which host."""
+def _file_errors(host, what: str, remote: str | None = None,
+                 isdir: Callable[[str], bool] | None = None):
+    """A failed file transfer as one TransportError: what, why, on which host.
+
+    When ``remote`` lies under one of the host's directories (scratch, spool,
+    repository) and ``isdir`` says that directory is missing, the message names it and
+    `chiba-admin cluster init` as the fix.
+    """
     try:
         yield
     except OSError as e:
+        missing = _missing_host_dir(host, remote, isdir) if remote and isdir else None
+        if missing:
+            raise TransportError(f"{what}: {missing[0]} directory {missing[1]} is missing",
+                                 where=host.name, hint="run `chiba-admin cluster init`"
+                                 ) from None
         raise TransportError(f"{what}: {e.strerror or e}", where=host.name) from None
+
+
+def _missing_host_dir(host, remote: str, isdir: Callable[[str], bool]):
+    """(which, path) of the host directory holding ``remote`` if it does not exist."""
+    paths = getattr(host, "paths", None)
+    if paths is None:
+        return None
+    # the deepest directory holding remote (a spool may live inside scratch)
+    for which in sorted(("scratch", "spool", "repository"), key=lambda w: -len(paths.get(w))):
+        base = paths.get(which)
+        if remote == base or remote.startswith(base.rstrip("/") + "/"):
+            try:
+                there = isdir(base)
+            except Exception:  # cannot tell: keep the transfer's own reason
+                return None
+            return None if there else (which, base)
+    return None
 
 
 def _fmt_timeout(t: float) -> str:
@@ -281,7 +309,8 @@ class LocalTransport(Transport):
 
     def put(self, host, local: str, remote: str) -> int:
         dst = host.local_path(remote)
-        with _file_errors(host, f"cannot put {local} to {remote}"):
+        with _file_errors(host, f"cannot put {local} to {remote}", remote,
+                          lambda p: os.path.isdir(host.local_path(p))):
             shutil.copyfile(local, dst)
             return os.path.getsize(dst)
 
@@ -576,13 +605,23 @@ class SSHTransport(Transport):
             sftp.close()
 
     def put(self, host, local: str, remote: str) -> int:
-        with self._sftp(host) as sftp, _file_errors(host, f"cannot put {local} to {remote}"):
+        with self._sftp(host) as sftp, _file_errors(host, f"cannot put {local} to {remote}",
+                                                    remote, lambda p: _sftp_isdir(sftp, p)):
             return sftp.put(local, remote).st_size
 
     def get(self, host, remote: str, local: str) -> int:
         with self._sftp(host) as sftp, _file_errors(host, f"cannot get {remote}"):
             sftp.get(remote, local)
             return os.path.getsize(local)
+
+
+def _sftp_isdir(sftp, path: str) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISDIR(sftp.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _chan_pump(recv: Callable[[int], bytes], sink: _Collector) -> None:

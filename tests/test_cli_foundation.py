@@ -72,11 +72,6 @@ def test_cluster_init_and_status(cli, tmp_path):
     assert cli("--state", state, "cluster", "status").code == 0
 
 
-def test_cluster_init_refuses_ssh_kind(cli):
-    r = cli("--cluster", CITY, "cluster", "init")
-    assert r.code == 2 and "only an embedded cluster" in r.err
-
-
 def test_host_environment(embedded):
     env = embedded.host("ccn05").environment()
     assert env["CHIBA_HOST"] == "ccn05" and env["CHIBA_TOWN"] == "town2"

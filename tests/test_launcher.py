@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from conftest import DEMO, REPO
 
 from mpitools.launcher import (RANK_HOSTS_ENV, LaunchResult, _blame, _parse_failures,
@@ -127,7 +129,7 @@ def test_rank_programs_import_lean():
                               cwd=str(REPO), env=env, check=True).stdout.strip()
 
     # numpy cost 0.13-0.2 s of CPU per rank, urllib 50 ms (only rank 0 downloads)
-    assert loaded("mpitools.stage, mpitools.collect",
+    assert loaded("mpitools.stage, mpitools.collect, mpitools.ping",
                   ("rich", "click", "networkx", "topology", "chiba_admin", "numpy",
                    "urllib.request")) == "[]"
     # mpisync, targets and root: the inventory without numpy, thread pools or logging
@@ -145,3 +147,158 @@ def test_blame_prefers_the_loss_the_runtime_confirms():
     assert list(_blame(events, parsed)) == [5]
     # nothing confirmed by the runtime (a link down): every reported loss stands
     assert sorted(_blame(events, {})) == [1, 5]
+
+
+# --- the runtime's own diagnosis, from messages captured on this machine (Open MPI 5.0.11) ----
+DATA = REPO / "tests" / "data" / "ompi5"
+
+
+def _captured(name: str) -> str:
+    return "\n".join((DATA / f).read_text() for f in sorted(os.listdir(DATA))
+                     if f.startswith(name + "."))
+
+
+def test_kill_9_of_a_rank_names_it_although_the_message_is_wrapped():
+    # prterun wraps "... rank 2 with PID n on node vm exited on\nsignal 9 (Killed)."
+    from mpitools.diagnose import parse_runtime
+
+    text = _captured("kill9_rank2_embedded")
+    assert "exited on\nsignal 9" in text
+    rep = parse_runtime(text)
+    assert rep.ranks == {2: "process killed by signal 9 (Killed)"}
+    assert not rep.daemons and not rep.daemon_crash
+    r = LaunchResult(["mpiexec"], ("ccn01", "ccn02", "ccn03", "ccn04"), 137, None,
+                     stderr=text, failed_ranks=_blame([], dict(rep.ranks)))
+    assert r.failed_hosts() == {"ccn03": "process killed by signal 9 (Killed)"}
+    assert "ccn03 (process killed by signal 9 (Killed))" in r.describe()
+    assert "status 137" not in r.describe()
+
+
+def test_daemon_crash_names_the_host_and_the_runtimes_reason():
+    # prte_if_include matching two NICs of mayor1: its prted segfaulted at start-up; ssh
+    # says nothing and prterun prints its help message on stdout
+    from mpitools.diagnose import parse_runtime
+    from mpitools.launcher import _daemon_failures
+
+    rep = parse_runtime(_captured("badif_mayor1"))
+    assert rep.daemons == {"mayor1": "its MPI daemon (prted) failed to report back "
+                                     "(exit status 255)"}
+    assert rep.daemon_crash and not rep.ranks and not rep.ssh
+    assert rep.explanation[0] == "A daemon failed to report back after being spawned."
+    hosts = ("pres", "mayor1", "mayor2")
+    r = LaunchResult(["mpiexec"], hosts, 255, None, explanation=list(rep.explanation),
+                     failed_daemons=_daemon_failures(loads_topology(_SSH), rep, hosts))
+    # only mayor1 is blamed, with the runtime's own words (every tool shows this reason)
+    assert list(r.failed_hosts()) == ["mayor1"]
+    assert r.failed_hosts()["mayor1"].endswith(
+        'so it crashed; Open MPI: "A daemon failed to report back after being spawned."')
+    d = r.describe()
+    assert d.startswith("MPI start-up failed on mayor1: its MPI daemon (prted) failed to "
+                        "report back (exit status 255) and ssh reported no error, so it "
+                        "crashed")
+    assert '"A daemon failed to report back after being spawned."' in d
+
+
+def test_daemon_behind_a_dead_sshd_gets_sshs_line_and_is_no_crash():
+    from mpitools.diagnose import parse_runtime
+    from mpitools.launcher import _daemon_failures
+
+    text = _captured("sshd_down_ccn03")
+    rep = parse_runtime(text)
+    assert rep.daemons and not rep.daemon_crash  # no retry: ssh said why
+    topo = loads_topology(_SSH.replace('[towns.t1]', '[hosts.ccn03]\ntown = "t1"\n'
+                                       'address = "10.201.1.3"\n[towns.t1]'))
+    got = _daemon_failures(topo, rep, ("pres", "ccn03"))
+    assert got == {"ccn03": "ssh: connect to host 10.201.1.3 port 22: Connection refused"}
+
+
+def test_ulfm_abort_by_a_witness_is_not_blamed_on_the_witness_alone():
+    from mpitools.diagnose import parse_runtime
+
+    rep = parse_runtime(_captured("kill9_rank3_ulfm_testbed"))
+    assert rep.ranks == {0: "rank aborted the job (see its error above)"}
+    # with the ping program's peer-lost event the killed rank is the one named
+    events = [{"event": "peer-lost", "rank": 0, "peer": 3, "why": "MPI_ERR_PROC_FAILED"}]
+    assert list(_blame(events, dict(rep.ranks))) == [3]
+
+
+_FAKE_MPIEXEC = """#!/bin/sh
+# a stand-in for mpiexec: attempt 1 prints a captured daemon crash, later ones succeed
+n=$(cat "$FAKE_DIR/count" 2>/dev/null || echo 0); n=$((n + 1)); echo $n > "$FAKE_DIR/count"
+if [ "$n" -le "$FAKE_FAILS" ]; then
+  cat "$FAKE_DIR/stdout"; echo "[pres:1] plm:ssh: Warning: setpgid failed" >&2; exit 255
+fi
+echo '@@chiba {"event": "start", "size": 1}'
+echo '@@chiba {"event": "result", "ok": true}'
+"""
+
+
+def _fake(tmp_path, monkeypatch, fails: int, stdout_capture: str = "badif_mayor1.stdout"):
+    exe = tmp_path / "mpiexec"
+    exe.write_text(_FAKE_MPIEXEC)
+    exe.chmod(0o755)
+    (tmp_path / "stdout").write_text((DATA / stdout_capture).read_text())
+    monkeypatch.setenv("FAKE_DIR", str(tmp_path))
+    monkeypatch.setenv("FAKE_FAILS", str(fails))
+    topo = loads_topology(_SSH.replace('mpiexec = "/opt/ompi/bin/mpiexec"',
+                                       f'mpiexec = "{exe}"'))
+    return topo
+
+
+def test_daemon_crash_at_start_up_is_retried_once_and_reported(tmp_path, monkeypatch, capsys):
+    from chiba_admin import console
+    from mpitools.launcher import launch
+
+    console.configure()
+    res = launch(_fake(tmp_path, monkeypatch, 1), "m", [], ["m1", "m2"])
+    assert res.ok and res.retried and "mayor1" in res.retried
+    assert (tmp_path / "count").read_text().strip() == "2"
+    err = capsys.readouterr().err
+    assert "MPI start-up failed on mayor1" in err and "retrying once" in err
+    # a second crash is not retried again: it is the result, blaming only mayor1
+    (tmp_path / "count").unlink()
+    res = launch(_fake(tmp_path, monkeypatch, 5), "m", [], ["m1", "m2"])
+    assert not res.ok and (tmp_path / "count").read_text().strip() == "2"
+    assert list(res.failed_hosts()) == ["mayor1"] and res.retried
+    # the topology restricts interfaces: the reason says where to look
+    assert res.failed_hosts()["mayor1"].endswith("`chiba-admin cluster check` lists them)")
+
+
+def test_no_retry_when_ssh_says_why_and_v_shows_command_and_output(tmp_path, monkeypatch,
+                                                                    capsys):
+    from chiba_admin import console
+    from mpitools.launcher import launch
+
+    topo = _fake(tmp_path, monkeypatch, 1, "sshd_down_ccn03.stdout")
+    text = (tmp_path / "stdout").read_text().replace("Remote host:   ccn03", "Remote host:   n3")
+    (tmp_path / "stdout").write_text(text + "ssh: connect to host n3 port 22: Connection "
+                                     "refused\n")
+    console.configure(verbose=1)
+    try:
+        res = launch(topo, "mpitools.ping", ["J"], ["n3"])
+    finally:
+        console.configure()
+    assert not res.ok and not res.retried
+    assert (tmp_path / "count").read_text().strip() == "1"
+    assert res.failed_hosts() == {"n3": "ssh: connect to host n3 port 22: Connection refused"}
+    err = capsys.readouterr().err
+    assert "mpiexec command: " in err and "mpitools.ping J" in err
+    assert "A daemon failed to report back" in err and "setpgid" in err
+
+
+@pytest.mark.mpi
+def test_kill_9_of_a_rank_blames_only_its_host_through_real_mpiexec(embedded):
+    """The embedded job of the issue: every host was told "mpiexec exited with status 137"."""
+    import signal
+
+    from mpitools.launcher import launch
+
+    def on_event(ev):
+        if ev.get("event") == "holding" and ev.get("rank") == 2:
+            os.kill(int(ev["pid"]), signal.SIGKILL)
+
+    res = launch(embedded, "mpitools.ping", [encode_job({})], ["ccn01", "ccn02", "ccn03",
+                 "ccn04"], timeout=120, on_event=on_event, env={"CHIBA_TEST_HOLD": "*:120"})
+    assert not res.ok and res.returncode == 137
+    assert res.failed_hosts() == {"ccn03": "process killed by signal 9 (Killed)"}
+    assert res.describe() == "rank(s) died: ccn03 (process killed by signal 9 (Killed))"
