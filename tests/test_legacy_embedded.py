@@ -91,9 +91,9 @@ def test_transit_default_relative_absolute_dest(demo, tmp_path):
     assert res["ok"] and res["dest"] == "/scratch/jobs/1"
     assert_same_tree(src, _h(state, "ccn07", "scratch", "jobs", "1"))
     assert not _h(state, "ccn01", "scratch", "jobs").exists()
-    res = stage_transit(topo, str(src), ["ccn05"], "/tmp/abs")
-    assert res["ok"] and res["dest"] == "/tmp/abs"
-    assert_same_tree(src, _h(state, "ccn05", "tmp", "abs"))
+    res = stage_transit(topo, str(src), ["ccn05"], "/scratch/abs")
+    assert res["ok"] and res["dest"] == "/scratch/abs"
+    assert_same_tree(src, _h(state, "ccn05", "scratch", "abs"))
 
 
 def test_transit_single_file_renamed(demo, tmp_path):
