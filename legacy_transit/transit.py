@@ -312,8 +312,11 @@ def stage_transit(topo, src: str, nodes: list[str], dest: str | None = None, *,
     }
 
 
-def _tell_trees(hosts: dict, failures: dict) -> None:
-    """Add to each failed host's failure line what it holds now (the truth, per host)."""
+def _tell_trees(hosts: dict, failures: dict, where: str = "on it") -> None:
+    """Add to each failed host's failure line what it holds now (the truth, per host).
+
+    ``where`` says where the trees are: on the node (stage) or the home server (collect).
+    """
     for name, why in list(failures.items()):
         h = hosts.get(name)
         if h is None or h.get("ok"):
@@ -325,14 +328,17 @@ def _tell_trees(hosts: dict, failures: dict) -> None:
             note = "no word from it: what it holds is unknown" + (
                 f" (a partial tree may be at {path})" if path else "")
         else:
-            note = "nothing of this run is left on it"
+            note = f"nothing of this run is left {where}"
         if h.get("previous"):
             note += f"; {h['previous']} is as it was"
         failures[name] = f"{why} [{note}]"
 
 
 def outcome(hosts: dict, what: str = "node") -> str:
-    """One line: which hosts hold a complete, partial, unknown or no tree (folded names)."""
+    """One line: which hosts hold a complete, partial, unknown or no tree (folded names).
+
+    For collect the trees are the home server's copies, one per host.
+    """
     by: dict[str, list[str]] = {}
     for name, h in hosts.items():
         by.setdefault(h.get("tree") or "none", []).append(name)
@@ -401,6 +407,12 @@ def node_extract_spec(plan: TransitPlan, node, run: _Run, size: int, timeout,
             "size": size, "chunk": run.chunk, "hashes": run.hashes}
 
 
+def _tmp_path(plan: TransitPlan, node) -> str:
+    """Where a node's unpacker builds the tree before renaming it into place (host path)."""
+    d = plan.confined[node.name]
+    return posixpath.join(posixpath.dirname(d.path), f".{d.name}.chiba-tmp-{plan.job}")
+
+
 def _unpack(topo, plan, legs, transport, run: _Run, size: int, fanout, timeout,
             replace: bool = False) -> None:
     """Run the agent on every mayor at once; each fans out to its nodes."""
@@ -426,7 +438,7 @@ def _unpack(topo, plan, legs, transport, run: _Run, size: int, fanout, timeout,
     for mname, r in got.items():
         if isinstance(r, BaseException):  # a bug here must not hide the other towns
             for n in run.pending(by_mayor[mname].nodes):
-                run.hosts[n.name]["tree"] = "unknown"
+                run.hosts[n.name].update(tree="unknown", tree_path=_tmp_path(plan, n))
                 run.fail(n.name, "unpack", f"mayor {mname}: {type(r).__name__}: {r}")
             continue
         pend, detail, err = r
@@ -434,7 +446,7 @@ def _unpack(topo, plan, legs, transport, run: _Run, size: int, fanout, timeout,
             d = (detail or {}).get(n.name)
             h = run.hosts[n.name]
             if d is None:
-                h["tree"] = "unknown"
+                h.update(tree="unknown", tree_path=_tmp_path(plan, n))
                 run.fail(n.name, "unpack", f"mayor {mname}: {err or 'no result'}")
                 continue
             h.update(tree=d.get("tree", "unknown"), tree_path=d.get("path"),
@@ -453,7 +465,7 @@ def _call_agent(topo, transport, host, plan: dict, timeout, children: int, fanou
     """Run the agent on ``host``; (per-child detail, None) or (None/partial, reason)."""
     limit = None
     if timeout is not None:  # the agent needs one timeout per window of children, plus start-up
-        limit = timeout * (math.ceil(children / max(1, fanout)) + 1) + 30
+        limit = (timeout + 30) * (math.ceil(children / max(1, fanout)) + 1) + 30
     r = transport.run(host, agent_argv(topo), timeout=limit, stdin=json.dumps(plan))
     for line in r.out.splitlines():
         if line.startswith(RESULT_TAG):
@@ -601,7 +613,7 @@ def collect_transit(topo, path: str, nodes: list[str], dest_dir: str, *,
         hosts_out[name] = r
         if not r["ok"]:
             failures[name] = f"collect: {r['error']}"
-    _tell_trees(hosts_out, failures)
+    _tell_trees(hosts_out, failures, "on the home server")
     total = time.monotonic() - t0
     moved = sum(h["bytes"] for h in hosts_out.values())
     payload, files = tree_size(dest_dir)

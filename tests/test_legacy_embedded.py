@@ -132,16 +132,17 @@ def test_transit_one_node_cannot_write_others_finish(demo, tmp_path):
 
     topo, state = demo
     src = make_tree(tmp_path / "data")
-    # ccn06's destination is a file: mkdir -p fails there, as a full or broken disk would
-    (_h(state, "ccn06", "scratch", "data")).write_text("in the way")
-    res = stage_transit(topo, str(src), NODES)
+    # on ccn06 the destination's parent is a file, as a broken disk layout would be
+    (_h(state, "ccn06", "scratch", "jobs")).write_text("in the way")
+    res = stage_transit(topo, str(src), NODES, "jobs/data")
     assert not res["ok"] and set(res["failures"]) == {"ccn06"}
     assert res["hosts"]["ccn06"]["stage"] == "unpack"
-    assert "File exists" in res["hosts"]["ccn06"]["error"] or \
-        "Not a directory" in res["hosts"]["ccn06"]["error"]
+    assert "jobs: is not a directory" in res["hosts"]["ccn06"]["error"]
+    assert res["hosts"]["ccn06"]["tree"] == "none"
     for n in NODES:
         if n != "ccn06":
-            assert_same_tree(src, _h(state, n, "scratch", "data"))
+            assert_same_tree(src, _h(state, n, "scratch", "jobs", "data"))
+            assert res["hosts"][n]["tree"] == "complete"
     assert os.listdir(_h(state, "mayor2", "var/spool/chiba")) == []  # cleaned despite failure
 
 
@@ -277,7 +278,8 @@ def test_stage_and_collect_cli_method_transit(demo, cli, tmp_path):
         assert_same_tree(src, _h(state, n, "scratch", "cli src"))
     _h(state, "ccn02", "scratch", "cli src").write_text("blocks the directory")
     r = cli("stage", str(src), "--nodes", "ccn0[1-2]", "--method", "transit")
-    assert r.code == 1 and "ccn02" in r.err and "ccn01" not in r.err
+    assert r.code == 1 and "ccn02: unpack:" in r.err and "ccn01:" not in r.err
+    assert "complete tree on ccn01 (1); no tree from this run on ccn02 (1)" in r.err
     r = cli("collect", "cli src", "--nodes", "@town2", "--method", "transit", "--dest",
             str(tmp_path / "back"))
     assert r.code == 0, r.err
