@@ -108,6 +108,12 @@ def test_transit_single_file_renamed(demo, tmp_path):
         assert _h(state, n, "scratch", "inputs", "$(x) it's.bin").read_bytes() == f.read_bytes()
     res = stage_transit(topo, str(f), ["ccn03"])
     assert _h(state, "ccn03", "scratch", "in put.bin").read_bytes() == f.read_bytes()
+    # staged again: the file is replaced, nothing is left beside it but the marker
+    f.write_bytes(b"second")
+    assert stage_transit(topo, str(f), ["ccn03"])["ok"]
+    assert _h(state, "ccn03", "scratch", "in put.bin").read_bytes() == b"second"
+    assert sorted(p.name for p in _h(state, "ccn03", "scratch").iterdir()) == \
+        [".in put.bin.chiba-staged", "in put.bin"]
 
 
 @pytest.mark.parametrize("src,nodes,msg", [
