@@ -289,6 +289,10 @@ def stage_transit(topo, src: str, nodes: list[str], dest: str | None = None, *,
         if legs:
             with run.stage("unpack", [n.name for leg in legs for n in leg.nodes]):
                 _unpack(topo, plan, legs, transport, run, size, fanout, timeout, replace)
+                silent = [n for leg in legs for n in leg.nodes
+                          if run.hosts[n.name]["tree"] == "unknown"]
+                if silent:  # ask them directly what this run left there
+                    _probe(topo, plan, silent, transport, run, fanout)
     finally:
         # 5. clean up: each tar was useful once (the paper's first complaint)
         with run.stage("cleanup", [leg.mayor.name for leg in mayor_tars]):
@@ -458,6 +462,20 @@ def _unpack(topo, plan, legs, transport, run: _Run, size: int, fanout, timeout,
                 h.update(ok=True, bytes=size, seconds=round(secs, 6),
                          throughput_bps=round(size * 8 / secs, 1) if secs else 0.0)
                 run.phase_bytes["unpack"] += size
+
+
+def _probe(topo, plan, nodes, transport, run: _Run, fanout) -> None:
+    """For nodes whose unpacker never answered: is this run's temporary tree there?"""
+    base = agent_argv(topo)
+
+    def one(n):
+        d = plan.confined[n.name]
+        spec = {"root": n.local_path(d.root), "rel": d.rel, "display": d.path, "job": plan.job}
+        return node_result(transport.run(n, [*base, "probe", json.dumps(spec)], timeout=60))
+
+    for name, got in window(nodes, one, fanout).items():
+        if isinstance(got, dict) and got.get("tree") in ("partial", "none"):
+            run.hosts[name].update(tree=got["tree"], tree_path=got.get("path"))
 
 
 def _call_agent(topo, transport, host, plan: dict, timeout, children: int, fanout

@@ -406,11 +406,44 @@ def pack_to_stdout(spec: dict) -> int:
     return 127  # not reached
 
 
+def probe(spec: dict) -> dict:
+    """What a node holds after its unpacker went silent: ``{"tree", "path"}``.
+
+    ``tree`` is ``"partial"`` when this run's temporary directory (``.NAME.chiba-tmp-JOB``)
+    is there (``path`` names it), else ``"none"``. Walks like :func:`extract`, creates
+    nothing, takes no lock (it reads two names). Raises BeneathError when the parent
+    cannot be walked.
+    """
+    from inventory.beneath import BeneathError, open_dir_beneath, open_root
+
+    parent_rel, _, name = spec["rel"].rpartition("/")
+    shown_parent = (spec.get("display") or spec["rel"]).rpartition("/")[0] or "/"
+    tmp = _own(name, _TMP, spec["job"])
+    root = open_root(spec["root"])
+    try:
+        parent = open_dir_beneath(root, parent_rel, display=spec["root"])
+    except BeneathError as e:
+        if e.errno == 2:  # the parent is not there: nothing of this run either
+            return {"tree": "none", "path": None}
+        raise
+    finally:
+        os.close(root)
+    try:
+        if _exists(parent, tmp):
+            return {"tree": "partial", "path": f"{shown_parent.rstrip('/')}/{tmp}"}
+        return {"tree": "none", "path": None}
+    finally:
+        os.close(parent)
+
+
 def node_main(action: str, spec_json: str) -> int:
-    """``transit_agent extract|pack SPEC``: the node-side (and home-side) half of a transfer."""
+    """``transit_agent extract|pack|probe SPEC``: the node-side (and home-side) half."""
     spec = json.loads(spec_json)
     if action == "pack":
         return pack_to_stdout(spec)
+    if action == "probe":
+        sys.stdout.write(RESULT_TAG + json.dumps(probe(spec)) + "\n")
+        return 0
     if spec.get("input", "-") == "-":
         res = extract(spec, sys.stdin.buffer)
     else:

@@ -630,3 +630,66 @@ def test_collect_existing_copy_not_collected_refused_unless_replace(demo, cli, t
     assert collect_transit(topo, "r", ["ccn02"], str(tmp_path / "back"), replace=True)["ok"]
     for n in ("ccn01", "ccn02"):
         assert_same_tree(src, tmp_path / "back" / n / "r")
+
+
+def _pids_of(needle: bytes) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if needle in (p / "cmdline").read_bytes():
+                    out.append(int(p.name))
+            except OSError:
+                pass
+    return out
+
+
+def test_transit_node_killed_mid_unpack_partial_reported_then_swept(demo, tmp_path):
+    """ccn01's unpacker dies (SIGKILL) after feeding tar one chunk: the node never reports,
+    the driver asks it and says where the partial tree is; the next run removes it."""
+    import signal
+    import threading
+
+    from legacy_transit.transit import stage_transit
+
+    topo, state = demo
+    src = make_tree(tmp_path / "data")
+    for i in range(3):
+        (src / f"big{i}.bin").write_bytes(os.urandom(700_000))
+    node_root = str(_h(state, "ccn01", "scratch")).encode()
+    fed = threading.Event()
+
+    def feeder(fifo: Path, data: bytes):
+        with open(fifo, "wb") as w:  # blocks until ccn01's unpacker opens it (a barrier)
+            # more than one 1 MiB chunk plus a pipe's worth: once this returns, the unpacker
+            # has verified chunk 1, handed it to tar and is reading chunk 2
+            w.write(data[:(1 << 20) + (1 << 17)])
+            for pid in _pids_of(node_root):
+                if b"extract" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+            fed.set()
+
+    def swap(event, **info):  # mayor1's tar becomes a FIFO that the test feeds
+        if event == "start" and info.get("stage") == "unpack":
+            tar = next(_h(state, "mayor1", "var/spool/chiba").glob("transit-*.tar"))
+            data = tar.read_bytes()
+            tar.unlink()
+            os.mkfifo(tar)
+            threading.Thread(target=feeder, args=(tar, data), daemon=True).start()
+
+    res = stage_transit(topo, str(src), ["ccn01", "ccn05"], progress=swap)
+    assert fed.is_set()
+    h = res["hosts"]["ccn01"]
+    assert not res["ok"] and set(res["failures"]) == {"ccn01"}
+    tmp = [p for p in _h(state, "ccn01", "scratch").iterdir() if ".chiba-tmp-" in p.name]
+    assert len(tmp) == 1 and h["tree"] == "partial"
+    assert h["tree_path"] == f"/scratch/{tmp[0].name}"
+    assert f"a partial tree is left at /scratch/{tmp[0].name}" in res["failures"]["ccn01"]
+    assert any(p.is_file() for p in tmp[0].rglob("*"))  # tar unpacked what it was given
+    assert not _h(state, "ccn01", "scratch", "data").exists()
+    assert res["outcome"] == ("complete tree on ccn05 (1); PARTIAL tree on ccn01 (1)")
+    # the next run on that destination holds its lock: the dead run's leftovers go
+    assert stage_transit(topo, str(src), ["ccn01"])["ok"]
+    assert sorted(p.name for p in _h(state, "ccn01", "scratch").iterdir()) == \
+        [".data.chiba-staged", "data"]
+    assert_same_tree(src, _h(state, "ccn01", "scratch", "data"))
