@@ -118,6 +118,7 @@ def test_transit_single_file_renamed(demo, tmp_path):
 
 @pytest.mark.parametrize("src,nodes,msg", [
     ("missing", NODES, "source does not exist"),
+    ("", NODES, "no SRC given"),
     ("ok", ["ccn99"], "unknown host 'ccn99'"),
     ("ok", [], "no nodes selected"),
     ("ok", ["mayor1"], "mayor1 is a mayor"),
@@ -126,7 +127,7 @@ def test_transit_bad_input_touches_nothing(demo, tmp_path, src, nodes, msg):
     from legacy_transit.transit import stage_transit
 
     topo, state = demo
-    path = make_tree(tmp_path / "ok") if src == "ok" else tmp_path / "missing"
+    path = make_tree(tmp_path / "ok") if src == "ok" else tmp_path / src if src else ""
     before = sorted(p for p in state.rglob("*"))
     with pytest.raises(UsageError, match=msg.replace("(", r"\(")):
         stage_transit(topo, str(path), nodes)
