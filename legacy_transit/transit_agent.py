@@ -5,19 +5,24 @@ legacy_transit.transit_agent`` through the transport, the plan as JSON on stdin)
 fans out to its nodes and compacts their exit codes into its own, as pdsh forced. Unlike
 pdsh it also prints the per-child detail as one JSON line, so the report can name the host.
 Imports stay lean (no topology, no networkx): this starts once per mayor per stage.
+
+``transit_agent extract SPEC`` / ``pack SPEC`` / ``probe SPEC`` (JSON argument) is the
+node-side half that each node runs (and the home server, for collect): unpack by
+descriptor below a confined destination, archive a confined path, or say what a silent
+unpacker left (:func:`extract`, :func:`pack_to_stdout`, :func:`probe`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-__all__ = ["AgentHost", "host_record", "run_plan", "main", "RESULT_TAG"]
+__all__ = ["AgentHost", "host_record", "run_plan", "main", "RESULT_TAG", "extract",
+           "pack_to_stdout", "probe", "node_main", "node_result", "tar_x_argv", "ExtractError"]
 
 RESULT_TAG = "CHIBA-TRANSIT-RESULT "  # marks the one line the caller parses
 
