@@ -399,6 +399,8 @@ def test_transit_keeps_owners_setuid_fifo_mtimes_as_rsync(demo, cli, tmp_path):
     os.chown(src / "g", 4321, 4322)
     for p in ("plain.txt", "fifo", "abs-link"):  # rsync sets them only when they differ
         os.utime(src / p, ns=(1, 1_500_000_000_123_456_789), follow_symlinks=False)
+    os.chown(src, 4321, 4322)  # the tree's top directory keeps its owner and mode too
+    os.chmod(src, 0o2750)
     ref = tmp_path / "rsync-ref"
     subprocess.run(["rsync", "-a", f"{src}/", str(ref)], check=True)
     r = cli("stage", str(src), "--nodes", "ccn0[1,5]", "--method", "transit")
@@ -409,6 +411,8 @@ def test_transit_keeps_owners_setuid_fifo_mtimes_as_rsync(demo, cli, tmp_path):
     for got in (_h(state, "ccn01", "scratch", "own"), _h(state, "ccn05", "scratch", "own"),
                 tmp_path / "back" / "ccn05" / "own"):
         assert _meta(got) == _meta(ref)
+        top, want = os.lstat(got), os.lstat(ref)
+        assert (top.st_mode, top.st_uid, top.st_gid) == (want.st_mode, want.st_uid, want.st_gid)
         st = os.lstat(got / "user-suid")
         assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (4321, 4322, 0o4755)
 
