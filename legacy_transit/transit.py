@@ -58,6 +58,7 @@ class TransitPlan:
     confined: dict[str, HostDest] = field(default_factory=dict)  # node -> root + rel
     files: int = 0
     payload: int = 0
+    sockets: list = field(default_factory=list)  # Unix sockets of the source (tar skips them)
     job: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @property
@@ -109,7 +110,28 @@ def plan_transit(topo, src: str, nodes: list[str], dest: str | None = None) -> T
     member = "." if info.is_dir else next(iter(confined.values())).name
     return TransitPlan(source, info.is_dir, member, home, pres, posixpath.join(home.spool, name),
                        posixpath.join(pres.spool, name), legs, dests, confined, info.files,
-                       info.bytes)
+                       info.bytes, _sockets(source) if info.is_dir else [])
+
+
+def _sockets(source: str) -> list[dict]:
+    """The Unix sockets below ``source`` (GNU tar does not archive them; the nodes recreate
+    them as rsync -a does): relative path, mode, owner, group, mtime."""
+    import stat
+
+    out, stack = [], [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(source, rel) if rel else source) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                path = f"{rel}/{e.name}" if rel else e.name
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(path)
+                elif stat.S_ISSOCK(st.st_mode):
+                    out.append({"path": path, "mode": stat.S_IMODE(st.st_mode),
+                                "uid": st.st_uid, "gid": st.st_gid,
+                                "mtime_ns": st.st_mtime_ns})
+    return out
 
 
 # pax keeps mtimes to the nanosecond (as rsync -a does); atime/ctime records are noise
@@ -408,7 +430,7 @@ def node_extract_spec(plan: TransitPlan, node, run: _Run, size: int, timeout,
     return {"root": node.local_path(d.root), "rel": d.rel, "display": d.path,
             "inner": "." if plan.is_dir else plan.member, "job": plan.job,
             "replace": bool(replace), "timeout": timeout, "input": file or "-",
-            "size": size, "chunk": run.chunk, "hashes": run.hashes}
+            "size": size, "chunk": run.chunk, "hashes": run.hashes, "sockets": plan.sockets}
 
 
 def _tmp_path(plan: TransitPlan, node) -> str:

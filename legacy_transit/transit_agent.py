@@ -285,6 +285,7 @@ def extract(spec: dict, inp) -> dict:
             fds.append(work)
         try:
             _untar(spec, inp, work)
+            _make_sockets(work, spec.get("sockets") or ())
         except BaseException:
             if existed:
                 res["previous"] = shown
@@ -371,6 +372,45 @@ def _untar(spec: dict, inp, work_fd: int) -> None:
     if b"Wrote only" in text or b"No space left" in text:
         why += f" (no space left on {spec.get('display') or 'the destination'}?)"
     raise ExtractError(why)
+
+
+def _make_sockets(tree_fd: int, sockets) -> None:
+    """Recreate the source's Unix sockets (GNU tar skips them; rsync -a keeps them).
+
+    ``sockets``: ``{"path", "mode", "uid", "gid", "mtime_ns"}`` each, ``path`` relative to
+    the tree. Each parent is walked by descriptor without following symlinks, the socket
+    is bound by its bare name from there, then owner, mode and mtime are set, and the
+    parent's mtime (already restored by tar) is put back.
+    """
+    import socket
+
+    from inventory.beneath import BeneathError, open_dir_beneath
+
+    for sk in sockets:
+        parent_rel, _, base = sk["path"].rpartition("/")
+        try:
+            dfd = open_dir_beneath(tree_fd, parent_rel)
+        except BeneathError as e:
+            raise ExtractError(f"cannot recreate socket {sk['path']!r}: {e}") from None
+        try:
+            before = os.fstat(dfd)
+            os.fchdir(dfd)
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.bind(base)
+            except OSError as e:
+                raise ExtractError(f"cannot recreate socket {sk['path']!r}: "
+                                   f"{e.strerror or e}") from None
+            finally:
+                s.close()
+            if os.geteuid() == 0:
+                os.chown(base, sk["uid"], sk["gid"], dir_fd=dfd, follow_symlinks=False)
+            os.chmod(base, sk["mode"], dir_fd=dfd)  # just bound here: not a symlink
+            os.utime(base, ns=(sk["mtime_ns"], sk["mtime_ns"]), dir_fd=dfd,
+                     follow_symlinks=False)
+            os.utime(dfd, ns=(before.st_atime_ns, before.st_mtime_ns))
+        finally:
+            os.close(dfd)
 
 
 def _swap(parent_fd: int, tmp_fd: int, inner: str, name: str, job: str, existed: bool,
