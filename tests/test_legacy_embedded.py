@@ -393,6 +393,8 @@ def test_transit_keeps_owners_setuid_fifo_mtimes_as_rsync(demo, cli, tmp_path):
     os.chown(su, 4321, 4322)
     os.chmod(su, 0o4755)
     os.mkfifo(src / "fifo")
+    (src / os.fsdecode(b"caf\xe9 non-utf8")).write_bytes(b"latin-1 name")
+    os.link(src / "plain.txt", src / "sub dir" / "hard link")
     import socket
 
     sk = socket.socket(socket.AF_UNIX)
@@ -426,6 +428,8 @@ def test_transit_keeps_owners_setuid_fifo_mtimes_as_rsync(demo, cli, tmp_path):
             (ref / "sub dir" / "sock").unlink()
             os.utime(ref / "sub dir", ns=(1, mtime))
         assert _meta(got) == _meta(ref)
+        assert os.lstat(got / "plain.txt").st_ino == \
+            os.lstat(got / "sub dir" / "hard link").st_ino  # one file, two names
         top, want = os.lstat(got), os.lstat(ref)
         assert (top.st_mode, top.st_uid, top.st_gid) == (want.st_mode, want.st_uid, want.st_gid)
         st = os.lstat(got / "user-suid")
