@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from chiba_admin.errors import TransportError, UsageError
+from inventory.source import check_source
+from topology import fold
+from topology.confine import HostDest, confine_dest
 
 from .fanout import DEFAULT_FANOUT, window
-from .transit_agent import RESULT_TAG, host_record
+from .transit_agent import RESULT_TAG, host_record, node_result
 from .transport import Transport, transport_for
 
 __all__ = ["STAGES", "TransitPlan", "TownLeg", "plan_transit", "stage_transit",
@@ -52,15 +55,15 @@ class TransitPlan:
     president_tar: str
     legs: list[TownLeg]
     dests: dict[str, str] = field(default_factory=dict)  # node -> host path of the staged copy
+    confined: dict[str, HostDest] = field(default_factory=dict)  # node -> root + rel
+    files: int = 0
+    payload: int = 0
+    sockets: list = field(default_factory=list)  # Unix sockets of the source (tar skips them)
+    job: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @property
     def nodes(self) -> list:
         return [n for leg in self.legs for n in leg.nodes]
-
-    def extract_dir(self, node) -> str:
-        """Host path the node unpacks into (created first): dest itself, or a file's parent."""
-        d = self.dests[node.name]
-        return d if self.is_dir else posixpath.dirname(d) or "/"
 
     @property
     def same_host(self) -> bool:
@@ -74,15 +77,16 @@ def _tar_name(source: str) -> str:
 
 
 def plan_transit(topo, src: str, nodes: list[str], dest: str | None = None) -> TransitPlan:
-    """Validate the request and decide routes and paths; raises UsageError on bad input."""
+    """Validate the request and decide routes and paths; raises UsageError on bad input.
+
+    The source is checked (named, exists, no device node) and ``dest`` is confined on every
+    node (``topology.confine``: under its scratch or an explicit ``dest_roots`` entry, no
+    ``..``, never ``/`` nor a scratch/spool/repository directory) before anything is sent.
+    """
     if not nodes:
         raise UsageError("no nodes selected", hint="name nodes like ccn[01-04] or @nodes")
-    if not src:
-        raise UsageError("no source path given")
-    source = os.path.abspath(src)
-    if not os.path.lexists(source):
-        raise UsageError("source does not exist", where=source,
-                         hint="stage an existing file or directory of the home server")
+    info = check_source(src)
+    source = info.path
     hosts = []
     for n in nodes:
         if n not in topo:
@@ -93,9 +97,9 @@ def plan_transit(topo, src: str, nodes: list[str], dest: str | None = None) -> T
             raise UsageError(f"{n} is a {h.role}, not a compute node",
                              hint="City Transit stages onto nodes (e.g. @nodes)")
         hosts.append(h)
-    is_dir = os.path.isdir(source)
-    rel = dest if dest else os.path.basename(source.rstrip("/")) or "root"
-    dests = {h.name: h.resolve("scratch", rel) for h in hosts}
+    default = os.path.basename(source.rstrip("/")) or None
+    confined = {h.name: confine_dest(h, "scratch", dest, default_name=default) for h in hosts}
+    dests = {n: d.path for n, d in confined.items()}
     name = _tar_name(source)
     home, pres = topo.home_server, topo.president
     legs = []
@@ -103,20 +107,67 @@ def plan_transit(topo, src: str, nodes: list[str], dest: str | None = None) -> T
         mayor = topo.host(topo.towns[town])
         legs.append(TownLeg(mayor, [topo.host(m) for m in members],
                             posixpath.join(mayor.spool, name)))
-    member = "." if is_dir else posixpath.basename(next(iter(dests.values())))
-    return TransitPlan(source, is_dir, member, home, pres, posixpath.join(home.spool, name),
-                       posixpath.join(pres.spool, name), legs, dests)
+    member = "." if info.is_dir else next(iter(confined.values())).name
+    return TransitPlan(source, info.is_dir, member, home, pres, posixpath.join(home.spool, name),
+                       posixpath.join(pres.spool, name), legs, dests, confined, info.files,
+                       info.bytes, _sockets(source) if info.is_dir else [])
+
+
+def _sockets(source: str) -> list[dict]:
+    """The Unix sockets below ``source`` (GNU tar does not archive them; the nodes recreate
+    them as rsync -a does): relative path, mode, owner, group, mtime."""
+    import stat
+
+    out, stack = [], [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(source, rel) if rel else source) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                path = f"{rel}/{e.name}" if rel else e.name
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(path)
+                elif stat.S_ISSOCK(st.st_mode):
+                    out.append({"path": path, "mode": stat.S_IMODE(st.st_mode),
+                                "uid": st.st_uid, "gid": st.st_gid,
+                                "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+# pax keeps mtimes to the nanosecond (as rsync -a does); atime/ctime records are noise
+TAR_FORMAT = ["--format=posix", "--pax-option=delete=atime,delete=ctime"]
+MAX_CHUNKS = 512  # per-chunk hashes ride in the node's command line: keep it short
 
 
 def pack_argv(plan: TransitPlan, archive: str, link_dir: str | None = None) -> list[str]:
     """``tar -cf`` of the source, uncompressed as City Transit did; a file may be renamed via a link."""
     if plan.is_dir:
-        return ["tar", "-c", "-f", archive, "-C", plan.source, "."]
+        return ["tar", "-c", "-f", archive, *TAR_FORMAT, "-C", plan.source, "."]
     parent, base = os.path.split(plan.source)
     if base == plan.member or link_dir is None:
-        return ["tar", "-c", "-f", archive, "-C", parent, base]
+        return ["tar", "-c", "-f", archive, *TAR_FORMAT, "-C", parent, "--", base]
     # staged under another name: archive a symlink to it, dereferenced (-h) for this one file
-    return ["tar", "-c", "-h", "-f", archive, "-C", link_dir, plan.member]
+    return ["tar", "-c", "-h", "-f", archive, *TAR_FORMAT, "-C", link_dir, "--", plan.member]
+
+
+def chunk_hashes(path: str, min_chunk: int = 1 << 20) -> tuple[int, list[str]]:
+    """(chunk size in bytes, blake3 hex of each chunk) of the file at ``path``.
+
+    The chunk is at least ``min_chunk`` and large enough for at most MAX_CHUNKS chunks.
+    Nodes feed tar only chunks that match (transit_agent._feed_verified).
+    """
+    import blake3
+
+    size = os.path.getsize(path)
+    chunk = max(min_chunk, -(-size // MAX_CHUNKS))
+    out = []
+    with open(path, "rb") as f:
+        while True:
+            buf = f.read(chunk)
+            if not buf:
+                break
+            out.append(blake3.blake3(buf).hexdigest())
+    return chunk, out
 
 
 def agent_argv(topo) -> list[str]:
@@ -153,8 +204,10 @@ class _Run:
         self.phase_bytes = {s: 0 for s in STAGES}
         self.progress = progress
         self.hosts = {n: {"ok": False, "bytes": 0, "seconds": 0.0, "throughput_bps": 0.0,
-                          "stage": None, "error": None} for n in nodes}
+                          "stage": None, "error": None, "tree": "none", "tree_path": None,
+                          "previous": None} for n in nodes}
         self.failures: dict[str, str] = {}
+        self.chunk, self.hashes = 0, []
 
     def emit(self, event: str, **info) -> None:
         if self.progress is not None:
@@ -194,12 +247,26 @@ class _Stage:
 
 def stage_transit(topo, src: str, nodes: list[str], dest: str | None = None, *,
                   fanout: int = DEFAULT_FANOUT, timeout: float | None = None,
-                  progress: Progress = None, transport: Transport | None = None) -> dict:
-    """Stage ``src`` onto ``nodes`` the City Transit way; per-host failures are in the result."""
+                  progress: Progress = None, transport: Transport | None = None,
+                  replace: bool = False) -> dict:
+    """Stage ``src`` onto ``nodes`` the City Transit way; per-host failures are in the result.
+
+    Stages as the paper measured them (pack, to_president, to_mayors, unpack, cleanup).
+    Each node unpacks by descriptor into a root-only temporary directory beside its
+    destination (only bytes matching the home server's per-chunk hashes reach tar), under
+    the destination's lock, then renames the complete tree into place: the result is the
+    source tree, replacing what an earlier stage put there. An existing destination that
+    no stage made is refused on that node unless ``replace``.
+
+    Returns the result dict; ``hosts[node]`` has ``tree`` ("complete", "none", "partial",
+    "unknown"), ``tree_path`` and ``previous`` (an earlier tree left as it was), and
+    ``outcome`` says in one line which hosts hold what. Raises UsageError on bad input
+    (nothing sent).
+    """
     plan = plan_transit(topo, src, nodes, dest)
     names = [n.name for n in plan.nodes]
     run = _Run(names, progress)
-    payload, files = tree_size(plan.source)
+    payload, files = plan.payload, plan.files
     own = transport is None
     transport = transport or transport_for(topo)
     home, pres = plan.home, plan.president
@@ -216,6 +283,7 @@ def stage_transit(topo, src: str, nodes: list[str], dest: str | None = None, *,
             else:
                 size = os.path.getsize(local_tar)
                 run.phase_bytes["pack"] = size
+                run.chunk, run.hashes = chunk_hashes(local_tar)
         # 2. to the president's disk, when the home server is another machine
         if size and not plan.same_host:
             with run.stage("to_president", [pres.name]):
@@ -242,7 +310,11 @@ def stage_transit(topo, src: str, nodes: list[str], dest: str | None = None, *,
         legs = [leg for leg in mayor_tars if run.pending(leg.nodes)]
         if legs:
             with run.stage("unpack", [n.name for leg in legs for n in leg.nodes]):
-                _unpack(topo, plan, legs, transport, run, size, fanout, timeout)
+                _unpack(topo, plan, legs, transport, run, size, fanout, timeout, replace)
+                silent = [n for leg in legs for n in leg.nodes
+                          if run.hosts[n.name]["tree"] == "unknown"]
+                if silent:  # ask them directly what this run left there
+                    _probe(topo, plan, silent, transport, run, fanout)
     finally:
         # 5. clean up: each tar was useful once (the paper's first complaint)
         with run.stage("cleanup", [leg.mayor.name for leg in mayor_tars]):
@@ -253,6 +325,7 @@ def stage_transit(topo, src: str, nodes: list[str], dest: str | None = None, *,
     for n, h in run.hosts.items():
         if h["stage"] is None:
             h["stage"] = "done"
+    _tell_trees(run.hosts, run.failures)
     dests = sorted(set(plan.dests.values()))
     return {
         "method": "transit", "ok": not run.failures, "source": plan.source,
@@ -261,7 +334,46 @@ def stage_transit(topo, src: str, nodes: list[str], dest: str | None = None, *,
         "files": files, "seconds": round(total, 6),
         "phases": {k: round(v, 6) for k, v in run.phases.items()},
         "phase_bytes": run.phase_bytes, "hosts": run.hosts, "failures": run.failures,
+        "outcome": outcome(run.hosts, "node"),
     }
+
+
+def _tell_trees(hosts: dict, failures: dict, where: str = "on it") -> None:
+    """Add to each failed host's failure line what it holds now (the truth, per host).
+
+    ``where`` says where the trees are: on the node (stage) or the home server (collect).
+    """
+    for name, why in list(failures.items()):
+        h = hosts.get(name)
+        if h is None or h.get("ok"):
+            continue
+        tree, path = h.get("tree"), h.get("tree_path")
+        if tree == "partial":
+            note = f"a partial tree is left at {path}"
+        elif tree == "unknown":
+            note = "no word from it: what it holds is unknown" + (
+                f" (a partial tree may be at {path})" if path else "")
+        else:
+            note = f"nothing of this run is left {where}"
+        if h.get("previous"):
+            note += f"; {h['previous']} is as it was"
+        failures[name] = f"{why} [{note}]"
+
+
+def outcome(hosts: dict, what: str = "node") -> str:
+    """One line: which hosts hold a complete, partial, unknown or no tree (folded names).
+
+    For collect the trees are the home server's copies, one per host.
+    """
+    by: dict[str, list[str]] = {}
+    for name, h in hosts.items():
+        by.setdefault(h.get("tree") or "none", []).append(name)
+    parts = []
+    for tree, label in (("complete", "complete tree"), ("partial", "PARTIAL tree"),
+                        ("unknown", "unknown state"), ("none", "no tree from this run")):
+        if by.get(tree):
+            parts.append(f"{label} on {fold(sorted(by[tree]))} ({len(by[tree])})")
+    return f"{'; '.join(parts)}" if parts else f"no {what}s"
 
 
 def _pack(plan: TransitPlan, local_tar: str) -> str | None:
@@ -311,20 +423,40 @@ def _leg_of(legs, mayor) -> TownLeg:
     return next(leg for leg in legs if leg.mayor.name == mayor.name)
 
 
-def _unpack(topo, plan, legs, transport, run: _Run, size: int, fanout, timeout) -> None:
+def node_extract_spec(plan: TransitPlan, node, run: _Run, size: int, timeout,
+                      replace: bool, file: str | None) -> dict:
+    """What a node's unpacker (transit_agent.extract) is told; JSON in its command line."""
+    d = plan.confined[node.name]
+    return {"root": node.local_path(d.root), "rel": d.rel, "display": d.path,
+            "inner": "." if plan.is_dir else plan.member, "job": plan.job,
+            "replace": bool(replace), "timeout": timeout, "input": file or "-",
+            "size": size, "chunk": run.chunk, "hashes": run.hashes, "sockets": plan.sockets}
+
+
+def _tmp_path(plan: TransitPlan, node) -> str:
+    """Where a node's unpacker builds the tree before renaming it into place (host path)."""
+    d = plan.confined[node.name]
+    return posixpath.join(posixpath.dirname(d.path), f".{d.name}.chiba-tmp-{plan.job}")
+
+
+def _unpack(topo, plan, legs, transport, run: _Run, size: int, fanout, timeout,
+            replace: bool = False) -> None:
     """Run the agent on every mayor at once; each fans out to its nodes."""
     t_stage = time.monotonic()
     by_mayor = {leg.mayor.name: leg for leg in legs}
+    base = agent_argv(topo)
 
     def on_mayor(m):
         pend = run.pending(by_mayor[m.name].nodes)
+        # embedded: the node's process reads the tar on the mayor's "disk" (the paper's NFS
+        # mount); over SSH the mayor streams it into the node's unpacker
+        read = topo.kind == "embedded"
+        file = m.local_path(by_mayor[m.name].tar)
         agent = {"action": "unpack", "kind": topo.kind, "fanout": fanout, "timeout": timeout,
-                 "bytes": size, "file": m.local_path(by_mayor[m.name].tar),
-                 # embedded: the node's process reads the tar on the mayor's "disk" (the
-                 # paper's NFS mount); over SSH the mayor streams it into the node's tar -x
-                 "mode": "read" if topo.kind == "embedded" else "stream",
-                 "children": [{"host": host_record(n), "dest": n.local_path(plan.extract_dir(n))}
-                              for n in pend]}
+                 "bytes": size, "file": file, "mode": "read" if read else "stream",
+                 "children": [{"host": host_record(n), "argv": [*base, "extract", json.dumps(
+                     node_extract_spec(plan, n, run, size, timeout, replace,
+                                       file if read else None))]} for n in pend]}
         detail, err = _call_agent(topo, transport, m, agent, timeout, len(pend), fanout)
         return pend, detail, err
 
@@ -332,20 +464,40 @@ def _unpack(topo, plan, legs, transport, run: _Run, size: int, fanout, timeout) 
     for mname, r in got.items():
         if isinstance(r, BaseException):  # a bug here must not hide the other towns
             for n in run.pending(by_mayor[mname].nodes):
+                run.hosts[n.name].update(tree="unknown", tree_path=_tmp_path(plan, n))
                 run.fail(n.name, "unpack", f"mayor {mname}: {type(r).__name__}: {r}")
             continue
         pend, detail, err = r
         for n in pend:
             d = (detail or {}).get(n.name)
+            h = run.hosts[n.name]
             if d is None:
+                h.update(tree="unknown", tree_path=_tmp_path(plan, n))
                 run.fail(n.name, "unpack", f"mayor {mname}: {err or 'no result'}")
-            elif not d["ok"]:
+                continue
+            h.update(tree=d.get("tree", "unknown"), tree_path=d.get("path"),
+                     previous=d.get("previous"))
+            if not d["ok"]:
                 run.fail(n.name, "unpack", d["error"] or f"exit {d['rc']}")
             else:
                 secs = (t_stage - run.t0) + d["end"]
-                run.hosts[n.name].update(ok=True, bytes=size, seconds=round(secs, 6),
-                                         throughput_bps=round(size * 8 / secs, 1) if secs else 0.0)
+                h.update(ok=True, bytes=size, seconds=round(secs, 6),
+                         throughput_bps=round(size * 8 / secs, 1) if secs else 0.0)
                 run.phase_bytes["unpack"] += size
+
+
+def _probe(topo, plan, nodes, transport, run: _Run, fanout) -> None:
+    """For nodes whose unpacker never answered: is this run's temporary tree there?"""
+    base = agent_argv(topo)
+
+    def one(n):
+        d = plan.confined[n.name]
+        spec = {"root": n.local_path(d.root), "rel": d.rel, "display": d.path, "job": plan.job}
+        return node_result(transport.run(n, [*base, "probe", json.dumps(spec)], timeout=60))
+
+    for name, got in window(nodes, one, fanout).items():
+        if isinstance(got, dict) and got.get("tree") in ("partial", "none"):
+            run.hosts[name].update(tree=got["tree"], tree_path=got.get("path"))
 
 
 def _call_agent(topo, transport, host, plan: dict, timeout, children: int, fanout
@@ -353,7 +505,7 @@ def _call_agent(topo, transport, host, plan: dict, timeout, children: int, fanou
     """Run the agent on ``host``; (per-child detail, None) or (None/partial, reason)."""
     limit = None
     if timeout is not None:  # the agent needs one timeout per window of children, plus start-up
-        limit = timeout * (math.ceil(children / max(1, fanout)) + 1) + 30
+        limit = (timeout + 30) * (math.ceil(children / max(1, fanout)) + 1) + 30
     r = transport.run(host, agent_argv(topo), timeout=limit, stdin=json.dumps(plan))
     for line in r.out.splitlines():
         if line.startswith(RESULT_TAG):
@@ -393,18 +545,32 @@ def _unlink(path: str) -> None:
 # --- stage-out --------------------------------------------------------------------------
 def collect_transit(topo, path: str, nodes: list[str], dest_dir: str, *,
                     fanout: int = DEFAULT_FANOUT, timeout: float | None = None,
-                    progress: Progress = None, transport: Transport | None = None) -> dict:
-    """Bring ``path`` from every node to ``dest_dir/<host>/`` like rpdcp: one tar stream per node."""
+                    progress: Progress = None, transport: Transport | None = None,
+                    replace: bool = False) -> dict:
+    """Bring ``path`` from every node to ``dest_dir/<host>/<name>`` like rpdcp: one tar stream per node.
+
+    ``path`` is confined on every node (under its scratch or a ``dest_roots`` entry) before
+    anything runs. Each node archives it with its parent opened by descriptor; the home
+    server treats the stream as untrusted: it is re-emitted member by member (nothing
+    outside ``<name>``, no ``..``, no absolute name, nothing below a symlink, no device
+    node) into GNU tar running by descriptor in a root-only temporary directory under
+    ``dest_dir/<host>/``, and only a complete tree is renamed into place, under the same
+    lock and staged-marker rule as stage (an existing copy not made by collect is refused
+    unless ``replace``). Owners, groups, modes and mtimes are kept as ``rsync -a`` keeps
+    them. Returns the result dict (``hosts[h]["tree"]`` as for stage); raises UsageError
+    on bad input.
+    """
     if not nodes:
         raise UsageError("no nodes selected", hint="name nodes like ccn[01-04] or @nodes")
-    if not path:
-        raise UsageError("no path given", hint="name a path relative to each node's scratch")
     hosts = []
     for n in nodes:
         if n not in topo:
             raise UsageError(f"unknown host {n!r}", where=topo.source,
                              hint="see `chiba-admin topology show`")
         hosts.append(topo.host(n))
+    if path is None or path == "":
+        raise UsageError("no PATH given", hint="name a path relative to each node's scratch")
+    confined = {h.name: confine_dest(h, "scratch", path, option="PATH") for h in hosts}
     dest_dir = os.path.abspath(dest_dir)
     try:
         os.makedirs(dest_dir, exist_ok=True)
@@ -413,47 +579,65 @@ def collect_transit(topo, path: str, nodes: list[str], dest_dir: str, *,
                          where=dest_dir) from None
     own = transport is None
     transport = transport or transport_for(topo)
+    job = uuid.uuid4().hex[:12]
+    # appended by us after a node's tar ended well; the node never sees it, so a stream
+    # cut short (node failed, killed, timed out) is never committed however it looks
+    commit = f"CHIBA-COMMIT-{uuid.uuid4().hex}"
+    base = agent_argv(topo)
+    home_argv = [sys.executable, "-m", "legacy_transit.transit_agent", "extract"]
     t0 = time.monotonic()
     if progress is not None:
         progress("start", stage="collect", hosts=[h.name for h in hosts])
 
     def one(h) -> dict:
         s = time.monotonic()
-        remote = h.resolve("scratch", path)
-        parent, base = posixpath.split(remote.rstrip("/") or "/")
-        out = os.path.join(dest_dir, h.name)
-        os.makedirs(out, exist_ok=True)
-        untar = subprocess.Popen(["tar", "-x", "-f", "-", "-C", out, "--no-same-owner"],
-                                 stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        d = confined[h.name]
+        shown = os.path.join(dest_dir, h.name, d.name)
+        spec = {"root": dest_dir, "rel": f"{h.name}/{d.name}", "display": shown,
+                "inner": d.name, "top": d.name, "job": job, "replace": bool(replace),
+                "timeout": timeout, "input": "-", "commit": commit}
+        untar = subprocess.Popen([*home_argv, json.dumps(spec)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env={**os.environ, "PYTHONPATH": _REPO_ROOT}, cwd="/")
         moved = [0]
 
         def sink(b: bytes) -> None:
             moved[0] += len(b)
             try:
                 untar.stdin.write(b)
-            except BrokenPipeError:
-                pass
+            except (BrokenPipeError, ValueError):
+                pass  # the home side refused the stream: its result says why
 
-        r = transport.run(h, ["tar", "-c", "-f", "-", "-C", h.local_path(parent or "/"), base],
-                          timeout=timeout, on_stdout=sink)
-        try:
-            untar.stdin.close()
-        except BrokenPipeError:
-            pass
-        lrc = untar.wait()
-        lerr = untar.stderr.read().decode(errors="replace").strip()
-        untar.stderr.close()
+        host_dir = os.path.join(dest_dir, h.name)
+        had_dir = os.path.lexists(host_dir)
+        node_spec = {"root": h.local_path(d.root), "rel": d.rel, "display": d.path}
+        r = transport.run(h, [*base, "pack", json.dumps(node_spec)], timeout=timeout,
+                          on_stdout=sink)
+        if r.ok:  # only then may the home side rename the tree into place
+            sink(commit.encode())
+            moved[0] -= len(commit)
+        out, lerr = untar.communicate()  # closes its stdin: end of the stream
+        got = node_result(_Out(out)) or {
+            "ok": False, "tree": "unknown", "path": None, "previous": None,
+            "error": f"the home unpacker printed no result: "
+                     f"{(lerr.decode(errors='replace').strip().splitlines() or ['?'])[-1]}"}
         err = None
         if not r.ok:
-            err = r.reason()
-        elif lrc != 0:
-            err = f"local tar -x into {out} failed: {(lerr.splitlines() or ['?'])[-1]}"
-        if err and not os.listdir(out):
-            os.rmdir(out)
+            err = f"on {h.name}: {r.reason()}"
+        if not got["ok"]:
+            err = f"{err}; " if err else ""
+            err += f"home: {got['error']}"
+        if err and not had_dir and got.get("tree") == "none":
+            try:
+                os.rmdir(host_dir)  # made for this run and still empty: leave no trace
+            except OSError:
+                pass
         secs = time.monotonic() - s
         return {"ok": err is None, "bytes": moved[0], "seconds": round(secs, 6),
                 "throughput_bps": round(moved[0] * 8 / secs, 1) if secs else 0.0,
-                "stage": "done" if err is None else "collect", "error": err}
+                "stage": "done" if err is None else "collect", "error": err,
+                "tree": got.get("tree"), "tree_path": got.get("path"),
+                "previous": got.get("previous")}
 
     try:
         got = window(hosts, one, fanout)
@@ -464,10 +648,12 @@ def collect_transit(topo, path: str, nodes: list[str], dest_dir: str, *,
     for name, r in got.items():
         if isinstance(r, BaseException):
             r = {"ok": False, "bytes": 0, "seconds": 0.0, "throughput_bps": 0.0,
-                 "stage": "collect", "error": f"{type(r).__name__}: {r}"}
+                 "stage": "collect", "error": f"{type(r).__name__}: {r}", "tree": "unknown",
+                 "tree_path": None, "previous": None}
         hosts_out[name] = r
         if not r["ok"]:
             failures[name] = f"collect: {r['error']}"
+    _tell_trees(hosts_out, failures, "on the home server")
     total = time.monotonic() - t0
     moved = sum(h["bytes"] for h in hosts_out.values())
     payload, files = tree_size(dest_dir)
@@ -476,5 +662,12 @@ def collect_transit(topo, path: str, nodes: list[str], dest_dir: str, *,
     return {"method": "transit", "ok": not failures, "source": path, "dest_dir": dest_dir,
             "nodes": [h.name for h in hosts], "bytes": moved, "payload_bytes": payload,
             "files": files, "seconds": round(total, 6), "phases": {"collect": round(total, 6)},
-            "phase_bytes": {"collect": moved}, "hosts": hosts_out, "failures": failures}
+            "phase_bytes": {"collect": moved}, "hosts": hosts_out, "failures": failures,
+            "outcome": outcome(hosts_out, "host")}
 
+
+class _Out:
+    """Just enough of a RunResult for node_result()."""
+
+    def __init__(self, stdout: bytes):
+        self.out = stdout.decode("utf-8", "replace")

@@ -5,19 +5,24 @@ legacy_transit.transit_agent`` through the transport, the plan as JSON on stdin)
 fans out to its nodes and compacts their exit codes into its own, as pdsh forced. Unlike
 pdsh it also prints the per-child detail as one JSON line, so the report can name the host.
 Imports stay lean (no topology, no networkx): this starts once per mayor per stage.
+
+``transit_agent extract SPEC`` / ``pack SPEC`` / ``probe SPEC`` (JSON argument) is the
+node-side half that each node runs (and the home server, for collect): unpack by
+descriptor below a confined destination, archive a confined path, or say what a silent
+unpacker left (:func:`extract`, :func:`pack_to_stdout`, :func:`probe`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-__all__ = ["AgentHost", "host_record", "unpack_command", "run_plan", "main", "RESULT_TAG"]
+__all__ = ["AgentHost", "host_record", "run_plan", "main", "RESULT_TAG", "extract",
+           "pack_to_stdout", "probe", "node_main", "node_result", "tar_x_argv", "ExtractError"]
 
 RESULT_TAG = "CHIBA-TRANSIT-RESULT "  # marks the one line the caller parses
 
@@ -60,11 +65,455 @@ def _from_record(d: dict) -> AgentHost:
                      SimpleNamespace(**d.get("ssh") or {}), dict(d.get("env") or {}))
 
 
-def unpack_command(dest_dir: str, archive: str | None = None) -> str:
-    """``mkdir -p DEST && tar -xf ARCHIVE|- -C DEST --no-same-owner`` quoted for a POSIX shell."""
-    mk = shlex.join(["mkdir", "-p", "--", dest_dir])
-    tar = shlex.join(["tar", "-x", "-f", archive or "-", "-C", dest_dir, "--no-same-owner"])
-    return f"{mk} && {tar}"
+# --- node side: unpack below a confined destination, by file descriptor ----------------------
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_TMP, _OLD = ".chiba-tmp-", ".chiba-old-"  # + job id: exact names of this tool's own files
+_TRAILERS = ("Exiting with failure status", "Error is not recoverable")
+_READ = 1 << 16
+
+
+class ExtractError(Exception):
+    """One line saying why a host refused or failed the unpack (the host is named by the caller)."""
+
+
+def _own(name: str, kind: str, job: str) -> str:
+    """``.NAME.chiba-tmp-JOB`` / ``.NAME.chiba-old-JOB``: names a user cannot make by accident."""
+    return f".{name}{kind}{job}"
+
+
+def tar_x_argv() -> list[str]:
+    """``tar -x`` from stdin into the working directory, keeping modes; as root also owners.
+
+    As root owners and groups are kept by number (``--same-owner --numeric-owner``), as
+    ``rsync -a`` keeps them, so a user's setuid file stays the user's; never root's.
+    """
+    argv = ["tar", "-x", "-f", "-", "-p"]
+    if os.geteuid() == 0:
+        argv += ["--same-owner", "--numeric-owner"]
+    return argv
+
+
+def _remove(parent_fd: int, name: str) -> None:
+    """Remove entry ``name`` of ``parent_fd`` without following symlinks (a tree by fd)."""
+    import shutil
+    import stat as st_
+
+    try:
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if st_.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=parent_fd)
+    else:
+        os.unlink(name, dir_fd=parent_fd)
+
+
+def _sweep(parent_fd: int, name: str) -> None:
+    """Remove what dead runs on this destination left (we hold its lock: no live run owns them)."""
+    import re
+
+    pat = re.compile(re.escape(f".{name}") + r"\.chiba-(tmp|old)-[0-9a-f]{12}\Z")
+    for entry in os.listdir(parent_fd):
+        if pat.match(entry):
+            _remove(parent_fd, entry)
+
+
+def _first_line(err: bytes) -> str:
+    lines = [ln.strip() for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not any(t in ln for t in _TRAILERS)] or lines
+    return useful[0][:300] if useful else "?"
+
+
+def _feed_verified(inp, out, hashes: list[str], chunk: int, size: int) -> None:
+    """Copy ``inp`` to ``out`` chunk by chunk, each only after its blake3 matched ``hashes``.
+
+    Raises ExtractError at the first chunk that differs, or when the input is longer or
+    shorter than ``size``: an archive swapped or altered on the way is never fed to tar.
+    """
+    import blake3
+
+    total = 0
+    for i, want in enumerate(hashes):
+        n = min(chunk, size - total)
+        buf = _read_exact(inp, n)
+        if len(buf) != n or blake3.blake3(buf).hexdigest() != want:
+            raise ExtractError(f"the archive differs from what the home server packed (chunk "
+                               f"{i + 1} of {len(hashes)}); refused before tar read it")
+        total += n
+        out.write(buf)
+    if total != size or inp.read(1):
+        raise ExtractError("the archive is longer than what the home server packed")
+
+
+def _read_exact(inp, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        b = inp.read(min(n - got, 1 << 20))
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
+def _feed_sanitized(inp, out, top: str, commit: str) -> None:
+    """Re-emit an untrusted tar stream (a node's, for collect) into ``out``, safe members only.
+
+    Every member must be ``top`` or below it, without ``..`` or absolute names; types are
+    regular files, directories, symlinks, hard links to an earlier regular member, FIFOs;
+    no member may lie below a symlink or a non-directory, none may appear twice. Anything
+    else (a device node above all) raises ExtractError naming the member. GNU tar reads
+    only what this writes (pax, built here), so no parser difference between a checker and
+    tar can be exploited. Owners, modes, mtimes (to the nanosecond) pass through as the
+    node's tar recorded them. After the archive only zero padding and then ``commit`` may
+    follow (the caller appends it once the node's tar exited 0): without it the stream was
+    cut short and ExtractError is raised, so a truncated tree is never renamed into place.
+    """
+    import re
+    import tarfile
+
+    mtime_ok = re.compile(r"-?[0-9]{1,20}(\.[0-9]{1,9})?\Z")
+    kinds: dict[str, str] = {}  # path -> "d" (directory), "f" (regular), "o" (other)
+    w = None
+    try:
+        src = tarfile.open(fileobj=inp, mode="r|")
+        w = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT)
+        for m in src:
+            name = _member_name(m.name, top)
+            parent = name.rpartition("/")[0]
+            if parent and kinds.get(parent) != "d":
+                why = "a symlink or file" if parent in kinds else "no directory of it"
+                raise ExtractError(f"member {m.name!r} lies below {why}")
+            if m.ischr() or m.isblk():
+                raise ExtractError(f"member {m.name!r} is a device node (never unpacked)")
+            if name in kinds:
+                raise ExtractError(f"member {m.name!r} appears twice in the archive")
+            if m.islnk():
+                target = _member_name(m.linkname, top)
+                if kinds.get(target) != "f":
+                    raise ExtractError(f"hard link {m.name!r} -> {m.linkname!r} does not name"
+                                       " an earlier file of the archive")
+                m.linkname = target
+            elif not (m.isreg() or m.isdir() or m.issym() or m.isfifo()):
+                raise ExtractError(f"member {m.name!r} has a type collect does not unpack "
+                                   f"({m.type!r})")
+            kinds[name] = "d" if m.isdir() else "f" if m.isreg() else "o"
+            mtime = m.pax_headers.get("mtime", "")
+            m.pax_headers = {"mtime": mtime} if mtime_ok.match(mtime) else {}
+            m.name, m.uname, m.gname = name, "", ""  # numeric owners, as the node recorded
+            w.addfile(m, src.extractfile(m) if m.isreg() else None)
+        rest, token = b"", commit.encode()
+        while len(rest) <= (1 << 20):  # tar pads to its record size (10 KiB by default)
+            more = src.fileobj.read(_READ)
+            if not more:
+                break
+            rest += more
+        if not rest.endswith(token) or rest[:-len(token)].strip(b"\0"):
+            raise ExtractError("the node's archive stream did not end as a complete one "
+                               "(the node failed or sent trailing data); not committed")
+        w.close()
+    except tarfile.TarError as e:
+        raise ExtractError(f"the node sent a damaged tar stream: {e}") from None
+    finally:
+        if w is not None and not w.closed:  # refused: tar is killed, flush nothing more
+            w.closed = w.fileobj.closed = True
+
+
+def _member_name(raw: str, top: str) -> str:
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if raw.startswith("/") or ".." in parts or not parts or parts[0] != top:
+        raise ExtractError(f"member {raw!r} is outside {top!r} (absolute, '..' or another"
+                           " name)")
+    return "/".join(parts)
+
+
+def extract(spec: dict, inp) -> dict:
+    """Unpack a tar read from ``inp`` into ``spec["root"]/spec["rel"]``, by file descriptor.
+
+    ``spec``: ``root`` (trusted local directory), ``rel`` (destination below it, no ``..``),
+    ``inner`` (``"."`` when the archive is the tree itself, else the one name it holds),
+    ``job`` (12 hex digits), ``replace`` (bool), ``display`` (the destination as shown to
+    the user), and either ``hashes``/``chunk``/``size`` (stage: bytes are verified before
+    tar sees them) or ``top`` (collect: the stream is sanitized, see :func:`_sanitized`).
+
+    The parent of the destination is walked without following symlinks
+    (:mod:`inventory.beneath`), the destination's lock is taken, and tar runs with its
+    working directory set by descriptor (``fchdir``) inside ``.NAME.chiba-tmp-JOB``, a
+    root-only directory beside the destination, so nothing is written through a planted
+    symlink and nothing is reachable before it is complete. Only a complete tree is
+    renamed into place; an existing destination is replaced only when an earlier stage
+    made it (its staged marker) or ``replace`` is set.
+
+    Returns ``{"ok", "error", "tree", "path", "previous"}``: ``tree`` is ``"complete"``
+    (``path`` is the destination), ``"none"`` (nothing of this run is left) or
+    ``"partial"`` (``path`` names what could not be removed); ``previous`` is the display
+    path of an earlier tree left untouched, if any.
+    """
+    from inventory.beneath import (BeneathError, lock_dest, mark_staged, open_dir_beneath,
+                                   open_root, unlock_dest, was_staged)
+
+    shown = spec.get("display") or spec["rel"]
+    parent_rel, _, name = spec["rel"].rpartition("/")
+    shown_parent = shown.rpartition("/")[0] or "/"
+    job, inner = spec["job"], spec.get("inner") or "."
+    res = {"ok": False, "error": None, "tree": "none", "path": None, "previous": None}
+    fds: list[int] = []
+    try:
+        fds.append(open_root(spec["root"]))
+        parent_fd = open_dir_beneath(fds[0], parent_rel, create=True, display=spec["root"])
+        fds.append(parent_fd)
+        lock = lock_dest(parent_fd, name, display=shown_parent)
+    except BeneathError as e:
+        res["error"] = str(e)
+        _close(fds)
+        return res
+    tmp = _own(name, _TMP, job)
+    try:
+        _sweep(parent_fd, name)
+        existed = _exists(parent_fd, name)
+        if existed and not spec.get("replace") and not was_staged(parent_fd, name):
+            res["previous"] = shown
+            raise ExtractError(f"{shown} exists and was not made by chiba-admin stage or "
+                               "collect (left untouched; pass --replace to replace it)")
+        os.mkdir(tmp, 0o700, dir_fd=parent_fd)  # root-only until renamed into place
+        tmp_fd = os.open(tmp, _DIR_FLAGS, dir_fd=parent_fd)
+        fds.append(tmp_fd)
+        work = tmp_fd
+        if inner == ".":
+            os.mkdir("tree", 0o700, dir_fd=tmp_fd)
+            work = os.open("tree", _DIR_FLAGS, dir_fd=tmp_fd)
+            fds.append(work)
+        try:
+            _untar(spec, inp, work)
+            _make_sockets(work, spec.get("sockets") or ())
+        except BaseException:
+            if existed:
+                res["previous"] = shown
+            raise
+        _swap(parent_fd, tmp_fd, "tree" if inner == "." else inner, name, job, existed,
+              shown)
+        mark_staged(parent_fd, name, job)
+        res.update(ok=True, tree="complete", path=shown)
+        return res
+    except (ExtractError, OSError) as e:
+        res["error"] = str(e) if isinstance(e, ExtractError) else \
+            f"{shown}: {e.strerror or e}"
+        return res
+    finally:
+        os.chdir("/")
+        try:
+            _remove(parent_fd, tmp)
+        except OSError as e:
+            if not res["ok"]:
+                res.update(tree="partial", path=f"{shown_parent.rstrip('/')}/{tmp}")
+                res["error"] = f"{res['error']}; cannot remove the partial tree: {e.strerror}"
+        unlock_dest(parent_fd, name, lock)
+        _close(fds)
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _close(fds: list[int]) -> None:
+    for fd in reversed(fds):
+        os.close(fd)
+
+
+def _untar(spec: dict, inp, work_fd: int) -> None:
+    """Run GNU tar -x in directory ``work_fd`` (fchdir: no path is resolved) fed from ``inp``."""
+    import subprocess
+    import threading
+
+    os.fchdir(work_fd)
+    p = subprocess.Popen(tar_x_argv(), stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:  # a pipe as large as a chunk: tar and this relay switch 16 times less often
+        import fcntl
+
+        fcntl.fcntl(p.stdin.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except OSError:
+        pass
+    err: list[bytes] = []
+    reader = threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True)
+    reader.start()
+    timer = None
+    if spec.get("timeout"):
+        timer = threading.Timer(float(spec["timeout"]), p.kill)
+        timer.start()
+    try:
+        try:
+            if spec.get("top"):
+                _feed_sanitized(inp, p.stdin, spec["top"], spec["commit"])
+            else:
+                _feed_verified(inp, p.stdin, spec["hashes"], int(spec["chunk"]),
+                               int(spec["size"]))
+            p.stdin.close()
+        except BrokenPipeError:
+            pass  # tar stopped: its exit status and message say why
+        except BaseException:
+            p.kill()
+            raise
+        finally:
+            rc = p.wait()
+            reader.join()
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if rc == 0:
+        return
+    if rc < 0 and timer is not None and not timer.is_alive():
+        raise ExtractError(f"unpack timed out after {spec['timeout']}s")
+    text = b"".join(err)
+    why = f"tar -x failed (exit {rc}): {_first_line(text)}"
+    if b"Wrote only" in text or b"No space left" in text:
+        why += f" (no space left on {spec.get('display') or 'the destination'}?)"
+    raise ExtractError(why)
+
+
+def _make_sockets(tree_fd: int, sockets) -> None:
+    """Recreate the source's Unix sockets (GNU tar skips them; rsync -a keeps them).
+
+    ``sockets``: ``{"path", "mode", "uid", "gid", "mtime_ns"}`` each, ``path`` relative to
+    the tree. Each parent is walked by descriptor without following symlinks, the socket
+    is bound by its bare name from there, then owner, mode and mtime are set, and the
+    parent's mtime (already restored by tar) is put back.
+    """
+    import socket
+
+    from inventory.beneath import BeneathError, open_dir_beneath
+
+    for sk in sockets:
+        parent_rel, _, base = sk["path"].rpartition("/")
+        try:
+            dfd = open_dir_beneath(tree_fd, parent_rel)
+        except BeneathError as e:
+            raise ExtractError(f"cannot recreate socket {sk['path']!r}: {e}") from None
+        try:
+            before = os.fstat(dfd)
+            os.fchdir(dfd)
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.bind(base)
+            except OSError as e:
+                raise ExtractError(f"cannot recreate socket {sk['path']!r}: "
+                                   f"{e.strerror or e}") from None
+            finally:
+                s.close()
+            if os.geteuid() == 0:
+                os.chown(base, sk["uid"], sk["gid"], dir_fd=dfd, follow_symlinks=False)
+            os.chmod(base, sk["mode"], dir_fd=dfd)  # just bound here: not a symlink
+            os.utime(base, ns=(sk["mtime_ns"], sk["mtime_ns"]), dir_fd=dfd,
+                     follow_symlinks=False)
+            os.utime(dfd, ns=(before.st_atime_ns, before.st_mtime_ns))
+        finally:
+            os.close(dfd)
+
+
+def _swap(parent_fd: int, tmp_fd: int, inner: str, name: str, job: str, existed: bool,
+          shown: str) -> None:
+    """Rename the complete tree ``tmp_fd/inner`` to ``name``; an older one goes, after."""
+    if not _exists(tmp_fd, inner):
+        raise ExtractError(f"the archive did not hold {inner!r}")
+    old = _own(name, _OLD, job)
+    if existed:
+        os.rename(name, old, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+    try:
+        os.rename(inner, name, src_dir_fd=tmp_fd, dst_dir_fd=parent_fd)
+    except OSError:
+        if existed:
+            os.rename(old, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+        raise
+    if existed:
+        _remove(parent_fd, old)
+
+
+def pack_to_stdout(spec: dict) -> int:
+    """``tar -c`` of ``spec["root"]/spec["rel"]`` onto stdout, its parent opened by descriptor.
+
+    The parent is walked without following symlinks, so a symlink planted on the way
+    cannot make root archive (and send home) something outside the host's scratch. Does
+    not return on success (exec); returns 2 with one line on stderr when the path is bad.
+    """
+    from inventory.beneath import BeneathError, open_dir_beneath, open_root
+
+    parent_rel, _, name = spec["rel"].rpartition("/")
+    shown = spec.get("display") or spec["rel"]
+    try:
+        root = open_root(spec["root"])
+        parent = open_dir_beneath(root, parent_rel, display=spec["root"])
+        if not _exists(parent, name):
+            raise BeneathError(2, "does not exist", shown)
+        os.fchdir(parent)
+    except BeneathError as e:
+        sys.stderr.write(f"{e}\n")
+        return 2
+    sys.stdout.flush()
+    os.execvp("tar", ["tar", "-c", "-f", "-", "--format=posix",
+                      "--pax-option=delete=atime,delete=ctime", "--", name])
+    return 127  # not reached
+
+
+def probe(spec: dict) -> dict:
+    """What a node holds after its unpacker went silent: ``{"tree", "path"}``.
+
+    ``tree`` is ``"partial"`` when this run's temporary directory (``.NAME.chiba-tmp-JOB``)
+    is there (``path`` names it), else ``"none"``. Walks like :func:`extract`, creates
+    nothing, takes no lock (it reads two names). Raises BeneathError when the parent
+    cannot be walked.
+    """
+    from inventory.beneath import BeneathError, open_dir_beneath, open_root
+
+    parent_rel, _, name = spec["rel"].rpartition("/")
+    shown_parent = (spec.get("display") or spec["rel"]).rpartition("/")[0] or "/"
+    tmp = _own(name, _TMP, spec["job"])
+    root = open_root(spec["root"])
+    try:
+        parent = open_dir_beneath(root, parent_rel, display=spec["root"])
+    except BeneathError as e:
+        if e.errno == 2:  # the parent is not there: nothing of this run either
+            return {"tree": "none", "path": None}
+        raise
+    finally:
+        os.close(root)
+    try:
+        if _exists(parent, tmp):
+            return {"tree": "partial", "path": f"{shown_parent.rstrip('/')}/{tmp}"}
+        return {"tree": "none", "path": None}
+    finally:
+        os.close(parent)
+
+
+def node_main(action: str, spec_json: str) -> int:
+    """``transit_agent extract|pack|probe SPEC``: the node-side (and home-side) half."""
+    spec = json.loads(spec_json)
+    if action == "pack":
+        return pack_to_stdout(spec)
+    if action == "probe":
+        sys.stdout.write(RESULT_TAG + json.dumps(probe(spec)) + "\n")
+        return 0
+    if spec.get("input", "-") == "-":
+        res = extract(spec, sys.stdin.buffer)
+    else:
+        with open(spec["input"], "rb") as f:
+            res = extract(spec, f)
+    sys.stdout.write(RESULT_TAG + json.dumps(res) + "\n")
+    sys.stdout.flush()
+    return 0 if res["ok"] else 1
+
+
+def node_result(r) -> dict | None:
+    """The tagged result line of a node's ``extract`` (a RunResult), or None when missing."""
+    for line in r.out.splitlines():
+        if line.startswith(RESULT_TAG):
+            try:
+                return json.loads(line[len(RESULT_TAG):])
+            except ValueError:
+                return None
+    return None
 
 
 def run_plan(plan: dict) -> dict:
@@ -90,15 +539,24 @@ def run_plan(plan: dict) -> dict:
             except Exception as e:  # TransportError names the host and path
                 n, r = 0, RunResult(h.name, UNREACHABLE, error=str(e))
         elif action == "unpack":
+            # the node's own agent unpacks by descriptor (node_main); its timeout is its own,
+            # this one only stops a node that never answers
+            limit = timeout + 30 if timeout else None
             if plan.get("mode") == "read":  # the node reads the tar from its mayor's disk
-                r = transport.run(h, unpack_command(c["dest"], plan["file"]), timeout=timeout)
-            else:  # the mayor streams the tar into the node's tar -x
+                r = transport.run(h, c["argv"], timeout=limit)
+            else:  # the mayor streams the tar into the node's unpacker
                 with open(plan["file"], "rb") as f:
-                    r = transport.run(h, unpack_command(c["dest"]), timeout=timeout, stdin=f)
+                    r = transport.run(h, c["argv"], timeout=limit, stdin=f)
+            got = node_result(r)
             n = plan.get("bytes", 0) if r.ok else 0
-            if not r.ok and "Wrote only" in r.err:
-                # GNU tar reports ENOSPC as a short write without saying why
-                why = f"{r.reason()} (short write: no space left on {c['dest']}?)"
+            if got is not None:
+                return {**got, "rc": r.rc, "bytes": n, "seconds": round(time.monotonic() - s, 6),
+                        "end": round(time.monotonic() - t0, 6)}
+            return {"ok": False, "rc": UNREACHABLE if r.error or r.ok else r.rc,
+                    "error": r.reason() or "the node's unpacker printed no result",
+                    "tree": "unknown", "path": None, "previous": None, "bytes": 0,
+                    "seconds": round(time.monotonic() - s, 6),
+                    "end": round(time.monotonic() - t0, 6)}
         else:
             raise ValueError(f"unknown action {action!r}")
         return {"ok": r.ok, "rc": UNREACHABLE if r.error else r.rc, "error": why or r.reason() or None,
@@ -120,7 +578,13 @@ def run_plan(plan: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Read the plan from stdin, run it, print one tagged JSON line, exit with the compacted rc."""
+    """Read the plan from stdin, run it, print one tagged JSON line, exit with the compacted rc.
+
+    ``extract SPEC`` and ``pack SPEC`` (JSON) run the node-side half instead (node_main).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv:
+        return node_main(argv[0], argv[1])
     try:
         plan = json.load(sys.stdin)
         result = run_plan(plan)

@@ -147,6 +147,20 @@ def test_staged_marker(tmp_path):
         os.close(rfd)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_staged_marker_forged_by_another_user_is_not_trusted(tmp_path):
+    """In a sticky, world-writable scratch a user can create .B.chiba-staged beside B."""
+    (tmp_path / "B").mkdir()
+    forged = tmp_path / ".B.chiba-staged"
+    forged.write_text("forged\n")
+    os.chown(forged, 4321, 4321)
+    rfd = open_root(str(tmp_path))
+    try:
+        assert not was_staged(rfd, "B")
+    finally:
+        os.close(rfd)
+
+
 def test_check_source(tmp_path):
     from inventory.source import check_source
 

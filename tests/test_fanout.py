@@ -14,12 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chiba_admin.errors import TransportError
+from chiba_admin.errors import TransportError, UsageError
 from legacy_transit.fanout import (GroupResult, LineSplitter, compact_rc, group_outputs,
                                    run_on, window)
 from legacy_transit.rsync import parse_stats, rsync_argv, ssh_command
 from legacy_transit.transit import plan_transit
-from legacy_transit.transit_agent import unpack_command
+from legacy_transit.transit_agent import tar_x_argv
 from legacy_transit.transport import (RunResult, Transport, UNREACHABLE, command_line,
                                       env_prefixed, transport_for)
 from conftest import DEMO
@@ -175,9 +175,9 @@ def test_command_line_forms():
     assert command_line(["printf", "%s", "a b"]) == "printf %s 'a b'"
     assert command_line("ls | wc -l") == "ls | wc -l"
     assert env_prefixed("echo $X", {"X": "1"}) == "env X=1 sh -c 'echo $X'"
-    line = unpack_command("/s/it's $(x)", "/m/t.tar")
-    assert line == ("mkdir -p -- '/s/it'\"'\"'s $(x)' && tar -x -f /m/t.tar -C "
-                    "'/s/it'\"'\"'s $(x)' --no-same-owner")
+    # the node's tar -x reads stdin in a directory opened by descriptor: no path, no -C
+    assert tar_x_argv()[:5] == ["tar", "-x", "-f", "-", "-p"] and "-C" not in tar_x_argv()
+    assert "--no-same-owner" not in tar_x_argv()
     assert type(transport_for("embedded")).__name__ == "LocalTransport"
     assert type(transport_for("ssh")).__name__ == "SSHTransport"
 
@@ -190,7 +190,10 @@ def test_plan_transit_routes_and_dest_rule(tmp_path):
         [("mayor1", ["ccn01", "ccn02"]), ("mayor2", ["ccn07"])]
     assert p.dests["ccn01"] == "/scratch/d" and p.same_host
     assert p.legs[0].tar.startswith("/var/spool/chiba/transit-d-")
-    assert plan_transit(topo, str(tmp_path / "d"), ["ccn01"], "/abs").dests["ccn01"] == "/abs"
+    assert plan_transit(topo, str(tmp_path / "d"), ["ccn01"], "/scratch/abs").dests["ccn01"] \
+        == "/scratch/abs"
+    with pytest.raises(UsageError, match="outside the host's scratch"):
+        plan_transit(topo, str(tmp_path / "d"), ["ccn01"], "/abs")
     assert plan_transit(topo, str(tmp_path / "d"), ["ccn01"], "r/x").dests["ccn01"] == \
         "/scratch/r/x"
 

@@ -91,9 +91,9 @@ def test_transit_default_relative_absolute_dest(demo, tmp_path):
     assert res["ok"] and res["dest"] == "/scratch/jobs/1"
     assert_same_tree(src, _h(state, "ccn07", "scratch", "jobs", "1"))
     assert not _h(state, "ccn01", "scratch", "jobs").exists()
-    res = stage_transit(topo, str(src), ["ccn05"], "/tmp/abs")
-    assert res["ok"] and res["dest"] == "/tmp/abs"
-    assert_same_tree(src, _h(state, "ccn05", "tmp", "abs"))
+    res = stage_transit(topo, str(src), ["ccn05"], "/scratch/abs")
+    assert res["ok"] and res["dest"] == "/scratch/abs"
+    assert_same_tree(src, _h(state, "ccn05", "scratch", "abs"))
 
 
 def test_transit_single_file_renamed(demo, tmp_path):
@@ -108,10 +108,17 @@ def test_transit_single_file_renamed(demo, tmp_path):
         assert _h(state, n, "scratch", "inputs", "$(x) it's.bin").read_bytes() == f.read_bytes()
     res = stage_transit(topo, str(f), ["ccn03"])
     assert _h(state, "ccn03", "scratch", "in put.bin").read_bytes() == f.read_bytes()
+    # staged again: the file is replaced, nothing is left beside it but the marker
+    f.write_bytes(b"second")
+    assert stage_transit(topo, str(f), ["ccn03"])["ok"]
+    assert _h(state, "ccn03", "scratch", "in put.bin").read_bytes() == b"second"
+    assert sorted(p.name for p in _h(state, "ccn03", "scratch").iterdir()) == \
+        [".in put.bin.chiba-staged", "in put.bin"]
 
 
 @pytest.mark.parametrize("src,nodes,msg", [
     ("missing", NODES, "source does not exist"),
+    ("", NODES, "no SRC given"),
     ("ok", ["ccn99"], "unknown host 'ccn99'"),
     ("ok", [], "no nodes selected"),
     ("ok", ["mayor1"], "mayor1 is a mayor"),
@@ -120,7 +127,7 @@ def test_transit_bad_input_touches_nothing(demo, tmp_path, src, nodes, msg):
     from legacy_transit.transit import stage_transit
 
     topo, state = demo
-    path = make_tree(tmp_path / "ok") if src == "ok" else tmp_path / "missing"
+    path = make_tree(tmp_path / "ok") if src == "ok" else tmp_path / src if src else ""
     before = sorted(p for p in state.rglob("*"))
     with pytest.raises(UsageError, match=msg.replace("(", r"\(")):
         stage_transit(topo, str(path), nodes)
@@ -132,16 +139,17 @@ def test_transit_one_node_cannot_write_others_finish(demo, tmp_path):
 
     topo, state = demo
     src = make_tree(tmp_path / "data")
-    # ccn06's destination is a file: mkdir -p fails there, as a full or broken disk would
-    (_h(state, "ccn06", "scratch", "data")).write_text("in the way")
-    res = stage_transit(topo, str(src), NODES)
+    # on ccn06 the destination's parent is a file, as a broken disk layout would be
+    (_h(state, "ccn06", "scratch", "jobs")).write_text("in the way")
+    res = stage_transit(topo, str(src), NODES, "jobs/data")
     assert not res["ok"] and set(res["failures"]) == {"ccn06"}
     assert res["hosts"]["ccn06"]["stage"] == "unpack"
-    assert "File exists" in res["hosts"]["ccn06"]["error"] or \
-        "Not a directory" in res["hosts"]["ccn06"]["error"]
+    assert "jobs: is not a directory" in res["hosts"]["ccn06"]["error"]
+    assert res["hosts"]["ccn06"]["tree"] == "none"
     for n in NODES:
         if n != "ccn06":
-            assert_same_tree(src, _h(state, n, "scratch", "data"))
+            assert_same_tree(src, _h(state, n, "scratch", "jobs", "data"))
+            assert res["hosts"][n]["tree"] == "complete"
     assert os.listdir(_h(state, "mayor2", "var/spool/chiba")) == []  # cleaned despite failure
 
 
@@ -277,7 +285,8 @@ def test_stage_and_collect_cli_method_transit(demo, cli, tmp_path):
         assert_same_tree(src, _h(state, n, "scratch", "cli src"))
     _h(state, "ccn02", "scratch", "cli src").write_text("blocks the directory")
     r = cli("stage", str(src), "--nodes", "ccn0[1-2]", "--method", "transit")
-    assert r.code == 1 and "ccn02" in r.err and "ccn01" not in r.err
+    assert r.code == 1 and "ccn02: unpack:" in r.err and "ccn01:" not in r.err
+    assert "complete tree on ccn01 (1); no tree from this run on ccn02 (1)" in r.err
     r = cli("collect", "cli src", "--nodes", "@town2", "--method", "transit", "--dest",
             str(tmp_path / "back"))
     assert r.code == 0, r.err
@@ -305,3 +314,406 @@ def test_transit_home_server_not_president(tmp_path):
         assert_same_tree(src, tmp_path / "state" / "hosts" / n / "scratch" / "d")
     for h in ("pres", "mayor1", "mayor2"):
         assert os.listdir(tmp_path / "state" / "hosts" / h / "var/spool/chiba") == []
+
+
+# --- safety (issue 14): confinement, descriptors, owners, locks, truthful failures ----------
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="owners, setuid and device nodes need root")
+
+
+def _snapshot(state: Path) -> dict:
+    """Every entry under the cluster's state: type, mode, owner, size, mtime, inode, ctime."""
+    out = {}
+    for d, dirs, files in os.walk(state):
+        for n in dirs + files:
+            st = os.lstat(os.path.join(d, n))
+            out[os.path.join(d, n)] = (st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns,
+                                       st.st_ino, st.st_ctime_ns)
+    return out
+
+
+@pytest.mark.parametrize("dest,msg", [
+    ("../../etc", "'..' component"),
+    ("/", "root directory"),
+    (".", "is the host's scratch directory"),
+    ("/tmp/abs", "outside the host's scratch"),
+    ("", "empty --dest"),
+])
+def test_transit_dest_confined_exit_2_nothing_touched(demo, cli, tmp_path, dest, msg):
+    topo, state = demo
+    src = make_tree(tmp_path / "data")
+    before = _snapshot(state)
+    r = cli("stage", str(src), "--nodes", "@nodes", "--method", "transit", "--dest", dest)
+    assert r.code == 2 and msg in r.err and "ccn01" in r.err, r.err
+    assert _snapshot(state) == before
+
+
+@pytest.mark.parametrize("path,msg", [("../../..", "'..' component"), ("/", "root directory"),
+                                      (".", "scratch directory")])
+def test_collect_transit_path_confined(demo, cli, tmp_path, path, msg):
+    topo, state = demo
+    before = _snapshot(state)
+    r = cli("collect", path, "--nodes", "@nodes", "--method", "transit", "--dest",
+            str(tmp_path / "back"))
+    assert r.code == 2 and msg in r.err and "PATH" in r.err, r.err
+    assert _snapshot(state) == before and not (tmp_path / "back").exists()
+
+
+def test_transit_planted_symlink_in_scratch_not_followed(demo, cli, tmp_path):
+    topo, state = demo
+    src = make_tree(tmp_path / "data")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    os.symlink(victim, _h(state, "ccn03", "scratch", "jobdir"))  # a user's plant on ccn03
+    r = cli("--json", "stage", str(src), "--nodes", "ccn0[2-3]", "--method", "transit",
+            "--dest", "jobdir/x")
+    res = r.json()
+    assert r.code == 1 and set(res["failures"]) == {"ccn03"}
+    assert "jobdir: is a symbolic link (not followed)" in res["failures"]["ccn03"]
+    assert res["hosts"]["ccn03"]["tree"] == "none"
+    assert os.listdir(victim) == []
+    assert_same_tree(src, _h(state, "ccn02", "scratch", "jobdir", "x"))
+    # collect does not follow it either (root would read /anywhere and send it home)
+    (victim / "x").mkdir()
+    (victim / "x" / "secret").write_text("root only")
+    r = cli("--json", "collect", "jobdir/x", "--nodes", "ccn03", "--method", "transit",
+            "--dest", str(tmp_path / "back"))
+    assert r.code == 1 and "symbolic link" in r.json()["failures"]["ccn03"]
+    assert not list((tmp_path / "back").rglob("secret"))
+
+
+@needs_root
+def test_transit_keeps_owners_setuid_fifo_mtimes_as_rsync(demo, cli, tmp_path):
+    """As root: a user's setuid file stays the user's (never root's), FIFOs, modes, mtimes,
+    absolute symlinks as rsync -a keeps them; then collect brings the same tree home."""
+    topo, state = demo
+    src = make_tree(tmp_path / "own")
+    su = src / "user-suid"
+    su.write_bytes(b"#!/bin/sh\n")
+    os.chown(su, 4321, 4322)
+    os.chmod(su, 0o4755)
+    os.mkfifo(src / "fifo")
+    (src / os.fsdecode(b"caf\xe9 non-utf8")).write_bytes(b"latin-1 name")
+    os.link(src / "plain.txt", src / "sub dir" / "hard link")
+    import socket
+
+    sk = socket.socket(socket.AF_UNIX)
+    sk.bind(str(src / "sub dir" / "sock"))  # GNU tar skips sockets; rsync -a keeps them
+    sk.close()
+    os.chown(src / "sub dir" / "sock", 4321, 4322)
+    os.utime(src / "sub dir" / "sock", ns=(1, 1_400_000_000_000_000_001), follow_symlinks=False)
+    os.symlink("/etc/passwd", src / "abs-link")
+    (src / "g").mkdir(mode=0o2775)
+    os.chmod(src / "g", 0o2775)
+    os.chown(src / "g", 4321, 4322)
+    for p in ("plain.txt", "fifo", "abs-link"):  # rsync sets them only when they differ
+        os.utime(src / p, ns=(1, 1_500_000_000_123_456_789), follow_symlinks=False)
+    for i, (d, _, _) in enumerate(sorted(os.walk(src), reverse=True)):  # bottom-up
+        # past mtimes: rsync -a leaves a time alone when it is within the current second
+        os.utime(d, ns=(1, 1_200_000_000_000_000_000 + i))
+    os.chown(src, 4321, 4322)  # the tree's top directory keeps its owner and mode too
+    os.chmod(src, 0o2750)
+    ref = tmp_path / "rsync-ref"
+    subprocess.run(["rsync", "-a", f"{src}/", str(ref)], check=True)
+    r = cli("stage", str(src), "--nodes", "ccn0[1,5]", "--method", "transit")
+    assert r.code == 0, r.err
+    r = cli("collect", "own", "--nodes", "ccn05", "--method", "transit", "--dest",
+            str(tmp_path / "back"))
+    assert r.code == 0, r.err
+    for got in (_h(state, "ccn01", "scratch", "own"), _h(state, "ccn05", "scratch", "own"),
+                tmp_path / "back" / "ccn05" / "own"):
+        if got.parent.name == "ccn05" and got.parent.parent.name == "back":
+            # collect: the node's GNU tar skips the socket (README); all else as rsync -a
+            mtime = os.lstat(ref / "sub dir").st_mtime_ns
+            (ref / "sub dir" / "sock").unlink()
+            os.utime(ref / "sub dir", ns=(1, mtime))
+        assert _meta(got) == _meta(ref)
+        assert os.lstat(got / "plain.txt").st_ino == \
+            os.lstat(got / "sub dir" / "hard link").st_ino  # one file, two names
+        top, want = os.lstat(got), os.lstat(ref)
+        assert (top.st_mode, top.st_uid, top.st_gid) == (want.st_mode, want.st_uid, want.st_gid)
+        st = os.lstat(got / "user-suid")
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (4321, 4322, 0o4755)
+
+
+def _meta(root: Path) -> dict:
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            st = os.lstat(p)
+            link = os.readlink(p) if os.path.islink(p) else None
+            mtime = st.st_mtime_ns  # directories too: rsync -a and tar both keep them
+            out[os.path.relpath(p, root)] = (st.st_mode, st.st_uid, st.st_gid, link, mtime)
+    return out
+
+
+@needs_root
+def test_transit_device_node_refused_before_anything_is_sent(demo, cli, tmp_path):
+    topo, state = demo
+    src = make_tree(tmp_path / "dev")
+    os.mknod(src / "sub dir" / "null", 0o600 | __import__("stat").S_IFCHR, os.makedev(1, 3))
+    before = _snapshot(state)
+    r = cli("stage", str(src), "--nodes", "@nodes", "--method", "transit")
+    assert r.code == 2 and "character device node" in r.err and "sub dir/null" in r.err
+    assert _snapshot(state) == before
+
+
+def test_transit_existing_destination_not_staged_refused_unless_replace(demo, cli, tmp_path):
+    from legacy_transit.transit import stage_transit
+
+    topo, state = demo
+    src = make_tree(tmp_path / "data")
+    mine = _h(state, "ccn06", "scratch", "data")
+    mine.mkdir()
+    (mine / "someone's results").write_text("precious")
+    r = cli("--json", "stage", str(src), "--nodes", "ccn0[5-6]", "--method", "transit")
+    res = r.json()
+    assert r.code == 1 and set(res["failures"]) == {"ccn06"}
+    assert "exists and was not made by chiba-admin" in res["failures"]["ccn06"]
+    assert "--replace" in res["failures"]["ccn06"]
+    assert res["hosts"]["ccn06"]["previous"] == "/scratch/data"
+    assert os.listdir(mine) == ["someone's results"]
+    assert_same_tree(src, _h(state, "ccn05", "scratch", "data"))
+    # a destination an earlier stage made is replaced, not merged: the result is the source
+    (src / "plain.txt").unlink()
+    assert stage_transit(topo, str(src), ["ccn05"])["ok"]
+    assert_same_tree(src, _h(state, "ccn05", "scratch", "data"))
+    # --replace: the user says the existing one may go
+    res = stage_transit(topo, str(src), ["ccn06"], replace=True)
+    assert res["ok"], res["failures"]
+    assert_same_tree(src, mine)
+    assert sorted(p.name for p in mine.parent.iterdir()) == [".data.chiba-staged", "data"]
+
+
+def test_transit_failed_unpack_reported_truthfully(demo, cli, tmp_path):
+    """An archive swapped on mayor2's spool after packing: its nodes refuse it before tar reads
+    a byte (per-chunk hashes), keep their earlier tree; the report says who holds what."""
+    from legacy_transit.transit import stage_transit
+
+    topo, state = demo
+    src = make_tree(tmp_path / "data")
+    assert stage_transit(topo, str(src), ["ccn05"])["ok"]  # an earlier, complete tree
+    (src / "plain.txt").write_text("version 2")
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "plain.txt").write_text("swapped")
+    subprocess.run(["tar", "-c", "-f", str(tmp_path / "evil.tar"), "-C", str(evil), "."],
+                   check=True)
+
+    def swap(event, **info):  # runs in the driver between to_mayors and unpack
+        if event == "start" and info.get("stage") == "unpack":
+            for t in _h(state, "mayor2", "var/spool/chiba").glob("transit-*.tar"):
+                t.write_bytes((tmp_path / "evil.tar").read_bytes())
+
+    res = stage_transit(topo, str(src), ["ccn01", "ccn05", "ccn06"], progress=swap)
+    assert not res["ok"] and set(res["failures"]) == {"ccn05", "ccn06"}
+    for n in ("ccn05", "ccn06"):
+        assert "differs from what the home server packed" in res["failures"][n]
+        assert res["hosts"][n]["tree"] == "none"
+        assert not [p for p in _h(state, n, "scratch").iterdir() if "chiba-tmp" in p.name]
+    assert "nothing of this run is left on it; /scratch/data is as it was" in \
+        res["failures"]["ccn05"]
+    assert (_h(state, "ccn05", "scratch", "data", "plain.txt").read_text()
+            == "plain.txt\n0\n")  # the earlier tree, untouched
+    assert not _h(state, "ccn06", "scratch", "data").exists()
+    assert res["hosts"]["ccn01"]["tree"] == "complete"
+    assert res["hosts"]["ccn01"]["tree_path"] == "/scratch/data"
+    assert_same_tree(src, _h(state, "ccn01", "scratch", "data"))
+    assert res["outcome"] == ("complete tree on ccn01 (1); no tree from this run on "
+                              "ccn[05-06] (2)")
+    # the CLI prints the same truth (no "nothing was committed on any node")
+    _h(state, "ccn02", "scratch", "data").write_text("in the way")
+    r = cli("stage", str(src), "--nodes", "ccn0[1-2]", "--method", "transit")
+    assert r.code == 1 and "nothing was committed" not in r.err
+    assert "complete tree on ccn01 (1); no tree from this run on ccn02 (1)" in r.err
+
+
+def test_transit_second_run_on_a_locked_destination_refused(demo, cli, tmp_path):
+    """A run holding ccn02's destination lock (the one every method takes) refuses ours there."""
+    from inventory.beneath import lock_dest, open_root, unlock_dest
+
+    topo, state = demo
+    src = make_tree(tmp_path / "data")
+    parent = open_root(str(_h(state, "ccn02", "scratch")))
+    held = lock_dest(parent, "data")
+    try:
+        r = cli("--json", "stage", str(src), "--nodes", "ccn0[1-2]", "--method", "transit")
+    finally:
+        unlock_dest(parent, "data", held)
+        os.close(parent)
+    res = r.json()
+    assert r.code == 1 and set(res["failures"]) == {"ccn02"}
+    assert "another chiba-admin run is writing this destination" in res["failures"]["ccn02"]
+    assert "/scratch/data" in res["failures"]["ccn02"]
+    assert not _h(state, "ccn02", "scratch", "data").exists()
+    assert_same_tree(src, _h(state, "ccn01", "scratch", "data"))
+
+
+def _crafted(path: Path, members: list) -> Path:
+    """A tar of (name, kind, extra) members as a compromised node would send."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as t:
+        for name, kind, extra in members:
+            m = tarfile.TarInfo(name)
+            data = None
+            if kind == "file":
+                data = extra.encode()
+                m.size = len(data)
+            elif kind == "dir":
+                m.type, m.mode = tarfile.DIRTYPE, 0o755
+            elif kind == "sym":
+                m.type, m.linkname = tarfile.SYMTYPE, extra
+            elif kind == "hard":
+                m.type, m.linkname = tarfile.LNKTYPE, extra
+            elif kind == "chr":
+                m.type, m.devmajor, m.devminor = tarfile.CHRTYPE, 1, 3
+            t.addfile(m, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _chain(depth: int = 16) -> list:
+    """The CVE-2025-4517 shape: nested symlinked directories, then a file through them."""
+    out, d = [], "r"
+    out.append(("r", "dir", None))
+    for i in range(depth):
+        out += [(f"{d}/{'a' * 200}", "dir", None), (f"{d}/l{i}", "sym", "a" * 200)]
+        d = f"{d}/l{i}"
+    out += [(f"r/esc", "sym", "/".join(f"l{i}" for i in range(depth)) + "/" + "../" * 40),
+            ("r/esc/pwned", "file", "x")]
+    return out
+
+
+HOSTILE = {
+    "dotdot": [("r", "dir", None), ("r/../../../../pwned", "file", "x")],
+    "absolute": [("r", "dir", None), ("/tmp/pwned", "file", "x")],
+    "symlink-then-file": [("r", "dir", None), ("r/l", "sym", "/tmp/victim"),
+                          ("r/l/pwned", "file", "x")],
+    "device": [("r", "dir", None), ("r/null", "chr", None)],
+    "hardlink-out": [("r", "dir", None), ("r/h", "hard", "/etc/passwd")],
+    "symlink-chain": _chain(),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_collect_hostile_archive_from_a_node(demo, cli, tmp_path, monkeypatch, kind):
+    """ccn02 is compromised: its `tar -c` sends a crafted archive. The home server writes
+    nothing outside DIR/ccn02/r, creates no device, and commits nothing of it."""
+    topo, state = demo
+    assert cli("stage", str(make_tree(tmp_path / "r")), "--nodes", "ccn0[1-2]", "--method",
+               "transit").code == 0
+    crafted = _crafted(tmp_path / "crafted.tar", HOSTILE[kind])
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "tar").write_text(f'#!/bin/sh\nif [ "$CHIBA_HOST" = ccn02 ] && [ "$1" = -c ]; then '
+                              f'exec cat {crafted}; fi\nexec {_real_tar()} "$@"\n')
+    (fake / "tar").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    home = tmp_path / "home"
+    home.mkdir()
+    before = _snapshot(tmp_path / "state")
+    r = cli("--json", "collect", "r", "--nodes", "ccn0[1-2]", "--method", "transit", "--dest",
+            str(home / "back"))
+    res = r.json()
+    assert r.code == 1 and set(res["failures"]) == {"ccn02"}, res["failures"]
+    assert res["hosts"]["ccn02"]["tree"] == "none"
+    assert "home:" in res["failures"]["ccn02"]
+    assert sorted(os.listdir(home / "back")) == ["ccn01"]  # nothing of ccn02, not even temp
+    assert_same_tree(tmp_path / "r", home / "back" / "ccn01" / "r")
+    assert os.listdir(victim) == [] and not Path("/tmp/pwned").exists()
+    assert not list(tmp_path.rglob("pwned")) and not list(tmp_path.rglob("null"))
+    assert _snapshot(tmp_path / "state") == before
+
+
+def _real_tar() -> str:
+    import shutil
+
+    return shutil.which("tar")
+
+
+def test_collect_existing_copy_not_collected_refused_unless_replace(demo, cli, tmp_path):
+    from legacy_transit.transit import collect_transit
+
+    topo, state = demo
+    src = make_tree(tmp_path / "r")
+    assert cli("stage", str(src), "--nodes", "ccn0[1-2]", "--method", "transit").code == 0
+    mine = tmp_path / "back" / "ccn02" / "r"
+    mine.mkdir(parents=True)
+    (mine / "notes").write_text("mine")
+    r = cli("--json", "collect", "r", "--nodes", "ccn0[1-2]", "--method", "transit", "--dest",
+            str(tmp_path / "back"))
+    assert r.code == 1 and set(r.json()["failures"]) == {"ccn02"}
+    assert "was not made by chiba-admin" in r.json()["failures"]["ccn02"]
+    assert os.listdir(mine) == ["notes"]
+    # collecting again into what collect made replaces it; --replace replaces the other one
+    assert collect_transit(topo, "r", ["ccn01"], str(tmp_path / "back"))["ok"]
+    assert collect_transit(topo, "r", ["ccn02"], str(tmp_path / "back"), replace=True)["ok"]
+    for n in ("ccn01", "ccn02"):
+        assert_same_tree(src, tmp_path / "back" / n / "r")
+
+
+def _pids_of(needle: bytes) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if needle in (p / "cmdline").read_bytes():
+                    out.append(int(p.name))
+            except OSError:
+                pass
+    return out
+
+
+def test_transit_node_killed_mid_unpack_partial_reported_then_swept(demo, tmp_path):
+    """ccn01's unpacker dies (SIGKILL) after feeding tar one chunk: the node never reports,
+    the driver asks it and says where the partial tree is; the next run removes it."""
+    import signal
+    import threading
+
+    from legacy_transit.transit import stage_transit
+
+    topo, state = demo
+    src = make_tree(tmp_path / "data")
+    for i in range(3):
+        (src / f"big{i}.bin").write_bytes(os.urandom(700_000))
+    node_root = str(_h(state, "ccn01", "scratch")).encode()
+    fed = threading.Event()
+
+    def feeder(fifo: Path, data: bytes):
+        with open(fifo, "wb") as w:  # blocks until ccn01's unpacker opens it (a barrier)
+            # more than one 1 MiB chunk plus a pipe's worth: once this returns, the unpacker
+            # has verified chunk 1, handed it to tar and is reading chunk 2
+            w.write(data[:(1 << 20) + (1 << 17)])
+            for pid in _pids_of(node_root):
+                if b"extract" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+            fed.set()
+
+    def swap(event, **info):  # mayor1's tar becomes a FIFO that the test feeds
+        if event == "start" and info.get("stage") == "unpack":
+            tar = next(_h(state, "mayor1", "var/spool/chiba").glob("transit-*.tar"))
+            data = tar.read_bytes()
+            tar.unlink()
+            os.mkfifo(tar)
+            threading.Thread(target=feeder, args=(tar, data), daemon=True).start()
+
+    res = stage_transit(topo, str(src), ["ccn01", "ccn05"], progress=swap)
+    assert fed.is_set()
+    h = res["hosts"]["ccn01"]
+    assert not res["ok"] and set(res["failures"]) == {"ccn01"}
+    tmp = [p for p in _h(state, "ccn01", "scratch").iterdir() if ".chiba-tmp-" in p.name]
+    assert len(tmp) == 1 and h["tree"] == "partial"
+    assert h["tree_path"] == f"/scratch/{tmp[0].name}"
+    assert f"a partial tree is left at /scratch/{tmp[0].name}" in res["failures"]["ccn01"]
+    assert any(p.is_file() for p in tmp[0].rglob("*"))  # tar unpacked what it was given
+    assert not _h(state, "ccn01", "scratch", "data").exists()
+    assert res["outcome"] == ("complete tree on ccn05 (1); PARTIAL tree on ccn01 (1)")
+    # the next run on that destination holds its lock: the dead run's leftovers go
+    assert stage_transit(topo, str(src), ["ccn01"])["ok"]
+    assert sorted(p.name for p in _h(state, "ccn01", "scratch").iterdir()) == \
+        [".data.chiba-staged", "data"]
+    assert_same_tree(src, _h(state, "ccn01", "scratch", "data"))

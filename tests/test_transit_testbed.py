@@ -111,3 +111,43 @@ def test_rsync_on_testbed(tb, tmp_path):
         assert all(h["files_transferred"] == 0 for h in json.loads(out)["hosts"].values())
     finally:
         _cleanup(tb, ["mayor1", "mayor2"], "/opt/chiba/repo/lt-repo")
+
+
+def test_transit_safety_over_ssh(tb, tmp_path):
+    """Over real SSH (the mayors stream the tar into each node's unpacker): --dest confined,
+    a planted symlink and a held lock refuse only their node, a re-stage replaces."""
+    from inventory.beneath import lock_dest, open_root, unlock_dest
+
+    src = make_tree(tmp_path / "payload")
+    scratch = {n: _data(tb, n, "scratch") for n in ("ccn01", "ccn02", "ccn03")}
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    try:
+        code, out, err = _cli(tb, "stage", str(src), "--nodes", "@nodes", "--method",
+                              "transit", "--dest", "../etc")
+        assert code == 2 and "'..' component" in err
+        (scratch["ccn01"] / "lt").mkdir()
+        os.symlink(victim, scratch["ccn01"] / "lt" / "s")  # a user's plant on ccn01
+        (scratch["ccn02"] / "lt" / "s").mkdir(parents=True)
+        parent = open_root(str(scratch["ccn02"] / "lt" / "s"))
+        held = lock_dest(parent, "x")  # another run is writing ccn02's lt/s/x
+        try:
+            code, out, err = _cli(tb, "--json", "stage", str(src), "--nodes", "ccn0[1-3]",
+                                  "--method", "transit", "--dest", "lt/s/x")
+        finally:
+            unlock_dest(parent, "x", held)
+            os.close(parent)
+        res = json.loads(out)
+        assert code == 1 and set(res["failures"]) == {"ccn01", "ccn02"}, res["failures"]
+        assert "symbolic link (not followed)" in res["failures"]["ccn01"]
+        assert "another chiba-admin run" in res["failures"]["ccn02"]
+        assert os.listdir(victim) == []
+        assert res["hosts"]["ccn03"]["tree"] == "complete"
+        assert_same_tree(src, scratch["ccn03"] / "lt" / "s" / "x")
+        (src / "plain.txt").unlink()
+        code, out, err = _cli(tb, "stage", str(src), "--nodes", "ccn03", "--method",
+                              "transit", "--dest", "lt/s/x")
+        assert code == 0, err
+        assert_same_tree(src, scratch["ccn03"] / "lt" / "s" / "x")
+    finally:
+        _cleanup(tb, NODES[:3], "/scratch/lt")

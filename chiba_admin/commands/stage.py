@@ -68,9 +68,12 @@ def render_result(result: dict, verb: str) -> None:
             err.print(f"chiba-admin {verb}: {result['error']}", markup=False)
         for name, why in (result.get("failures") or {}).items():
             err.print(f"chiba-admin {verb}: {name}: {why}", markup=False)
-        err.print(f"chiba-admin {verb}: failed; nothing was committed on any node"
-                  if verb == "stage" else f"chiba-admin {verb}: failed for "
-                  f"{fold(result.get('failures') or {}) or 'some hosts'}", markup=False)
+        if result.get("outcome"):  # what each host holds now, as the method reports it
+            err.print(f"chiba-admin {verb}: failed; {result['outcome']}", markup=False)
+        else:
+            err.print(f"chiba-admin {verb}: failed; nothing was committed on any node"
+                      if verb == "stage" else f"chiba-admin {verb}: failed for "
+                      f"{fold(result.get('failures') or {}) or 'some hosts'}", markup=False)
 
 
 def _finish(ctx, result: dict, verb: str) -> int:
