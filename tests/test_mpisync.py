@@ -128,7 +128,7 @@ def test_bad_input_changes_nothing(embedded, cli, tmp_path):
     r = cli("sync-mayors", str(empty), "--delete")
     assert r.code == 2 and "source directory is empty" in r.err
     r = cli("sync-mayors", str(tmp_path / "missing"))
-    assert r.code == 2 and "source directory not found" in r.err
+    assert r.code == 2 and "source does not exist" in r.err
     src = make_repo(str(tmp_path / "src"), nfiles=3)
     r = cli("sync-mayors", src, "--targets", "mayor[1-3]")
     assert r.code == 2 and "unknown host(s) mayor3" in r.err
