@@ -238,7 +238,9 @@ class _Target:
         if self.error or self.opts["dry_run"] or self.tree is None:
             return
         try:
-            self._took(make_dirs(self.tree, self.plan))
+            made = make_dirs(self.tree, self.plan)  # clears, then mkdirs
+            self._took(made)
+            self.stats["deleted"] += made.deleted
         except (ChibaError, OSError) as exc:
             self.fail(exc)
 
