@@ -406,3 +406,39 @@ def test_device_node_refused_before_anything_is_sent(embedded, cli, tmp_path, me
     assert r.code == 2 and dev in r.err and "device" in r.err
     assert len(r.err.strip().splitlines()) == 1
     assert os.listdir(repo_of(embedded, "mayor1")) == []
+
+
+from test_transport_ssh import sshd, write_topology  # noqa: E402,F401  (a real sshd)
+
+
+def test_rsync_over_ssh_walks_beneath_locks_and_dry_runs_nothing(cli, tmp_path, sshd):
+    """The rsync guard runs on the target through a real sshd, as --rsync-path."""
+    base = tmp_path / "hosts"
+    path = write_topology(base, sshd)
+    src = str(tmp_path / "src")
+    put(src, "a", b"a")
+    # a dry run to a new path creates nothing on any target
+    r = cli("--cluster", path, "sync-mayors", "--method", "rsync", src, "--dest", "n/p",
+            "--dry-run")
+    assert r.code == 0, r.err
+    assert not (base / "mayor1" / "repo" / "n").exists()
+    # a planted symlink is refused on that target; a held lock refuses the other
+    os.symlink(tmp_path, base / "mayor1" / "repo" / "j")
+    from inventory.beneath import lock_dest, open_root, unlock_dest
+
+    os.makedirs(base / "mayor2" / "repo" / "j")
+    parent = open_root(str(base / "mayor2" / "repo" / "j"))
+    held = lock_dest(parent, "x")
+    try:
+        r = cli("--cluster", path, "sync-mayors", "--method", "rsync", src, "--dest", "j/x")
+    finally:
+        unlock_dest(parent, "x", held)
+        os.close(parent)
+    assert r.code == 1
+    assert "mayor1" in r.err and "symbolic link" in r.err
+    assert "mayor2" in r.err and "another chiba-admin run" in r.err
+    assert not (tmp_path / "x").exists() and not (base / "mayor2" / "repo" / "j" / "x").exists()
+    r = cli("--cluster", path, "sync-mayors", "--method", "rsync", src, "--dest", "j/x",
+            "--targets", "mayor2")
+    assert r.code == 0, r.err
+    assert same(src, str(base / "mayor2" / "repo" / "j" / "x"))
