@@ -22,6 +22,7 @@ MAX_DECODED = 1 << 30  # refuse to inflate more than this: a hostile frame must 
 # magic, version, flags, algo id, reserved, body length, compressed length
 _HEADER = struct.Struct("<8sBBBBQQ")
 _COUNTS = struct.Struct("<IIIII")  # entries, links, errors, skipped, root length
+_ROOT_META = struct.Struct("<BHqII")  # present, mode, mtime_ns, uid, gid of the root dir
 _FLAG_DIGESTS = 1
 _ALGO_IDS = {None: 0, "blake3": 1, "xxh3_128": 2}
 _ALGO_NAMES = {v: k for k, v in _ALGO_IDS.items()}
@@ -114,10 +115,13 @@ def encode_inventory(inv: Inventory, *, level: int = 9) -> bytes:
                                      hint="rescan with checksum=True")
             digests.append(e.digest)
     root = encode_path(inv.root)
+    rm = inv.root_meta
     issues = json.dumps([[i.path, i.message] for i in inv.errors]
                         + [[i.path, i.message] for i in inv.skipped]).encode("ascii")
     body = b"".join([
         _COUNTS.pack(n, len(targets), len(inv.errors), len(inv.skipped), len(root)), root,
+        _ROOT_META.pack(1, rm.mode, rm.mtime_ns, rm.uid, rm.gid) if rm is not None
+        else _ROOT_META.pack(0, 0, 0, 0, 0),
         _column_bytes(shared, "<u4"), _column_bytes(suflen, "<u4"), b"".join(suffixes),
         _column_bytes(kinds, "u1"), _column_bytes(modes, "<u2"), _shuffle(sizes, "<u8"),
         _shuffle(mtimes, "<i8"), _shuffle(uids, "<u4"), _shuffle(gids, "<u4"),
@@ -198,6 +202,10 @@ def _parse_body(r: _Reader, algo: str | None) -> Inventory:
     if n_links > n:
         raise _corrupt("more links than entries")
     root = decode_path(r.take(root_len, "root"))
+    has_rm, rmode, rmtime, ruid, rgid = _ROOT_META.unpack(r.take(_ROOT_META.size, "root meta"))
+    if has_rm > 1 or rmode > 0o7777:
+        raise _corrupt("bad root metadata")
+    root_meta = Entry("", DIR, 0, rmode, rmtime, None, None, ruid, rgid) if has_rm else None
     shared = r.column(n, "<u4", "path prefixes")
     suflen = r.column(n, "<u4", "path lengths")
     blob = r.take(sum(suflen), "paths")
@@ -260,7 +268,7 @@ def _parse_body(r: _Reader, algo: str | None) -> Inventory:
                             uids[i], gids[i])
     errors = [Issue(p, m) for p, m in issues[:n_err]]
     skipped = [Issue(p, m) for p, m in issues[n_err:]]
-    return Inventory(table, errors, skipped, root=root, algo=algo)
+    return Inventory(table, errors, skipped, root=root, algo=algo, root_meta=root_meta)
 
 
 _BAD_SEQUENCES = (b"\0/", b"/\0", b"//", b"\0\0", b"/./", b"/../", b"\0./", b"\0../",

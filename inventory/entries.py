@@ -122,6 +122,9 @@ class Inventory:
     root: str = ""
     algo: str | None = None  # hash algorithm of the digests, None if not hashed
     hidden: set[str] = field(default_factory=set)
+    # the root directory itself (path ""): rsync -a SRC/ DST/ gives DST the mode, mtime and
+    # owner of SRC; None when unknown (a destination not created yet)
+    root_meta: Entry | None = None
 
     @classmethod
     def from_entries(cls, entries: Iterable[Entry], **kw) -> "Inventory":

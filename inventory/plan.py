@@ -73,7 +73,8 @@ class Action:
         if op not in OPS or kind not in KINDS or not isinstance(path, str):
             raise InventoryError(f"malformed plan action {op!r}/{kind!r}", where=str(path),
                                  hint="plan is corrupt")
-        validate_relpath(path)
+        if not (path == "" and op == META and kind == DIR):  # "" is the root's own metadata
+            validate_relpath(path)
         if op == SYMLINK and not isinstance(act.target, str):
             raise InventoryError("symlink action without target", where=path, hint="plan is corrupt")
         return act
@@ -346,6 +347,11 @@ def make_plan(source: Inventory, target: Inventory, *, delete: bool = False,
             s = src_entries.get(path)
             if s is not None and s.kind == DIR:
                 dir_metas[path] = _action(META, s, "")
+    rs, rt = source.root_meta, target.root_meta
+    if rs is not None:  # the root gets SRC's metadata, as rsync -a SRC/ DST/ gives it
+        flags = "+" if rt is None else _meta_flags(rs, rt, modify_window_ns, owners)
+        if flags or "" in touched:
+            dir_metas[""] = _action(META, rs, flags)
     dir_list = sorted(dir_metas.values(), key=lambda a: _depth_key(a.path))
     return Plan(clears + mkdirs + writes + links + specials + metas + deletes + dir_list,
                 can_delete, checksum, warnings, source.root, target.root, source.algo,
@@ -426,7 +432,7 @@ def format_plan(plan: Plan, *, include_dir_times: bool = False) -> str:
     for a in plan.actions:
         if a.op == META and a.kind == DIR and a.changes in ("", "+") and not include_dir_times:
             continue
-        name = _quote(a.path) + ("/" if a.kind == DIR else "")
+        name = (_quote(a.path) + "/" if a.path else "./") if a.kind == DIR else _quote(a.path)
         line = f"{_itemize(a)} {name}"
         if a.kind == LINK and a.op != DELETE:
             line += f" -> {_quote(a.target or '')}"

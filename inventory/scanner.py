@@ -69,10 +69,19 @@ def scan(root: str | os.PathLike, *, excludes: Iterable[str] = (),
     entries, errors, skipped = _walk(base, matcher, hidden)
     entries.sort(key=attrgetter("path"))
     inv = Inventory({e.path: e for e in entries}, errors, skipped, root=base,
-                    algo=algo if checksum else None, hidden=hidden)
+                    algo=algo if checksum else None, hidden=hidden, root_meta=_root_meta(base))
     if checksum:
         _hash_into(inv, threads)
     return inv
+
+
+def _root_meta(base: str) -> Entry | None:
+    try:
+        st = os.stat(base)
+    except OSError:
+        return None
+    return Entry("", DIR, 0, stat.S_IMODE(st.st_mode), st.st_mtime_ns, None, None, st.st_uid,
+                 st.st_gid)
 
 
 def _walk(base: str, matcher: ExcludeMatcher,

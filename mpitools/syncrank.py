@@ -143,6 +143,7 @@ class _Target:
         self.unplaced: set[str] = set()  # received, but a conflict kept the old entry
         self._parent_fd = self._lock_fd = -1
         self._name = ""
+        self.created = False
         die = test_hook("sync_die", int(opts.get("rank", -1)))
         self.die_after = int(die) if die else None
         self.stats = {"created": 0, "updated": 0, "deleted": 0, "meta": 0,
@@ -173,6 +174,10 @@ class _Target:
                 self._lock_fd = lock_dest(self._parent_fd, self._name,
                                           display=os.path.dirname(self.dest))
             if self.rel:
+                try:
+                    os.stat(self._name, dir_fd=self._parent_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    self.created = not dry  # a new destination: planned as the dry run plans it
                 return open_dir_beneath(self._parent_fd, self._name, create=not dry,
                                         display=os.path.dirname(self.dest))
             return open_root(self.root)
@@ -205,6 +210,8 @@ class _Target:
                     target = self._scan(fd)
                     if self._drop_stale_temps(target) and self.tree is not None:
                         target = self._scan(fd)  # their directories' times changed
+                    if self.created:
+                        target.root_meta = None
                 finally:
                     os.close(fd)
             self.plan = make_plan(src, target, delete=self.opts["delete"],

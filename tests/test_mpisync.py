@@ -442,3 +442,16 @@ def test_rsync_over_ssh_walks_beneath_locks_and_dry_runs_nothing(cli, tmp_path, 
             "--targets", "mayor2")
     assert r.code == 0, r.err
     assert same(src, str(base / "mayor2" / "repo" / "j" / "x"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_destination_root_gets_the_source_roots_mode_and_mtime(embedded, cli, tmp_path,
+                                                                     method):
+    src = str(tmp_path / "src")
+    put(src, "a")
+    os.chmod(src, 0o2750)
+    os.utime(src, ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
+    r = cli("sync-mayors", src, "--method", method, "--dest", "new/r")
+    assert r.code == 0, r.err
+    st = os.stat(repo_of(embedded, "mayor1", "new/r"))
+    assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o2750, 1_500_000_000_000_000_000)
