@@ -275,6 +275,11 @@ def make_plan(source: Inventory, target: Inventory, *, delete: bool = False,
     touched: set[str] = set()  # dirs whose entries change, so their mtime must be re-set
     gone_dirs: set[str] = set()  # replaced dirs whose members are handled by clears
     src_entries, dst_entries = source.entries, target.entries
+    if target.skipped:
+        # device nodes on the target: never copied, but in the way or extraneous like any
+        # non-directory (rsync -a as root removes them with --delete); size -1 never matches
+        dst_entries = {**dst_entries, **{i.path: Entry(i.path, FILE, -1) for i in target.skipped
+                                         if i.path not in dst_entries}}
     protected = _protected(target.hidden) if target.hidden else set()
     sorted_dst: list[str] | None = None
 

@@ -337,3 +337,18 @@ def test_missing_source_file_error_names_path(tmp_path):
         apply_plan(plan, dst, local_fetch(src))
     assert ei.value.where == os.path.join(dst, "sub/f") and ei.value.hint
     assert no_temps(dst)
+
+
+def test_device_nodes_on_a_target_are_replaced_or_deleted_like_files(tmp_path):
+    import stat
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    put(src, "f", b"file")
+    (src / "d").mkdir()
+    dst.mkdir()
+    for name in ("f", "d", "extra"):
+        os.mknod(dst / name, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    plan = make_plan(scan(src), scan(dst), delete=True)
+    apply_plan(plan, dst, local_fetch(src))
+    assert sorted(os.listdir(dst)) == ["d", "f"] and (dst / "f").read_bytes() == b"file"
+    assert (dst / "d").is_dir()
