@@ -278,7 +278,7 @@ def test_only_exact_temp_names_of_dead_runs_are_removed(embedded, cli, tmp_path)
         r = cli("--json", "sync-mayors", src, "--exclude", "build/", *args)
         assert r.code == 0, r.err
         assert os.path.exists(mine) and os.path.exists(hidden)
-    assert not os.path.exists(stale)
+        assert os.path.exists(stale) == (args == ["--dry-run"])  # a dry run removes nothing
     # the user's file named like a temp was sent once, and not again
     assert r.json()["hosts"]["mayor1"]["files_transferred"] == 0
     assert open(os.path.join(dest, "results.chiba-tmp-2024"), "rb").read() == b"user data"
