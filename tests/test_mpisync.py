@@ -293,6 +293,10 @@ def test_a_replaced_directory_keeps_excluded_files_and_is_reported(embedded, cli
         put(repo_of(embedded, h), "x/a", b"a")
         put(repo_of(embedded, h), "x/sub/keep.o", b"excluded")
     os.remove(os.path.join(repo_of(embedded, "mayor2"), "x", "sub", "keep.o"))
+    before = snapshot(repo_of(embedded, "mayor1"))
+    r = cli("sync-mayors", src, "--method", method, "--delete", "--exclude", "*.o", "--dry-run")
+    assert r.code == 1 and "mayor1" in r.err  # the dry run foresees it, as rsync's (exit 23)
+    assert "*deleting   x/a" in r.out and snapshot(repo_of(embedded, "mayor1")) == before
     r = cli("sync-mayors", src, "--method", method, "--delete", "--exclude", "*.o")
     assert r.code == 1
     assert "mayor1" in r.err and "mayor2" not in r.err and "not in sync" in r.err
