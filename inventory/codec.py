@@ -11,22 +11,23 @@ import zstandard
 
 from chiba_admin.errors import InventoryError
 
-from .entries import DIR, FILE, LINK, Entry, Inventory, Issue, decode_path, encode_path
+from .entries import DIR, FIFO, FILE, LINK, SOCK, Entry, Inventory, Issue, decode_path, encode_path
 from .hashing import digest_size
 
 __all__ = ["MAGIC", "FORMAT_VERSION", "MAX_DECODED", "encode_inventory", "decode_inventory"]
 
 MAGIC = b"CHIBAINV"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: FIFO and socket kinds, numeric uid and gid columns
 MAX_DECODED = 1 << 30  # refuse to inflate more than this: a hostile frame must not eat RAM
 # magic, version, flags, algo id, reserved, body length, compressed length
 _HEADER = struct.Struct("<8sBBBBQQ")
 _COUNTS = struct.Struct("<IIIII")  # entries, links, errors, skipped, root length
+_ROOT_META = struct.Struct("<BHqII")  # present, mode, mtime_ns, uid, gid of the root dir
 _FLAG_DIGESTS = 1
 _ALGO_IDS = {None: 0, "blake3": 1, "xxh3_128": 2}
 _ALGO_NAMES = {v: k for k, v in _ALGO_IDS.items()}
-_KIND_CODES = {FILE: 0, DIR: 1, LINK: 2}
-_KIND_NAMES = (FILE, DIR, LINK)
+_KIND_CODES = {FILE: 0, DIR: 1, LINK: 2, FIFO: 3, SOCK: 4}
+_KIND_NAMES = (FILE, DIR, LINK, FIFO, SOCK)
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:
@@ -89,7 +90,7 @@ def encode_inventory(inv: Inventory, *, level: int = 9) -> bytes:
     n = len(entries)
     has_digests = inv.algo is not None
     dlen = digest_size(inv.algo) if has_digests else 0
-    shared, suflen, kinds, modes, sizes, mtimes = ([0] * n for _ in range(6))
+    shared, suflen, kinds, modes, sizes, mtimes, uids, gids = ([0] * n for _ in range(8))
     suffixes: list[bytes] = []
     targets: list[bytes] = []
     digests: list[bytes] = []
@@ -104,6 +105,8 @@ def encode_inventory(inv: Inventory, *, level: int = 9) -> bytes:
         modes[i] = e.mode
         sizes[i] = e.size
         mtimes[i] = e.mtime_ns
+        uids[i] = e.uid
+        gids[i] = e.gid
         if e.kind == LINK:
             targets.append(encode_path(e.target or ""))
         elif e.kind == FILE and has_digests:
@@ -112,13 +115,17 @@ def encode_inventory(inv: Inventory, *, level: int = 9) -> bytes:
                                      hint="rescan with checksum=True")
             digests.append(e.digest)
     root = encode_path(inv.root)
+    rm = inv.root_meta
     issues = json.dumps([[i.path, i.message] for i in inv.errors]
                         + [[i.path, i.message] for i in inv.skipped]).encode("ascii")
     body = b"".join([
         _COUNTS.pack(n, len(targets), len(inv.errors), len(inv.skipped), len(root)), root,
+        _ROOT_META.pack(1, rm.mode, rm.mtime_ns, rm.uid, rm.gid) if rm is not None
+        else _ROOT_META.pack(0, 0, 0, 0, 0),
         _column_bytes(shared, "<u4"), _column_bytes(suflen, "<u4"), b"".join(suffixes),
         _column_bytes(kinds, "u1"), _column_bytes(modes, "<u2"), _shuffle(sizes, "<u8"),
-        _shuffle(mtimes, "<i8"), _column_bytes([len(t) for t in targets], "<u4"),
+        _shuffle(mtimes, "<i8"), _shuffle(uids, "<u4"), _shuffle(gids, "<u4"),
+        _column_bytes([len(t) for t in targets], "<u4"),
         b"".join(targets),
         b"".join(digests), struct.pack("<I", len(issues)), issues,
     ])
@@ -195,6 +202,10 @@ def _parse_body(r: _Reader, algo: str | None) -> Inventory:
     if n_links > n:
         raise _corrupt("more links than entries")
     root = decode_path(r.take(root_len, "root"))
+    has_rm, rmode, rmtime, ruid, rgid = _ROOT_META.unpack(r.take(_ROOT_META.size, "root meta"))
+    if has_rm > 1 or rmode > 0o7777:
+        raise _corrupt("bad root metadata")
+    root_meta = Entry("", DIR, 0, rmode, rmtime, None, None, ruid, rgid) if has_rm else None
     shared = r.column(n, "<u4", "path prefixes")
     suflen = r.column(n, "<u4", "path lengths")
     blob = r.take(sum(suflen), "paths")
@@ -202,6 +213,8 @@ def _parse_body(r: _Reader, algo: str | None) -> Inventory:
     modes = r.column(n, "<u2", "modes")
     sizes = _unshuffle(r.take(8 * n, "sizes"), n, "<u8")
     mtimes = _unshuffle(r.take(8 * n, "mtimes"), n, "<i8")
+    uids = _unshuffle(r.take(4 * n, "uids"), n, "<u4")
+    gids = _unshuffle(r.take(4 * n, "gids"), n, "<u4")
     tlens = r.column(n_links, "<u4", "link lengths")
     tblob = r.take(sum(tlens), "link targets")
     if kinds.count(2) != n_links:
@@ -228,7 +241,7 @@ def _parse_body(r: _Reader, algo: str | None) -> Inventory:
     tpos = tsum = dpos = 0
     for i, raw in enumerate(raws):
         kind = kinds[i]
-        if kind > 2:
+        if kind > 4:
             raise _corrupt(f"unknown entry kind {kind}", decode_path(raw))
         if suspicious:
             _check_raw_path(raw, kind_of)
@@ -251,10 +264,11 @@ def _parse_body(r: _Reader, algo: str | None) -> Inventory:
             digest = dblob[dpos:dpos + dlen]
             dpos += dlen
         path = decode_path(raw)
-        table[path] = Entry(path, _KIND_NAMES[kind], sizes[i], modes[i], mtimes[i], target, digest)
+        table[path] = Entry(path, _KIND_NAMES[kind], sizes[i], modes[i], mtimes[i], target, digest,
+                            uids[i], gids[i])
     errors = [Issue(p, m) for p, m in issues[:n_err]]
     skipped = [Issue(p, m) for p, m in issues[n_err:]]
-    return Inventory(table, errors, skipped, root=root, algo=algo)
+    return Inventory(table, errors, skipped, root=root, algo=algo, root_meta=root_meta)
 
 
 _BAD_SEQUENCES = (b"\0/", b"/\0", b"//", b"\0\0", b"/./", b"/../", b"\0./", b"\0../",

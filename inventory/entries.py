@@ -11,6 +11,9 @@ __all__ = [
     "FILE",
     "DIR",
     "LINK",
+    "FIFO",
+    "SOCK",
+    "SPECIALS",
     "KINDS",
     "Entry",
     "Issue",
@@ -24,7 +27,10 @@ __all__ = [
 FILE = "f"
 DIR = "d"
 LINK = "l"
-KINDS = (FILE, DIR, LINK)
+FIFO = "p"  # named pipe: recreated, as rsync -a (--specials) does
+SOCK = "s"  # unix socket: recreated as an inode (its listener is not copied), as rsync -a
+SPECIALS = (FIFO, SOCK)
+KINDS = (FILE, DIR, LINK, FIFO, SOCK)
 
 
 def encode_path(path: str) -> bytes:
@@ -42,16 +48,18 @@ class Entry:
     """One tree member. ``path`` is relative, '/'-separated, never empty, '.' or '..'."""
 
     path: str
-    kind: str  # FILE, DIR or LINK
-    size: int = 0  # bytes for files, target length for links, 0 for dirs
+    kind: str  # FILE, DIR, LINK, FIFO or SOCK
+    size: int = 0  # bytes for files, target length for links, 0 otherwise
     mode: int = 0  # permission bits (st_mode & 0o7777)
     mtime_ns: int = 0
     target: str | None = None  # symlink target, recorded verbatim, never followed
     digest: bytes | None = None  # content hash of files when scanned with checksum=True
+    uid: int = 0  # numeric owner and group, kept (as rsync -a) when the target runs as root
+    gid: int = 0
 
     def to_dict(self) -> dict:
         d = {"path": self.path, "kind": self.kind, "size": self.size, "mode": self.mode,
-             "mtime_ns": self.mtime_ns}
+             "mtime_ns": self.mtime_ns, "uid": self.uid, "gid": self.gid}
         if self.target is not None:
             d["target"] = self.target
         if self.digest is not None:
@@ -63,7 +71,8 @@ class Entry:
         digest = d.get("digest")
         return cls(d["path"], d["kind"], int(d.get("size", 0)), int(d.get("mode", 0)),
                    int(d.get("mtime_ns", 0)), d.get("target"),
-                   bytes.fromhex(digest) if digest else None)
+                   bytes.fromhex(digest) if digest else None, int(d.get("uid", 0)),
+                   int(d.get("gid", 0)))
 
 
 @dataclass(slots=True, frozen=True)
@@ -100,8 +109,11 @@ class Inventory:
     """A scanned tree: entries keyed by path in parents-first (sorted) order, plus scan issues.
 
     ``errors`` are problems that make the inventory incomplete (unreadable directories);
-    a sync from an inventory with errors must not delete. ``skipped`` are special files
-    (devices, fifos, sockets) that were reported and left out.
+    a sync from an inventory with errors must not delete. ``skipped`` are device nodes,
+    reported and left out (a source holding one is refused before anything is sent).
+    ``hidden`` (target scans) holds the directories ("" for the root) with a member left
+    out by an exclude pattern: rsync protects those members, so such a directory is never
+    removed, and a plan that would have to is a conflict.
     """
 
     entries: dict[str, Entry] = field(default_factory=dict)
@@ -109,6 +121,10 @@ class Inventory:
     skipped: list[Issue] = field(default_factory=list)
     root: str = ""
     algo: str | None = None  # hash algorithm of the digests, None if not hashed
+    hidden: set[str] = field(default_factory=set)
+    # the root directory itself (path ""): rsync -a SRC/ DST/ gives DST the mode, mtime and
+    # owner of SRC; None when unknown (a destination not created yet)
+    root_meta: Entry | None = None
 
     @classmethod
     def from_entries(cls, entries: Iterable[Entry], **kw) -> "Inventory":
@@ -144,20 +160,25 @@ class Inventory:
         return sum(e.size for e in self.entries.values() if e.kind == FILE)
 
     def counts(self) -> dict[str, int]:
-        out = {FILE: 0, DIR: 0, LINK: 0}
+        out = dict.fromkeys(KINDS, 0)
         for e in self.entries.values():
             out[e.kind] += 1
         return {"files": out[FILE], "dirs": out[DIR], "links": out[LINK],
+                "specials": out[FIFO] + out[SOCK],
                 "errors": len(self.errors), "skipped": len(self.skipped)}
 
-    def same_tree(self, other: "Inventory", *, content: bool = True) -> bool:
-        """True if both describe the same tree (paths, kinds, sizes, modes, mtimes, targets)."""
+    def same_tree(self, other: "Inventory", *, content: bool = True,
+                  owners: bool = False) -> bool:
+        """True if both describe the same tree (paths, kinds, sizes, modes, mtimes, targets,
+        and with ``owners`` numeric uid and gid)."""
         if self.entries.keys() != other.entries.keys():
             return False
         for path, a in self.entries.items():
             b = other.entries[path]
             if (a.kind, a.size, a.mode, a.mtime_ns, a.target) != (
                     b.kind, b.size, b.mode, b.mtime_ns, b.target):
+                return False
+            if owners and (a.uid, a.gid) != (b.uid, b.gid):
                 return False
             if content and a.kind == FILE and a.digest != b.digest:
                 return False
@@ -168,9 +189,17 @@ def _path_key(e: Entry) -> str:
     return e.path
 
 
-def check_source(inv: Inventory) -> None:
-    """Refuse a source that would make a --delete sync wipe its targets."""
-    if not inv.entries:
+def check_source(inv: Inventory, *, delete: bool = True) -> None:
+    """Refuse a source that cannot be sent: one holding a device node (``skipped``), or,
+    with ``delete``, an empty one, which would wipe every target (rsync accepts an empty
+    source without --delete, and so does this). Raises InventoryError."""
+    if inv.skipped:
+        raise InventoryError(f"the source holds a {inv.skipped[0].message.split(' skipped')[0]}",
+                             where=inv.skipped[0].path,
+                             hint="device nodes are never copied; remove it or exclude it")
+    # excluded members (``hidden``) mean the tree is not empty, only selected away: with
+    # protected target members nothing would be deleted, as with rsync --exclude '*'
+    if delete and not inv.entries and not inv.hidden:
         where = inv.root or None
         if inv.errors:
             raise InventoryError("source tree could not be read", where=where,

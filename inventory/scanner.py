@@ -1,4 +1,4 @@
-"""Walk a tree with os.scandir into an Inventory: never follows links, skips special files."""
+"""Walk a tree with os.scandir into an Inventory: never follows links, skips device nodes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Iterable
 
 from chiba_admin.errors import InventoryError
 
-from .entries import DIR, FILE, LINK, Entry, Inventory, Issue
+from .entries import DIR, FIFO, FILE, LINK, SOCK, Entry, Inventory, Issue
 from .excludes import ExcludeMatcher
 from .hashing import DEFAULT_ALGO, check_algo, hash_files
 
@@ -21,9 +21,8 @@ _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _SPECIAL = {
     stat.S_IFCHR: "character device",
     stat.S_IFBLK: "block device",
-    stat.S_IFIFO: "fifo",
-    stat.S_IFSOCK: "socket",
 }
+_KEPT_SPECIAL = {stat.S_IFIFO: FIFO, stat.S_IFSOCK: SOCK}
 
 
 def scan_root_checked(root: str | os.PathLike) -> str:
@@ -50,7 +49,8 @@ def scan(root: str | os.PathLike, *, excludes: Iterable[str] = (), checksum: boo
     entries rsync would leave out are left out, and an excluded directory is not entered.
     No file in the tree adds rules. With ``checksum=True`` every
     file gets a content digest (``algo``), hashed by ``threads`` threads. Unreadable
-    directories become ``errors`` and special files ``skipped`` on the result; a missing
+    directories become ``errors`` and device nodes ``skipped`` on the result (FIFOs and
+    sockets are entries); directories holding an excluded member are in ``hidden``; a missing
     root raises InventoryError, unless ``missing_ok`` (a target not created yet), which
     gives an empty inventory. Never use ``missing_ok`` for a source.
     """
@@ -60,16 +60,27 @@ def scan(root: str | os.PathLike, *, excludes: Iterable[str] = (), checksum: boo
     if checksum:
         check_algo(algo)
     matcher = ExcludeMatcher(excludes)
-    entries, errors, skipped = _walk(base, matcher)
+    hidden: set[str] = set()
+    entries, errors, skipped = _walk(base, matcher, hidden)
     entries.sort(key=attrgetter("path"))
     inv = Inventory({e.path: e for e in entries}, errors, skipped, root=base,
-                    algo=algo if checksum else None)
+                    algo=algo if checksum else None, hidden=hidden, root_meta=_root_meta(base))
     if checksum:
         _hash_into(inv, threads)
     return inv
 
 
-def _walk(base: str, matcher: ExcludeMatcher) -> tuple[list[Entry], list[Issue], list[Issue]]:
+def _root_meta(base: str) -> Entry | None:
+    try:
+        st = os.stat(base)
+    except OSError:
+        return None
+    return Entry("", DIR, 0, stat.S_IMODE(st.st_mode), st.st_mtime_ns, None, None, st.st_uid,
+                 st.st_gid)
+
+
+def _walk(base: str, matcher: ExcludeMatcher,
+          hidden: set[str]) -> tuple[list[Entry], list[Issue], list[Issue]]:
     entries: list[Entry] = []
     errors: list[Issue] = []
     skipped: list[Issue] = []
@@ -112,23 +123,28 @@ def _walk(base: str, matcher: ExcludeMatcher) -> tuple[list[Entry], list[Issue],
                         errors.append(Issue(rel, f"cannot stat: {exc.strerror}"))
                         continue
                     fmt = S_IFMT(st.st_mode)
+                    if excluded is not None and excluded(rel, fmt == IFDIR):
+                        hidden.add(prefix[:-1])  # rsync protects it: its dir must stay
+                        continue
                     if fmt == IFREG:
-                        if excluded is None or not excluded(rel, False):
-                            append(Entry(rel, FILE, st.st_size, S_IMODE(st.st_mode), st.st_mtime_ns))
+                        append(Entry(rel, FILE, st.st_size, S_IMODE(st.st_mode), st.st_mtime_ns,
+                                     None, None, st.st_uid, st.st_gid))
                     elif fmt == IFDIR:
-                        if excluded is None or not excluded(rel, True):
-                            append(Entry(rel, DIR, 0, S_IMODE(st.st_mode), st.st_mtime_ns))
-                            stack.append((dirpath + "/" + name, rel + "/"))
+                        append(Entry(rel, DIR, 0, S_IMODE(st.st_mode), st.st_mtime_ns,
+                                     None, None, st.st_uid, st.st_gid))
+                        stack.append((dirpath + "/" + name, rel + "/"))
                     elif fmt == IFLNK:
-                        if excluded is None or not excluded(rel, False):
-                            try:
-                                target = os.readlink(name, dir_fd=dfd)
-                            except OSError as exc:
-                                errors.append(Issue(rel, f"cannot read symlink: {exc.strerror}"))
-                                continue
-                            append(Entry(rel, LINK, st.st_size, S_IMODE(st.st_mode), st.st_mtime_ns,
-                                         target))
-                    elif excluded is None or not excluded(rel, False):
+                        try:
+                            target = os.readlink(name, dir_fd=dfd)
+                        except OSError as exc:
+                            errors.append(Issue(rel, f"cannot read symlink: {exc.strerror}"))
+                            continue
+                        append(Entry(rel, LINK, st.st_size, S_IMODE(st.st_mode), st.st_mtime_ns,
+                                     target, None, st.st_uid, st.st_gid))
+                    elif fmt in _KEPT_SPECIAL:
+                        append(Entry(rel, _KEPT_SPECIAL[fmt], 0, S_IMODE(st.st_mode),
+                                     st.st_mtime_ns, None, None, st.st_uid, st.st_gid))
+                    else:
                         skipped.append(Issue(rel, f"{_SPECIAL.get(fmt, 'special file')} skipped"))
         finally:
             os.close(dfd)

@@ -7,12 +7,21 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
 from chiba_admin.errors import UsageError
+from inventory.source import check_source
+from topology.confine import HostDest, confine_dest
 
 from .fanout import DEFAULT_FANOUT, window
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# rsync's exit statuses for "some files were not transferred" (23) and "vanished" (24):
+# the transfer ran, but the target is left unlike the source
+NOT_IN_SYNC = (23, 24)
+_ITEM = re.compile(r"^(?:\*deleting +|[<>ch.][fdLDS][.+?a-zA-Z ]{9} )")
 
 __all__ = ["RsyncJob", "RsyncStats", "ssh_command", "plan_rsync", "rsync_argv",
            "parse_stats", "sync_rsync"]
@@ -34,7 +43,6 @@ class RsyncJob:
     host: str
     dest: str
     argv: tuple[str, ...]
-    local_dest: str | None = None  # embedded: the directory to create before rsync runs
     known_hosts: str | None = None  # named in host-key failures
 
 
@@ -77,13 +85,22 @@ def ssh_command(host, strict: bool | None = None) -> str:
     return shlex.join(argv)
 
 
-def rsync_argv(src: str, host, dest: str, *, kind: str, delete: bool = False,
+def guard_argv(hd: HostDest, dry_run: bool, python: str) -> list[str]:
+    """The target-side guard (legacy_transit.rsync_guard) for a confined destination."""
+    return [python, "-m", "legacy_transit.rsync_guard", hd.root, hd.rel,
+            "dry" if dry_run else "run", "--"]
+
+
+def rsync_argv(src: str, host, hd: HostDest, *, kind: str, delete: bool = False,
                dry_run: bool = False, excludes: tuple[str, ...] = (),
-               exclude_from: tuple[str, ...] = (), checksum: bool = False
-               ) -> tuple[str, ...]:
-    """The rsync command for one target (pure); ``--exclude`` rules come before the
-    ``--exclude-from`` files, the order mpisync applies them in."""
+               exclude_from: tuple[str, ...] = (), checksum: bool = False,
+               itemize: bool = False, python: str | None = None) -> tuple[str, ...]:
+    """The command for one target (pure): rsync wrapped in the guard that walks ``hd``
+    without following symlinks and holds its lock (locally for the embedded cluster, as
+    ``--rsync-path`` on the target over SSH)."""
     argv = ["rsync", "-a", "--stats"]
+    if itemize or dry_run:
+        argv.append("--itemize-changes")
     if delete:
         argv.append("--delete")
     if dry_run:
@@ -96,35 +113,40 @@ def rsync_argv(src: str, host, dest: str, *, kind: str, delete: bool = False,
         argv += ["--exclude-from", path]
     src = src.rstrip("/") + "/"  # the contents, not the directory itself
     if kind == "embedded":
-        return tuple(argv + ["--", src, host.local_path(dest).rstrip("/") + "/"])
-    # rsync only creates the last path component; let the remote side make the rest first
-    argv += ["-e", ssh_command(host),
-             "--rsync-path", f"mkdir -p -- {shlex.quote(dest)} && rsync"]
-    return tuple(argv + ["--", src, f"{host.connect_address}:{dest.rstrip('/') or '/'}/"])
+        root = HostDest(host.local_path(hd.root), hd.rel)
+        return tuple(guard_argv(root, dry_run, python or sys.executable)
+                     + argv + ["--", src, root.path.rstrip("/") + "/"])
+    remote = ["env", f"PYTHONPATH={_REPO_ROOT}",
+              *guard_argv(hd, dry_run, python or sys.executable), "rsync"]
+    argv += ["-e", ssh_command(host), "--rsync-path", shlex.join(remote)]
+    return tuple(argv + ["--", src, f"{host.connect_address}:{hd.path.rstrip('/') or '/'}/"])
 
 
 def plan_rsync(topo, src: str, targets: list[str], dest: str | None = None, **opts
                ) -> list[RsyncJob]:
-    """Check the request and build one job per target; raises UsageError on bad input."""
+    """Check the request and build one job per target; raises UsageError on bad input
+    (before anything is sent): a missing source or one with a device node, a
+    non-directory, an empty source with --delete, a --dest outside a target's repository."""
     if not targets:
         raise UsageError("no targets selected", hint="name hosts like @mayors")
-    if not src or not os.path.isdir(src):
-        raise UsageError("source is not a directory", where=os.path.abspath(src or "."),
+    src = check_source(src).path
+    if not os.path.isdir(src):
+        raise UsageError("source is not a directory", where=src,
                          hint="sync-mayors copies a repository tree")
-    src = os.path.abspath(src)
     if opts.get("delete") and not os.listdir(src):
         # an empty source with --delete would wipe every target (mpiFileUtils dsync refuses too)
         raise UsageError("refusing to --delete from an empty source", where=src,
                          hint="check the source path; drop --delete to sync nothing")
+    python = (topo.mpi or {}).get("python") or sys.executable
     jobs = []
     for t in targets:
         if t not in topo:
             raise UsageError(f"unknown host {t!r}", where=topo.source)
         h = topo.host(t)
-        d = h.resolve("repository", dest)
+        hd = confine_dest(h, "repository", dest, allow_root=True)
         kh = os.path.expanduser(h.ssh.known_hosts or "~/.ssh/known_hosts")
-        jobs.append(RsyncJob(t, d, rsync_argv(src, h, d, kind=topo.kind, **opts),
-                             h.local_path(d) if topo.kind == "embedded" else None,
+        jobs.append(RsyncJob(t, hd.path, rsync_argv(src, h, hd, kind=topo.kind, python=python,
+                                                    **opts),
                              None if topo.kind == "embedded" else kh))
     return jobs
 
@@ -132,8 +154,6 @@ def plan_rsync(topo, src: str, targets: list[str], dest: str | None = None, **op
 def _run_job(job: RsyncJob, timeout: float | None) -> dict:
     t0 = time.monotonic()
     try:
-        if job.local_dest:
-            os.makedirs(job.local_dest, exist_ok=True)
         p = subprocess.run(list(job.argv), capture_output=True, timeout=timeout,
                            stdin=subprocess.DEVNULL)
         rc, out, err = p.returncode, p.stdout.decode(errors="replace"), \
@@ -145,14 +165,24 @@ def _run_job(job: RsyncJob, timeout: float | None) -> dict:
         rc, out, err, error = 255, "", "", f"cannot run rsync: {e.strerror or e}"
     st = parse_stats(out)
     if error is None and rc != 0:
-        error = f"rsync exit {rc}" + (f": {_why(err)}" if err.strip() else "")
+        error = (f"not in sync (rsync exit {rc})" if rc in NOT_IN_SYNC else f"rsync exit {rc}"
+                 ) + (f": {_why(err)}" if err.strip() else "")
         if "Host key verification failed" in err and job.known_hosts:
             error += f" (host key of {job.host} not as in known_hosts {job.known_hosts})"
+    items = [ln for ln in out.splitlines() if _ITEM.match(ln)]
     return {"ok": error is None, "rc": rc, "seconds": round(time.monotonic() - t0, 6),
+            "in_sync": error is None, "conflicts": _conflicts(err) if rc in NOT_IN_SYNC else [],
+            **({"itemized": items} if "--itemize-changes" in job.argv else {}),
             "dest": job.dest, "files_transferred": st.files_transferred,
             "files_total": st.files_total, "total_size": st.total_size,
             "bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received,
             "error": error}
+
+
+def _conflicts(stderr: str) -> list[str]:
+    """rsync's own lines about what it left unlike the source."""
+    return [ln.strip() for ln in stderr.splitlines()
+            if ln.strip() and not ln.startswith(_GENERIC)]
 
 
 _GENERIC = ("rsync error:", "rsync: connection unexpectedly closed", "@@@")
@@ -171,15 +201,18 @@ def _why(stderr: str) -> str:
 
 def sync_rsync(topo, src: str, targets: list[str], dest: str | None = None, *,
                delete: bool = False, dry_run: bool = False, excludes: tuple[str, ...] = (),
-               exclude_from: tuple[str, ...] = (), checksum: bool = False,
-               fanout: int = DEFAULT_FANOUT,
-               timeout: float | None = None, progress=None) -> dict:
-    """Synchronise ``src`` to every target with its own rsync; failures are per host."""
+               checksum: bool = False, fanout: int = DEFAULT_FANOUT,
+               timeout: float | None = None, progress=None, itemize: bool = False) -> dict:
+    """Synchronise ``src`` to every target with its own rsync; failures are per host.
+
+    rsync's exit 23/24 (a target left unlike the source) is a failure of that host, named
+    "not in sync". A dry run creates nothing on any target (rsync --dry-run, no lock).
+    """
     if shutil.which("rsync") is None:
         raise UsageError("rsync is not installed", hint="run scripts/install-system-deps.sh")
     jobs = plan_rsync(topo, src, targets, dest, delete=delete, dry_run=dry_run,
                       excludes=tuple(excludes), exclude_from=tuple(exclude_from),
-                      checksum=checksum)
+                      checksum=checksum, itemize=itemize)
     t0 = time.monotonic()
     if progress is not None:
         progress("start", stage="rsync", hosts=[j.host for j in jobs])
@@ -190,6 +223,7 @@ def sync_rsync(topo, src: str, targets: list[str], dest: str | None = None, *,
     for name, r in got.items():
         if isinstance(r, BaseException):
             r = {"ok": False, "rc": 255, "seconds": 0.0, "dest": by_host[name].dest,
+                 "in_sync": False, "conflicts": [],
                  "files_transferred": 0, "files_total": 0, "total_size": 0, "bytes_sent": 0,
                  "bytes_received": 0, "error": f"{type(r).__name__}: {r}"}
         hosts[name] = r

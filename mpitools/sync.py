@@ -14,7 +14,8 @@ __all__ = ["main"]
 def main(comm, job: dict) -> int:
     """Run one synchronisation; rank 0 emits progress events and the result event."""
     hosts = rank_hosts(job)
-    spec = {**job, "hosts": hosts, "dests": [job["dests"].get(h, "") for h in hosts]}
+    # each target's {"root", "rel"} (confined by the CLI); rank 0, the source, has none
+    spec = {**job, "hosts": hosts, "dests": [job["dests"].get(h) for h in hosts]}
     last = [0.0]
 
     def progress(sent: int, total: int) -> None:

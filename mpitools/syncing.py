@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 from chiba_admin.errors import UsageError
+from inventory.apply import new_tmp_tag
+from inventory.source import check_source
+from topology.confine import confine_dest
 
 from .launcher import launch
 from .rankio import encode_job
@@ -17,38 +20,44 @@ __all__ = ["sync_mpi", "DEFAULT_CHUNK", "check_source_dir", "target_dests"]
 DEFAULT_CHUNK = 64 << 10
 
 
-def check_source_dir(src: str) -> str:
-    """The absolute source path; a missing, non-directory or empty source is refused."""
-    path = os.path.abspath(src)
-    if not os.path.exists(path):
-        raise UsageError("source directory not found", where=path,
-                         hint="give the repository's directory on the president")
+def check_source_dir(src: str, *, delete: bool = False) -> str:
+    """The absolute source path. Refused (UsageError, exit 2): a missing or unnamed source,
+    one holding a device node, a non-directory, and, with ``delete`` only, an empty one
+    (it would empty every target; rsync accepts an empty source without --delete)."""
+    path = check_source(src).path
     if not os.path.isdir(path):
         raise UsageError("source is not a directory", where=path, hint="give a directory")
-    with os.scandir(path) as it:
-        if next(it, None) is None:
-            raise UsageError("source directory is empty", where=path,
-                             hint="refusing to sync: it would empty every target; "
-                                  "check the path")
+    if delete:
+        with os.scandir(path) as it:
+            if next(it, None) is None:
+                raise UsageError("source directory is empty", where=path,
+                                 hint="refusing to sync with --delete: it would empty every "
+                                      "target; check the path, or drop --delete")
     return path
 
 
-def target_dests(topo, targets: list[str], dest: str | None) -> dict[str, str]:
-    """Each target's destination as its rank sees it (repository-relative rule)."""
+def target_dests(topo, targets: list[str], dest: str | None) -> dict[str, dict]:
+    """Each target's confined destination, ``{"root", "rel"}`` with ``root`` as its rank
+    sees it; raises UsageError (exit 2) for any target before anything is sent."""
     out = {}
     for name in targets:
         h = topo.host(name)
-        out[name] = h.local_path(h.resolve("repository", dest))
+        hd = confine_dest(h, "repository", dest, allow_root=True)
+        out[name] = {"root": h.local_path(hd.root), "rel": hd.rel, "path": hd.path}
     return out
 
 
 def sync_mpi(topo, src: str, targets: list[str], dest: str | None = None, *,
              delete: bool = False, dry_run: bool = False, excludes: tuple[str, ...] = (),
              checksum: bool = False, verify: bool = False, chunk: int = DEFAULT_CHUNK,
-             timeout: float | None = None, progress=None,
+             timeout: float | None = None, progress=None, itemize: bool = False,
              env: dict[str, str] | None = None) -> dict:
-    """Synchronise ``src`` (on the president) to ``targets`` with mpisync; the result dict."""
-    path = check_source_dir(src)
+    """Synchronise ``src`` (on the president) to ``targets`` with mpisync; the result dict.
+
+    Every host's ``ok`` is False when it failed or is left unlike the source (its
+    ``conflicts``); ``failures`` names each such host with one line.
+    """
+    path = check_source_dir(src, delete=delete)
     if not targets:
         raise UsageError("no targets selected", hint="name hosts like @mayors or ccn[01-04]")
     root = topo.president.name
@@ -59,7 +68,7 @@ def sync_mpi(topo, src: str, targets: list[str], dest: str | None = None, *,
     dests = target_dests(topo, targets, dest)
     job = {"source": path, "dests": dests, "delete": delete, "dry_run": dry_run,
            "excludes": list(excludes), "checksum": checksum, "verify": verify,
-           "chunk": int(chunk)}
+           "chunk": int(chunk), "itemize": itemize, "tmp_tag": new_tmp_tag()}
 
     def on_event(ev: dict) -> None:
         if progress is not None and ev.get("event") == "progress":
@@ -67,8 +76,8 @@ def sync_mpi(topo, src: str, targets: list[str], dest: str | None = None, *,
 
     res = launch(topo, "mpitools.sync", [encode_job(job)], targets, root, timeout=timeout,
                  on_event=on_event, env=env)
-    shown_dest = (dest if dest and os.path.isabs(dest)
-                  else topo.host(targets[0]).resolve("repository", dest))
+    shown = sorted({d["path"] for d in dests.values()})
+    shown_dest = shown[0] if len(shown) == 1 else (dest or "<repository>")
     base = {"method": "mpi", "source": path, "dest": shown_dest, "targets": targets,
             "dry_run": dry_run, "launch_seconds": res.seconds}
     r = res.result
@@ -89,13 +98,17 @@ def sync_mpi(topo, src: str, targets: list[str], dest: str | None = None, *,
                        "files_transferred": h["files_received"], "bytes_sent": 0,
                        "bytes_received": h["bytes_received"], "created": h["created"],
                        "updated": h["updated"], "deleted": h["deleted"], "meta": h["meta"],
-                       "dest": h["dest"], "warnings": h["warnings"], "error": h["error"]}
+                       "dest": h["dest"], "warnings": h["warnings"], "error": h["error"],
+                       "in_sync": h["in_sync"], "conflicts": h["conflicts"],
+                       "temps_removed": h["temps_removed"]}
         if "plan" in h:
             hosts[name]["plan"] = h["plan"]
             hosts[name]["plan_summary"] = h["plan_summary"]
     failures = dict(r["failures"])
-    for e in r.get("source_errors", []):
-        failures.setdefault(topo.president.name, e)
+    if r.get("source_errors"):
+        errs = r["source_errors"]
+        failures.setdefault(topo.president.name, errs[0] + (
+            f" (and {len(errs) - 1} more source error(s))" if len(errs) > 1 else ""))
     return {**base, "ok": r["ok"], "seconds": res.seconds, "sync_seconds": r["seconds"],
             "bytes_sent": r["bytes_sent"], "source_files": r["source_files"],
             "source_bytes": r["source_bytes"], "groups": r["groups"],

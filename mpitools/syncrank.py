@@ -12,6 +12,7 @@ target that fails locally keeps taking part in every collective, so the others c
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import time
@@ -23,7 +24,10 @@ from chiba_admin.errors import ChibaError
 from inventory import (DestTree, Inventory, check_source, decode_inventory, delete_extraneous,
                        encode_inventory, finalize, format_plan, group_bitmaps, hash_file,
                        make_dirs, make_plan, make_symlinks, needs_bitmap, scan)
-from inventory.apply import TMP_MARK
+from inventory.apply import ApplyResult, Conflict, is_tmp_name, new_tmp_tag
+from inventory.beneath import (BeneathError, lock_dest, open_dir_beneath, open_root, split_rel,
+                               unlock_dest)
+from inventory.entries import DIR
 from inventory.plan import WRITE
 
 from .framechain import chain_frames, chain_send, wait
@@ -117,63 +121,133 @@ def iter_pieces(frames: Iterator[memoryview]) -> Iterator[tuple[int, int, memory
             pos += length
 
 
-def _remove_stale_temps(dest: str) -> None:
-    """Temporary files of a killed run (``.NAME.chiba-tmp-XXXX``) go before we plan."""
-    for dirpath, dirnames, filenames in os.walk(dest):
-        for name in filenames:
-            if TMP_MARK in os.fsencode(name):
-                try:
-                    os.unlink(os.path.join(dirpath, name))
-                except OSError:
-                    pass
-
-
 class _Target:
-    """A target's local state: its plan, destination tree, counters and first error."""
+    """A target's local state: its plan, destination tree, counters, conflicts, first error.
 
-    def __init__(self, host: str, dest: str, source: Inventory, opts: dict):
-        self.host, self.dest, self.source, self.opts = host, dest, source, opts
+    The destination is ``root`` (from the topology, trusted) + ``rel`` (confined by the
+    CLI): every component of ``rel`` is opened without following symlinks, and a real run
+    holds the destination's lock (inventory.beneath) from before the scan to the end.
+    A dry run creates, locks and removes nothing.
+    """
+
+    def __init__(self, host: str, dest: dict, source: Inventory, opts: dict):
+        self.host, self.source, self.opts = host, source, opts
+        self.root, self.rel = dest["root"], dest["rel"]
+        self.dest = os.path.join(self.root, self.rel) if self.rel else self.root
         self.error: str | None = None
+        self.conflicts: list[str] = []
         self.plan = None
         self.tree: DestTree | None = None
         self.writes: dict[str, object] = {}
         self.got: set[str] = set()
+        self.unplaced: set[str] = set()  # received, but a conflict kept the old entry
+        self._parent_fd = self._lock_fd = -1
+        self._name = ""
+        self.created = False
         die = test_hook("sync_die", int(opts.get("rank", -1)))
         self.die_after = int(die) if die else None
         self.stats = {"created": 0, "updated": 0, "deleted": 0, "meta": 0,
-                      "bytes_received": 0, "files_received": 0}
+                      "bytes_received": 0, "files_received": 0, "temps_removed": 0}
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None:
-            self.error = str(exc) if isinstance(exc, ChibaError) else f"{self.dest}: {exc}"
+            self.error = (str(exc) if isinstance(exc, (ChibaError, BeneathError))
+                          else f"{self.dest}: {exc}")
+
+    def _open(self) -> int | None:
+        """The destination's fd (locked unless dry run); None when a dry run finds it missing."""
+        dry = self.opts["dry_run"]
+        try:
+            if self.rel:
+                parts = split_rel(self.rel)
+                self._name = parts[-1]
+                root_fd = open_root(self.root)
+                try:
+                    self._parent_fd = open_dir_beneath(root_fd, "/".join(parts[:-1]),
+                                                       create=not dry, display=self.root)
+                finally:
+                    os.close(root_fd)
+            else:  # the repository itself: its lock sits beside it, in its parent
+                self._name = os.path.basename(self.root)
+                self._parent_fd = open_root(os.path.dirname(self.root))
+            if not dry:
+                self._lock_fd = lock_dest(self._parent_fd, self._name,
+                                          display=os.path.dirname(self.dest))
+            if self.rel:
+                try:
+                    os.stat(self._name, dir_fd=self._parent_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    self.created = not dry  # a new destination: planned as the dry run plans it
+                return open_dir_beneath(self._parent_fd, self._name, create=not dry,
+                                        display=os.path.dirname(self.dest))
+            return open_root(self.root)
+        except BeneathError as exc:
+            if dry and exc.errno == errno.ENOENT:
+                return None
+            raise
+
+    def _scan(self, fd: int) -> Inventory:
+        # /proc/self/fd/N is the directory opened beneath the root: the scan starts there
+        # whatever has been done to the path since
+        src = self.source
+        inv = scan(f"/proc/self/fd/{fd}", excludes=self.opts["excludes"],
+                   checksum=self.opts["checksum"], algo=src.algo or "blake3")
+        inv.root = self.dest
+        return inv
 
     def plan_needs(self) -> bytes:
         src = self.source
         try:
-            if os.path.isdir(self.dest):
-                _remove_stale_temps(self.dest)
-            if os.path.lexists(self.dest):
-                target = scan(self.dest, excludes=self.opts["excludes"],
-                              checksum=self.opts["checksum"], algo=src.algo or "blake3")
-            else:
+            fd = self._open()
+            if fd is None:
                 target = Inventory(root=self.dest, algo=src.algo if self.opts["checksum"]
                                    else None)
+            else:
+                if not self.opts["dry_run"]:
+                    self.tree = DestTree(self.dest, root_fd=os.dup(fd),
+                                         tmp_tag=self.opts["tmp_tag"], owners=self.opts["owners"])
+                try:
+                    target = self._scan(fd)
+                    if self._drop_stale_temps(target) and self.tree is not None:
+                        target = self._scan(fd)  # their directories' times changed
+                    if self.created:
+                        target.root_meta = None
+                finally:
+                    os.close(fd)
             self.plan = make_plan(src, target, delete=self.opts["delete"],
-                                  checksum=self.opts["checksum"])
+                                  checksum=self.opts["checksum"], owners=self.opts["owners"],
+                                  allow_empty=True)
+            self.conflicts = list(self.plan.conflicts)
             self.writes = {a.path: a for a in self.plan.actions if a.op == WRITE}
             return needs_bitmap(src, self.writes)
         except (ChibaError, OSError) as exc:
             self.fail(exc)
             return needs_bitmap(src, ())
 
+    def _drop_stale_temps(self, target: Inventory) -> int:
+        """Temporary files of a killed run: exact names only, never a source path, and
+        removed only by a run holding the lock (no live run can own them then). A dry
+        run leaves them and only keeps them out of its plan, as the real run would."""
+        stale = [e for p, e in target.entries.items()
+                 if is_tmp_name(p.rpartition("/")[2]) and p not in self.source.entries
+                 and e.kind != DIR]
+        for e in stale:
+            del target.entries[e.path]
+            if self.tree is not None:
+                self.tree.delete(e.path, e.kind)
+        self.stats["temps_removed"] = len(stale) if self.tree is not None else 0
+        return len(stale)
+
+    def _took(self, res: ApplyResult) -> None:
+        self.conflicts.extend(res.conflicts)
+
     def prepare(self) -> None:
-        if self.error or self.opts["dry_run"]:
+        if self.error or self.opts["dry_run"] or self.tree is None:
             return
         try:
-            if not os.path.isdir(self.dest):
-                os.makedirs(self.dest, exist_ok=True)
-            self.tree = DestTree(self.dest)
-            make_dirs(self.tree, self.plan)
+            made = make_dirs(self.tree, self.plan)  # clears, then mkdirs
+            self._took(made)
+            self.stats["deleted"] += made.deleted
         except (ChibaError, OSError) as exc:
             self.fail(exc)
 
@@ -196,12 +270,15 @@ class _Target:
                 if a is None:
                     raise ChibaError(f"received {rel!r}, which this target did not ask for")
                 self.tree.write_file(rel, stream, a.mode, a.mtime_ns, size=a.size,
-                                     replace=a.replace)
+                                     replace=a.replace, uid=a.uid, gid=a.gid)
                 self.stats["files_received"] += 1
                 self.got.add(rel)
                 if self.die_after is not None and len(self.got) >= self.die_after:
                     os._exit(9)  # test hook: a target dying mid-transfer
                 self.stats["created" if a.changes == "+" else "updated"] += 1
+            except Conflict as exc:  # a directory in the way got members: keep it, report
+                self.unplaced.add(rel)
+                self.conflicts.append(f"{rel}: {exc.what}")
             except (ChibaError, OSError) as exc:
                 self.fail(exc if isinstance(exc, ChibaError)
                           else ChibaError(f"cannot write: {exc.strerror or exc}",
@@ -213,27 +290,30 @@ class _Target:
         if self.error or self.tree is None:
             return
         try:
-            missing = [p for p in self.writes if p not in self.got]
+            missing = [p for p in self.writes if p not in self.got and p not in self.unplaced]
             if missing:
                 raise ChibaError(f"{len(missing)} file(s) not received, first {missing[0]!r}",
                                  where=self.dest, hint="the source could not read them; "
                                  "see the source errors and rerun")
             made = make_symlinks(self.tree, self.plan)
+            self._took(made)
             self.stats["created"] += made.created
             self.stats["updated"] += made.updated
             if self.opts["verify"]:
                 self._verify()
             gone = delete_extraneous(self.tree, self.plan)
             self.stats["deleted"] += gone.deleted
-            self.stats["meta"] += finalize(self.tree, self.plan).meta
+            fixed = finalize(self.tree, self.plan)
+            self._took(fixed)
+            self.stats["meta"] += fixed.meta
         except (ChibaError, OSError) as exc:
             self.fail(exc)
 
     def _verify(self) -> None:
         src = self.source
-        for rel in self.writes:
+        for rel in self.got:
             want = src.entries[rel].digest
-            got = hash_file(os.path.join(self.dest, rel), src.algo)
+            got = hash_file(f"/proc/self/fd/{self.tree.dir_fd('')}/{rel}", src.algo)
             if want is not None and got != want:
                 raise ChibaError("content differs from the source after transfer",
                                  where=os.path.join(self.dest, rel),
@@ -242,6 +322,18 @@ class _Target:
     def close(self) -> None:
         if self.tree is not None:
             self.tree.close()
+        if self._lock_fd >= 0:
+            unlock_dest(self._parent_fd, self._name, self._lock_fd)
+            self._lock_fd = -1
+        if self._parent_fd >= 0:
+            os.close(self._parent_fd)
+            self._parent_fd = -1
+
+
+def _not_in_sync(conflicts: list[str]) -> str:
+    """One line for a target left unlike its source (each conflict is listed with it)."""
+    more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+    return f"not in sync: {conflicts[0]}{more}"
 
 
 def _file_stream(first: memoryview, flags: int, pieces, stats) -> Iterator[memoryview]:
@@ -308,7 +400,11 @@ def _run_sync(comm: MPI.Comm, spec: dict,
     phases: dict[str, float] = {}
     opts = {"delete": bool(spec.get("delete")), "checksum": bool(spec.get("checksum")),
             "verify": bool(spec.get("verify")), "dry_run": bool(spec.get("dry_run")),
-            "excludes": list(spec.get("excludes", ()))}
+            "excludes": list(spec.get("excludes", ())),
+            "itemize": bool(spec.get("itemize")) or bool(spec.get("dry_run")),
+            "tmp_tag": str(spec.get("tmp_tag") or new_tmp_tag()),
+            # as rsync -a: numeric owners and groups are kept where the target runs as root
+            "owners": os.geteuid() == 0}
     chunk = int(spec.get("chunk", 4 << 20))
 
     # 1. the root walks; its verdict and inventory reach everyone (uppercase for bytes)
@@ -317,7 +413,7 @@ def _run_sync(comm: MPI.Comm, spec: dict,
         try:
             src = scan(spec["source"], excludes=opts["excludes"],
                        checksum=opts["checksum"] or opts["verify"])
-            check_source(src)
+            check_source(src, delete=opts["delete"])
             blob = encode_inventory(src)
         except ChibaError as exc:
             verdict = str(exc)
@@ -342,7 +438,7 @@ def _run_sync(comm: MPI.Comm, spec: dict,
     if rank != 0:
         me = _Target(spec["hosts"][rank], spec["dests"][rank], src, {**opts, "rank": rank})
         bitmap = me.plan_needs()
-        report = (bitmap, me.error, format_plan(me.plan) if opts["dry_run"] and me.plan
+        report = (bitmap, me.error, format_plan(me.plan) if opts["itemize"] and me.plan
                   else None, me.plan.summary() if me.plan else None,
                   list(me.plan.warnings) if me.plan else [])
     else:
@@ -391,7 +487,8 @@ def _run_sync(comm: MPI.Comm, spec: dict,
         if not opts["dry_run"]:
             me.finish()
         me.close()
-        mine = {"host": me.host, "dest": me.dest, "ok": me.error is None,
+        mine = {"host": me.host, "dest": me.dest, "ok": me.error is None and not me.conflicts,
+                "in_sync": me.error is None and not me.conflicts, "conflicts": me.conflicts,
                 "error": me.error, **me.stats}
     else:
         mine = None
@@ -409,11 +506,14 @@ def _run_sync(comm: MPI.Comm, spec: dict,
         if plan_text is not None:
             res["plan"] = plan_text
         hosts[res["host"]] = res
-    failures = {h: r["error"] for h, r in hosts.items() if not r["ok"]}
+    failures = {h: r["error"] or _not_in_sync(r["conflicts"])
+                for h, r in hosts.items() if not r["ok"]}
+    # a source that could not be read completely leaves every target unlike it (rsync 23)
+    source_errors = [str(i) for i in src.errors] + source_errors
     return {
         "ok": not failures and not source_errors,
         "source_files": len(files), "source_bytes": src.total_bytes(),
-        "source_warnings": [str(i) for i in src.errors + src.skipped],
+        "source_warnings": [str(i) for i in src.errors],
         "source_errors": source_errors, "groups": len(groups_wire),
         "bytes_sent": sent, "seconds": time.monotonic() - t0, "phases": phases,
         "dry_run": opts["dry_run"], "hosts": hosts, "failures": failures,

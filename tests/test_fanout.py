@@ -18,6 +18,7 @@ from chiba_admin.errors import TransportError, UsageError
 from legacy_transit.fanout import (GroupResult, LineSplitter, compact_rc, group_outputs,
                                    run_on, window)
 from legacy_transit.rsync import parse_stats, rsync_argv, ssh_command
+from topology.confine import HostDest
 from legacy_transit.transit import plan_transit
 from legacy_transit.transit_agent import tar_x_argv
 from legacy_transit.transport import (RunResult, Transport, UNREACHABLE, command_line,
@@ -202,16 +203,20 @@ def test_rsync_argv_and_stats():
     h = Host("m1", "mayor", address="10.0.0.2",
              ssh=SSHSettings(user="root", port=2222, identity_file="/k/id x",
                              known_hosts="/k/kh"))
-    argv = rsync_argv("/src", h, "/opt/repo dir", kind="ssh", delete=True,
-                      excludes=("*.o",), checksum=True)
+    argv = rsync_argv("/src", h, HostDest("/opt", "repo dir"), kind="ssh", delete=True,
+                      excludes=("*.o",), checksum=True, python="/usr/bin/python3")
     assert argv[:3] == ("rsync", "-a", "--stats") and "--delete" in argv
     assert argv[-2:] == ("/src/", "10.0.0.2:/opt/repo dir/")
     e = argv[argv.index("-e") + 1]
     assert "-p 2222" in e and "'/k/id x'" in e and "UserKnownHostsFile=/k/kh" in e
     assert "StrictHostKeyChecking=yes" in ssh_command(h)
-    assert argv[argv.index("--rsync-path") + 1] == "mkdir -p -- '/opt/repo dir' && rsync"
+    # the target-side guard walks the destination without following symlinks and locks it
+    assert argv[argv.index("--rsync-path") + 1].endswith(
+        "/usr/bin/python3 -m legacy_transit.rsync_guard /opt 'repo dir' run -- rsync")
     emb = Host("m1", "mayor", root="/state/m1")
-    assert rsync_argv("/src/", emb, "/opt/r", kind="embedded")[-1] == "/state/m1/opt/r/"
+    e = rsync_argv("/src/", emb, HostDest("/opt", "r"), kind="embedded", dry_run=True)
+    assert e[-1] == "/state/m1/opt/r/" and e[2:7] == ("legacy_transit.rsync_guard",
+                                                        "/state/m1/opt", "r", "dry", "--")
     s = parse_stats("Number of files: 1,234 (reg: 1,000)\n"
                     "Number of regular files transferred: 12\nTotal file size: 9,876,543 "
                     "bytes\nTotal bytes sent: 1,024\nTotal bytes received: 35\n")

@@ -197,7 +197,7 @@ def test_dir_to_file_refused_without_delete(tmp_path):
     put(dst, "x/precious", b"keep")
     plan, _ = sync(src, dst)
     assert (dst / "x" / "precious").read_bytes() == b"keep"
-    assert plan.warnings
+    assert plan.conflicts
 
 
 def test_deleting_dir_with_excluded_content_keeps_it(tmp_path):
@@ -209,9 +209,81 @@ def test_deleting_dir_with_excluded_content_keeps_it(tmp_path):
     s = scan(src, excludes=["*.o"])
     t = scan(dst, excludes=["*.o"])
     plan = make_plan(s, t, delete=True)
+    assert [a.path for a in plan.by_op("delete")] == ["old/a"]  # "old" is protected
     r = apply_plan(plan, dst, local_fetch(src))
-    assert r.kept == ["old"] and r.deleted == 1
+    assert r.deleted == 1 and not r.conflicts
     assert (dst / "old" / "build.o").exists() and not (dst / "old" / "a").exists()
+
+
+def test_dir_replaced_by_a_file_keeps_excluded_members_and_reports(tmp_path):
+    """rsync keeps x/sub/keep.o, deletes x/a, reports x (exit 23); so does the plan."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    put(src, "x", b"now a file")
+    put(dst, "x/a", b"a")
+    put(dst, "x/sub/keep.o", b"excluded: not ours")
+    plan = make_plan(scan(src, excludes=["*.o"]), scan(dst, excludes=["*.o"]), delete=True)
+    assert [a.path for a in plan.by_op("clear")] == ["x/a"] and plan.conflicts
+    assert not plan.writes()  # nothing is sent for it
+    r = apply_plan(plan, dst, local_fetch(src))
+    assert (dst / "x" / "sub" / "keep.o").read_bytes() == b"excluded: not ours"
+    assert not (dst / "x" / "a").exists()
+
+
+def test_an_unplanned_member_stops_the_replacement_as_a_conflict(tmp_path):
+    """A file appearing in the directory after the scan: rmdir fails, nothing is removed."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    put(src, "x", b"file")
+    (dst / "x").mkdir(parents=True)
+    plan = make_plan(scan(src), scan(dst), delete=True)
+    put(dst, "x/late", b"arrived after the scan")
+    r = apply_plan(plan, dst, local_fetch(src))
+    assert r.conflicts and r.conflicts[0].startswith("x: could not make way")
+    assert (dst / "x" / "late").read_bytes() == b"arrived after the scan"
+    assert no_temps(dst)
+
+
+def test_temp_names_are_exact(tmp_path):
+    from inventory.apply import is_tmp_name, new_tmp_tag
+
+    tag = new_tmp_tag()
+    assert len(tag) == 32 and is_tmp_name(f".data.chiba-tmp-{tag}")
+    for user in ("results.chiba-tmp-2024", ".x.chiba-tmp-abc", f"x.chiba-tmp-{tag}",
+                 f".x.chiba-tmp-{tag}.bak", f".x.chiba-tmp-{tag.upper()}"):
+        assert not is_tmp_name(user), user
+
+
+def test_owners_setuid_fifos_and_sockets_as_rsync_a_as_root(tmp_path):
+    import socket
+    import stat
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    put(src, "tool", b"#!", 0o4755)
+    os.chown(src / "tool", 1000, 1000)
+    os.chmod(src / "tool", 0o4755)  # chown cleared it
+    put(src, "d/f", b"f", 0o2640)
+    os.chown(src / "d/f", 1001, 50)
+    os.chmod(src / "d/f", 0o2640)
+    os.chown(src / "d", 1002, 51)
+    os.mkfifo(src / "d/pipe", 0o620)
+    os.chown(src / "d/pipe", 1003, 52, follow_symlinks=False)
+    os.symlink("f", src / "d/ln")
+    os.chown(src / "d/ln", 1004, 53, follow_symlinks=False)
+    sk = socket.socket(socket.AF_UNIX)
+    sk.bind(str(src / "sock"))
+    try:
+        s = scan(src)
+        put(dst, "d/pipe/old", b"a directory in the way")  # a FIFO replaces a directory
+        plan = make_plan(s, scan(dst), delete=True, owners=True)
+        apply_plan(plan, dst, local_fetch(src))
+        got = scan(dst)
+        assert got.same_tree(s, content=False, owners=True)
+        assert stat.S_ISFIFO(os.lstat(dst / "d/pipe").st_mode)
+        assert stat.S_ISSOCK(os.lstat(dst / "sock").st_mode)
+        st = os.stat(dst / "tool")
+        assert (st.st_uid, st.st_mode & 0o7777) == (1000, 0o4755)  # never root-owned setuid
+        assert make_plan(s, got, delete=True, owners=True).is_noop()
+    finally:
+        sk.close()
 
 
 def test_dir_mtime_correct_after_deletions_inside(tmp_path):
@@ -265,3 +337,18 @@ def test_missing_source_file_error_names_path(tmp_path):
         apply_plan(plan, dst, local_fetch(src))
     assert ei.value.where == os.path.join(dst, "sub/f") and ei.value.hint
     assert no_temps(dst)
+
+
+def test_device_nodes_on_a_target_are_replaced_or_deleted_like_files(tmp_path):
+    import stat
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    put(src, "f", b"file")
+    (src / "d").mkdir()
+    dst.mkdir()
+    for name in ("f", "d", "extra"):
+        os.mknod(dst / name, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    plan = make_plan(scan(src), scan(dst), delete=True)
+    apply_plan(plan, dst, local_fetch(src))
+    assert sorted(os.listdir(dst)) == ["d", "f"] and (dst / "f").read_bytes() == b"file"
+    assert (dst / "d").is_dir()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from chiba_admin.errors import InventoryError
 from inventory import (DIR, FILE, LINK, MAGIC, Entry, Inventory, Issue, decode_inventory,
                        encode_inventory, scan)
-from inventory.codec import _HEADER
+from inventory.codec import _HEADER, FORMAT_VERSION
 
 T0 = 1_700_000_000_000_000_000
 
@@ -116,8 +116,8 @@ def test_decoder_rejects_bad_magic_and_version():
     data = encode_inventory(sample())
     with pytest.raises(InventoryError, match="bad magic"):
         decode_inventory(b"NOTCHIBA" + data[8:])
-    bad_version = data[:8] + bytes([2]) + data[9:]
-    with pytest.raises(InventoryError, match="version 2") as ei:
+    bad_version = data[:8] + bytes([3]) + data[9:]
+    with pytest.raises(InventoryError, match="version 3") as ei:
         decode_inventory(bad_version)
     assert "upgrade" in ei.value.hint
     bad_flags = data[:9] + bytes([0]) + data[10:]  # digests claimed absent, algo says blake3
@@ -159,7 +159,7 @@ def test_decoder_rejects_inconsistent_body():
     # A well-formed frame whose body lies about its counts.
     body = struct.pack("<IIIII", 5, 0, 0, 0, 0) + b"\0" * 8
     frame = zstandard.ZstdCompressor().compress(body)
-    data = _HEADER.pack(MAGIC, 1, 0, 0, 0, len(body), len(frame)) + frame
+    data = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, 0, 0, len(body), len(frame)) + frame
     with pytest.raises(InventoryError, match="truncated"):
         decode_inventory(data)
 

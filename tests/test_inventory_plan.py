@@ -9,6 +9,8 @@ import pytest
 from chiba_admin.errors import InventoryError
 from inventory import (DELETE, DIR, FILE, LINK, META, MKDIR, SYMLINK, WRITE, Entry, Inventory,
                        Issue, Plan, check_source, format_plan, make_plan, needs)
+from inventory.entries import FIFO, SOCK
+from inventory.plan import CLEAR, MKNOD
 
 T0 = 1_700_000_000_000_000_000
 
@@ -95,7 +97,55 @@ def test_replacing_a_directory_needs_delete():
     dst = inv(D("x"), F("x/precious"))
     p = make_plan(src, dst)
     assert ops(p) == [(WRITE, "y")]
-    assert any("not replacing directory" in w for w in p.warnings)
+    assert p.conflicts == ["x: could not make way for new regular file (it is not empty;"
+                           " needs --delete)"]
+    assert "not in sync: x: could not make way" in format_plan(p)
+
+
+def test_an_empty_directory_is_replaced_without_delete_as_rsync_does():
+    p = make_plan(inv(L("x", "t")), inv(D("x")))
+    assert [(a.op, a.path, a.replace) for a in p.actions] == [(SYMLINK, "x", True)]
+    assert not p.conflicts
+
+
+def test_replacing_a_directory_clears_its_members_first_and_the_dry_run_lists_them():
+    src = inv(D("a"), F("x", 5), F("a/new"))
+    dst = inv(D("a"), D("x"), D("x/sub"), F("x/sub/f"), F("x/g"))
+    p = make_plan(src, dst, delete=True)
+    assert ops(p)[:3] == [(CLEAR, "x/sub/f"), (CLEAR, "x/g"), (CLEAR, "x/sub")]
+    assert (WRITE, "x") in ops(p) and p.by_op(WRITE)[-1].replace
+    assert not p.conflicts and p.summary()[DELETE] == 3
+    text = format_plan(p)
+    assert "*deleting   x/sub/f" in text and "3 deletion(s)" in text
+
+
+def test_excluded_members_keep_a_replaced_directory_and_make_a_conflict():
+    src = inv(F("x"), F("y"))
+    dst = Inventory.from_entries([D("x"), D("x/sub"), F("x/sub/a"), F("x/b")])
+    dst.hidden = {"x/sub"}  # x/sub holds an excluded file rsync protects
+    p = make_plan(src, dst, delete=True)
+    assert ops(p) == [(CLEAR, "x/sub/a"), (CLEAR, "x/b"), (WRITE, "y")]
+    assert p.conflicts and p.conflicts[0].startswith("x: could not make way")
+    assert "excluded" in p.conflicts[0]
+    # a plain deletion keeps such a directory silently, as rsync does (exit 0)
+    dst2 = Inventory.from_entries([D("y"), F("y/z")])
+    dst2.hidden = {"y"}
+    p2 = make_plan(inv(F("s")), dst2, delete=True)
+    assert ops(p2) == [(WRITE, "s"), (DELETE, "y/z")] and not p2.conflicts
+
+
+def test_fifos_sockets_and_owners():
+    fifo = Entry("p", FIFO, 0, 0o640, T0, None, None, 1000, 1000)
+    sock = Entry("s", SOCK, 0, 0o755, T0)
+    own = Entry("f", FILE, 1, 0o4755, T0, None, None, 1000, 100)
+    src = inv(fifo, sock, own)
+    dst = inv(Entry("f", FILE, 1, 0o4755, T0, None, None, 0, 0), F("p"))
+    p = make_plan(src, dst, owners=True)
+    assert [(a.op, a.path, a.changes) for a in p.actions] == [
+        (MKNOD, "p", "T"), (MKNOD, "s", "+"), (META, "f", "og")]
+    assert (p.actions[2].uid, p.actions[2].gid) == (1000, 100)
+    assert ".f....og... f" in format_plan(p)
+    assert make_plan(src, dst).by_op(META) == []  # owners are compared only when kept
 
 
 def test_empty_source_refused():
@@ -104,6 +154,9 @@ def test_empty_source_refused():
     assert "delete everything" in ei.value.hint
     with pytest.raises(InventoryError):
         check_source(Inventory(root="/srv/repo"))
+    # without --delete an empty source is accepted, as rsync accepts it
+    assert make_plan(inv(), inv(F("a"))).is_noop()
+    check_source(Inventory(root="/srv/repo"), delete=False)
     p = make_plan(inv(), inv(F("a")), delete=True, allow_empty=True)
     assert ops(p) == [(DELETE, "a")]
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 
 import pytest
 
 import inventory as inv_mod
 from chiba_admin.errors import InventoryError
-from inventory import DIR, FILE, LINK, ExcludeMatcher, hash_bytes, hash_file, hash_files, scan
+from inventory import (DIR, FILE, LINK, ExcludeMatcher, check_source, decode_inventory,
+                       encode_inventory, hash_bytes, hash_file, hash_files, scan)
+from inventory.entries import FIFO, SOCK
 
 ODD = ["with space", "it's", 'dq"uote', "new\nline", "$(touch pwned)", "tab\there",
        os.fsdecode(b"latin1-\xe9\xff"), "ünïcødé", "-rf", "back\\slash", "*star?"]
@@ -39,7 +42,8 @@ def test_scan_records_kinds_sizes_modes_mtimes(tmp_path):
     assert inv["empty"].kind == DIR and inv["empty"].mode == 0o750 and inv["empty"].size == 0
     ln = inv["ln"]
     assert ln.kind == LINK and ln.target == "d/f.txt"
-    assert inv.counts() == {"files": 1, "dirs": 2, "links": 1, "errors": 0, "skipped": 0}
+    assert inv.counts() == {"files": 1, "dirs": 2, "links": 1, "specials": 0, "errors": 0,
+                            "skipped": 0}
     assert inv.root == str(tmp_path) and inv.algo is None
 
 
@@ -66,18 +70,36 @@ def test_odd_names_round_trip_exactly(tmp_path):
     assert os.fsencode(os.fsdecode(b"latin1-\xe9\xff")) in os.listdir(os.fsencode(tmp_path))
 
 
-def test_special_files_skipped_and_reported(tmp_path):
+def test_fifos_and_sockets_are_entries_devices_skipped_owners_kept(tmp_path):
     put(tmp_path, "ok", b"1")
-    os.mkfifo(tmp_path / "pipe")
+    os.chown(tmp_path / "ok", 1234, 567)
+    os.mkfifo(tmp_path / "pipe", 0o640)
     s = socket.socket(socket.AF_UNIX)
     try:
         s.bind(str(tmp_path / "sock"))
+        os.mknod(tmp_path / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
         inv = scan(tmp_path)
     finally:
         s.close()
-    assert list(inv.entries) == ["ok"]
-    assert {i.path: i.message for i in inv.skipped} == {"pipe": "fifo skipped", "sock": "socket skipped"}
+    assert {p: e.kind for p, e in inv.entries.items()} == {"ok": FILE, "pipe": FIFO, "sock": SOCK}
+    assert inv["pipe"].mode == 0o640
+    assert (inv["ok"].uid, inv["ok"].gid) == (1234, 567)
+    assert {i.path: i.message for i in inv.skipped} == {"null": "character device skipped"}
     assert not inv.errors
+    with pytest.raises(InventoryError, match="character device") as ei:
+        check_source(inv, delete=False)
+    assert ei.value.where == "null"
+    back = decode_inventory(encode_inventory(inv))
+    assert back.same_tree(inv, owners=True) and back["pipe"].kind == FIFO
+
+
+def test_excluded_members_mark_their_directory_hidden(tmp_path):
+    put(tmp_path, "d/sub/x.o")
+    put(tmp_path, "d/y")
+    put(tmp_path, "top.o")
+    inv = scan(tmp_path, excludes=["*.o"])
+    assert sorted(inv.entries) == ["d", "d/sub", "d/y"]
+    assert inv.hidden == {"", "d/sub"}
 
 
 def test_missing_root_raises_and_file_root_raises(tmp_path):

@@ -260,7 +260,7 @@ def test_sync_mayors_rsync_embedded(demo, cli, tmp_path):
 def test_sync_mayors_bad_input_and_failure(demo, cli, tmp_path):
     topo, state = demo
     r = cli("sync-mayors", "--method", "rsync", str(tmp_path / "missing"))
-    assert r.code == 2 and "source is not a directory" in r.err
+    assert r.code == 2 and "source does not exist" in r.err
     (tmp_path / "empty").mkdir()
     r = cli("sync-mayors", "--method", "rsync", "--delete", str(tmp_path / "empty"))
     assert r.code == 2 and "empty source" in r.err

@@ -128,7 +128,7 @@ def test_bad_input_changes_nothing(embedded, cli, tmp_path):
     r = cli("sync-mayors", str(empty), "--delete")
     assert r.code == 2 and "source directory is empty" in r.err
     r = cli("sync-mayors", str(tmp_path / "missing"))
-    assert r.code == 2 and "source directory not found" in r.err
+    assert r.code == 2 and "source does not exist" in r.err
     src = make_repo(str(tmp_path / "src"), nfiles=3)
     r = cli("sync-mayors", src, "--targets", "mayor[1-3]")
     assert r.code == 2 and "unknown host(s) mayor3" in r.err
@@ -194,3 +194,268 @@ def test_launch_that_never_starts_is_stopped(embedded, tmp_path, monkeypatch):
     assert res.start_timed_out and not res.ok
     assert time.time() - t0 < 30
     assert "did not start in time" in res.describe()
+
+
+# --- issue 14: safety and truth, by both methods, through real mpiexec and real rsync ----------
+METHODS = ["mpi", "rsync"]
+
+
+def snapshot(root):
+    """Every path under ``root`` with its inode, type, mode, size, mtime and ctime."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for n in [d] + [os.path.join(d, x) for x in dirs + files]:
+            st = os.lstat(n)
+            out[n] = (st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return out
+
+
+def put(root, rel, data=b"x"):
+    p = os.path.join(root, rel)
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    with open(p, "wb") as f:
+        f.write(data)
+    return p
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_dest_outside_the_repository_is_refused_before_anything_is_sent(embedded, cli, tmp_path,
+                                                                          method):
+    src = str(tmp_path / "src")
+    put(src, "a")
+    state = snapshot(embedded.host("mayor1").local_path("/"))
+    for bad in ("/", "../x", "/etc", "a/../../b"):
+        r = cli("sync-mayors", src, "--method", method, "--dest", bad, "--delete")
+        assert r.code == 2 and "--dest" in r.err, (bad, r.err)
+        assert len(r.err.strip().splitlines()) == 1
+    assert snapshot(embedded.host("mayor1").local_path("/")) == state
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_symlink_planted_below_the_repository_is_not_followed(embedded, cli, tmp_path, method):
+    src = str(tmp_path / "src")
+    put(src, "payload")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, os.path.join(repo_of(embedded, "mayor1"), "jobdir"))
+    r = cli("sync-mayors", src, "--method", method, "--dest", "jobdir/x")
+    assert r.code == 1 and "mayor1" in r.err and "symbolic link" in r.err
+    assert os.listdir(elsewhere) == []
+    assert same(src, repo_of(embedded, "mayor2", "jobdir/x"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_second_run_on_the_same_destination_is_refused(embedded, cli, tmp_path, method):
+    """A live run holds the one lock of the destination; another run, any method, is refused."""
+    from inventory.beneath import lock_dest, open_root, unlock_dest
+
+    src = str(tmp_path / "src")
+    put(src, "a")
+    parent = open_root(repo_of(embedded, "mayor1"))
+    held = lock_dest(parent, "shared")  # as a run of the other method would hold it
+    try:
+        r = cli("sync-mayors", src, "--method", method, "--dest", "shared")
+        assert r.code == 1 and "another chiba-admin run" in r.err and "mayor1" in r.err
+        assert not os.path.exists(os.path.join(repo_of(embedded, "mayor1"), "shared", "a"))
+        assert same(src, repo_of(embedded, "mayor2", "shared"))
+    finally:
+        unlock_dest(parent, "shared", held)
+        os.close(parent)
+    r = cli("sync-mayors", src, "--method", method, "--dest", "shared")
+    assert r.code == 0, r.err
+    assert not os.path.exists(os.path.join(repo_of(embedded, "mayor1"), ".shared.chiba-lock"))
+
+
+def test_only_exact_temp_names_of_dead_runs_are_removed(embedded, cli, tmp_path):
+    src = str(tmp_path / "src")
+    put(src, "results.chiba-tmp-2024", b"user data")
+    put(src, "f", b"f")
+    dest = repo_of(embedded, "mayor1")
+    mine = put(dest, "notes.chiba-tmp-x", b"the user's")
+    hidden = put(dest, f"build/.o.chiba-tmp-{'a' * 32}", b"inside an excluded dir")
+    stale = put(dest, f".f.chiba-tmp-{'0123456789abcdef' * 2}", b"a killed run's temp")
+    for args in (["--dry-run"], [], []):
+        r = cli("--json", "sync-mayors", src, "--exclude", "build/", *args)
+        assert r.code == 0, r.err
+        assert os.path.exists(mine) and os.path.exists(hidden)
+        assert os.path.exists(stale) == (args == ["--dry-run"])  # a dry run removes nothing
+    # the user's file named like a temp was sent once, and not again
+    assert r.json()["hosts"]["mayor1"]["files_transferred"] == 0
+    assert open(os.path.join(dest, "results.chiba-tmp-2024"), "rb").read() == b"user data"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_replaced_directory_keeps_excluded_files_and_is_reported(embedded, cli, tmp_path,
+                                                                     method):
+    src = str(tmp_path / "src")
+    put(src, "x", b"now a file")
+    for h in ("mayor1", "mayor2"):
+        put(repo_of(embedded, h), "x/a", b"a")
+        put(repo_of(embedded, h), "x/sub/keep.o", b"excluded")
+    os.remove(os.path.join(repo_of(embedded, "mayor2"), "x", "sub", "keep.o"))
+    before = snapshot(repo_of(embedded, "mayor1"))
+    r = cli("sync-mayors", src, "--method", method, "--delete", "--exclude", "*.o", "--dry-run")
+    assert r.code == 1 and "mayor1" in r.err  # the dry run foresees it, as rsync's (exit 23)
+    assert "*deleting   x/a" in r.out and snapshot(repo_of(embedded, "mayor1")) == before
+    r = cli("sync-mayors", src, "--method", method, "--delete", "--exclude", "*.o")
+    assert r.code == 1
+    assert "mayor1" in r.err and "mayor2" not in r.err and "not in sync" in r.err
+    kept = os.path.join(repo_of(embedded, "mayor1"), "x", "sub", "keep.o")
+    assert open(kept, "rb").read() == b"excluded"
+    assert same(src, repo_of(embedded, "mayor2"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_without_delete_a_file_in_place_of_a_directory_is_not_in_sync(embedded, cli, tmp_path,
+                                                                        method):
+    src = str(tmp_path / "src")
+    put(src, "x", b"file")
+    os.symlink("x", os.path.join(src, "ln"))
+    put(repo_of(embedded, "mayor1"), "x/old", b"old")
+    os.makedirs(os.path.join(repo_of(embedded, "mayor1"), "ln", "d"))
+    r = cli("sync-mayors", src, "--method", method)
+    assert r.code == 1
+    lines = [ln for ln in r.err.splitlines() if "mayor1" in ln]
+    assert lines and all("not in sync" in ln for ln in lines) and "mayor2" not in r.err
+    assert "1/2 targets in sync" in r.out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_dry_run_writes_nothing_anywhere(embedded, cli, tmp_path, method):
+    src = make_repo(str(tmp_path / "src"), nfiles=5)
+    put(repo_of(embedded, "mayor1"), "old/dir/f", b"old")
+    hosts_dir = embedded.host("mayor1").local_path("/")
+    before = {h: snapshot(embedded.host(h).local_path("/")) for h in ("mayor1", "mayor2")}
+    for dest in ("new/path", "old", None):
+        args = ["--dest", dest] if dest else []
+        r = cli("sync-mayors", src, "--method", method, "--dry-run", "--delete", *args)
+        assert r.code == 0, r.err
+    assert {h: snapshot(embedded.host(h).local_path("/")) for h in ("mayor1", "mayor2")} == before
+    assert not os.path.exists(os.path.join(hosts_dir, "new"))
+
+
+def test_dry_run_lists_exactly_what_the_real_run_does(embedded, cli, tmp_path):
+    src = str(tmp_path / "src")
+    put(src, "x", b"file now")
+    put(src, "keep", b"k")
+    dest = repo_of(embedded, "mayor1")
+    put(dest, "x/a", b"a")
+    put(dest, "x/sub/b", b"b")
+    dry = cli("--json", "sync-mayors", src, "--targets", "mayor1", "--delete", "--dry-run").json()
+    plan = dry["hosts"]["mayor1"]["plan"]
+    assert "3 deletion(s)" in plan and "*deleting   x/sub/b" in plan
+    real = cli("--json", "sync-mayors", src, "--targets", "mayor1", "--delete", "-i").json()
+    assert real["ok"] and real["hosts"]["mayor1"]["plan"] == plan
+    assert real["hosts"]["mayor1"]["deleted"] == 3
+    assert same(src, dest)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_source_refused_only_with_delete(embedded, cli, tmp_path, method):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    put(repo_of(embedded, "mayor1"), "kept", b"k")
+    r = cli("sync-mayors", str(empty), "--method", method, "--delete")
+    assert r.code == 2 and "empty" in r.err
+    r = cli("sync-mayors", str(empty), "--method", method)
+    assert r.code == 0, r.err
+    assert os.path.exists(os.path.join(repo_of(embedded, "mayor1"), "kept"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="owners are kept only as root")
+def test_owners_setuid_fifos_sockets_as_rsync_a(embedded, cli, tmp_path):
+    """mpisync makes the tree `rsync -a` makes as root: owners, setuid, FIFOs, sockets."""
+    import socket
+    import stat
+    import subprocess
+
+    src = str(tmp_path / "src")
+    tool = put(src, "bin/tool", b"#!/bin/sh\n")
+    os.chown(tool, 1000, 1000)
+    os.chmod(tool, 0o4755)
+    os.chown(os.path.join(src, "bin"), 1001, 1002)
+    os.mkfifo(os.path.join(src, "pipe"), 0o640)
+    os.chown(os.path.join(src, "pipe"), 1003, 1004)
+    sk = socket.socket(socket.AF_UNIX)
+    sk.bind(os.path.join(src, "sock"))
+    try:
+        put(repo_of(embedded, "mayor1"), "pipe", b"a file where the source has a FIFO")
+        r = cli("--json", "sync-mayors", src, "--delete")
+        assert r.code == 0, r.err
+        oracle = str(tmp_path / "oracle")
+        subprocess.run(["rsync", "-a", src + "/", oracle + "/"], check=True)
+        for h in ("mayor1", "mayor2"):
+            got = scan(repo_of(embedded, h))
+            assert got.same_tree(scan(oracle), content=False, owners=True), h
+            assert stat.S_ISFIFO(os.lstat(os.path.join(repo_of(embedded, h), "pipe")).st_mode)
+            st = os.stat(os.path.join(repo_of(embedded, h), "bin", "tool"))
+            assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1000, 1000, 0o4755)
+        # the FIFO is now part of the tree: a rerun changes nothing, --delete keeps it
+        r = cli("--json", "sync-mayors", src, "--delete")
+        assert r.json()["bytes_sent"] == 0 and r.json()["ok"]
+    finally:
+        sk.close()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_device_node_refused_before_anything_is_sent(embedded, cli, tmp_path, method):
+    import stat
+
+    src = str(tmp_path / "src")
+    put(src, "a")
+    dev = os.path.join(src, "sub", "null")
+    os.makedirs(os.path.dirname(dev))
+    os.mknod(dev, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    r = cli("sync-mayors", src, "--method", method)
+    assert r.code == 2 and dev in r.err and "device" in r.err
+    assert len(r.err.strip().splitlines()) == 1
+    assert os.listdir(repo_of(embedded, "mayor1")) == []
+
+
+from test_transport_ssh import sshd, write_topology  # noqa: E402,F401  (a real sshd)
+
+
+def test_rsync_over_ssh_walks_beneath_locks_and_dry_runs_nothing(cli, tmp_path, sshd):
+    """The rsync guard runs on the target through a real sshd, as --rsync-path."""
+    base = tmp_path / "hosts"
+    path = write_topology(base, sshd)
+    src = str(tmp_path / "src")
+    put(src, "a", b"a")
+    # a dry run to a new path creates nothing on any target
+    r = cli("--cluster", path, "sync-mayors", "--method", "rsync", src, "--dest", "n/p",
+            "--dry-run")
+    assert r.code == 0, r.err
+    assert not (base / "mayor1" / "repo" / "n").exists()
+    # a planted symlink is refused on that target; a held lock refuses the other
+    os.symlink(tmp_path, base / "mayor1" / "repo" / "j")
+    from inventory.beneath import lock_dest, open_root, unlock_dest
+
+    os.makedirs(base / "mayor2" / "repo" / "j")
+    parent = open_root(str(base / "mayor2" / "repo" / "j"))
+    held = lock_dest(parent, "x")
+    try:
+        r = cli("--cluster", path, "sync-mayors", "--method", "rsync", src, "--dest", "j/x")
+    finally:
+        unlock_dest(parent, "x", held)
+        os.close(parent)
+    assert r.code == 1
+    assert "mayor1" in r.err and "symbolic link" in r.err
+    assert "mayor2" in r.err and "another chiba-admin run" in r.err
+    assert not (tmp_path / "x").exists() and not (base / "mayor2" / "repo" / "j" / "x").exists()
+    r = cli("--cluster", path, "sync-mayors", "--method", "rsync", src, "--dest", "j/x",
+            "--targets", "mayor2")
+    assert r.code == 0, r.err
+    assert same(src, str(base / "mayor2" / "repo" / "j" / "x"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_destination_root_gets_the_source_roots_mode_and_mtime(embedded, cli, tmp_path,
+                                                                     method):
+    src = str(tmp_path / "src")
+    put(src, "a")
+    os.chmod(src, 0o2750)
+    os.utime(src, ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
+    r = cli("sync-mayors", src, "--method", method, "--dest", "new/r")
+    assert r.code == 0, r.err
+    st = os.stat(repo_of(embedded, "mayor1", "new/r"))
+    assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o2750, 1_500_000_000_000_000_000)

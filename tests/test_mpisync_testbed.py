@@ -69,19 +69,22 @@ def test_sync_mayors_and_a_node_on_testbed(tb, tmp_path):
 
 def test_full_disk_on_one_target_others_complete(tb, tmp_path):
     src = make_repo(str(tmp_path / "src"), nfiles=20)  # ~10 MB: more than a 1 MiB disk
-    tb.fault("ccn02", "fill-disk")
+    # --dest stays inside the repository (confined); ccn02's is a full 1 MiB disk there
+    full = "/opt/chiba/repo/t2"
+    tb.exec("ccn02", ["sh", "-c", f"mkdir -p {full} && mount -t tmpfs -o size=1m "
+                                  f"chiba-test-full {full}"], check=True)
     try:
-        code, res, err = _sync(tb, src, "--targets", "ccn0[1-3]", "--dest", "/scratch/t2")
+        code, res, err = _sync(tb, src, "--targets", "ccn0[1-3]", "--dest", "t2")
         assert code == 1, err
         assert set(res["failures"]) == {"ccn02"}
         assert "No space left" in res["failures"]["ccn02"] or "space" in \
             res["failures"]["ccn02"].lower()
         for h in ("ccn01", "ccn03"):
-            assert same(src, _data(tb, h, "scratch") / "t2"), h
+            assert same(src, _data(tb, h, "repository") / "t2"), h
     finally:
-        tb.heal("ccn02")
+        tb.exec("ccn02", ["umount", "-l", full])
         for h in ("ccn01", "ccn02", "ccn03"):
-            tb.exec(h, ["rm", "-rf", "--", "/scratch/t2"])
+            tb.exec(h, ["rm", "-rf", "--", full])
 
 
 def test_dead_target_on_testbed_is_named_and_rerun_converges(tb, tmp_path):

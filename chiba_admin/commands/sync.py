@@ -25,8 +25,7 @@ def _sync_rsync(topo, src: str, targets: list[str], dest: str | None, opts: dict
     return sync_rsync(topo, src, targets, dest, delete=opts["delete"],
                       dry_run=opts["dry_run"], excludes=tuple(opts["excludes"]),
                       exclude_from=tuple(opts["exclude_from"]), checksum=opts["checksum"],
-                      fanout=opts["fanout"],
-                      timeout=opts["timeout"])
+                      fanout=opts["fanout"], timeout=opts["timeout"], itemize=opts["itemize"])
 
 
 def _sync_mpi(topo, src: str, targets: list[str], dest: str | None, opts: dict) -> dict:
@@ -38,7 +37,8 @@ def _sync_mpi(topo, src: str, targets: list[str], dest: str | None, opts: dict) 
         return sync_mpi(topo, src, targets, dest, delete=opts["delete"],
                         dry_run=opts["dry_run"], excludes=tuple(opts["rules"]),
                         checksum=opts["checksum"], verify=opts["verify"],
-                        chunk=opts["chunk"], timeout=opts["timeout"], progress=bar)
+                        chunk=opts["chunk"], timeout=opts["timeout"], progress=bar,
+                        itemize=opts["itemize"])
 
 
 # method name -> runner(topo, src, targets, dest, opts) -> result dict; adding a method
@@ -51,7 +51,9 @@ DEFAULT_METHOD = "mpi"
 
 
 def render_sync(result: dict) -> None:
-    """A table with one row per target, then one line per failure on stderr."""
+    """The itemised changes of each target (dry run, --itemize-changes), a table with one
+    row per target, then on stderr one line per failure and per path left unlike the
+    source ("not in sync"), each naming its host."""
     hosts = result.get("hosts", {})
     mpi = result["method"] == "mpi"
     con = get_console()
@@ -61,6 +63,9 @@ def render_sync(result: dict) -> None:
                       f"{h['plan_summary']['write']} to write, "
                       f"{h['plan_summary']['delete']} to delete")
             con.print(h["plan"] or "  (nothing to do)", markup=False)
+        elif "itemized" in h:
+            con.print(f"[bold]{name}[/] {h.get('dest', '')}:")
+            con.print("\n".join(h["itemized"]) or "  (nothing to do)", markup=False)
     t = Table(title=f"sync-mayors --method {result['method']}: {result['source']} -> "
                     f"{result['dest']}" + (" (dry run)" if result.get("dry_run") else ""))
     cols = [("host", "left"), ("ok", "center"), ("seconds", "right"),
@@ -88,7 +93,12 @@ def render_sync(result: dict) -> None:
     con.print(f"{ok}/{len(hosts)} targets {state} in {result['seconds']:.2f} s{extra}")
     err = get_err_console()
     for name, why in result.get("failures", {}).items():
-        err.print(f"chiba-admin sync-mayors: {name}: {why}", markup=False)
+        conflicts = hosts.get(name, {}).get("conflicts") or []
+        if mpi and conflicts and not hosts[name].get("error"):
+            for c in conflicts:  # every path this target is left unlike the source
+                err.print(f"chiba-admin sync-mayors: {name}: not in sync: {c}", markup=False)
+        else:
+            err.print(f"chiba-admin sync-mayors: {name}: {why}", markup=False)
 
 
 @click.command("sync-mayors")
@@ -110,6 +120,8 @@ def render_sync(result: dict) -> None:
 @click.option("-f", "fanout", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="How many targets at once.")
 @click.option("--checksum", is_flag=True, help="Compare file contents, not size and time.")
+@click.option("-i", "--itemize-changes", "itemize", is_flag=True,
+              help="List every change made, as --dry-run lists them (rsync's -i).")
 @click.option("--verify", is_flag=True,
               help="mpi: every target re-hashes what it received against the source.")
 @click.option("--chunk", default="64KiB", show_default=True, metavar="SIZE",
@@ -118,7 +130,7 @@ def render_sync(result: dict) -> None:
               metavar="S", help="Give up (and stop every process) after S seconds.")
 @pass_ctx
 def sync_cmd(ctx, src, method, dest, targets, delete, dry_run, excludes, exclude_from, fanout,
-             checksum, verify, chunk, timeout):
+             checksum, itemize, verify, chunk, timeout):
     """Make DEST on every target identical to SRC (a directory on this machine)."""
     topo = ctx.topology
     names = expand(topo, targets)
@@ -135,7 +147,8 @@ def sync_cmd(ctx, src, method, dest, targets, delete, dry_run, excludes, exclude
     rules, exclude_from = exclude_rules(excludes, exclude_from)
     opts = {"delete": delete, "dry_run": dry_run, "excludes": excludes,
             "exclude_from": exclude_from, "rules": rules, "fanout": fanout,
-            "checksum": checksum, "verify": verify, "chunk": chunk_bytes, "timeout": timeout}
+            "checksum": checksum, "verify": verify, "chunk": chunk_bytes, "timeout": timeout,
+            "itemize": itemize}
     result = METHODS[method](topo, src, names, dest, opts)
     if ctx.json:
         print_json(result)
