@@ -201,8 +201,9 @@ def _why(stderr: str) -> str:
 
 def sync_rsync(topo, src: str, targets: list[str], dest: str | None = None, *,
                delete: bool = False, dry_run: bool = False, excludes: tuple[str, ...] = (),
-               checksum: bool = False, fanout: int = DEFAULT_FANOUT,
-               timeout: float | None = None, progress=None, itemize: bool = False) -> dict:
+               exclude_from: tuple[str, ...] = (), checksum: bool = False,
+               fanout: int = DEFAULT_FANOUT, timeout: float | None = None, progress=None,
+               itemize: bool = False) -> dict:
     """Synchronise ``src`` to every target with its own rsync; failures are per host.
 
     rsync's exit 23/24 (a target left unlike the source) is a failure of that host, named
