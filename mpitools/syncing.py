@@ -82,12 +82,14 @@ def sync_mpi(topo, src: str, targets: list[str], dest: str | None = None, *,
             "dry_run": dry_run, "launch_seconds": res.seconds}
     r = res.result
     if r is None:
+        # no result: nothing was synchronised anywhere, whichever host the runtime blamed
         failures = launch_failures(res, targets, timeout)
+        errors = {h: failures.get(h, "not synchronised: the job did not complete")
+                  for h in targets}
         return {**base, "ok": False, "seconds": res.seconds, "bytes_sent": 0,
-                "hosts": {h: {"ok": h not in failures, "rc": 1 if h in failures else 0,
-                              "seconds": res.seconds, "files_transferred": 0,
-                              "bytes_sent": 0, "bytes_received": 0,
-                              "error": failures.get(h)} for h in targets},
+                "hosts": {h: {"ok": False, "rc": 1, "seconds": res.seconds,
+                              "files_transferred": 0, "bytes_sent": 0, "bytes_received": 0,
+                              "error": errors[h]} for h in targets},
                 "failures": failures}
     if r.get("error") and not r.get("hosts"):
         raise UsageError(r["error"])
