@@ -62,7 +62,7 @@ def rank_processes(topo) -> list[int]:
 
 def test_stage_chain_every_node_byte_identical(embedded, cli, tmp_path):
     src = make_tree(tmp_path / "proj")
-    stale = os.path.join(scratch(embedded, "ccn02"), ".proj.chiba-stage-deadjob")
+    stale = os.path.join(scratch(embedded, "ccn02"), ".proj.chiba-stage-0123456789ab")
     os.makedirs(os.path.join(stale, "junk"))
     r = cli("stage", src, "--nodes", "@nodes", "--chunk", "64KiB", "--json")
     assert r.code == 0, r.err
