@@ -368,6 +368,7 @@ def _open_url(url: str, size: int, timeout: float):
 def _fetch_sums(url: str, want: str, timeout: float) -> tuple[bytes | None, str | None]:
     """Rank 0: the archive's block digests, checked against the hash the job carries (the
     job comes from the CLI, not the spool, so a swapped digest file is refused too)."""
+    import urllib.error
     import urllib.request
 
     from .archive import new_hasher
@@ -375,8 +376,10 @@ def _fetch_sums(url: str, want: str, timeout: float) -> tuple[bytes | None, str 
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             sums = r.read()
+    except urllib.error.HTTPError as e:
+        return None, f"spool: {url}: HTTP {e.code} {e.reason}"
     except OSError as e:
-        return None, f"spool: {url}: cannot read the block digests: {getattr(e, 'reason', e)}"
+        return None, f"spool unreachable: {url}: {getattr(e, 'reason', e)}"
     h = new_hasher("blake3")
     h.update(sums)
     if h.hexdigest() != want:
@@ -421,9 +424,12 @@ def main(comm, job: dict) -> int:
     resp, err, sums = None, None, None
     timeout = float(job.get("http_timeout", 30))
     if rank == 0:
-        sums, err = _fetch_sums(job["sums_url"], job["sums_hash"], timeout)
+        resp, err = _open_url(job["url"], total, timeout)
         if err is None:
-            resp, err = _open_url(job["url"], total, timeout)
+            sums, err = _fetch_sums(job["sums_url"], job["sums_hash"], timeout)
+            if err is not None:
+                resp.close()
+                resp = None
     err, sums = comm.bcast((err, sums), root=0)
     node = NodeStage(dest["root"], dest["rel"], job["jobid"], replace=bool(job.get("replace")),
                      shown=dest.get("shown"))

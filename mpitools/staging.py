@@ -120,7 +120,8 @@ def cleanup_embedded(topo, dests: dict[str, dict]) -> None:
     """
     if topo.kind != "embedded":
         return
-    from inventory.beneath import BeneathError, open_dir_beneath, open_root
+    from inventory.beneath import (BeneathError, lock_dest, open_dir_beneath, open_root,
+                                   unlock_dest)
 
     for d in dests.values():
         parent, _, name = d["rel"].rpartition("/")
@@ -136,6 +137,9 @@ def cleanup_embedded(topo, dests: dict[str, dict]) -> None:
             os.close(root_fd)
         try:
             clean_stale(pfd, name)
+            unlock_dest(pfd, name, lock_dest(pfd, name))  # a killed run's lock file
+        except BeneathError:
+            pass  # another live run holds it
         finally:
             os.close(pfd)
 

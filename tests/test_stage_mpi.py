@@ -85,28 +85,41 @@ def test_stage_chain_every_node_byte_identical(embedded, cli, tmp_path):
     assert os.listdir(spool) == [], "the spooled archive is used once and removed"
 
 
-def test_stage_bcast_gzip_replaces_existing_destination(embedded, cli, tmp_path):
+def test_stage_bcast_gzip_replaces_existing_destination_only_with_replace(embedded, cli,
+                                                                         tmp_path):
     src = make_tree(tmp_path / "proj", big=50_000)
     town1 = NODES[:4]
     for n in town1:
         old = os.path.join(scratch(embedded, n), "jobs", "run 1")
         os.makedirs(old)
         open(os.path.join(old, "old.txt"), "w").write("old")
-    r = cli("stage", src, "--nodes", "@town1", "--dest", "/scratch/jobs/run 1",
+    args = ("stage", src, "--nodes", "@town1", "--dest", "/scratch/jobs/run 1",
             "--algorithm", "bcast", "--compress", "gzip")
+    # another job's directory, not made by stage: refused on every node, nothing touched
+    r = cli(*args)
+    assert r.code == 2, r.err
+    assert r.err.count("was not created by chiba-admin stage; pass --replace") == 4
+    assert "nothing was touched" in r.err
+    for n in town1:
+        jobs = os.path.join(scratch(embedded, n), "jobs")
+        assert os.listdir(jobs) == ["run 1"]
+        assert os.listdir(os.path.join(jobs, "run 1")) == ["old.txt"]
+    r = cli(*args, "--replace")
     assert r.code == 0, r.err
     assert "4/4 hosts ok" in r.out and "ccn04" in r.out and "bcast" in r.out
     for n in town1:
         dest = os.path.join(scratch(embedded, n), "jobs", "run 1")
         assert_same_tree(src, dest)
-        assert sorted(os.listdir(os.path.dirname(dest))) == ["run 1"]
+        assert sorted(os.listdir(os.path.dirname(dest))) == [".run 1.chiba-staged", "run 1"]
     assert all(os.listdir(scratch(embedded, n)) == [] for n in NODES[4:])
+    r = cli(*args)  # staged by us now: replaced without --replace
+    assert r.code == 0, r.err
 
 
 def test_bad_input_is_refused_before_anything_runs(embedded, cli, tmp_path):
     before = scratch_listing(embedded)
     r = cli("stage", str(tmp_path / "missing"), "--nodes", "@nodes")
-    assert r.code == 2 and "source directory not found" in r.err
+    assert r.code == 2 and "source does not exist" in r.err
     assert cli("stage", str(tmp_path), "--nodes", "").code == 2
     r = cli("stage", str(tmp_path), "--nodes", "ccn[07-12]")
     assert r.code == 2 and "unknown host" in r.err
@@ -138,7 +151,7 @@ def test_spool_problem_is_reported_before_any_node_is_touched(embedded, cli, tmp
     assert scratch_listing(embedded) == before
 
 
-@pytest.mark.parametrize("kind", ["absolute", "dotdot", "link", "device"])
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "hardlink-out", "device"])
 def test_hostile_archive_is_refused_on_every_node(embedded, tmp_path, kind):
     tar = tmp_path / "evil.tar"
     tar.write_bytes(crafted_tar(kind))
@@ -153,13 +166,13 @@ def test_hostile_archive_is_refused_on_every_node(embedded, tmp_path, kind):
     assert not os.path.lexists(os.path.join(embedded.state_dir, "hosts", "evil"))
 
 
-def test_unwritable_destination_on_one_node_aborts_all(embedded, cli, tmp_path):
+def test_unwritable_destination_on_one_node_refuses_all(embedded, cli, tmp_path):
     src = make_tree(tmp_path / "proj", big=1000)
     open(os.path.join(scratch(embedded, "ccn03"), "out"), "w").close()  # parent is a file
     r = cli("stage", src, "--nodes", "@nodes", "--dest", "out/data", "--json")
-    assert r.code == 1
+    assert r.code == 2
     j = r.json()
-    assert list(j["failures"]) == ["ccn03"] and "cannot prepare" in j["failures"]["ccn03"]
+    assert list(j["failures"]) == ["ccn03"] and "not a directory" in j["failures"]["ccn03"]
     assert all(not h["ok"] for h in j["hosts"].values())
     listing = scratch_listing(embedded)
     assert listing.pop("ccn03") == ["out"]
@@ -257,7 +270,7 @@ def test_collect_brings_every_node_back(embedded, cli, tmp_path):
     assert r.code == 0, r.err
     assert "4/4 hosts ok" in r.out
     assert_same_tree(trees["ccn01"], out / "ccn01" / "results")
-    assert not [n for n in os.listdir(out / "ccn01") if n != "results"]
+    assert sorted(os.listdir(out / "ccn01")) == [".results.chiba-staged", "results"]
     assert rank_processes(embedded) == []
 
 
