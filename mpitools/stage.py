@@ -388,6 +388,15 @@ def _fetch_sums(url: str, want: str, timeout: float) -> tuple[bytes | None, str 
     return sums, None
 
 
+def _hold(fifo_dir: str) -> None:
+    """Test hook CHIBA_TEST_HOLD=rank:DIR: with every lock taken, say so through the FIFO
+    DIR/ready and wait for DIR/go (a barrier with the test, no sleeps)."""
+    with open(os.path.join(fifo_dir, "ready"), "w") as f:
+        f.write("ready\n")
+    with open(os.path.join(fifo_dir, "go")) as f:
+        f.read()
+
+
 def _make_hooks(rank: int) -> Callable[[int], None]:
     """Test hooks (CHIBA_TEST_DIE=rank:chunk, CHIBA_TEST_DELAY=rank:seconds)."""
     die = test_hook("die", rank)
@@ -472,6 +481,10 @@ def main(comm, job: dict) -> int:
             node.abandon()
             report["error"] = report["error"] or "aborted: another node failed to prepare"
             return _finish(comm, job, report, phases, t0)
+
+        hold = test_hook("hold", rank)
+        if hold is not None:
+            _hold(hold)
 
         # 3. move the bytes; each node unpacks only blocks it has verified, as they arrive
         report["stage"] = "transfer"
