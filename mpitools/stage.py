@@ -20,8 +20,8 @@ from typing import Callable
 from inventory.beneath import (BeneathError, lock_dest, mark_staged, open_dir_beneath,
                                open_root, split_rel, unlock_dest, was_staged)
 
-from .archive import (BlockVerifier, Extractor, RefusedMember, VerifyError, clean_stale, make_locked_temp,
-                      remove_entry, temp_name)
+from .archive import (BlockVerifier, Extractor, RefusedMember, VerifyError, clean_stale,
+                      make_locked_temp, remove_entry, temp_name)
 from .rankio import (PeerLost, agree_any, emit, maxrss_bytes, rank_hosts, rank_main, test_hook,
                      wait)
 

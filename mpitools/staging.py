@@ -10,14 +10,14 @@ from typing import Iterator
 
 from chiba_admin.errors import StageError, UsageError
 
-from .archive import BlockHasher, COMPRESSIONS, PackInfo, clean_stale, new_hasher
+from .archive import COMPRESSIONS, BlockHasher, PackInfo, clean_stale, new_hasher
 from .launcher import LaunchResult, launch, rank_hosts
 from .rankio import encode_job
 from .spool import SUMS_SUFFIX, Published, SpoolServer, publish, spool_name
 
-__all__ = ["stage_mpi", "stage_archive", "collect_mpi", "pipeline_segment", "dest_for", "spool_dir_of", "check_nodes",
-           "DEFAULT_CHUNK", "DEFAULT_ALGORITHM", "host_rows", "launch_failures",
-           "cleanup_embedded"]
+__all__ = ["stage_mpi", "stage_archive", "collect_mpi", "pipeline_segment", "dest_for",
+           "spool_dir_of", "check_nodes", "check_collect_dest", "DEFAULT_CHUNK",
+           "DEFAULT_ALGORITHM", "host_rows", "launch_failures", "cleanup_embedded"]
 
 DEFAULT_CHUNK = 4 << 20
 # measured faster on every setup we tried (see mpitools/README-section.md)
