@@ -78,7 +78,7 @@ def open_source(spec: dict) -> tuple[int, str]:
     parent, _, name = spec["rel"].rpartition("/")
     root_fd = open_root(spec["root"])
     try:
-        pfd = open_dir_beneath(root_fd, parent, display=spec["root"])
+        pfd = open_dir_beneath(root_fd, parent, display=spec.get("host_root", spec["root"]))
     finally:
         os.close(root_fd)
     try:

@@ -55,13 +55,14 @@ class NodeStage:
     """
 
     def __init__(self, root: str, rel: str, jobid: str, *, replace: bool = False,
-                 shown: str | None = None):
+                 shown: str | None = None, host_root: str | None = None):
         parts = split_rel(rel)
         if not parts:
             raise ValueError("the destination must lie below its root")
         self.root, self.rel, self.jobid, self.replace = root, rel, jobid, replace
         self.name, self.parent_rel = parts[-1], "/".join(parts[:-1])
         self.shown = shown or os.path.join(root, rel)
+        self.host_root = host_root or root  # the root as the host names it, for messages
         self.tmp = temp_name(self.name, "stage", jobid)
         self.old = self.tmp + ".old"
         self.parent_fd: int | None = None
@@ -82,7 +83,7 @@ class NodeStage:
             return
         try:
             try:
-                pfd = open_dir_beneath(root_fd, self.parent_rel, display=self.root)
+                pfd = open_dir_beneath(root_fd, self.parent_rel, display=self.host_root)
             except BeneathError as e:
                 if e.errno == errno.ENOENT:
                     return
@@ -112,9 +113,9 @@ class NodeStage:
         lock) or DestRefused."""
         root_fd = open_root(self.root)
         fd = root_fd
+        shown = self.host_root
         try:
             for part in split_rel(self.parent_rel):
-                shown = os.path.join(self.root, self.parent_rel)
                 try:
                     nfd = open_dir_beneath(fd, part, display=shown)
                 except BeneathError as e:
@@ -125,6 +126,7 @@ class NodeStage:
                     nfd = open_dir_beneath(fd, part, display=shown)
                 os.close(fd)
                 fd = nfd
+                shown = f"{shown}/{part}"
         except BaseException:
             os.close(fd)
             raise
@@ -441,7 +443,7 @@ def main(comm, job: dict) -> int:
                 resp = None
     err, sums = comm.bcast((err, sums), root=0)
     node = NodeStage(dest["root"], dest["rel"], job["jobid"], replace=bool(job.get("replace")),
-                     shown=dest.get("shown"))
+                     shown=dest.get("shown"), host_root=dest.get("host_root"))
     refusal = None
     if err is None:
         try:

@@ -54,7 +54,8 @@ def dest_for(topo, host: str, dest: str | None, *, default_name: str | None = No
 
 def _rank_dest(topo, host: str, hd) -> dict:
     """What a rank needs: the root as seen on that machine, ``rel``, and the path to show."""
-    return {"root": topo.host(host).local_path(hd.root), "rel": hd.rel, "shown": hd.path}
+    return {"root": topo.host(host).local_path(hd.root), "rel": hd.rel, "shown": hd.path,
+            "host_root": hd.root}
 
 
 def spool_dir_of(topo) -> str:

@@ -431,7 +431,7 @@ def test_planted_symlink_in_scratch_is_not_followed(embedded, cli, tmp_path):
     assert r.code == 2
     j = r.json()
     assert list(j["failures"]) == ["ccn05"]
-    assert "symbolic link (not followed)" in j["failures"]["ccn05"]
+    assert "/scratch/jobdir: is a symbolic link (not followed)" in j["failures"]["ccn05"]
     assert os.listdir(anywhere) == []
     listing = scratch_listing(embedded)
     assert listing.pop("ccn05") == ["jobdir"]
@@ -514,6 +514,16 @@ def test_collect_path_is_confined_and_home_side_is_not_replaced(embedded, cli, t
     r = cli("collect", "results", "--nodes", "ccn[01-02]", "--dest", str(out), "--replace")
     assert r.code == 0, r.err
     assert_same_tree(os.path.join(scratch(embedded, "ccn02"), "results"), mine)
+    # a symlink planted on the way on a node is not followed: root reads nothing through it
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "results").mkdir(parents=True)
+    (elsewhere / "results" / "secret").write_text("not yours")
+    os.symlink(str(elsewhere), os.path.join(scratch(embedded, "ccn03"), "jobdir"))
+    r = cli("collect", "jobdir/results", "--nodes", "ccn03", "--dest", str(tmp_path / "o2"),
+            "--json")
+    assert r.code == 1
+    assert "/scratch/jobdir: is a symbolic link (not followed)" in r.json()["failures"]["ccn03"]
+    assert not (tmp_path / "o2").exists()
 
 
 def test_compromised_nodes_archive_is_refused_on_the_home_server(embedded, cli, tmp_path,
