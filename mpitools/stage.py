@@ -472,9 +472,11 @@ def main(comm, job: dict) -> int:
             node.prepare()
         except DestRefused as e:
             report.update(error=str(e), primary=True, refused=True)
+        except BeneathError as e:  # names its path: a symlink on the way, the lock held
+            report.update(error=str(e), primary=True)
         except OSError as e:
-            why = str(e) if isinstance(e, BeneathError) else (e.strerror or str(e))
-            report.update(error=f"cannot prepare {node.shown}: {why}", primary=True)
+            report.update(error=f"cannot prepare {node.shown}: {e.strerror or e}",
+                          primary=True)
         failed = agree_any(comm, report["error"] is not None)
         phases["prepare"] = time.time() - t
         if failed:

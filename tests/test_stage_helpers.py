@@ -92,11 +92,13 @@ def _meta_signature(root: str) -> dict:
                 data = open(p, "rb").read()
             else:
                 data = None
-            group = inodes.setdefault(st.st_ino, rel) if st.st_nlink > 1 and \
-                not stat.S_ISDIR(st.st_mode) else None
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                inodes.setdefault(st.st_ino, []).append(rel)
             mtime = None if stat.S_ISLNK(st.st_mode) else st.st_mtime_ns
-            sig[rel] = (st.st_mode, st.st_uid, st.st_gid, mtime, data, group)
-    return sig
+            sig[rel] = (st.st_mode, st.st_uid, st.st_gid, mtime, data, st.st_ino)
+    # hard links: the sorted names sharing an inode, whatever the walk order
+    groups = {ino: tuple(sorted(names)) for ino, names in inodes.items()}
+    return {rel: v[:5] + (groups.get(v[5]),) for rel, v in sig.items()}
 
 
 def special_tree(root) -> str:
