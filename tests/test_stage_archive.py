@@ -250,3 +250,38 @@ def test_devices_and_hardlinks_outside_are_refused(tmp_path):
         with pytest.raises(RefusedMember):
             _feed(crafted_tar(kind), str(d), "none", chunk=512)
         assert not os.path.lexists(d / "null-dev") and not os.path.lexists(d / "hl")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_without_root_setuid_and_setgid_are_dropped(tmp_path):
+    """Ownership is never widened: a run that cannot set the owner keeps no setuid bit."""
+    src = special_tree(tmp_path / "src")
+    out = io.BytesIO()
+    pack_tree(src, out, "none")
+    dest = tmp_path / "d"
+    dest.mkdir()
+    os.chown(dest, 65534, 65534)
+    fd = _fd(dest)  # pytest's tmp dirs are root's: nobody reaches dest only by this fd
+    pid = os.fork()
+    if pid == 0:  # the child becomes nobody and unpacks
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            ex = Extractor(fd, "none")
+            ex.feed(out.getvalue())
+            ex.finish()
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - shown by the parent's failure
+            os.write(2, f"child: {e!r}\n".encode())
+        finally:
+            os._exit(code)
+    os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    sig = tree_signature(dest, meta=True)
+    assert sig["suid-root"][0] & 0o7777 == 0o755 and sig["user-suid"][0] & 0o7777 == 0o750
+    assert all(uid == 65534 and not mode & (stat.S_ISUID | stat.S_ISGID)
+               for mode, uid, *_ in sig.values())
+    assert stat.S_ISFIFO(sig["fifo"][0]) and stat.S_ISSOCK(sig["shared/sock"][0])
