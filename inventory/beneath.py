@@ -191,12 +191,17 @@ def mark_staged(parent_fd: int, name: str, jobid: str) -> None:
 
 
 def was_staged(parent_fd: int, name: str) -> bool:
-    """True when ``name`` in ``parent_fd`` carries a marker from :func:`mark_staged`."""
+    """True when ``name`` in ``parent_fd`` carries a marker from :func:`mark_staged`.
+
+    The marker must be a regular file owned by this process's user: in a scratch any user
+    can write, a marker planted beside another user's directory must not let a stage
+    replace that directory without ``--replace``.
+    """
     try:
         st = os.stat(staged_marker(name), dir_fd=parent_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    return stat.S_ISREG(st.st_mode)
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
 
 
 def unmark_staged(parent_fd: int, name: str) -> None:
