@@ -200,8 +200,9 @@ class _CountingWriter:
 
 def _exact_mtime(st: os.stat_result) -> str:
     """st_mtime as an exact decimal (a float loses the nanoseconds rsync keeps)."""
-    s, ns = divmod(st.st_mtime_ns, 10**9)
-    return f"{s}.{ns:09d}" if ns else str(s)
+    sign = "-" if st.st_mtime_ns < 0 else ""
+    s, ns = divmod(abs(st.st_mtime_ns), 10**9)
+    return f"{sign}{s}.{ns:09d}" if ns else f"{sign}{s}"
 
 
 def _add(tar: tarfile.TarFile, path: str, arcname: str, stats: dict) -> None:
@@ -216,6 +217,8 @@ def _add(tar: tarfile.TarFile, path: str, arcname: str, stats: dict) -> None:
         ti.pax_headers = {SOCKET_ATTR: "1"}
     else:
         ti = tar.gettarinfo(path, arcname)
+        if ti is None:
+            raise OSError(errno.EOPNOTSUPP, "file type tar cannot carry", path)
     ti.pax_headers = {**ti.pax_headers, "mtime": _exact_mtime(st)}
     stats["files"] += 1
     if ti.isreg():
@@ -331,10 +334,10 @@ def _member_parts(ti: tarfile.TarInfo, name: str | None = None) -> tuple[str, ..
 
 def _mtime_ns(ti: tarfile.TarInfo) -> int:
     raw = ti.pax_headers.get("mtime", "")
-    if raw and raw[0].isdigit():
-        s, _, frac = raw.partition(".")
-        if s.isdigit() and (not frac or frac.isdigit()):
-            return int(s) * 10**9 + int((frac + "000000000")[:9])
+    sign, digits = (-1, raw[1:]) if raw.startswith("-") else (1, raw)
+    s, _, frac = digits.partition(".")
+    if s.isdigit() and (not frac or frac.isdigit()):
+        return sign * (int(s) * 10**9 + int((frac + "000000000")[:9]))
     return int(ti.mtime * 10**9)
 
 

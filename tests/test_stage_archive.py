@@ -285,3 +285,16 @@ def test_without_root_setuid_and_setgid_are_dropped(tmp_path):
     assert all(uid == 65534 and not mode & (stat.S_ISUID | stat.S_ISGID)
                for mode, uid, *_ in sig.values())
     assert stat.S_ISFIFO(sig["fifo"][0]) and stat.S_ISSOCK(sig["shared/sock"][0])
+
+
+@pytest.mark.parametrize("ns", [1_700_000_000_123_456_789, 5, -1_500_000_000, 0])
+def test_mtimes_travel_to_the_nanosecond(tmp_path, ns):
+    src = tmp_path / "s"
+    src.mkdir()
+    (src / "f").write_text("x")
+    os.utime(src / "f", ns=(ns, ns))
+    out = io.BytesIO()
+    pack_tree(str(src), out, "none")
+    (tmp_path / "d").mkdir()
+    _feed(out.getvalue(), str(tmp_path / "d"), "none")
+    assert os.stat(tmp_path / "d" / "f").st_mtime_ns == ns
