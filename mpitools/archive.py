@@ -205,50 +205,104 @@ def _exact_mtime(st: os.stat_result) -> str:
     return f"{sign}{s}.{ns:09d}" if ns else f"{sign}{s}"
 
 
-def _add(tar: tarfile.TarFile, path: str, arcname: str, stats: dict) -> None:
-    """Add ``path`` (never followed if a symlink) and, for a directory, its tree."""
-    st = os.lstat(path)
-    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-        raise OSError(errno.EPERM, "device nodes are never copied", path)
-    if stat.S_ISSOCK(st.st_mode):
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+
+
+class _Packer:
+    """Walk a tree with directory fds into a tar: nothing below the top is followed.
+
+    Root reads users' trees: a directory swapped for a symlink while it is packed
+    (``sub -> /etc``) must not make it read ``/etc``. Every entry is opened relative to its
+    parent's fd with ``O_NOFOLLOW``; regular files and directories take their metadata from
+    the opened fd, so what is recorded is what is read.
+    """
+
+    def __init__(self, tar: tarfile.TarFile):
+        self.tar = tar
+        self.files = self.bytes = 0
+        self._links: dict[tuple[int, int], str] = {}
+
+    def _info(self, st: os.stat_result, arcname: str, where: str) -> tarfile.TarInfo:
         ti = tarfile.TarInfo(arcname)
-        ti.type, ti.mode, ti.uid, ti.gid = tarfile.FIFOTYPE, st.st_mode & 0o7777, st.st_uid, \
-            st.st_gid
-        ti.pax_headers = {SOCKET_ATTR: "1"}
-    else:
-        ti = tar.gettarinfo(path, arcname)
-        if ti is None:
-            raise OSError(errno.EOPNOTSUPP, "file type tar cannot carry", path)
-    ti.pax_headers = {**ti.pax_headers, "mtime": _exact_mtime(st)}
-    stats["files"] += 1
-    if ti.isreg():
-        stats["bytes"] += ti.size
-        # O_NOFOLLOW: a file swapped for a symlink while packing is not read through
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
-            tar.addfile(ti, f)
-    else:
-        tar.addfile(ti)
-    if ti.isdir():
-        for entry in sorted(os.listdir(path)):
-            _add(tar, os.path.join(path, entry), f"{arcname}/{entry}" if arcname != "."
-                 else entry, stats)
+        ti.mode, ti.uid, ti.gid = st.st_mode & 0o7777, st.st_uid, st.st_gid
+        ti.mtime = st.st_mtime
+        ti.pax_headers = {"mtime": _exact_mtime(st)}
+        m = st.st_mode
+        if stat.S_ISREG(m):
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in self._links:
+                ti.type, ti.linkname = tarfile.LNKTYPE, self._links[key]
+            else:
+                ti.size = st.st_size
+                if st.st_nlink > 1:
+                    self._links[key] = arcname
+        elif stat.S_ISDIR(m):
+            ti.type = tarfile.DIRTYPE
+        elif stat.S_ISFIFO(m):
+            ti.type = tarfile.FIFOTYPE
+        elif stat.S_ISSOCK(m):
+            ti.type = tarfile.FIFOTYPE
+            ti.pax_headers[SOCKET_ATTR] = "1"
+        elif stat.S_ISCHR(m) or stat.S_ISBLK(m):
+            raise OSError(errno.EPERM, "device nodes are never copied", where)
+        elif not stat.S_ISLNK(m):
+            raise OSError(errno.EOPNOTSUPP, "file type tar cannot carry", where)
+        return ti
+
+    def add_at(self, dir_fd: int | None, name: str, arcname: str, where: str) -> None:
+        """Add ``name`` in ``dir_fd`` (a path when ``dir_fd`` is None) and its tree."""
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            ti = self._info(st, arcname, where)
+            ti.type, ti.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dir_fd)
+            self._emit(ti)
+        elif stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+            flags = _READ_FLAGS | (os.O_DIRECTORY if stat.S_ISDIR(st.st_mode) else 0)
+            fd = os.open(name, flags, dir_fd=dir_fd)
+            try:
+                fst = os.fstat(fd)
+                if stat.S_IFMT(fst.st_mode) != stat.S_IFMT(st.st_mode):
+                    raise OSError(errno.EAGAIN, "changed while it was packed", where)
+                self.add_fd(fd, fst, arcname, where)
+            finally:
+                os.close(fd)
+        else:
+            self._emit(self._info(st, arcname, where))
+
+    def add_fd(self, fd: int, st: os.stat_result, arcname: str, where: str) -> None:
+        ti = self._info(st, arcname, where)
+        if ti.isreg():
+            self.bytes += ti.size
+            with os.fdopen(os.dup(fd), "rb") as f:
+                self._emit(ti, f)
+            return
+        self._emit(ti)
+        if ti.isdir():
+            for entry in sorted(os.listdir(fd)):
+                self.add_at(fd, entry, entry if arcname == "." else f"{arcname}/{entry}",
+                            os.path.join(where, entry))
+
+    def _emit(self, ti: tarfile.TarInfo, f=None) -> None:
+        self.files += 1
+        self.tar.addfile(ti, f)
 
 
 def pack_tree(src: str, out: BinaryIO, compress: str = "zstd", *, level: int | None = None,
-              hash_alg: str = "blake3", arcname: str | None = None,
+              hash_alg: str = "blake3", arcname: str | None = None, dir_fd: int | None = None,
               block: int = BLOCK) -> PackInfo:
     """Stream ``src`` as a tar into ``out``; returns its PackInfo (sizes, hash, block digests).
 
     Without ``arcname`` the directory ``src`` is packed as ``.`` (its own mode, owner and
-    mtime travel too, as ``rsync -a src/ dest`` keeps them) followed by its contents; with
-    ``arcname`` ``src`` (a file or a tree) is packed under that name. Symlinks are stored as
-    they are, FIFOs as FIFOs, sockets as FIFOs marked by a PAX attribute, mtimes exactly.
-    Raises OSError for a device node (refused before anything is sent by every method).
+    mtime travel too, as ``rsync -a src/ dest`` keeps them; ``src`` itself may be a symlink
+    to it) followed by its contents; with ``arcname`` the entry ``src`` (a file, symlink or
+    tree; relative to ``dir_fd`` when given) is packed under that name, not followed.
+    Nothing below is followed (see :class:`_Packer`). Symlinks are stored as they are,
+    FIFOs as FIFOs, sockets as FIFOs marked by a PAX attribute, mtimes exactly. Raises
+    OSError for a device node (refused before anything is sent by every method).
     """
     if compress not in COMPRESSIONS:
         raise ValueError(f"unknown compression {compress!r}")
     counter = _CountingWriter(out, new_hasher(hash_alg), block)
-    stats = {"bytes": 0, "files": 0}
     if compress == "zstd":
         import zstandard
 
@@ -261,17 +315,21 @@ def pack_tree(src: str, out: BinaryIO, compress: str = "zstd", *, level: int | N
     # PAX keeps long names, newlines and non-ASCII names intact; stream mode never seeks.
     with tarfile.open(fileobj=comp, mode="w|", format=tarfile.PAX_FORMAT,
                       bufsize=1 << 20) as tar:
-        if arcname is None:  # "src/": a symlink naming the source directory is followed
-            _add(tar, os.path.join(src, ""), ".", stats)
+        packer = _Packer(tar)
+        if arcname is None:
+            fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                packer.add_fd(fd, os.fstat(fd), ".", src)
+            finally:
+                os.close(fd)
+            packer.files -= 1  # "." is the destination itself, not a member of it
         else:
-            _add(tar, src, arcname, stats)
-    if arcname is None:
-        stats["files"] -= 1  # "." is the destination itself, not a member of it
+            packer.add_at(dir_fd, src, arcname, src)
     if comp is not counter:
         comp.close()
     counter.flush()
-    return PackInfo(counter.count, counter.hasher.hexdigest(), hash_alg, stats["bytes"],
-                    stats["files"], compress, counter.blocks.finish(), block)
+    return PackInfo(counter.count, counter.hasher.hexdigest(), hash_alg, packer.bytes,
+                    packer.files, compress, counter.blocks.finish(), block)
 
 
 class ChunkWriter:

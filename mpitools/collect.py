@@ -29,9 +29,9 @@ class _Packer:
     """A thread packing ``path`` into chunk-sized pieces on a bounded queue."""
 
     def __init__(self, path: str, arcname: str, compress: str, chunk: int, hash_alg: str,
-                 rank: int = -1):
+                 rank: int = -1, dir_fd: int | None = None):
         self.q: queue.Queue = queue.Queue(maxsize=2)
-        self.rank = rank
+        self.rank, self.dir_fd = rank, dir_fd
         self.info = None
         self.error: str | None = None
         args = (path, arcname, compress, chunk, hash_alg)
@@ -45,7 +45,8 @@ class _Packer:
             if crafted is not None:
                 self.info = _send_file(crafted, w, compress, hash_alg)  # a hostile node
             else:
-                self.info = pack_tree(path, w, compress, hash_alg=hash_alg, arcname=arcname)
+                self.info = pack_tree(path, w, compress, hash_alg=hash_alg, arcname=arcname,
+                                      dir_fd=self.dir_fd)
             w.close()
         except Exception as e:  # noqa: BLE001 - reported to rank 0 in the status
             self.error = f"cannot read {path}: {getattr(e, 'strerror', None) or e}"
@@ -89,7 +90,7 @@ def open_source(spec: dict) -> tuple[int, str]:
     return pfd, name
 
 
-def send_tree(comm, path: str, arcname: str, job: dict) -> dict:
+def send_tree(comm, path: str, arcname: str, job: dict, dir_fd: int | None = None) -> dict:
     """A node's side: wait for rank 0's go, then send chunks, an empty end mark, a status."""
     from mpi4py import MPI
 
@@ -102,7 +103,8 @@ def send_tree(comm, path: str, arcname: str, job: dict) -> dict:
     if not go:
         return {"ok": False}
     t = time.time()
-    p = _Packer(path, arcname, job["compress"], int(job["chunk"]), job["hash_alg"], comm.rank)
+    p = _Packer(path, arcname, job["compress"], int(job["chunk"]), job["hash_alg"], comm.rank,
+                dir_fd)
     sends: list = [None, None]
     held: list = [None, None]
     i = 0
@@ -337,8 +339,8 @@ def main(comm, job: dict) -> int:
                  phases={"check": t - t0, "collect": time.time() - t},
                  seconds=time.time() - t0, maxrss_root=maxrss_bytes())
         elif mine["ok"]:
-            # the parent fd pins the walked directory: packing goes through it, not the path
-            send_tree(comm, f"/proc/self/fd/{src_fd}/{name}", name, job)
+            # packed from the walked parent's fd: nothing on the way is looked up again
+            send_tree(comm, name, name, job, dir_fd=src_fd)
         else:
             send_tree(comm, "", "", job)  # rank 0 answers "skip"; nothing is sent
     finally:
