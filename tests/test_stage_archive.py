@@ -298,3 +298,32 @@ def test_mtimes_travel_to_the_nanosecond(tmp_path, ns):
     (tmp_path / "d").mkdir()
     _feed(out.getvalue(), str(tmp_path / "d"), "none")
     assert os.stat(tmp_path / "d" / "f").st_mtime_ns == ns
+
+
+def test_directory_swapped_for_a_symlink_while_packing_is_not_followed(tmp_path,
+                                                                        monkeypatch):
+    """Root packs a user's tree: the user swaps ``sub`` for ``sub -> secrets`` right after
+    it was examined; packing must fail rather than read through the symlink."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "mine.txt").write_text("mine")
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "shadow").write_text("root's secret")
+    real_stat = os.stat
+    swapped = []
+
+    def stat_then_swap(path, *args, **kw):
+        st = real_stat(path, *args, **kw)
+        if path == "sub" and not swapped:
+            os.rename(src / "sub", tmp_path / "sub.moved")
+            os.symlink(str(secrets), src / "sub")
+            swapped.append(True)
+        return st
+
+    monkeypatch.setattr(os, "stat", stat_then_swap)
+    out = io.BytesIO()
+    with pytest.raises(OSError):
+        pack_tree(str(src), out, "none")
+    monkeypatch.undo()
+    assert swapped and b"root's secret" not in out.getvalue()
