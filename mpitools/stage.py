@@ -450,9 +450,9 @@ def main(comm, job: dict) -> int:
             node.check()
         except DestRefused as e:
             refusal = str(e)
-    refused = comm.allgather(refusal is not None)
+    any_refused = agree_any(comm, refusal is not None)  # waited quietly, as every vote
     phases["check"] = time.time() - t0
-    if err is not None or any(refused):
+    if err is not None or any_refused:
         if resp is not None:
             resp.close()
         if refusal is not None:
