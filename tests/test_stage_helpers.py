@@ -67,13 +67,13 @@ def assert_same_tree(a, b) -> None:
 
 
 def stage_leftovers(topo, hosts) -> list[str]:
-    """Temporary or old-copy dirs of any staging job left in the hosts' scratch trees."""
+    """Temporary or old-copy dirs and lock files of any staging job left in scratch trees."""
     found = []
     for h in hosts:
         host = topo.host(h)
         for dirpath, dirnames, filenames in os.walk(host.local_path(host.scratch)):
             for n in dirnames + filenames:
-                if ".chiba-stage-" in n or ".chiba-collect-" in n:
+                if ".chiba-stage-" in n or ".chiba-collect-" in n or n.endswith(".chiba-lock"):
                     found.append(os.path.join(dirpath, n))
     return found
 
