@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
-from .apply import (ApplyResult, DestTree, apply_plan, delete_extraneous, finalize, local_fetch,
-                    make_dirs, make_symlinks, write_file_atomic)
-from .codec import FORMAT_VERSION, MAGIC, decode_inventory, encode_inventory
-from .entries import (DIR, FILE, LINK, Entry, Inventory, Issue, check_source, decode_path,
-                      encode_path, validate_relpath)
-from .excludes import ExcludeMatcher, parse_rules, read_exclude_from
-from .groups import Group, bitmap_paths, group_bitmaps, group_needs, needs_bitmap, union_bitmaps
-from .hashing import ALGOS, DEFAULT_ALGO, hash_bytes, hash_file, hash_files, new_hasher
-from .plan import (DELETE, META, MKDIR, SYMLINK, WRITE, Action, Plan, format_plan, make_plan,
-                   needs)
-from .scanner import scan
+import importlib
+
+# Names are loaded from their submodule on first use (PEP 562): rank programs that need
+# one stdlib-only submodule (inventory.beneath for staging) must not pay for the whole
+# inventory and chiba_admin.errors at start-up.
+_SUBMODULE = {
+    "apply": ("ApplyResult", "DestTree", "apply_plan", "delete_extraneous", "finalize",
+              "local_fetch", "make_dirs", "make_symlinks", "write_file_atomic"),
+    "codec": ("FORMAT_VERSION", "MAGIC", "decode_inventory", "encode_inventory"),
+    "entries": ("DIR", "FILE", "LINK", "Entry", "Inventory", "Issue", "check_source",
+                "decode_path", "encode_path", "validate_relpath"),
+    "excludes": ("ExcludeMatcher", "parse_rules", "read_exclude_from"),
+    "groups": ("Group", "bitmap_paths", "group_bitmaps", "group_needs", "needs_bitmap",
+               "union_bitmaps"),
+    "hashing": ("ALGOS", "DEFAULT_ALGO", "hash_bytes", "hash_file", "hash_files",
+                "new_hasher"),
+    "plan": ("DELETE", "META", "MKDIR", "SYMLINK", "WRITE", "Action", "Plan", "format_plan",
+             "make_plan", "needs"),
+    "scanner": ("scan",),
+}
+_WHERE = {name: mod for mod, names in _SUBMODULE.items() for name in names}
+
+
+def __getattr__(name: str):
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'inventory' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     # data

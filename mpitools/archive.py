@@ -1,4 +1,12 @@
-"""Compressed tar streams: pack a tree, unpack one safely from chunks, hash, temp-dir hygiene."""
+"""Compressed tar streams: pack a tree, unpack one safely from verified chunks, temp-dir hygiene.
+
+Extraction does not rely on :mod:`tarfile`'s extraction filters (their protection depends on
+the Python version: the CVE-2025-4517 symlink-chain escape is fixed only in 3.11.13+).
+``tarfile`` only parses headers; :class:`SafeUnpacker` creates every entry itself, relative
+to directory file descriptors opened with ``O_NOFOLLOW`` below the temporary directory, so
+no member can be written through a symlink or outside it, whatever the archive says
+(docs/design.md, "Safety").
+"""
 
 # Imported by the rank programs: keep it to the standard library plus zstandard/blake3.
 from __future__ import annotations
@@ -10,18 +18,30 @@ import os
 import queue
 import re
 import shutil
+import stat
 import tarfile
 import threading
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
-__all__ = ["COMPRESSIONS", "PackInfo", "new_hasher", "pack_tree", "ChunkWriter",
-           "Extractor", "strict_filter", "temp_names", "lock_dir", "clean_stale",
-           "remove_tree"]
+from inventory.beneath import BeneathError, open_dir_beneath
+
+__all__ = ["COMPRESSIONS", "BLOCK", "PackInfo", "new_hasher", "block_sums", "BlockHasher",
+           "BlockVerifier", "VerifyError", "pack_tree", "ChunkWriter", "RefusedMember",
+           "SafeUnpacker", "Extractor", "temp_name", "make_locked_temp", "clean_stale",
+           "remove_entry", "TEMP_RE"]
 
 COMPRESSIONS = ("zstd", "gzip", "none")
-_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.chiba-(?P<kind>stage|collect)-(?P<job>[A-Za-z0-9_-]+)"
-                      r"(?P<old>\.old)?$")
+# Archive bytes are verified in blocks of this size against blake3 digests taken while
+# packing: 32 bytes of digest per 64 KiB (0.05 %), and a node holds at most one block
+# back from its extractor while it waits for the block to complete.
+BLOCK = 64 << 10
+_DIGEST = 32
+TEMP_RE = re.compile(r"^\.(?P<name>.+)\.chiba-(?P<kind>stage|collect)-(?P<job>[0-9a-f]{12})"
+                     r"(?P<old>\.old)?$")
+# PAX attribute carrying a socket (tar has no type for one; rsync -a recreates them)
+SOCKET_ATTR = "CHIBA.socket"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def new_hasher(alg: str = "blake3"):
@@ -40,9 +60,109 @@ def new_hasher(alg: str = "blake3"):
     raise ValueError(f"unknown hash algorithm {alg!r}")
 
 
+def _blake3(data=b""):
+    import blake3  # block digests must be cryptographic: no xxh3 fallback here
+
+    return blake3.blake3(data)
+
+
+def block_sums(data: bytes, block: int = BLOCK) -> bytes:
+    """The concatenated 32-byte blake3 digests of ``data`` cut into ``block``-byte pieces."""
+    h = BlockHasher(block)
+    h.update(data)
+    return h.finish()
+
+
+class BlockHasher:
+    """Digests of consecutive ``block``-byte pieces of a stream (the last one may be short)."""
+
+    def __init__(self, block: int = BLOCK):
+        self.block = block
+        self._h = _blake3()
+        self._fill = 0
+        self._digests = bytearray()
+
+    def update(self, data) -> None:
+        mv = memoryview(data).cast("B")
+        while len(mv):
+            take = min(len(mv), self.block - self._fill)
+            self._h.update(mv[:take])
+            self._fill += take
+            mv = mv[take:]
+            if self._fill == self.block:
+                self._digests += self._h.digest()
+                self._h, self._fill = _blake3(), 0
+
+    def finish(self) -> bytes:
+        """All digests (32 bytes each), the partial last block included."""
+        if self._fill:
+            self._digests += self._h.digest()
+            self._h, self._fill = _blake3(), 0
+        return bytes(self._digests)
+
+
+class VerifyError(Exception):
+    """Archive bytes that differ from what was packed (a swapped or altered spool file)."""
+
+
+class BlockVerifier:
+    """Pass on only bytes whose ``block``-sized piece matches its digest from packing.
+
+    ``push`` returns the verified bytes now available (whole blocks; the bytes of an
+    incomplete block are held back), ``finish`` the verified last block. Both raise
+    VerifyError at the first block that differs, or when the stream is longer or shorter
+    than what was packed.
+    """
+
+    def __init__(self, sums: bytes, block: int = BLOCK):
+        if len(sums) % _DIGEST:
+            raise ValueError("block digests must be 32 bytes each")
+        self.sums, self.block = sums, block
+        self._k = 0
+        self._buf = bytearray()
+
+    def _check(self, blk) -> None:
+        k = self._k
+        if (k + 1) * _DIGEST > len(self.sums):
+            raise VerifyError("archive is longer than the packed one (spool file changed?)")
+        if _blake3(blk).digest() != self.sums[k * _DIGEST:(k + 1) * _DIGEST]:
+            raise VerifyError(f"archive block {k} differs from the packed one "
+                              "(spool file changed?); nothing of it was unpacked")
+        self._k += 1
+
+    def push(self, data) -> bytes:
+        mv = memoryview(data).cast("B")
+        out: list = []
+        if self._buf:
+            need = self.block - len(self._buf)
+            self._buf += mv[:need]
+            mv = mv[need:]
+            if len(self._buf) < self.block:
+                return b""
+            self._check(self._buf)
+            out.append(bytes(self._buf))
+            self._buf = bytearray()
+        while len(mv) >= self.block:
+            self._check(mv[:self.block])
+            out.append(mv[:self.block])
+            mv = mv[self.block:]
+        self._buf += mv
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        rest = bytes(self._buf)
+        self._buf = bytearray()
+        if rest:
+            self._check(rest)
+        if self._k * _DIGEST != len(self.sums):
+            raise VerifyError("archive is shorter than the packed one (spool file changed?)")
+        return rest
+
+
 @dataclass
 class PackInfo:
-    """What packing produced: archive bytes and hash, tree bytes and member count."""
+    """What packing produced: archive bytes and hash, tree bytes and member count, and the
+    digests of every ``block`` bytes of the archive (``blocks``, 32 bytes each)."""
 
     bytes: int
     hash: str
@@ -50,18 +170,22 @@ class PackInfo:
     payload_bytes: int
     files: int
     compress: str
+    blocks: bytes = b""
+    block: int = BLOCK
 
 
 class _CountingWriter:
-    """Write-through wrapper that counts and hashes every byte it passes on."""
+    """Write-through wrapper that counts and hashes (whole and per block) what it passes on."""
 
-    def __init__(self, out: BinaryIO, hasher):
+    def __init__(self, out: BinaryIO, hasher, block: int):
         self.out, self.hasher, self.count = out, hasher, 0
+        self.blocks = BlockHasher(block)
 
     def write(self, data) -> int:
         n = len(data)
         if n:
             self.hasher.update(data)
+            self.blocks.update(data)
             self.out.write(data)
             self.count += n
         return n
@@ -74,20 +198,111 @@ class _CountingWriter:
         pass
 
 
-def pack_tree(src: str, out: BinaryIO, compress: str = "zstd", *, level: int | None = None,
-              hash_alg: str = "blake3", arcname: str | None = None) -> PackInfo:
-    """Stream ``src``'s contents as a tar into ``out`` (``src`` itself when ``arcname``)."""
-    if compress not in COMPRESSIONS:
-        raise ValueError(f"unknown compression {compress!r}")
-    counter = _CountingWriter(out, new_hasher(hash_alg))
-    stats = {"bytes": 0, "files": 0}
+def _exact_mtime(st: os.stat_result) -> str:
+    """st_mtime as an exact decimal (a float loses the nanoseconds rsync keeps)."""
+    sign = "-" if st.st_mtime_ns < 0 else ""
+    s, ns = divmod(abs(st.st_mtime_ns), 10**9)
+    return f"{sign}{s}.{ns:09d}" if ns else f"{sign}{s}"
 
-    def count(ti: tarfile.TarInfo) -> tarfile.TarInfo:
-        stats["files"] += 1
-        if ti.isreg():
-            stats["bytes"] += ti.size
+
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+
+
+class _Packer:
+    """Walk a tree with directory fds into a tar: nothing below the top is followed.
+
+    Root reads users' trees: a directory swapped for a symlink while it is packed
+    (``sub -> /etc``) must not make it read ``/etc``. Every entry is opened relative to its
+    parent's fd with ``O_NOFOLLOW``; regular files and directories take their metadata from
+    the opened fd, so what is recorded is what is read.
+    """
+
+    def __init__(self, tar: tarfile.TarFile):
+        self.tar = tar
+        self.files = self.bytes = 0
+        self._links: dict[tuple[int, int], str] = {}
+
+    def _info(self, st: os.stat_result, arcname: str, where: str) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(arcname)
+        ti.mode, ti.uid, ti.gid = st.st_mode & 0o7777, st.st_uid, st.st_gid
+        ti.mtime = st.st_mtime
+        ti.pax_headers = {"mtime": _exact_mtime(st)}
+        m = st.st_mode
+        if stat.S_ISREG(m):
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in self._links:
+                ti.type, ti.linkname = tarfile.LNKTYPE, self._links[key]
+            else:
+                ti.size = st.st_size
+                if st.st_nlink > 1:
+                    self._links[key] = arcname
+        elif stat.S_ISDIR(m):
+            ti.type = tarfile.DIRTYPE
+        elif stat.S_ISFIFO(m):
+            ti.type = tarfile.FIFOTYPE
+        elif stat.S_ISSOCK(m):
+            ti.type = tarfile.FIFOTYPE
+            ti.pax_headers[SOCKET_ATTR] = "1"
+        elif stat.S_ISCHR(m) or stat.S_ISBLK(m):
+            raise OSError(errno.EPERM, "device nodes are never copied", where)
+        elif not stat.S_ISLNK(m):
+            raise OSError(errno.EOPNOTSUPP, "file type tar cannot carry", where)
         return ti
 
+    def add_at(self, dir_fd: int | None, name: str, arcname: str, where: str) -> None:
+        """Add ``name`` in ``dir_fd`` (a path when ``dir_fd`` is None) and its tree."""
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            ti = self._info(st, arcname, where)
+            ti.type, ti.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dir_fd)
+            self._emit(ti)
+        elif stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+            flags = _READ_FLAGS | (os.O_DIRECTORY if stat.S_ISDIR(st.st_mode) else 0)
+            fd = os.open(name, flags, dir_fd=dir_fd)
+            try:
+                fst = os.fstat(fd)
+                if stat.S_IFMT(fst.st_mode) != stat.S_IFMT(st.st_mode):
+                    raise OSError(errno.EAGAIN, "changed while it was packed", where)
+                self.add_fd(fd, fst, arcname, where)
+            finally:
+                os.close(fd)
+        else:
+            self._emit(self._info(st, arcname, where))
+
+    def add_fd(self, fd: int, st: os.stat_result, arcname: str, where: str) -> None:
+        ti = self._info(st, arcname, where)
+        if ti.isreg():
+            self.bytes += ti.size
+            with os.fdopen(os.dup(fd), "rb") as f:
+                self._emit(ti, f)
+            return
+        self._emit(ti)
+        if ti.isdir():
+            for entry in sorted(os.listdir(fd)):
+                self.add_at(fd, entry, entry if arcname == "." else f"{arcname}/{entry}",
+                            os.path.join(where, entry))
+
+    def _emit(self, ti: tarfile.TarInfo, f=None) -> None:
+        self.files += 1
+        self.tar.addfile(ti, f)
+
+
+def pack_tree(src: str, out: BinaryIO, compress: str = "zstd", *, level: int | None = None,
+              hash_alg: str = "blake3", arcname: str | None = None, dir_fd: int | None = None,
+              block: int = BLOCK) -> PackInfo:
+    """Stream ``src`` as a tar into ``out``; returns its PackInfo (sizes, hash, block digests).
+
+    Without ``arcname`` the directory ``src`` is packed as ``.`` (its own mode, owner and
+    mtime travel too, as ``rsync -a src/ dest`` keeps them; ``src`` itself may be a symlink
+    to it) followed by its contents; with ``arcname`` the entry ``src`` (a file, symlink or
+    tree; relative to ``dir_fd`` when given) is packed under that name, not followed.
+    Nothing below is followed (see :class:`_Packer`). Symlinks are stored as they are,
+    FIFOs as FIFOs, sockets as FIFOs marked by a PAX attribute, mtimes exactly. Raises
+    OSError for a device node (refused before anything is sent by every method).
+    """
+    if compress not in COMPRESSIONS:
+        raise ValueError(f"unknown compression {compress!r}")
+    counter = _CountingWriter(out, new_hasher(hash_alg), block)
     if compress == "zstd":
         import zstandard
 
@@ -100,17 +315,21 @@ def pack_tree(src: str, out: BinaryIO, compress: str = "zstd", *, level: int | N
     # PAX keeps long names, newlines and non-ASCII names intact; stream mode never seeks.
     with tarfile.open(fileobj=comp, mode="w|", format=tarfile.PAX_FORMAT,
                       bufsize=1 << 20) as tar:
-        if arcname is not None:
-            tar.add(src, arcname=arcname, recursive=True, filter=count)
+        packer = _Packer(tar)
+        if arcname is None:
+            fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                packer.add_fd(fd, os.fstat(fd), ".", src)
+            finally:
+                os.close(fd)
+            packer.files -= 1  # "." is the destination itself, not a member of it
         else:
-            for entry in sorted(os.listdir(src)):
-                tar.add(os.path.join(src, entry), arcname=entry, recursive=True,
-                        filter=count)
+            packer.add_at(dir_fd, src, arcname, src)
     if comp is not counter:
         comp.close()
     counter.flush()
-    return PackInfo(counter.count, counter.hasher.hexdigest(), hash_alg, stats["bytes"],
-                    stats["files"], compress)
+    return PackInfo(counter.count, counter.hasher.hexdigest(), hash_alg, packer.bytes,
+                    packer.files, compress, counter.blocks.finish(), block)
 
 
 class ChunkWriter:
@@ -136,42 +355,280 @@ class ChunkWriter:
             self._buf.clear()
 
 
-class AbsoluteMemberError(tarfile.FilterError):
-    """An archive member named by an absolute path (the data filter would only strip it)."""
+class RefusedMember(tarfile.FilterError):
+    """An archive member that would reach outside the destination or is never created."""
 
-    def __init__(self, member: tarfile.TarInfo):
-        super().__init__(f"{member.name!r} is an absolute path")
+    def __init__(self, member: tarfile.TarInfo | None, why: str):
+        name = member.name if member is not None else "?"
+        super().__init__(f"{name!r}: {why}")
         self.tarinfo = member
 
 
-def strict_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """The ``data`` extraction filter, but an absolute member name is refused, not rewritten."""
-    if member.name.startswith(("/", os.sep)):
-        raise AbsoluteMemberError(member)
-    return tarfile.data_filter(member, dest)
+class _FdWriter:
+    """``write`` to a raw fd until every byte is written."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        while len(view):
+            view = view[os.write(self.fd, view):]
+        return len(data)
+
+
+def _member_parts(ti: tarfile.TarInfo, name: str | None = None) -> tuple[str, ...]:
+    """The components of a member name; refuses absolute names, ``..``, NUL and empty."""
+    name = ti.name if name is None else name
+    if not name or "\0" in name:
+        raise RefusedMember(ti, "empty name or NUL byte")
+    if name.startswith("/"):
+        raise RefusedMember(ti, "is an absolute path")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise RefusedMember(ti, "has a '..' component")
+    return parts
+
+
+def _mtime_ns(ti: tarfile.TarInfo) -> int:
+    raw = ti.pax_headers.get("mtime", "")
+    sign, digits = (-1, raw[1:]) if raw.startswith("-") else (1, raw)
+    s, _, frac = digits.partition(".")
+    if s.isdigit() and (not frac or frac.isdigit()):
+        return sign * (int(s) * 10**9 + int((frac + "000000000")[:9]))
+    return int(ti.mtime * 10**9)
+
+
+class SafeUnpacker:
+    """Create a tar's members below the directory ``root_fd``, safely by construction.
+
+    Every parent is opened from ``root_fd`` one component at a time with ``O_NOFOLLOW |
+    O_DIRECTORY`` (:func:`inventory.beneath.open_dir_beneath`); regular files are created
+    ``O_CREAT | O_EXCL | O_NOFOLLOW``; directories are made ``0700`` and get their real mode,
+    owner and mtime last (deepest first); symlinks (targets kept verbatim, absolute ones
+    included) and hard links are made only after every other member, hard links only to
+    members already extracted here; device nodes, absolute names and ``..`` are refused
+    (RefusedMember). As root, owners and groups are set from the numeric ids; otherwise
+    setuid/setgid bits are dropped, so ownership is never widened.
+    """
+
+    def __init__(self, root_fd: int):
+        self.root_fd = root_fd
+        self.as_root = os.geteuid() == 0
+        self.members = 0
+        self._dirs: dict[tuple[str, ...], tarfile.TarInfo | None] = {}
+        self._made: set[tuple[str, ...]] = set()  # directories created here
+        self._nondirs: set[tuple[str, ...]] = set()
+        self._later: list[tuple[tarfile.TarInfo, tuple[str, ...]]] = []
+        self._cached: tuple[tuple[str, ...], int] | None = None
+
+    # -- walking ---------------------------------------------------------------------------
+    def _parent(self, ti: tarfile.TarInfo, parts: tuple[str, ...]) -> int:
+        """The fd of ``parts``' parent (cached for the next member; do not close it)."""
+        key = parts[:-1]
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        fd = os.dup(self.root_fd)
+        try:
+            for i, part in enumerate(key):
+                try:
+                    nfd = open_dir_beneath(fd, part)
+                except BeneathError as e:
+                    if e.errno != errno.ENOENT:
+                        raise RefusedMember(ti, f"parent {'/'.join(key[:i + 1])!r} "
+                                                f"{e.what}") from None
+                    os.mkdir(part, 0o700, dir_fd=fd)  # as tar does for a missing parent
+                    self._made.add(key[:i + 1])
+                    nfd = open_dir_beneath(fd, part)
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        self._drop_cache()
+        self._cached = (key, fd)
+        return fd
+
+    def _drop_cache(self) -> None:
+        if self._cached is not None:
+            os.close(self._cached[1])
+            self._cached = None
+
+    # -- metadata --------------------------------------------------------------------------
+    def _mode(self, ti: tarfile.TarInfo) -> int:
+        mode = ti.mode & 0o7777
+        return mode if self.as_root else mode & ~(stat.S_ISUID | stat.S_ISGID)
+
+    def _meta_fd(self, fd: int, ti: tarfile.TarInfo) -> None:
+        if self.as_root:
+            os.fchown(fd, ti.uid, ti.gid)  # before chmod: chown clears setuid/setgid
+        os.fchmod(fd, self._mode(ti))
+        m = _mtime_ns(ti)
+        os.utime(fd, ns=(m, m))
+
+    def _meta_at(self, pfd: int, name: str, ti: tarfile.TarInfo, *, link: bool) -> None:
+        if self.as_root:
+            os.chown(name, ti.uid, ti.gid, dir_fd=pfd, follow_symlinks=False)
+        if not link:
+            # a node created a moment ago in a 0700 directory only this process writes to
+            os.chmod(name, self._mode(ti), dir_fd=pfd)
+        m = _mtime_ns(ti)
+        os.utime(name, ns=(m, m), dir_fd=pfd, follow_symlinks=False)
+
+    # -- members ---------------------------------------------------------------------------
+    def add(self, tar: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
+        """Create member ``ti`` (its data read from ``tar``), or queue it for :meth:`close`."""
+        self.members += 1
+        parts = _member_parts(ti)
+        if ti.isdir():
+            self._dir(ti, parts)
+        elif not parts:
+            raise RefusedMember(ti, "a non-directory as the destination itself")
+        elif ti.issym() or ti.islnk():
+            self._later.append((ti, parts))
+        elif ti.isreg():
+            self._file(tar, ti, parts)
+        elif ti.isfifo():
+            pfd = self._parent(ti, parts)
+            if ti.pax_headers.get(SOCKET_ATTR) == "1":
+                os.mknod(parts[-1], stat.S_IFSOCK | 0o600, dir_fd=pfd)
+            else:
+                os.mkfifo(parts[-1], 0o600, dir_fd=pfd)
+            self._meta_at(pfd, parts[-1], ti, link=False)
+            self._nondirs.add(parts)
+        elif ti.ischr() or ti.isblk():
+            raise RefusedMember(ti, "is a device node (never created)")
+        else:
+            raise RefusedMember(ti, f"has an unsupported type {ti.type!r}")
+
+    def _dir(self, ti: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
+        if parts in self._dirs:
+            raise RefusedMember(ti, "appears twice")
+        if parts:
+            pfd = self._parent(ti, parts)
+            try:
+                os.mkdir(parts[-1], 0o700, dir_fd=pfd)
+            except FileExistsError:
+                if parts not in self._made:  # only a parent made for an earlier member
+                    raise RefusedMember(ti, "already exists") from None
+        self._dirs[parts] = ti
+
+    def _file(self, tar: tarfile.TarFile, ti: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
+        pfd = self._parent(ti, parts)
+        try:
+            fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+        except FileExistsError:
+            raise RefusedMember(ti, "already exists") from None
+        try:
+            if ti.sparse is None:
+                # straight from the stream, as tarfile's own extraction copies (through
+                # extractfile() cost twice the CPU per byte)
+                tar.fileobj.seek(ti.offset_data)
+                tarfile.copyfileobj(tar.fileobj, _FdWriter(fd), ti.size, tarfile.ReadError,
+                                    1 << 20)
+            else:
+                shutil.copyfileobj(tar.extractfile(ti), _FdWriter(fd), 1 << 20)
+            self._meta_fd(fd, ti)
+        finally:
+            os.close(fd)
+        self._nondirs.add(parts)
+
+    def close(self) -> None:
+        """Hard links, then symlinks, then every directory's metadata (deepest first)."""
+        try:
+            for ti, parts in [x for x in self._later if x[0].islnk()]:
+                self._hardlink(ti, parts)
+            for ti, parts in [x for x in self._later if x[0].issym()]:
+                pfd = self._parent(ti, parts)
+                try:
+                    os.symlink(ti.linkname, parts[-1], dir_fd=pfd)
+                except FileExistsError:
+                    raise RefusedMember(ti, "already exists") from None
+                self._meta_at(pfd, parts[-1], ti, link=True)
+                self._nondirs.add(parts)
+            self._drop_cache()
+            todo = {p: self._dirs.get(p) for p in self._made | set(self._dirs)}
+            for parts in sorted(todo, key=len, reverse=True):
+                fd = open_dir_beneath(self.root_fd, "/".join(parts))
+                try:
+                    ti = todo[parts]
+                    if ti is None:
+                        os.fchmod(fd, 0o755)  # a parent the archive did not list
+                    else:
+                        self._meta_fd(fd, ti)
+                finally:
+                    os.close(fd)
+        finally:
+            self._drop_cache()
+
+    def _hardlink(self, ti: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
+        target = _member_parts(ti, ti.linkname)
+        if target not in self._nondirs:
+            raise RefusedMember(ti, f"hard link to {ti.linkname!r}, which is not a file "
+                                    "extracted before it")
+        tfd = open_dir_beneath(self.root_fd, "/".join(target[:-1]))
+        try:
+            pfd = self._parent(ti, parts)
+            try:
+                os.link(target[-1], parts[-1], src_dir_fd=tfd, dst_dir_fd=pfd,
+                        follow_symlinks=False)
+            except FileExistsError:
+                raise RefusedMember(ti, "already exists") from None
+        finally:
+            os.close(tfd)
+        self._nondirs.add(parts)
+
+
+def unpack_stream(fileobj, root_fd: int, compress: str) -> SafeUnpacker:
+    """Parse the (compressed) tar read from ``fileobj`` and create it below ``root_fd``."""
+    src = fileobj
+    mode = "r|gz" if compress == "gzip" else "r|"
+    if compress == "zstd":
+        import zstandard
+
+        src = zstandard.ZstdDecompressor().stream_reader(fileobj, read_size=1 << 20,
+                                                         closefd=False)
+    unpacker = SafeUnpacker(root_fd)
+    with tarfile.open(fileobj=src, mode=mode, bufsize=1 << 20) as tar:
+        for ti in tar:
+            unpacker.add(tar, ti)
+        unpacker.close()
+    return unpacker
 
 
 class _QueueReader:
-    """Read side of the chunk queue: a blocking byte stream that hashes what passes."""
+    """Read side of the chunk queue: a blocking byte stream that hashes what passes and,
+    given block digests, hands on only bytes verified against them."""
 
-    def __init__(self, q: "queue.Queue[bytes | None]", hash_alg: str):
+    def __init__(self, q: "queue.Queue[bytes | None]", hash_alg: str,
+                 verifier: BlockVerifier | None):
         self._q = q
         self._cur = memoryview(b"")
         self.eof = False
         self.hasher = new_hasher(hash_alg)
         self.count = 0
+        self._verifier = verifier
 
     def _next(self) -> bool:
-        if self.eof:
-            return False
-        data = self._q.get()
-        if data is None:
-            self.eof = True
-            return False
-        self.hasher.update(data)
-        self.count += len(data)
-        self._cur = memoryview(data)
-        return True
+        while not self.eof:
+            data = self._q.get()
+            if data is None:
+                self.eof = True
+                if self._verifier is not None:
+                    tail = self._verifier.finish()
+                    if tail:
+                        self._cur = memoryview(tail)
+                        return True
+                return False
+            self.hasher.update(data)
+            self.count += len(data)
+            if self._verifier is not None:
+                data = self._verifier.push(data)
+            if data:
+                self._cur = memoryview(data)
+                return True
+        return False
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
@@ -187,23 +644,34 @@ class _QueueReader:
         return out
 
     def drain(self) -> None:
+        """After an error: swallow the rest unverified (nothing reads it any more)."""
         self._cur = memoryview(b"")
+        self._verifier = None
         while self._next():
-            pass
+            self._cur = memoryview(b"")
 
 
 class Extractor:
-    """Unpack a compressed tar fed chunk by chunk into ``dest`` on a thread.
+    """Unpack a compressed tar fed chunk by chunk into directory ``dest`` on a thread.
 
+    ``dest`` is a directory fd (not closed here) or a path. With ``sums`` (block digests
+    from packing, :class:`PackInfo`.blocks) the unpacker only ever sees verified bytes: a
+    block that differs stops it with VerifyError before any of that block is used.
     ``feed`` blocks (calling ``idle`` meanwhile) when ``depth`` chunks are queued, so memory
     stays bounded; ``finish`` returns (bytes, hash) of everything fed, or raises the
-    extraction error. After an error the thread keeps draining, so feeding never hangs.
+    extraction error (RefusedMember, VerifyError, OSError, tarfile.TarError). After an
+    error the thread keeps draining, so feeding never hangs.
     """
 
-    def __init__(self, dest: str, compress: str, *, hash_alg: str = "blake3", depth: int = 4):
-        self.dest, self.compress = dest, compress
+    def __init__(self, dest: str | int, compress: str, *, hash_alg: str = "blake3",
+                 depth: int = 4, sums: bytes | None = None, block: int = BLOCK):
+        self.compress = compress
+        self._own = isinstance(dest, str)
+        self._fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if self._own \
+            else dest
         self._q: "queue.Queue[bytes | None]" = queue.Queue(maxsize=depth)
-        self._reader = _QueueReader(self._q, hash_alg)
+        verifier = BlockVerifier(sums, block) if sums is not None else None
+        self._reader = _QueueReader(self._q, hash_alg, verifier)
         self.error: BaseException | None = None
         self.members = 0
         self._thread = threading.Thread(target=self._run, name="extract", daemon=True)
@@ -211,21 +679,7 @@ class Extractor:
 
     def _run(self) -> None:
         try:
-            src = self._reader
-            mode = "r|gz" if self.compress == "gzip" else "r|"
-            if self.compress == "zstd":
-                import zstandard
-
-                src = zstandard.ZstdDecompressor().stream_reader(self._reader,
-                                                                 read_size=1 << 20,
-                                                                 closefd=False)
-
-            def counted(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-                self.members += 1
-                return strict_filter(member, dest)
-
-            with tarfile.open(fileobj=src, mode=mode, bufsize=1 << 20) as tar:
-                tar.extractall(self.dest, filter=counted)
+            self.members = unpack_stream(self._reader, self._fd, self.compress).members
         except BaseException as e:  # noqa: BLE001 - reported by finish() to every rank
             self.error = e
         finally:
@@ -246,6 +700,9 @@ class Extractor:
             self._thread.join(0.001)
             if idle is not None:
                 idle()
+        if self._own:
+            os.close(self._fd)
+            self._own = False
         if self.error is not None:
             raise self.error
         return self._reader.count, self._reader.hasher.hexdigest()
@@ -255,62 +712,79 @@ class Extractor:
         return self._reader.count
 
 
-def temp_names(dest: str, kind: str, jobid: str) -> tuple[str, str]:
-    """(temporary dir, old-aside dir) beside ``dest`` for job ``jobid``."""
-    parent, name = os.path.split(os.path.normpath(dest))
-    tmp = os.path.join(parent, f".{name}.chiba-{kind}-{jobid}")
-    return tmp, tmp + ".old"
+def temp_name(name: str, kind: str, jobid: str) -> str:
+    """The exact name of job ``jobid``'s temporary directory beside destination ``name``."""
+    return f".{name}.chiba-{kind}-{jobid}"
 
 
-def lock_dir(path: str) -> int:
-    """Hold an exclusive flock on directory ``path``; the kernel drops it when we die."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+def make_locked_temp(parent_fd: int, tname: str) -> int:
+    """Create directory ``tname`` (0700) in ``parent_fd`` and hold an exclusive flock on it.
+
+    Returns its fd; the kernel drops the lock when this process dies, which is how
+    :func:`clean_stale` tells a dead job's directory from a live one.
+    """
+    os.mkdir(tname, 0o700, dir_fd=parent_fd)
+    fd = os.open(tname, _DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
-def remove_tree(path: str) -> None:
-    """Remove a file or tree, tolerating it being absent or changing underfoot."""
-    for _ in range(3):
-        try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
+def remove_entry(parent_fd: int, name: str) -> None:
+    """Remove ``name`` in ``parent_fd`` (a tree, never followed if a symlink); absent is fine."""
+    try:
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=parent_fd)  # fd-based: never follows a symlink
+        else:
+            os.unlink(name, dir_fd=parent_fd)
+    except FileNotFoundError:
+        pass
 
 
-def clean_stale(parent: str) -> list[str]:
-    """Remove temporary dirs of dead jobs in ``parent``; a dead job's old copy goes back."""
+def clean_stale(parent_fd: int, name: str | None = None) -> list[str]:
+    """Remove dead jobs' temporary dirs in ``parent_fd`` (only ``name``'s when given).
+
+    Only exact names (``.NAME.chiba-stage-JOBID``, ``-collect-``, ``.old``) whose flock no
+    live process holds are touched; a dead job's old copy goes back in place when the
+    destination is missing. Returns the names handled.
+    """
     done = []
     try:
-        names = os.listdir(parent)
+        names = os.listdir(parent_fd)
     except OSError:
         return done
     for n in names:
-        m = _TEMP_RE.match(n)
-        if not m:
+        m = TEMP_RE.match(n)
+        if not m or (name is not None and m.group("name") != name):
             continue
-        path = os.path.join(parent, n)
         try:
-            fd = lock_dir(path)
-        except BlockingIOError:
-            continue  # a live job owns it
+            fd = os.open(n, _DIR_FLAGS, dir_fd=parent_fd)
         except OSError:
-            continue
+            continue  # not a directory (a user's file with such a name): not ours
         try:
-            dest = os.path.join(parent, m.group("name"))
-            if m.group("old") and not os.path.lexists(dest):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live job owns it
+            dest = m.group("name")
+            try:
+                os.stat(dest, dir_fd=parent_fd, follow_symlinks=False)
+                present = True
+            except FileNotFoundError:
+                present = False
+            if m.group("old") and not present:
                 # died between moving the old copy aside and moving the new one in
-                os.rename(path, dest)
+                os.rename(n, dest, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
             else:
-                remove_tree(path)
-            done.append(path)
+                remove_entry(parent_fd, n)
+            done.append(n)
         finally:
             os.close(fd)
     return done

@@ -7,14 +7,18 @@ Run as ``mpiexec ... python -m mpitools.collect JOB``; rank 0 is the home server
 # Rank-side: keep imports lean (standard library, mpi4py, zstandard/blake3).
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import threading
 import time
 
-from .archive import (ChunkWriter, Extractor, clean_stale, lock_dir, pack_tree, remove_tree,
-                      temp_names)
-from .rankio import agree_any, emit, maxrss_bytes, rank_hosts, rank_main, wait
+from inventory.beneath import (BeneathError, lock_dest, mark_staged, open_dir_beneath,
+                               open_root, unlock_dest, was_staged)
+
+from .archive import (ChunkWriter, Extractor, PackInfo, RefusedMember, clean_stale,
+                      make_locked_temp, new_hasher, pack_tree, remove_entry, temp_name)
+from .rankio import agree_any, emit, maxrss_bytes, rank_hosts, rank_main, test_hook, wait
 
 __all__ = ["main", "send_tree", "receive_all"]
 
@@ -24,8 +28,10 @@ _GO, _DATA, _STATUS = 31, 32, 33
 class _Packer:
     """A thread packing ``path`` into chunk-sized pieces on a bounded queue."""
 
-    def __init__(self, path: str, arcname: str, compress: str, chunk: int, hash_alg: str):
+    def __init__(self, path: str, arcname: str, compress: str, chunk: int, hash_alg: str,
+                 rank: int = -1, dir_fd: int | None = None):
         self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.rank, self.dir_fd = rank, dir_fd
         self.info = None
         self.error: str | None = None
         args = (path, arcname, compress, chunk, hash_alg)
@@ -35,7 +41,12 @@ class _Packer:
     def _run(self, path, arcname, compress, chunk, hash_alg) -> None:
         w = ChunkWriter(self.q.put, chunk)
         try:
-            self.info = pack_tree(path, w, compress, hash_alg=hash_alg, arcname=arcname)
+            crafted = test_hook("collect_archive", self.rank)
+            if crafted is not None:
+                self.info = _send_file(crafted, w, compress, hash_alg)  # a hostile node
+            else:
+                self.info = pack_tree(path, w, compress, hash_alg=hash_alg, arcname=arcname,
+                                      dir_fd=self.dir_fd)
             w.close()
         except Exception as e:  # noqa: BLE001 - reported to rank 0 in the status
             self.error = f"cannot read {path}: {getattr(e, 'strerror', None) or e}"
@@ -50,7 +61,36 @@ class _Packer:
                 idle()
 
 
-def send_tree(comm, path: str, arcname: str, job: dict) -> dict:
+def _send_file(path: str, w: ChunkWriter, compress: str, hash_alg: str) -> PackInfo:
+    """Test hook CHIBA_TEST_COLLECT_ARCHIVE=rank:FILE: send FILE's bytes as this node's
+    archive, as a compromised node could (the home server must refuse what it holds)."""
+    h, n = new_hasher(hash_alg), 0
+    with open(path, "rb") as f:
+        while data := f.read(1 << 16):
+            h.update(data)
+            w.write(data)
+            n += len(data)
+    return PackInfo(n, h.hexdigest(), hash_alg, n, 0, compress)
+
+
+def open_source(spec: dict) -> tuple[int, str]:
+    """A node's PATH: (fd of its parent, walked below root without following symlinks,
+    its name). Raises BeneathError (a symlink on the way, missing) naming the path."""
+    parent, _, name = spec["rel"].rpartition("/")
+    root_fd = open_root(spec["root"])
+    try:
+        pfd = open_dir_beneath(root_fd, parent, display=spec.get("host_root", spec["root"]))
+    finally:
+        os.close(root_fd)
+    try:
+        os.stat(name, dir_fd=pfd, follow_symlinks=False)
+    except FileNotFoundError:
+        os.close(pfd)
+        raise BeneathError(errno.ENOENT, "does not exist", spec.get("shown", name)) from None
+    return pfd, name
+
+
+def send_tree(comm, path: str, arcname: str, job: dict, dir_fd: int | None = None) -> dict:
     """A node's side: wait for rank 0's go, then send chunks, an empty end mark, a status."""
     from mpi4py import MPI
 
@@ -63,7 +103,8 @@ def send_tree(comm, path: str, arcname: str, job: dict) -> dict:
     if not go:
         return {"ok": False}
     t = time.time()
-    p = _Packer(path, arcname, job["compress"], int(job["chunk"]), job["hash_alg"])
+    p = _Packer(path, arcname, job["compress"], int(job["chunk"]), job["hash_alg"], comm.rank,
+                dir_fd)
     sends: list = [None, None]
     held: list = [None, None]
     i = 0
@@ -90,23 +131,52 @@ def send_tree(comm, path: str, arcname: str, job: dict) -> dict:
 
 
 class _Incoming:
-    """Rank 0's state for one sending node: buffer, posted receive, extractor, temp dir."""
+    """Rank 0's state for one sending node: its locked ``DIR/<host>/`` slot, buffer, posted
+    receive, extractor and temporary directory (``.NAME.chiba-collect-JOBID``, 0700)."""
 
-    def __init__(self, comm, rank: int, host: str, out_dir: str, job: dict):
+    def __init__(self, comm, rank: int, host: str, out_fd: int, job: dict):
         from mpi4py import MPI
 
         self.comm, self.rank, self.host = comm, rank, host
-        self.final = os.path.join(out_dir, host)
-        self.tmp, _ = temp_names(self.final, "collect", job["jobid"])
-        os.mkdir(self.tmp)
-        self.fd = lock_dir(self.tmp)
-        self.ex = Extractor(self.tmp, job["compress"], hash_alg=job["hash_alg"], depth=2)
+        self.name, self.jobid = job["names"][host], job["jobid"]
+        self.shown = os.path.join(job["out_dir"], host, self.name)
+        self.made_host = False
+        try:
+            self.hfd = open_dir_beneath(out_fd, host, display=job["out_dir"])
+        except BeneathError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            os.mkdir(host, 0o755, dir_fd=out_fd)
+            self.made_host, self.out_fd = True, out_fd
+            self.hfd = open_dir_beneath(out_fd, host, display=job["out_dir"])
+        self.out_fd = out_fd
+        self.lock = self.tmp_fd = None
+        try:
+            self.lock = lock_dest(self.hfd, self.name, display=os.path.dirname(self.shown))
+            clean_stale(self.hfd, self.name)
+            self._check(bool(job.get("replace")))
+            self.tmp = temp_name(self.name, "collect", self.jobid)
+            self.tmp_fd = make_locked_temp(self.hfd, self.tmp)
+        except BaseException:
+            self._release(ok=False)
+            raise
+        self.ex = Extractor(self.tmp_fd, job["compress"], hash_alg=job["hash_alg"], depth=2)
         self.buf = bytearray(int(job["chunk"]))
         self.status = MPI.Status()
         self.t = time.time()
         self.req = None
         self.post()
         comm.send(True, dest=rank, tag=_GO)
+
+    def _check(self, replace: bool) -> None:
+        try:
+            st = os.stat(self.name, dir_fd=self.hfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if not replace and not was_staged(self.hfd, self.name):
+            raise OSError(errno.EEXIST, f"{self.shown} exists and was not created by "
+                          "chiba-admin collect; pass --replace to replace it")
+        del st
 
     def post(self) -> None:
         from mpi4py import MPI
@@ -125,8 +195,8 @@ class _Incoming:
             self.post()
         return n
 
-    def close(self, name: str) -> dict:
-        """End of stream: verify, move ``name`` into DIR/<host>/, report."""
+    def close(self) -> dict:
+        """End of stream: verify, move NAME into DIR/<host>/ (within the dir fds), report."""
         req = self.comm.irecv(source=self.rank, tag=_STATUS)
         while True:
             done, st = req.test()
@@ -136,31 +206,58 @@ class _Incoming:
         err = st.get("error")
         try:
             got, digest = self.ex.finish()
-        except Exception as e:  # noqa: BLE001 - a refused member or a full disk here
+        except RefusedMember as e:
+            got, digest = self.ex.received, None
+            err = err or f"archive refused on the home server: {e}"
+        except Exception as e:  # noqa: BLE001 - a corrupt stream or a full disk here
             got, digest = self.ex.received, None
             err = err or f"unpack on the home server failed: {e}"
         if err is None and (got != st["bytes"] or digest != st["hash"]):
             err = f"received {got} of {st['bytes']} bytes, hash mismatch"
         if err is None:
-            try:
-                os.makedirs(self.final, exist_ok=True)
-                target = os.path.join(self.final, name)
-                old = os.path.join(self.tmp, ".old")
-                if os.path.lexists(target):
-                    os.rename(target, old)
-                os.rename(os.path.join(self.tmp, name), target)
-            except OSError as e:
-                err = f"cannot move into {self.final}: {e.strerror or e}"
-        remove_tree(self.tmp)
-        os.close(self.fd)
+            err = self._commit()
+        self._release(ok=err is None)
         secs = time.time() - self.t
         return {"host": self.host, "ok": err is None, "bytes": got, "seconds": secs,
                 "stage": "done" if err is None else "collect", "error": err,
                 "primary": err is not None, "payload_bytes": st.get("payload_bytes", 0),
                 "files": st.get("files", 0), "maxrss": st.get("maxrss")}
 
+    def _commit(self) -> str | None:
+        try:
+            os.stat(self.name, dir_fd=self.tmp_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return f"the archive from {self.host} did not hold {self.name!r}"
+        try:
+            try:
+                os.stat(self.name, dir_fd=self.hfd, follow_symlinks=False)
+                # the old copy goes into the temp dir, removed with it
+                os.rename(self.name, ".old", src_dir_fd=self.hfd, dst_dir_fd=self.tmp_fd)
+            except FileNotFoundError:
+                pass
+            os.rename(self.name, self.name, src_dir_fd=self.tmp_fd, dst_dir_fd=self.hfd)
+            mark_staged(self.hfd, self.name, self.jobid)
+        except OSError as e:
+            return f"cannot move into {os.path.dirname(self.shown)}: {e.strerror or e}"
+        return None
 
-def receive_all(comm, hosts: list[str], ready: list[dict], out_dir: str, name: str,
+    def _release(self, ok: bool) -> None:
+        if self.tmp_fd is not None:
+            remove_entry(self.hfd, self.tmp)
+            os.close(self.tmp_fd)
+            self.tmp_fd = None
+        if self.lock is not None:
+            unlock_dest(self.hfd, self.name, self.lock)
+            self.lock = None
+        os.close(self.hfd)
+        if self.made_host and not ok:
+            try:
+                os.rmdir(self.host, dir_fd=self.out_fd)  # no empty per-host dir is left
+            except OSError:
+                pass
+
+
+def receive_all(comm, hosts: list[str], ready: list[dict], out_fd: int,
                 job: dict) -> list[dict]:
     """Rank 0: receive every ready node's stream, ``window`` nodes at a time."""
     window = max(1, int(job.get("window", 4)))
@@ -179,12 +276,13 @@ def receive_all(comm, hosts: list[str], ready: list[dict], out_dir: str, name: s
         while todo and len(active) < window:
             r = todo.pop(0)
             try:
-                active[r] = _Incoming(comm, r, hosts[r], out_dir, job)
+                active[r] = _Incoming(comm, r, hosts[r], out_fd, job)
             except OSError as e:
                 comm.send(False, dest=r, tag=_GO)
+                why = str(e) if isinstance(e, BeneathError) or not e.strerror else e.strerror
                 reports[r] = {"host": hosts[r], "ok": False, "bytes": 0, "seconds": 0.0,
                               "stage": "collect", "primary": True,
-                              "error": f"cannot write into {out_dir}: {e.strerror or e}"}
+                              "error": f"cannot write into {job['out_dir']}: {why}"}
         moved = False
         for r, inc in list(active.items()):
             n = inc.poll()
@@ -193,7 +291,7 @@ def receive_all(comm, hosts: list[str], ready: list[dict], out_dir: str, name: s
             moved = True
             total += n
             if n == 0:
-                reports[r] = inc.close(name)
+                reports[r] = inc.close()
                 del active[r]
         if time.time() - last > 0.25:
             last = time.time()
@@ -204,40 +302,56 @@ def receive_all(comm, hosts: list[str], ready: list[dict], out_dir: str, name: s
 
 
 def main(comm, job: dict) -> int:
-    """Collect every node's path into ``job['out_dir']/<host>/`` on rank 0."""
+    """Collect every node's path into ``job['out_dir']/<host>/<name>`` on rank 0."""
     rank = comm.rank
     hosts = rank_hosts(job)
     t0 = time.time()
+    out_fd = src_fd = None
+    made_out = False
     if rank == 0:
         emit("start", time=t0, ranks=comm.size)
         err = None
         try:
-            os.makedirs(job["out_dir"], exist_ok=True)
-            clean_stale(job["out_dir"])
+            made_out = not os.path.lexists(job["out_dir"])
+            out_fd = open_root(job["out_dir"], create=True)
         except OSError as e:
             err = f"cannot create {job['out_dir']}: {e.strerror or e}"
         mine = {"ok": err is None, "error": err}
     else:
-        path = job["paths"][hosts[rank]]
-        ok = os.path.exists(path)
-        shown = job.get("host_paths", {}).get(hosts[rank], path)
-        mine = {"ok": ok, "error": None if ok else f"{shown} does not exist"}
-    if agree_any(comm, rank == 0 and not mine["ok"]):
+        spec = job["paths"][hosts[rank]]
+        try:
+            src_fd, name = open_source(spec)
+            mine = {"ok": True, "error": None}
+        except OSError as e:
+            mine = {"ok": False, "error": str(e) if isinstance(e, BeneathError)
+                    else f"{spec['shown']}: {e.strerror or e}"}
+    try:
+        if agree_any(comm, rank == 0 and not mine["ok"]):
+            if rank == 0:
+                emit("result", ok=False, reports=[], error=mine["error"], phases={},
+                     seconds=time.time() - t0)
+            return 0
+        ready = comm.gather(mine, root=0)
+        t = time.time()
         if rank == 0:
-            emit("result", ok=False, reports=[], error=mine["error"], phases={},
-                 seconds=time.time() - t0)
-        return 0
-    ready = comm.gather(mine, root=0)
-    t = time.time()
-    if rank == 0:
-        reports = receive_all(comm, hosts, ready, job["out_dir"], job["name"], job)
-        emit("result", ok=all(r["ok"] for r in reports), reports=reports,
-             phases={"check": t - t0, "collect": time.time() - t},
-             seconds=time.time() - t0, maxrss_root=maxrss_bytes())
-    elif mine["ok"]:
-        send_tree(comm, job["paths"][hosts[rank]], job["name"], job)
-    else:
-        send_tree(comm, "", job["name"], job)  # rank 0 answers "skip"; nothing is sent
+            reports = receive_all(comm, hosts, ready, out_fd, job)
+            emit("result", ok=all(r["ok"] for r in reports), reports=reports,
+                 phases={"check": t - t0, "collect": time.time() - t},
+                 seconds=time.time() - t0, maxrss_root=maxrss_bytes())
+        elif mine["ok"]:
+            # packed from the walked parent's fd: nothing on the way is looked up again
+            send_tree(comm, name, name, job, dir_fd=src_fd)
+        else:
+            send_tree(comm, "", "", job)  # rank 0 answers "skip"; nothing is sent
+    finally:
+        for fd in (src_fd, out_fd):
+            if fd is not None:
+                os.close(fd)
+        if made_out:
+            try:
+                os.rmdir(job["out_dir"])  # every host failed: leave nothing behind
+            except OSError:
+                pass
     return 0
 
 

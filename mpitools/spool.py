@@ -16,11 +16,13 @@ from pathlib import Path
 from .archive import PackInfo, pack_tree
 
 __all__ = ["SpoolServer", "Published", "publish", "spool_name", "check_url",
-           "NAME_RE", "EXTENSIONS"]
+           "NAME_RE", "EXTENSIONS", "SUMS_SUFFIX"]
 
 EXTENSIONS = {"zstd": ".tar.zst", "gzip": ".tar.gz", "none": ".tar"}
+# an archive's block digests (mpitools.archive.BLOCK), served beside it for rank 0
+SUMS_SUFFIX = ".sums"
 # token_urlsafe(24) gives 32 characters; anything else (/, .., listing) is never served
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{32,}\.tar(?:\.zst|\.gz)?$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{32,}\.tar(?:\.zst|\.gz)?(?:\.sums)?$")
 _SEND_CHUNK = 1 << 20
 
 

@@ -8,98 +8,204 @@ Run as ``mpiexec ... python -m mpitools.stage JOB`` (JOB from ``rankio.encode_jo
 # because every rank pays for them at start-up (DESIGN.md).
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import queue
+import stat
 import threading
 import time
 from typing import Callable
 
-from .archive import Extractor, clean_stale, lock_dir, remove_tree, temp_names
+from inventory.beneath import (BeneathError, lock_dest, mark_staged, open_dir_beneath,
+                               open_root, split_rel, unlock_dest, was_staged)
+
+from .archive import (BlockVerifier, Extractor, RefusedMember, VerifyError, clean_stale,
+                      make_locked_temp, remove_entry, temp_name)
 from .rankio import (PeerLost, agree_any, emit, maxrss_bytes, rank_hosts, rank_main, test_hook,
                      wait)
 
-__all__ = ["ALGORITHMS", "NodeStage", "chain", "bcast", "main"]
+__all__ = ["ALGORITHMS", "NodeStage", "DestRefused", "chain", "bcast", "main"]
 
 ALGORITHMS = ("chain", "bcast")
 _TAG = 17
 _NBUF = 2  # double buffering: one chunk in flight downstream while the next arrives
 
 
-class NodeStage:
-    """One node's side of all-or-nothing: temp dir, vote, rename in, or roll back."""
+class DestRefused(Exception):
+    """The destination may not be replaced (not made by stage, not a directory, a symlink
+    on the way): refused on this host before anything is touched (the CLI exits 2)."""
 
-    def __init__(self, dest: str, jobid: str):
-        self.dest = os.path.normpath(dest)
-        self.tmp, self.old = temp_names(self.dest, "stage", jobid)
-        self.parent = os.path.dirname(self.dest)
-        self.made_parents: list[str] = []
-        self.fds: list[int] = []
-        self.state = "new"  # new -> prepared -> committed -> done | removed
+
+def _exists(parent_fd: int, name: str):
+    try:
+        return os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+class NodeStage:
+    """One node's side of all-or-nothing below a confined destination ``root`` + ``rel``.
+
+    Every directory below ``root`` is opened without following symlinks
+    (:mod:`inventory.beneath`); the destination's run lock is held from ``prepare`` to the
+    end; the temporary directory ``.NAME.chiba-stage-JOBID`` (0700, flock-held) becomes the
+    destination by a rename within the parent's fd, and the destination is marked as staged.
+    An existing destination without that mark is refused unless ``replace``.
+    """
+
+    def __init__(self, root: str, rel: str, jobid: str, *, replace: bool = False,
+                 shown: str | None = None, host_root: str | None = None):
+        parts = split_rel(rel)
+        if not parts:
+            raise ValueError("the destination must lie below its root")
+        self.root, self.rel, self.jobid, self.replace = root, rel, jobid, replace
+        self.name, self.parent_rel = parts[-1], "/".join(parts[:-1])
+        self.shown = shown or os.path.join(root, rel)
+        self.host_root = host_root or root  # the root as the host names it, for messages
+        self.tmp = temp_name(self.name, "stage", jobid)
+        self.old = self.tmp + ".old"
+        self.parent_fd: int | None = None
+        self.tmp_fd: int | None = None
+        self._lock: int | None = None
+        self._old_fd: int | None = None
+        self._made: list[tuple[int, str]] = []  # (fd of its parent, name) of dirs we made
+        self.state = "new"  # new -> prepared -> aside -> committed -> done | removed
+
+    def check(self) -> None:
+        """Would the destination be refused? Raises DestRefused; touches nothing.
+
+        A missing root or parent is fine here (``prepare`` makes the parents).
+        """
+        try:
+            root_fd = open_root(self.root)
+        except BeneathError:
+            return
+        try:
+            try:
+                pfd = open_dir_beneath(root_fd, self.parent_rel, display=self.host_root)
+            except BeneathError as e:
+                if e.errno == errno.ENOENT:
+                    return
+                raise DestRefused(str(e)) from None
+            try:
+                self._check_dest(pfd)
+            finally:
+                os.close(pfd)
+        finally:
+            os.close(root_fd)
+
+    def _check_dest(self, pfd: int) -> None:
+        st = _exists(pfd, self.name)
+        if st is None:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            raise DestRefused(f"{self.shown} is a symbolic link (not followed, not replaced)")
+        if not stat.S_ISDIR(st.st_mode):
+            raise DestRefused(f"{self.shown} exists and is not a directory")
+        if not self.replace and not was_staged(pfd, self.name):
+            raise DestRefused(f"{self.shown} exists and was not created by chiba-admin stage;"
+                              " pass --replace to replace it")
 
     def prepare(self) -> None:
-        """Clean dead jobs' leftovers, create the parent if needed and the locked temp dir."""
-        missing = []
-        p = self.parent
-        while p and not os.path.lexists(p):
-            missing.append(p)
-            p = os.path.dirname(p)
-        for d in reversed(missing):
-            os.mkdir(d)
-            self.made_parents.append(d)
-        clean_stale(self.parent)
-        if os.path.lexists(self.dest) and not os.path.isdir(self.dest):
-            raise OSError(f"{self.dest} exists and is not a directory")
-        os.mkdir(self.tmp, 0o755)
-        self.fds.append(lock_dir(self.tmp))
+        """Walk (making missing parents), lock, clean dead jobs' leftovers, re-check, make
+        the locked temp dir. Raises OSError/BeneathError (EBUSY: another run holds the
+        lock) or DestRefused."""
+        root_fd = open_root(self.root)
+        fd = root_fd
+        shown = self.host_root
+        try:
+            for part in split_rel(self.parent_rel):
+                try:
+                    nfd = open_dir_beneath(fd, part, display=shown)
+                except BeneathError as e:
+                    if e.errno != errno.ENOENT:
+                        raise
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    self._made.append((os.dup(fd), part))
+                    nfd = open_dir_beneath(fd, part, display=shown)
+                os.close(fd)
+                fd = nfd
+                shown = f"{shown}/{part}"
+        except BaseException:
+            os.close(fd)
+            raise
+        self.parent_fd = fd
+        self._lock = lock_dest(fd, self.name, display=os.path.dirname(self.shown))
+        clean_stale(fd, self.name)  # we hold the lock: no live run of ours uses them
+        self._check_dest(fd)
+        self.tmp_fd = make_locked_temp(fd, self.tmp)
         self.state = "prepared"
 
     def commit(self) -> None:
         """Move an existing destination aside (locked) and the new tree in."""
-        if os.path.isdir(self.dest) and not os.path.islink(self.dest):
-            os.rename(self.dest, self.old)
+        pfd = self.parent_fd
+        if _exists(pfd, self.name) is not None:
+            os.rename(self.name, self.old, src_dir_fd=pfd, dst_dir_fd=pfd)
             self.state = "aside"
-        os.rename(self.tmp, self.dest)
+            self._old_fd = os.open(self.old, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                                   dir_fd=pfd)
+            fcntl.flock(self._old_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(self.tmp, self.name, src_dir_fd=pfd, dst_dir_fd=pfd)
         self.state = "committed"
 
     def finish(self) -> None:
-        """Everyone committed: drop the old copy."""
-        if os.path.lexists(self.old):
-            remove_tree(self.old)
+        """Everyone committed: mark the destination as staged, drop the old copy."""
+        mark_staged(self.parent_fd, self.name, self.jobid)
+        if self.state == "committed" and self._old_fd is not None:
+            remove_entry(self.parent_fd, self.old)
         self.state = "done"
-        self._unlock()
+        self._release()
 
     def abandon(self) -> None:
-        """Undo whatever this node did: roll back a commit, remove temp dirs and new parents."""
+        """Undo whatever this node did: roll back a commit, remove the temp dir, the parents
+        this job made and the lock. Only the exact names this job created are removed."""
         try:
-            if self.state == "committed":
-                os.rename(self.dest, self.tmp)
-                self.state = "aside" if os.path.lexists(self.old) else "prepared"
-            if self.state == "aside" and os.path.lexists(self.old):
-                if not os.path.lexists(self.dest):
-                    os.rename(self.old, self.dest)
-            for d in (self.tmp, self.old):
-                if os.path.lexists(d) and d != self.dest:
-                    remove_tree(d)
-            for d in reversed(self.made_parents):
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    break
+            pfd = self.parent_fd
+            if pfd is not None:
+                if self.state == "committed":
+                    os.rename(self.name, self.tmp, src_dir_fd=pfd, dst_dir_fd=pfd)
+                if self._old_fd is not None and _exists(pfd, self.name) is None:
+                    os.rename(self.old, self.name, src_dir_fd=pfd, dst_dir_fd=pfd)
+                if self.tmp_fd is not None:
+                    remove_entry(pfd, self.tmp)
         finally:
             self.state = "removed"
-            self._unlock()
+            self._release()
+            for dfd, part in reversed(self._made):
+                try:
+                    os.rmdir(part, dir_fd=dfd)
+                except OSError:
+                    pass  # someone else put something there meanwhile: keep it
+            for dfd, _ in self._made:
+                os.close(dfd)
+            self._made.clear()
 
-    def _unlock(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds.clear()
+    def _release(self) -> None:
+        for fd in (self.tmp_fd, self._old_fd):
+            if fd is not None:
+                os.close(fd)
+        self.tmp_fd = self._old_fd = None
+        if self._lock is not None:
+            unlock_dest(self.parent_fd, self.name, self._lock)
+            self._lock = None
+        if self.parent_fd is not None:
+            os.close(self.parent_fd)
+            self.parent_fd = None
+        if self.state == "done":
+            for dfd, _ in self._made:
+                os.close(dfd)
+            self._made.clear()
 
 
 class _Downloader:
-    """Rank 0's reader thread: fills ``chunk``-sized pieces from the HTTP response."""
+    """Rank 0's reader thread: verifies the HTTP body block by block against the digests
+    from packing and queues only verified ``chunk``-sized pieces (nothing unverified is
+    ever forwarded or unpacked)."""
 
-    def __init__(self, resp, chunk: int, depth: int = _NBUF):
+    def __init__(self, resp, chunk: int, depth: int, sums: bytes, block: int):
         self._resp, self._chunk = resp, chunk
+        self._verifier = BlockVerifier(sums, block)
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = False
         self.error: str | None = None
@@ -107,18 +213,19 @@ class _Downloader:
         self._t.start()
 
     def _run(self) -> None:
+        pending = bytearray()
         try:
             while not self._stop:
-                buf = bytearray(self._chunk)
-                view, got = memoryview(buf), 0
-                while got < self._chunk:
-                    n = self._resp.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
-                self._q.put(bytes(view[:got]) if got < self._chunk else bytes(buf))
-                if got < self._chunk:
+                data = self._resp.read(self._chunk)
+                last = not data
+                pending += self._verifier.finish() if last else self._verifier.push(data)
+                while len(pending) >= self._chunk or (last and pending):
+                    self._q.put(bytes(pending[:self._chunk]))
+                    del pending[:self._chunk]
+                if last:
                     break
+        except VerifyError as e:
+            self.error = str(e)
         except Exception as e:  # noqa: BLE001 - becomes this rank's agreed failure
             self.error = f"download failed: {e}"
         finally:
@@ -144,8 +251,9 @@ def _chunk_len(i: int, total: int, chunk: int) -> int:
 
 
 def _source(down: _Downloader, total: int, chunk: int, failed: list[str]):
-    """Rank 0's chunk getter: exactly the expected sizes, zero-filled after a download error
-    so the other ranks' protocol still completes and the hash vote fails everyone."""
+    """Rank 0's chunk getter: exactly the expected sizes, zero-filled after a download or
+    verification error so the other ranks' protocol still completes; zeros fail every
+    node's own block check, so nothing is unpacked from them."""
 
     def get(i: int, idle: Callable[[], None]) -> bytes:
         n = _chunk_len(i, total, chunk)
@@ -259,6 +367,38 @@ def _open_url(url: str, size: int, timeout: float):
     return resp, None
 
 
+def _fetch_sums(url: str, want: str, timeout: float) -> tuple[bytes | None, str | None]:
+    """Rank 0: the archive's block digests, checked against the hash the job carries (the
+    job comes from the CLI, not the spool, so a swapped digest file is refused too)."""
+    import urllib.error
+    import urllib.request
+
+    from .archive import new_hasher
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            sums = r.read()
+    except urllib.error.HTTPError as e:
+        return None, f"spool: {url}: HTTP {e.code} {e.reason}"
+    except OSError as e:
+        return None, f"spool unreachable: {url}: {getattr(e, 'reason', e)}"
+    h = new_hasher("blake3")
+    h.update(sums)
+    if h.hexdigest() != want:
+        return None, (f"spool: {url}: block digests differ from the packed ones (spool "
+                      "changed?); nothing was sent")
+    return sums, None
+
+
+def _hold(fifo_dir: str) -> None:
+    """Test hook CHIBA_TEST_HOLD=rank:DIR: with every lock taken, say so through the FIFO
+    DIR/ready and wait for DIR/go (a barrier with the test, no sleeps)."""
+    with open(os.path.join(fifo_dir, "ready"), "w") as f:
+        f.write("ready\n")
+    with open(os.path.join(fifo_dir, "go")) as f:
+        f.read()
+
+
 def _make_hooks(rank: int) -> Callable[[int], None]:
     """Test hooks (CHIBA_TEST_DIE=rank:chunk, CHIBA_TEST_DELAY=rank:seconds)."""
     die = test_hook("die", rank)
@@ -281,34 +421,62 @@ def main(comm, job: dict) -> int:
     host = rank_hosts(job)[rank]
     dest = job["dests"][host]
     total, chunk = int(job["size"]), int(job["chunk"])
-    # "primary" marks the node whose own failure decided the outcome (vs. aborted with it)
+    # "primary" marks the node whose own failure decided the outcome (vs. aborted with it);
+    # "refused" a destination refused before anything was touched (the CLI exits 2)
     report = {"host": host, "ok": False, "bytes": 0, "seconds": 0.0, "stage": "check",
-              "error": None, "primary": False}
+              "error": None, "primary": False, "refused": False}
     phases: dict[str, float] = {}
     t0 = time.time()
     if rank == 0:
         emit("start", time=t0, ranks=size)
 
-    # 1. rank 0 checks the source before anyone touches a disk; the verdict is broadcast
-    resp, err = (None, None)
+    # 1. rank 0 checks the source (archive and its block digests) and every node its
+    #    destination, before anyone touches a disk; the verdicts are agreed
+    resp, err, sums = None, None, None
+    timeout = float(job.get("http_timeout", 30))
     if rank == 0:
-        resp, err = _open_url(job["url"], total, float(job.get("http_timeout", 30)))
-    err = comm.bcast(err, root=0)
+        resp, err = _open_url(job["url"], total, timeout)
+        if err is None:
+            sums, err = _fetch_sums(job["sums_url"], job["sums_hash"], timeout)
+            if err is not None:
+                resp.close()
+                resp = None
+    err, sums = comm.bcast((err, sums), root=0)
+    node = NodeStage(dest["root"], dest["rel"], job["jobid"], replace=bool(job.get("replace")),
+                     shown=dest.get("shown"), host_root=dest.get("host_root"))
+    refusal = None
+    if err is None:
+        try:
+            node.check()
+        except DestRefused as e:
+            refusal = str(e)
+    any_refused = agree_any(comm, refusal is not None)  # waited quietly, as every vote
     phases["check"] = time.time() - t0
-    if err is not None:
-        report.update(error=err if rank == 0 else "not started: the source check failed",
-                      primary=rank == 0)
+    if err is not None or any_refused:
+        if resp is not None:
+            resp.close()
+        if refusal is not None:
+            report.update(error=refusal, primary=True, refused=True)
+        elif err is not None:
+            report.update(error=err if rank == 0 else "not started: the source check failed",
+                          primary=rank == 0)
+        else:
+            report.update(error="not started: another node refused its destination")
         return _finish(comm, job, report, phases, t0)
 
     # 2. every node prepares its temporary directory; any failure stops everyone
-    node = NodeStage(dest, job["jobid"])
     t = time.time()
     try:
         try:
             report["stage"] = "prepare"
             node.prepare()
+        except DestRefused as e:
+            report.update(error=str(e), primary=True, refused=True)
+        except BeneathError as e:  # names its path: a symlink on the way, the lock held
+            report.update(error=str(e), primary=True)
         except OSError as e:
-            report.update(error=f"cannot prepare {dest}: {e.strerror or e}", primary=True)
+            report.update(error=f"cannot prepare {node.shown}: {e.strerror or e}",
+                          primary=True)
         failed = agree_any(comm, report["error"] is not None)
         phases["prepare"] = time.time() - t
         if failed:
@@ -318,16 +486,20 @@ def main(comm, job: dict) -> int:
             report["error"] = report["error"] or "aborted: another node failed to prepare"
             return _finish(comm, job, report, phases, t0)
 
-        # 3. move the bytes; each node unpacks while they arrive
+        hold = test_hook("hold", rank)
+        if hold is not None:
+            _hold(hold)
+
+        # 3. move the bytes; each node unpacks only blocks it has verified, as they arrive
         report["stage"] = "transfer"
         t = time.time()
-        ex = Extractor(node.tmp, job["compress"], hash_alg=job["hash_alg"],
-                       depth=int(job.get("depth", 4)))
+        ex = Extractor(node.tmp_fd, job["compress"], hash_alg=job["hash_alg"],
+                       depth=int(job.get("depth", 4)), sums=sums, block=int(job["block"]))
         down_failed: list[str] = []
         # the download runs ahead by up to --chunk bytes: a queue two segments deep
         # left rank 0 waiting on HTTP (0.83 of line rate against 0.90 with 4 MiB ahead)
         ahead = max(_NBUF, int(job.get("buffer", chunk)) // chunk)
-        down = _Downloader(resp, chunk, ahead) if rank == 0 else None
+        down = _Downloader(resp, chunk, ahead, sums, int(job["block"])) if rank == 0 else None
         get = _source(down, total, chunk, down_failed) if rank == 0 else None
         sent = [0, t]
 
@@ -346,20 +518,25 @@ def main(comm, job: dict) -> int:
         local_err = down_failed[0] if down_failed else None
         try:
             got, digest = ex.finish(lambda: None)
-        except Exception as e:  # noqa: BLE001 - the tar filter's refusal or a full disk
+        except Exception as e:  # noqa: BLE001 - a refused member, a bad block, a full disk
             got, digest = ex.received, None
             local_err = local_err or _describe(e)
         report.update(bytes=got, seconds=time.time() - t)
 
-        # 4. verify: everyone compares with rank 0's hash, rank 0 with the packer's
+        # 4. verify: everyone compares with rank 0's hash, rank 0 with the packer's; when
+        #    rank 0 refused the download, the others only say they unpacked none of it
         report["stage"] = "verify"
-        ref = comm.bcast(digest, root=0)
+        ref, src_err = comm.bcast((digest, down_failed[0] if down_failed else None)
+                                  if rank == 0 else None, root=0)
+        primary = True
         if local_err is None:
             if rank == 0 and digest != job["hash"]:
                 local_err = "archive hash differs from the packed one (spool file changed?)"
             elif got != total or digest != ref:
                 local_err = f"received {got} of {total} bytes, hash mismatch"
-        report.update(error=local_err, primary=local_err is not None)
+        if rank and src_err is not None and local_err is not None:
+            local_err, primary = "not unpacked: the archive was refused on rank 0", False
+        report.update(error=local_err, primary=local_err is not None and primary)
         failed = agree_any(comm, local_err is not None)
         phases["transfer"] = time.time() - t
         t = time.time()
@@ -368,7 +545,7 @@ def main(comm, job: dict) -> int:
             try:
                 node.commit()
             except OSError as e:
-                report.update(error=f"cannot rename into {dest}: {e.strerror or e}",
+                report.update(error=f"cannot rename into {node.shown}: {e.strerror or e}",
                               primary=True)
             failed = agree_any(comm, report["error"] is not None)
         if failed:
@@ -386,6 +563,10 @@ def main(comm, job: dict) -> int:
 
 def _describe(e: BaseException) -> str:
     name = type(e).__name__
+    if isinstance(e, RefusedMember):
+        return f"extract refused: {e}"
+    if isinstance(e, VerifyError):
+        return str(e)
     if isinstance(e, OSError) and e.strerror:
         return f"extract failed: {e.strerror}: {e.filename or ''}".rstrip(": ")
     return f"extract refused: {name}: {e}" if "Error" in name else f"extract failed: {e}"

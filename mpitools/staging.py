@@ -10,14 +10,14 @@ from typing import Iterator
 
 from chiba_admin.errors import StageError, UsageError
 
-from .archive import COMPRESSIONS, PackInfo, clean_stale, new_hasher
+from .archive import COMPRESSIONS, BlockHasher, PackInfo, clean_stale, new_hasher
 from .launcher import LaunchResult, launch, rank_hosts
 from .rankio import encode_job
-from .spool import Published, SpoolServer, publish, spool_name
+from .spool import SUMS_SUFFIX, Published, SpoolServer, publish, spool_name
 
-__all__ = ["stage_mpi", "stage_archive", "collect_mpi", "pipeline_segment", "dest_for", "spool_dir_of", "check_nodes",
-           "DEFAULT_CHUNK", "DEFAULT_ALGORITHM", "host_rows", "launch_failures",
-           "cleanup_embedded"]
+__all__ = ["stage_mpi", "stage_archive", "collect_mpi", "pipeline_segment", "dest_for",
+           "spool_dir_of", "check_nodes", "check_collect_dest", "DEFAULT_CHUNK",
+           "DEFAULT_ALGORITHM", "host_rows", "launch_failures", "cleanup_embedded"]
 
 DEFAULT_CHUNK = 4 << 20
 # measured faster on every setup we tried (see mpitools/README-section.md)
@@ -39,9 +39,23 @@ def pipeline_segment(total: int, ranks: int, chunk: int, *, segment: int = SEGME
     return min(segment, chunk)
 
 
-def dest_for(topo, host: str, dest: str) -> str:
-    """The host path of ``dest`` on ``host``: relative paths are under its scratch."""
-    return topo.host(host).resolve("scratch", dest)
+def dest_for(topo, host: str, dest: str | None, *, default_name: str | None = None,
+             option: str = "--dest"):
+    """``dest`` confined below ``host``'s scratch (:func:`topology.confine.confine_dest`).
+
+    Returns a HostDest; raises UsageError (exit 2) for ``..``, ``/``, a path outside
+    scratch and the host's dest_roots, or scratch/spool/repository or an ancestor of one.
+    """
+    from topology.confine import confine_dest
+
+    return confine_dest(topo.host(host), "scratch", dest, default_name=default_name,
+                        option=option)
+
+
+def _rank_dest(topo, host: str, hd) -> dict:
+    """What a rank needs: the root as seen on that machine, ``rel``, and the path to show."""
+    return {"root": topo.host(host).local_path(hd.root), "rel": hd.rel, "shown": hd.path,
+            "host_root": hd.root}
 
 
 def spool_dir_of(topo) -> str:
@@ -99,34 +113,77 @@ def launch_failures(res: LaunchResult, hosts: list[str], timeout: float | None
     return {h: why for h in hosts}
 
 
-def cleanup_embedded(topo, dest_paths: dict[str, str]) -> None:
+def cleanup_embedded(topo, dests: dict[str, dict]) -> None:
     """After a killed job on the embedded cluster: remove its temporary dirs now.
 
-    (On real hosts the next run on that node does it: temp dirs of dead jobs are unlocked.)
+    (On real hosts the next run on that destination does it: temp dirs of dead jobs are
+    unlocked.) Walks each destination's parent without following symlinks.
     """
     if topo.kind != "embedded":
         return
-    for path in dest_paths.values():
-        clean_stale(os.path.dirname(os.path.normpath(path)))
+    from inventory.beneath import (BeneathError, lock_dest, open_dir_beneath, open_root,
+                                   unlock_dest)
+
+    for d in dests.values():
+        parent, _, name = d["rel"].rpartition("/")
+        try:
+            root_fd = open_root(d["root"])
+        except BeneathError:
+            continue
+        try:
+            pfd = open_dir_beneath(root_fd, parent)
+        except BeneathError:
+            continue
+        finally:
+            os.close(root_fd)
+        try:
+            clean_stale(pfd, name)
+            unlock_dest(pfd, name, lock_dest(pfd, name))  # a killed run's lock file
+        except BeneathError:
+            pass  # another live run holds it
+        finally:
+            os.close(pfd)
+
+
+def _confine_all(topo, nodes: list[str], dest: str | None, default_name: str | None,
+                 option: str = "--dest") -> dict[str, dict]:
+    """Every node's confined destination for the ranks, checked before anything is sent."""
+    return {h: _rank_dest(topo, h, dest_for(topo, h, dest, default_name=default_name,
+                                            option=option)) for h in nodes}
+
+
+def _spool_or_fail(topo) -> str:
+    spool = spool_dir_of(topo)
+    if not os.path.isdir(spool):
+        raise StageError("spool directory missing", where=spool,
+                         hint="run `chiba-admin cluster init` (embedded) or create it")
+    return spool
 
 
 def stage_mpi(topo, src: str, nodes: list[str], dest: str | None = None, *,
               algorithm: str = DEFAULT_ALGORITHM, chunk: int = DEFAULT_CHUNK,
               compress: str = "zstd", timeout: float | None = None, progress=None,
-              spool_url: str | None = None, env: dict[str, str] | None = None) -> dict:
-    """Pack ``src`` into the spool and stage it to ``nodes`` through MPI; the result dict."""
-    src = os.path.abspath(src)
-    if not os.path.isdir(src):
-        raise UsageError("source directory not found" if not os.path.exists(src)
-                         else "source is not a directory", where=src,
+              spool_url: str | None = None, env: dict[str, str] | None = None,
+              replace: bool = False) -> dict:
+    """Pack ``src`` into the spool and stage it to ``nodes`` through MPI; the result dict.
+
+    Raises UsageError (exit 2) before anything is sent for an empty or missing source,
+    one holding a device node, a non-directory, or a ``dest`` that confine_dest refuses.
+    An existing destination an earlier stage did not create is refused on the nodes
+    (``result["refused"]``, nothing touched) unless ``replace``.
+    """
+    from inventory.source import check_source
+
+    info = check_source(src)
+    if not info.is_dir:
+        raise UsageError("source is not a directory", where=info.path,
                          hint="stage a directory of the home file system")
+    src = info.path
     nodes = check_nodes(topo, nodes)
     if compress not in COMPRESSIONS:
         raise UsageError(f"unknown compression {compress!r}", hint="zstd, gzip or none")
-    spool = spool_dir_of(topo)
-    if not os.path.isdir(spool):
-        raise StageError("spool directory missing", where=spool,
-                         hint="run `chiba-admin cluster init` (embedded) or create it")
+    dests = _confine_all(topo, rank_hosts(topo, nodes), dest, os.path.basename(src))
+    spool = _spool_or_fail(topo)
     t0 = time.time()
     if progress is not None:
         progress.update(label="packing")
@@ -135,9 +192,9 @@ def stage_mpi(topo, src: str, nodes: list[str], dest: str | None = None, *,
     except OSError as e:
         raise StageError(f"cannot pack {src}: {e}", where=src) from None
     try:
-        return _stage(topo, pub, src, nodes, dest or os.path.basename(src), t0=t0,
-                      pack=time.time() - t0, algorithm=algorithm, chunk=chunk,
-                      timeout=timeout, progress=progress, spool_url=spool_url, env=env)
+        return _stage(topo, pub, src, nodes, dests, t0=t0, pack=time.time() - t0,
+                      algorithm=algorithm, chunk=chunk, timeout=timeout, progress=progress,
+                      spool_url=spool_url, env=env, replace=replace)
     finally:
         pub.remove()  # a spooled archive is useful once
 
@@ -145,40 +202,56 @@ def stage_mpi(topo, src: str, nodes: list[str], dest: str | None = None, *,
 def stage_archive(topo, archive: str, nodes: list[str], dest: str, *, compress: str,
                   algorithm: str = DEFAULT_ALGORITHM, chunk: int = DEFAULT_CHUNK,
                   timeout: float | None = None, env: dict[str, str] | None = None,
-                  spool_url: str | None = None, progress=None) -> dict:
+                  spool_url: str | None = None, progress=None, replace: bool = False) -> dict:
     """Stage an already-built archive file as is (the lower-level entry point).
 
-    The archive is copied into the spool under a fresh name and hashed on the way, so
-    hand-made tars (tests of the extraction filter) take the same path as packed trees.
+    The archive is copied into the spool under a fresh name and hashed (whole and per
+    block) on the way, so hand-made tars (tests of the extractor) take the same path, with
+    consistent digests, as packed trees.
     """
     nodes = check_nodes(topo, nodes)
+    dests = _confine_all(topo, rank_hosts(topo, nodes), dest, None)
     t0 = time.time()
     name = spool_name(compress)
-    path = os.path.join(spool_dir_of(topo), name)
-    h, size = new_hasher("blake3"), 0
+    path = os.path.join(_spool_or_fail(topo), name)
+    h, blocks, size = new_hasher("blake3"), BlockHasher(), 0
     with open(archive, "rb") as fi, open(path, "wb") as fo:
         while block := fi.read(1 << 20):
             h.update(block)
+            blocks.update(block)
             fo.write(block)
             size += len(block)
-    pub = Published(path, name, PackInfo(size, h.hexdigest(), "blake3", 0, 0, compress))
+    pub = Published(path, name, PackInfo(size, h.hexdigest(), "blake3", 0, 0, compress,
+                                          blocks.finish()))
     try:
-        return _stage(topo, pub, archive, nodes, dest, t0=t0, pack=time.time() - t0,
+        return _stage(topo, pub, archive, nodes, dests, t0=t0, pack=time.time() - t0,
                       algorithm=algorithm, chunk=chunk, timeout=timeout, progress=progress,
-                      spool_url=spool_url, env=env)
+                      spool_url=spool_url, env=env, replace=replace)
     finally:
         pub.remove()
 
 
-def _stage(topo, pub: Published, src: str, nodes: list[str], dest: str, *, t0: float,
-           pack: float, algorithm: str, chunk: int, timeout: float | None, progress,
-           spool_url: str | None, env: dict[str, str] | None) -> dict:
+def _publish_sums(pub: Published) -> tuple[str, str]:
+    """Write the block digests beside the archive (NAME.sums); (path, blake3 of them)."""
+    path = pub.path + SUMS_SUFFIX
+    with open(path, "wb") as f:
+        os.chmod(path, 0o600)
+        f.write(pub.info.blocks)
+    h = new_hasher("blake3")
+    h.update(pub.info.blocks)
+    return path, h.hexdigest()
+
+
+def _stage(topo, pub: Published, src: str, nodes: list[str], dests: dict[str, dict], *,
+           t0: float, pack: float, algorithm: str, chunk: int, timeout: float | None,
+           progress, spool_url: str | None, env: dict[str, str] | None,
+           replace: bool) -> dict:
     if algorithm not in ("chain", "bcast"):
         raise UsageError(f"unknown algorithm {algorithm!r}", hint="chain or bcast")
     ranks = rank_hosts(topo, nodes)
-    host_dest = dest_for(topo, ranks[0], dest)
-    dests = {h: topo.host(h).local_path(dest_for(topo, h, dest)) for h in ranks}
+    host_dest = dests[ranks[0]]["shown"]
     info = pub.info
+    sums_path, sums_hash = _publish_sums(pub)
     # chain: segments sized for the pipeline; bcast: the paper's one chunk per MPI_Bcast
     seg = pipeline_segment(info.bytes, len(ranks), chunk) if algorithm == "chain" else chunk
     def on_event(ev: dict) -> None:
@@ -188,18 +261,23 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dest: str, *, t0: f
         elif ev.get("event") == "progress" and progress is not None:
             progress.update(ev.get("done"), ev.get("total"))
 
-    with _spool_url(topo, pub.name, spool_url) as url:
-        job = {"jobid": secrets.token_hex(6), "url": url, "size": info.bytes,
-               "hash": info.hash, "hash_alg": info.hash_alg, "compress": info.compress,
-               "chunk": seg, "buffer": int(chunk), "algorithm": algorithm, "hosts": ranks, "dests": dests}
-        if progress is not None:
-            progress.update(0, info.bytes, "starting MPI")
-        try:
-            res = launch(topo, "mpitools.stage", [encode_job(job)], ranks, None,
-                         timeout=timeout, on_event=on_event, env=env)
-        except KeyboardInterrupt:
-            cleanup_embedded(topo, dests)  # ranks were killed; leave no temp dirs here
-            raise
+    try:
+        with _spool_url(topo, pub.name, spool_url) as url:
+            job = {"jobid": secrets.token_hex(6), "url": url, "size": info.bytes,
+                   "hash": info.hash, "hash_alg": info.hash_alg, "compress": info.compress,
+                   "sums_url": url + SUMS_SUFFIX, "sums_hash": sums_hash, "block": info.block,
+                   "chunk": seg, "buffer": int(chunk), "algorithm": algorithm,
+                   "hosts": ranks, "dests": dests, "replace": bool(replace)}
+            if progress is not None:
+                progress.update(0, info.bytes, "starting MPI")
+            try:
+                res = launch(topo, "mpitools.stage", [encode_job(job)], ranks, None,
+                             timeout=timeout, on_event=on_event, env=env)
+            except KeyboardInterrupt:
+                cleanup_embedded(topo, dests)  # ranks were killed; leave no temp dirs here
+                raise
+    finally:
+        os.unlink(sums_path)
     result = {
         "method": "mpi", "algorithm": algorithm, "ok": False, "source": src,
         "dest": host_dest, "nodes": ranks, "bytes": info.bytes,
@@ -218,6 +296,7 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dest: str, *, t0: f
         result["failures"] = {x["host"]: x["error"] for x in r["reports"]
                               if x.get("primary") and x.get("error")}
         result["ok"] = bool(r["ok"]) and res.returncode == 0
+        result["refused"] = any(x.get("refused") for x in r["reports"])
         if not result["ok"] and not result["failures"]:
             result["failures"] = {x["host"]: x["error"] or "failed" for x in r["reports"]
                                   if not x["ok"]}
@@ -240,17 +319,65 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dest: str, *, t0: f
     return result
 
 
+def check_collect_dest(dest_dir: str, names: dict[str, str], replace: bool) -> None:
+    """Refuse (UsageError, exit 2) a home-server ``DIR`` that is not a directory, and a
+    ``DIR/<host>/<name>`` that exists but was not made by collect (unless ``replace``) or
+    whose ``DIR/<host>`` is a symlink or a file. Touches nothing."""
+    import stat
+
+    from inventory.beneath import was_staged
+
+    if os.path.lexists(dest_dir) and not os.path.isdir(dest_dir):
+        raise UsageError("--dest exists and is not a directory", where=dest_dir,
+                         hint="name a directory (it is made when missing)")
+    if not os.path.isdir(dest_dir):
+        return
+    for host, name in names.items():
+        hdir = os.path.join(dest_dir, host)
+        try:
+            st = os.lstat(hdir)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise UsageError("exists and is not a directory (a symlink is not followed)",
+                             where=hdir, hint="remove it or pick another --dest")
+        fd = os.open(hdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            if os.path.lexists(os.path.join(hdir, name)) and not replace \
+                    and not was_staged(fd, name):
+                raise UsageError("exists and was not created by chiba-admin collect",
+                                 where=os.path.join(hdir, name),
+                                 hint="pass --replace to replace it, or pick another --dest")
+        finally:
+            os.close(fd)
+
+
+def _clean_collect(dest_dir: str, names: dict[str, str]) -> None:
+    """After a killed collect: remove its dead temp dirs (and lock-free leftovers) now."""
+    for host, name in names.items():
+        try:
+            fd = os.open(os.path.join(dest_dir, host), os.O_RDONLY | os.O_DIRECTORY
+                         | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            clean_stale(fd, name)
+        finally:
+            os.close(fd)
+
+
 def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
                 chunk: int = DEFAULT_CHUNK, compress: str = "zstd",
                 timeout: float | None = None, progress=None, window: int = 4,
-                env: dict[str, str] | None = None) -> dict:
+                env: dict[str, str] | None = None, replace: bool = False) -> dict:
     """Bring every node's ``path`` back to ``dest_dir/<host>/<name>`` on the home server.
 
     Rank 0 runs on the home server (an extra rank) and unpacks at most ``window`` nodes'
     streams at a time; each host's copy is moved in only when complete and verified.
+    ``path`` is confined below each node's scratch (option PATH); UsageError (exit 2)
+    before any launch for a refused path, a ``dest_dir`` that is a file, or an existing
+    ``dest_dir/<host>/<name>`` not made by collect (unless ``replace``).
     """
-    if not path:
-        raise UsageError("no path given", hint="name a path relative to each node's scratch")
     nodes = check_nodes(topo, nodes)
     home = topo.home_server.name
     if home in nodes:
@@ -258,15 +385,15 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
                          hint="select only the hosts to collect from")
     if compress not in COMPRESSIONS:
         raise UsageError(f"unknown compression {compress!r}", hint="zstd, gzip or none")
+    paths = _confine_all(topo, nodes, path if path is not None else "", None, option="PATH")
+    names = {h: d["rel"].rpartition("/")[2] for h, d in paths.items()}
     dest_dir = os.path.abspath(dest_dir)
+    check_collect_dest(dest_dir, names, replace)
     t0 = time.time()
     ranks = rank_hosts(topo, nodes, home)
-    paths = {h: topo.host(h).local_path(dest_for(topo, h, path)) for h in ranks[1:]}
-    name = os.path.basename(os.path.normpath(dest_for(topo, ranks[1], path))) or "root"
     job = {"jobid": secrets.token_hex(6), "compress": compress, "chunk": int(chunk),
            "hash_alg": "blake3", "hosts": ranks, "paths": paths, "out_dir": dest_dir,
-           "host_paths": {h: dest_for(topo, h, path) for h in ranks[1:]},
-           "name": name, "window": window}
+           "names": names, "window": window, "replace": bool(replace)}
     def on_event(ev: dict) -> None:
         if ev.get("event") == "progress" and progress is not None:
             progress.update(ev.get("done"), None,
@@ -276,7 +403,7 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
         res = launch(topo, "mpitools.collect", [encode_job(job)], ranks[1:], home,
                      timeout=timeout, on_event=on_event, env=env)
     except KeyboardInterrupt:
-        clean_stale(dest_dir)
+        _clean_collect(dest_dir, names)
         raise
     result = {"method": "mpi", "algorithm": f"window{window}", "ok": False, "source": path,
               "dest": dest_dir, "dest_dir": dest_dir, "nodes": ranks[1:], "bytes": 0,
@@ -301,7 +428,7 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
         result["peak_rss"] = max([x.get("maxrss") or 0 for x in reports]
                                  + [r.get("maxrss_root") or 0])
     else:
-        clean_stale(dest_dir)  # rank 0 ran on this machine: tidy its temp dirs now
+        _clean_collect(dest_dir, names)  # rank 0 ran on this machine: tidy its temp dirs
         result["failures"] = launch_failures(res, ranks[1:], timeout)
         result["error"] = res.describe()
         result["mpiexec_stderr"] = res.stderr.splitlines()[-30:]

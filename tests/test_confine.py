@@ -143,6 +143,10 @@ def test_staged_marker(tmp_path):
         assert was_staged(rfd, "job") and (tmp_path / ".job.chiba-staged").read_text() == "j1\n"
         unmark_staged(rfd, "job")
         assert not was_staged(rfd, "job")
+        if os.geteuid() == 0:  # a marker another user planted beside a directory is not ours
+            (tmp_path / ".theirs.chiba-staged").write_text("forged\n")
+            os.chown(tmp_path / ".theirs.chiba-staged", 1234, 1234)
+            assert not was_staged(rfd, "theirs")
     finally:
         os.close(rfd)
 

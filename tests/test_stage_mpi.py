@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -13,8 +14,8 @@ import pytest
 
 from mpitools.spool import SpoolServer
 from mpitools.staging import stage_archive
-from test_stage_helpers import (assert_same_tree, crafted_tar, make_tree, stage_leftovers,
-                                tree_signature)
+from test_stage_helpers import (assert_same_tree, crafted_tar, make_tree, special_tree,
+                                stage_leftovers, symlink_chain_tar, tree_signature)
 
 pytestmark = pytest.mark.mpi
 
@@ -62,7 +63,7 @@ def rank_processes(topo) -> list[int]:
 
 def test_stage_chain_every_node_byte_identical(embedded, cli, tmp_path):
     src = make_tree(tmp_path / "proj")
-    stale = os.path.join(scratch(embedded, "ccn02"), ".proj.chiba-stage-deadjob")
+    stale = os.path.join(scratch(embedded, "ccn02"), ".proj.chiba-stage-0123456789ab")
     os.makedirs(os.path.join(stale, "junk"))
     r = cli("stage", src, "--nodes", "@nodes", "--chunk", "64KiB", "--json")
     assert r.code == 0, r.err
@@ -85,28 +86,41 @@ def test_stage_chain_every_node_byte_identical(embedded, cli, tmp_path):
     assert os.listdir(spool) == [], "the spooled archive is used once and removed"
 
 
-def test_stage_bcast_gzip_replaces_existing_destination(embedded, cli, tmp_path):
+def test_stage_bcast_gzip_replaces_existing_destination_only_with_replace(embedded, cli,
+                                                                         tmp_path):
     src = make_tree(tmp_path / "proj", big=50_000)
     town1 = NODES[:4]
     for n in town1:
         old = os.path.join(scratch(embedded, n), "jobs", "run 1")
         os.makedirs(old)
         open(os.path.join(old, "old.txt"), "w").write("old")
-    r = cli("stage", src, "--nodes", "@town1", "--dest", "/scratch/jobs/run 1",
+    args = ("stage", src, "--nodes", "@town1", "--dest", "/scratch/jobs/run 1",
             "--algorithm", "bcast", "--compress", "gzip")
+    # another job's directory, not made by stage: refused on every node, nothing touched
+    r = cli(*args)
+    assert r.code == 2, r.err
+    assert r.err.count("was not created by chiba-admin stage; pass --replace") == 4
+    assert "nothing was touched" in r.err
+    for n in town1:
+        jobs = os.path.join(scratch(embedded, n), "jobs")
+        assert os.listdir(jobs) == ["run 1"]
+        assert os.listdir(os.path.join(jobs, "run 1")) == ["old.txt"]
+    r = cli(*args, "--replace")
     assert r.code == 0, r.err
     assert "4/4 hosts ok" in r.out and "ccn04" in r.out and "bcast" in r.out
     for n in town1:
         dest = os.path.join(scratch(embedded, n), "jobs", "run 1")
         assert_same_tree(src, dest)
-        assert sorted(os.listdir(os.path.dirname(dest))) == ["run 1"]
+        assert sorted(os.listdir(os.path.dirname(dest))) == [".run 1.chiba-staged", "run 1"]
     assert all(os.listdir(scratch(embedded, n)) == [] for n in NODES[4:])
+    r = cli(*args)  # staged by us now: replaced without --replace
+    assert r.code == 0, r.err
 
 
 def test_bad_input_is_refused_before_anything_runs(embedded, cli, tmp_path):
     before = scratch_listing(embedded)
     r = cli("stage", str(tmp_path / "missing"), "--nodes", "@nodes")
-    assert r.code == 2 and "source directory not found" in r.err
+    assert r.code == 2 and "source does not exist" in r.err
     assert cli("stage", str(tmp_path), "--nodes", "").code == 2
     r = cli("stage", str(tmp_path), "--nodes", "ccn[07-12]")
     assert r.code == 2 and "unknown host" in r.err
@@ -138,7 +152,7 @@ def test_spool_problem_is_reported_before_any_node_is_touched(embedded, cli, tmp
     assert scratch_listing(embedded) == before
 
 
-@pytest.mark.parametrize("kind", ["absolute", "dotdot", "link", "device"])
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "hardlink-out", "device"])
 def test_hostile_archive_is_refused_on_every_node(embedded, tmp_path, kind):
     tar = tmp_path / "evil.tar"
     tar.write_bytes(crafted_tar(kind))
@@ -153,13 +167,13 @@ def test_hostile_archive_is_refused_on_every_node(embedded, tmp_path, kind):
     assert not os.path.lexists(os.path.join(embedded.state_dir, "hosts", "evil"))
 
 
-def test_unwritable_destination_on_one_node_aborts_all(embedded, cli, tmp_path):
+def test_unwritable_destination_on_one_node_refuses_all(embedded, cli, tmp_path):
     src = make_tree(tmp_path / "proj", big=1000)
     open(os.path.join(scratch(embedded, "ccn03"), "out"), "w").close()  # parent is a file
     r = cli("stage", src, "--nodes", "@nodes", "--dest", "out/data", "--json")
-    assert r.code == 1
+    assert r.code == 2
     j = r.json()
-    assert list(j["failures"]) == ["ccn03"] and "cannot prepare" in j["failures"]["ccn03"]
+    assert list(j["failures"]) == ["ccn03"] and "not a directory" in j["failures"]["ccn03"]
     assert all(not h["ok"] for h in j["hosts"].values())
     listing = scratch_listing(embedded)
     assert listing.pop("ccn03") == ["out"]
@@ -257,7 +271,7 @@ def test_collect_brings_every_node_back(embedded, cli, tmp_path):
     assert r.code == 0, r.err
     assert "4/4 hosts ok" in r.out
     assert_same_tree(trees["ccn01"], out / "ccn01" / "results")
-    assert not [n for n in os.listdir(out / "ccn01") if n != "results"]
+    assert sorted(os.listdir(out / "ccn01")) == [".results.chiba-staged", "results"]
     assert rank_processes(embedded) == []
 
 
@@ -289,3 +303,245 @@ def test_transit_method_is_dispatched(embedded, cli, tmp_path, monkeypatch):
             "--dest", str(tmp_path / "o"))
     assert r.code == 1 and "ccn02: gone" in r.err
     assert seen["collect"] == ("x", ["ccn01", "ccn02"], str(tmp_path / "o"))
+
+
+# --- issue 14: safety of stage/collect --method mpi ---------------------------------------
+
+def _host_dir(topo, host: str) -> str:
+    """The embedded host's own directory (its scratch's parent: outside every destination)."""
+    return os.path.dirname(scratch(topo, host))
+
+
+def _pwned(topo) -> list[str]:
+    """Files named 'pwned' anywhere in the cluster's state (hosts, spool, home)."""
+    return [os.path.join(d, "pwned") for d, _, fs in os.walk(topo.state_dir) if "pwned" in fs]
+
+
+def _publish_crafted(monkeypatch, data: bytes) -> None:
+    """Make the CLI's packing step publish ``data`` (with consistent digests) as the archive."""
+    import mpitools.staging as staging
+    from mpitools.archive import PackInfo, block_sums, new_hasher
+    from mpitools.spool import Published, spool_name
+
+    def publish(src, spool, compress="zstd", **kw):
+        name = spool_name(compress)
+        path = os.path.join(spool, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        h = new_hasher("blake3")
+        h.update(data)
+        return Published(path, name, PackInfo(len(data), h.hexdigest(), "blake3", 0, 0,
+                                              compress, block_sums(data)))
+
+    monkeypatch.setattr(staging, "publish", publish)
+
+
+def test_symlink_chain_archive_is_refused_on_every_node(embedded, cli, tmp_path, monkeypatch):
+    """CVE-2025-4517: consistent digests, so only the extractor stands in the way."""
+    dest = os.path.join(scratch(embedded, "ccn01"), "evil")
+    data = symlink_chain_tar(dest, os.path.join(_host_dir(embedded, "ccn01"), "pwned"))
+    _publish_crafted(monkeypatch, data)
+    (tmp_path / "src").mkdir()
+    r = cli("stage", str(tmp_path / "src"), "--nodes", "@nodes", "--dest", "evil",
+            "--compress", "none", "--chunk", "16KiB", "--json")
+    assert r.code == 1
+    j = r.json()
+    assert set(j["failures"]) == set(NODES)
+    assert all("extract refused" in why for why in j["failures"].values()), j["failures"]
+    assert _pwned(embedded) == []
+    assert all(v == [] for v in scratch_listing(embedded).values())
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "hardlink-out", "device"])
+def test_hostile_archive_is_refused_on_every_node_through_the_cli(embedded, cli, tmp_path,
+                                                                 monkeypatch, kind):
+    _publish_crafted(monkeypatch, crafted_tar(kind))
+    (tmp_path / "src").mkdir()
+    r = cli("stage", str(tmp_path / "src"), "--nodes", "ccn[01-02]", "--dest", "evil",
+            "--compress", "none", "--algorithm", "bcast")
+    assert r.code == 1
+    assert "ccn01: extract refused" in r.err and "ccn02: extract refused" in r.err
+    assert "nothing was committed on any node" in r.err
+    assert all(v == [] for v in scratch_listing(embedded).values())
+
+
+def test_swapped_spool_file_is_refused_before_anything_is_unpacked(embedded, cli, tmp_path,
+                                                                  monkeypatch):
+    import mpitools.staging as staging
+
+    real = staging.publish
+    evil = symlink_chain_tar(os.path.join(scratch(embedded, "ccn01"), "proj"),
+                             os.path.join(_host_dir(embedded, "ccn01"), "pwned"))
+
+    def publish_then_swap(src, spool, compress="zstd", **kw):
+        pub = real(src, spool, compress, **kw)
+        assert pub.info.bytes > len(evil)
+        with open(pub.path, "wb") as f:  # an attacker replaces the spool file, same size
+            f.write(evil + bytes(pub.info.bytes - len(evil)))
+        return pub
+
+    monkeypatch.setattr(staging, "publish", publish_then_swap)
+    src = make_tree(tmp_path / "proj", big=400_000)
+    r = cli("stage", src, "--nodes", "@nodes", "--compress", "none", "--json")
+    assert r.code == 1
+    j = r.json()
+    assert list(j["failures"]) == ["ccn01"], j["failures"]
+    assert "differs from the packed one" in j["failures"]["ccn01"]
+    assert all("not unpacked" in h["error"] for n, h in j["hosts"].items() if n != "ccn01")
+    assert _pwned(embedded) == []
+    assert all(v == [] for v in scratch_listing(embedded).values())
+
+
+@pytest.mark.parametrize("dest, why", [
+    ("../etc", "'..' component"), ("/", "root directory"), (".", "is the host's scratch"),
+    ("/scratch/", "is the host's scratch"), ("/scratch", "is the host's scratch"),
+    ("/etc/x", "outside the host's scratch"), ("", "empty --dest")])
+def test_dest_outside_a_new_directory_of_scratch_is_refused(embedded, cli, tmp_path, dest,
+                                                            why):
+    src = make_tree(tmp_path / "proj", big=1000)
+    for n in NODES:
+        open(os.path.join(scratch(embedded, n), "other-job.txt"), "w").close()
+    before = scratch_listing(embedded)
+    r = cli("stage", src, "--nodes", "@nodes", "--dest", dest)
+    assert r.code == 2 and why in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1
+    assert scratch_listing(embedded) == before
+    assert os.listdir(embedded.home_server.local_path(embedded.home_server.spool)) == []
+
+
+def test_empty_source_and_device_nodes_are_refused(embedded, cli, tmp_path):
+    before = scratch_listing(embedded)
+    r = cli("stage", "", "--nodes", "@nodes")
+    assert r.code == 2 and "no SRC given" in r.err
+    if os.geteuid() == 0:
+        src = make_tree(tmp_path / "proj", big=1000)
+        os.mknod(os.path.join(src, "sub dir", "null"), stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        r = cli("stage", src, "--nodes", "@nodes")
+        assert r.code == 2 and "device node" in r.err and "sub dir/null" in r.err
+        assert len(r.err.strip().splitlines()) == 1
+    assert scratch_listing(embedded) == before
+
+
+def test_planted_symlink_in_scratch_is_not_followed(embedded, cli, tmp_path):
+    src = make_tree(tmp_path / "proj", big=1000)
+    anywhere = tmp_path / "anywhere"
+    anywhere.mkdir()
+    os.symlink(str(anywhere), os.path.join(scratch(embedded, "ccn05"), "jobdir"))
+    r = cli("stage", src, "--nodes", "@nodes", "--dest", "jobdir/x", "--json")
+    assert r.code == 2
+    j = r.json()
+    assert list(j["failures"]) == ["ccn05"]
+    assert "/scratch/jobdir: is a symbolic link (not followed)" in j["failures"]["ccn05"]
+    assert os.listdir(anywhere) == []
+    listing = scratch_listing(embedded)
+    assert listing.pop("ccn05") == ["jobdir"]
+    assert all(v == [] for v in listing.values())
+
+
+def test_second_concurrent_stage_to_the_same_destination_is_refused(embedded, cli, tmp_path,
+                                                                    monkeypatch):
+    import sys
+    from pathlib import Path
+
+    src = make_tree(tmp_path / "proj", big=1000)
+    other = make_tree(tmp_path / "other", big=2000, seed=7)
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    os.mkfifo(hold / "ready")
+    os.mkfifo(hold / "go")
+    exe = str(Path(sys.executable).with_name("chiba-admin"))
+    first = subprocess.Popen([exe, "stage", src, "--nodes", "@town1", "--dest", "data"],
+                             env={**os.environ, "CHIBA_TEST_HOLD": f"0:{hold}"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with open(hold / "ready") as f:  # the first run holds every node's lock now
+            assert f.read() == "ready\n"
+        r = cli("stage", other, "--nodes", "@town1", "--dest", "data", "--json")
+        with open(hold / "go", "w") as f:
+            f.write("go\n")
+        out, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert r.code == 1
+    j = r.json()
+    assert set(j["failures"]) == set(NODES[:4])
+    assert all("another chiba-admin run is writing this destination" in why
+               for why in j["failures"].values())
+    assert first.returncode == 0, err
+    for n in NODES[:4]:
+        assert_same_tree(src, os.path.join(scratch(embedded, n), "data"))
+    assert stage_leftovers(embedded, NODES) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="owners, sockets and setuid need root")
+@pytest.mark.parametrize("algorithm", ["chain", "bcast"])
+def test_modes_owners_links_and_specials_arrive_as_rsync_keeps_them(embedded, cli, tmp_path,
+                                                                   algorithm):
+    src = special_tree(tmp_path / "special")
+    r = cli("stage", src, "--nodes", "ccn[01-03]", "--dest", "sp", "--algorithm", algorithm,
+            "--chunk", "16KiB")
+    assert r.code == 0, r.err
+    want = tree_signature(src, meta=True)
+    for n in ("ccn01", "ccn02", "ccn03"):
+        assert tree_signature(os.path.join(scratch(embedded, n), "sp"), meta=True) == want
+    # and back from two nodes: the home server's copy is the same tree again
+    r = cli("collect", "sp", "--nodes", "ccn[01-02]", "--dest", str(tmp_path / "back"))
+    assert r.code == 0, r.err
+    for n in ("ccn01", "ccn02"):
+        assert tree_signature(tmp_path / "back" / n / "sp", meta=True) == want
+
+
+def test_collect_path_is_confined_and_home_side_is_not_replaced(embedded, cli, tmp_path):
+    out = tmp_path / "out"
+    for path, why in (("../../..", "'..' component"), ("", "empty PATH"),
+                      ("/", "root directory"), (".", "is the host's scratch")):
+        r = cli("collect", path, "--nodes", "@nodes", "--dest", str(out))
+        assert r.code == 2 and why in r.err, r.err
+        assert not out.exists()
+    for n in NODES[:2]:
+        _results(embedded, n)
+    (tmp_path / "file").write_text("x")
+    r = cli("collect", "results", "--nodes", "ccn[01-02]", "--dest", str(tmp_path / "file"))
+    assert r.code == 2 and "not a directory" in r.err and len(r.err.splitlines()) == 1
+    mine = out / "ccn02" / "results"
+    mine.mkdir(parents=True)
+    (mine / "keep.txt").write_text("mine")
+    r = cli("collect", "results", "--nodes", "ccn[01-02]", "--dest", str(out))
+    assert r.code == 2 and "was not created by chiba-admin collect" in r.err
+    assert sorted(os.listdir(out)) == ["ccn02"] and os.listdir(mine) == ["keep.txt"]
+    r = cli("collect", "results", "--nodes", "ccn[01-02]", "--dest", str(out), "--replace")
+    assert r.code == 0, r.err
+    assert_same_tree(os.path.join(scratch(embedded, "ccn02"), "results"), mine)
+    # a symlink planted on the way on a node is not followed: root reads nothing through it
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "results").mkdir(parents=True)
+    (elsewhere / "results" / "secret").write_text("not yours")
+    os.symlink(str(elsewhere), os.path.join(scratch(embedded, "ccn03"), "jobdir"))
+    r = cli("collect", "jobdir/results", "--nodes", "ccn03", "--dest", str(tmp_path / "o2"),
+            "--json")
+    assert r.code == 1
+    assert "/scratch/jobdir: is a symbolic link (not followed)" in r.json()["failures"]["ccn03"]
+    assert not (tmp_path / "o2").exists()
+
+
+def test_compromised_nodes_archive_is_refused_on_the_home_server(embedded, cli, tmp_path,
+                                                                monkeypatch):
+    for n in NODES[:3]:
+        _results(embedded, n)
+    out = tmp_path / "out"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    evil = tmp_path / "evil.tar"
+    evil.write_bytes(symlink_chain_tar(str(out / "ccn02" / "x"), str(outside / "pwned")))
+    monkeypatch.setenv("CHIBA_TEST_COLLECT_ARCHIVE", f"2:{evil}")  # rank 2 is ccn02
+    r = cli("collect", "results", "--nodes", "ccn[01-03]", "--dest", str(out), "--json",
+            "--compress", "none")
+    assert r.code == 1
+    j = r.json()
+    assert list(j["failures"]) == ["ccn02"]
+    assert "archive refused on the home server" in j["failures"]["ccn02"]
+    assert os.listdir(outside) == []
+    assert sorted(os.listdir(out)) == ["ccn01", "ccn03"], "no empty per-host dir is left"
+    assert rank_processes(embedded) == []

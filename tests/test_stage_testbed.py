@@ -80,7 +80,7 @@ def test_dying_node_aborts_everyone_and_next_run_cleans(testbed_cluster, clean_s
     code, out, err = _cli(tb, "stage", src, "--nodes", "@nodes", "--json")
     assert code == 0, err
     for n in NODES:
-        assert sorted(os.listdir(_data_dir(tb, n))) == ["proj"], n
+        assert sorted(os.listdir(_data_dir(tb, n))) == [".proj.chiba-staged", "proj"], n
 
 
 def test_full_disk_on_one_node(testbed_cluster, clean_scratch, tmp_path):  # noqa: F811

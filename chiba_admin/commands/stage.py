@@ -8,7 +8,7 @@ from rich.table import Table
 
 from topology import expand, fold, format_bandwidth, format_bytes, parse_size
 
-from ..cli import EXIT_FAILURE, EXIT_OK, pass_ctx
+from ..cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, pass_ctx
 from ..console import get_console, get_err_console, print_json, progress
 from ..embedded import require_initialized
 from ..errors import UsageError
@@ -68,6 +68,10 @@ def render_result(result: dict, verb: str) -> None:
             err.print(f"chiba-admin {verb}: {result['error']}", markup=False)
         for name, why in (result.get("failures") or {}).items():
             err.print(f"chiba-admin {verb}: {name}: {why}", markup=False)
+        if result.get("refused"):
+            err.print(f"chiba-admin {verb}: refused; nothing was touched on any node",
+                      markup=False)
+            return
         if result.get("outcome"):  # what each host holds now, as the method reports it
             err.print(f"chiba-admin {verb}: failed; {result['outcome']}", markup=False)
         else:
@@ -77,11 +81,15 @@ def render_result(result: dict, verb: str) -> None:
 
 
 def _finish(ctx, result: dict, verb: str) -> int:
+    """Print the result; exit 0 ok, 2 when a destination was refused (nothing touched),
+    1 for any other failure."""
     if ctx.json:
         print_json(result)
     else:
         render_result(result, verb)
-    return EXIT_OK if result.get("ok") else EXIT_FAILURE
+    if result.get("ok"):
+        return EXIT_OK
+    return EXIT_USAGE if result.get("refused") else EXIT_FAILURE
 
 
 def _common(f):
@@ -97,6 +105,9 @@ def _common(f):
         click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
                      metavar="S", help="Stop everything after S seconds."),
         click.option("--json", "json_output", is_flag=True, help="Print the result as JSON."),
+        click.option("--replace", is_flag=True,
+                     help="Replace an existing destination that an earlier stage/collect "
+                          "did not create (refused otherwise)."),
     ]):
         f = opt(f)
     return f
@@ -106,7 +117,8 @@ def _common(f):
 @click.argument("src", type=click.Path())
 @_common
 @click.option("--dest", default=None, metavar="PATH",
-              help="Where on each node; relative paths are under its scratch "
+              help="Where on each node: a new directory below its scratch (relative paths "
+                   "are under scratch) or a dest_roots entry; no '..', not scratch itself "
                    "(default: SRC's name under scratch).")
 @click.option("--algorithm", type=click.Choice(("chain", "bcast")), default="chain",
               show_default=True, help="chain: pipelined point-to-point in town order; "
@@ -114,7 +126,7 @@ def _common(f):
 @click.option("--spool-url", default=None, metavar="URL",
               help="Base URL of a running spool server (default: serve one for this run).")
 @pass_ctx
-def stage_cmd(ctx, src, nodeset, method, chunk, compress, timeout, json_output, dest,
+def stage_cmd(ctx, src, nodeset, method, chunk, compress, timeout, json_output, replace, dest,
               algorithm, spool_url):
     """Copy directory SRC onto every node: all nodes get it, or none does."""
     ctx.json = ctx.json or json_output
@@ -127,13 +139,13 @@ def stage_cmd(ctx, src, nodeset, method, chunk, compress, timeout, json_output, 
             from legacy_transit.transit import stage_transit
 
             result = stage_transit(topo, src, nodes, dest, timeout=timeout,
-                                   progress=_transit_progress(bar))
+                                   progress=_transit_progress(bar), replace=replace)
         else:
             from mpitools.staging import stage_mpi
 
             result = stage_mpi(topo, src, nodes, dest, algorithm=algorithm, chunk=size,
                                compress=compress, timeout=timeout, progress=bar,
-                               spool_url=spool_url)
+                               spool_url=spool_url, replace=replace)
     return _finish(ctx, result, "stage")
 
 
@@ -143,7 +155,8 @@ def stage_cmd(ctx, src, nodeset, method, chunk, compress, timeout, json_output, 
 @click.option("--dest", "dest_dir", required=True, metavar="DIR",
               help="Directory on this (home) machine; each host's copy goes to DIR/<host>/.")
 @pass_ctx
-def collect_cmd(ctx, path, nodeset, method, chunk, compress, timeout, json_output, dest_dir):
+def collect_cmd(ctx, path, nodeset, method, chunk, compress, timeout, json_output, replace,
+                dest_dir):
     """Bring PATH (relative to scratch, or absolute) back from every node into DIR/<host>/."""
     ctx.json = ctx.json or json_output
     topo = ctx.topology
@@ -155,12 +168,12 @@ def collect_cmd(ctx, path, nodeset, method, chunk, compress, timeout, json_outpu
             from legacy_transit.transit import collect_transit
 
             result = collect_transit(topo, path, nodes, dest_dir, timeout=timeout,
-                                     progress=_transit_progress(bar))
+                                     progress=_transit_progress(bar), replace=replace)
         else:
             from mpitools.staging import collect_mpi
 
             result = collect_mpi(topo, path, nodes, dest_dir, chunk=size, compress=compress,
-                                 timeout=timeout, progress=bar)
+                                 timeout=timeout, progress=bar, replace=replace)
     return _finish(ctx, result, "collect")
 
 
