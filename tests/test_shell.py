@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -246,7 +247,9 @@ mpiexec -n 2 {sys.executable} -c 'from mpi4py import MPI; print(MPI.COMM_WORLD.s
         sorted(f"rank {i} of 8" for i in range(8))
     assert out.count("sum 28") == 8
     # an Open MPI program cannot speak PMI-1: each task runs alone, and the shell says so
-    assert "2 task(s) loaded Open MPI but never spoke PMI" in err
+    # (it looks at each live task's mappings; a task starved of CPU on a loaded machine
+    # may end unseen, so at least one of the two is named)
+    assert re.search(r"[12] task\(s\) loaded Open MPI but never spoke PMI", err), err
 
 
 def test_shell_rank_and_wrappers_import_lean():
