@@ -52,8 +52,13 @@ def make_source(root) -> str:
 
 
 def old_tree(case: str, src: str, root) -> None:
-    """What each target holds before the sync, for ``case``."""
+    """What each target holds before the sync, for ``case``.
+
+    Every case also holds a user's file whose name merely contains ``.chiba-tmp-``: not
+    the tool's own temporary file, so only ``--delete`` may remove it, and only listed.
+    """
     rsync_copy(src, root)
+    _write(root, "results.chiba-tmp-2024", "a user's results, not a temporary file\n")
     if case == "delete":
         _write(root, "extra.txt", "only on the target\n")
         _write(root, "sub/extra in sub", "only on the target too\n")
@@ -68,8 +73,9 @@ def old_tree(case: str, src: str, root) -> None:
 # case -> (extra arguments, {path: operation} the real run must list among its changes)
 CASES = {
     "delete": (["--delete"], {"extra.txt": "delete", "sub/extra in sub": "delete",
-                              "changed.txt": "write"}),
-    "dir-replaced": (["--delete"], {"d/x": "delete", "d/sub/y": "delete", "d": "write"}),
+                              "results.chiba-tmp-2024": "delete", "changed.txt": "write"}),
+    "dir-replaced": (["--delete"], {"d/x": "delete", "d/sub/y": "delete", "d": "write",
+                                    "results.chiba-tmp-2024": "delete"}),
     "new-dest": (["--dest", NEW_DEST], {"keep.txt": "write", "changed.txt": "write",
                                         "new.txt": "write", "d": "write",
                                         "sub/x.txt": "write"}),

@@ -209,10 +209,9 @@ def diff_snapshots(before: dict, after: dict) -> list[str]:
     lines = []
     for root in sorted(before.keys() | after.keys()):
         b, a = before.get(root), after.get(root)
-        if b is None or a is None:
-            if b != a:
-                lines.append(f"{root}: " + ("created" if b is None else "removed"))
+        if b is None and a is None:
             continue
+        b, a = b or {}, a or {}  # a root created or removed: every entry in it is listed
         for rel in sorted(b.keys() | a.keys()):
             where = f"{root}: {show_path(rel)}"
             if rel not in a:
