@@ -5,7 +5,8 @@ rsync) runs once, through the CLI in a subprocess on its own embedded cluster, o
 awkward tree of ``support.trees``; every host's result is compared with a real ``rsync -a``
 copy of the same tree, one test per method and field, so a report reads "collect-mpi /
 mode" and lists each entry whose mode differs. The field ``run`` is the command itself:
-exit status 0 and the source left as it was. Device nodes are refused by every method:
+exit status 0, the source left as it was, nothing left behind on any host outside the
+destinations. Device nodes are refused by every method:
 exit 2, one line naming the device, nothing touched on any host.
 """
 
@@ -18,8 +19,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from support.cluster import CliRun, host_path, host_roots, new_cluster, run_cli
-from support.compare import (FIELDS, diff_snapshots, diff_trees, rsync_copy, snapshot_hosts,
-                             tree_fields)
+from support.compare import (FIELDS, diff_snapshots, diff_trees, rsync_copy, show_path,
+                             snapshot_hosts, tree_fields)
 from support.trees import DEVICE_REL, make_awkward_tree, make_device_tree
 
 pytestmark = pytest.mark.skipif(shutil.which("rsync") is None,
@@ -68,7 +69,7 @@ def place_on_nodes(topo, src: str, nodes: list[str]) -> dict[str, str]:
     return placed
 
 
-def command(method: Method, topo, src: str, out: str) -> list[str]:
+def command(method: Method, src: str, out: str) -> list[str]:
     """The CLI arguments that run ``method`` from ``src`` (stage, sync) or NAME (collect)."""
     if method.kind == "stage":
         return ["stage", src, "--nodes", nodeset(method.hosts), "--dest", NAME, *method.args]
@@ -96,6 +97,19 @@ class Outcome:
     expected: dict[str, dict] = field(default_factory=dict)
     actual: dict[str, dict | None] = field(default_factory=dict)
     where: dict[str, str] = field(default_factory=dict)
+    leftovers: list[str] = field(default_factory=list)
+
+
+def leftovers(before: dict, after: dict, roots: dict[str, str], dests) -> list[str]:
+    """Entries on any host, outside the destinations, that the run created and left."""
+    inside = [os.fsencode(d) for d in dests]
+    found = []
+    for host, root in roots.items():
+        for rel in sorted(set(after[host] or ()) - set(before[host] or ())):
+            path = os.path.join(os.fsencode(root), rel)
+            if not any(path == d or path.startswith(d + b"/") for d in inside):
+                found.append(f"{host}: left behind: {show_path(rel)} ({after[host][rel][0]})")
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +131,15 @@ def contract(tmp_path_factory):
             if method.kind == "collect":
                 placed = place_on_nodes(topo, src, method.hosts)
                 expected = {h: tree_fields(p) for h, p in placed.items()}
-            before = snapshot_hosts([src])
-            cli = run_cli(topo, *command(method, topo, src, out))
-            o = Outcome(cli, diff_snapshots(before, snapshot_hosts([src])), expected)
-            for h, d in result_dirs(method, topo, out).items():
+            hosts = host_roots(topo)
+            before = snapshot_hosts({**hosts, "source": src})
+            cli = run_cli(topo, *command(method, src, out))
+            after = snapshot_hosts({**hosts, "source": src})
+            o = Outcome(cli, diff_snapshots({"source": before.pop("source")},
+                                            {"source": after.pop("source")}), expected)
+            dests = result_dirs(method, topo, out)
+            o.leftovers = leftovers(before, after, hosts, dests.values())
+            for h, d in dests.items():
                 o.where[h] = d
                 o.actual[h] = tree_fields(d) if os.path.lexists(d) else None
             done[name] = o
@@ -151,7 +170,7 @@ def test_same_tree_as_rsync(contract, name, what):
     o = contract(name)
     if what == "run":
         problems = ([] if o.cli.code == 0 else [str(o.cli)]) + [
-            f"the source was changed: {line}" for line in o.source_changes]
+            f"the source was changed: {line}" for line in o.source_changes] + o.leftovers
         if problems:
             pytest.fail(_report(problems), pytrace=False)
         return
@@ -185,7 +204,7 @@ def test_device_node_is_refused(tmp_path, name):
                 os.remove(os.path.join(placed, DEVICE_REL))
     roots = {**host_roots(topo), "source": src, "collect --dest": out}
     before = snapshot_hosts(roots)
-    r = run_cli(topo, *command(method, topo, src, out))
+    r = run_cli(topo, *command(method, src, out))
     problems = [] if r.code == 2 else [f"exit status {r.code}, want 2 (bad input)"]
     lines = [ln for ln in r.err.splitlines() if ln.strip()]
     if len(lines) != 1 or DEVICE_REL not in lines[0]:
