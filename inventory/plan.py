@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -426,6 +428,16 @@ def _itemize(a: Action) -> str:
     return f"{y}{x}{flags}"
 
 
+# One line of rsync's --itemize-changes output (``%i %n``): what format_plan writes for each
+# action, and what the rsync method parses from rsync itself.
+ITEM_RE = re.compile(r"^(?:\*deleting +|[<>ch.][fdLDS][.+?a-zA-Z ]{9} )")
+
+
+def itemized_lines(text: str) -> list[str]:
+    """The change lines of an itemised listing (warnings, conflicts and summary left out)."""
+    return [ln for ln in text.splitlines() if ITEM_RE.match(ln)]
+
+
 def format_plan(plan: Plan, *, include_dir_times: bool = False) -> str:
     """rsync --itemize-changes style lines, then each conflict, then a one-line summary.
 
@@ -441,8 +453,6 @@ def format_plan(plan: Plan, *, include_dir_times: bool = False) -> str:
         line = f"{_itemize(a)} {name}"
         if a.kind == LINK and a.op != DELETE:
             line += f" -> {_quote(a.target or '')}"
-        if a.replace:
-            line += "  (replaces existing entry)"
         lines.append(line)
     lines.extend(f"not in sync: {c}" for c in plan.conflicts)
     s = plan.summary()

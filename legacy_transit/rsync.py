@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from chiba_admin.errors import UsageError
+from inventory.plan import ITEM_RE
 from inventory.source import check_source
 from topology.confine import HostDest, confine_dest
 
@@ -21,7 +22,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # rsync's exit statuses for "some files were not transferred" (23) and "vanished" (24):
 # the transfer ran, but the target is left unlike the source
 NOT_IN_SYNC = (23, 24)
-_ITEM = re.compile(r"^(?:\*deleting +|[<>ch.][fdLDS][.+?a-zA-Z ]{9} )")
+_ITEM = ITEM_RE  # rsync's own --itemize-changes lines
 
 __all__ = ["RsyncJob", "RsyncStats", "ssh_command", "plan_rsync", "rsync_argv",
            "parse_stats", "sync_rsync"]
@@ -172,7 +173,7 @@ def _run_job(job: RsyncJob, timeout: float | None) -> dict:
     items = [ln for ln in out.splitlines() if _ITEM.match(ln)]
     return {"ok": error is None, "rc": rc, "seconds": round(time.monotonic() - t0, 6),
             "in_sync": error is None, "conflicts": _conflicts(err) if rc in NOT_IN_SYNC else [],
-            **({"itemized": items} if "--itemize-changes" in job.argv else {}),
+            **({"changes": items} if "--itemize-changes" in job.argv else {}),
             "dest": job.dest, "files_transferred": st.files_transferred,
             "files_total": st.files_total, "total_size": st.total_size,
             "bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received,

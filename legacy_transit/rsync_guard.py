@@ -4,9 +4,10 @@ The target-side guard of ``sync-mayors --method rsync``, run as rsync's ``--rsyn
 over SSH (and around the local rsync on the embedded cluster), so that rsync follows the
 rules every method follows (docs/design.md, "Safety"):
 
-- the destination ``REL`` below the trusted ``ROOT`` is walked (and, in a real run,
-  created) without following any symlink (inventory.beneath), and rsync is pointed at it
-  by its working directory: DEST, rsync's last argument, becomes ``.``;
+- the destination ``REL`` below the trusted ``ROOT`` is walked without following any
+  symlink (inventory.beneath; its parents created in a real run), and rsync is pointed at
+  it by its working directory: DEST, rsync's last argument, becomes ``.`` (or, for a
+  destination that does not exist yet, its name in the parent, which rsync creates);
 - a real run holds the destination's lock (``.NAME.chiba-lock`` beside it, the one every
   method takes) while rsync runs, so a second run on the same destination is refused;
 - a dry run creates, locks and removes nothing (a destination that does not exist yet is
@@ -68,12 +69,17 @@ def main(argv: list[str]) -> int:
             if not dry:
                 lock = lock_dest(parent, name, display=os.path.dirname(shown))
             try:
-                dest = (open_dir_beneath(parent, name, create=not dry,
-                                         display=os.path.dirname(shown))
+                dest = (open_dir_beneath(parent, name, display=os.path.dirname(shown))
                         if rel else open_root(root))
             except BeneathError as exc:
-                if not (dry and exc.errno == errno.ENOENT):
+                if exc.errno != errno.ENOENT:
                     raise
+                if not dry:
+                    # rsync makes the last component itself, as it would unguarded (and
+                    # lists it as created: the dry run's list and the run's agree); the
+                    # parent was walked beneath the root and the lock is held
+                    os.fchdir(parent)
+                    cmd[-1] = name + "/"
             else:
                 os.fchdir(dest)
                 os.close(dest)

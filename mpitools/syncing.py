@@ -6,6 +6,7 @@ import os
 
 from chiba_admin.errors import UsageError
 from inventory.apply import new_tmp_tag
+from inventory.plan import itemized_lines
 from inventory.source import check_source
 from topology.confine import confine_dest
 
@@ -106,6 +107,8 @@ def sync_mpi(topo, src: str, targets: list[str], dest: str | None = None, *,
         if "plan" in h:
             hosts[name]["plan"] = h["plan"]
             hosts[name]["plan_summary"] = h["plan_summary"]
+            # the same key and lines as the rsync method: rsync's %i %n per change
+            hosts[name]["changes"] = itemized_lines(h["plan"])
     failures = dict(r["failures"])
     if r.get("source_errors"):
         errs = r["source_errors"]

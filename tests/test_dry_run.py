@@ -158,7 +158,7 @@ def test_dry_run_lists_what_the_real_run_does(case_setup, method, case):
     """The dry run's itemised list per target equals the real run's, deletions included."""
     topo, src, args, dests = case_setup(case)
     dry = sync(topo, src, method, args, "--dry-run")
-    real = sync(topo, src, method, args)
+    real = sync(topo, src, method, args, "-i")  # rsync's -i: list what was changed
     problems = [f"{r}" for r in (dry, real) if r.code != 0]
     _, must = CASES[case]
     for t in TARGETS:

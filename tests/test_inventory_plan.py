@@ -238,7 +238,7 @@ def test_format_plan_itemizes_and_escapes():
     assert "cL+++++++++ ln -> t\\#011ab" in lines
     assert ".f...p..... perm" in lines
     assert "*deleting   old" in lines
-    assert ">f+++++++++ x  (replaces existing entry)" in lines
+    assert ">f+++++++++ x" in lines  # as rsync lists it, after the deletions
     assert lines[-1].startswith("3 file(s) to write (6 bytes)")
     assert all("\n" not in line for line in lines)
 

@@ -63,9 +63,9 @@ def render_sync(result: dict) -> None:
                       f"{h['plan_summary']['write']} to write, "
                       f"{h['plan_summary']['delete']} to delete")
             con.print(h["plan"] or "  (nothing to do)", markup=False)
-        elif "itemized" in h:
+        elif "changes" in h:
             con.print(f"[bold]{name}[/] {h.get('dest', '')}:")
-            con.print("\n".join(h["itemized"]) or "  (nothing to do)", markup=False)
+            con.print("\n".join(h["changes"]) or "  (nothing to do)", markup=False)
     t = Table(title=f"sync-mayors --method {result['method']}: {result['source']} -> "
                     f"{result['dest']}" + (" (dry run)" if result.get("dry_run") else ""))
     cols = [("host", "left"), ("ok", "center"), ("seconds", "right"),
