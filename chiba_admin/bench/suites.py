@@ -64,6 +64,7 @@ def _inventory(files: int, hash_bytes: int, repeat: int) -> Step:
 
 _TRANSIT_CHAIN = (("transit", None), ("mpi", "chain"))
 _BCAST = (("mpi", "bcast"),)
+_PEERS = workloads.PEER_METHODS
 
 
 def default_suite(where: str) -> list[Step]:
@@ -74,7 +75,10 @@ def default_suite(where: str) -> list[Step]:
             _stage((2, 4), sizes=[64 * M], datas=["random"], repeat=3,
                    methods=_TRANSIT_CHAIN),
             _stage((2, 4), sizes=[64 * M], datas=["random"], repeat=1, methods=_BCAST),
-            _stage((2, 4), sizes=[64 * M], datas=["tree"], repeat=1),
+            # the tools users would pick instead: pdcp, clush --copy, sbcast (star, tree)
+            _stage((2, 4), sizes=[64 * M], datas=["random"], repeat=1, methods=_PEERS),
+            _stage((2, 4), sizes=[64 * M], datas=["tree"], repeat=1,
+                   methods=workloads.OUR_STAGE_METHODS),
             _collect((2, 4), sizes=[64 * M], datas=["random"], repeat=1),
             # 32 nodes (4 towns x 8)
             _stage((4, 8), sizes=[64 * M], datas=["random"], repeat=1,
