@@ -341,8 +341,12 @@ def down(state: Path | str) -> int:
         return 0
     st = State.load(lay.state_file)
     procs = _procs(st)
-    order = sorted(procs, key=lambda k: (not k.startswith("slurmd"), k != "slurmctld", k))
-    ended = sum(1 for k in order if end_process(procs[k]))
+    ended = 0
+    # slurmds before the controller (no node is marked down in its state), munged last
+    # (the others authenticate their goodbyes through it); each stage at once
+    for stage in ("slurmd@", "slurmctld", "munged@"):
+        recs = [r for k, r in procs.items() if k.startswith(stage)]
+        ended += sum(system.parallel(end_process, recs, workers=16))
     st.set(slurm={})
     for h in st.data.get("slurm_mounts") or []:
         rec = st.proc("holders", h) if h in st.data.get("holders", {}) else None
