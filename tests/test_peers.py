@@ -317,3 +317,25 @@ def test_down_leaves_nothing(slurm_testbed):
     if not [ns for ns in os.listdir("/run/netns") if ns.startswith("chiba-")]:
         assert os.path.exists(slurm.MUNGE_DIR) == slurm_testbed.munge_existed
     assert not state.exists() or not any(state.iterdir())
+
+
+def test_a_slurm_that_fails_to_start_is_a_failed_sbcast_run_not_the_end(tmp_path,
+                                                                        monkeypatch):
+    from chiba_admin.bench import workloads
+    from chiba_admin.errors import TestbedError
+    from testbed import slurm
+
+    def broken(state):
+        raise TestbedError("slurmd did not start", where="ccn02")
+
+    monkeypatch.setattr(slurm, "is_up", lambda state: False)
+    monkeypatch.setattr(slurm, "up", broken)
+    host = SimpleNamespace(paths=SimpleNamespace(scratch="/scratch"))
+    site = SimpleNamespace(kind="testbed", node_names=lambda: ["n1", "n2"],
+                           topo=SimpleNamespace(host=lambda n: host), testbed_state=tmp_path,
+                           wipe=lambda *a: None,
+                           cli=lambda *a: pytest.fail("nothing may run"))
+    runs = workloads.stage(site, nodes=2, sizes=[1024], datas=["random"], repeat=1,
+                           workdir=tmp_path, methods=(("sbcast", None),))
+    assert [(r["method"], r["ok"]) for r in runs] == [("sbcast", False)]
+    assert "slurmd did not start" in runs[0]["failures"]["ccn02"]

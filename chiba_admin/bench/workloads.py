@@ -154,7 +154,11 @@ def _peer_stage(site: Site, peer: str, src: Path, names: list[str], dest: str,
     target = f"{scratch.pop().rstrip('/')}/{dest}"
     state = site.testbed_state
     if peer.startswith("sbcast") and not slurm.is_up(state):
-        slurm.up(state)
+        try:
+            slurm.up(state)
+        except ChibaError as e:  # a failed run of this peer, not the end of the bench
+            return {"ok": False, "seconds": 0.0, "failures": {e.where or "-": str(e)},
+                    "nic": None, "cpu_busy": None}
     site.wipe(names, "CHIBA_SCRATCH", dest)
     # every peer needs the directory (pdcp and sbcast refuse a missing one); not timed
     out, _, err = site.cli("run", "-w", fold(names), "--", "mkdir", "-p", "--", target)

@@ -138,7 +138,8 @@ def status_cmd(ctx, state_dir):
         print_json(st)
         return 0 if st["healthy"] else 1
     con = get_console()
-    con.print(f"testbed {st['id']} ({st['phase']}) on {st['subnet']}, state {st['state']}")
+    con.print(f"testbed {st['id']} ({st['phase']}) on {st['subnet']}, state {st['state']}"
+              + (", Slurm up" if st.get("slurm") else ""))
     for h in st["hosts"]:
         ok = h["namespace"] and h["holder"] and h["sshd"]
         flags = ", ".join(h["faults"]) or ("ok" if ok else
