@@ -68,7 +68,8 @@ _PEERS = workloads.PEER_METHODS
 
 
 def default_suite(where: str) -> list[Step]:
-    """The README's comparison. Testbed (as root): about 30 minutes on 2 cores."""
+    """The README's comparison. Testbed (as root): about 40 minutes on 2 cores (the
+    peers at 8 nodes: about 8 of them)."""
     if where == "testbed":
         return [
             # 8 nodes (2 towns x 4), median of 3; MPI_Bcast takes minutes a run: one run
