@@ -7,6 +7,13 @@ command -v ssh >/dev/null || need+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ip >/dev/null || need+=(iproute2)
 command -v tar >/dev/null || need+=(tar)
+# the peers `bench` measures beside our methods (testbed only): pdcp, and Slurm's sbcast
+# on a Slurm the testbed starts itself (`testbed up --slurm`; its own config and key, so
+# Debian's services for these packages need no configuration and may stay stopped)
+command -v pdcp >/dev/null || need+=(pdsh)
+{ command -v slurmctld && command -v slurmd && command -v sbcast; } >/dev/null \
+    || need+=(slurm-wlm)
+command -v munged >/dev/null || [ -x /usr/sbin/munged ] || need+=(munge)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing Debian packages: ${need[*]}"

@@ -13,7 +13,7 @@ from chiba_admin.errors import TestbedError, UsageError
 
 from .counters import Snapshot, counters, measure, snapshot
 from . import faults as _faults
-from . import lifecycle, system
+from . import lifecycle, slurm as _slurm, system
 from .configs import PRTE_IF, Layout
 from .plan import TestbedPlan, plan_from_dict
 from .state import State, proc_alive
@@ -88,6 +88,19 @@ class Testbed:
     @property
     def known_hosts(self) -> Path:
         return self.layout.known_hosts
+
+    @property
+    def slurm_conf(self) -> Path:
+        """The testbed's slurm.conf (exists while `up --slurm` runs it)."""
+        return _slurm.conf_path(self.state)
+
+    def slurm_env(self) -> dict[str, str]:
+        """Environment additions for Slurm clients run on the president (SLURM_CONF)."""
+        return _slurm.client_env(self.state)
+
+    def slurm_up(self) -> bool:
+        """True when Slurm's daemons started by `up --slurm` run."""
+        return _slurm.is_up(self.state)
 
     @property
     def subnet(self) -> str:

@@ -14,7 +14,7 @@ from typing import Callable
 from chiba_admin.errors import TestbedError, UsageError
 from topology import Topology, loads_topology
 
-from . import configs, system
+from . import configs, slurm as _slurm, system
 from .configs import Layout
 from .plan import (HostPlan, TestbedPlan, choose_octet, generated_topology_toml,
                    host_batch, host_sysctls, new_testbed_id, plan_testbed, switch_batch,
@@ -84,15 +84,20 @@ def up(topo: Topology, state_dir: Path | str | None = None, *, node_bps: float |
        mayor_bps: float | None = None, uplink_bps: float | None = None,
        log: Log | None = None,
        rollback: bool = True, disk: str = "tmpfs",
-       disk_size: str = DEFAULT_DISK_SIZE) -> TestbedPlan:
+       disk_size: str = DEFAULT_DISK_SIZE, slurm: bool = False) -> TestbedPlan:
     """Create the testbed for ``topo`` under ``state_dir``; return its plan.
 
     ``disk``: "tmpfs" gives each host's data directory its own tmpfs of at most
     ``disk_size``; "dir" keeps it on the state directory's filesystem.
+    ``slurm``: also start Slurm (testbed.slurm: munged per host, slurmctld on the
+    president, a slurmd per node).
     On failure everything created so far is removed again (unless ``rollback`` is false;
     then `down` removes it, guided by the state file written before each step).
     """
     _require_root("up")
+    if slurm and _slurm.missing_tools():
+        raise UsageError(f"testbed up --slurm needs {', '.join(_slurm.missing_tools())}",
+                         hint="run scripts/install-system-deps.sh as root (slurm-wlm, munge)")
     if disk not in DISKS:
         raise UsageError(f"unknown disk kind {disk!r}", hint="use tmpfs or dir")
     if not re.fullmatch(r"[1-9][0-9]*[kmgKMG]?|[1-9][0-9]?%", disk_size):
@@ -120,6 +125,8 @@ def up(topo: Topology, state_dir: Path | str | None = None, *, node_bps: float |
            disk=disk, disk_size=disk_size if disk == "tmpfs" else None)
     try:
         _bring_up(plan, topo, lay, st, log)
+        if slurm:
+            _slurm.up(lay.state, log=log)
     except BaseException:
         if rollback:
             log("failed; removing what was created")
@@ -317,7 +324,9 @@ def down(state_dir: Path | str | None = None, *, keep_data: bool = False,
     lay = Layout(Path(state_dir or default_state_dir()).absolute())
     st = State.load(lay.state_file)
     st.set(phase="stopping")
-    ended = 0
+    # Slurm first: its daemons live in the hosts' namespaces and write under the state
+    ended = _slurm.down(lay.state)
+    st = State.load(lay.state_file)
     for key in ("sshd", "holders"):
         for host in list(st.data[key]):
             if end_process(st.proc(key, host)):
@@ -420,4 +429,5 @@ def status(state_dir: Path | str | None = None) -> dict:
             "subnet": st.data.get("subnet"), "topology_file": str(lay.topology_file),
             "disk": st.data.get("disk", "dir"), "disk_size": st.data.get("disk_size"),
             "ssh_config": str(lay.ssh_config), "healthy": healthy,
+            "slurm": _slurm.is_up(lay.state),
             "up_seconds": st.data.get("up_seconds"), "hosts": hosts}

@@ -38,7 +38,8 @@ def groups(records: list[dict], workload: str) -> dict[tuple, list[dict]]:
     for rec in records:
         cl = rec.get("cluster") or {}
         for run in rec["runs"]:
-            if run.get("workload") != workload:
+            # a skipped run (a peer off the testbed) says why in the record; no case
+            if run.get("workload") != workload or run.get("skipped"):
                 continue
             key = (cl.get("kind", "?"),) + tuple(
                 (run.get(f) or "") if f == "algorithm" else run.get(f) for f in KEYS[workload])
@@ -56,7 +57,7 @@ def label(method: str, algorithm: str, workload: str = "stage") -> str:
         if workload == "sync":
             return "mpisync"
         return f"MPI {algorithm}" if algorithm else "MPI"
-    return method
+    return {"clush": "clush --copy", "sbcast-tree": "sbcast (tree)"}.get(method, method)
 
 
 def _common(runs: list[dict]) -> tuple[list[dict], dict]:

@@ -44,6 +44,7 @@ class Site:
     nodes_per_town: int = 0
     disk: str | None = None   # where hosts keep their data (testbed: tmpfs or dir)
     uplink_bps: float | None = None  # each mayor's town-side link (None: the node rate)
+    testbed_state: Path | None = None  # the testbed's state dir (peers: ssh_config, Slurm)
 
     def describe(self) -> dict:
         """The record's ``cluster``: kind, name, shape, link rates (bit/s), host counts."""
@@ -145,7 +146,8 @@ def testbed_site(towns: int, per_town: int, workdir: Path, node_mbit: float,
                 mayor_mbit * 1e6, lambda: testbed.measure(state),
                 wrap=lambda argv: tb.exec_argv(pres, argv),
                 close=lambda: testbed.down(state), towns=towns, nodes_per_town=per_town,
-                disk=testbed.status(state).get("disk"), uplink_bps=up_bps)
+                disk=testbed.status(state).get("disk"), uplink_bps=up_bps,
+                testbed_state=Path(tb.state))
 
 
 def testbed_possible() -> bool:

@@ -64,17 +64,22 @@ def _inventory(files: int, hash_bytes: int, repeat: int) -> Step:
 
 _TRANSIT_CHAIN = (("transit", None), ("mpi", "chain"))
 _BCAST = (("mpi", "bcast"),)
+_PEERS = workloads.PEER_METHODS
 
 
 def default_suite(where: str) -> list[Step]:
-    """The README's comparison. Testbed (as root): about 30 minutes on 2 cores."""
+    """The README's comparison. Testbed (as root): about 40 minutes on 2 cores (the
+    peers at 8 nodes: about 8 of them)."""
     if where == "testbed":
         return [
             # 8 nodes (2 towns x 4), median of 3; MPI_Bcast takes minutes a run: one run
             _stage((2, 4), sizes=[64 * M], datas=["random"], repeat=3,
                    methods=_TRANSIT_CHAIN),
             _stage((2, 4), sizes=[64 * M], datas=["random"], repeat=1, methods=_BCAST),
-            _stage((2, 4), sizes=[64 * M], datas=["tree"], repeat=1),
+            # the tools users would pick instead: pdcp, clush --copy, sbcast (star, tree)
+            _stage((2, 4), sizes=[64 * M], datas=["random"], repeat=1, methods=_PEERS),
+            _stage((2, 4), sizes=[64 * M], datas=["tree"], repeat=1,
+                   methods=workloads.OUR_STAGE_METHODS),
             _collect((2, 4), sizes=[64 * M], datas=["random"], repeat=1),
             # 32 nodes (4 towns x 8)
             _stage((4, 8), sizes=[64 * M], datas=["random"], repeat=1,

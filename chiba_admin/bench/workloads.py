@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,13 +21,20 @@ from .records import cpu_meter
 from .sites import Site
 from ..errors import ChibaError, UsageError
 
-__all__ = ["STAGE_METHODS", "COLLECT_METHODS", "SYNC_METHODS", "MEMORY_ALGORITHMS",
+__all__ = ["STAGE_METHODS", "OUR_STAGE_METHODS", "PEER_METHODS", "PEER_SKIP_REASON",
+           "COLLECT_METHODS", "SYNC_METHODS", "MEMORY_ALGORITHMS",
            "INVENTORY_TARGETS", "stage", "collect", "sync", "memory", "inventory",
            "make_payload"]
 
 OnRun = Callable[[dict], None] | None
 
-STAGE_METHODS = (("transit", None), ("mpi", "bcast"), ("mpi", "chain"))
+OUR_STAGE_METHODS = (("transit", None), ("mpi", "bcast"), ("mpi", "chain"))
+# The tools users would pick instead (legacy_transit.peers); testbed only: they need a
+# real sshd per host, and sbcast a Slurm (started on first use)
+PEER_METHODS = (("pdcp", None), ("clush", None), ("sbcast", None), ("sbcast-tree", None))
+STAGE_METHODS = OUR_STAGE_METHODS + PEER_METHODS
+PEER_SKIP_REASON = ("pdcp, clush and sbcast run only on the testbed (they need an sshd and "
+                    "a slurmd per host)")
 COLLECT_METHODS = (("transit", None), ("mpi", None))
 SYNC_METHODS = ("rsync", "mpi")
 MEMORY_ALGORITHMS = ("chain", "bcast")
@@ -48,14 +56,24 @@ def _measured(site: Site, args: list[str]) -> tuple[dict, dict]:
     with site.measure() as m, cpu_meter() as cpu:
         res, wall, err = site.cli(*args)
     res = res or {}
-    nic = m.infrastructure
-    if nic is not None:  # collect's bytes arrive at the president: its receive counter too
-        nic = {**nic, "president_rx": sum(v.get("rx_bytes", 0) for v in m.delta.values()
-                                          if v.get("role") == "president")}
     return res, {"ok": bool(res.get("ok")), "seconds": wall,
                  "phases": res.get("phases", {}),
                  "failures": res.get("failures") or ({"-": err} if err and not res else {}),
-                 "nic": nic, "cpu_busy": cpu.busy}
+                 **_nic_fields(m), "cpu_busy": cpu.busy}
+
+
+def _nic_fields(m) -> dict:
+    """``nic``: the infrastructure's bytes (None off the testbed); ``nic_bytes``: what each
+    host's NICs carried, {host: {ifname: [tx, rx]}}."""
+    nic = m.infrastructure
+    if nic is None:
+        return {"nic": None}
+    # collect's bytes arrive at the president: its receive counter too
+    nic = {**nic, "president_rx": sum(v.get("rx_bytes", 0) for v in m.delta.values()
+                                      if v.get("role") == "president")}
+    per = {h: {i: [n["tx_bytes"], n["rx_bytes"]] for i, n in v.get("nics", {}).items()}
+           for h, v in m.delta.items()}
+    return {"nic": nic, "nic_bytes": per}
 
 
 def _emit(runs: list[dict], run: dict, on_run: OnRun) -> None:
@@ -86,6 +104,14 @@ def stage(site: Site, *, nodes: int, sizes: list[int], datas: list[str], repeat:
             dest = f"bench-{kind}"
             for i in range(repeat):
                 for method, alg in methods:
+                    if method in PEER_NAMES:
+                        run = _peer_stage(site, method, src, names, dest, i)
+                        if run is not None:
+                            _emit(runs, {"workload": "stage", "data": kind,
+                                         "size_bytes": payload, "nodes": nodes,
+                                         "method": method, "algorithm": None, "repeat": i,
+                                         **run}, on_run)
+                        continue
                     site.wipe(names, "CHIBA_SCRATCH", dest)
                     args = ["stage", str(src), "--nodes", fold(names), "--dest", dest,
                             "--method", method]
@@ -98,6 +124,77 @@ def stage(site: Site, *, nodes: int, sizes: list[int], datas: list[str], repeat:
                           on_run)
             site.wipe(names, "CHIBA_SCRATCH", dest)
     return runs
+
+
+PEER_NAMES = tuple(m for m, _ in PEER_METHODS)
+
+
+def _peer_stage(site: Site, peer: str, src: Path, names: list[str], dest: str,
+                repeat: int) -> dict | None:
+    """One run of ``peer`` copying ``src``'s contents into ``$CHIBA_SCRATCH/dest`` on
+    ``names``, timed on the president as a user waits for it, then checked byte for byte
+    on every node (sha256, not timed). Off the testbed, or for a source the peer cannot
+    copy, the first repeat is a run with ``skipped`` (the reason) and the others nothing."""
+    from legacy_transit import peers
+
+    why = PEER_SKIP_REASON if site.kind != "testbed" else peers.unsupported(peer, src)
+    if why:
+        return None if repeat else {"ok": False, "skipped": why, "seconds": 0.0,
+                                    "failures": {}, "nic": None, "cpu_busy": None}
+    from testbed import slurm
+    from testbed.configs import Layout
+    from topology import fold
+
+    scratch = {site.topo.host(n).paths.scratch for n in names}
+    if len(scratch) != 1:
+        return None if repeat else {"ok": False, "seconds": 0.0, "failures": {}, "nic": None,
+                                    "cpu_busy": None,
+                                    "skipped": "the nodes' scratch paths differ; a peer "
+                                               "copies to one path"}
+    target = f"{scratch.pop().rstrip('/')}/{dest}"
+    state = site.testbed_state
+    if peer.startswith("sbcast") and not slurm.is_up(state):
+        try:
+            slurm.up(state)
+        except ChibaError as e:  # a failed run of this peer, not the end of the bench
+            return {"ok": False, "seconds": 0.0, "failures": {e.where or "-": str(e)},
+                    "nic": None, "cpu_busy": None}
+    site.wipe(names, "CHIBA_SCRATCH", dest)
+    # every peer needs the directory (pdcp and sbcast refuse a missing one); not timed
+    out, _, err = site.cli("run", "-w", fold(names), "--", "mkdir", "-p", "--", target)
+    if not (out or {}).get("ok"):
+        raise ChibaError(f"cannot create {target}: {(out or {}).get('failures') or err}",
+                         where=fold(names))
+    argv = peers.peer_argv(peer, src, names, target, ssh_config=Layout(state).ssh_config,
+                           slurm_conf=slurm.conf_path(state),
+                           clush=str(Path(sys.executable).with_name("clush")))
+    with site.measure() as m, cpu_meter() as cpu:
+        pr = peers.run_peer(argv, wrap=site.wrap)
+    failures = {} if pr.ok else {"-": pr.output or f"exit {pr.rc}"}
+    failures.update(_verify(site, names, target, peers.digest_tree(src)))
+    return {"ok": not failures, "seconds": pr.seconds, "phases": {}, "failures": failures,
+            **_nic_fields(m), "cpu_busy": cpu.busy, "argv": argv,
+            "verified": len(names) - len([h for h in failures if h != "-"])}
+
+
+def _verify(site: Site, names: list[str], target: str, expected: dict) -> dict[str, str]:
+    """{host: what differs} for every node whose ``target`` is not ``expected``."""
+    from legacy_transit import peers
+    from topology import fold
+
+    out, _, err = site.cli("run", "-w", fold(names), "--", "sh", "-c",
+                           peers.verify_script(target))
+    hosts = (out or {}).get("hosts") or {}
+    bad = {}
+    for n in names:
+        h = hosts.get(n)
+        if h is None:
+            bad[n] = f"not checked: {err or 'no answer'}"
+            continue
+        problem = peers.compare_digests(expected, peers.parse_sha256sum(h.get("stdout", "")))
+        if problem or not h.get("ok"):
+            bad[n] = problem or (h.get("error") or h.get("stderr") or "check failed")
+    return bad
 
 
 def collect(site: Site, *, nodes: int, sizes: list[int], datas: list[str], repeat: int,

@@ -58,7 +58,8 @@ def _say(run: dict) -> None:
                           f"{(run.get('peak_rss') or 0) / 1e6:.0f} MB",
         "inventory": lambda: f"inventory {run['metric']} = {run['value']:.4g} {run['unit']}",
     }[w]()
-    state = "ok" if run["ok"] else "[red]FAILED[/]"
+    state = (f"skipped ({run['skipped']})" if run.get("skipped") else
+             "ok" if run["ok"] else "[red]FAILED[/]")
     n = f" #{run['repeat'] + 1}" if "repeat" in run else ""
     busy = f", CPU {run['cpu_busy']:.0%}" if run.get("cpu_busy") is not None else ""
     get_err_console().print(f"  {what}{n}: {run['seconds']:.2f} s{busy} {state}")
@@ -77,7 +78,8 @@ def _methods(value: str | None):
                and n not in SYNC_METHODS]
     if unknown:
         raise UsageError(f"unknown method(s) {', '.join(unknown)}",
-                         hint="stage: transit, bcast, chain; collect: transit, mpi; "
+                         hint="stage: transit, bcast, chain, pdcp, clush, sbcast, "
+                              "sbcast-tree; collect: transit, mpi; "
                               "sync: rsync, mpi")
     return (tuple(stage[n] for n in names if n in stage),
             tuple(collect[n] for n in names if n in collect),
@@ -97,7 +99,8 @@ def _methods(value: str | None):
               help="Staging data: random (incompressible) and/or tree (compressible).")
 @click.option("--repeat", type=click.IntRange(1, 50), default=3, show_default=True)
 @click.option("--methods", default=None, metavar="LIST",
-              help="Subset of methods: stage transit,bcast,chain; collect transit,mpi; "
+              help="Subset of methods: stage transit,bcast,chain (and the peers pdcp,"
+                   "clush,sbcast,sbcast-tree: testbed only); collect transit,mpi; "
                    "sync rsync,mpi (default: all).")
 @click.option("--targets", "targets", default="4,8", show_default=True,
               help="Sync target counts (mayors first, then nodes).")

@@ -36,6 +36,11 @@ def usage_text(tb) -> str:
         f"  commands:   chiba-admin testbed exec{st} {pres} -- chiba-admin --cluster "
         f"{tb.topology_file} ...   (run them on the president)",
         f"  counters:   chiba-admin testbed counters{st}",
+    ]
+    if tb.slurm_up():
+        lines.append(f"  Slurm:      chiba-admin testbed exec{st} {pres} -- env SLURM_CONF="
+                     f"{tb.slurm_conf} sinfo")
+    lines += [
         f"  take down:  chiba-admin testbed down{st}",
     ]
     return "\n".join(lines)
@@ -68,10 +73,13 @@ def testbed_group():
                    "filesystem.")
 @click.option("--disk-size", default="2G", show_default=True, metavar="SIZE",
               help="Capacity of each host's tmpfs (e.g. 512M, 4G, 10%).")
+@click.option("--slurm", is_flag=True,
+              help="Also start Slurm (Debian slurm-wlm): munged on every host, slurmctld "
+                   "on the president, a slurmd per node; `down` removes it.")
 @_state_opt
 @click.pass_context
 def up_cmd(click_ctx, towns, nodes_per_town, node_mbit, mayor_mbit, uplink_mbit, disk,
-           disk_size, state_dir):
+           disk_size, slurm, state_dir):
     """Bring a testbed up (the --cluster topology, or a generated one with --towns)."""
     import testbed
     from topology import load_topology
@@ -89,7 +97,8 @@ def up_cmd(click_ctx, towns, nodes_per_town, node_mbit, mayor_mbit, uplink_mbit,
     err = get_err_console()
     log = (lambda m: err.print(f"testbed: {m}")) if verbosity() > 0 else None
     testbed.up(topo, state_dir, node_bps=node_bps, mayor_bps=mayor_bps,
-               uplink_bps=_mbit(uplink_mbit), log=log, disk=disk, disk_size=disk_size)
+               uplink_bps=_mbit(uplink_mbit), log=log, disk=disk, disk_size=disk_size,
+               slurm=slurm)
     tb = testbed.Testbed(state_dir)
     if ctx.json:
         print_json(testbed.status(tb.state))
@@ -129,7 +138,8 @@ def status_cmd(ctx, state_dir):
         print_json(st)
         return 0 if st["healthy"] else 1
     con = get_console()
-    con.print(f"testbed {st['id']} ({st['phase']}) on {st['subnet']}, state {st['state']}")
+    con.print(f"testbed {st['id']} ({st['phase']}) on {st['subnet']}, state {st['state']}"
+              + (", Slurm up" if st.get("slurm") else ""))
     for h in st["hosts"]:
         ok = h["namespace"] and h["holder"] and h["sshd"]
         flags = ", ".join(h["faults"]) or ("ok" if ok else
