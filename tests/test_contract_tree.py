@@ -101,12 +101,21 @@ class Outcome:
 
 
 def leftovers(before: dict, after: dict, roots: dict[str, str], dests) -> list[str]:
-    """Entries on any host, outside the destinations, that the run created and left."""
+    """Entries on any host, outside the destinations, that the run created and left.
+
+    The one file a stage or collect leaves beside its destination on purpose is its
+    staged marker, ``.NAME.chiba-staged`` (docs/design.md, "Safety"): it is how the next
+    run tells a destination it made from one it must not replace without ``--replace``.
+    """
     inside = [os.fsencode(d) for d in dests]
+    markers = [os.path.join(os.path.dirname(d), b"." + os.path.basename(d) + b".chiba-staged")
+               for d in inside]
     found = []
     for host, root in roots.items():
         for rel in sorted(set(after[host] or ()) - set(before[host] or ())):
             path = os.path.join(os.fsencode(root), rel)
+            if path in markers:
+                continue
             if not any(path == d or path.startswith(d + b"/") for d in inside):
                 found.append(f"{host}: left behind: {show_path(rel)} ({after[host][rel][0]})")
     return found
