@@ -99,9 +99,9 @@ def rsync_argv(src: str, host, hd: HostDest, *, kind: str, delete: bool = False,
     """The command for one target (pure): rsync wrapped in the guard that walks ``hd``
     without following symlinks and holds its lock (locally for the embedded cluster, as
     ``--rsync-path`` on the target over SSH)."""
-    argv = ["rsync", "-a", "--stats"]
-    if itemize or dry_run:
-        argv.append("--itemize-changes")
+    # always itemised: the per-target created/updated/deleted counts come from rsync's own
+    # change list (the same columns mpisync reports); the list is shown with -i/--dry-run
+    argv = ["rsync", "-a", "--stats", "--itemize-changes"]
     if delete:
         argv.append("--delete")
     if dry_run:
@@ -173,11 +173,21 @@ def _run_job(job: RsyncJob, timeout: float | None) -> dict:
     items = [ln for ln in out.splitlines() if _ITEM.match(ln)]
     return {"ok": error is None, "rc": rc, "seconds": round(time.monotonic() - t0, 6),
             "in_sync": error is None, "conflicts": _conflicts(err) if rc in NOT_IN_SYNC else [],
-            **({"changes": items} if "--itemize-changes" in job.argv else {}),
+            "changes": items, **_counts(items),
             "dest": job.dest, "files_transferred": st.files_transferred,
             "files_total": st.files_total, "total_size": st.total_size,
             "bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received,
             "error": error}
+
+
+def _counts(items: list[str]) -> dict[str, int]:
+    """created / updated / deleted from rsync's itemised lines (as mpisync counts them:
+    entries made new, regular files rewritten, entries removed)."""
+    deleted = sum(1 for ln in items if ln.startswith("*deleting"))
+    created = sum(1 for ln in items if ln[2:11] == "+++++++++"
+                  and not ln.endswith(" ./"))  # the destination itself is not an entry
+    updated = sum(1 for ln in items if ln[:2] in (">f", "<f") and ln[2:11] != "+++++++++")
+    return {"created": created, "updated": updated, "deleted": deleted}
 
 
 def _conflicts(stderr: str) -> list[str]:
@@ -219,8 +229,14 @@ def sync_rsync(topo, src: str, targets: list[str], dest: str | None = None, *,
     if progress is not None:
         progress("start", stage="rsync", hosts=[j.host for j in jobs])
     by_host = {j.host: j for j in jobs}
+
+    def done(h, r) -> None:
+        if progress is not None:
+            progress("host", stage="rsync", host=h.name,
+                     ok=not isinstance(r, BaseException) and r["ok"])
+
     got = window([topo.host(j.host) for j in jobs],
-                 lambda h: _run_job(by_host[h.name], timeout), fanout)
+                 lambda h: _run_job(by_host[h.name], timeout), fanout, on_done=done)
     hosts, failures = {}, {}
     for name, r in got.items():
         if isinstance(r, BaseException):
@@ -232,6 +248,9 @@ def sync_rsync(topo, src: str, targets: list[str], dest: str | None = None, *,
         if not r["ok"]:
             failures[name] = r["error"]
     secs = time.monotonic() - t0
+    if not (dry_run or itemize):  # listed only when asked, as mpisync lists its plan
+        for h in hosts.values():
+            h.pop("changes", None)
     if progress is not None:
         progress("end", stage="rsync", seconds=secs, failed=sorted(failures))
     dests = sorted({j.dest for j in jobs})

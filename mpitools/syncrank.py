@@ -247,6 +247,7 @@ class _Target:
         try:
             made = make_dirs(self.tree, self.plan)  # clears, then mkdirs
             self._took(made)
+            self.stats["created"] += made.created  # new directories count, as rsync lists them
             self.stats["deleted"] += made.deleted
         except (ChibaError, OSError) as exc:
             self.fail(exc)

@@ -41,7 +41,8 @@ def _transit_progress(bar):
 def render_result(result: dict, verb: str) -> None:
     """A table with one row per host, a summary line, then each failure on stderr."""
     hosts = result.get("hosts", {})
-    algo = f"/{result['algorithm']}" if result.get("algorithm") else ""
+    # stage's --algorithm is the user's choice; collect's window is an internal detail
+    algo = f"/{result['algorithm']}" if result.get("algorithm") and verb == "stage" else ""
     t = Table(title=f"{verb} --method {result['method']}{algo}: {result.get('source')} -> "
                     f"{result.get('dest')}")
     for col, justify in (("host", "left"), ("ok", "center"), ("stage", "left"),

@@ -21,11 +21,23 @@ __all__ = ["register", "sync_cmd", "METHODS", "render_sync", "exclude_rules"]
 def _sync_rsync(topo, src: str, targets: list[str], dest: str | None, opts: dict) -> dict:
     from legacy_transit.rsync import sync_rsync
 
-    # rsync reads the --exclude-from files itself: the same rules, parsed by rsync
-    return sync_rsync(topo, src, targets, dest, delete=opts["delete"],
-                      dry_run=opts["dry_run"], excludes=tuple(opts["excludes"]),
-                      exclude_from=tuple(opts["exclude_from"]), checksum=opts["checksum"],
-                      fanout=opts["fanout"], timeout=opts["timeout"], itemize=opts["itemize"])
+    from ..console import progress
+
+    with progress("rsync: targets done", total=len(targets), unit_bytes=False) as bar:
+        done = [0]
+
+        def on_progress(event: str, **info) -> None:
+            if event == "host":
+                done[0] += 1
+                bar.update(done[0])
+
+        # rsync reads the --exclude-from files itself: the same rules, parsed by rsync
+        return sync_rsync(topo, src, targets, dest, delete=opts["delete"],
+                          dry_run=opts["dry_run"], excludes=tuple(opts["excludes"]),
+                          exclude_from=tuple(opts["exclude_from"]),
+                          checksum=opts["checksum"], fanout=opts["fanout"],
+                          timeout=opts["timeout"], itemize=opts["itemize"],
+                          progress=on_progress)
 
 
 def _sync_mpi(topo, src: str, targets: list[str], dest: str | None, opts: dict) -> dict:
@@ -68,27 +80,26 @@ def render_sync(result: dict) -> None:
             con.print("\n".join(h["changes"]) or "  (nothing to do)", markup=False)
     t = Table(title=f"sync-mayors --method {result['method']}: {result['source']} -> "
                     f"{result['dest']}" + (" (dry run)" if result.get("dry_run") else ""))
+    # one meaning per column whatever the method (README, "What the columns mean")
     cols = [("host", "left"), ("ok", "center"), ("seconds", "right"),
-            ("files received" if mpi else "files sent", "right")]
-    cols += ([("created", "right"), ("updated", "right"), ("deleted", "right"),
-              ("bytes received", "right")] if mpi else
-             [("rc", "right"), ("bytes sent", "right"), ("bytes received", "right")])
+            ("files transferred", "right"), ("created", "right"), ("updated", "right"),
+            ("deleted", "right"), ("bytes to target", "right")]
     for col, justify in cols:
         t.add_column(col, justify=justify)
     for name, h in hosts.items():
+        # bytes that crossed to the target: mpisync's payload received there, rsync's
+        # bytes sent to it (its protocol included)
+        to_target = h.get("bytes_received", 0) if mpi else h.get("bytes_sent", 0)
         row = [name, "yes" if h["ok"] else "[red]NO[/]", f"{h.get('seconds', 0):.2f}",
-               str(h.get("files_transferred", ""))]
-        if mpi:
-            row += [str(h.get("created", "")), str(h.get("updated", "")),
-                    str(h.get("deleted", "")), format_bytes(h.get("bytes_received", 0))]
-        else:
-            row += [str(h.get("rc", "")), format_bytes(h.get("bytes_sent", 0)),
-                    format_bytes(h.get("bytes_received", 0))]
+               str(h.get("files_transferred", "")), str(h.get("created", "")),
+               str(h.get("updated", "")), str(h.get("deleted", "")), format_bytes(to_target)]
         t.add_row(*row)
     con.print(t)
     ok = sum(1 for h in hosts.values() if h["ok"])
-    extra = (f"; {format_bytes(result.get('bytes_sent', 0))} left the president once, "
-             f"{result.get('groups', 0)} group(s)" if mpi and not result.get("dry_run") else "")
+    groups = result.get("groups", 0)
+    extra = (f"; {format_bytes(result.get('bytes_sent', 0))} left the president once, in "
+             f"{groups} broadcast{'s' if groups != 1 else ''} (one per set of targets "
+             "needing the same files)" if mpi and not result.get("dry_run") else "")
     state = "planned (dry run)" if result.get("dry_run") else "in sync"
     con.print(f"{ok}/{len(hosts)} targets {state} in {result['seconds']:.2f} s{extra}")
     err = get_err_console()
