@@ -83,13 +83,24 @@ def points_from_records(records: list[dict]) -> tuple[list[Point], list[dict]]:
             else:
                 n = int(run["targets"])
                 p = Point("sync", m, n, int(run.get("changed_bytes") or 0),
-                          float(run["seconds"]), c,
+                          float(run["seconds"]), _sync_cluster(c, n),
                           files=int(run.get("files") or (300 if n >= 64 else FILES_DEFAULT)),
                           scenario=run.get("scenario"), fanout=max(1, n),
                           launch=ph.get("launch"), exit=ph.get("exit"),
                           source=rec.get("_file", ""))
             points.append(p)
     return points, skipped
+
+
+def _sync_cluster(c: dict, targets: int) -> dict:
+    """The site a sync run was measured on: the bench brings up a shape of its own for
+    synchronisation (``sites.sync_shape``: mayors first), at the record's rates."""
+    from ..bench.sites import sync_shape
+
+    towns, per = sync_shape(targets)
+    if c.get("towns") == towns:
+        return c
+    return {**c, "towns": towns, "nodes_per_town": per}
 
 
 def topology_for(cluster: dict) -> str:

@@ -168,13 +168,12 @@ class Sim:
         pz.set_parent(root)
         ph = pz.create_host(pres.name, 1e9)
         self.hosts[pres.name] = ph
-        nic = topo.uplink(pres.name)
-        self._star(pz, ph, self._link(pz, f"{pres.name}-nic", nic))
+        # the president is its zone's gateway, so its NIC is its zone's link at the root
+        # (a gateway's own star link would not be crossed on the way out of its zone)
         pz.seal()
-        pl = root.create_split_duplex_link("president-port", 1e15)
-        pl.seal()
+        nic = self._link(root, f"{pres.name}-nic", topo.uplink(pres.name))
         root.add_route(pz.netpoint, None, ph.netpoint, None,
-                       [sg.LinkInRoute(pl, sg.LinkInRoute.Direction.UP)], True)
+                       [sg.LinkInRoute(nic, sg.LinkInRoute.Direction.UP)], True)
         for town in topo.town_names():
             mayor = topo.towns[town]
             members = [n for n in topo.town_nodes(town) if n in wanted]
