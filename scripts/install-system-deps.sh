@@ -7,6 +7,12 @@ command -v ssh >/dev/null || need+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ip >/dev/null || need+=(iproute2)
 command -v tar >/dev/null || need+=(tar)
+# SimGrid's Python bindings for `chiba-admin predict` (imported from the venv through
+# Debian's dist-packages directory)
+if command -v dpkg-query >/dev/null; then
+    dpkg-query -W -f='${Status}' python3-simgrid 2>/dev/null | grep -q "ok installed" \
+        || need+=(python3-simgrid)
+fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing Debian packages: ${need[*]}"
