@@ -168,15 +168,18 @@ def _render_check(out: dict) -> None:
     con = get_console()
     t = Table(title="Predicted vs measured (testbed records)")
     for col in ("workload", "method", "hosts", "bytes", "scenario", "shape", "measured s",
-                "predicted s", "error"):
+                "predicted s", "error", "bound by"):
         t.add_column(col, justify="left" if col in ("workload", "method", "scenario",
-                                                    "shape") else "right")
+                                                    "shape", "bound by") else "right")
     for r in out["rows"]:
         err = f"{r['error'] * 100:+.1f}%" if r["error"] is not None else "-"
         t.add_row(r["workload"], r["method"], str(r["hosts"]), format_bytes(r["bytes"]),
                   r["scenario"] or "", r["shape"], f"{r['measured']:.1f}",
-                  f"{r['predicted']:.1f}", err)
+                  f"{r['predicted']:.1f}", err,
+                  "network" if r["network_bound"] else "start-up, files")
     con.print(t)
+    if out["max_abs_error"] is not None:
+        con.print(f"largest error of the network-bound points: {out['max_abs_error']:.1%}")
     for line in out["fit"]:
         con.print(f"fit: {line}")
     if out["not_modelled"]:

