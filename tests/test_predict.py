@@ -76,15 +76,15 @@ def test_old_records_are_the_fat_mayor_testbed():
     assert topo.town_uplink("town1").bandwidth == 20e6
 
 
-def test_launch_fit_least_squares_and_one_count():
-    mk = lambda n, s: calibrate.Point("stage", "chain", n, 1, 1.0, {}, launch=s)  # noqa: E731
-    cal, notes = calibrate.fit_calibration([mk(8, 1.0), mk(16, 1.4), mk(32, 2.2)])
-    assert cal.launch == pytest.approx((0.6, 0.05))
-    assert "least squares" in notes[0]
-    cal, notes = calibrate.fit_calibration([mk(8, 1.0), mk(8, 1.2)])
-    assert cal.launch[1] == engine.Calibration().launch[1]
-    assert cal.launch[0] == pytest.approx(1.1 - 8 * cal.launch[1])
-    assert "slope kept" in notes[0]
+def test_host_cost_fit():
+    fits, notes = calibrate.fit_host_costs({"chain": [(8, 1.0), (16, 1.4), (32, 2.2)]})
+    assert fits["chain"] == pytest.approx((0.6, 0.05))
+    assert "3 measured run(s) at 8, 16, 32 hosts" in notes[0]
+    fits, notes = calibrate.fit_host_costs({"rsync": [(8, 1.0), (8, 1.2)]})
+    assert fits["rsync"] == pytest.approx((1.1, 0.0)) and "b = 0" in notes[0]
+    # a negative intercept is not a cost: the line goes through the origin instead
+    fits, _ = calibrate.fit_host_costs({"mpisync": [(4, 0.5), (8, 1.0), (64, 35.0)]})
+    assert fits["mpisync"][0] == 0.0 and fits["mpisync"][1] > 0.5
 
 
 def test_missing_simgrid_exits_2_with_how_to_get_it(cli, monkeypatch, tmp_path):
@@ -202,9 +202,30 @@ def test_check_fixture_records_within_15_percent(cli):
     out = r.json()
     assert len(out["rows"]) == 4
     for row in out["rows"]:
+        # the simulated network time is most of the measured time, never more (one point
+        # per method here, so the fitted host costs close the rest exactly)
+        assert 0.7 <= row["network_seconds"] / row["measured"] <= 1.0, row
         assert row["network_bound"] and abs(row["error"]) <= 0.15, row
     assert out["max_abs_error"] <= 0.15
-    assert any("launch" in line for line in out["fit"])
+    assert any(line.startswith("chain: host costs") for line in out["fit"])
+
+
+@needs_simgrid
+def test_check_readme_measurements(cli):
+    """The README's measured tables (tests/fixtures/predict): staging and full
+    synchronisation are network-bound and predicted within 15%, except mpisync at 8
+    targets (host costs fitted mostly to 64-rank runs; see the README)."""
+    r = cli("--json", "predict", "--check", REPO / "tests" / "fixtures" / "predict")
+    assert r.code == 0, r.err
+    rows = r.json()["rows"]
+    assert len(rows) == 23
+    net = [row for row in rows if row["network_bound"]]
+    assert {(x["workload"], x["method"]) for x in net} >= {
+        ("stage", "chain"), ("stage", "transit"), ("stage", "bcast"), ("sync", "rsync")}
+    bad = [(x["method"], x["hosts"], x["scenario"]) for x in net if abs(x["error"]) > 0.15]
+    assert bad == [("mpisync", 8, "full")]
+    bcast = next(x for x in rows if x["method"] == "bcast")
+    assert abs(bcast["network_seconds"] / bcast["measured"] - 1) < 0.05  # basic_linear
 
 
 def _shipped_testbed_records() -> list[Path]:

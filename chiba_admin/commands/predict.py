@@ -80,12 +80,15 @@ def _topology(ctx, cluster: str | None, generate: str | None):
 @click.option("--check", "check", multiple=True, metavar="RESULTS",
               help="Predict every measured testbed point of these records and print "
                    "predicted vs measured (repeatable; a directory reads its *.json).")
+@click.option("--calibrate", "calibrate", multiple=True, metavar="RESULTS",
+              help="Fit each method's host costs (start-up, exit, per-file work) to "
+                   "these measured records first (repeatable).")
 @click.option("--json", "json_output", is_flag=True, help="Print results as JSON.")
 @click.option("--plot", "plot_dir", default=None, type=click.Path(),
               help="Write a PNG of time and aggregate throughput per method into DIR.")
 @pass_ctx
 def predict_cmd(ctx, what, methods, sizes, nodes, cluster, generate, disk_mbit, files,
-                check, json_output, plot_dir):
+                check, calibrate, json_output, plot_dir):
     """Predict each method's whole-command time, throughput and bytes per link class."""
     from topology.units import parse_size
 
@@ -130,6 +133,14 @@ def predict_cmd(ctx, what, methods, sizes, nodes, cluster, generate, disk_mbit, 
     jobs = [{"method": m, "n": n, "bytes": s, "files": files}
             for m in chosen for s in size_list for n in counts]
     calib = Calibration(disk_bps=_rate(disk_mbit))
+    if calibrate:
+        from ..bench.records import load_records
+
+        fitted = check_records(load_records(list(calibrate)), calib)
+        if not fitted["rows"]:
+            raise UsageError("no testbed staging or sync runs to calibrate with",
+                             where=", ".join(calibrate))
+        calib = Calibration.from_dict(fitted["calibration"])
     results = predict_points(text, topo, jobs, calib, source)
     out = {"topology": source, "nodes_total": len(topo.nodes), "calibration": calib.to_dict(),
            "predictions": results}
@@ -168,18 +179,22 @@ def _render_check(out: dict) -> None:
     con = get_console()
     t = Table(title="Predicted vs measured (testbed records)")
     for col in ("workload", "method", "hosts", "bytes", "scenario", "shape", "measured s",
-                "predicted s", "error", "bound by"):
+                "network s", "predicted s", "error", "left out", "bound by"):
         t.add_column(col, justify="left" if col in ("workload", "method", "scenario",
                                                     "shape", "bound by") else "right")
     for r in out["rows"]:
         err = f"{r['error'] * 100:+.1f}%" if r["error"] is not None else "-"
+        loo = f"{r['loo_error'] * 100:+.1f}%" if r["loo_error"] is not None else "-"
         t.add_row(r["workload"], r["method"], str(r["hosts"]), format_bytes(r["bytes"]),
                   r["scenario"] or "", r["shape"], f"{r['measured']:.1f}",
-                  f"{r['predicted']:.1f}", err,
-                  "network" if r["network_bound"] else "start-up, files")
+                  f"{r['network_seconds']:.1f}", f"{r['predicted']:.1f}", err, loo,
+                  "network" if r["network_bound"] else "host costs")
     con.print(t)
     if out["max_abs_error"] is not None:
         con.print(f"largest error of the network-bound points: {out['max_abs_error']:.1%}")
+    con.print("network s: the simulated network time; predicted adds each method's host "
+              "costs a + b x hosts, fitted to all these runs (error) or to all but this "
+              "point's (left out)")
     for line in out["fit"]:
         con.print(f"fit: {line}")
     if out["not_modelled"]:

@@ -9,11 +9,9 @@ records named the mayors' town-side rate (no ``uplink_bps``) come from the testb
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from .engine import Calibration
-
-__all__ = ["Point", "points_from_records", "fit_calibration", "topology_for",
+__all__ = ["Point", "points_from_records", "fit_host_costs", "topology_for",
            "FILES_DEFAULT", "MODELLED"]
 
 FILES_DEFAULT = 3000  # the bench suites' repository (300 files at 64 targets)
@@ -33,8 +31,6 @@ class Point:
     files: int = 0
     scenario: str | None = None
     fanout: int | None = None
-    launch: float | None = None
-    exit: float | None = None
     source: str = ""
 
     @property
@@ -74,19 +70,16 @@ def points_from_records(records: list[dict]) -> tuple[list[Point], list[dict]]:
                                 "why": "failed run" if m else "no model",
                                 "source": rec.get("_file", "")})
                 continue
-            ph = run.get("phases") or {}
             if run["workload"] == "stage":
                 p = Point("stage", m, int(run["nodes"]),
                           int(run.get("archive_bytes") or run["size_bytes"]),
-                          float(run["seconds"]), c, launch=ph.get("launch"),
-                          exit=ph.get("exit"), source=rec.get("_file", ""))
+                          float(run["seconds"]), c, source=rec.get("_file", ""))
             else:
                 n = int(run["targets"])
                 p = Point("sync", m, n, int(run.get("changed_bytes") or 0),
                           float(run["seconds"]), _sync_cluster(c, n),
                           files=int(run.get("files") or (300 if n >= 64 else FILES_DEFAULT)),
                           scenario=run.get("scenario"), fanout=max(1, n),
-                          launch=ph.get("launch"), exit=ph.get("exit"),
                           source=rec.get("_file", ""))
             points.append(p)
     return points, skipped
@@ -114,35 +107,30 @@ def topology_for(cluster: dict) -> str:
                                                     or cluster["mayor_bps"]))
 
 
-def _line(xs: list[float], ys: list[float], slope: float) -> tuple[float, float]:
-    """Least-squares a + b x; with one distinct x, the default ``slope`` and a fitted a."""
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares a + b x (b >= 0, a >= 0); with one distinct x, b = 0 and a the mean."""
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
-        return max(0.0, my - slope * mx), slope
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    return max(0.0, my - b * mx), max(0.0, b)
+    b = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx) if sxx else 0.0
+    a = my - b * mx
+    if a < 0:  # through the origin instead
+        a, b = 0.0, max(0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs))
+    return a, b
 
 
-def fit_calibration(points: list[Point], base: Calibration | None = None
-                    ) -> tuple[Calibration, list[str]]:
-    """Launch and exit costs (a + b x ranks) fitted to the measured MPI runs' phases;
-    (calibration, lines saying what was fitted from what)."""
-    base = base or Calibration()
-    notes, cal = [], base
-    for phase in ("launch", "exit"):
-        pts = [(p.hosts + (1 if p.method == "mpisync" else 0), getattr(p, phase))
-               for p in points if getattr(p, phase) is not None]
-        if not pts:
-            notes.append(f"{phase}: no measured phase; defaults a={getattr(base, phase)[0]:g} s,"
-                         f" b={getattr(base, phase)[1]:g} s/rank")
-            continue
-        a, b = _line([x for x, _ in pts], [y for _, y in pts], getattr(base, phase)[1])
-        cal = replace(cal, **{phase: (round(a, 4), round(b, 5))})
-        xs = sorted({x for x, _ in pts})
-        how = ("least squares" if len(xs) > 1
-               else f"one rank count ({xs[0]}): slope kept at the default, intercept fitted")
-        notes.append(f"{phase}: a={a:.3f} s + b={b:.4f} s/rank from {len(pts)} MPI runs ({how})")
-    cal = replace(cal, source="fitted to records")
-    return cal, notes
+def fit_host_costs(samples: dict[str, list[tuple[int, float]]]
+                   ) -> tuple[dict[str, tuple[float, float]], list[str]]:
+    """Per method, host costs ``a + b x hosts`` (seconds) fitted by least squares to
+    (hosts, measured - simulated network seconds) of every measured run: start-up,
+    exit, ssh sessions and per-file work, as the testbed's shared cores made them.
+    Returns ({method: (a, b)}, one line per method saying what was fitted from what)."""
+    fits, notes = {}, []
+    for m, pts in sorted(samples.items()):
+        a, b = _line([float(h) for h, _ in pts], [r for _, r in pts])
+        fits[m] = (round(a, 4), round(b, 5))
+        counts = sorted({h for h, _ in pts})
+        notes.append(f"{m}: host costs a={a:.3f} s + b={b:.4f} s/host, least squares over "
+                     f"{len(pts)} measured run(s) at {', '.join(map(str, counts))} hosts"
+                     + (" (one host count: b = 0)" if len(counts) == 1 else ""))
+    return fits, notes

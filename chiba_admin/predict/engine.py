@@ -102,6 +102,9 @@ class Calibration:
     ssh: tuple[float, float] = (0.25, 0.0)
     rsync_file_s: float = 0.0005
     scan_file_s: float = 0.00005
+    # method -> (a, b): the whole command's host costs (start-up, exit, per-file work)
+    # as a + b x hosts, fitted to measured runs; replaces the per-phase defaults above
+    host_fit: dict = field(default_factory=dict)
     source: str = "defaults"
 
     def cost(self, which: str, hosts: int) -> float:
@@ -109,11 +112,15 @@ class Calibration:
         return a + b * hosts
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        out["host_fit"] = {m: list(ab) for m, ab in self.host_fit.items()}
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        kw["host_fit"] = {m: tuple(ab) for m, ab in (d.get("host_fit") or {}).items()}
+        return cls(**kw)
 
 
 LINK_CLASSES = ("core", "uplink", "town")

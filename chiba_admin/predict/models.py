@@ -15,7 +15,11 @@ import time
 
 from .engine import Calibration, Sim
 
-__all__ = ["STAGE_METHODS", "SYNC_METHODS", "METHODS", "simulate"]
+__all__ = ["STAGE_METHODS", "SYNC_METHODS", "METHODS", "HOST_PHASES", "simulate"]
+
+# Phases that are costs on hosts (start-up, exit, ssh sessions, per-file work), not
+# network time: added to the simulated time, and what a fit to measured runs replaces.
+HOST_PHASES = frozenset({"launch", "exit", "ssh", "per_target", "scan", "cleanup"})
 
 STAGE_METHODS = ("chain", "bcast", "transit", "pdcp", "sbcast")
 SYNC_METHODS = ("mpisync", "rsync")
@@ -51,7 +55,13 @@ def simulate(topo, job: dict, calib: Calibration) -> dict:
     pres = topo.president.name
     sim = Sim(topo, hosts + [pres], calib)
     res = sim.run(lambda s: fn(s, topo, job, calib))
-    out = _result(job, topo, sim, res.pop("seconds"), res.pop("phases"), len(hosts),
+    phases = res.pop("phases")
+    res.pop("seconds")
+    fit = calib.host_fit.get(job["method"])
+    if fit is not None:  # measured host costs replace the default per-phase ones
+        phases = {k: v for k, v in phases.items() if k not in HOST_PHASES}
+        phases["host"] = fit[0] + fit[1] * len(hosts)
+    out = _result(job, topo, sim, sum(phases.values()), phases, len(hosts),
                   int(job["bytes"]), **res)
     out["wall_seconds"] = round(time.monotonic() - t0, 3)
     return out
