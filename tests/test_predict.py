@@ -196,6 +196,16 @@ def test_a_long_chain_extrapolates_from_a_dozen_segments(monkeypatch):
 
 
 @needs_simgrid
+def test_a_failed_simulation_is_a_one_line_error():
+    from chiba_admin.errors import ChibaError
+
+    text = generated_topology_toml(1, 2, 20e6, 200e6)
+    with pytest.raises(ChibaError, match="simulation of nope failed"):
+        engine.run_in_child({"topology": text, "method": "nope", "hosts": ["ccn01"],
+                             "bytes": 1})
+
+
+@needs_simgrid
 def test_check_fixture_records_within_15_percent(cli):
     r = cli("--json", "predict", "--check", FIXTURES)
     assert r.code == 0, r.err

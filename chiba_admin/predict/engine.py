@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import UsageError
+from ..errors import ChibaError, UsageError
 
 __all__ = ["SimgridMissing", "import_simgrid", "simgrid_available", "Calibration", "Sim",
            "run_in_child", "INSTALL_HINT", "require_simgrid"]
@@ -126,11 +126,6 @@ class Calibration:
 LINK_CLASSES = ("core", "uplink", "town")
 
 
-@dataclass
-class _Route:
-    kinds: tuple[str, ...]
-
-
 class Sim:
     """A platform for ``hosts`` of ``topo`` and a driver actor on the president.
 
@@ -162,7 +157,6 @@ class Sim:
 
     # platform ---------------------------------------------------------------------------
     def _link(self, zone, name: str, link):
-        sg = self.sg
         lk = zone.create_split_duplex_link(name, float(link.bandwidth) / 8)  # bytes/s
         lk.set_latency(float(link.latency))
         lk.seal()
@@ -275,10 +269,6 @@ class Sim:
         if comms:
             self.sg.Comm.wait_all(comms)
 
-    def sleep(self, seconds: float) -> None:
-        if seconds > 0:
-            self.sg.this_actor.sleep_for(seconds)
-
     @property
     def clock(self) -> float:
         return self.sg.Engine.clock
@@ -300,7 +290,7 @@ def run_in_child(job: dict, timeout: float = 600) -> dict:
     """Run one simulation job in a fresh Python process; its result dict.
 
     ``job``: {"topology": TOML text, "method": name, ...model parameters}. Raises
-    SimgridMissing (exit 2) without SimGrid, RuntimeError when the child fails.
+    SimgridMissing (exit 2) without SimGrid, ChibaError (exit 1) when the child fails.
     """
     p = subprocess.run([sys.executable, "-m", "chiba_admin.predict.engine"],
                        input=json.dumps(job), capture_output=True, text=True, timeout=timeout)
@@ -309,7 +299,8 @@ def run_in_child(job: dict, timeout: float = 600) -> dict:
         raise SimgridMissing("SimGrid's Python module is not importable", hint=INSTALL_HINT)
     if p.returncode != 0 or not lines:
         tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"simulation of {job.get('method')} failed: {tail}")
+        raise ChibaError(f"simulation of {job.get('method')} failed: {tail}",
+                         where=job.get("source"), hint="rerun with --debug; report it")
     return json.loads(lines[-1])
 
 

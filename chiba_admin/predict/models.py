@@ -52,8 +52,7 @@ def simulate(topo, job: dict, calib: Calibration) -> dict:
     t0 = time.monotonic()
     fn = getattr(transfer, job["method"])
     hosts = list(job["hosts"])
-    pres = topo.president.name
-    sim = Sim(topo, hosts + [pres], calib)
+    sim = Sim(topo, hosts + [topo.president.name], calib)
     res = sim.run(lambda s: fn(s, topo, job, calib))
     phases = res.pop("phases")
     res.pop("seconds")

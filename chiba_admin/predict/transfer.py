@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .bcast import ALG_NAMES, simulate_bcast_once, tree_children
+from .bcast import ALG_NAMES, simulate_bcast_once
 from .models import FANOUT, SBCAST_BLOCK, SBCAST_WIDTH, windows
 from .pipeline import simulate_pipeline
 
