@@ -84,7 +84,7 @@ def _topology(ctx, cluster: str | None, generate: str | None):
               help="Fit each method's host costs (start-up, exit, per-file work) to "
                    "these measured records first (repeatable).")
 @click.option("--json", "json_output", is_flag=True, help="Print results as JSON.")
-@click.option("--plot", "plot_dir", default=None, type=click.Path(),
+@click.option("--plot", "plot_dir", default=None, type=click.Path(), metavar="DIR",
               help="Write a PNG of time and aggregate throughput per method into DIR.")
 @pass_ctx
 def predict_cmd(ctx, what, methods, sizes, nodes, cluster, generate, disk_mbit, files,
