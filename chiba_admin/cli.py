@@ -44,6 +44,7 @@ COMMAND_MODULES = [
     "chiba_admin.commands.sync",
     "chiba_admin.commands.bench",
     "chiba_admin.commands.shell",
+    "chiba_admin.commands.predict",
 ]
 
 

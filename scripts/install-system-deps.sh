@@ -14,6 +14,12 @@ command -v pdcp >/dev/null || need+=(pdsh)
 { command -v slurmctld && command -v slurmd && command -v sbcast; } >/dev/null \
     || need+=(slurm-wlm)
 command -v munged >/dev/null || [ -x /usr/sbin/munged ] || need+=(munge)
+# SimGrid's Python bindings for `chiba-admin predict` (imported from the venv through
+# Debian's dist-packages directory)
+if command -v dpkg-query >/dev/null; then
+    dpkg-query -W -f='${Status}' python3-simgrid 2>/dev/null | grep -q "ok installed" \
+        || need+=(python3-simgrid)
+fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing Debian packages: ${need[*]}"

@@ -1,0 +1,231 @@
+"""`chiba-admin predict`: each method simulated (SimGrid) on a topology, and `--check`
+against measured benchmark records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..cli import EXIT_OK, pass_ctx
+from ..console import get_console, print_json
+from ..errors import UsageError
+
+__all__ = ["register", "predict_cmd"]
+
+DEFAULT_NODES = "8,32,128,256"
+
+
+def _list(value: str, allowed: tuple[str, ...], option: str) -> list[str]:
+    out = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in out if v not in allowed]
+    if not out or bad:
+        raise UsageError(f"bad {option} {value!r}", hint=f"choose from {', '.join(allowed)}")
+    return out
+
+
+def _rate(value: float | None) -> float | None:
+    return value * 1e6 if value else None
+
+
+def _topology(ctx, cluster: str | None, generate: str | None):
+    """(TOML text, Topology, source): the --cluster file, or one generated like it."""
+    from topology.loader import loads_topology
+
+    path = cluster or ctx.cluster_file
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UsageError(f"cannot read the topology: {e.strerror or e}", where=path,
+                         hint="give a topology TOML file with --cluster") from None
+    topo = loads_topology(text, path)
+    if generate:
+        from topology.generate import generated_topology_toml
+
+        try:
+            towns, per = (int(x) for x in generate.lower().split("x"))
+        except ValueError:
+            raise UsageError(f"bad --generate {generate!r}",
+                             hint="TOWNSxNODES, e.g. 313x32 for 10,016 nodes") from None
+        town = topo.town_names()[0]
+        text = generated_topology_toml(
+            towns, per, topo.town_link(town).bandwidth,
+            topo.link(topo.president.name, topo.towns[town]).bandwidth,
+            name=f"{topo.name}-{towns}x{per}", uplink_bps=topo.town_uplink(town).bandwidth)
+        path = f"{path} shape, {towns}x{per}"
+        topo = loads_topology(text, path)
+    return text, topo, path
+
+
+@click.command("predict")
+@click.argument("what", type=click.Choice(["stage", "sync", "all"]), required=False,
+                default="all")
+@click.option("--methods", default=None, metavar="LIST",
+              help="Methods, comma-separated (stage: chain,bcast,transit,pdcp,sbcast; "
+                   "sync: mpisync,rsync; default: all of WHAT's).")
+@click.option("--sizes", default="1GiB", show_default=True, metavar="LIST",
+              help="Bytes per node (stage) or changed bytes (sync), comma-separated.")
+@click.option("--nodes", "nodes", default=None, metavar="LIST",
+              help=f"Host counts (default {DEFAULT_NODES}, those the cluster has).")
+@click.option("--cluster", "cluster", default=None, metavar="FILE",
+              help="Topology file (default: the global --cluster).")
+@click.option("--generate", default=None, metavar="TxN",
+              help="Predict on a generated cluster of T towns of N nodes with the "
+                   "topology's link rates (e.g. 313x32: 10,016 nodes).")
+@click.option("--disk-mbit", type=click.FloatRange(min=0.001), default=None,
+              help="Write rate of the president's and mayors' disks (City Transit's "
+                   "store-and-forward copies; default: not limiting).")
+@click.option("--files", type=click.IntRange(min=0), default=3000, show_default=True,
+              help="Files in the synchronised repository.")
+@click.option("--check", "check", multiple=True, metavar="RESULTS",
+              help="Predict every measured testbed point of these records and print "
+                   "predicted vs measured (repeatable; a directory reads its *.json).")
+@click.option("--calibrate", "calibrate", multiple=True, metavar="RESULTS",
+              help="Fit each method's host costs (start-up, exit, per-file work) to "
+                   "these measured records first (repeatable).")
+@click.option("--json", "json_output", is_flag=True, help="Print results as JSON.")
+@click.option("--plot", "plot_dir", default=None, type=click.Path(), metavar="DIR",
+              help="Write a PNG of time and aggregate throughput per method into DIR.")
+@pass_ctx
+def predict_cmd(ctx, what, methods, sizes, nodes, cluster, generate, disk_mbit, files,
+                check, calibrate, json_output, plot_dir):
+    """Predict each method's whole-command time, throughput and bytes per link class."""
+    from topology.units import parse_size
+
+    from ..predict.engine import Calibration, require_simgrid
+    from ..predict.models import STAGE_METHODS, SYNC_METHODS
+    from ..predict.runner import check_records, predict_points
+
+    as_json = json_output or ctx.json
+    if check:
+        from ..bench.records import load_records
+
+        records = load_records(list(check))
+        require_simgrid()
+        out = check_records(records, Calibration(disk_bps=_rate(disk_mbit)))
+        if not out["rows"]:
+            raise UsageError("no testbed staging or sync runs in these records",
+                             where=", ".join(check),
+                             hint="run `make bench-quick` as root on the testbed first")
+        print_json(out) if as_json else _render_check(out)
+        return EXIT_OK
+    allowed = {"stage": STAGE_METHODS, "sync": SYNC_METHODS,
+               "all": STAGE_METHODS + SYNC_METHODS}[what]
+    chosen = _list(methods, allowed, "--methods") if methods else list(allowed)
+    try:
+        size_list = [parse_size(s) for s in sizes.split(",") if s]
+    except ValueError as e:
+        raise UsageError(f"bad --sizes: {e}", hint="e.g. --sizes 1GiB,64MiB") from None
+    if not size_list:
+        raise UsageError("bad --sizes: empty", hint="e.g. --sizes 1GiB")
+    text, topo, source = _topology(ctx, cluster, generate)
+    if nodes:
+        try:
+            counts = [int(v) for v in nodes.split(",") if v]
+        except ValueError:
+            counts = []
+        if not counts or min(counts) < 1:
+            raise UsageError(f"bad --nodes {nodes!r}", hint="e.g. --nodes 8,32,128")
+    else:
+        have = len(topo.nodes)
+        counts = [n for n in map(int, DEFAULT_NODES.split(",")) if n <= have] or [have]
+    require_simgrid()
+    jobs = [{"method": m, "n": n, "bytes": s, "files": files}
+            for m in chosen for s in size_list for n in counts]
+    calib = Calibration(disk_bps=_rate(disk_mbit))
+    if calibrate:
+        from ..bench.records import load_records
+
+        fitted = check_records(load_records(list(calibrate)), calib)
+        if not fitted["rows"]:
+            raise UsageError("no testbed staging or sync runs to calibrate with",
+                             where=", ".join(calibrate))
+        calib = Calibration.from_dict(fitted["calibration"])
+    results = predict_points(text, topo, jobs, calib, source)
+    out = {"topology": source, "nodes_total": len(topo.nodes), "calibration": calib.to_dict(),
+           "predictions": results}
+    if plot_dir:
+        out["figures"] = _plot(results, plot_dir, topo.name)
+    print_json(out) if as_json else _render(out)
+    return EXIT_OK
+
+
+def _mb(bps: float) -> str:
+    return f"{bps / 1e6:,.1f}"
+
+
+def _render(out: dict) -> None:
+    from rich.table import Table
+    from topology.units import format_bytes
+
+    t = Table(title=f"Predicted on {out['topology']} (SimGrid; {out['calibration']['source']})")
+    for col in ("method", "hosts", "bytes", "seconds", "per node Mb/s", "aggregate Mb/s",
+                "core GB", "uplink GB", "town GB", "note", "wall s"):
+        t.add_column(col, justify="left" if col in ("method", "note") else "right")
+    for r in out["predictions"]:
+        b = r["bytes_by_class"]
+        note = r.get("algorithm") or ("extrapolated" if r.get("extrapolated") else "")
+        t.add_row(r["method"], str(r["hosts"]), format_bytes(r["bytes"]), f"{r['seconds']:,.1f}",
+                  _mb(r["per_node_bps"]), _mb(r["aggregate_bps"]),
+                  *(f"{b[k] / 1e9:,.2f}" for k in ("core", "uplink", "town")), note,
+                  f"{r['wall_seconds']:.1f}")
+    get_console().print(t)
+
+
+def _render_check(out: dict) -> None:
+    from rich.table import Table
+    from topology.units import format_bytes
+
+    con = get_console()
+    t = Table(title="Predicted vs measured (testbed records)")
+    for col in ("workload", "method", "hosts", "bytes", "scenario", "shape", "measured s",
+                "network s", "predicted s", "error", "left out", "bound by"):
+        t.add_column(col, justify="left" if col in ("workload", "method", "scenario",
+                                                    "shape", "bound by") else "right")
+    for r in out["rows"]:
+        err = f"{r['error'] * 100:+.1f}%" if r["error"] is not None else "-"
+        loo = f"{r['loo_error'] * 100:+.1f}%" if r["loo_error"] is not None else "-"
+        t.add_row(r["workload"], r["method"], str(r["hosts"]), format_bytes(r["bytes"]),
+                  r["scenario"] or "", r["shape"], f"{r['measured']:.1f}",
+                  f"{r['network_seconds']:.1f}", f"{r['predicted']:.1f}", err, loo,
+                  "network" if r["network_bound"] else "host costs")
+    con.print(t)
+    if out["max_abs_error"] is not None:
+        con.print(f"largest error of the network-bound points: {out['max_abs_error']:.1%}")
+    con.print("network s: the simulated network time; predicted adds each method's host "
+              "costs a + b x hosts, fitted to all these runs (error) or to all but this "
+              "point's (left out)")
+    for line in out["fit"]:
+        con.print(f"fit: {line}")
+    if out["not_modelled"]:
+        n = len(out["not_modelled"])
+        con.print(f"not predicted: {n} run(s) (collect and other workloads have no model; "
+                  "failed runs are left out)")
+
+
+def _plot(results: list[dict], outdir: str, name: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Path(outdir).mkdir(parents=True, exist_ok=True)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    for m in methods:
+        rs = sorted((r for r in results if r["method"] == m), key=lambda r: r["hosts"])
+        xs = [r["hosts"] for r in rs]
+        a1.plot(xs, [r["seconds"] for r in rs], marker="o", label=m)
+        a2.plot(xs, [r["aggregate_bps"] / 1e6 for r in rs], marker="o", label=m)
+    a1.set(xlabel="hosts", ylabel="predicted seconds", xscale="log", yscale="log")
+    a2.set(xlabel="hosts", ylabel="aggregate Mb/s", xscale="log", yscale="log")
+    a1.legend()
+    fig.suptitle(f"chiba-admin predict: {name} (SimGrid)")
+    path = Path(outdir) / f"predict-{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return [str(path)]
+
+
+def register(group: click.Group) -> None:
+    group.add_command(predict_cmd)
