@@ -260,9 +260,12 @@ def test_check_shipped_testbed_records_within_15_percent(cli):
     if not files:
         pytest.skip("no testbed records under docs/results/ yet: run `make bench-quick` "
                     "as root on the testbed and copy results/*.json there")
-    r = cli("--json", "predict", "--check", *files)
+    r = cli("--json", "predict", *[a for f in files for a in ("--check", f)])
     assert r.code == 0, r.err
-    rows = [row for row in r.json()["rows"] if row["network_bound"]]
+    # staging and full synchronisation, as the docstring says; a 5%-changed sync moves a
+    # few MiB and is mostly start-up (its error is reported by --check, and in the README)
+    rows = [row for row in r.json()["rows"] if row["network_bound"]
+            and row.get("scenario") in (None, "", "full")]
     assert rows
     bad = [row for row in rows if abs(row["error"]) > 0.15]
     assert not bad, bad
