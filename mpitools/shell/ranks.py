@@ -40,6 +40,9 @@ _REQ, _OUT, _DONE = 11, 12, 13
 WRAPPERS = ("mpiexec", "mpirun", "srun", "pbsdsh")
 _IDLE_CAP = 0.02    # seconds between tests when nothing runs (measured: DESIGN.md)
 _BUSY_SLEEP = 0.001
+# A script's commands come back to back: after activity a rank keeps testing every
+# millisecond this long before it backs off, so the next request is seen at once.
+_LINGER = 0.5
 _KILL_GRACE = 3.0
 
 
@@ -139,8 +142,10 @@ class _Rank:
         """Start this rank's tasks of ``req`` (every rank calls this for every request)."""
         self.end_command()
         mine = req["placement"].get(str(self.rank), [])
-        color = 1 if mine else self.MPI.UNDEFINED
-        sub = self.comm.Split(color, self.rank)  # the ranks that run tasks: PMI exchange
+        if len(req["placement"]) == self.size:
+            sub = self.comm  # every rank runs tasks: no communicator to make (or free)
+        else:  # the ranks that run tasks, for the PMI exchange; every rank takes part
+            sub = self.comm.Split(1 if mine else self.MPI.UNDEFINED, self.rank)
         cmd = _Command(req["id"], req, sub=sub)
         self.cmd = cmd
         if not mine:
@@ -207,7 +212,8 @@ class _Rank:
 
     def end_command(self) -> None:
         cmd, self.cmd = self.cmd, None
-        if cmd is not None and cmd.sub is not None and cmd.sub != self.MPI.COMM_NULL:
+        if (cmd is not None and cmd.sub is not None and cmd.sub != self.MPI.COMM_NULL
+                and cmd.sub is not self.comm):
             cmd.sub.Free()
 
     def kill_everything(self) -> None:
@@ -225,13 +231,16 @@ class _Rank:
 
     # the loop of ranks other than 0 ---------------------------------------------------
     def run_worker(self) -> int:
-        sleep = _BUSY_SLEEP
+        sleep, last = _BUSY_SLEEP, time.monotonic()
         try:
             while not self.stopping:
                 busy = self.poll_mpi()
                 busy |= self.pump_command()
                 running = self.cmd is not None and not self.cmd.done_sent
-                sleep = _BUSY_SLEEP if busy or running else min(_IDLE_CAP, sleep * 2)
+                if busy or running:
+                    last = time.monotonic()
+                sleep = (_BUSY_SLEEP if time.monotonic() - last < _LINGER
+                         else min(_IDLE_CAP, sleep * 2))
                 if not busy:
                     time.sleep(sleep)
         finally:
@@ -410,7 +419,7 @@ class _Leader(_Rank):
         self.start_script()
         walltime = self.job.get("walltime")
         warned = False
-        sleep = _BUSY_SLEEP
+        sleep, last = _BUSY_SLEEP, time.monotonic()
         try:
             while True:
                 busy = self.poll_mpi()
@@ -434,7 +443,10 @@ class _Leader(_Rank):
                         emit("warn", msg=f"walltime of {walltime:g} s exceeded: ending "
                                          "every task")
                         break
-                sleep = _BUSY_SLEEP if busy or self.cmd else min(_IDLE_CAP, sleep * 2)
+                if busy or self.cmd:
+                    last = time.monotonic()
+                sleep = (_BUSY_SLEEP if time.monotonic() - last < _LINGER
+                         else min(_IDLE_CAP, sleep * 2))
                 if not busy:
                     time.sleep(sleep)
         finally:
