@@ -251,7 +251,11 @@ def _read_header(inp, top: str) -> list[dict]:
             type(sk.get(k)) is int for k in ("mode", "uid", "gid", "mtime_ns"))
         if not ok or not 0 <= sk["mode"] <= 0o7777 or min(sk["uid"], sk["gid"]) < 0:
             raise ExtractError(f"the node's pack header lists a bad socket: {sk!r:.200}")
-        path = _member_name(sk["path"], top)
+        try:
+            path = _member_name(sk["path"], top)
+        except ExtractError:
+            raise ExtractError(f"socket {sk['path']!r} listed by the node is outside {top!r}"
+                               " (absolute, '..' or another name)") from None
         if path in seen:
             raise ExtractError(f"socket {sk['path']!r} is listed twice")
         seen.add(path)
