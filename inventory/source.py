@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 __all__ = ["SourceInfo", "check_source", "walk_below", "find_device", "DeviceNode",
-           "DEVICE_HINT"]
+           "unreadable", "DEVICE_HINT"]
 
 DEVICE_HINT = "device nodes are never copied; remove it or exclude it"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -47,9 +47,19 @@ class DeviceNode:
     def line(self, top: str) -> str:
         """One line naming the device below ``top`` (the tree as shown to the user), what
         it is and what to do; undecodable bytes of names shown as ``\\xNN``."""
-        path = os.path.join(top, self.rel) if self.rel else top
-        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
-        return f"{shown}: a {self.kind} device node ({DEVICE_HINT})"
+        return f"{_shown(top, self.rel)}: a {self.kind} device node ({DEVICE_HINT})"
+
+
+def unreadable(top: str, e: OSError) -> str:
+    """One line for an OSError of :func:`walk_below` or :func:`find_device` on the tree
+    shown as ``top``: which path could not be read, and why."""
+    rel = e.filename if isinstance(e.filename, str) and e.filename != "." else ""
+    return f"cannot read {_shown(top, rel)}: {e.strerror or e}"
+
+
+def _shown(top: str, rel: str) -> str:
+    path = os.path.join(top, rel) if rel else top
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def walk_below(dir_fd: int) -> Iterator[tuple[str, os.stat_result]]:
@@ -97,13 +107,17 @@ def find_device(dir_fd: int, name: str) -> DeviceNode | None:
 
     Nothing is followed: ``name`` and everything below it are looked at as they are
     (:func:`walk_below`). The check :func:`check_source` makes, done where the tree is
-    (collect's PATH on each node). Raises OSError when the tree cannot be read.
+    (collect's PATH on each node). Raises OSError when the tree cannot be read, its
+    ``filename`` the path below ``name`` (``"."`` for ``name``; see :func:`unreadable`).
     """
-    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    kind = _device_kind(st.st_mode)
-    if kind or not stat.S_ISDIR(st.st_mode):
-        return DeviceNode("", kind) if kind else None
-    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        kind = _device_kind(st.st_mode)
+        if kind or not stat.S_ISDIR(st.st_mode):
+            return DeviceNode("", kind) if kind else None
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, ".") from None
     try:
         for rel, est in walk_below(fd):
             kind = _device_kind(est.st_mode)

@@ -533,7 +533,7 @@ def check_path(spec: dict) -> dict:
     ``error`` says why the path cannot be walked or read (that host fails at pack time).
     """
     from inventory.beneath import BeneathError
-    from inventory.source import find_device
+    from inventory.source import find_device, unreadable
 
     shown = spec.get("display") or spec["rel"]
     try:
@@ -543,7 +543,7 @@ def check_path(spec: dict) -> dict:
     try:
         dev = find_device(parent, name)
     except OSError as e:
-        return {"ok": False, "device": None, "error": f"{shown}: {e.strerror or e}"}
+        return {"ok": False, "device": None, "error": unreadable(shown, e)}
     finally:
         os.close(parent)
     if dev is not None:

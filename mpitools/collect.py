@@ -309,7 +309,7 @@ def check_node(spec: dict) -> tuple[int | None, str | None, dict]:
     collect is then refused, exit 2); not ``ok`` when PATH cannot be walked (this host
     fails, the others are collected). The fd is None unless ``ok``.
     """
-    from inventory.source import find_device
+    from inventory.source import find_device, unreadable
 
     shown = spec.get("shown", spec["rel"])
     try:
@@ -321,9 +321,7 @@ def check_node(spec: dict) -> tuple[int | None, str | None, dict]:
         dev = find_device(src_fd, name)
     except OSError as e:
         os.close(src_fd)
-        where = os.path.join(shown, e.filename) if e.filename not in (None, ".") else shown
-        return None, None, {"ok": False, "refused": False,
-                            "error": f"cannot read {where}: {e.strerror or e}"}
+        return None, None, {"ok": False, "refused": False, "error": unreadable(shown, e)}
     if dev is not None:
         os.close(src_fd)
         return None, None, {"ok": False, "refused": True, "error": dev.line(shown)}

@@ -601,3 +601,34 @@ def test_collect_a_path_that_is_a_socket(embedded, cli, tmp_path, method):
             "--method", method)
     assert r.code == 0, r.err
     assert stat.S_ISSOCK(os.lstat(tmp_path / "o" / "ccn01" / "agent.sock").st_mode)
+
+
+def test_find_device_follows_nothing_and_names_the_path(tmp_path):
+    """The node-side check of collect (inventory.source.find_device): a symlink to /dev is
+    data; a device is named below the tree as shown; an unreadable path names itself."""
+    from inventory.source import find_device, unreadable
+
+    (tmp_path / "t" / "a" / "b").mkdir(parents=True)
+    os.symlink("/dev", tmp_path / "t" / "a" / "dev link")
+    os.symlink("/dev/null", tmp_path / "null link")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        before = sorted(os.listdir("/proc/self/fd"))
+        assert find_device(fd, "t") is None
+        assert find_device(fd, "null link") is None  # not even when PATH is the symlink
+        assert sorted(os.listdir("/proc/self/fd")) == before  # one fd per level, all closed
+        with pytest.raises(OSError) as e:
+            find_device(fd, "missing")
+        assert unreadable("/scratch/missing", e.value) == \
+            "cannot read /scratch/missing: No such file or directory"
+        assert unreadable("/scratch/t", OSError(13, "Permission denied", "a/b")) == \
+            "cannot read /scratch/t/a/b: Permission denied"
+        if os.geteuid() == 0:
+            os.mknod(tmp_path / "t" / "a" / "b" / "caf\udce9", 0o600 | stat.S_IFBLK,
+                     os.makedev(7, 0))
+            dev = find_device(fd, "t")
+            assert (dev.rel, dev.kind) == ("a/b/caf\udce9", "block")
+            assert dev.line("/scratch/t").startswith(
+                "/scratch/t/a/b/caf\\xe9: a block device node (")
+    finally:
+        os.close(fd)
