@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 __all__ = ["AgentHost", "host_record", "run_plan", "main", "RESULT_TAG", "extract",
-           "pack_to_stdout", "probe", "check_path", "list_sockets", "PACK_HEADER", "node_main", "node_result", "tar_x_argv", "ExtractError"]
+           "pack_to_stdout", "probe", "check_path", "list_sockets", "PACK_HEADER", "node_main",
+           "node_result", "tar_x_argv", "ExtractError"]
 
 RESULT_TAG = "CHIBA-TRANSIT-RESULT "  # marks the one line the caller parses
 
