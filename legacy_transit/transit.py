@@ -696,7 +696,7 @@ def _refused_collect(path: str, dest_dir: str, hosts: list, refused: dict[str, s
     rows = {h.name: {"ok": False, "bytes": 0, "seconds": 0.0, "throughput_bps": 0.0,
                      "stage": "check", "tree": "none", "tree_path": None, "previous": None,
                      "error": refused.get(h.name) or
-                     f"not collected: {culprits} holds a device node"} for h in hosts}
+                     f"not collected: a device node on {culprits}"} for h in hosts}
     return {"method": "transit", "ok": False, "source": path, "dest": dest_dir,
             "dest_dir": dest_dir, "nodes": [h.name for h in hosts], "bytes": 0,
             "payload_bytes": 0, "files": 0, "seconds": round(seconds, 6),

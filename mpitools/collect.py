@@ -334,7 +334,7 @@ def _refused_reports(hosts: list[str], ready: list[dict]) -> list[dict]:
     return [{"host": hosts[r], "ok": False, "bytes": 0, "seconds": 0.0, "stage": "check",
              "primary": bool(ready[r].get("refused")), "refused": bool(ready[r].get("refused")),
              "error": ready[r]["error"] if ready[r].get("refused") else
-             f"not collected: {culprits} holds a device node"} for r in range(1, len(ready))]
+             f"not collected: a device node on {culprits}"} for r in range(1, len(ready))]
 
 
 def main(comm, job: dict) -> int:
