@@ -356,6 +356,9 @@ def main(comm, job: dict) -> int:
     else:
         src_fd, name, mine = check_node(job["paths"][hosts[rank]])
     try:
+        # wait quietly while the nodes walk their trees (a blocking gather would spin on
+        # ranks that outnumber cores), then gather the verdicts at once
+        wait(comm.Ibarrier())
         ready = comm.gather(mine, root=0)
         if rank != 0:
             if mine["ok"]:
