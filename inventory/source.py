@@ -1,14 +1,21 @@
-"""Check a source tree before anything is sent: it exists, is named, holds no device node."""
+"""Check a source tree before anything is sent: it exists, is named, holds no device node.
+
+Standard library only below :func:`check_source` (which raises the CLI's UsageError): rank
+programs and the City Transit agent run :func:`find_device` on the nodes (collect's PATH).
+"""
 
 from __future__ import annotations
 
 import os
 import stat
 from dataclasses import dataclass
+from typing import Iterator
 
-from chiba_admin.errors import UsageError
+__all__ = ["SourceInfo", "check_source", "walk_below", "find_device", "DeviceNode",
+           "unreadable", "DEVICE_HINT"]
 
-__all__ = ["SourceInfo", "check_source"]
+DEVICE_HINT = "device nodes are never copied; remove it or exclude it"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,102 @@ class SourceInfo:
     bytes: int
 
 
+@dataclass(frozen=True)
+class DeviceNode:
+    """A character or block device found in a tree: ``rel`` below the tree's top (``""``
+    for the top itself) and ``kind`` (``"character"`` or ``"block"``)."""
+
+    rel: str
+    kind: str
+
+    @property
+    def what(self) -> str:
+        return f"the source holds a {self.kind} device node"
+
+    def line(self, top: str) -> str:
+        """One line naming the device below ``top`` (the tree as shown to the user), what
+        it is and what to do; undecodable bytes of names shown as ``\\xNN``."""
+        return f"{_shown(top, self.rel)}: a {self.kind} device node ({DEVICE_HINT})"
+
+
+def unreadable(top: str, e: OSError) -> str:
+    """One line for an OSError of :func:`walk_below` or :func:`find_device` on the tree
+    shown as ``top``: which path could not be read, and why."""
+    rel = e.filename if isinstance(e.filename, str) and e.filename != "." else ""
+    return f"cannot read {_shown(top, rel)}: {e.strerror or e}"
+
+
+def _shown(top: str, rel: str) -> str:
+    path = os.path.join(top, rel) if rel else top
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def walk_below(dir_fd: int) -> Iterator[tuple[str, os.stat_result]]:
+    """Every entry below the open directory ``dir_fd``: ``(relative path, lstat)``.
+
+    Directories are entered by descriptor with ``O_NOFOLLOW`` (a symlink is an entry, never
+    followed; nothing is looked up by path), parents before their contents. Raises OSError
+    (``filename`` is the relative path of the directory that could not be read).
+    """
+    stack: list[list] = []  # [fd, relative path, its entries once read]
+    try:
+        stack.append([os.dup(dir_fd), "", None])
+        while stack:
+            top = stack[-1]
+            if top[2] is None:
+                top[2] = _entries(top[0], top[1])
+            got = next(top[2], None)
+            if got is None:
+                os.close(stack.pop()[0])
+                continue
+            name, st = got
+            path = f"{top[1]}/{name}" if top[1] else name
+            yield path, st
+            if stat.S_ISDIR(st.st_mode):  # depth first: one open descriptor per level
+                try:
+                    stack.append([os.open(name, _DIR_FLAGS, dir_fd=top[0]), path, None])
+                except OSError as e:
+                    raise OSError(e.errno, e.strerror, path) from None
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+
+
+def _entries(fd: int, rel: str) -> Iterator[tuple[str, os.stat_result]]:
+    """The entries of directory ``fd`` (read at once) with their lstat."""
+    try:
+        with os.scandir(fd) as it:
+            return iter([(e.name, e.stat(follow_symlinks=False)) for e in it])
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, rel or ".") from None
+
+
+def find_device(dir_fd: int, name: str) -> DeviceNode | None:
+    """The first device node at or below entry ``name`` of ``dir_fd``, or None.
+
+    Nothing is followed: ``name`` and everything below it are looked at as they are
+    (:func:`walk_below`). The check :func:`check_source` makes, done where the tree is
+    (collect's PATH on each node). Raises OSError when the tree cannot be read, its
+    ``filename`` the path below ``name`` (``"."`` for ``name``; see :func:`unreadable`).
+    """
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        kind = _device_kind(st.st_mode)
+        if kind or not stat.S_ISDIR(st.st_mode):
+            return DeviceNode("", kind) if kind else None
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, ".") from None
+    try:
+        for rel, est in walk_below(fd):
+            kind = _device_kind(est.st_mode)
+            if kind:
+                return DeviceNode(rel, kind)
+    finally:
+        os.close(fd)
+    return None
+
+
 def check_source(src: str | None, *, option: str = "SRC") -> SourceInfo:
     """Refuse (UsageError, exit 2, one line naming the path) a source no method may send.
 
@@ -33,6 +136,8 @@ def check_source(src: str | None, *, option: str = "SRC") -> SourceInfo:
     refused by every method before anything is sent (docs/design.md, "Safety"). The walk
     never follows symlinks below ``src`` (``src`` itself may be one, as rsync's ``src/``).
     """
+    from chiba_admin.errors import UsageError  # here: the node-side checks stay stdlib-only
+
     if src is None or str(src) == "":
         raise UsageError(f"no {option} given", hint="name an existing file or directory")
     path = os.path.abspath(src)
@@ -43,31 +148,37 @@ def check_source(src: str | None, *, option: str = "SRC") -> SourceInfo:
                          hint="name an existing file or directory") from None
     except OSError as e:
         raise UsageError(f"cannot read the source: {e.strerror}", where=path) from None
-    files = size = 0
     if not stat.S_ISDIR(st.st_mode):
-        _refuse_device(st.st_mode, path)
+        _refuse_device(DeviceNode("", _device_kind(st.st_mode)), path)
         return SourceInfo(path, False, 1, st.st_size if stat.S_ISREG(st.st_mode) else 0)
-    stack = [path]
-    while stack:
-        d = stack.pop()
-        try:
-            with os.scandir(d) as it:
-                for e in it:
-                    est = e.stat(follow_symlinks=False)
-                    if stat.S_ISDIR(est.st_mode):
-                        stack.append(e.path)
-                        continue
-                    _refuse_device(est.st_mode, e.path)
-                    files += 1
-                    if stat.S_ISREG(est.st_mode):
-                        size += est.st_size
-        except PermissionError as e:
-            raise UsageError(f"cannot read the source: {e.strerror}", where=d) from None
+    files = size = 0
+    fd = None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        for rel, est in walk_below(fd):
+            if stat.S_ISDIR(est.st_mode):
+                continue
+            _refuse_device(DeviceNode(rel, _device_kind(est.st_mode)), path)
+            files += 1
+            if stat.S_ISREG(est.st_mode):
+                size += est.st_size
+    except PermissionError as e:
+        raise UsageError(f"cannot read the source: {e.strerror}",
+                         where=os.path.normpath(os.path.join(path, e.filename or "."))
+                         ) from None
+    finally:
+        if fd is not None:
+            os.close(fd)
     return SourceInfo(path, True, files, size)
 
 
-def _refuse_device(mode: int, path: str) -> None:
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        kind = "character" if stat.S_ISCHR(mode) else "block"
-        raise UsageError(f"the source holds a {kind} device node", where=path,
-                         hint="device nodes are never copied; remove it or exclude it")
+def _device_kind(mode: int) -> str:
+    return "character" if stat.S_ISCHR(mode) else "block" if stat.S_ISBLK(mode) else ""
+
+
+def _refuse_device(dev: DeviceNode, top: str) -> None:
+    if dev.kind:
+        from chiba_admin.errors import UsageError
+
+        raise UsageError(dev.what, where=os.path.join(top, dev.rel) if dev.rel else top,
+                         hint=DEVICE_HINT)

@@ -21,7 +21,7 @@ from topology import fold
 from topology.confine import HostDest, confine_dest
 
 from .fanout import DEFAULT_FANOUT, window
-from .transit_agent import RESULT_TAG, host_record, node_result
+from .transit_agent import RESULT_TAG, host_record, list_sockets, node_result
 from .transport import Transport, transport_for
 
 __all__ = ["STAGES", "TransitPlan", "TownLeg", "plan_transit", "stage_transit",
@@ -116,22 +116,11 @@ def plan_transit(topo, src: str, nodes: list[str], dest: str | None = None) -> T
 def _sockets(source: str) -> list[dict]:
     """The Unix sockets below ``source`` (GNU tar does not archive them; the nodes recreate
     them as rsync -a does): relative path, mode, owner, group, mtime."""
-    import stat
-
-    out, stack = [], [""]
-    while stack:
-        rel = stack.pop()
-        with os.scandir(os.path.join(source, rel) if rel else source) as it:
-            for e in it:
-                st = e.stat(follow_symlinks=False)
-                path = f"{rel}/{e.name}" if rel else e.name
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(path)
-                elif stat.S_ISSOCK(st.st_mode):
-                    out.append({"path": path, "mode": stat.S_IMODE(st.st_mode),
-                                "uid": st.st_uid, "gid": st.st_gid,
-                                "mtime_ns": st.st_mtime_ns})
-    return out
+    fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return list_sockets(fd)
+    finally:
+        os.close(fd)
 
 
 # pax keeps mtimes to the nanosecond (as rsync -a does); atime/ctime records are noise
@@ -572,20 +561,36 @@ def collect_transit(topo, path: str, nodes: list[str], dest_dir: str, *,
         raise UsageError("no PATH given", hint="name a path relative to each node's scratch")
     confined = {h.name: confine_dest(h, "scratch", path, option="PATH") for h in hosts}
     dest_dir = os.path.abspath(dest_dir)
+    own = transport is None
+    transport = transport or transport_for(topo)
+    try:
+        return _collect(topo, path, hosts, confined, dest_dir, transport, fanout=fanout,
+                        timeout=timeout, progress=progress, replace=replace)
+    finally:
+        if own:
+            transport.close()
+
+
+def _collect(topo, path: str, hosts: list, confined: dict[str, HostDest], dest_dir: str,
+             transport: Transport, *, fanout: int, timeout: float | None, progress: Progress,
+             replace: bool) -> dict:
+    """collect_transit once its input is checked: preflight, then one stream per node."""
+    t0 = time.monotonic()
+    refused = _preflight(topo, hosts, confined, transport, fanout, timeout)
+    if refused:  # a device node on some node: nothing is sent, nothing is made here
+        return _refused_collect(path, dest_dir, hosts, refused, time.monotonic() - t0)
     try:
         os.makedirs(dest_dir, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create the destination: {e.strerror or e}",
                          where=dest_dir) from None
-    own = transport is None
-    transport = transport or transport_for(topo)
     job = uuid.uuid4().hex[:12]
     # appended by us after a node's tar ended well; the node never sees it, so a stream
     # cut short (node failed, killed, timed out) is never committed however it looks
     commit = f"CHIBA-COMMIT-{uuid.uuid4().hex}"
     base = agent_argv(topo)
     home_argv = [sys.executable, "-m", "legacy_transit.transit_agent", "extract"]
-    t0 = time.monotonic()
+    checked = time.monotonic() - t0
     if progress is not None:
         progress("start", stage="collect", hosts=[h.name for h in hosts])
 
@@ -639,11 +644,7 @@ def collect_transit(topo, path: str, nodes: list[str], dest_dir: str, *,
                 "tree": got.get("tree"), "tree_path": got.get("path"),
                 "previous": got.get("previous")}
 
-    try:
-        got = window(hosts, one, fanout)
-    finally:
-        if own:
-            transport.close()
+    got = window(hosts, one, fanout)
     hosts_out, failures = {}, {}
     for name, r in got.items():
         if isinstance(r, BaseException):
@@ -659,11 +660,49 @@ def collect_transit(topo, path: str, nodes: list[str], dest_dir: str, *,
     payload, files = tree_size(dest_dir)
     if progress is not None:
         progress("end", stage="collect", seconds=total, bytes=moved, failed=sorted(failures))
-    return {"method": "transit", "ok": not failures, "source": path, "dest_dir": dest_dir,
+    return {"method": "transit", "ok": not failures, "source": path, "dest": dest_dir,
+            "dest_dir": dest_dir,
             "nodes": [h.name for h in hosts], "bytes": moved, "payload_bytes": payload,
-            "files": files, "seconds": round(total, 6), "phases": {"collect": round(total, 6)},
+            "files": files, "seconds": round(total, 6),
+            "phases": {"check": round(checked, 6), "collect": round(total - checked, 6)},
             "phase_bytes": {"collect": moved}, "hosts": hosts_out, "failures": failures,
             "outcome": outcome(hosts_out, "host")}
+
+
+def _preflight(topo, hosts: list, confined: dict[str, HostDest], transport, fanout: int,
+               timeout: float | None) -> dict[str, str]:
+    """Every node checks its PATH for device nodes (transit_agent check) before any sends.
+
+    Returns host -> the line naming its device node, for the hosts that hold one. A node
+    that cannot answer or walk its PATH is not refused here: its pack fails and names it.
+    """
+    base = agent_argv(topo)
+
+    def one(h) -> dict | None:
+        d = confined[h.name]
+        spec = {"root": h.local_path(d.root), "rel": d.rel, "display": d.path}
+        return node_result(transport.run(h, [*base, "check", json.dumps(spec)],
+                                         timeout=timeout))
+
+    got = window(hosts, one, fanout)
+    return {h.name: got[h.name]["device"] for h in hosts
+            if isinstance(got.get(h.name), dict) and got[h.name].get("device")}
+
+
+def _refused_collect(path: str, dest_dir: str, hosts: list, refused: dict[str, str],
+                     seconds: float) -> dict:
+    """The result of a collect refused before anything was sent (the CLI exits 2)."""
+    culprits = ", ".join(refused)
+    rows = {h.name: {"ok": False, "bytes": 0, "seconds": 0.0, "throughput_bps": 0.0,
+                     "stage": "check", "tree": "none", "tree_path": None, "previous": None,
+                     "error": refused.get(h.name) or
+                     f"not collected: a device node on {culprits}"} for h in hosts}
+    return {"method": "transit", "ok": False, "source": path, "dest": dest_dir,
+            "dest_dir": dest_dir, "nodes": [h.name for h in hosts], "bytes": 0,
+            "payload_bytes": 0, "files": 0, "seconds": round(seconds, 6),
+            "phases": {"check": round(seconds, 6)}, "phase_bytes": {"collect": 0},
+            "hosts": rows, "failures": dict(refused), "refused": True,
+            "refusal": "; ".join(f"{h}: {why}" for h, why in refused.items())}
 
 
 class _Out:

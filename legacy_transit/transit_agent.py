@@ -6,10 +6,11 @@ fans out to its nodes and compacts their exit codes into its own, as pdsh forced
 pdsh it also prints the per-child detail as one JSON line, so the report can name the host.
 Imports stay lean (no topology, no networkx): this starts once per mayor per stage.
 
-``transit_agent extract SPEC`` / ``pack SPEC`` / ``probe SPEC`` (JSON argument) is the
-node-side half that each node runs (and the home server, for collect): unpack by
-descriptor below a confined destination, archive a confined path, or say what a silent
-unpacker left (:func:`extract`, :func:`pack_to_stdout`, :func:`probe`).
+``transit_agent extract SPEC`` / ``pack SPEC`` / ``probe SPEC`` / ``check SPEC`` (JSON
+argument) is the node-side half that each node runs (and the home server, for collect):
+unpack by descriptor below a confined destination, archive a confined path, say what a
+silent unpacker left, or check a path for device nodes before collect sends anything
+(:func:`extract`, :func:`pack_to_stdout`, :func:`probe`, :func:`check_path`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 __all__ = ["AgentHost", "host_record", "run_plan", "main", "RESULT_TAG", "extract",
-           "pack_to_stdout", "probe", "node_main", "node_result", "tar_x_argv", "ExtractError"]
+           "pack_to_stdout", "probe", "check_path", "list_sockets", "PACK_HEADER", "node_main",
+           "node_result", "tar_x_argv", "ExtractError"]
 
 RESULT_TAG = "CHIBA-TRANSIT-RESULT "  # marks the one line the caller parses
 
@@ -70,6 +72,10 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TMP, _OLD = ".chiba-tmp-", ".chiba-old-"  # + job id: exact names of this tool's own files
 _TRAILERS = ("Exiting with failure status", "Error is not recoverable")
 _READ = 1 << 16
+# collect: the node's pack writes one line before its tar stream, listing what GNU tar
+# skips (Unix sockets); the home side recreates them after extraction
+PACK_HEADER = b"CHIBA-PACK "
+_HEADER_MAX = 64 << 20
 
 
 class ExtractError(Exception):
@@ -156,8 +162,13 @@ def _read_exact(inp, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _feed_sanitized(inp, out, top: str, commit: str) -> None:
+def _feed_sanitized(inp, out, top: str, commit: str) -> list[dict]:
     """Re-emit an untrusted tar stream (a node's, for collect) into ``out``, safe members only.
+
+    The stream starts with the node's header line (:data:`PACK_HEADER` + JSON, see
+    :func:`pack_to_stdout`): the sockets below ``top``, returned once checked as members
+    are (``top`` or below it, no ``..``, in a directory of the archive, no name twice,
+    sane modes, owners and times) for :func:`_make_sockets` to recreate.
 
     Every member must be ``top`` or below it, without ``..`` or absolute names; types are
     regular files, directories, symlinks, hard links to an earlier regular member, FIFOs;
@@ -175,6 +186,7 @@ def _feed_sanitized(inp, out, top: str, commit: str) -> None:
     mtime_ok = re.compile(r"-?[0-9]{1,20}(\.[0-9]{1,9})?\Z")
     kinds: dict[str, str] = {}  # path -> "d" (directory), "f" (regular), "o" (other)
     w = None
+    sockets = _read_header(inp, top)
     try:
         src = tarfile.open(fileobj=inp, mode="r|")
         w = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT)
@@ -211,12 +223,45 @@ def _feed_sanitized(inp, out, top: str, commit: str) -> None:
         if not rest.endswith(token) or rest[:-len(token)].strip(b"\0"):
             raise ExtractError("the node's archive stream did not end as a complete one "
                                "(the node failed or sent trailing data); not committed")
+        for sk in sockets:
+            parent = sk["path"].rpartition("/")[0]
+            if sk["path"] in kinds or (parent and kinds.get(parent) != "d"):
+                raise ExtractError(f"socket {sk['path']!r} is not in a directory of the "
+                                   "archive or is also a member of it")
         w.close()
+        return sockets
     except tarfile.TarError as e:
         raise ExtractError(f"the node sent a damaged tar stream: {e}") from None
     finally:
         if w is not None and not w.closed:  # refused: tar is killed, flush nothing more
             w.closed = w.fileobj.closed = True
+
+
+def _read_header(inp, top: str) -> list[dict]:
+    """The node's header line: the sockets it listed, each checked (ExtractError if not)."""
+    line = inp.readline(_HEADER_MAX)
+    if not line.startswith(PACK_HEADER) or not line.endswith(b"\n"):
+        raise ExtractError("the node's pack did not start with its header line")
+    try:
+        listed = json.loads(line[len(PACK_HEADER):])["sockets"]
+    except (ValueError, KeyError, TypeError):
+        raise ExtractError("the node's pack header is not valid") from None
+    out, seen = [], set()
+    for sk in listed if isinstance(listed, list) else [None]:
+        ok = isinstance(sk, dict) and isinstance(sk.get("path"), str) and all(
+            type(sk.get(k)) is int for k in ("mode", "uid", "gid", "mtime_ns"))
+        if not ok or not 0 <= sk["mode"] <= 0o7777 or min(sk["uid"], sk["gid"]) < 0:
+            raise ExtractError(f"the node's pack header lists a bad socket: {sk!r:.200}")
+        try:
+            path = _member_name(sk["path"], top)
+        except ExtractError:
+            raise ExtractError(f"socket {sk['path']!r} listed by the node is outside {top!r}"
+                               " (absolute, '..' or another name)") from None
+        if path in seen:
+            raise ExtractError(f"socket {sk['path']!r} is listed twice")
+        seen.add(path)
+        out.append({"path": path, **{k: sk[k] for k in ("mode", "uid", "gid", "mtime_ns")}})
+    return out
 
 
 def _member_name(raw: str, top: str) -> str:
@@ -284,8 +329,8 @@ def extract(spec: dict, inp) -> dict:
             work = os.open("tree", _DIR_FLAGS, dir_fd=tmp_fd)
             fds.append(work)
         try:
-            _untar(spec, inp, work)
-            _make_sockets(work, spec.get("sockets") or ())
+            listed = _untar(spec, inp, work)  # collect: the sockets the node listed
+            _make_sockets(work, spec.get("sockets") or listed)
         except BaseException:
             if existed:
                 res["previous"] = shown
@@ -324,8 +369,10 @@ def _close(fds: list[int]) -> None:
         os.close(fd)
 
 
-def _untar(spec: dict, inp, work_fd: int) -> None:
-    """Run GNU tar -x in directory ``work_fd`` (fchdir: no path is resolved) fed from ``inp``."""
+def _untar(spec: dict, inp, work_fd: int) -> list[dict]:
+    """Run GNU tar -x in directory ``work_fd`` (fchdir: no path is resolved) fed from ``inp``.
+
+    Returns the sockets a node's sanitized stream listed (collect; ``[]`` for stage)."""
     import subprocess
     import threading
 
@@ -338,6 +385,7 @@ def _untar(spec: dict, inp, work_fd: int) -> None:
     except OSError:
         pass
     err: list[bytes] = []
+    sockets: list[dict] = []
     reader = threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True)
     reader.start()
     timer = None
@@ -347,7 +395,7 @@ def _untar(spec: dict, inp, work_fd: int) -> None:
     try:
         try:
             if spec.get("top"):
-                _feed_sanitized(inp, p.stdin, spec["top"], spec["commit"])
+                sockets = _feed_sanitized(inp, p.stdin, spec["top"], spec["commit"])
             else:
                 _feed_verified(inp, p.stdin, spec["hashes"], int(spec["chunk"]),
                                int(spec["size"]))
@@ -364,7 +412,7 @@ def _untar(spec: dict, inp, work_fd: int) -> None:
         if timer is not None:
             timer.cancel()
     if rc == 0:
-        return
+        return sockets
     if rc < 0 and timer is not None and not timer.is_alive():
         raise ExtractError(f"unpack timed out after {spec['timeout']}s")
     text = b"".join(err)
@@ -431,27 +479,104 @@ def _swap(parent_fd: int, tmp_fd: int, inner: str, name: str, job: str, existed:
         _remove(parent_fd, old)
 
 
+def list_sockets(dir_fd: int, name: str | None = None) -> list[dict]:
+    """The Unix sockets of a tree, which GNU tar does not archive (rsync -a keeps them).
+
+    The tree is the open directory ``dir_fd`` (paths relative to it), or its entry ``name``
+    (paths start with ``name``; ``name`` itself may be the socket). Nothing is followed
+    (:func:`inventory.source.walk_below`). Returns ``{"path", "mode", "uid", "gid",
+    "mtime_ns"}`` each, as :func:`_make_sockets` takes them; raises OSError.
+    """
+    import stat
+
+    from inventory.source import walk_below
+
+    def row(path: str, st: os.stat_result) -> dict:
+        return {"path": path, "mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid,
+                "gid": st.st_gid, "mtime_ns": st.st_mtime_ns}
+
+    prefix, fd = "", dir_fd
+    if name is not None:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            return [row(name, st)] if stat.S_ISSOCK(st.st_mode) else []
+        prefix, fd = f"{name}/", os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        return [row(prefix + rel, st) for rel, st in walk_below(fd)
+                if stat.S_ISSOCK(st.st_mode)]
+    finally:
+        if fd != dir_fd:
+            os.close(fd)
+
+
+def _open_parent(spec: dict) -> tuple[int, str]:
+    """(fd of the parent of ``spec["root"]/spec["rel"]``, its name), walked below root
+    without following symlinks; raises BeneathError naming the path (missing included)."""
+    from inventory.beneath import BeneathError, open_dir_beneath, open_root
+
+    parent_rel, _, name = spec["rel"].rpartition("/")
+    root = open_root(spec["root"])
+    try:
+        parent = open_dir_beneath(root, parent_rel, display=spec["root"])
+    finally:
+        os.close(root)
+    if not _exists(parent, name):
+        os.close(parent)
+        raise BeneathError(2, "does not exist", spec.get("display") or spec["rel"])
+    return parent, name
+
+
+def check_path(spec: dict) -> dict:
+    """collect's preflight on a node: is ``spec["root"]/spec["rel"]`` fit to send?
+
+    Returns ``{"ok", "device", "error"}``: ``device`` is one line naming the first device
+    node at or below it (inventory.source.find_device; the whole collect is refused);
+    ``error`` says why the path cannot be walked or read (that host fails at pack time).
+    """
+    from inventory.beneath import BeneathError
+    from inventory.source import find_device, unreadable
+
+    shown = spec.get("display") or spec["rel"]
+    try:
+        parent, name = _open_parent(spec)
+    except BeneathError as e:
+        return {"ok": False, "device": None, "error": str(e)}
+    try:
+        dev = find_device(parent, name)
+    except OSError as e:
+        return {"ok": False, "device": None, "error": unreadable(shown, e)}
+    finally:
+        os.close(parent)
+    if dev is not None:
+        return {"ok": False, "device": dev.line(shown), "error": None}
+    return {"ok": True, "device": None, "error": None}
+
+
 def pack_to_stdout(spec: dict) -> int:
     """``tar -c`` of ``spec["root"]/spec["rel"]`` onto stdout, its parent opened by descriptor.
 
     The parent is walked without following symlinks, so a symlink planted on the way
-    cannot make root archive (and send home) something outside the host's scratch. Does
-    not return on success (exec); returns 2 with one line on stderr when the path is bad.
+    cannot make root archive (and send home) something outside the host's scratch. The
+    tar stream is preceded by one header line, :data:`PACK_HEADER` + JSON
+    ``{"sockets": [...]}`` (:func:`list_sockets`: GNU tar skips sockets; the home side
+    recreates them). Does not return on success (exec); returns 2 with one line on stderr
+    when the path is bad.
     """
-    from inventory.beneath import BeneathError, open_dir_beneath, open_root
+    from inventory.beneath import BeneathError
 
-    parent_rel, _, name = spec["rel"].rpartition("/")
-    shown = spec.get("display") or spec["rel"]
     try:
-        root = open_root(spec["root"])
-        parent = open_dir_beneath(root, parent_rel, display=spec["root"])
-        if not _exists(parent, name):
-            raise BeneathError(2, "does not exist", shown)
+        parent, name = _open_parent(spec)
+        header = PACK_HEADER + json.dumps({"sockets": list_sockets(parent, name)}).encode()
         os.fchdir(parent)
-    except BeneathError as e:
-        sys.stderr.write(f"{e}\n")
+    except OSError as e:
+        why = str(e) if isinstance(e, BeneathError) else \
+            f"{spec.get('display') or spec['rel']}: {e.strerror or e}"
+        sys.stderr.write(f"{why}\n")
         return 2
     sys.stdout.flush()
+    view = memoryview(header + b"\n")
+    while view:
+        view = view[os.write(1, view):]
     os.execvp("tar", ["tar", "-c", "-f", "-", "--format=posix",
                       "--pax-option=delete=atime,delete=ctime", "--", name])
     return 127  # not reached
@@ -488,12 +613,13 @@ def probe(spec: dict) -> dict:
 
 
 def node_main(action: str, spec_json: str) -> int:
-    """``transit_agent extract|pack|probe SPEC``: the node-side (and home-side) half."""
+    """``transit_agent extract|pack|probe|check SPEC``: the node-side (and home-side) half."""
     spec = json.loads(spec_json)
     if action == "pack":
         return pack_to_stdout(spec)
-    if action == "probe":
-        sys.stdout.write(RESULT_TAG + json.dumps(probe(spec)) + "\n")
+    if action in ("probe", "check"):
+        got = probe(spec) if action == "probe" else check_path(spec)
+        sys.stdout.write(RESULT_TAG + json.dumps(got) + "\n")
         return 0
     if spec.get("input", "-") == "-":
         res = extract(spec, sys.stdin.buffer)

@@ -18,9 +18,9 @@ from inventory.beneath import (BeneathError, lock_dest, mark_staged, open_dir_be
 
 from .archive import (ChunkWriter, Extractor, PackInfo, RefusedMember, clean_stale,
                       make_locked_temp, new_hasher, pack_tree, remove_entry, temp_name)
-from .rankio import agree_any, emit, maxrss_bytes, rank_hosts, rank_main, test_hook, wait
+from .rankio import emit, maxrss_bytes, rank_hosts, rank_main, test_hook, wait
 
-__all__ = ["main", "send_tree", "receive_all"]
+__all__ = ["main", "check_node", "send_tree", "receive_all"]
 
 _GO, _DATA, _STATUS = 31, 32, 33
 
@@ -301,48 +301,92 @@ def receive_all(comm, hosts: list[str], ready: list[dict], out_fd: int,
     return [reports[r] for r in sorted(reports)]
 
 
+def check_node(spec: dict) -> tuple[int | None, str | None, dict]:
+    """A node's verdict on its PATH before anything is sent: (parent fd, name, verdict).
+
+    The verdict is ``{"ok", "error", "refused"}``: ``refused`` when a device node lies at
+    or below PATH (the check of ``inventory.source.check_source``, made here; the whole
+    collect is then refused, exit 2); not ``ok`` when PATH cannot be walked (this host
+    fails, the others are collected). The fd is None unless ``ok``.
+    """
+    from inventory.source import find_device, unreadable
+
+    shown = spec.get("shown", spec["rel"])
+    try:
+        src_fd, name = open_source(spec)
+    except OSError as e:
+        return None, None, {"ok": False, "refused": False, "error": str(e) if isinstance(
+            e, BeneathError) else f"{shown}: {e.strerror or e}"}
+    try:
+        dev = find_device(src_fd, name)
+    except OSError as e:
+        os.close(src_fd)
+        return None, None, {"ok": False, "refused": False, "error": unreadable(shown, e)}
+    if dev is not None:
+        os.close(src_fd)
+        return None, None, {"ok": False, "refused": True, "error": dev.line(shown)}
+    return src_fd, name, {"ok": True, "refused": False, "error": None}
+
+
+def _refused_reports(hosts: list[str], ready: list[dict]) -> list[dict]:
+    """Every node's report when one refused its PATH: nothing is collected from any."""
+    culprits = ", ".join(hosts[r] for r in range(1, len(ready)) if ready[r].get("refused"))
+    return [{"host": hosts[r], "ok": False, "bytes": 0, "seconds": 0.0, "stage": "check",
+             "primary": bool(ready[r].get("refused")), "refused": bool(ready[r].get("refused")),
+             "error": ready[r]["error"] if ready[r].get("refused") else
+             f"not collected: a device node on {culprits}"} for r in range(1, len(ready))]
+
+
 def main(comm, job: dict) -> int:
-    """Collect every node's path into ``job['out_dir']/<host>/<name>`` on rank 0."""
+    """Collect every node's path into ``job['out_dir']/<host>/<name>`` on rank 0.
+
+    1. every node checks its PATH (walkable, no device node) and rank 0 gathers the
+       verdicts; 2. a device node on any node refuses the whole collect: nothing is sent,
+       nothing is created on the home server (``refused`` in the reports); 3. otherwise
+       rank 0 makes ``out_dir`` and receives each ready node's stream.
+    """
     rank = comm.rank
     hosts = rank_hosts(job)
     t0 = time.time()
     out_fd = src_fd = None
     made_out = False
+    mine = {"ok": True, "refused": False, "error": None}
     if rank == 0:
         emit("start", time=t0, ranks=comm.size)
-        err = None
+    else:
+        src_fd, name, mine = check_node(job["paths"][hosts[rank]])
+    try:
+        # wait quietly while the nodes walk their trees (a blocking gather would spin on
+        # ranks that outnumber cores), then gather the verdicts at once
+        wait(comm.Ibarrier())
+        ready = comm.gather(mine, root=0)
+        if rank != 0:
+            if mine["ok"]:
+                # packed from the walked parent's fd: nothing on the way is looked up again
+                send_tree(comm, name, name, job, dir_fd=src_fd)
+            else:
+                send_tree(comm, "", "", job)  # rank 0 answers "skip"; nothing is sent
+            return 0
+        t = time.time()
+        if any(v.get("refused") for v in ready):
+            for r in range(1, comm.size):
+                comm.send(False, dest=r, tag=_GO)
+            emit("result", ok=False, reports=_refused_reports(hosts, ready),
+                 phases={"check": t - t0}, seconds=time.time() - t0)
+            return 0
         try:
             made_out = not os.path.lexists(job["out_dir"])
             out_fd = open_root(job["out_dir"], create=True)
         except OSError as e:
-            err = f"cannot create {job['out_dir']}: {e.strerror or e}"
-        mine = {"ok": err is None, "error": err}
-    else:
-        spec = job["paths"][hosts[rank]]
-        try:
-            src_fd, name = open_source(spec)
-            mine = {"ok": True, "error": None}
-        except OSError as e:
-            mine = {"ok": False, "error": str(e) if isinstance(e, BeneathError)
-                    else f"{spec['shown']}: {e.strerror or e}"}
-    try:
-        if agree_any(comm, rank == 0 and not mine["ok"]):
-            if rank == 0:
-                emit("result", ok=False, reports=[], error=mine["error"], phases={},
-                     seconds=time.time() - t0)
+            for r in range(1, comm.size):
+                comm.send(False, dest=r, tag=_GO)
+            emit("result", ok=False, reports=[], phases={}, seconds=time.time() - t0,
+                 error=f"cannot create {job['out_dir']}: {e.strerror or e}")
             return 0
-        ready = comm.gather(mine, root=0)
-        t = time.time()
-        if rank == 0:
-            reports = receive_all(comm, hosts, ready, out_fd, job)
-            emit("result", ok=all(r["ok"] for r in reports), reports=reports,
-                 phases={"check": t - t0, "collect": time.time() - t},
-                 seconds=time.time() - t0, maxrss_root=maxrss_bytes())
-        elif mine["ok"]:
-            # packed from the walked parent's fd: nothing on the way is looked up again
-            send_tree(comm, name, name, job, dir_fd=src_fd)
-        else:
-            send_tree(comm, "", "", job)  # rank 0 answers "skip"; nothing is sent
+        reports = receive_all(comm, hosts, ready, out_fd, job)
+        emit("result", ok=all(r["ok"] for r in reports), reports=reports,
+             phases={"check": t - t0, "collect": time.time() - t},
+             seconds=time.time() - t0, maxrss_root=maxrss_bytes())
     finally:
         for fd in (src_fd, out_fd):
             if fd is not None:

@@ -376,7 +376,10 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
     streams at a time; each host's copy is moved in only when complete and verified.
     ``path`` is confined below each node's scratch (option PATH); UsageError (exit 2)
     before any launch for a refused path, a ``dest_dir`` that is a file, or an existing
-    ``dest_dir/<host>/<name>`` not made by collect (unless ``replace``).
+    ``dest_dir/<host>/<name>`` not made by collect (unless ``replace``). A device node
+    below any node's ``path`` refuses the whole collect before anything is sent:
+    ``result["refused"]`` (exit 2), ``result["refusal"]`` one line naming each such host
+    and device, nothing created on the home server.
     """
     nodes = check_nodes(topo, nodes)
     home = topo.home_server.name
@@ -417,7 +420,12 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
         result["phases"]["exit"] = res.exit_seconds()
         reports = r["reports"]
         result["hosts"] = host_rows(reports)
-        result["failures"] = {x["host"]: x["error"] for x in reports if x.get("error")}
+        result["failures"] = {x["host"]: x["error"] for x in reports
+                              if x.get("error") and x.get("primary", True)}
+        refused = {x["host"]: x["error"] for x in reports if x.get("refused")}
+        if refused:  # a device node below PATH: nothing was sent (the CLI exits 2)
+            result["refused"] = True
+            result["refusal"] = "; ".join(f"{h}: {why}" for h, why in refused.items())
         if r.get("error"):
             result["failures"][home] = r["error"]
             result["error"] = r["error"]

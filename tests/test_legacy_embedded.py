@@ -422,11 +422,7 @@ def test_transit_keeps_owners_setuid_fifo_mtimes_as_rsync(demo, cli, tmp_path):
     assert r.code == 0, r.err
     for got in (_h(state, "ccn01", "scratch", "own"), _h(state, "ccn05", "scratch", "own"),
                 tmp_path / "back" / "ccn05" / "own"):
-        if got.parent.name == "ccn05" and got.parent.parent.name == "back":
-            # collect: the node's GNU tar skips the socket (README); all else as rsync -a
-            mtime = os.lstat(ref / "sub dir").st_mtime_ns
-            (ref / "sub dir" / "sock").unlink()
-            os.utime(ref / "sub dir", ns=(1, mtime))
+        # the socket too, both ways: GNU tar skips it, the agents list and recreate it
         assert _meta(got) == _meta(ref)
         assert os.lstat(got / "plain.txt").st_ino == \
             os.lstat(got / "sub dir" / "hard link").st_ino  # one file, two names
@@ -717,3 +713,98 @@ def test_transit_node_killed_mid_unpack_partial_reported_then_swept(demo, tmp_pa
     assert sorted(p.name for p in _h(state, "ccn01", "scratch").iterdir()) == \
         [".data.chiba-staged", "data"]
     assert_same_tree(src, _h(state, "ccn01", "scratch", "data"))
+
+
+# --- collect: the sockets a node lists in its pack header are untrusted too ------------------
+def _pack_stream(header: bytes, members: list, tmp_path: Path, commit: str) -> bytes:
+    """What a (compromised) node's pack sends: a header line, a tar, then our commit token."""
+    tar = _crafted(tmp_path / "members.tar", members).read_bytes()
+    return header + tar + commit.encode()
+
+
+def _sock(path: str, **kw) -> dict:
+    return {"path": path, "mode": 0o640, "uid": os.getuid(), "gid": os.getgid(),
+            "mtime_ns": 1_300_000_000_123_456_789, **kw}
+
+
+def _header(sockets) -> bytes:
+    import json
+
+    from legacy_transit.transit_agent import PACK_HEADER
+
+    return PACK_HEADER + json.dumps({"sockets": sockets}).encode() + b"\n"
+
+
+BASE = [("r", "dir", None), ("r/d", "dir", None), ("r/f", "file", "data"),
+        ("r/l", "sym", "VICTIM")]
+HOSTILE_HEADERS = {
+    "dotdot": _header([_sock("r/../../pwned")]),
+    "absolute": _header([_sock("/tmp/pwned-sock")]),
+    "another top": _header([_sock("x/pwned")]),
+    "below a symlink": _header([_sock("r/l/pwned")]),
+    "below a file": _header([_sock("r/f/pwned")]),
+    "over a member": _header([_sock("r/f")]),
+    "in no directory of the archive": _header([_sock("r/nodir/pwned")]),
+    "listed twice": _header([_sock("r/d/pwned"), _sock("r/d/pwned")]),
+    "file type bits in the mode": _header([_sock("r/d/pwned", mode=0o140644)]),
+    "negative owner": _header([_sock("r/d/pwned", uid=-1)]),
+    "mode as text": _header([_sock("r/d/pwned", mode="0644")]),
+    "not a list": _header({"path": "r/d/pwned"}),
+    "no header": b"",
+    "no newline": _header([])[:-1],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_HEADERS))
+def test_collect_hostile_socket_list_refused_on_the_home_server(tmp_path, kind):
+    """A compromised node's socket list cannot place a socket outside DIR/<host>/<name>,
+    through a symlink, over a member, or with a mode or owner that is not one."""
+    import io
+
+    from legacy_transit.transit_agent import extract
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    members = [(n, k, str(victim) if e == "VICTIM" else e) for n, k, e in BASE]
+    home = tmp_path / "home"
+    home.mkdir()
+    commit = "CHIBA-COMMIT-test"
+    spec = {"root": str(home), "rel": "ccn02/r", "display": str(home / "ccn02" / "r"),
+            "inner": "r", "top": "r", "job": "0123456789ab", "replace": False,
+            "timeout": 60, "input": "-", "commit": commit}
+    res = extract(spec, io.BytesIO(_pack_stream(HOSTILE_HEADERS[kind], members, tmp_path,
+                                                commit)))
+    assert not res["ok"] and res["tree"] == "none", res
+    assert os.listdir(home / "ccn02") == []  # no tree, no temporary directory
+    assert os.listdir(victim) == []
+    assert not list(tmp_path.rglob("pwned*")) and not Path("/tmp/pwned-sock").exists()
+
+
+def test_collect_listed_sockets_recreated_by_descriptor(tmp_path):
+    """The sockets a node lists are made in the collected tree, with mode and mtime (and
+    owner as root), the parent's mtime kept as tar restored it."""
+    import io
+    import stat
+
+    from legacy_transit.transit_agent import extract
+
+    home = tmp_path / "home"
+    home.mkdir()
+    commit = "CHIBA-COMMIT-test"
+    spec = {"root": str(home), "rel": "ccn02/r", "display": "x", "inner": "r", "top": "r",
+            "job": "0123456789ab", "replace": False, "timeout": 60, "input": "-",
+            "commit": commit}
+    header = _header([_sock("r/d/a sock", uid=4321 if os.geteuid() == 0 else os.getuid()),
+                      _sock("r/top sock", mode=0o600)])
+    members = [("r", "dir", None), ("r/d", "dir", None), ("r/f", "file", "data")]
+    res = extract(spec, io.BytesIO(_pack_stream(header, members, tmp_path, commit)))
+    assert res["ok"], res
+    got = home / "ccn02" / "r"
+    for rel, mode in (("d/a sock", 0o640), ("top sock", 0o600)):
+        st = os.lstat(got / rel)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == mode
+        assert st.st_mtime_ns == 1_300_000_000_123_456_789
+    if os.geteuid() == 0:
+        assert os.lstat(got / "d" / "a sock").st_uid == 4321
+    # _crafted's members have mtime 0: tar set it, the recreated sockets did not move it
+    assert os.lstat(got / "d").st_mtime_ns == 0 and os.lstat(got).st_mtime_ns == 0

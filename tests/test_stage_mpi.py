@@ -545,3 +545,90 @@ def test_compromised_nodes_archive_is_refused_on_the_home_server(embedded, cli, 
     assert os.listdir(outside) == []
     assert sorted(os.listdir(out)) == ["ccn01", "ccn03"], "no empty per-host dir is left"
     assert rank_processes(embedded) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a device node needs root (CAP_MKNOD)")
+@pytest.mark.parametrize("method", ["mpi", "transit"])
+def test_collect_device_node_on_any_node_refuses_everything_in_one_line(embedded, cli,
+                                                                        tmp_path, method):
+    """Issue 14: a device node below one node's PATH, however deep: no node's copy is
+    collected, nothing is made on the home server, one stderr line names each such host
+    and device, exit 2. A symlink to a device is data (not followed), a missing PATH on
+    another node does not hide the refusal."""
+    trees = {n: _results(embedded, n) for n in NODES[:3]}  # ccn04 has no results
+    private = os.path.join(trees["ccn02"], "private 0700", "deep")
+    os.makedirs(private)
+    os.chmod(os.path.dirname(private), 0o700)
+    os.mknod(os.path.join(private, "null"), 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(os.path.join(trees["ccn03"], "loop"), 0o600 | stat.S_IFBLK, os.makedev(7, 0))
+    os.symlink("/dev/null", os.path.join(trees["ccn01"], "tty"))
+    out = tmp_path / "out"
+    args = ("collect", "results", "--nodes", "ccn[01-04]", "--dest", str(out), "--method",
+            method)
+    r = cli(*args)
+    assert r.code == 2, r.err
+    lines = r.err.splitlines()
+    assert len(lines) == 1, r.err
+    assert lines[0].startswith("chiba-admin collect: ccn02: /scratch/results/private 0700/"
+                               "deep/null: a character device node (device nodes are never "
+                               "copied; remove it or exclude it)"), lines[0]
+    assert "ccn03: /scratch/results/loop: a block device node" in lines[0]
+    assert "ccn01" not in lines[0] and "ccn04" not in lines[0]
+    assert not out.exists()
+    r = cli(*args, "--json")
+    j = r.json()
+    assert r.code == 2 and j["refused"] and set(j["failures"]) == {"ccn02", "ccn03"}
+    assert not j["hosts"]["ccn01"]["ok"] and j["hosts"]["ccn01"]["stage"] == "check"
+    assert not out.exists()
+    # without the devices: the symlink to a device comes home as the symlink it is
+    os.remove(os.path.join(private, "null"))
+    os.remove(os.path.join(trees["ccn03"], "loop"))
+    r = cli(*args[:3], "ccn[01-03]", *args[4:])
+    assert r.code == 0, r.err
+    assert os.readlink(out / "ccn01" / "results" / "tty") == "/dev/null"
+    assert rank_processes(embedded) == []
+
+
+@pytest.mark.parametrize("method", ["mpi", "transit"])
+def test_collect_a_path_that_is_a_socket(embedded, cli, tmp_path, method):
+    """rsync -a copies a lone socket as a socket; so does collect (GNU tar skips it)."""
+    import socket
+
+    sk = socket.socket(socket.AF_UNIX)
+    sk.bind(os.path.join(scratch(embedded, "ccn01"), "agent.sock"))
+    sk.close()
+    r = cli("collect", "agent.sock", "--nodes", "ccn01", "--dest", str(tmp_path / "o"),
+            "--method", method)
+    assert r.code == 0, r.err
+    assert stat.S_ISSOCK(os.lstat(tmp_path / "o" / "ccn01" / "agent.sock").st_mode)
+
+
+def test_find_device_follows_nothing_and_names_the_path(tmp_path):
+    """The node-side check of collect (inventory.source.find_device): a symlink to /dev is
+    data; a device is named below the tree as shown; an unreadable path names itself."""
+    from inventory.source import find_device, unreadable
+
+    (tmp_path / "t" / "a" / "b").mkdir(parents=True)
+    os.symlink("/dev", tmp_path / "t" / "a" / "dev link")
+    os.symlink("/dev/null", tmp_path / "null link")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        before = sorted(os.listdir("/proc/self/fd"))
+        assert find_device(fd, "t") is None
+        assert find_device(fd, "null link") is None  # not even when PATH is the symlink
+        assert sorted(os.listdir("/proc/self/fd")) == before  # one fd per level, all closed
+        with pytest.raises(OSError) as e:
+            find_device(fd, "missing")
+        assert unreadable("/scratch/missing", e.value) == \
+            "cannot read /scratch/missing: No such file or directory"
+        assert unreadable("/scratch/t", OSError(13, "Permission denied", "a/b")) == \
+            "cannot read /scratch/t/a/b: Permission denied"
+        if os.geteuid() == 0:
+            os.mknod(tmp_path / "t" / "a" / "b" / "caf\udce9", 0o600 | stat.S_IFBLK,
+                     os.makedev(7, 0))
+            dev = find_device(fd, "t")
+            assert (dev.rel, dev.kind) == ("a/b/caf\udce9", "block")
+            assert dev.line("/scratch/t").startswith(
+                "/scratch/t/a/b/caf\\xe9: a block device node (")
+    finally:
+        os.close(fd)

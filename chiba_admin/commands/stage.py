@@ -39,7 +39,11 @@ def _transit_progress(bar):
 
 
 def render_result(result: dict, verb: str) -> None:
-    """A table with one row per host, a summary line, then each failure on stderr."""
+    """A table with one row per host, a summary line, then each failure on stderr.
+
+    A result with ``refusal`` (bad input the hosts found before anything was sent, e.g. a
+    device node below collect's PATH) prints that one line on stderr and nothing else.
+    """
     hosts = result.get("hosts", {})
     # stage's --algorithm is the user's choice; collect's window is an internal detail
     algo = f"/{result['algorithm']}" if result.get("algorithm") and verb == "stage" else ""
@@ -65,6 +69,9 @@ def render_result(result: dict, verb: str) -> None:
               f"{result.get('seconds', 0):.2f} s" + (escape(f" [{phases}]") if phases else ""))
     if not result.get("ok"):
         err = get_err_console()
+        if result.get("refusal"):  # bad input found on the hosts, nothing sent: one line
+            err.print(f"chiba-admin {verb}: {result['refusal']}", markup=False)
+            return
         if result.get("error"):
             err.print(f"chiba-admin {verb}: {result['error']}", markup=False)
         for name, why in (result.get("failures") or {}).items():
