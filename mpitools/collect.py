@@ -259,8 +259,16 @@ class _Incoming:
 
 def receive_all(comm, hosts: list[str], ready: list[dict], out_fd: int,
                 job: dict) -> list[dict]:
-    """Rank 0: receive every ready node's stream, ``window`` nodes at a time."""
+    """Rank 0: receive every ready node's stream, ``window`` nodes at a time.
+
+    The next node to start is taken from the town with the fewest streams running
+    (``job["towns"]``, each rank's town): a town's nodes share their mayor's town-side
+    link, so four streams from one town take four times as long as one from each of
+    four towns (measured on the testbed: 219 s against City Transit's 115 s for 8 nodes
+    in 2 towns when the window filled town by town).
+    """
     window = max(1, int(job.get("window", 4)))
+    towns = job.get("towns") or [None] * len(hosts)
     reports: dict[int, dict] = {}
     todo = []
     for r in range(1, comm.size):
@@ -274,7 +282,9 @@ def receive_all(comm, hosts: list[str], ready: list[dict], out_fd: int,
     total, last = 0, 0.0
     while todo or active:
         while todo and len(active) < window:
-            r = todo.pop(0)
+            busy = [towns[a] for a in active]
+            r = min(todo, key=lambda x: (busy.count(towns[x]), todo.index(x)))
+            todo.remove(r)
             try:
                 active[r] = _Incoming(comm, r, hosts[r], out_fd, job)
             except OSError as e:

@@ -396,7 +396,11 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
     ranks = rank_hosts(topo, nodes, home)
     job = {"jobid": secrets.token_hex(6), "compress": compress, "chunk": int(chunk),
            "hash_alg": "blake3", "hosts": ranks, "paths": paths, "out_dir": dest_dir,
-           "names": names, "window": window, "replace": bool(replace)}
+           "names": names, "window": window, "replace": bool(replace),
+           # the town of each rank: rank 0 spreads its window over the towns, so that
+           # each town's shared uplink carries one stream, not the whole window's
+           "towns": [topo.host(h).town for h in ranks]}
+
     def on_event(ev: dict) -> None:
         if ev.get("event") == "progress" and progress is not None:
             progress.update(ev.get("done"), None,
