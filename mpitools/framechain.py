@@ -5,7 +5,7 @@ forwards it to rank i+1 and then hands it to its consumer, so every link of a ch
 ordered town by town carries the data once and the stream's bytes reach the last rank
 one frame behind the first. Waiting is a ``Test`` followed by a short sleep rather than a
 blocking call: on hosts whose ranks share cores, a spinning wait starves the ranks that
-have work (DESIGN.md, "Known facts").
+have work (docs/design.md, "Waiting without spinning").
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ __all__ = ["EVENT_PREFIX", "PeerLost", "load_job", "rank_hosts", "encode_job", "
 
 EVENT_PREFIX = "@@chiba "
 # Waiting by Test + a short sleep instead of a blocking call: ranks that outnumber cores
-# would otherwise spin and starve each other (DESIGN.md, "Known facts").
+# would otherwise spin and starve each other (docs/design.md, "Waiting without spinning").
 SLEEP = 0.001
 
 

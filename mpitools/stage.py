@@ -5,7 +5,7 @@ Run as ``mpiexec ... python -m mpitools.stage JOB`` (JOB from ``rankio.encode_jo
 
 # Rank-side: standard library, mpi4py, zstandard/blake3 only; imports stay lean (every
 # rank of a launch imports this; numpy alone cost 0.13 s of CPU per rank)
-# because every rank pays for them at start-up (DESIGN.md).
+# because every rank pays for them at start-up (docs/design.md, "Lean ranks").
 from __future__ import annotations
 
 import errno

@@ -12,8 +12,9 @@ barrier with one allgather), forwards their output to rank 0 and reports exit st
 Messages from rank 0 to the others (``_REQ``): a request dict, or None to stop; from the
 others to rank 0: output pieces (``_OUT``) and the statuses at the end (``_DONE``). Every
 send from a rank that runs tasks is non-blocking, so a rank waiting in a PMI allgather
-never holds up another (DESIGN.md: waiting without spinning; ranks sleep between tests, 1 ms
-while a command runs and backing off to 20 ms when idle).
+never holds up another. Ranks wait without spinning (docs/design.md, "Waiting without
+spinning"): 1 ms between tests while a command runs and for a moment after, backing off
+to 20 ms when idle.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ __all__ = ["main", "place_tasks", "mapping_blocks", "WRAPPERS"]
 
 _REQ, _OUT, _DONE = 11, 12, 13
 WRAPPERS = ("mpiexec", "mpirun", "srun", "pbsdsh")
-_IDLE_CAP = 0.02    # seconds between tests when nothing runs (measured: DESIGN.md)
+_IDLE_CAP = 0.02    # seconds between tests when nothing runs (docs/design.md)
 _BUSY_SLEEP = 0.001
 # A script's commands come back to back: after activity a rank keeps testing every
 # millisecond this long before it backs off, so the next request is seen at once.
@@ -83,6 +84,25 @@ def mapping_blocks(placement: dict[int, list[int]]) -> str:
         else:
             blocks.append([node, 1, n])
     return "(vector," + ",".join(f"({a},{b},{c})" for a, b, c in blocks) + ")"
+
+
+class _Pause:
+    """Sleep between loop turns without spinning: 1 ms while work runs or ran in the last
+    :data:`_LINGER` seconds, then doubling up to :data:`_IDLE_CAP`."""
+
+    def __init__(self):
+        self.sleep, self.last = _BUSY_SLEEP, time.monotonic()
+
+    def after(self, busy: bool, running: bool) -> None:
+        """Called at the end of each turn; ``busy``: it did something; ``running``: a
+        command is under way."""
+        now = time.monotonic()
+        if busy or running:
+            self.last = now
+        self.sleep = (_BUSY_SLEEP if now - self.last < _LINGER
+                      else min(_IDLE_CAP, self.sleep * 2))
+        if not busy:
+            time.sleep(self.sleep)
 
 
 @dataclass
@@ -231,18 +251,13 @@ class _Rank:
 
     # the loop of ranks other than 0 ---------------------------------------------------
     def run_worker(self) -> int:
-        sleep, last = _BUSY_SLEEP, time.monotonic()
+        pause = _Pause()
         try:
             while not self.stopping:
                 busy = self.poll_mpi()
                 busy |= self.pump_command()
                 running = self.cmd is not None and not self.cmd.done_sent
-                if busy or running:
-                    last = time.monotonic()
-                sleep = (_BUSY_SLEEP if time.monotonic() - last < _LINGER
-                         else min(_IDLE_CAP, sleep * 2))
-                if not busy:
-                    time.sleep(sleep)
+                pause.after(busy, running)
         finally:
             self.kill_everything()
         self.finish_sends()
@@ -419,7 +434,7 @@ class _Leader(_Rank):
         self.start_script()
         walltime = self.job.get("walltime")
         warned = False
-        sleep, last = _BUSY_SLEEP, time.monotonic()
+        pause = _Pause()
         try:
             while True:
                 busy = self.poll_mpi()
@@ -443,12 +458,7 @@ class _Leader(_Rank):
                         emit("warn", msg=f"walltime of {walltime:g} s exceeded: ending "
                                          "every task")
                         break
-                if busy or self.cmd:
-                    last = time.monotonic()
-                sleep = (_BUSY_SLEEP if time.monotonic() - last < _LINGER
-                         else min(_IDLE_CAP, sleep * 2))
-                if not busy:
-                    time.sleep(sleep)
+                pause.after(busy, self.cmd is not None)
         finally:
             self.stop_all()
         self.end_command()

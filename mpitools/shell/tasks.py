@@ -124,7 +124,8 @@ class LocalTasks:
         """Note which of ``names`` (shared-library file names) each live task has mapped.
 
         MPISH uses it to recognise Open MPI programs (``libmpi.so.40``), which speak PMIx
-        only and would silently run as jobs of size 1 under a PMI-1 server (DESIGN.md).
+        only and would silently run as jobs of size 1 under a PMI-1 server
+        (docs/design.md, "MPISH and PMI").
         """
         for t in self.tasks.values():
             if t.proc is None or t.proc.poll() is not None or len(t.libs) == len(names):
