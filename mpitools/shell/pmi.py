@@ -75,7 +75,8 @@ def parse_request(line: bytes) -> dict[str, str]:
 
 
 def format_response(cmd: str, **fields: object) -> bytes:
-    """``format_response("get_result", rc=0, value="x")`` -> ``b"cmd=get_result rc=0 value=x\\n"``."""
+    """One response line: ``format_response("get_result", rc=0, value="x")`` gives
+    ``b"cmd=get_result rc=0 value=x\\n"``."""
     parts = [f"cmd={cmd}"] + [f"{k}={v}" for k, v in fields.items()]
     return (" ".join(parts) + "\n").encode("ascii")
 
