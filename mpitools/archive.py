@@ -217,10 +217,11 @@ class _Packer:
     the opened fd, so what is recorded is what is read.
     """
 
-    def __init__(self, tar: tarfile.TarFile):
+    def __init__(self, tar: tarfile.TarFile, on_payload: Callable[[int], None] | None = None):
         self.tar = tar
         self.files = self.bytes = 0
         self._links: dict[tuple[int, int], str] = {}
+        self._on_payload = on_payload
 
     def _info(self, st: os.stat_result, arcname: str, where: str) -> tarfile.TarInfo:
         ti = tarfile.TarInfo(arcname)
@@ -285,18 +286,22 @@ class _Packer:
     def _emit(self, ti: tarfile.TarInfo, f=None) -> None:
         self.files += 1
         self.tar.addfile(ti, f)
+        if self._on_payload is not None and ti.isreg():
+            self._on_payload(ti.size)
 
 
 def pack_tree(src: str, out: BinaryIO, compress: str = "zstd", *, level: int | None = None,
               hash_alg: str = "blake3", arcname: str | None = None, dir_fd: int | None = None,
-              block: int = BLOCK) -> PackInfo:
+              block: int = BLOCK, on_payload: Callable[[int], None] | None = None) -> PackInfo:
     """Stream ``src`` as a tar into ``out``; returns its PackInfo (sizes, hash, block digests).
 
     Without ``arcname`` the directory ``src`` is packed as ``.`` (its own mode, owner and
     mtime travel too, as ``rsync -a src/ dest`` keeps them; ``src`` itself may be a symlink
     to it) followed by its contents; with ``arcname`` the entry ``src`` (a file, symlink or
     tree; relative to ``dir_fd`` when given) is packed under that name, not followed.
-    Nothing below is followed (see :class:`_Packer`). Symlinks are stored as they are,
+    ``on_payload(n)`` is told each regular file's size (bytes) once it is packed, for a
+    progress bar whose total is known from the scan. Nothing below is followed (see
+    :class:`_Packer`). Symlinks are stored as they are,
     FIFOs as FIFOs, sockets as FIFOs marked by a PAX attribute, mtimes exactly. Raises
     OSError for a device node (refused before anything is sent by every method).
     """
@@ -315,7 +320,7 @@ def pack_tree(src: str, out: BinaryIO, compress: str = "zstd", *, level: int | N
     # PAX keeps long names, newlines and non-ASCII names intact; stream mode never seeks.
     with tarfile.open(fileobj=comp, mode="w|", format=tarfile.PAX_FORMAT,
                       bufsize=1 << 20) as tar:
-        packer = _Packer(tar)
+        packer = _Packer(tar, on_payload)
         if arcname is None:
             fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
             try:

@@ -47,15 +47,16 @@ class Published:
 
 
 def publish(src: str, spool_dir: str, compress: str = "zstd", *,
-            hash_alg: str = "blake3") -> Published:
-    """Pack ``src`` into ``spool_dir`` under a fresh name (written aside, then renamed)."""
+            hash_alg: str = "blake3", on_payload=None) -> Published:
+    """Pack ``src`` into ``spool_dir`` under a fresh name (written aside, then renamed);
+    ``on_payload(n)`` as in :func:`mpitools.archive.pack_tree`."""
     name = spool_name(compress)
     final = os.path.join(spool_dir, name)
     part = os.path.join(spool_dir, "." + name + ".part")  # dot names are never served
     try:
         with open(part, "wb", buffering=1 << 20) as out:
             os.chmod(part, 0o600)
-            info = pack_tree(src, out, compress, hash_alg=hash_alg)
+            info = pack_tree(src, out, compress, hash_alg=hash_alg, on_payload=on_payload)
         os.rename(part, final)
     except BaseException:
         try:

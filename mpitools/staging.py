@@ -185,10 +185,16 @@ def stage_mpi(topo, src: str, nodes: list[str], dest: str | None = None, *,
     dests = _confine_all(topo, rank_hosts(topo, nodes), dest, os.path.basename(src))
     spool = _spool_or_fail(topo)
     t0 = time.time()
-    if progress is not None:
-        progress.update(label="packing")
+    on_payload = None
+    if progress is not None:  # the scan told the payload's size: a bar with a total
+        progress.update(0, info.bytes, "packing")
+        packed = [0]
+
+        def on_payload(n: int) -> None:
+            packed[0] += n
+            progress.update(packed[0])
     try:
-        pub = publish(src, spool, compress)
+        pub = publish(src, spool, compress, on_payload=on_payload)
     except OSError as e:
         raise StageError(f"cannot pack {src}: {e}", where=src) from None
     try:

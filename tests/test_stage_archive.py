@@ -327,3 +327,20 @@ def test_directory_swapped_for_a_symlink_while_packing_is_not_followed(tmp_path,
         pack_tree(str(src), out, "none")
     monkeypatch.undo()
     assert swapped and b"root's secret" not in out.getvalue()
+
+
+def test_pack_tells_the_payload_as_it_goes(tmp_path):
+    """The packing progress bar's total is the scanned payload; the packer counts up to it."""
+    import io
+
+    from inventory.source import check_source
+    from mpitools.archive import pack_tree
+
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "a").write_bytes(b"x" * 5000)
+    (src / "d" / "b").write_bytes(b"y" * 123)
+    (src / "l").symlink_to("a")
+    seen: list[int] = []
+    pack_tree(str(src), io.BytesIO(), "zstd", on_payload=seen.append)
+    assert sorted(seen) == [123, 5000] and sum(seen) == check_source(str(src)).bytes
