@@ -66,3 +66,31 @@ def test_bad_option_value_one_line_exit_2(cli, tmp_path, path, option, bad, posi
     assert lines[0].startswith("chiba-admin: error: ") and option in lines[0], lines[0]
     assert bad in lines[0] or "not-a-number" not in bad, lines[0]
     assert not state.exists() or not any(os.scandir(state))  # nothing created
+
+
+# options whose values the commands parse themselves (sizes, durations, names)
+PARSED = [
+    (["stage", "x", "--nodes", "@nodes", "--chunk", "abc"], "--chunk"),
+    (["collect", "x", "--nodes", "@nodes", "--dest", "d", "--chunk", "12"], "--chunk"),
+    (["sync-mayors", "x", "--chunk", "lots"], "--chunk"),
+    (["shell", "--nodes", "ccn01", "--walltime", "soon", "x"], "--walltime"),
+    (["bench", "stage", "--where", "embedded", "--sizes", "big"], "--sizes"),
+    (["bench", "sync", "--where", "embedded", "--targets", "many"], "--targets"),
+    (["bench", "stage", "--where", "embedded", "--shape", "2by4"], "--shape"),
+    (["predict", "stage", "--sizes", "huge"], "--sizes"),
+]
+
+
+@pytest.mark.parametrize("args,option", PARSED, ids=[" ".join(a[:1] + [o]) for a, o in PARSED])
+def test_parsed_option_value_one_line_exit_2(cli, tmp_path, embedded, args, option):
+    src = tmp_path / "x"
+    src.mkdir()
+    (src / "f").write_text("f")
+    args = [str(src) if a == "x" else a for a in args]
+    before = sorted(p for p in os.listdir(tmp_path))
+    r = cli(*args)
+    assert r.code == 2, (r.out, r.err)
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chiba-admin: error: "), r.err
+    assert option in lines[0] or option.lstrip("-") in lines[0], lines[0]
+    assert sorted(p for p in os.listdir(tmp_path)) == before  # nothing created
