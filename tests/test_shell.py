@@ -216,21 +216,42 @@ def test_bad_input_one_line_exit_2(embedded, tmp_path, script, opts, words):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+# What another user would run: connect to the job's socket and ask for a command. Plain
+# system Python, nothing of the checkout (another user may not read the checkout at all).
+_INTRUDER = (
+    "import json, socket, sys\n"
+    "s = socket.socket(socket.AF_UNIX)\n"
+    "try:\n"
+    "    s.connect(sys.argv[1])\n"
+    "except OSError as e:\n"
+    "    print('connect:', e.strerror, file=sys.stderr); sys.exit(1)\n"
+    "s.sendall(json.dumps({'argv': ['true']}).encode() + b'\\n')\n"
+    "print('reply:', s.makefile().readline().strip(), file=sys.stderr)\n"
+    "sys.exit(1)\n")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+@pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="needs /usr/bin/python3")
 def test_request_from_another_user_is_refused(embedded, tmp_path):
-    nobody = (f"setpriv --reuid 65534 --regid 65534 --clear-groups {sys.executable} "
-              "-m mpitools.shell.client srun true")
-    r = shell(embedded, tmp_path, f"""
+    probe = Path("/tmp") / f"chiba-intruder-{os.getpid()}.py"
+    probe.write_text(_INTRUDER)
+    probe.chmod(0o644)
+    nobody = (f"setpriv --reuid 65534 --regid 65534 --clear-groups /usr/bin/python3 {probe} "
+              '"$CHIBA_SHELL_SOCKET"')
+    try:
+        r = shell(embedded, tmp_path, f"""
 {nobody}
 echo "rc=$?"
 # even with the directory and the socket opened to everyone, the peer's uid is checked
 chmod 755 "$(dirname "$CHIBA_SHELL_SOCKET")" && chmod 777 "$CHIBA_SHELL_SOCKET"
 {nobody}
 echo "rc=$?"
-""", "--nodes", "ccn[01-02]", env={"PYTHONPATH": str(REPO)})
+""", "--nodes", "ccn[01-02]")
+    finally:
+        probe.unlink()
     out, err = r.stdout.decode(), r.stderr.decode()
-    assert out == "rc=1\nrc=1\n"
-    assert "Permission denied" in err  # the socket's directory is the job owner's, 0700
+    assert out == "rc=1\nrc=1\n", (out, err)
+    assert "connect: Permission denied" in err  # the socket's directory is the owner's, 0700
     assert "refused: uid 65534 is not the job's owner" in err
 
 
