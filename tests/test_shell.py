@@ -281,3 +281,23 @@ def test_shell_rank_and_wrappers_import_lean():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=str(REPO), check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_job_environment_is_exported_as_sbatch_and_qsub_do(embedded, tmp_path):
+    from mpitools.shell.driver import plan_shell
+
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/sh\ntrue\n")
+    environ = {"PATH": "/opt/bin:/bin", "FOO": "1", "OMPI_COMM_WORLD_RANK": "3",
+               "SLURM_JOB_ID": "99", "PWD": "/x"}
+    job = plan_shell(embedded, str(script), ["ccn01"], mode="slurm", environ=environ).job
+    assert job["env"]["FOO"] == "1" and job["env"]["PATH"] == "/opt/bin:/bin"
+    assert "OMPI_COMM_WORLD_RANK" not in job["env"] and "PWD" not in job["env"]
+    assert job["env"]["SLURM_JOB_ID"] != "99"  # the job's own, not an outer allocation's
+    # chiba-admin inside the job works on the job's cluster
+    assert job["env"]["CHIBA_CLUSTER"] == os.path.abspath(embedded.source)
+    job = plan_shell(embedded, str(script), ["ccn01"], mode="pbs", environ=environ).job
+    assert "FOO" not in job["env"] and job["env"]["PBS_O_PATH"] == "/opt/bin:/bin"
+    script.write_text("#!/bin/sh\n#PBS -V\ntrue\n")
+    job = plan_shell(embedded, str(script), ["ccn01"], mode="pbs", environ=environ).job
+    assert job["env"]["FOO"] == "1"

@@ -23,6 +23,12 @@ from .directives import (DirectiveError, JobRequest, nodefile_text, parse_pbs, p
 
 __all__ = ["ShellPlan", "plan_shell", "run_shell", "allocation_nodes"]
 
+# Never carried from the submitter to the job: another MPI job's runtime, an outer batch
+# allocation, the submitting terminal's session.
+_NOT_EXPORTED = ("OMPI_", "PMIX_", "PRTE_", "PMI_", "SLURM_", "PBS_", "SSH_", "CHIBA_RANK")
+_NOT_EXPORTED_NAMES = {"PWD", "OLDPWD", "SHLVL", "_", "HOSTNAME", "DISPLAY", "TMUX",
+                       "CHIBA_SHELL_SOCKET"}
+
 
 @dataclass
 class ShellPlan:
@@ -106,7 +112,21 @@ def plan_shell(topo, script: str, nodes: list[str] | None, *, args: tuple[str, .
     name = req.name or os.path.basename(script)
     jobid = f"{secrets.token_hex(3)}.{topo.president.name}"
     cwd = os.getcwd()
-    env: dict[str, str] = dict(req.variables)
+    # sbatch exports the submitter's environment by default, qsub only with -V (Torque
+    # passes PBS_O_* otherwise); nodes share no file system and ssh brings none of it
+    exported = mode != "pbs" or req.export_all
+    env: dict[str, str] = {k: v for k, v in environ.items()
+                           if exported and not k.startswith(_NOT_EXPORTED)
+                           and k not in _NOT_EXPORTED_NAMES}
+    env.update(req.variables)
+    # chiba-admin inside the job (stage, collect, run) works on the job's own cluster
+    if topo.source and os.path.exists(topo.source):
+        env["CHIBA_CLUSTER"] = os.path.abspath(topo.source)
+    if topo.kind == "embedded" and topo.state_dir:
+        env["CHIBA_STATE"] = str(topo.state_dir)
+    for k in ("PATH", "HOME", "LOGNAME", "SHELL", "LANG", "MAIL", "TZ"):
+        if mode == "pbs" and k in environ:
+            env[f"PBS_O_{k}"] = environ[k]
     home = os.path.expanduser("~")
     nodefile = None
     if mode == "pbs":
