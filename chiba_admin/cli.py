@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +17,19 @@ from . import console
 from .errors import ChibaError, NodeSetError, TopologyError, UsageError
 
 __all__ = ["main", "run", "cli", "Context", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE",
-           "EXIT_INTERRUPTED", "exit_code_for", "COMMAND_MODULES"]
+           "EXIT_INTERRUPTED", "EXIT_TERMINATED", "Terminated", "exit_code_for",
+           "COMMAND_MODULES"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM to chiba-admin: unwound like Ctrl-C, so that every launcher and fan-out
+    stops what it started (mpiexec's process group, remote commands) before exiting."""
 
 # The one place exit codes are decided: bad input and configuration are 2, anything that
 # went wrong on hosts is 1, Ctrl-C is 130 (like a shell).
@@ -30,6 +39,7 @@ _EXIT_BY_CLASS: list[tuple[type[BaseException], int]] = [
     (NodeSetError, EXIT_USAGE),
     (click.UsageError, EXIT_USAGE),
     (ChibaError, EXIT_FAILURE),
+    (Terminated, EXIT_TERMINATED),
     (KeyboardInterrupt, EXIT_INTERRUPTED),
 ]
 
@@ -123,12 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI in-process and return its exit code (tests call this)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         rv = cli.main(args=argv, prog_name="chiba-admin", standalone_mode=False)
         return int(rv or 0)
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:  # click turns Ctrl-C (and our SIGTERM) into Abort
+        if isinstance(e.__cause__, Terminated):
+            console.get_err_console().print("chiba-admin: terminated")
+            return EXIT_TERMINATED
         console.get_err_console().print("chiba-admin: interrupted")
         return EXIT_INTERRUPTED
     except click.ClickException as e:
@@ -137,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ChibaError, KeyboardInterrupt) as e:
         if debug:
             traceback.print_exc()
-        msg = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+        msg = ("terminated" if isinstance(e, Terminated) else
+               "interrupted" if isinstance(e, KeyboardInterrupt) else str(e))
         sys.stderr.write(f"chiba-admin: error: {msg}\n")
         return exit_code_for(e)
     except BrokenPipeError:
@@ -149,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"chiba-admin: internal error: {type(e).__name__}: {e} "
                              "(rerun with --debug for a traceback and report it)\n")
         return EXIT_FAILURE
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
 
 
 def _click_line(e: click.ClickException) -> str:

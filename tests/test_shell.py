@@ -301,3 +301,45 @@ def test_job_environment_is_exported_as_sbatch_and_qsub_do(embedded, tmp_path):
     script.write_text("#!/bin/sh\n#PBS -V\ntrue\n")
     job = plan_shell(embedded, str(script), ["ccn01"], mode="pbs", environ=environ).job
     assert job["env"]["FOO"] == "1"
+
+
+def test_stdin_goes_to_task_0_or_to_all(embedded, tmp_path):
+    """srun's rule: a command's stdin to task 0 (the others read /dev/null), or with
+    --input=all to every task; whole and in order, end of file included."""
+    big = tmp_path / "big.txt"
+    big.write_text("".join(f"{i}\n" for i in range(100000)))
+    r = shell(embedded, tmp_path, f"""
+srun -n 3 -l sh -c 'wc -l; echo "task $SLURM_PROCID done"' < {big}
+printf 'to all\\n' | srun -n 3 --input=all -l cat
+srun -n 2 -l cat
+echo "rc=$?"
+""", "--nodes", "ccn[01-04]")
+    out = r.stdout.decode()
+    assert r.returncode == 0, r.stderr.decode()
+    assert "0: 100000\n" in out and "1: 0\n" in out and "2: 0\n" in out
+    assert all(f"{t}: to all\n" in out for t in range(3))
+    assert "rc=0" in out  # the script's own stdin is /dev/null: cat ends at once
+
+
+def test_sigterm_to_the_shell_ends_every_task(embedded, tmp_path):
+    """SIGTERM to `chiba-admin shell` reaches every task (srun's rule); nothing is left."""
+    import signal
+    import time
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    script = tmp_path / "job.sh"
+    script.write_text(f"srun -n 4 sh -c 'touch {marks}/$SLURM_PROCID; exec sleep 300'\n")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    p = subprocess.Popen([str(BIN / "chiba-admin"), "shell", "--nodes", "ccn[01-04]",
+                          str(script)], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while len(list(marks.iterdir())) < 4:  # every task is running
+        assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 143
+    assert b"terminated" in p.stderr.read()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "sleep 300" not in ps
+    no_shell_left()

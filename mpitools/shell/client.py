@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import sys
+import threading
 
 from .directives import positive_int
 
@@ -51,7 +52,7 @@ def parse(tool: str, args: list[str], environ: dict[str, str]) -> dict:
     """The request for ``tool args``: ``{"argv", "env", "cwd", "ntasks", "nodes",
     "per_node", "per_slot", "label"}``. Raises UsageError (exit 2) on a bad option."""
     req: dict = {"env": dict(environ), "cwd": os.getcwd(), "ntasks": None, "nodes": None,
-                 "label": False}
+                 "label": False, "stdin": "none" if tool == "pbsdsh" else "0"}
     i = 0
     if tool == "pbsdsh":
         req["per_slot"] = True
@@ -81,6 +82,12 @@ def parse(tool: str, args: list[str], environ: dict[str, str]) -> dict:
             elif a.startswith("--ntasks-per-node") or a in ("-ppn", "--npernode"):
                 v, i = _value(args, i, a)
                 req["per_node_tasks"] = _count(v, a)
+            elif a in ("-i", "--stdin") or a.startswith(("--input", "--stdin=")):
+                v, i = _value(args, i, a)  # srun --input=all|none|N, Open MPI --stdin
+                v = {"rank": "0"}.get(v, v)
+                if v not in ("all", "none") and not v.isdigit():
+                    raise UsageError(f"{a} {v!r}: give all, none or a task number")
+                req["stdin"] = v
             elif a in ("-l", "--label", "-prepend-rank", "--prepend-rank"):
                 req["label"] = True
                 i += 1
@@ -160,6 +167,24 @@ class _Labeller:
         self.partial.clear()
 
 
+def _forward_stdin(conn: socket.socket) -> None:
+    """Send this process's stdin to the shell as frames, then an end-of-file frame."""
+    try:
+        fd = sys.stdin.fileno()
+    except (OSError, ValueError, AttributeError):
+        fd = None
+    try:
+        while fd is not None:
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            conn.sendall(json.dumps({"k": "i", "d": base64.b64encode(data).decode()})
+                         .encode() + b"\n")
+        conn.sendall(b'{"k": "i", "eof": true}\n')
+    except OSError:
+        pass  # the command ended first
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     tool, args = argv[0], argv[1:]
@@ -178,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         conn.connect(path)
         conn.sendall(json.dumps(req).encode() + b"\n")
         f = conn.makefile("rb")
+        if req["stdin"] != "none":  # srun's default: this command's stdin goes to task 0
+            threading.Thread(target=_forward_stdin, args=(conn,), daemon=True).start()
     except OSError as e:
         sys.stderr.write(f"{tool}: error: cannot reach the shell at {path}: {e.strerror}\n")
         return 1

