@@ -269,3 +269,19 @@ def test_check_shipped_testbed_records_within_15_percent(cli):
     assert rows
     bad = [row for row in rows if abs(row["error"]) > 0.15]
     assert not bad, bad
+
+
+@needs_simgrid
+def test_report_shows_predicted_rows_beside_the_measured(cli):
+    """`report --predict`: the measured tables, then each measured point predicted."""
+    files = _shipped_testbed_records()
+    if not files:
+        pytest.skip("no testbed records under docs/results/ yet")
+    r = cli("--json", "report", "--predict", *files)
+    assert r.code == 0, r.err
+    d = r.json()
+    assert d["stage"] and d["predicted"]["rows"]
+    measured = {(row["workload"], row["method"]) for row in d["predicted"]["rows"]}
+    assert ("stage", "chain") in measured and ("stage", "transit") in measured
+    r = cli("report", "--predict", *files)
+    assert r.code == 0 and "Predicted vs measured" in r.out

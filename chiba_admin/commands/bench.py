@@ -201,10 +201,13 @@ def bench_cmd(cctx, ctx, what, where, shapes, sizes, datas, repeat, methods, tar
 @click.option("--plot", "plot_dir", default=None, type=click.Path(),
               help="Write PNG figures of both comparisons into this directory.")
 @click.option("--markdown", is_flag=True, help="Print Markdown tables (for sharing).")
+@click.option("--predict", is_flag=True,
+              help="Add each measured testbed point predicted by SimGrid (rows marked "
+                   "predicted; see `chiba-admin predict`).")
 @click.option("--shipped", is_flag=True,
               help="Show the records shipped with chiba-admin (docs/results/).")
 @pass_ctx
-def report_cmd(ctx, files, plot_dir, markdown, shipped):
+def report_cmd(ctx, files, plot_dir, markdown, shipped, predict):
     """Compare legacy and MPI tools from recorded runs (default: every file in results/,
     or the records shipped in docs/results/ when results/ has none)."""
     from ..bench import aggregate, records, render
@@ -214,6 +217,14 @@ def report_cmd(ctx, files, plot_dir, markdown, shipped):
     src = records.find_records(list(files), shipped_only=shipped)
     d = aggregate.report_dict(src.records)
     d["note"], d["shipped"] = src.note, src.shipped
+    predicted = None
+    if predict:
+        from ..predict.engine import require_simgrid
+        from ..predict.runner import check_records
+
+        require_simgrid()  # one line and exit 2 when SimGrid is missing
+        predicted = check_records(src.records)
+        d["predicted"] = predicted
     if plot_dir:
         d["figures"] = render.plot(d, plot_dir)
     if ctx.json:
@@ -224,6 +235,13 @@ def report_cmd(ctx, files, plot_dir, markdown, shipped):
         render.render_rich(d, get_console())
         for f in d.get("figures", []):
             get_console().print(f"figure: {f}")
+        if predicted is not None:
+            from .predict import render_check
+
+            if predicted["rows"]:
+                render_check(predicted)
+            else:
+                get_console().print("predicted: no testbed staging or sync runs to predict")
     return 0
 
 

@@ -107,7 +107,7 @@ def predict_cmd(ctx, what, methods, sizes, nodes, cluster, generate, disk_mbit, 
             raise UsageError("no testbed staging or sync runs in these records",
                              where=", ".join(check),
                              hint="run `make bench-quick` as root on the testbed first")
-        print_json(out) if as_json else _render_check(out)
+        print_json(out) if as_json else render_check(out)
         return EXIT_OK
     allowed = {"stage": STAGE_METHODS, "sync": SYNC_METHODS,
                "all": STAGE_METHODS + SYNC_METHODS}[what]
@@ -172,7 +172,8 @@ def _render(out: dict) -> None:
     get_console().print(t)
 
 
-def _render_check(out: dict) -> None:
+def render_check(out: dict) -> None:
+    """The predicted-vs-measured table of ``check_records`` (also `report --predict`)."""
     from rich.table import Table
     from topology.units import format_bytes
 
