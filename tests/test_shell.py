@@ -186,13 +186,19 @@ srun -l sh -c 'echo "$SLURM_NODEID $SLURM_LOCALID"'
     assert "5: 2 1\n" in out and "0: 0 0\n" in out
 
 
+def _long_sleep() -> str:
+    """A sleep command line no other process on the machine is likely to share."""
+    return f"sleep {7000 + os.getpid() % 1000}"
+
+
 def test_walltime_ends_every_task(embedded, tmp_path):
-    r = shell(embedded, tmp_path, "srun -n 4 sleep 300\necho never\n", "--nodes", "ccn[01-04]",
+    nap = _long_sleep()
+    r = shell(embedded, tmp_path, f"srun -n 4 {nap}\necho never\n", "--nodes", "ccn[01-04]",
               "--walltime", "3", timeout=60)
     assert r.returncode == 124 and b"never" not in r.stdout
     assert b"walltime of 3 s exceeded" in r.stderr
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert "sleep 300" not in ps
+    assert nap not in ps
     no_shell_left()
 
 
@@ -329,7 +335,8 @@ def test_sigterm_to_the_shell_ends_every_task(embedded, tmp_path):
     marks = tmp_path / "marks"
     marks.mkdir()
     script = tmp_path / "job.sh"
-    script.write_text(f"srun -n 4 sh -c 'touch {marks}/$SLURM_PROCID; exec sleep 300'\n")
+    nap = _long_sleep()
+    script.write_text(f"srun -n 4 sh -c 'touch {marks}/$SLURM_PROCID; exec {nap}'\n")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     p = subprocess.Popen([str(BIN / "chiba-admin"), "shell", "--nodes", "ccn[01-04]",
                           str(script)], env=env, stderr=subprocess.PIPE)
@@ -341,5 +348,5 @@ def test_sigterm_to_the_shell_ends_every_task(embedded, tmp_path):
     assert p.wait(60) == 143
     assert b"terminated" in p.stderr.read()
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert "sleep 300" not in ps
+    assert nap not in ps
     no_shell_left()
