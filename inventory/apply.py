@@ -63,6 +63,20 @@ class ApplyResult:
                 "conflicts": list(self.conflicts)}
 
 
+def _move_in(pfd: int, tmp: str, name: str, finish: Callable[[], None]) -> None:
+    """Finish ``tmp`` (owner, mode, times), then rename it over ``name`` in ``pfd``; on any
+    failure remove ``tmp`` (an exact-named temp of this run) and re-raise."""
+    try:
+        finish()
+        os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=pfd)
+        except OSError:
+            pass
+        raise
+
+
 def _split(rel: str) -> tuple[str, str]:
     i = rel.rfind("/")
     return (rel[:i], rel[i + 1:]) if i >= 0 else ("", rel)
@@ -272,16 +286,12 @@ class DestTree:
             self._remove_existing(pfd, name, rel)
         tmp = _tmp_name(name, self.tmp_tag)
         os.symlink(target, tmp, dir_fd=pfd)
-        try:
+
+        def finish() -> None:
             self._chown(tmp, pfd, uid, gid)
             os.utime(tmp, ns=(mtime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
-            os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
-        except BaseException:
-            try:
-                os.unlink(tmp, dir_fd=pfd)
-            except OSError:
-                pass
-            raise
+
+        _move_in(pfd, tmp, name, finish)
 
     def mknod(self, rel: str, kind: str, mode: int, mtime_ns: int, *, replace: bool = False,
               uid: int = 0, gid: int = 0) -> None:
@@ -297,15 +307,8 @@ class DestTree:
             os.mknod(tmp, 0o600 | stat.S_IFSOCK, dir_fd=pfd)
         else:
             raise InventoryError(f"not a FIFO or socket kind: {kind!r}", where=self.where(rel))
-        try:
-            self._set_special(tmp, pfd, kind, mode, mtime_ns, uid, gid)
-            os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
-        except BaseException:
-            try:
-                os.unlink(tmp, dir_fd=pfd)
-            except OSError:
-                pass
-            raise
+        _move_in(pfd, tmp, name,
+                 lambda: self._set_special(tmp, pfd, kind, mode, mtime_ns, uid, gid))
 
     def _set_special(self, name, pfd: int, kind: str, mode: int, mtime_ns: int,
                      uid: int, gid: int) -> None:
