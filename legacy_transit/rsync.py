@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from chiba_admin.errors import UsageError
-from inventory.plan import ITEM_RE
+from inventory.plan import itemized_lines
 from inventory.source import check_source
 from topology.confine import HostDest, confine_dest
 
@@ -22,7 +22,6 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # rsync's exit statuses for "some files were not transferred" (23) and "vanished" (24):
 # the transfer ran, but the target is left unlike the source
 NOT_IN_SYNC = (23, 24)
-_ITEM = ITEM_RE  # rsync's own --itemize-changes lines
 
 __all__ = ["RsyncJob", "RsyncStats", "ssh_command", "plan_rsync", "rsync_argv",
            "parse_stats", "sync_rsync"]
@@ -170,7 +169,7 @@ def _run_job(job: RsyncJob, timeout: float | None) -> dict:
                  ) + (f": {_why(err)}" if err.strip() else "")
         if "Host key verification failed" in err and job.known_hosts:
             error += f" (host key of {job.host} not as in known_hosts {job.known_hosts})"
-    items = [ln for ln in out.splitlines() if _ITEM.match(ln)]
+    items = itemized_lines(out)  # rsync's own --itemize-changes lines
     return {"ok": error is None, "rc": rc, "seconds": round(time.monotonic() - t0, 6),
             "in_sync": error is None, "conflicts": _conflicts(err) if rc in NOT_IN_SYNC else [],
             "changes": items, **_counts(items),
