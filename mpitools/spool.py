@@ -7,6 +7,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import threading
 import urllib.error
 import urllib.request
@@ -83,12 +84,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404, "not found")
             return None
         path = os.path.join(self.spool_dir, name)
+        # Only the server's own archives: a symlink planted in the spool (to /etc/shadow)
+        # is not followed, and anything but a regular file of the serving user is not served.
         try:
-            f = open(path, "rb")
-            size = os.fstat(f.fileno()).st_size
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             self.send_error(404, "not found")
             return None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            os.close(fd)
+            self.send_error(404, "not found")
+            return None
+        f = os.fdopen(fd, "rb")
+        size = st.st_size
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(size))

@@ -76,3 +76,24 @@ def test_spool_serve_command(embedded, tmp_path):
 def test_spool_serve_missing_dir(cli, embedded, tmp_path):
     r = cli("spool", "serve", "--dir", str(tmp_path / "nope"))
     assert r.code == 1 and "spool directory missing" in r.err
+
+
+def test_a_symlink_or_another_users_file_in_the_spool_is_not_served(tmp_path):
+    """A user who can write in the spool plants `NAME.tar -> /etc/shadow`: not followed."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    secret = tmp_path / "secret"
+    secret.write_text("root:*:secret")
+    link = spool_name("none")
+    (spool / link).symlink_to(secret)
+    fifo = spool_name("none")
+    os.mkfifo(spool / fifo)
+    other = spool_name("none")
+    (spool / other).write_text("someone else's")
+    if os.geteuid() == 0:
+        os.chown(spool / other, 65534, 65534)
+    with SpoolServer(str(spool), "127.0.0.1", 0) as srv:
+        assert _get(srv.url_for(link))[0] == 404
+        assert _get(srv.url_for(fifo))[0] == 404  # and no hang opening it
+        if os.geteuid() == 0:
+            assert _get(srv.url_for(other))[0] == 404
