@@ -182,12 +182,26 @@ def mark_staged(parent_fd: int, name: str, jobid: str) -> None:
     An existing destination without this marker was not made by a stage or collect, and
     every method refuses to replace it unless the user says ``--replace``.
     """
-    fd = os.open(staged_marker(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                 | os.O_CLOEXEC, 0o644, dir_fd=parent_fd)
+    # A fresh file of ours renamed over the name: whatever another user planted there (a
+    # FIFO that would hang an open, a symlink, a file they own) is replaced, never written
+    # through; a directory in its place is refused.
+    marker = staged_marker(name)
+    tmp = f"{marker}.{os.getpid()}-{os.urandom(4).hex()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644, dir_fd=parent_fd)
     try:
-        os.write(fd, f"{jobid}\n".encode())
-    finally:
-        os.close(fd)
+        try:
+            os.write(fd, f"{jobid}\n".encode())
+        finally:
+            os.close(fd)
+        os.rename(tmp, marker, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+    except OSError as e:
+        try:
+            os.unlink(tmp, dir_fd=parent_fd)
+        except OSError:
+            pass
+        raise BeneathError(e.errno or errno.EIO, f"cannot write the staged marker {marker}"
+                           f" ({e.strerror}); remove what is in its place", name) from None
 
 
 def was_staged(parent_fd: int, name: str) -> bool:

@@ -205,3 +205,40 @@ def test_topology_refuses_bad_town_name():
     text = TOPO.format(scratch='"/scratch"').replace("[towns.t1]", '[towns."t 1"]')
     with pytest.raises(TopologyError, match="bad town name"):
         loads_topology(text, "t.toml")
+
+
+@pytest.mark.parametrize("planted", ["fifo", "symlink", "foreign"])
+def test_staged_marker_replaces_what_another_user_planted(tmp_path, planted):
+    """A FIFO (which would hang an open), a symlink (written through) or a file someone
+    else owns in the marker's place is replaced by the tool's own file."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    m = tmp_path / ".job.chiba-staged"
+    if planted == "fifo":
+        os.mkfifo(m)
+    elif planted == "symlink":
+        m.symlink_to(victim)
+    else:
+        m.write_text("forged\n")
+        if os.geteuid() == 0:
+            os.chown(m, 65534, 65534)
+    rfd = open_root(str(tmp_path))
+    try:
+        mark_staged(rfd, "job", "j2")
+        assert m.is_file() and not m.is_symlink() and m.read_text() == "j2\n"
+        assert m.stat().st_uid == os.geteuid() and was_staged(rfd, "job")
+        assert victim.read_text() == "keep"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".job.chiba-staged", "victim"]
+    finally:
+        os.close(rfd)
+
+
+def test_staged_marker_refuses_a_directory_in_its_place(tmp_path):
+    (tmp_path / ".job.chiba-staged").mkdir()
+    rfd = open_root(str(tmp_path))
+    try:
+        with pytest.raises(BeneathError, match="cannot write the staged marker"):
+            mark_staged(rfd, "job", "j3")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".job.chiba-staged"]
+    finally:
+        os.close(rfd)
