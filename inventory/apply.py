@@ -92,6 +92,15 @@ def is_tmp_name(name: str | bytes) -> bool:
     return TMP_RE.fullmatch(os.fsencode(name)) is not None
 
 
+def tmp_target(name: str | bytes) -> bytes | None:
+    """The (on-disk, possibly truncated to 200 bytes) name a temporary file stands in for:
+    ``.NAME.chiba-tmp-<hex>`` -> ``NAME``; None for any other name."""
+    raw = os.fsencode(name)
+    if TMP_RE.fullmatch(raw) is None:
+        return None
+    return raw[1:raw.rindex(TMP_MARK)]
+
+
 def _tmp_name(name: str, tag: str) -> bytes:
     # Bytes keep the name valid even when truncation splits a multi-byte character;
     # 200 bytes leaves room for the marker inside the 255-byte NAME_MAX.

@@ -24,7 +24,8 @@ from chiba_admin.errors import ChibaError
 from inventory import (DestTree, Inventory, check_source, decode_inventory, delete_extraneous,
                        encode_inventory, finalize, format_plan, group_bitmaps, hash_file,
                        make_dirs, make_plan, make_symlinks, needs_bitmap, scan)
-from inventory.apply import ApplyResult, Conflict, is_tmp_name, new_tmp_tag
+from inventory.apply import ApplyResult, Conflict, new_tmp_tag, tmp_target
+from inventory.entries import decode_path, encode_path
 from inventory.beneath import (BeneathError, lock_dest, open_dir_beneath, open_root, split_rel,
                                unlock_dest)
 from inventory.entries import DIR
@@ -229,14 +230,28 @@ class _Target:
         removed only by a run holding the lock (no live run can own them then). A dry
         run leaves them and only keeps them out of its plan, as the real run would."""
         stale = [e for p, e in target.entries.items()
-                 if is_tmp_name(p.rpartition("/")[2]) and p not in self.source.entries
-                 and e.kind != DIR]
+                 if e.kind != DIR and p not in self.source.entries and self._beside_source(p)]
         for e in stale:
             del target.entries[e.path]
             if self.tree is not None:
                 self.tree.delete(e.path, e.kind)
         self.stats["temps_removed"] = len(stale) if self.tree is not None else 0
         return len(stale)
+
+    def _beside_source(self, path: str) -> bool:
+        """A dead run's temp file sits beside the file that run was writing, which the
+        source has; a temp-shaped name beside nothing of the source is a user's file
+        (the tool itself may have synced it there as data) and is left alone."""
+        d, _, base = path.rpartition("/")
+        stem = tmp_target(base)
+        if stem is None:
+            return False
+        prefix = f"{d}/" if d else ""
+        if len(stem) < 200:
+            return prefix + decode_path(stem) in self.source.entries
+        return any(p.startswith(prefix) and "/" not in p[len(prefix):]
+                   and encode_path(p[len(prefix):]).startswith(stem)
+                   for p in self.source.entries)
 
     def _took(self, res: ApplyResult) -> None:
         self.conflicts.extend(res.conflicts)

@@ -284,6 +284,21 @@ def test_only_exact_temp_names_of_dead_runs_are_removed(embedded, cli, tmp_path)
     assert open(os.path.join(dest, "results.chiba-tmp-2024"), "rb").read() == b"user data"
 
 
+def test_a_temp_shaped_file_beside_nothing_of_the_source_is_kept(embedded, cli, tmp_path):
+    """Temp-shaped names are data the tool itself may have synced: without --delete, a
+    `.x.chiba-tmp-<hex>` beside no source file `x` is a user's file, not a dead run's."""
+    src = str(tmp_path / "src")
+    put(src, "s/a", b"a")
+    dest = repo_of(embedded, "mayor1")
+    name = f".x.chiba-tmp-{'0123456789abcdef' * 2}"
+    users = [put(dest, name, b"user"), put(dest, f"s/{name}", b"user"),
+             put(dest, f"other/{name}", b"user")]
+    r = cli("--json", "sync-mayors", src, "-i")
+    assert r.code == 0, r.err
+    assert all(os.path.exists(p) for p in users)
+    assert r.json()["hosts"]["mayor1"]["temps_removed"] == 0
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_a_replaced_directory_keeps_excluded_files_and_is_reported(embedded, cli, tmp_path,
                                                                      method):
