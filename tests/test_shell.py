@@ -350,3 +350,21 @@ def test_sigterm_to_the_shell_ends_every_task(embedded, tmp_path):
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert nap not in ps
     no_shell_left()
+
+
+def test_what_a_task_leaves_behind_is_ended_with_it(embedded, tmp_path):
+    """srun's rule: a step ends with its tasks. A background child holding the output open
+    would otherwise hang the command; a setsid'd one would outlive the job."""
+    nap = _long_sleep()
+    r = shell(embedded, tmp_path, f"""
+srun -n 2 sh -c '{nap} & echo started'
+echo "rc=$?"
+srun -n 2 sh -c 'setsid {nap} >/dev/null 2>&1 < /dev/null & echo detached'
+echo "rc=$?"
+""", "--nodes", "ccn[01-02]", timeout=60)
+    out = r.stdout.decode()
+    assert r.returncode == 0, r.stderr.decode()
+    assert out.count("started") == 2 and out.count("detached") == 2 and out.count("rc=0") == 2
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert nap not in ps
+    no_shell_left()

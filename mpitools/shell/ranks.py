@@ -244,6 +244,7 @@ class _Rank:
             cmd.sub.Free()
 
     def kill_everything(self) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as in stop_all: finish the clean-up
         if self.cmd is not None:
             self.cmd.tasks.signal_all(signal.SIGTERM)
             deadline = time.monotonic() + _KILL_GRACE
@@ -550,6 +551,9 @@ class _Leader(_Rank):
         """End everything within mpiexec's grace (5 s before it kills): the files first (a
         SIGKILL later must not leave them), then the script and the tasks together, then
         tell the other ranks, without waiting for ranks that are already gone."""
+        # A second SIGTERM (mpiexec forwards one, its process group gets another) must not
+        # cut this clean-up short; SIGKILL after the grace still ends everything.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.listener.close()
         self._remove_rundir()
         self.script.signal_all(signal.SIGTERM)

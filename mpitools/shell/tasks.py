@@ -16,7 +16,9 @@ import subprocess
 import threading
 from dataclasses import dataclass, field
 
-__all__ = ["exit_status", "LocalTasks", "Piece"]
+__all__ = ["exit_status", "LocalTasks", "Piece", "TAG_VAR"]
+
+TAG_VAR = "CHIBA_TASK_TAG"
 
 STDOUT, STDERR = 1, 2
 Piece = tuple[int, int, "bytes | None"]  # (task, stream, data); None data = end of file
@@ -36,6 +38,41 @@ class _Task:
     error: str | None = None
     libs: set = field(default_factory=set)
     stdin: "queue.Queue[bytes | None] | None" = None  # what to write to its stdin
+    tag: str = ""  # CHIBA_TASK_TAG in its environment, inherited by all it starts
+
+
+def _tagged_pids(tag: str) -> list[int]:
+    """Processes whose environment carries ``CHIBA_TASK_TAG=tag`` (read from /proc)."""
+    needle = f"{TAG_VAR}={tag}".encode()
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    out.append(int(name))
+        except OSError:
+            continue  # gone, or not ours to read
+    return out
+
+
+def _kill_leftovers(t: "_Task", sig: int, *, group: bool = True) -> None:
+    """``sig`` to every process carrying ``t``'s tag and, with ``group``, to its process
+    group (pass it only while the leader's pid cannot have been reused: the leader is
+    alive, or was reaped just now)."""
+    if t.proc is None or not t.tag:
+        return
+    if group:
+        try:
+            os.killpg(t.proc.pid, sig)  # the group outlives its leader while members live
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in _tagged_pids(t.tag):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 @dataclass
@@ -57,6 +94,8 @@ class LocalTasks:
               pass_fds: tuple[int, ...] = (), *, stdin: str = "none") -> None:
         """``stdin``: ``"none"`` (/dev/null) or ``"pipe"`` (fed by :meth:`feed`)."""
         how = {"none": subprocess.DEVNULL, "pipe": subprocess.PIPE}[stdin]
+        tag = f"{os.getpid()}-{task}-{os.urandom(6).hex()}"
+        env = {**env, TAG_VAR: tag}
         try:
             proc = subprocess.Popen(argv, env=env, cwd=cwd or None, stdin=how,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -71,7 +110,7 @@ class LocalTasks:
             self.tasks[task] = _Task(task, None, 0, 126, f"cannot start {argv[0]}: "
                                                          f"{e.strerror}")
             return
-        self.tasks[task] = _Task(task, proc)
+        self.tasks[task] = _Task(task, proc, tag=tag)
         if stdin == "pipe":
             q: "queue.Queue[bytes | None]" = queue.Queue()
             self.tasks[task].stdin = q
@@ -136,6 +175,9 @@ class LocalTasks:
                 rc = t.proc.poll()
                 if rc is not None:
                     t.status = exit_status(rc)
+                    # srun's rule: a step ends with its tasks; what a task left behind
+                    # (a `cmd &` holding its output open, a setsid'd daemon) is killed
+                    _kill_leftovers(t, signal.SIGKILL)
             if t.status is None or t.open_streams > 0:
                 return False
         return self.out.empty()
@@ -171,16 +213,12 @@ class LocalTasks:
         return {t.task: sorted(t.libs) for t in self.tasks.values() if t.libs}
 
     def signal_all(self, sig: int) -> None:
-        """Send ``sig`` to every task's process group (tasks start in their own session)."""
+        """Send ``sig`` to every task's process group (tasks start in their own session)
+        and to every process that carries a task's tag (those that left the group)."""
         for t in self.tasks.values():
             if t.stdin is not None:
                 t.stdin.put(None)
-        for t in self.tasks.values():
-            if t.proc is not None and t.proc.poll() is None:
-                try:
-                    os.killpg(t.proc.pid, sig)
-                except ProcessLookupError:
-                    pass
+            _kill_leftovers(t, sig, group=t.proc is not None and t.proc.poll() is None)
 
     def kill_all(self) -> None:
         self.signal_all(signal.SIGKILL)
