@@ -242,3 +242,21 @@ def test_staged_marker_refuses_a_directory_in_its_place(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == [".job.chiba-staged"]
     finally:
         os.close(rfd)
+
+
+def test_confine_refuses_a_dest_inside_another_host_directory():
+    """A dest_roots entry above the spool must not let a stage write into the spool."""
+    h = Host("n", "node", paths=HostPaths("/scratch", "/var/spool/chiba", "/opt/chiba/repo",
+                                          ("/var/spool", "/opt")))
+    with pytest.raises(UsageError, match="inside the host's spool directory"):
+        confine_dest(h, "scratch", "/var/spool/chiba/y", default_name="x")
+    with pytest.raises(UsageError, match="inside the host's repository directory"):
+        confine_dest(h, "scratch", "/opt/chiba/repo/y", default_name="x")
+    assert confine_dest(h, "scratch", "/var/spool/other", default_name="x").rel == "other"
+    # sync-mayors' own root may hold the others' parents, not the other way round
+    assert confine_dest(h, "repository", "sub", allow_root=True).path == "/opt/chiba/repo/sub"
+
+
+def test_topology_refuses_one_directory_for_two_purposes():
+    with pytest.raises(TopologyError, match="scratch and spool .* are the same directory"):
+        loads_topology(TOPO.format(scratch='"/scratch"\nspool = "/scratch"'), "t.toml")

@@ -125,6 +125,12 @@ def confine_dest(host, which: str, value: str | None, *, default_name: str | Non
             raise UsageError(f"{option} {value!r} {what} the host's {other} directory {d}",
                              where=where,
                              hint=f"name a new directory under {base} instead")
+        # nor inside another of them (a dest_roots entry above the spool must not let a
+        # stage write into the spool), unless that one holds the tool's own root
+        if other != which and is_within(path, d) and not is_within(base, d):
+            raise UsageError(f"{option} {value!r} is inside the host's {other} directory {d}",
+                             where=where,
+                             hint=f"name a new directory under {base} instead")
     if path == root and not allow_root:
         raise UsageError(f"{option} {value!r} is the destination root {root} itself",
                          where=where, hint=f"name a new directory under {root}")

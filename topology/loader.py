@@ -148,6 +148,14 @@ class _Builder:
                 self.fail(f"dest_roots in [{table}] must be a list of absolute paths", table,
                           "dest_roots", hint='write dest_roots = ["/data"]')
             kw["dest_roots"] = tuple(self._host_path(x, table, "dest_roots") for x in v)
+        same = [k for k in sorted(_PATH_KEYS) for j in sorted(_PATH_KEYS)
+                if k < j and kw[k] == kw[j]]
+        if same:
+            k = same[0]
+            other = next(j for j in sorted(_PATH_KEYS) if j > k and kw[j] == kw[k])
+            self.fail(f"{k} and {other} in [{table}] are the same directory {kw[k]!r}",
+                      table, k, hint="give each its own directory: the spool is served "
+                                     "over HTTP, scratch is every user's")
         return HostPaths(**kw)
 
     def _host_path(self, v, table: str, key: str) -> str:
