@@ -11,8 +11,8 @@ import stat
 from dataclasses import dataclass
 from typing import Iterator
 
-__all__ = ["SourceInfo", "check_source", "walk_below", "find_device", "DeviceNode",
-           "unreadable", "DEVICE_HINT"]
+__all__ = ["check_collect_root", "SourceInfo", "check_source", "walk_below", "find_device",
+           "DeviceNode", "unreadable", "DEVICE_HINT"]
 
 DEVICE_HINT = "device nodes are never copied; remove it or exclude it"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -182,3 +182,16 @@ def _refuse_device(dev: DeviceNode, top: str) -> None:
 
         raise UsageError(dev.what, where=os.path.join(top, dev.rel) if dev.rel else top,
                          hint=DEVICE_HINT)
+
+
+def check_collect_root(dest_dir: str) -> str:
+    """The home server's directory for collected copies (absolute), refusing ``/``: every
+    method writes ``DIR/<host>/<name>`` there, and under ``/`` that is a new top-level
+    directory per host. Raises UsageError (exit 2)."""
+    path = os.path.abspath(dest_dir)
+    if os.path.realpath(path) == "/":
+        from chiba_admin.errors import UsageError
+
+        raise UsageError("--dest is the root directory", where=dest_dir,
+                         hint="name a directory for the collected copies, e.g. ./results")
+    return path

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from chiba_admin.errors import TransportError, UsageError
-from inventory.source import check_source
+from inventory.source import check_collect_root, check_source
 from topology import fold
 from topology.confine import HostDest, confine_dest
 
@@ -551,6 +551,7 @@ def collect_transit(topo, path: str, nodes: list[str], dest_dir: str, *,
     """
     if not nodes:
         raise UsageError("no nodes selected", hint="name nodes like ccn[01-04] or @nodes")
+    dest_dir = check_collect_root(dest_dir)
     hosts = []
     for n in nodes:
         if n not in topo:

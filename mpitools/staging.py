@@ -333,6 +333,9 @@ def check_collect_dest(dest_dir: str, names: dict[str, str], replace: bool) -> N
 
     from inventory.beneath import was_staged
 
+    from inventory.source import check_collect_root
+
+    check_collect_root(dest_dir)
     if os.path.lexists(dest_dir) and not os.path.isdir(dest_dir):
         raise UsageError("--dest exists and is not a directory", where=dest_dir,
                          hint="name a directory (it is made when missing)")

@@ -808,3 +808,11 @@ def test_collect_listed_sockets_recreated_by_descriptor(tmp_path):
         assert os.lstat(got / "d" / "a sock").st_uid == 4321
     # _crafted's members have mtime 0: tar set it, the recreated sockets did not move it
     assert os.lstat(got / "d").st_mtime_ns == 0 and os.lstat(got).st_mtime_ns == 0
+
+
+@pytest.mark.parametrize("method", ["mpi", "transit"])
+def test_collect_into_the_root_directory_is_refused(cli, embedded, method):
+    """`collect --dest /` would make a top-level directory per host: one line, exit 2."""
+    r = cli("collect", "x", "--nodes", "ccn01", "--dest", "/", "--method", method)
+    assert r.code == 2 and "--dest is the root directory" in r.err
+    assert len(r.err.strip().splitlines()) == 1 and not os.path.exists("/ccn01")
