@@ -141,6 +141,12 @@ def lock_dest(parent_fd: int, name: str, *, display: str = "") -> int:
                 raise BeneathError(e.errno, f"lock file {lname} is a symbolic link", shown) \
                     from None
             raise
+        owner = os.fstat(fd).st_uid
+        if owner != os.geteuid():  # planted by someone else: neither trusted nor removed
+            os.close(fd)
+            raise BeneathError(errno.EPERM, f"lock file {lname} belongs to uid {owner}, not"
+                               " to chiba-admin's user (remove it, or pick another --dest)",
+                               shown)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

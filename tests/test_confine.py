@@ -260,3 +260,29 @@ def test_confine_refuses_a_dest_inside_another_host_directory():
 def test_topology_refuses_one_directory_for_two_purposes():
     with pytest.raises(TopologyError, match="scratch and spool .* are the same directory"):
         loads_topology(TOPO.format(scratch='"/scratch"\nspool = "/scratch"'), "t.toml")
+
+
+@pytest.mark.parametrize("value,words", [
+    ("a" * 300, "over 255 bytes"),
+    ("job/" + "b" * 256, "over 255 bytes"),
+    (".job.chiba-lock", "chiba-admin's own files"),
+    (".job.chiba-staged", "chiba-admin's own files"),
+    (f".job.chiba-tmp-{'0' * 32}", "chiba-admin's own files"),
+])
+def test_confine_refuses_long_and_reserved_names(value, words):
+    with pytest.raises(UsageError, match=words):
+        confine_dest(NODE, "scratch", value, default_name="input")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a file of another uid needs root")
+def test_lock_planted_by_another_user_is_refused_truthfully(tmp_path):
+    lock = tmp_path / ".job.chiba-lock"
+    lock.write_text("")
+    os.chown(lock, 65534, 65534)
+    rfd = open_root(str(tmp_path))
+    try:
+        with pytest.raises(BeneathError, match="belongs to uid 65534"):
+            lock_dest(rfd, "job")
+        assert lock.exists()  # not ours to remove
+    finally:
+        os.close(rfd)

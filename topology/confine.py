@@ -19,6 +19,7 @@ The host side then walks ``rel`` below ``root`` without following symlinks
 from __future__ import annotations
 
 import posixpath
+import re
 from dataclasses import dataclass
 
 from chiba_admin.errors import UsageError
@@ -68,9 +69,22 @@ def is_within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+# Names the tools give their own files beside a destination (inventory.beneath,
+# inventory.apply): a destination may not take one of them.
+_RESERVED = re.compile(r"\..*\.chiba-(lock|staged|tmp-[0-9a-f]{12,32}|old-[0-9a-f]+"
+                       r"|stage-.*|collect-.*)")
+
+
 def _components_ok(value: str, option: str, host: str) -> None:
     if "\0" in value:
         raise UsageError(f"{option} contains a NUL byte", where=host)
+    for part in value.split("/"):
+        if len(part.encode("utf-8", "surrogateescape")) > 255:
+            raise UsageError(f"{option} has a name of over 255 bytes ({part[:20]}...)",
+                             where=host, hint="a file name is at most 255 bytes")
+        if _RESERVED.fullmatch(part):
+            raise UsageError(f"{option} {value!r} names one of chiba-admin's own files",
+                             where=host, hint="pick another name")
     if ".." in value.split("/"):
         raise UsageError(f"{option} {value!r} has a '..' component", where=host,
                          hint="name a path inside the host's directory, without ..")
