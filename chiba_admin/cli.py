@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from . import console
-from .errors import ChibaError, NodeSetError, TopologyError, UsageError
+from .errors import ChibaError, InvalidRequest, TopologyError
 
 __all__ = ["main", "run", "cli", "Context", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE",
            "EXIT_INTERRUPTED", "EXIT_TERMINATED", "Terminated", "exit_code_for",
@@ -34,9 +34,8 @@ class Terminated(KeyboardInterrupt):
 # The one place exit codes are decided: bad input and configuration are 2, anything that
 # went wrong on hosts is 1, Ctrl-C is 130 (like a shell).
 _EXIT_BY_CLASS: list[tuple[type[BaseException], int]] = [
-    (UsageError, EXIT_USAGE),
-    (TopologyError, EXIT_USAGE),
-    (NodeSetError, EXIT_USAGE),
+    (InvalidRequest, EXIT_USAGE),  # UsageError (the CLI's own) is one
+    (TopologyError, EXIT_USAGE),   # NodeSetError is one
     (click.UsageError, EXIT_USAGE),
     (ChibaError, EXIT_FAILURE),
     (Terminated, EXIT_TERMINATED),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from topology import Topology
 
-from .errors import UsageError
+from .errors import InvalidRequest
 
 __all__ = ["default_state_dir", "bind", "init_cluster", "is_initialized", "host_root"]
 
@@ -39,7 +39,7 @@ def is_initialized(topo: Topology) -> bool:
 def init_cluster(topo: Topology) -> list[str]:
     """Create every host's directory tree (scratch, spool, repository); returns created roots."""
     if topo.kind != "embedded":
-        raise UsageError(f"cluster {topo.name!r} is of kind {topo.kind!r}; only an embedded "
+        raise InvalidRequest(f"cluster {topo.name!r} is of kind {topo.kind!r}; only an embedded "
                          "cluster is initialised here", where=topo.source,
                          hint="`chiba-admin cluster init` prepares SSH hosts "
                               "(chiba_admin.hostcheck.init_hosts)")
@@ -54,6 +54,6 @@ def init_cluster(topo: Topology) -> list[str]:
 def require_initialized(topo: Topology) -> None:
     """For embedded clusters: fail clearly when `cluster init` has not run."""
     if topo.kind == "embedded" and not is_initialized(topo):
-        raise UsageError("the embedded cluster is not initialised",
+        raise InvalidRequest("the embedded cluster is not initialised",
                          where=getattr(topo, "state_dir", None),
                          hint="run `chiba-admin cluster init` first")

@@ -1,19 +1,25 @@
-"""The one exception hierarchy of chiba-admin; imports nothing else of the project."""
+"""The one exception hierarchy of chiba-admin; imports nothing else of the project.
+
+Shape: one root (:class:`ChibaError`), one neutral class for bad input found anywhere
+(:class:`InvalidRequest`, exit 2), and one sub-root per layer for failures while carrying a
+request out (exit 1): topology, inventory, legacy_transit, mpitools, testbed. The CLI maps
+classes to exit codes in one place (``chiba_admin/cli.py``). Because this module imports
+nothing, every layer and every rank program may import it; it is the only module of the
+``chiba_admin`` package a rank program loads (``tests/test_layering.py``).
+"""
 
 from __future__ import annotations
 
 __all__ = [
     "ChibaError",
+    "InvalidRequest",
     "UsageError",
     "TopologyError",
     "NodeSetError",
     "InventoryError",
     "TransportError",
-    "HostFailure",
     "MPIToolError",
     "TestbedError",
-    "StageError",
-    "SyncError",
 ]
 
 
@@ -37,47 +43,40 @@ class ChibaError(Exception):
         return line
 
 
-class UsageError(ChibaError):
-    """A command line that cannot be carried out as written."""
+class InvalidRequest(ChibaError):
+    """Bad input found by any layer (a path, a size, a source, a destination): exit 2.
 
+    Raised before anything is written on any host, so the user can fix the request and rerun.
+    """
+
+
+class UsageError(InvalidRequest):
+    """A command line that cannot be carried out as written (raised by the CLI layer only)."""
+
+
+# --- one sub-root per layer: failures while carrying out a valid request (exit 1) ----------
 
 class TopologyError(ChibaError):
-    """A topology file or model that is malformed or inconsistent."""
+    """topology: a topology file or model that is malformed or inconsistent (exit 2)."""
 
 
-class NodeSetError(ChibaError):
-    """A nodeset naming unknown hosts or groups, or with bad syntax."""
+class NodeSetError(TopologyError):
+    """topology: a nodeset naming unknown hosts or groups, or with bad syntax (exit 2)."""
 
 
 class InventoryError(ChibaError):
-    """A tree that cannot be scanned, diffed, decoded or applied safely."""
+    """inventory: a tree that cannot be scanned, diffed, decoded or applied safely."""
 
 
 class TransportError(ChibaError):
-    """A host that cannot be reached or refused a command or a file."""
-
-
-class HostFailure(ChibaError):
-    """One or more hosts failed an operation; ``failures`` maps host -> reason."""
-
-    def __init__(self, what: str, failures: dict[str, str] | None = None, **kw):
-        super().__init__(what, **kw)
-        self.failures = dict(failures or {})
+    """legacy_transit: a host that cannot be reached or refused a command or a file."""
 
 
 class MPIToolError(ChibaError):
-    """An MPI program that could not be launched or ended badly."""
+    """mpitools: an MPI program that could not be launched, served or ended badly."""
 
 
 class TestbedError(ChibaError):
-    """The namespace testbed could not be brought up, used or torn down."""
+    """testbed: the namespace testbed could not be brought up, used or torn down."""
 
     __test__ = False  # not a pytest test class
-
-
-class StageError(ChibaError):
-    """Staging in or out failed."""
-
-
-class SyncError(ChibaError):
-    """Synchronising a repository failed."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from chiba_admin.errors import InventoryError
+from chiba_admin.errors import InvalidRequest, InventoryError
 
 __all__ = [
     "FILE",
@@ -192,9 +192,10 @@ def _path_key(e: Entry) -> str:
 def check_source(inv: Inventory, *, delete: bool = True) -> None:
     """Refuse a source that cannot be sent: one holding a device node (``skipped``), or,
     with ``delete``, an empty one, which would wipe every target (rsync accepts an empty
-    source without --delete, and so does this). Raises InventoryError."""
+    source without --delete, and so does this). Raises InvalidRequest (exit 2) for those,
+    InventoryError (exit 1) for an empty result of a tree that could not be read."""
     if inv.skipped:
-        raise InventoryError(f"the source holds a {inv.skipped[0].message.split(' skipped')[0]}",
+        raise InvalidRequest(f"the source holds a {inv.skipped[0].message.split(' skipped')[0]}",
                              where=inv.skipped[0].path,
                              hint="device nodes are never copied; remove it or exclude it")
     # excluded members (``hidden``) mean the tree is not empty, only selected away: with
@@ -204,6 +205,6 @@ def check_source(inv: Inventory, *, delete: bool = True) -> None:
         if inv.errors:
             raise InventoryError("source tree could not be read", where=where,
                                  hint=f"{len(inv.errors)} scan error(s), first: {inv.errors[0]}")
-        raise InventoryError("source tree is empty", where=where,
+        raise InvalidRequest("source tree is empty", where=where,
                              hint="refusing to sync: it would delete everything on the targets;"
                                   " check the source path")

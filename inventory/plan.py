@@ -9,7 +9,7 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 from chiba_admin.errors import InventoryError
 
-from .entries import (DIR, FIFO, FILE, KINDS, LINK, SOCK, SPECIALS, Entry, Inventory, check_source,
+from .entries import (DIR, FIFO, FILE, KINDS, LINK, SOCK, Entry, Inventory, check_source,
                       validate_relpath)
 from .hashing import ALGOS
 
@@ -251,7 +251,7 @@ def make_plan(source: Inventory, target: Inventory, *, delete: bool = False,
     keeps it, and the path is a conflict in ``Plan.conflicts`` (rsync: "could not make way",
     exit 23). A deleted directory holding excluded members is kept, as rsync keeps it. A
     source scan with errors disables deletions. An empty source is refused with ``delete``
-    unless ``allow_empty`` (InventoryError), and a source with device nodes always.
+    unless ``allow_empty`` (InvalidRequest), and a source with device nodes always.
     """
     if not allow_empty:
         check_source(source, delete=delete)

@@ -1,6 +1,6 @@
 """Check a source tree before anything is sent: it exists, is named, holds no device node.
 
-Standard library only below :func:`check_source` (which raises the CLI's UsageError): rank
+Standard library only below :func:`check_source` (which raises the CLI's InvalidRequest): rank
 programs and the City Transit agent run :func:`find_device` on the nodes (collect's PATH).
 """
 
@@ -129,25 +129,25 @@ def find_device(dir_fd: int, name: str) -> DeviceNode | None:
 
 
 def check_source(src: str | None, *, option: str = "SRC") -> SourceInfo:
-    """Refuse (UsageError, exit 2, one line naming the path) a source no method may send.
+    """Refuse (InvalidRequest, exit 2, one line naming the path) a source no method may send.
 
     An empty or missing ``src`` is refused (``stage ''`` must not pack the working
     directory); so is any character or block device node in the tree: device nodes are
     refused by every method before anything is sent (docs/design.md, "Safety"). The walk
     never follows symlinks below ``src`` (``src`` itself may be one, as rsync's ``src/``).
     """
-    from chiba_admin.errors import UsageError  # here: the node-side checks stay stdlib-only
+    from chiba_admin.errors import InvalidRequest  # here: the node-side checks stay stdlib-only
 
     if src is None or str(src) == "":
-        raise UsageError(f"no {option} given", hint="name an existing file or directory")
+        raise InvalidRequest(f"no {option} given", hint="name an existing file or directory")
     path = os.path.abspath(src)
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise UsageError("source does not exist", where=path,
+        raise InvalidRequest("source does not exist", where=path,
                          hint="name an existing file or directory") from None
     except OSError as e:
-        raise UsageError(f"cannot read the source: {e.strerror}", where=path) from None
+        raise InvalidRequest(f"cannot read the source: {e.strerror}", where=path) from None
     if not stat.S_ISDIR(st.st_mode):
         _refuse_device(DeviceNode("", _device_kind(st.st_mode)), path)
         return SourceInfo(path, False, 1, st.st_size if stat.S_ISREG(st.st_mode) else 0)
@@ -163,7 +163,7 @@ def check_source(src: str | None, *, option: str = "SRC") -> SourceInfo:
             if stat.S_ISREG(est.st_mode):
                 size += est.st_size
     except PermissionError as e:
-        raise UsageError(f"cannot read the source: {e.strerror}",
+        raise InvalidRequest(f"cannot read the source: {e.strerror}",
                          where=os.path.normpath(os.path.join(path, e.filename or "."))
                          ) from None
     finally:
@@ -178,20 +178,20 @@ def _device_kind(mode: int) -> str:
 
 def _refuse_device(dev: DeviceNode, top: str) -> None:
     if dev.kind:
-        from chiba_admin.errors import UsageError
+        from chiba_admin.errors import InvalidRequest
 
-        raise UsageError(dev.what, where=os.path.join(top, dev.rel) if dev.rel else top,
+        raise InvalidRequest(dev.what, where=os.path.join(top, dev.rel) if dev.rel else top,
                          hint=DEVICE_HINT)
 
 
 def check_collect_root(dest_dir: str) -> str:
     """The home server's directory for collected copies (absolute), refusing ``/``: every
     method writes ``DIR/<host>/<name>`` there, and under ``/`` that is a new top-level
-    directory per host. Raises UsageError (exit 2)."""
+    directory per host. Raises InvalidRequest (exit 2)."""
     path = os.path.abspath(dest_dir)
     if os.path.realpath(path) == "/":
-        from chiba_admin.errors import UsageError
+        from chiba_admin.errors import InvalidRequest
 
-        raise UsageError("--dest is the root directory", where=dest_dir,
+        raise InvalidRequest("--dest is the root directory", where=dest_dir,
                          hint="name a directory for the collected copies, e.g. ./results")
     return path

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from chiba_admin.errors import UsageError
+from chiba_admin.errors import InvalidRequest
 from inventory.plan import itemized_lines
 from inventory.source import check_source
 from topology.confine import HostDest, confine_dest
@@ -124,24 +124,24 @@ def rsync_argv(src: str, host, hd: HostDest, *, kind: str, delete: bool = False,
 
 def plan_rsync(topo, src: str, targets: list[str], dest: str | None = None, **opts
                ) -> list[RsyncJob]:
-    """Check the request and build one job per target; raises UsageError on bad input
+    """Check the request and build one job per target; raises InvalidRequest on bad input
     (before anything is sent): a missing source or one with a device node, a
     non-directory, an empty source with --delete, a --dest outside a target's repository."""
     if not targets:
-        raise UsageError("no targets selected", hint="name hosts like @mayors")
+        raise InvalidRequest("no targets selected", hint="name hosts like @mayors")
     src = check_source(src).path
     if not os.path.isdir(src):
-        raise UsageError("source is not a directory", where=src,
+        raise InvalidRequest("source is not a directory", where=src,
                          hint="sync-mayors copies a repository tree")
     if opts.get("delete") and not os.listdir(src):
         # an empty source with --delete would wipe every target (mpiFileUtils dsync refuses too)
-        raise UsageError("refusing to --delete from an empty source", where=src,
+        raise InvalidRequest("refusing to --delete from an empty source", where=src,
                          hint="check the source path; drop --delete to sync nothing")
     python = (topo.mpi or {}).get("python") or sys.executable
     jobs = []
     for t in targets:
         if t not in topo:
-            raise UsageError(f"unknown host {t!r}", where=topo.source)
+            raise InvalidRequest(f"unknown host {t!r}", where=topo.source)
         h = topo.host(t)
         hd = confine_dest(h, "repository", dest, allow_root=True)
         kh = os.path.expanduser(h.ssh.known_hosts or "~/.ssh/known_hosts")
@@ -220,7 +220,7 @@ def sync_rsync(topo, src: str, targets: list[str], dest: str | None = None, *,
     "not in sync". A dry run creates nothing on any target (rsync --dry-run, no lock).
     """
     if shutil.which("rsync") is None:
-        raise UsageError("rsync is not installed", hint="run scripts/install-system-deps.sh")
+        raise InvalidRequest("rsync is not installed", hint="run scripts/install-system-deps.sh")
     jobs = plan_rsync(topo, src, targets, dest, delete=delete, dry_run=dry_run,
                       excludes=tuple(excludes), exclude_from=tuple(exclude_from),
                       checksum=checksum, itemize=itemize)

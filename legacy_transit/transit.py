@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from chiba_admin.errors import TransportError, UsageError
+from chiba_admin.errors import TransportError, InvalidRequest
 from inventory.source import check_collect_root, check_source
 from topology import fold
 from topology.confine import HostDest, confine_dest
@@ -77,24 +77,24 @@ def _tar_name(source: str) -> str:
 
 
 def plan_transit(topo, src: str, nodes: list[str], dest: str | None = None) -> TransitPlan:
-    """Validate the request and decide routes and paths; raises UsageError on bad input.
+    """Validate the request and decide routes and paths; raises InvalidRequest on bad input.
 
     The source is checked (named, exists, no device node) and ``dest`` is confined on every
     node (``topology.confine``: under its scratch or an explicit ``dest_roots`` entry, no
     ``..``, never ``/`` nor a scratch/spool/repository directory) before anything is sent.
     """
     if not nodes:
-        raise UsageError("no nodes selected", hint="name nodes like ccn[01-04] or @nodes")
+        raise InvalidRequest("no nodes selected", hint="name nodes like ccn[01-04] or @nodes")
     info = check_source(src)
     source = info.path
     hosts = []
     for n in nodes:
         if n not in topo:
-            raise UsageError(f"unknown host {n!r}", where=topo.source,
+            raise InvalidRequest(f"unknown host {n!r}", where=topo.source,
                              hint="see `chiba-admin topology show`")
         h = topo.host(n)
         if h.role != "node":
-            raise UsageError(f"{n} is a {h.role}, not a compute node",
+            raise InvalidRequest(f"{n} is a {h.role}, not a compute node",
                              hint="City Transit stages onto nodes (e.g. @nodes)")
         hosts.append(h)
     default = os.path.basename(source.rstrip("/")) or None
@@ -249,7 +249,7 @@ def stage_transit(topo, src: str, nodes: list[str], dest: str | None = None, *,
 
     Returns the result dict; ``hosts[node]`` has ``tree`` ("complete", "none", "partial",
     "unknown"), ``tree_path`` and ``previous`` (an earlier tree left as it was), and
-    ``outcome`` says in one line which hosts hold what. Raises UsageError on bad input
+    ``outcome`` says in one line which hosts hold what. Raises InvalidRequest on bad input
     (nothing sent).
     """
     plan = plan_transit(topo, src, nodes, dest)
@@ -311,7 +311,7 @@ def stage_transit(topo, src: str, nodes: list[str], dest: str | None = None, *,
         if own:
             transport.close()
     total = time.monotonic() - run.t0
-    for n, h in run.hosts.items():
+    for h in run.hosts.values():
         if h["stage"] is None:
             h["stage"] = "done"
     _tell_trees(run.hosts, run.failures)
@@ -546,20 +546,20 @@ def collect_transit(topo, path: str, nodes: list[str], dest_dir: str, *,
     ``dest_dir/<host>/``, and only a complete tree is renamed into place, under the same
     lock and staged-marker rule as stage (an existing copy not made by collect is refused
     unless ``replace``). Owners, groups, modes and mtimes are kept as ``rsync -a`` keeps
-    them. Returns the result dict (``hosts[h]["tree"]`` as for stage); raises UsageError
+    them. Returns the result dict (``hosts[h]["tree"]`` as for stage); raises InvalidRequest
     on bad input.
     """
     if not nodes:
-        raise UsageError("no nodes selected", hint="name nodes like ccn[01-04] or @nodes")
+        raise InvalidRequest("no nodes selected", hint="name nodes like ccn[01-04] or @nodes")
     dest_dir = check_collect_root(dest_dir)
     hosts = []
     for n in nodes:
         if n not in topo:
-            raise UsageError(f"unknown host {n!r}", where=topo.source,
+            raise InvalidRequest(f"unknown host {n!r}", where=topo.source,
                              hint="see `chiba-admin topology show`")
         hosts.append(topo.host(n))
     if path is None or path == "":
-        raise UsageError("no PATH given", hint="name a path relative to each node's scratch")
+        raise InvalidRequest("no PATH given", hint="name a path relative to each node's scratch")
     confined = {h.name: confine_dest(h, "scratch", path, option="PATH") for h in hosts}
     dest_dir = os.path.abspath(dest_dir)
     own = transport is None
@@ -583,7 +583,7 @@ def _collect(topo, path: str, hosts: list, confined: dict[str, HostDest], dest_d
     try:
         os.makedirs(dest_dir, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"cannot create the destination: {e.strerror or e}",
+        raise InvalidRequest(f"cannot create the destination: {e.strerror or e}",
                          where=dest_dir) from None
     job = uuid.uuid4().hex[:12]
     # appended by us after a node's tar ended well; the node never sees it, so a stream

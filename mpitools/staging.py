@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from chiba_admin.errors import StageError, UsageError
+from chiba_admin.errors import MPIToolError, InvalidRequest
 
 from .archive import COMPRESSIONS, BlockHasher, PackInfo, clean_stale, new_hasher
 from .launcher import LaunchResult, launch, rank_hosts
@@ -43,7 +43,7 @@ def dest_for(topo, host: str, dest: str | None, *, default_name: str | None = No
              option: str = "--dest"):
     """``dest`` confined below ``host``'s scratch (:func:`topology.confine.confine_dest`).
 
-    Returns a HostDest; raises UsageError (exit 2) for ``..``, ``/``, a path outside
+    Returns a HostDest; raises InvalidRequest (exit 2) for ``..``, ``/``, a path outside
     scratch and the host's dest_roots, or scratch/spool/repository or an ancestor of one.
     """
     from topology.confine import confine_dest
@@ -65,7 +65,7 @@ def spool_dir_of(topo) -> str:
 
 def check_nodes(topo, nodes: list[str]) -> list[str]:
     if not nodes:
-        raise UsageError("no nodes selected", hint="name nodes like ccn[01-04] or @nodes")
+        raise InvalidRequest("no nodes selected", hint="name nodes like ccn[01-04] or @nodes")
     for n in nodes:
         topo.host(n)  # unknown -> TopologyError (exit 2)
     return list(dict.fromkeys(nodes))
@@ -82,7 +82,7 @@ def _spool_url(topo, name: str, spool_url: str | None) -> Iterator[str]:
     try:
         server = SpoolServer(spool_dir_of(topo), bind, 0)
     except OSError as e:
-        raise StageError(f"cannot start the spool HTTP server on {bind}: {e.strerror or e}",
+        raise MPIToolError(f"cannot start the spool HTTP server on {bind}: {e.strerror or e}",
                          where=home.name, hint="run `chiba-admin spool serve` on the home "
                          "server and pass --spool-url") from None
     with server:
@@ -155,7 +155,7 @@ def _confine_all(topo, nodes: list[str], dest: str | None, default_name: str | N
 def _spool_or_fail(topo) -> str:
     spool = spool_dir_of(topo)
     if not os.path.isdir(spool):
-        raise StageError("spool directory missing", where=spool,
+        raise MPIToolError("spool directory missing", where=spool,
                          hint="run `chiba-admin cluster init` (embedded) or create it")
     return spool
 
@@ -167,7 +167,7 @@ def stage_mpi(topo, src: str, nodes: list[str], dest: str | None = None, *,
               replace: bool = False) -> dict:
     """Pack ``src`` into the spool and stage it to ``nodes`` through MPI; the result dict.
 
-    Raises UsageError (exit 2) before anything is sent for an empty or missing source,
+    Raises InvalidRequest (exit 2) before anything is sent for an empty or missing source,
     one holding a device node, a non-directory, or a ``dest`` that confine_dest refuses.
     An existing destination an earlier stage did not create is refused on the nodes
     (``result["refused"]``, nothing touched) unless ``replace``.
@@ -176,12 +176,12 @@ def stage_mpi(topo, src: str, nodes: list[str], dest: str | None = None, *,
 
     info = check_source(src)
     if not info.is_dir:
-        raise UsageError("source is not a directory", where=info.path,
+        raise InvalidRequest("source is not a directory", where=info.path,
                          hint="stage a directory of the home file system")
     src = info.path
     nodes = check_nodes(topo, nodes)
     if compress not in COMPRESSIONS:
-        raise UsageError(f"unknown compression {compress!r}", hint="zstd, gzip or none")
+        raise InvalidRequest(f"unknown compression {compress!r}", hint="zstd, gzip or none")
     dests = _confine_all(topo, rank_hosts(topo, nodes), dest, os.path.basename(src))
     spool = _spool_or_fail(topo)
     t0 = time.time()
@@ -196,7 +196,7 @@ def stage_mpi(topo, src: str, nodes: list[str], dest: str | None = None, *,
     try:
         pub = publish(src, spool, compress, on_payload=on_payload)
     except OSError as e:
-        raise StageError(f"cannot pack {src}: {e}", where=src) from None
+        raise MPIToolError(f"cannot pack {src}: {e}", where=src) from None
     try:
         return _stage(topo, pub, src, nodes, dests, t0=t0, pack=time.time() - t0,
                       algorithm=algorithm, chunk=chunk, timeout=timeout, progress=progress,
@@ -253,7 +253,7 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dests: dict[str, di
            progress, spool_url: str | None, env: dict[str, str] | None,
            replace: bool) -> dict:
     if algorithm not in ("chain", "bcast"):
-        raise UsageError(f"unknown algorithm {algorithm!r}", hint="chain or bcast")
+        raise InvalidRequest(f"unknown algorithm {algorithm!r}", hint="chain or bcast")
     ranks = rank_hosts(topo, nodes)
     host_dest = dests[ranks[0]]["shown"]
     info = pub.info
@@ -326,7 +326,7 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dests: dict[str, di
 
 
 def check_collect_dest(dest_dir: str, names: dict[str, str], replace: bool) -> None:
-    """Refuse (UsageError, exit 2) a home-server ``DIR`` that is not a directory, and a
+    """Refuse (InvalidRequest, exit 2) a home-server ``DIR`` that is not a directory, and a
     ``DIR/<host>/<name>`` that exists but was not made by collect (unless ``replace``) or
     whose ``DIR/<host>`` is a symlink or a file. Touches nothing."""
     import stat
@@ -337,7 +337,7 @@ def check_collect_dest(dest_dir: str, names: dict[str, str], replace: bool) -> N
 
     check_collect_root(dest_dir)
     if os.path.lexists(dest_dir) and not os.path.isdir(dest_dir):
-        raise UsageError("--dest exists and is not a directory", where=dest_dir,
+        raise InvalidRequest("--dest exists and is not a directory", where=dest_dir,
                          hint="name a directory (it is made when missing)")
     if not os.path.isdir(dest_dir):
         return
@@ -348,13 +348,13 @@ def check_collect_dest(dest_dir: str, names: dict[str, str], replace: bool) -> N
         except FileNotFoundError:
             continue
         if not stat.S_ISDIR(st.st_mode):
-            raise UsageError("exists and is not a directory (a symlink is not followed)",
+            raise InvalidRequest("exists and is not a directory (a symlink is not followed)",
                              where=hdir, hint="remove it or pick another --dest")
         fd = os.open(hdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             if os.path.lexists(os.path.join(hdir, name)) and not replace \
                     and not was_staged(fd, name):
-                raise UsageError("exists and was not created by chiba-admin collect",
+                raise InvalidRequest("exists and was not created by chiba-admin collect",
                                  where=os.path.join(hdir, name),
                                  hint="pass --replace to replace it, or pick another --dest")
         finally:
@@ -383,7 +383,7 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
 
     Rank 0 runs on the home server (an extra rank) and unpacks at most ``window`` nodes'
     streams at a time; each host's copy is moved in only when complete and verified.
-    ``path`` is confined below each node's scratch (option PATH); UsageError (exit 2)
+    ``path`` is confined below each node's scratch (option PATH); InvalidRequest (exit 2)
     before any launch for a refused path, a ``dest_dir`` that is a file, or an existing
     ``dest_dir/<host>/<name>`` not made by collect (unless ``replace``). A device node
     below any node's ``path`` refuses the whole collect before anything is sent:
@@ -393,10 +393,10 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
     nodes = check_nodes(topo, nodes)
     home = topo.home_server.name
     if home in nodes:
-        raise UsageError(f"{home} is the home server; collect brings data to it",
+        raise InvalidRequest(f"{home} is the home server; collect brings data to it",
                          hint="select only the hosts to collect from")
     if compress not in COMPRESSIONS:
-        raise UsageError(f"unknown compression {compress!r}", hint="zstd, gzip or none")
+        raise InvalidRequest(f"unknown compression {compress!r}", hint="zstd, gzip or none")
     paths = _confine_all(topo, nodes, path if path is not None else "", None, option="PATH")
     names = {h: d["rel"].rpartition("/")[2] for h, d in paths.items()}
     dest_dir = os.path.abspath(dest_dir)

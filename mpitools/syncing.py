@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from chiba_admin.errors import UsageError
+from chiba_admin.errors import InvalidRequest, MPIToolError
 from inventory.apply import new_tmp_tag
 from inventory.plan import itemized_lines
 from inventory.source import check_source
@@ -22,16 +22,16 @@ DEFAULT_CHUNK = 64 << 10
 
 
 def check_source_dir(src: str, *, delete: bool = False) -> str:
-    """The absolute source path. Refused (UsageError, exit 2): a missing or unnamed source,
+    """The absolute source path. Refused (InvalidRequest, exit 2): a missing or unnamed source,
     one holding a device node, a non-directory, and, with ``delete`` only, an empty one
     (it would empty every target; rsync accepts an empty source without --delete)."""
     path = check_source(src).path
     if not os.path.isdir(path):
-        raise UsageError("source is not a directory", where=path, hint="give a directory")
+        raise InvalidRequest("source is not a directory", where=path, hint="give a directory")
     if delete:
         with os.scandir(path) as it:
             if next(it, None) is None:
-                raise UsageError("source directory is empty", where=path,
+                raise InvalidRequest("source directory is empty", where=path,
                                  hint="refusing to sync with --delete: it would empty every "
                                       "target; check the path, or drop --delete")
     return path
@@ -39,7 +39,7 @@ def check_source_dir(src: str, *, delete: bool = False) -> str:
 
 def target_dests(topo, targets: list[str], dest: str | None) -> dict[str, dict]:
     """Each target's confined destination, ``{"root", "rel"}`` with ``root`` as its rank
-    sees it; raises UsageError (exit 2) for any target before anything is sent."""
+    sees it; raises InvalidRequest (exit 2) for any target before anything is sent."""
     out = {}
     for name in targets:
         h = topo.host(name)
@@ -60,10 +60,10 @@ def sync_mpi(topo, src: str, targets: list[str], dest: str | None = None, *,
     """
     path = check_source_dir(src, delete=delete)
     if not targets:
-        raise UsageError("no targets selected", hint="name hosts like @mayors or ccn[01-04]")
+        raise InvalidRequest("no targets selected", hint="name hosts like @mayors or ccn[01-04]")
     root = topo.president.name
     if root in targets:
-        raise UsageError(f"{root} is the president: it holds the source and cannot be a "
+        raise InvalidRequest(f"{root} is the president: it holds the source and cannot be a "
                          "target", hint="leave it out of --targets")
     targets = list(dict.fromkeys(targets))
     dests = target_dests(topo, targets, dest)
@@ -93,7 +93,10 @@ def sync_mpi(topo, src: str, targets: list[str], dest: str | None = None, *,
                               "error": errors[h]} for h in targets},
                 "failures": failures}
     if r.get("error") and not r.get("hosts"):
-        raise UsageError(r["error"])
+        # the president refused or failed to read the source: nothing was sent anywhere
+        if r.get("error_kind") == "invalid":
+            raise InvalidRequest(r["error"])
+        raise MPIToolError(r["error"], where=topo.president.name)
     hosts = {}
     for name in targets:
         h = r["hosts"][name]

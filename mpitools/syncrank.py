@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 from mpi4py import MPI
 
-from chiba_admin.errors import ChibaError
+from chiba_admin.errors import ChibaError, InvalidRequest
 from inventory import (DestTree, Inventory, check_source, decode_inventory, delete_extraneous,
                        encode_inventory, finalize, format_plan, group_bitmaps, hash_file,
                        make_dirs, make_plan, make_symlinks, needs_bitmap, scan)
@@ -431,14 +431,17 @@ def _run_sync(comm: MPI.Comm, spec: dict,
                        checksum=opts["checksum"] or opts["verify"])
             check_source(src, delete=opts["delete"])
             blob = encode_inventory(src)
-        except ChibaError as exc:
-            verdict = str(exc)
+        except InvalidRequest as exc:  # an empty source with --delete: bad input, exit 2
+            verdict = ("invalid", str(exc))
+        except ChibaError as exc:      # an unreadable source: a failure on the president
+            verdict = ("failed", str(exc))
     # quiet barriers before collectives that wait on uneven work: a blocking collective
     # spins, and spinning ranks starve the ones still scanning when cores are shared
     wait(comm.Ibarrier())
     verdict = comm.bcast(verdict if rank == 0 else None, root=0)
     if verdict is not None:
-        return {"ok": False, "error": verdict, "stage": "source scan"} if rank == 0 else None
+        return ({"ok": False, "error": verdict[1], "error_kind": verdict[0],
+                 "stage": "source scan"} if rank == 0 else None)
     n = comm.bcast(len(blob), root=0)
     buf = bytearray(blob) if rank == 0 else bytearray(n)
     comm.Bcast([buf, MPI.BYTE], root=0)

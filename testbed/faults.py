@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from chiba_admin.errors import TestbedError, UsageError
+from chiba_admin.errors import TestbedError, InvalidRequest
 
 from . import system
 from .configs import Layout
@@ -50,17 +50,17 @@ def fault_commands(plan: TestbedPlan, h: HostPlan, kind: str, down: bool = True
             return [["mount", "-t", "tmpfs", "-o", f"size={_FILL_SIZE}", _FILL_TAG, target],
                     ["sh", "-c", fill]]
         return [["umount", "-l", target]]
-    raise UsageError(f"unknown fault {kind!r}", hint=f"use one of {', '.join(FAULTS)}")
+    raise InvalidRequest(f"unknown fault {kind!r}", hint=f"use one of {', '.join(FAULTS)}")
 
 
 def fault(state_dir, host: str, kind: str) -> str:
     """Inject ``kind`` on ``host``; returns a one-line description."""
     if kind not in FAULTS:
-        raise UsageError(f"unknown fault {kind!r}", hint=f"use one of {', '.join(FAULTS)}")
+        raise InvalidRequest(f"unknown fault {kind!r}", hint=f"use one of {', '.join(FAULTS)}")
     lay, st, plan = _load(state_dir)
     h = plan.host(host)
     if kind in st.faults(host):
-        raise UsageError(f"{host} already has fault {kind}",
+        raise InvalidRequest(f"{host} already has fault {kind}",
                          hint=f"heal it first: chiba-admin testbed heal {host}")
     # recorded first, so `heal` and `down` know about a half-done fault
     st.set_faults(host, st.faults(host) + [kind])

@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Sequence
 
-from chiba_admin.errors import TestbedError, UsageError
+from chiba_admin.errors import TestbedError, InvalidRequest
 
 from .counters import Snapshot, counters, measure, snapshot
 from . import faults as _faults
@@ -222,6 +222,6 @@ def _shq(s: str) -> str:
 
 def open_testbed(state: str | Path | None = None) -> Testbed:
     if not Layout(Path(state or lifecycle.default_state_dir())).state_file.is_file():
-        raise UsageError("no testbed here", where=str(state or lifecycle.default_state_dir()),
+        raise InvalidRequest("no testbed here", where=str(state or lifecycle.default_state_dir()),
                          hint="bring one up with `chiba-admin testbed up` or pass --state DIR")
     return Testbed(state)

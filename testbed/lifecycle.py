@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from chiba_admin.errors import TestbedError, UsageError
+from chiba_admin.errors import TestbedError, InvalidRequest
 from topology import Topology, loads_topology
 
 from . import configs, slurm as _slurm, system
@@ -22,7 +22,7 @@ from .plan import (HostPlan, TestbedPlan, choose_octet, generated_topology_toml,
 from .state import ProcRecord, State, end_process, proc_alive, proc_record
 
 __all__ = ["up", "down", "status", "default_state_dir", "generated_topology",
-           "start_sshd", "load_state", "is_up"]
+           "start_sshd", "is_up"]
 
 Log = Callable[[str], None]
 _HOLDER_TIMEOUT = 20.0
@@ -52,10 +52,6 @@ def generated_topology(towns: int, nodes_per_town: int, node_bps: float,
                           source="<testbed --towns>")
 
 
-def load_state(state_dir: Path) -> State:
-    return State.load(Layout(Path(state_dir)).state_file)
-
-
 def _anything_left(st: State) -> bool:
     have = set(system.netns_list())
     if any(ns in have for ns in st.data["namespaces"]):
@@ -72,11 +68,11 @@ def is_up(state_dir: Path) -> bool:
 
 def _require_root(what: str) -> None:
     if os.geteuid() != 0:
-        raise UsageError(f"testbed {what} needs root (network namespaces, tc, sshd)",
+        raise InvalidRequest(f"testbed {what} needs root (network namespaces, tc, sshd)",
                          hint="run it as root, e.g. sudo chiba-admin testbed " + what)
     missing = system.require_tools()
     if missing:
-        raise UsageError(f"testbed {what} needs {', '.join(missing)}",
+        raise InvalidRequest(f"testbed {what} needs {', '.join(missing)}",
                          hint="run scripts/install-system-deps.sh as root")
 
 
@@ -96,19 +92,19 @@ def up(topo: Topology, state_dir: Path | str | None = None, *, node_bps: float |
     """
     _require_root("up")
     if slurm and _slurm.missing_tools():
-        raise UsageError(f"testbed up --slurm needs {', '.join(_slurm.missing_tools())}",
+        raise InvalidRequest(f"testbed up --slurm needs {', '.join(_slurm.missing_tools())}",
                          hint="run scripts/install-system-deps.sh as root (slurm-wlm, munge)")
     if disk not in DISKS:
-        raise UsageError(f"unknown disk kind {disk!r}", hint="use tmpfs or dir")
+        raise InvalidRequest(f"unknown disk kind {disk!r}", hint="use tmpfs or dir")
     if not re.fullmatch(r"[1-9][0-9]*[kmgKMG]?|[1-9][0-9]?%", disk_size):
-        raise UsageError(f"bad disk size {disk_size!r}",
+        raise InvalidRequest(f"bad disk size {disk_size!r}",
                          hint="a tmpfs size such as 512M, 2G or 10% (of RAM)")
     log = log or (lambda msg: None)
     lay = Layout(Path(state_dir or default_state_dir()).absolute())
     if lay.state_file.is_file():
         old = State.load(lay.state_file)
         if _anything_left(old):
-            raise UsageError(f"testbed {old.id} is already up", where=str(lay.state),
+            raise InvalidRequest(f"testbed {old.id} is already up", where=str(lay.state),
                              hint=f"take it down first: chiba-admin testbed down --state "
                                   f"{lay.state}")
         lay.state_file.unlink()

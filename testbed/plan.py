@@ -7,7 +7,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from chiba_admin.errors import UsageError
+from chiba_admin.errors import InvalidRequest, TestbedError
 from topology import MAYOR, NODE, PRESIDENT, Topology
 from topology.generate import generated_topology_toml  # noqa: F401 (re-exported)
 
@@ -83,7 +83,7 @@ class TestbedPlan:
         for h in self.hosts:
             if h.name == name:
                 return h
-        raise UsageError(f"unknown testbed host {name!r}",
+        raise InvalidRequest(f"unknown testbed host {name!r}",
                          hint="see `chiba-admin testbed status` for the host names")
 
     @property
@@ -101,7 +101,7 @@ def new_testbed_id(taken: set[str], rng: random.Random | None = None) -> str:
         tid = f"{rng.randrange(16**4):04x}"
         if tid not in taken:
             return tid
-    raise UsageError("no free testbed id", hint="remove old chiba-* namespaces")
+    raise InvalidRequest("no free testbed id", hint="remove old chiba-* namespaces")
 
 
 def choose_octet(used: list[str], rng: random.Random | None = None) -> int:
@@ -117,8 +117,8 @@ def choose_octet(used: list[str], rng: random.Random | None = None) -> int:
             if not any(n.version == 4 and n.prefixlen > 0
                        and n.overlaps(ipaddress.ip_network(f"10.{x}.0.0/16")) for n in nets)]
     if not free:
-        raise UsageError("no free 10.X.0.0/16 range (X in 200-250) for the testbed",
-                         hint="the host routes cover them all; free one and retry")
+        raise TestbedError("no free 10.X.0.0/16 range (X in 200-250) for the testbed",
+                           hint="the host routes cover them all; free one and retry")
     return rng.choice(free)
 
 
@@ -138,12 +138,12 @@ def plan_testbed(topo: Topology, tid: str, octet: int, state: str | Path, *,
     state = str(state)
     towns = topo.town_names()
     if len(towns) > 250:
-        raise UsageError(f"{len(towns)} towns; the testbed supports at most 250")
+        raise InvalidRequest(f"{len(towns)} towns; the testbed supports at most 250")
     for t in towns:
         if len(topo.town_nodes(t)) > 253:
-            raise UsageError(f"town {t} has {len(topo.town_nodes(t))} nodes; at most 253")
+            raise InvalidRequest(f"town {t} has {len(topo.town_nodes(t))} nodes; at most 253")
     if _SWITCH in topo:
-        raise UsageError(f"a host is named {_SWITCH!r}, which the testbed's switch uses",
+        raise InvalidRequest(f"a host is named {_SWITCH!r}, which the testbed's switch uses",
                          where=topo.source, hint="rename that host")
     pres = topo.president
     core_bps = mayor_bps or topo.link(pres.name, topo.mayors[0].name).bandwidth
@@ -155,7 +155,6 @@ def plan_testbed(topo: Topology, tid: str, octet: int, state: str | Path, *,
     for k, t in enumerate(towns, start=1):
         m = topo.towns[t]
         town_of_mayor.setdefault(m, k)
-        nodes = topo.town_nodes(t)
         town_bps[t] = node_bps or topo.town_link(t).bandwidth
         up_bps[t] = uplink_bps or (node_bps if node_bps else topo.town_uplink(t).bandwidth)
     for i, m in enumerate(topo.mayors, start=1):
@@ -200,7 +199,7 @@ def _mounts(h, state: str) -> tuple[tuple[str, str], ...]:
     for kind in MOUNT_KINDS:
         p = h.paths.get(kind)
         if p.rstrip("/") in _FORBIDDEN_MOUNTS or p.rstrip("/") == "":
-            raise UsageError(f"{kind} path {p!r} of {h.name} would hide a system directory",
+            raise InvalidRequest(f"{kind} path {p!r} of {h.name} would hide a system directory",
                              hint="use a dedicated path such as /scratch")
         out.append((p, f"{state}/hosts/{h.name}/data/{kind}"))
     return tuple(out)

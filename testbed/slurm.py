@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from chiba_admin.errors import TestbedError, UsageError
+from chiba_admin.errors import TestbedError, InvalidRequest
 
 from . import system
 from .configs import Layout
@@ -112,10 +112,10 @@ def slurm_conf(plan: TestbedPlan, slay: SlurmLayout, *, tree_width: int | None =
     """The slurm.conf text (pure): controller on the president, one partition of all nodes.
 
     ``tree_width``: Slurm's TreeWidth (message fan-out; None keeps Slurm's default, 50,
-    which makes sbcast a star up to 50 nodes). Raises UsageError for a width under 1.
+    which makes sbcast a star up to 50 nodes). Raises InvalidRequest for a width under 1.
     """
     if tree_width is not None and tree_width < 1:
-        raise UsageError(f"bad Slurm tree width {tree_width}", hint="use 1 or more")
+        raise InvalidRequest(f"bad Slurm tree width {tree_width}", hint="use 1 or more")
     pres, nodes = _hosts(plan)
     pres_addr = plan.host(pres).address
     hd = str(slay.state / "hosts" / "%n" / "slurm")  # slurmd expands %n to its node name
@@ -248,9 +248,9 @@ def _write_files(plan: TestbedPlan, slay: SlurmLayout, tree_width: int | None) -
 
 
 def _refuse_second(st: State, plan: TestbedPlan) -> None:
-    """UsageError when a Slurm daemon of ours, or any slurmctld, runs on the president."""
+    """InvalidRequest when a Slurm daemon of ours, or any slurmctld, runs on the president."""
     if any(proc_alive(r) for r in _procs(st).values()):
-        raise UsageError(f"Slurm is already up on testbed {plan.id}",
+        raise InvalidRequest(f"Slurm is already up on testbed {plan.id}",
                          where=str(Path(st.path).parent),
                          hint="a second slurmctld would kill the first; take the testbed "
                               "down and up again")
@@ -262,7 +262,7 @@ def _refuse_second(st: State, plan: TestbedPlan) -> None:
         except OSError:
             continue
         if comm == "slurmctld":
-            raise UsageError(f"a slurmctld (pid {pid}) already runs on {pres}",
+            raise InvalidRequest(f"a slurmctld (pid {pid}) already runs on {pres}",
                              hint="a second one would kill it; stop it first")
 
 
@@ -270,12 +270,12 @@ def up(state: Path | str, *, tree_width: int | None = None, log: Log | None = No
     """Start munged on the president and every node, slurmctld on the president and a
     slurmd per node, then wait until every node is idle. Returns the seconds it took.
 
-    Raises UsageError (tools missing, Slurm already up) before anything starts;
+    Raises InvalidRequest (tools missing, Slurm already up) before anything starts;
     TestbedError naming the host when a daemon fails (what started is stopped again).
     """
     missing = missing_tools()
     if missing:
-        raise UsageError(f"Slurm on the testbed needs {', '.join(missing)}",
+        raise InvalidRequest(f"Slurm on the testbed needs {', '.join(missing)}",
                          hint="run scripts/install-system-deps.sh as root (slurm-wlm, munge)")
     log = log or (lambda m: None)
     lay, st, plan = _load(state)

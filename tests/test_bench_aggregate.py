@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from chiba_admin.bench import aggregate, records, render, suites
-from chiba_admin.errors import UsageError
 
 FIX = Path(__file__).parent / "fixtures" / "bench"
 M = 1 << 20

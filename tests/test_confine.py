@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from chiba_admin.errors import TopologyError, UsageError
+from chiba_admin.errors import TopologyError, InvalidRequest
 from inventory.beneath import (BeneathError, lock_dest, mark_staged, open_dir_beneath, open_root,
                                unlock_dest, unmark_staged, was_staged)
 from topology.confine import confine_dest, host_path_ok
@@ -44,20 +44,20 @@ def test_confine_accepts(value, expect):
     ("/var/spool", "outside"),
 ])
 def test_confine_refuses(value, words):
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(InvalidRequest) as e:
         confine_dest(NODE, "scratch", value, default_name="input")
     assert words in str(e.value) and "ccn01" in str(e.value)
 
 
 def test_confine_refuses_ancestor_of_host_dirs():
     h = Host("m", "mayor", paths=HostPaths("/scratch", "/scratch/spool", "/srv/repo"))
-    with pytest.raises(UsageError, match="is the host's spool"):
+    with pytest.raises(InvalidRequest, match="is the host's spool"):
         confine_dest(h, "scratch", "/scratch/spool", default_name="x")
     # sync-mayors owns the repository itself, but never a parent of it
     assert confine_dest(h, "repository", None, allow_root=True).path == "/srv/repo"
     r = Host("m", "mayor", paths=HostPaths("/scratch", "/var/spool", "/srv/repo",
                                            ("/srv",)))
-    with pytest.raises(UsageError, match="contains the host's repository"):
+    with pytest.raises(InvalidRequest, match="contains the host's repository"):
         confine_dest(r, "repository", "/srv", allow_root=True)
 
 
@@ -168,9 +168,9 @@ def test_staged_marker_forged_by_another_user_is_not_trusted(tmp_path):
 def test_check_source(tmp_path):
     from inventory.source import check_source
 
-    with pytest.raises(UsageError, match="no SRC given"):
+    with pytest.raises(InvalidRequest, match="no SRC given"):
         check_source("")
-    with pytest.raises(UsageError, match="does not exist"):
+    with pytest.raises(InvalidRequest, match="does not exist"):
         check_source(str(tmp_path / "nope"))
     (tmp_path / "d").mkdir()
     (tmp_path / "d/a").write_bytes(b"xyz")
@@ -188,7 +188,7 @@ def test_check_source_refuses_devices(tmp_path):
 
     (tmp_path / "d/sub").mkdir(parents=True)
     os.mknod(tmp_path / "d/sub/null", st.S_IFCHR | 0o600, os.makedev(1, 3))
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(InvalidRequest) as e:
         check_source(str(tmp_path / "d"))
     assert "character device" in str(e.value) and "d/sub/null" in str(e.value)
 
@@ -248,9 +248,9 @@ def test_confine_refuses_a_dest_inside_another_host_directory():
     """A dest_roots entry above the spool must not let a stage write into the spool."""
     h = Host("n", "node", paths=HostPaths("/scratch", "/var/spool/chiba", "/opt/chiba/repo",
                                           ("/var/spool", "/opt")))
-    with pytest.raises(UsageError, match="inside the host's spool directory"):
+    with pytest.raises(InvalidRequest, match="inside the host's spool directory"):
         confine_dest(h, "scratch", "/var/spool/chiba/y", default_name="x")
-    with pytest.raises(UsageError, match="inside the host's repository directory"):
+    with pytest.raises(InvalidRequest, match="inside the host's repository directory"):
         confine_dest(h, "scratch", "/opt/chiba/repo/y", default_name="x")
     assert confine_dest(h, "scratch", "/var/spool/other", default_name="x").rel == "other"
     # sync-mayors' own root may hold the others' parents, not the other way round
@@ -270,7 +270,7 @@ def test_topology_refuses_one_directory_for_two_purposes():
     (f".job.chiba-tmp-{'0' * 32}", "chiba-admin's own files"),
 ])
 def test_confine_refuses_long_and_reserved_names(value, words):
-    with pytest.raises(UsageError, match=words):
+    with pytest.raises(InvalidRequest, match=words):
         confine_dest(NODE, "scratch", value, default_name="input")
 
 

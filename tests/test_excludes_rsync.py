@@ -315,10 +315,10 @@ def test_bad_rules_refused_before_anything_both_methods(embedded, cli, tmp_path,
 
 def test_bad_line_in_exclude_from_is_named(tmp_path, monkeypatch):
     from chiba_admin.commands.sync import exclude_rules
-    from chiba_admin.errors import UsageError
+    from chiba_admin.errors import InvalidRequest
 
     (tmp_path / "rules").write_bytes(b"*.o\n+ \n")
-    with pytest.raises(UsageError, match="no pattern") as ei:
+    with pytest.raises(InvalidRequest, match="no pattern") as ei:
         exclude_rules((), (str(tmp_path / "rules"),))
     assert ei.value.where.startswith(str(tmp_path / "rules"))
     (tmp_path / "rules").write_bytes(b"*.o\n# c\n+ keep.o\n")

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chiba_admin.errors import TransportError, UsageError
+from chiba_admin.errors import TransportError, InvalidRequest
 from legacy_transit.fanout import (GroupResult, LineSplitter, compact_rc, group_outputs,
                                    run_on, window)
 from legacy_transit.rsync import parse_stats, rsync_argv, ssh_command
@@ -193,7 +193,7 @@ def test_plan_transit_routes_and_dest_rule(tmp_path):
     assert p.legs[0].tar.startswith("/var/spool/chiba/transit-d-")
     assert plan_transit(topo, str(tmp_path / "d"), ["ccn01"], "/scratch/abs").dests["ccn01"] \
         == "/scratch/abs"
-    with pytest.raises(UsageError, match="outside the host's scratch"):
+    with pytest.raises(InvalidRequest, match="outside the host's scratch"):
         plan_transit(topo, str(tmp_path / "d"), ["ccn01"], "/abs")
     assert plan_transit(topo, str(tmp_path / "d"), ["ccn01"], "r/x").dests["ccn01"] == \
         "/scratch/r/x"

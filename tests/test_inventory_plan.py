@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from chiba_admin.errors import InventoryError
+from chiba_admin.errors import InvalidRequest, InventoryError
 from inventory import (DELETE, DIR, FILE, LINK, META, MKDIR, SYMLINK, WRITE, Entry, Inventory,
                        Issue, Plan, check_source, format_plan, make_plan, needs)
 from inventory.entries import FIFO, SOCK
@@ -149,10 +149,10 @@ def test_fifos_sockets_and_owners():
 
 
 def test_empty_source_refused():
-    with pytest.raises(InventoryError, match="empty") as ei:
+    with pytest.raises(InvalidRequest, match="empty") as ei:  # bad input: exit 2
         make_plan(inv(), inv(F("a")), delete=True)
     assert "delete everything" in ei.value.hint
-    with pytest.raises(InventoryError):
+    with pytest.raises(InvalidRequest):
         check_source(Inventory(root="/srv/repo"))
     # without --delete an empty source is accepted, as rsync accepts it
     assert make_plan(inv(), inv(F("a"))).is_noop()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from chiba_admin.cli import main
-from chiba_admin.errors import UsageError
+from chiba_admin.errors import InvalidRequest
 from conftest import DEMO
 
 WEIRD_NAMES = ["plain.txt", "with space.txt", "it's \"quoted\"", "$(touch pwned)",
@@ -129,7 +129,7 @@ def test_transit_bad_input_touches_nothing(demo, tmp_path, src, nodes, msg):
     topo, state = demo
     path = make_tree(tmp_path / "ok") if src == "ok" else tmp_path / src if src else ""
     before = sorted(p for p in state.rglob("*"))
-    with pytest.raises(UsageError, match=msg.replace("(", r"\(")):
+    with pytest.raises(InvalidRequest, match=msg.replace("(", r"\(")):
         stage_transit(topo, str(path), nodes)
     assert sorted(p for p in state.rglob("*")) == before
 
@@ -188,7 +188,7 @@ def test_collect_embedded(demo, tmp_path):
         assert_same_tree(src, tmp_path / "back" / n / "r")
         assert res["hosts"][n]["bytes"] > 0
     assert not (tmp_path / "back" / "ccn04").exists()
-    with pytest.raises(UsageError):
+    with pytest.raises(InvalidRequest):
         collect_transit(topo, "out/r", ["nope"], str(tmp_path / "x"))
 
 
@@ -577,7 +577,7 @@ def _chain(depth: int = 16) -> list:
     for i in range(depth):
         out += [(f"{d}/{'a' * 200}", "dir", None), (f"{d}/l{i}", "sym", "a" * 200)]
         d = f"{d}/l{i}"
-    out += [(f"r/esc", "sym", "/".join(f"l{i}" for i in range(depth)) + "/" + "../" * 40),
+    out += [("r/esc", "sym", "/".join(f"l{i}" for i in range(depth)) + "/" + "../" * 40),
             ("r/esc/pwned", "file", "x")]
     return out
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from chiba_admin.errors import UsageError
+from chiba_admin.errors import InvalidRequest
 from legacy_transit import peers
 
 CLI = str(Path(sys.executable).with_name("chiba-admin"))
@@ -142,7 +142,7 @@ def test_slurm_conf_names_controller_nodes_and_private_paths(tmp_path):
              and not ln.startswith(("Proctrack", "TaskPlugin", "Auth", "Cred", "JobAcct",
                                     "Accounting", "JobComp", "Select", "MailProg"))]
     assert paths and all(p.startswith(str(tmp_path)) for p in paths)
-    with pytest.raises(UsageError, match="tree width"):
+    with pytest.raises(InvalidRequest, match="tree width"):
         slurm.slurm_conf(plan, slay, tree_width=0)
 
 
@@ -155,7 +155,7 @@ def test_up_slurm_without_the_tools_is_refused_before_anything(tmp_path, monkeyp
     made = []
     monkeypatch.setattr(system, "ip_batch", lambda *a, **k: made.append(a))
     topo = testbed.generated_topology(1, 2, 20e6, 200e6)
-    with pytest.raises(UsageError, match="needs slurmctld"):
+    with pytest.raises(InvalidRequest, match="needs slurmctld"):
         lifecycle.up(topo, tmp_path / "st", slurm=True)
     assert made == [] and not (tmp_path / "st").exists()
 
@@ -283,7 +283,7 @@ def test_a_second_slurm_up_is_refused_and_the_first_keeps_running(slurm_testbed)
 
     st = State.load(slurm_testbed.tb.layout.state_file)
     ctld = st.proc("slurm", "slurmctld")
-    with pytest.raises(UsageError, match="already up"):
+    with pytest.raises(InvalidRequest, match="already up"):
         slurm.up(slurm_testbed.state)
     assert proc_alive(ctld)
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from chiba_admin.errors import UsageError
+from chiba_admin.errors import InvalidRequest
 from testbed_fixtures import require_testbed
 
 pytestmark = pytest.mark.testbed
@@ -159,7 +159,7 @@ def test_cross_town_transfer_counted_on_mayors(testbed_cluster):
 def test_up_twice_refused(testbed_cluster, cli):
     import testbed
 
-    with pytest.raises(UsageError, match="already up"):
+    with pytest.raises(InvalidRequest, match="already up"):
         testbed.up(testbed.generated_topology(1, 1, 1e6, 1e7), testbed_cluster.state)
     r = cli("testbed", "up", "--state", str(testbed_cluster.state))
     assert r.code == 2 and "already up" in r.err and len(r.err.strip().splitlines()) == 1

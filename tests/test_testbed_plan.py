@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from chiba_admin.errors import UsageError
+from chiba_admin.errors import InvalidRequest, TestbedError
 from testbed import configs
 from testbed.configs import Layout
 from testbed.faults import fault_commands
@@ -71,7 +71,7 @@ def test_choose_octet_avoids_used_ranges():
     used = [f"10.{x}.0.0/16" for x in range(200, 250)]
     assert choose_octet(used, rng) == 250
     assert choose_octet(["192.0.2.0/24", "0.0.0.0/0"], rng) in range(200, 251)
-    with pytest.raises(UsageError):
+    with pytest.raises(TestbedError):
         choose_octet(["10.0.0.0/8"], rng)
 
 
@@ -133,7 +133,7 @@ def test_plan_roundtrip_and_faults(plan):
 
 
 def test_refuses_bad_shapes(tmp_path):
-    with pytest.raises(UsageError):
+    with pytest.raises(InvalidRequest):
         generated_topology(0, 4, 1e6, 1e7)
     topo = generated_topology(1, 2, 1e6, 1e7)
     bad = topo.with_root(lambda h: "")
@@ -142,7 +142,7 @@ def test_refuses_bad_shapes(tmp_path):
     from topology import HostPaths
     h = bad.host("ccn01")
     bad.graph.nodes["ccn01"]["host"] = replace(h, paths=HostPaths(scratch="/etc"))
-    with pytest.raises(UsageError, match="system directory"):
+    with pytest.raises(InvalidRequest, match="system directory"):
         plan_testbed(bad, "0002", 202, tmp_path)
 
 

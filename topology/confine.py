@@ -22,7 +22,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 
-from chiba_admin.errors import UsageError
+from chiba_admin.errors import InvalidRequest
 
 __all__ = ["HostDest", "confine_dest", "host_path_ok", "is_within"]
 
@@ -77,16 +77,16 @@ _RESERVED = re.compile(r"\..*\.chiba-(lock|staged|tmp-[0-9a-f]{12,32}|old-[0-9a-
 
 def _components_ok(value: str, option: str, host: str) -> None:
     if "\0" in value:
-        raise UsageError(f"{option} contains a NUL byte", where=host)
+        raise InvalidRequest(f"{option} contains a NUL byte", where=host)
     for part in value.split("/"):
         if len(part.encode("utf-8", "surrogateescape")) > 255:
-            raise UsageError(f"{option} has a name of over 255 bytes ({part[:20]}...)",
+            raise InvalidRequest(f"{option} has a name of over 255 bytes ({part[:20]}...)",
                              where=host, hint="a file name is at most 255 bytes")
         if _RESERVED.fullmatch(part):
-            raise UsageError(f"{option} {value!r} names one of chiba-admin's own files",
+            raise InvalidRequest(f"{option} {value!r} names one of chiba-admin's own files",
                              where=host, hint="pick another name")
     if ".." in value.split("/"):
-        raise UsageError(f"{option} {value!r} has a '..' component", where=host,
+        raise InvalidRequest(f"{option} {value!r} has a '..' component", where=host,
                          hint="name a path inside the host's directory, without ..")
 
 
@@ -99,7 +99,7 @@ def confine_dest(host, which: str, value: str | None, *, default_name: str | Non
     ``default_name`` is None and ``allow_root``. ``allow_root`` lets the result be the root
     itself (sync-mayors' repository); otherwise it must lie strictly below it.
 
-    Returns a :class:`HostDest`. Raises ``UsageError`` (exit 2) naming the option, the value
+    Returns a :class:`HostDest`. Raises ``InvalidRequest`` (exit 2) naming the option, the value
     and the host when the value is empty, has ``..`` components, is ``/``, lies outside the
     root and the host's ``dest_roots``, or is (or contains) one of the host's scratch,
     spool or repository directories that the tool does not own.
@@ -109,9 +109,9 @@ def confine_dest(host, which: str, value: str | None, *, default_name: str | Non
     if value is None:
         value = default_name if default_name is not None else ""
         if not value and not allow_root:
-            raise UsageError(f"no {option} given", where=where)
+            raise InvalidRequest(f"no {option} given", where=where)
     elif value == "":
-        raise UsageError(f"empty {option}", where=where,
+        raise InvalidRequest(f"empty {option}", where=where,
                          hint=f"name a path under the host's {which} ({base})")
     _components_ok(value, option, where)
     if value.startswith("/"):
@@ -121,13 +121,13 @@ def confine_dest(host, which: str, value: str | None, *, default_name: str | Non
     else:
         path = posixpath.normpath(posixpath.join(base, value)) if value else base
     if path == "/":
-        raise UsageError(f"{option} {value!r} is the host's root directory", where=where,
+        raise InvalidRequest(f"{option} {value!r} is the host's root directory", where=where,
                          hint=f"name a path under the host's {which} ({base})")
     roots = [base, *getattr(host.paths, "dest_roots", ())]
     root = next((r for r in roots if is_within(path, r)), None)
     if root is None:
         listed = ", ".join(roots)
-        raise UsageError(f"{option} {value!r} is outside the host's {which} ({path} not under "
+        raise InvalidRequest(f"{option} {value!r} is outside the host's {which} ({path} not under "
                          f"{listed})", where=where,
                          hint="use a path under it, or list another root in the topology's"
                               " dest_roots")
@@ -136,17 +136,17 @@ def confine_dest(host, which: str, value: str | None, *, default_name: str | Non
         d = host.paths.get(other)
         if is_within(d, path) and not (allow_root and own.get(other) == path):
             what = "is" if d == path else "contains"
-            raise UsageError(f"{option} {value!r} {what} the host's {other} directory {d}",
+            raise InvalidRequest(f"{option} {value!r} {what} the host's {other} directory {d}",
                              where=where,
                              hint=f"name a new directory under {base} instead")
         # nor inside another of them (a dest_roots entry above the spool must not let a
         # stage write into the spool), unless that one holds the tool's own root
         if other != which and is_within(path, d) and not is_within(base, d):
-            raise UsageError(f"{option} {value!r} is inside the host's {other} directory {d}",
+            raise InvalidRequest(f"{option} {value!r} is inside the host's {other} directory {d}",
                              where=where,
                              hint=f"name a new directory under {base} instead")
     if path == root and not allow_root:
-        raise UsageError(f"{option} {value!r} is the destination root {root} itself",
+        raise InvalidRequest(f"{option} {value!r} is the destination root {root} itself",
                          where=where, hint=f"name a new directory under {root}")
     rel = "" if path == root else path[len(root.rstrip("/")) + 1:]
     return HostDest(root, rel)

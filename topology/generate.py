@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chiba_admin.errors import UsageError
+from chiba_admin.errors import InvalidRequest
 
 __all__ = ["generated_topology_toml"]
 
@@ -17,7 +17,7 @@ def generated_topology_toml(towns: int, nodes_per_town: int, node_bps: float,
     Chiba City; pass ``mayor_bps`` for the "fat mayors" shape).
     """
     if towns < 1 or nodes_per_town < 1:
-        raise UsageError("--towns and --nodes-per-town must be at least 1")
+        raise InvalidRequest("--towns and --nodes-per-town must be at least 1")
     total = towns * nodes_per_town
     width = max(2, len(str(total)))
     lines = ["[cluster]", f'name = "{name}"', 'kind = "embedded"',

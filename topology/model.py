@@ -342,7 +342,7 @@ class Topology:
             links = [self.link(name, m.name) for m in self.mayors]
             if not links:
                 raise TopologyError("the president has no links")
-            return max(links, key=lambda l: l.bandwidth)
+            return max(links, key=lambda link: link.bandwidth)
         if h.role == MAYOR:
             return self.link(name, self.president.name)
         return self.graph.edges[switch_of(h.town), name]["link"]

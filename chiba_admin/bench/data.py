@@ -33,7 +33,7 @@ def make_random(root: str | Path, size: int, seed: int = 0) -> Path:
 def _text_block(rnd: random.Random, size: int) -> bytes:
     words = rnd.choices(_WORDS, k=size // 6 + 16)
     lines, line = [], []
-    for i, w in enumerate(words):
+    for w in words:
         line.append(w if rnd.random() > 0.05 else f"{w}{rnd.randrange(10_000)}")
         if len(line) >= 12:
             lines.append(" ".join(line))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import UsageError
+from ..errors import InvalidRequest
 
 __all__ = ["SCHEMA", "SCHEMA_V1", "WORKLOADS", "CpuMeter", "cpu_meter", "read_cpu_times",
            "environment", "code_lines", "git_commit", "make_record", "write_record",
@@ -208,7 +208,7 @@ def load_records(paths: list[str | Path]) -> list[dict]:
     """Read result files (or every ``*.json`` in given directories), oldest name first.
 
     JSON that is not a benchmark record (another tool's output) is skipped. Raises
-    UsageError for a path that does not exist, an unreadable file, or no record at all.
+    InvalidRequest for a path that does not exist, an unreadable file, or no record at all.
     """
     files: list[Path] = []
     for p in map(Path, paths):
@@ -217,19 +217,19 @@ def load_records(paths: list[str | Path]) -> list[dict]:
         elif p.is_file():
             files.append(p)
         else:
-            raise UsageError("result file not found", where=str(p),
+            raise InvalidRequest("result file not found", where=str(p),
                              hint="run `chiba-admin bench` first or name files under results/")
     records = []
     for f in files:
         try:
             rec = upgrade(json.loads(f.read_text()))
         except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read result file: {e}", where=str(f)) from None
+            raise InvalidRequest(f"cannot read result file: {e}", where=str(f)) from None
         if rec is not None:
             rec["_file"] = str(f)
             records.append(rec)
     if not records:
-        raise UsageError("no benchmark records found", where=", ".join(map(str, paths)),
+        raise InvalidRequest("no benchmark records found", where=", ".join(map(str, paths)),
                          hint="run `chiba-admin bench stage` or `make bench` first")
     return records
 
@@ -255,21 +255,21 @@ def find_records(paths: list[str | Path], *, own: str | Path = OWN_DIR,
                  shipped: str | Path | None = None, shipped_only: bool = False) -> Sources:
     """The records a report shows: those named by ``paths``; else ``own`` (results/) when
     it holds any; else (or with ``shipped_only``) the ones shipped with the project, with a
-    note saying where they come from. UsageError when there are none."""
+    note saying where they come from. InvalidRequest when there are none."""
     if paths:
         return Sources(load_records(list(paths)), False)
     shipped = SHIPPED_DIR if shipped is None else shipped
     if not shipped_only:
         try:
             return Sources(load_records([own]), False)
-        except UsageError:
+        except InvalidRequest:
             pass
     try:
         recs = load_records([shipped]) if Path(shipped).is_dir() else []
-    except UsageError:
+    except InvalidRequest:
         recs = []
     if not recs:
-        raise UsageError("no benchmark records found", where=str(shipped if shipped_only
+        raise InvalidRequest("no benchmark records found", where=str(shipped if shipped_only
                                                                  else own),
                          hint="this checkout ships none under docs/results/" if shipped_only
                          else "run `chiba-admin bench quick` or `make bench` first; this "

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import ChibaError, UsageError
+from ..errors import ChibaError, InvalidRequest
 
 __all__ = ["Site", "embedded_site", "testbed_site", "open_site", "resolve_where",
            "testbed_possible", "parse_shapes", "sync_shape", "NODE_MBIT", "MAYOR_MBIT"]
@@ -157,12 +157,12 @@ def testbed_possible() -> bool:
 
 
 def resolve_where(where: str) -> str:
-    """``auto`` -> ``testbed`` when possible here, else ``embedded``; UsageError for a
+    """``auto`` -> ``testbed`` when possible here, else ``embedded``; InvalidRequest for a
     testbed without root."""
     if where == "auto":
         return "testbed" if testbed_possible() else "embedded"
     if where == "testbed" and os.geteuid() != 0:
-        raise UsageError("the testbed needs root", hint="run as root or use --where embedded")
+        raise InvalidRequest("the testbed needs root", hint="run as root or use --where embedded")
     return where
 
 
@@ -176,16 +176,17 @@ def open_site(where: str, towns: int, per_town: int, workdir: Path, *,
 
 
 def parse_shapes(value: str) -> list[tuple[int, int]]:
-    """``"2x4,4x8"`` -> [(2, 4), (4, 8)]; UsageError for anything else."""
+    """``"2x4,4x8"`` -> [(2, 4), (4, 8)]; InvalidRequest for anything else."""
     out = []
     for part in value.split(","):
         try:
             t, n = part.lower().split("x")
             out.append((int(t), int(n)))
         except ValueError:
-            raise UsageError(f"bad shape {part!r}", hint="write TOWNSxNODES, e.g. 2x4,4x8")
+            raise InvalidRequest(f"bad shape {part!r}",
+                                 hint="write TOWNSxNODES, e.g. 2x4,4x8") from None
         if out[-1][0] < 1 or out[-1][1] < 1:
-            raise UsageError(f"bad shape {part!r}", hint="at least 1 town of 1 node")
+            raise InvalidRequest(f"bad shape {part!r}", hint="at least 1 town of 1 node")
     return out
 
 

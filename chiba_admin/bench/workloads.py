@@ -19,7 +19,7 @@ from typing import Callable
 from . import data
 from .records import cpu_meter
 from .sites import Site
-from ..errors import ChibaError, UsageError
+from ..errors import ChibaError, InvalidRequest
 
 __all__ = ["STAGE_METHODS", "OUR_STAGE_METHODS", "PEER_METHODS", "PEER_SKIP_REASON",
            "COLLECT_METHODS", "SYNC_METHODS", "MEMORY_ALGORITHMS",
@@ -85,7 +85,7 @@ def _emit(runs: list[dict], run: dict, on_run: OnRun) -> None:
 def _nodes(site: Site, n: int) -> list[str]:
     names = site.node_names()
     if n > len(names):
-        raise UsageError(f"{n} nodes asked, the site has {len(names)}")
+        raise InvalidRequest(f"{n} nodes asked, the site has {len(names)}")
     return names[:n]
 
 
@@ -245,7 +245,7 @@ def sync(site: Site, *, target_counts: list[int], repeat: int, workdir: Path, fi
     dest, seed = "bench-repo", 1
     for n in target_counts:
         if n > len(pool):
-            raise UsageError(f"{n} targets asked, the site has {len(pool)} hosts to use")
+            raise InvalidRequest(f"{n} targets asked, the site has {len(pool)} hosts to use")
         targets = pool[:n]
         for method in methods:
             for scenario in ("full", "changed", "nochange"):

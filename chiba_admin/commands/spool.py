@@ -8,7 +8,7 @@ import click
 
 from ..cli import EXIT_OK, pass_ctx
 from ..console import get_console, get_err_console, print_json
-from ..errors import StageError
+from ..errors import MPIToolError
 
 __all__ = ["register", "spool_group"]
 
@@ -36,13 +36,13 @@ def serve(ctx, bind, port, directory):
     home = topo.home_server
     directory = directory or home.local_path(home.spool)
     if not os.path.isdir(directory):
-        raise StageError("spool directory missing", where=directory,
+        raise MPIToolError("spool directory missing", where=directory,
                          hint="run `chiba-admin cluster init` (embedded) or create it")
     bind = bind or ("127.0.0.1" if topo.kind == "embedded" else home.address or "127.0.0.1")
     try:
         server = SpoolServer(directory, bind, port, verbose=ctx.verbose > 0)
     except OSError as e:
-        raise StageError(f"cannot listen on {bind}:{port}: {e.strerror or e}",
+        raise MPIToolError(f"cannot listen on {bind}:{port}: {e.strerror or e}",
                          where=home.name, hint="pick another --port or --bind") from None
     host, real_port = server.address
     info = {"url": f"http://{host}:{real_port}/", "directory": directory}

@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import ChibaError, UsageError
+from ..errors import ChibaError, InvalidRequest
 
 __all__ = ["SimgridMissing", "import_simgrid", "simgrid_available", "Calibration", "Sim",
            "run_in_child", "INSTALL_HINT", "require_simgrid"]
@@ -31,7 +31,7 @@ INSTALL_HINT = ("install SimGrid's Python bindings: `apt-get install python3-sim
 _DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 
 
-class SimgridMissing(UsageError):
+class SimgridMissing(InvalidRequest):
     """SimGrid's Python module cannot be imported (exit 2, with how to get it)."""
 
 

@@ -20,14 +20,14 @@ PAPER = {"mpi_aggregate_mbps_128": 216, "transit_aggregate_mbps_128": 57,
 
 def targets_for(topo, method: str, n: int) -> list[str]:
     """The hosts a method serves: the first ``n`` nodes (staging), or mayors then nodes
-    (synchronisation, as the benchmarks choose targets). UsageError when too few."""
-    from ..errors import UsageError
+    (synchronisation, as the benchmarks choose targets). InvalidRequest when too few."""
+    from ..errors import InvalidRequest
 
     pool = [h.name for h in topo.nodes]
     if method in SYNC_METHODS:
         pool = [h.name for h in topo.mayors] + pool
     if n > len(pool):
-        raise UsageError(f"{n} hosts asked for {method}, the topology has {len(pool)}",
+        raise InvalidRequest(f"{n} hosts asked for {method}, the topology has {len(pool)}",
                          where=topo.source, hint="pick --nodes within the cluster's size")
     return pool[:n]
 

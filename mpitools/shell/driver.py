@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
-from chiba_admin.errors import MPIToolError, UsageError
+from chiba_admin.errors import MPIToolError, InvalidRequest
 
 from ..launcher import launch
 from ..rankio import encode_job
@@ -52,7 +52,7 @@ def allocation_nodes(environ: dict[str, str]) -> list[str] | None:
             with open(nf, encoding="utf-8") as f:
                 names = [ln.strip() for ln in f if ln.strip()]
         except OSError as e:
-            raise UsageError(f"cannot read PBS_NODEFILE: {e.strerror}", where=nf) from None
+            raise InvalidRequest(f"cannot read PBS_NODEFILE: {e.strerror}", where=nf) from None
         return list(dict.fromkeys(names))
     nl = environ.get("SLURM_JOB_NODELIST")
     if nl:
@@ -61,14 +61,14 @@ def allocation_nodes(environ: dict[str, str]) -> list[str] | None:
         try:
             return list(NodeSet(nl))
         except NodeSetException as e:
-            raise UsageError(f"bad SLURM_JOB_NODELIST {nl!r}: {e}") from None
+            raise InvalidRequest(f"bad SLURM_JOB_NODELIST {nl!r}: {e}") from None
     return None
 
 
 def plan_shell(topo, script: str, nodes: list[str] | None, *, args: tuple[str, ...] = (),
                ppn: int | None = None, mode: str = "plain", walltime: float | None = None,
                environ: dict[str, str] | None = None) -> ShellPlan:
-    """Check the request and build the job spec; raises UsageError (exit 2) on bad input.
+    """Check the request and build the job spec; raises InvalidRequest (exit 2) on bad input.
 
     ``mode`` is ``"pbs"``, ``"slurm"`` or ``"plain"``. Nodes: ``nodes`` (``--nodes``), else
     the allocation's (:func:`allocation_nodes`); a directive asking for more nodes than
@@ -80,25 +80,25 @@ def plan_shell(topo, script: str, nodes: list[str] | None, *, args: tuple[str, .
         with open(script, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise UsageError("job script does not exist", where=script) from None
+        raise InvalidRequest("job script does not exist", where=script) from None
     except OSError as e:
-        raise UsageError(f"cannot read the job script: {e.strerror}", where=script) from None
+        raise InvalidRequest(f"cannot read the job script: {e.strerror}", where=script) from None
     text = raw.decode("utf-8", "replace")
     try:
         req = (parse_pbs(text, script) if mode == "pbs" else
                parse_slurm(text, script) if mode == "slurm" else JobRequest())
     except DirectiveError as e:
-        raise UsageError(str(e), hint="fix the directive or override it on the command line"
+        raise InvalidRequest(str(e), hint="fix the directive or override it on the command line"
                          ) from None
     given = nodes if nodes is not None else allocation_nodes(environ)
     if not given:
-        raise UsageError("no nodes for the job", hint="give --nodes NODESET, or run inside "
+        raise InvalidRequest("no nodes for the job", hint="give --nodes NODESET, or run inside "
                          "an allocation (PBS_NODEFILE, SLURM_JOB_NODELIST)")
     for n in given:
         topo.host(n)  # unknown -> TopologyError (exit 2)
     if req.nodes is not None:
         if req.nodes > len(given):
-            raise UsageError(f"the script asks for {req.nodes} nodes, {len(given)} given",
+            raise InvalidRequest(f"the script asks for {req.nodes} nodes, {len(given)} given",
                              where=script, hint="give more nodes or lower the directive")
         given = given[:req.nodes]
     if ppn or req.ppn:
@@ -106,7 +106,7 @@ def plan_shell(topo, script: str, nodes: list[str] | None, *, args: tuple[str, .
     else:  # sbatch -n alone: as many slots per node as the tasks need
         ppn = -(-req.ntasks // len(given)) if req.ntasks else 1
     if req.ntasks and req.ntasks > len(given) * ppn:
-        raise UsageError(f"the script asks for {req.ntasks} tasks, {len(given)} nodes x "
+        raise InvalidRequest(f"the script asks for {req.ntasks} tasks, {len(given)} nodes x "
                          f"{ppn} slots given", where=script)
     walltime = walltime or req.walltime
     name = req.name or os.path.basename(script)
