@@ -273,7 +273,7 @@ def if_settings(topo) -> dict[str, str]:
 
 def python_command() -> str:
     """What proves a Python can run the ranks: mpi4py and the rank modules import."""
-    return ("import sys, mpi4py, mpitools.rankio; "
+    return ("import sys, mpi4py, mpitools.common.runtime; "
             "print(sys.version.split()[0], mpi4py.__version__)")
 
 
@@ -360,7 +360,7 @@ def check_hosts(topo, hosts: Sequence[str], transport, *, fanout: int = 32,
     host whose SSH fails gets ``skip`` for the rest. Never raises for a host.
     """
     from legacy_transit.fanout import window
-    from mpitools.launcher import rank_env, rank_python
+    from mpitools.common.launch import rank_env, rank_python
 
     plans = plan_dirs(topo, hosts)
     python, env = rank_python(topo), rank_env(topo)
@@ -392,15 +392,15 @@ def check_hosts(topo, hosts: Sequence[str], transport, *, fanout: int = 32,
 
 def mpi_check(topo, hosts: Sequence[str], *, timeout: float = 120.0,
               start_timeout: float = 60.0) -> tuple[list[Check], dict]:
-    """One tiny MPI job (mpitools.ping) over ``hosts``: per-host rows and a summary dict.
+    """One tiny MPI job (mpitools.ping.ranks) over ``hosts``: per-host rows and a summary dict.
 
     The summary has ``ok``, ``hosts``, ``launch_seconds`` (mpiexec until rank 0 started),
     ``seconds`` (the whole job), ``retried`` and ``error``. A failed job blames the hosts
     the runtime named; the others get ``skip``.
     """
     from chiba_admin.errors import MPIToolError
-    from mpitools.launcher import launch
-    from mpitools.rankio import encode_job
+    from mpitools.common.launch import launch
+    from mpitools.common.runtime import encode_job
 
     summary = {"ok": False, "hosts": list(hosts), "launch_seconds": None, "seconds": None,
                "retried": None, "error": None}
@@ -408,7 +408,7 @@ def mpi_check(topo, hosts: Sequence[str], *, timeout: float = 120.0,
         summary["error"] = "no host passed the checks before it"
         return [], summary
     try:
-        res = launch(topo, "mpitools.ping", [encode_job({})], list(hosts), None,
+        res = launch(topo, "mpitools.ping.ranks", [encode_job({})], list(hosts), None,
                      timeout=timeout, start_timeout=start_timeout)
     except MPIToolError as e:
         summary["error"] = str(e)

@@ -250,8 +250,8 @@ def test_bad_interface_setting_names_the_crashing_daemon_and_is_retried(
         testbed_cluster, tmp_path):  # noqa: F811
     """prte_if_include matching both NICs of each mayor: prted crashes in most launches."""
     from chiba_admin import console
-    from mpitools.launcher import launch
-    from mpitools.rankio import encode_job
+    from mpitools.common.launch import launch
+    from mpitools.common.runtime import encode_job
 
     tb = testbed_cluster
     bad = _variant(tb, tmp_path, {'prte_if_include = "eth0"':
@@ -262,7 +262,7 @@ def test_bad_interface_setting_names_the_crashing_daemon_and_is_retried(
     with tb.netns("pres"):
         # a crash happened in 10 of 24 launches here: 25 tries without one are ~1e-6
         for _ in range(25):
-            res = launch(topo, "mpitools.ping", [encode_job({})], ["mayor1", "mayor2"],
+            res = launch(topo, "mpitools.ping.ranks", [encode_job({})], ["mayor1", "mayor2"],
                          timeout=120)
             seen.append(res)
             if res.retried:

@@ -8,9 +8,9 @@ import pytest
 
 from conftest import DEMO, REPO
 
-from mpitools.launcher import (RANK_HOSTS_ENV, LaunchResult, _blame, _parse_failures,
+from mpitools.common.launch import (RANK_HOSTS_ENV, LaunchResult, _blame, _parse_failures,
                                build_command)
-from mpitools.rankio import encode_job, load_job
+from mpitools.common.runtime import encode_job, load_job
 from topology import load_topology, loads_topology
 
 _SSH = """
@@ -45,13 +45,13 @@ env = { OMP_NUM_THREADS = "1" }
 
 def test_embedded_command_runs_everything_here_oversubscribed():
     topo = load_topology(DEMO)
-    plan = build_command(topo, "mpitools.stage", ["b64:xx"], ["ccn05", "ccn01"],
+    plan = build_command(topo, "mpitools.stage.ranks", ["b64:xx"], ["ccn05", "ccn01"],
                          as_root=True)
     a = plan.argv
     assert a[1] == "--allow-run-as-root" and a[a.index("-n") + 1] == "2"
     assert "--oversubscribe" in a and a[a.index("--bind-to") + 1] == "none"
     assert "--host" not in a and "-x" not in a
-    assert a[-4:] == [a[-4], "-m", "mpitools.stage", "b64:xx"]
+    assert a[-4:] == [a[-4], "-m", "mpitools.stage.ranks", "b64:xx"]
     assert plan.env[RANK_HOSTS_ENV] == "ccn05,ccn01"
     assert plan.env["PYTHONPATH"].split(":")[0] == str(REPO)
     assert plan.env["OPENBLAS_NUM_THREADS"] == "1"
@@ -61,12 +61,12 @@ def test_embedded_command_runs_everything_here_oversubscribed():
 
 
 def test_ssh_command_uses_hosts_in_town_order_and_mpi_table():
-    from mpitools.launcher import rank_hosts
+    from mpitools.common.launch import rank_hosts
 
     topo = loads_topology(_SSH)
     ranks = rank_hosts(topo, ["n5", "n1", "n4", "n2"])
     assert ranks == ["n1", "n2", "n4", "n5"]
-    plan = build_command(topo, "mpitools.stage", ["J"], ranks, env={"CHIBA_TEST_DIE": "1:2"})
+    plan = build_command(topo, "mpitools.stage.ranks", ["J"], ranks, env={"CHIBA_TEST_DIE": "1:2"})
     a = plan.argv
     assert a[0] == "/opt/ompi/bin/mpiexec" and "--allow-run-as-root" not in a
     assert a[a.index("--host") + 1] == "n1:1,n2:1,n4:1,n5:1"
@@ -80,13 +80,13 @@ def test_ssh_command_uses_hosts_in_town_order_and_mpi_table():
     assert "--mca mpi_yield_when_idle 1" in s
     forwarded = {a[i + 1] for i, x in enumerate(a) if x == "-x"}
     assert {"CHIBA_RANK_HOSTS", "PYTHONPATH", "OMP_NUM_THREADS", "CHIBA_TEST_DIE"} <= forwarded
-    assert a[-4:] == ["/opt/venv/bin/python", "-m", "mpitools.stage", "J"]
+    assert a[-4:] == ["/opt/venv/bin/python", "-m", "mpitools.stage.ranks", "J"]
     assert plan.env["OMP_NUM_THREADS"] == "1"
-    assert "mpitools.stage" in plan.shell()
+    assert "mpitools.stage.ranks" in plan.shell()
 
 
 def test_root_rank_comes_first():
-    from mpitools.launcher import rank_hosts
+    from mpitools.common.launch import rank_hosts
 
     topo = loads_topology(_SSH)
     assert rank_hosts(topo, ["n4", "n1"], "pres") == ["pres", "n1", "n4"]
@@ -129,12 +129,12 @@ def test_rank_programs_import_lean():
                               cwd=str(REPO), env=env, check=True).stdout.strip()
 
     # numpy cost 0.13-0.2 s of CPU per rank, urllib 50 ms (only rank 0 downloads)
-    assert loaded("mpitools.stage, mpitools.collect, mpitools.ping",
+    assert loaded("mpitools.stage.ranks, mpitools.collect.ranks, mpitools.ping.ranks",
                   ("rich", "click", "networkx", "topology", "chiba_admin", "numpy",
                    "urllib.request")) == "[]"
     # mpisync, targets and root: the inventory without numpy, thread pools or logging
     for rank in ("0", "1"):
-        assert loaded("mpitools.sync", ("rich", "click", "networkx", "topology", "numpy",
+        assert loaded("mpitools.sync.ranks", ("rich", "click", "networkx", "topology", "numpy",
                                         "concurrent.futures", "logging", "secrets",
                                         "traceback"), rank) == "[]"
 
@@ -160,7 +160,7 @@ def _captured(name: str) -> str:
 
 def test_kill_9_of_a_rank_names_it_although_the_message_is_wrapped():
     # prterun wraps "... rank 2 with PID n on node vm exited on\nsignal 9 (Killed)."
-    from mpitools.diagnose import parse_runtime
+    from mpitools.common.diagnose import parse_runtime
 
     text = _captured("kill9_rank2_embedded")
     assert "exited on\nsignal 9" in text
@@ -177,8 +177,8 @@ def test_kill_9_of_a_rank_names_it_although_the_message_is_wrapped():
 def test_daemon_crash_names_the_host_and_the_runtimes_reason():
     # prte_if_include matching two NICs of mayor1: its prted segfaulted at start-up; ssh
     # says nothing and prterun prints its help message on stdout
-    from mpitools.diagnose import parse_runtime
-    from mpitools.launcher import _daemon_failures
+    from mpitools.common.diagnose import parse_runtime
+    from mpitools.common.launch import _daemon_failures
 
     rep = parse_runtime(_captured("badif_mayor1"))
     assert rep.daemons == {"mayor1": "its MPI daemon (prted) failed to report back "
@@ -200,8 +200,8 @@ def test_daemon_crash_names_the_host_and_the_runtimes_reason():
 
 
 def test_daemon_behind_a_dead_sshd_gets_sshs_line_and_is_no_crash():
-    from mpitools.diagnose import parse_runtime
-    from mpitools.launcher import _daemon_failures
+    from mpitools.common.diagnose import parse_runtime
+    from mpitools.common.launch import _daemon_failures
 
     text = _captured("sshd_down_ccn03")
     rep = parse_runtime(text)
@@ -213,7 +213,7 @@ def test_daemon_behind_a_dead_sshd_gets_sshs_line_and_is_no_crash():
 
 
 def test_ulfm_abort_by_a_witness_is_not_blamed_on_the_witness_alone():
-    from mpitools.diagnose import parse_runtime
+    from mpitools.common.diagnose import parse_runtime
 
     rep = parse_runtime(_captured("kill9_rank3_ulfm_testbed"))
     assert rep.ranks == {0: "rank aborted the job (see its error above)"}
@@ -247,7 +247,7 @@ def _fake(tmp_path, monkeypatch, fails: int, stdout_capture: str = "badif_mayor1
 
 def test_daemon_crash_at_start_up_is_retried_once_and_reported(tmp_path, monkeypatch, capsys):
     from chiba_admin import console
-    from mpitools.launcher import launch
+    from mpitools.common.launch import launch
 
     console.configure()
     res = launch(_fake(tmp_path, monkeypatch, 1), "m", [], ["m1", "m2"])
@@ -267,7 +267,7 @@ def test_daemon_crash_at_start_up_is_retried_once_and_reported(tmp_path, monkeyp
 def test_no_retry_when_ssh_says_why_and_v_shows_command_and_output(tmp_path, monkeypatch,
                                                                     capsys):
     from chiba_admin import console
-    from mpitools.launcher import launch
+    from mpitools.common.launch import launch
 
     topo = _fake(tmp_path, monkeypatch, 1, "sshd_down_ccn03.stdout")
     text = (tmp_path / "stdout").read_text().replace("Remote host:   ccn03", "Remote host:   n3")
@@ -275,14 +275,14 @@ def test_no_retry_when_ssh_says_why_and_v_shows_command_and_output(tmp_path, mon
                                      "refused\n")
     console.configure(verbose=1)
     try:
-        res = launch(topo, "mpitools.ping", ["J"], ["n3"])
+        res = launch(topo, "mpitools.ping.ranks", ["J"], ["n3"])
     finally:
         console.configure()
     assert not res.ok and not res.retried
     assert (tmp_path / "count").read_text().strip() == "1"
     assert res.failed_hosts() == {"n3": "ssh: connect to host n3 port 22: Connection refused"}
     err = capsys.readouterr().err
-    assert "mpiexec command: " in err and "mpitools.ping J" in err
+    assert "mpiexec command: " in err and "mpitools.ping.ranks J" in err
     assert "A daemon failed to report back" in err and "setpgid" in err
 
 
@@ -291,13 +291,13 @@ def test_kill_9_of_a_rank_blames_only_its_host_through_real_mpiexec(embedded):
     """The embedded job of the issue: every host was told "mpiexec exited with status 137"."""
     import signal
 
-    from mpitools.launcher import launch
+    from mpitools.common.launch import launch
 
     def on_event(ev):
         if ev.get("event") == "holding" and ev.get("rank") == 2:
             os.kill(int(ev["pid"]), signal.SIGKILL)
 
-    res = launch(embedded, "mpitools.ping", [encode_job({})], ["ccn01", "ccn02", "ccn03",
+    res = launch(embedded, "mpitools.ping.ranks", [encode_job({})], ["ccn01", "ccn02", "ccn03",
                  "ccn04"], timeout=120, on_event=on_event, env={"CHIBA_TEST_HOLD": "*:120"})
     assert not res.ok and res.returncode == 137
     assert res.failed_hosts() == {"ccn03": "process killed by signal 9 (Killed)"}

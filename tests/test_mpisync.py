@@ -185,7 +185,7 @@ def test_launch_that_never_starts_is_stopped(embedded, tmp_path, monkeypatch):
     """A hung launch (no rank ever reports) ends after start_timeout, with a reason."""
     import time
 
-    from mpitools.launcher import launch
+    from mpitools.common.launch import launch
 
     (tmp_path / "hang_probe.py").write_text("import time\ntime.sleep(120)\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from mpitools.spool import NAME_RE, SpoolServer, check_url, publish, spool_name
+from mpitools.common.spool import NAME_RE, SpoolServer, check_url, publish, spool_name
 from test_stage_helpers import make_tree
 
 

@@ -9,10 +9,10 @@ import tarfile
 
 import pytest
 
-from mpitools.archive import (BLOCK, BlockVerifier, Extractor, RefusedMember, VerifyError,
+from mpitools.common.archive import (BLOCK, BlockVerifier, Extractor, RefusedMember, VerifyError,
                               block_sums, clean_stale, make_locked_temp, new_hasher, pack_tree,
                               temp_name)
-from mpitools.stage import DestRefused, NodeStage
+from mpitools.stage.ranks import DestRefused, NodeStage
 from test_stage_helpers import (assert_same_tree, crafted_tar, make_tree, special_tree,
                                 symlink_chain_tar, tree_signature)
 
@@ -334,7 +334,7 @@ def test_pack_tells_the_payload_as_it_goes(tmp_path):
     import io
 
     from inventory.source import check_source
-    from mpitools.archive import pack_tree
+    from mpitools.common.archive import pack_tree
 
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)

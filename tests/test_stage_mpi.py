@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from mpitools.spool import SpoolServer
-from mpitools.staging import stage_archive
+from mpitools.common.spool import SpoolServer
+from mpitools.stage.driver import stage_archive
 from test_stage_helpers import (assert_same_tree, crafted_tar, make_tree, special_tree,
                                 stage_leftovers, symlink_chain_tar, tree_signature)
 
@@ -40,7 +40,7 @@ def rank_processes(topo) -> list[int]:
     Other people's runs on the same machine are told apart by the job spec, which names
     this test's state directory.
     """
-    from mpitools.rankio import load_job
+    from mpitools.common.runtime import load_job
 
     out = []
     for d in os.listdir("/proc"):
@@ -49,7 +49,7 @@ def rank_processes(topo) -> list[int]:
                 argv = open(f"/proc/{d}/cmdline", "rb").read().decode().split("\0")
             except (OSError, UnicodeDecodeError):
                 continue
-            if not any(a in ("mpitools.stage", "mpitools.collect") for a in argv):
+            if not any(a in ("mpitools.stage.ranks", "mpitools.collect.ranks") for a in argv):
                 continue
             spec = next((a for a in argv if a.startswith("b64:")), None)
             try:
@@ -319,9 +319,9 @@ def _pwned(topo) -> list[str]:
 
 def _publish_crafted(monkeypatch, data: bytes) -> None:
     """Make the CLI's packing step publish ``data`` (with consistent digests) as the archive."""
-    import mpitools.staging as staging
-    from mpitools.archive import PackInfo, block_sums, new_hasher
-    from mpitools.spool import Published, spool_name
+    import mpitools.stage.driver as staging
+    from mpitools.common.archive import PackInfo, block_sums, new_hasher
+    from mpitools.common.spool import Published, spool_name
 
     def publish(src, spool, compress="zstd", **kw):
         name = spool_name(compress)
@@ -367,7 +367,7 @@ def test_hostile_archive_is_refused_on_every_node_through_the_cli(embedded, cli,
 
 def test_swapped_spool_file_is_refused_before_anything_is_unpacked(embedded, cli, tmp_path,
                                                                   monkeypatch):
-    import mpitools.staging as staging
+    import mpitools.stage.driver as staging
 
     real = staging.publish
     evil = symlink_chain_tar(os.path.join(scratch(embedded, "ccn01"), "proj"),

@@ -30,7 +30,7 @@ def spool_group():
 @pass_ctx
 def serve(ctx, bind, port, directory):
     """Serve the spool until interrupted; each archive only under its own secret name."""
-    from mpitools.spool import SpoolServer
+    from mpitools.common.spool import SpoolServer
 
     topo = ctx.topology
     home = topo.home_server

@@ -149,7 +149,7 @@ def stage_cmd(ctx, src, nodeset, method, chunk, compress, timeout, json_output, 
             result = stage_transit(topo, src, nodes, dest, timeout=timeout,
                                    progress=_transit_progress(bar), replace=replace)
         else:
-            from mpitools.staging import stage_mpi
+            from mpitools.stage.driver import stage_mpi
 
             result = stage_mpi(topo, src, nodes, dest, algorithm=algorithm, chunk=size,
                                compress=compress, timeout=timeout, progress=bar,
@@ -178,7 +178,7 @@ def collect_cmd(ctx, path, nodeset, method, chunk, compress, timeout, json_outpu
             result = collect_transit(topo, path, nodes, dest_dir, timeout=timeout,
                                      progress=_transit_progress(bar), replace=replace)
         else:
-            from mpitools.staging import collect_mpi
+            from mpitools.collect.driver import collect_mpi
 
             result = collect_mpi(topo, path, nodes, dest_dir, chunk=size, compress=compress,
                                  timeout=timeout, progress=bar, replace=replace)

@@ -41,7 +41,7 @@ def _sync_rsync(topo, src: str, targets: list[str], dest: str | None, opts: dict
 
 
 def _sync_mpi(topo, src: str, targets: list[str], dest: str | None, opts: dict) -> dict:
-    from mpitools.syncing import sync_mpi
+    from mpitools.sync.driver import sync_mpi
 
     from ..console import progress
 

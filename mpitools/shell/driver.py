@@ -16,8 +16,8 @@ from typing import Callable
 
 from chiba_admin.errors import MPIToolError, InvalidRequest
 
-from ..launcher import launch
-from ..rankio import encode_job
+from mpitools.common.launch import launch
+from mpitools.common.runtime import encode_job
 from .directives import (DirectiveError, JobRequest, nodefile_text, parse_pbs, parse_slurm,
                          pbs_environment, slurm_environment)
 

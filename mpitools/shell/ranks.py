@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from ..rankio import emit, rank_hosts, rank_main
+from mpitools.common.runtime import emit, rank_hosts, rank_main
 from .pmi import PMIServer
 from .tasks import LocalTasks
 

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 
 from mpi4py import MPI
 
-from .rankio import PeerLost
+from mpitools.common.runtime import PeerLost
 
 __all__ = ["TAG_DATA", "TAG_END", "wait", "chain_send", "chain_frames", "chain_receive",
            "chain_stream"]

@@ -1,6 +1,6 @@
 """The stage-out rank program: every node streams its PATH as a tar to rank 0 on the home server.
 
-Run as ``mpiexec ... python -m mpitools.collect JOB``; rank 0 is the home server and writes
+Run as ``mpiexec ... python -m mpitools.collect.ranks JOB``; rank 0 is the home server and writes
 ``DIR/<host>/<name>``; at most ``window`` nodes send at once so rank 0's memory is bounded.
 """
 
@@ -16,9 +16,9 @@ import time
 from inventory.beneath import (BeneathError, lock_dest, mark_staged, open_dir_beneath,
                                open_root, unlock_dest, was_staged)
 
-from .archive import (ChunkWriter, Extractor, PackInfo, RefusedMember, clean_stale,
+from mpitools.common.archive import (ChunkWriter, Extractor, PackInfo, RefusedMember, clean_stale,
                       make_locked_temp, new_hasher, pack_tree, remove_entry, temp_name)
-from .rankio import emit, maxrss_bytes, rank_hosts, rank_main, test_hook, wait
+from mpitools.common.runtime import emit, maxrss_bytes, rank_hosts, rank_main, test_hook, wait
 
 __all__ = ["main", "check_node", "send_tree", "receive_all"]
 

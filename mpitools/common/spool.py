@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .archive import PackInfo, pack_tree
+from mpitools.common.archive import PackInfo, pack_tree
 
 __all__ = ["SpoolServer", "Published", "publish", "spool_name", "check_url",
            "NAME_RE", "EXTENSIONS", "SUMS_SUFFIX"]

@@ -31,10 +31,10 @@ from inventory.beneath import (BeneathError, lock_dest, open_dir_beneath, open_r
 from inventory.entries import DIR
 from inventory.plan import WRITE
 
-from .framechain import chain_frames, chain_send, wait
-from .rankio import PeerLost, test_hook
+from mpitools.common.chain import chain_frames, chain_send, wait
+from mpitools.common.runtime import PeerLost, emit, rank_hosts, rank_main, test_hook
 
-__all__ = ["run_sync", "PIECE", "pack_frames", "iter_pieces", "MAX_PIECES"]
+__all__ = ["main", "run_sync", "PIECE", "pack_frames", "iter_pieces", "MAX_PIECES"]
 
 # One piece of one file inside a frame. ``last`` marks a file's final piece; ``bad`` says
 # the root could not read the file, so receivers drop what they have of it.
@@ -537,3 +537,27 @@ def _run_sync(comm: MPI.Comm, spec: dict,
         "bytes_sent": sent, "seconds": time.monotonic() - t0, "phases": phases,
         "dry_run": opts["dry_run"], "hosts": hosts, "failures": failures,
     }
+
+def main(comm, job: dict) -> int:
+    """Run one synchronisation; rank 0 emits progress events and the result event."""
+    hosts = rank_hosts(job)
+    # each target's {"root", "rel"} (confined by the CLI); rank 0, the source, has none
+    spec = {**job, "hosts": hosts, "dests": [job["dests"].get(h) for h in hosts]}
+    last = [0.0]
+
+    def progress(sent: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.25 or sent >= total:
+            last[0] = now
+            emit("progress", done=sent, total=total)
+
+    if comm.rank == 0:
+        emit("start", ranks=comm.size)
+    result = run_sync(comm, spec, progress=progress if comm.rank == 0 else None)
+    if comm.rank == 0:
+        emit("result", **result)
+    return 0
+
+
+if __name__ == "__main__":
+    rank_main(main)

@@ -1,6 +1,6 @@
 """The staging rank program: rank 0 downloads, MPI spreads the chunks, every node commits or none.
 
-Run as ``mpiexec ... python -m mpitools.stage JOB`` (JOB from ``rankio.encode_job``).
+Run as ``mpiexec ... python -m mpitools.stage.ranks JOB`` (JOB from ``rankio.encode_job``).
 """
 
 # Rank-side: standard library, mpi4py, zstandard/blake3 only; imports stay lean (every
@@ -20,9 +20,9 @@ from typing import Callable
 from inventory.beneath import (BeneathError, lock_dest, mark_staged, open_dir_beneath,
                                open_root, split_rel, unlock_dest, was_staged)
 
-from .archive import (BlockVerifier, Extractor, RefusedMember, VerifyError, clean_stale,
+from mpitools.common.archive import (BlockVerifier, Extractor, RefusedMember, VerifyError, clean_stale,
                       make_locked_temp, remove_entry, temp_name)
-from .rankio import (PeerLost, agree_any, emit, maxrss_bytes, rank_hosts, rank_main, test_hook,
+from mpitools.common.runtime import (PeerLost, agree_any, emit, maxrss_bytes, rank_hosts, rank_main, test_hook,
                      wait)
 
 __all__ = ["ALGORITHMS", "NodeStage", "DestRefused", "chain", "bcast", "main"]
@@ -373,7 +373,7 @@ def _fetch_sums(url: str, want: str, timeout: float) -> tuple[bytes | None, str 
     import urllib.error
     import urllib.request
 
-    from .archive import new_hasher
+    from mpitools.common.archive import new_hasher
 
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:

@@ -10,9 +10,9 @@ from inventory.plan import itemized_lines
 from inventory.source import check_source
 from topology.confine import confine_dest
 
-from .launcher import launch
-from .rankio import encode_job
-from .staging import launch_failures
+from mpitools.common.launch import launch
+from mpitools.common.runtime import encode_job
+from mpitools.common.targets import launch_failures
 
 __all__ = ["sync_mpi", "DEFAULT_CHUNK", "check_source_dir", "target_dests"]
 
@@ -75,7 +75,7 @@ def sync_mpi(topo, src: str, targets: list[str], dest: str | None = None, *,
         if progress is not None and ev.get("event") == "progress":
             progress.update(done=ev["done"], total=ev["total"], label="mpisync")
 
-    res = launch(topo, "mpitools.sync", [encode_job(job)], targets, root, timeout=timeout,
+    res = launch(topo, "mpitools.sync.ranks", [encode_job(job)], targets, root, timeout=timeout,
                  on_event=on_event, env=env)
     shown = sorted({d["path"] for d in dests.values()})
     shown_dest = shown[0] if len(shown) == 1 else (dest or "<repository>")

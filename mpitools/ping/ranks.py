@@ -8,7 +8,7 @@ import socket
 import sys
 import time
 
-from .rankio import PeerLost, emit, rank_hosts, rank_main, test_hook, wait
+from mpitools.common.runtime import PeerLost, emit, rank_hosts, rank_main, test_hook, wait
 
 __all__ = ["main"]
 

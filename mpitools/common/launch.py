@@ -19,8 +19,8 @@ from typing import Callable
 from chiba_admin.errors import MPIToolError
 from topology import place_ranks
 
-from .diagnose import RuntimeReport, parse_runtime
-from .rankio import EVENT_PREFIX
+from mpitools.common.diagnose import RuntimeReport, parse_runtime
+from mpitools.common.runtime import EVENT_PREFIX
 
 __all__ = ["LaunchPlan", "LaunchResult", "rank_hosts", "build_command", "launch", "RANK_ENV",
            "RANK_HOSTS_ENV", "FORWARD_PREFIXES", "rank_python", "rank_env"]
@@ -28,7 +28,7 @@ __all__ = ["LaunchPlan", "LaunchResult", "rank_hosts", "build_command", "launch"
 RANK_HOSTS_ENV = "CHIBA_RANK_HOSTS"
 # variables forwarded to remote ranks with -x (local ranks inherit the whole environment)
 FORWARD_PREFIXES = ("CHIBA_",)
-_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])  # mpitools/common/launch.py
 _TAIL = 400
 # Every rank gets these unless the topology's [mpi] env says otherwise. Ranks never do
 # linear algebra, and numpy's OpenBLAS starting a thread per core cost 0.1 s of CPU
@@ -218,7 +218,7 @@ def build_command(topo, module: str, args: list[str], ranks: list[str], *,
 
 
 def _parse_failures(stderr: str) -> dict[int, str]:
-    """Dead ranks from Open MPI / PRRTE help messages (rank -> why; see mpitools.diagnose)."""
+    """Dead ranks from Open MPI / PRRTE help messages (rank -> why; see mpitools.common.diagnose)."""
     return dict(parse_runtime(stderr).ranks)
 
 
