@@ -76,6 +76,26 @@ def plan_shell(topo, script: str, nodes: list[str] | None, *, args: tuple[str, .
     else 1; ``walltime`` (seconds): the option, else the directive.
     """
     environ = dict(os.environ if environ is None else environ)
+    text = _read_script(script)
+    req = _parse_directives(text, script, mode)
+    given = _job_nodes(topo, script, nodes, req, environ)
+    ppn = _slots(script, ppn, req, given)
+    walltime = walltime or req.walltime
+    name = req.name or os.path.basename(script)
+    jobid = f"{secrets.token_hex(3)}.{topo.president.name}"
+    cwd = os.getcwd()
+    env = _exported_environment(topo, environ, req, mode)
+    nodefile, start_dir = _batch_environment(env, mode, req, jobid=jobid, name=name,
+                                             nodes=given, ppn=ppn, cwd=cwd)
+    job = {"hosts": given, "ppn": ppn, "script_text": text, "args": list(args),
+           "script_name": script, "env": env, "cwd": start_dir, "jobid": jobid.split(".")[0],
+           "walltime": walltime, "nodefile": nodefile,
+           "host_env": {h: topo.host(h).environment() for h in given}}
+    return ShellPlan(given, ppn, walltime, job, req.stdout, req.stderr, req.join)
+
+
+def _read_script(script: str) -> str:
+    """The job script's text (undecodable bytes replaced); InvalidRequest if unreadable."""
     try:
         with open(script, "rb") as f:
             raw = f.read()
@@ -83,13 +103,22 @@ def plan_shell(topo, script: str, nodes: list[str] | None, *, args: tuple[str, .
         raise InvalidRequest("job script does not exist", where=script) from None
     except OSError as e:
         raise InvalidRequest(f"cannot read the job script: {e.strerror}", where=script) from None
-    text = raw.decode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
+
+
+def _parse_directives(text: str, script: str, mode: str) -> JobRequest:
+    """The script's ``#PBS``/``#SBATCH`` request (an empty one in plain mode)."""
     try:
-        req = (parse_pbs(text, script) if mode == "pbs" else
-               parse_slurm(text, script) if mode == "slurm" else JobRequest())
+        return (parse_pbs(text, script) if mode == "pbs" else
+                parse_slurm(text, script) if mode == "slurm" else JobRequest())
     except DirectiveError as e:
         raise InvalidRequest(str(e), hint="fix the directive or override it on the command line"
                          ) from None
+
+
+def _job_nodes(topo, script: str, nodes: list[str] | None, req: JobRequest,
+               environ: dict[str, str]) -> list[str]:
+    """The job's hosts: ``nodes``, else the allocation's, cut to the directive's count."""
     given = nodes if nodes is not None else allocation_nodes(environ)
     if not given:
         raise InvalidRequest("no nodes for the job", hint="give --nodes NODESET, or run inside "
@@ -101,6 +130,11 @@ def plan_shell(topo, script: str, nodes: list[str] | None, *, args: tuple[str, .
             raise InvalidRequest(f"the script asks for {req.nodes} nodes, {len(given)} given",
                              where=script, hint="give more nodes or lower the directive")
         given = given[:req.nodes]
+    return given
+
+
+def _slots(script: str, ppn: int | None, req: JobRequest, given: list[str]) -> int:
+    """Slots per host: the option, else the directive, else what the tasks need, else 1."""
     if ppn or req.ppn:
         ppn = ppn or req.ppn
     else:  # sbatch -n alone: as many slots per node as the tasks need
@@ -108,10 +142,12 @@ def plan_shell(topo, script: str, nodes: list[str] | None, *, args: tuple[str, .
     if req.ntasks and req.ntasks > len(given) * ppn:
         raise InvalidRequest(f"the script asks for {req.ntasks} tasks, {len(given)} nodes x "
                          f"{ppn} slots given", where=script)
-    walltime = walltime or req.walltime
-    name = req.name or os.path.basename(script)
-    jobid = f"{secrets.token_hex(3)}.{topo.president.name}"
-    cwd = os.getcwd()
+    return ppn
+
+
+def _exported_environment(topo, environ: dict[str, str], req: JobRequest,
+                          mode: str) -> dict[str, str]:
+    """What the job inherits from the submitter, its ``-v`` variables and the cluster's own."""
     # sbatch exports the submitter's environment by default, qsub only with -V (Torque
     # passes PBS_O_* otherwise); nodes share no file system and ssh brings none of it
     exported = mode != "pbs" or req.export_all
@@ -127,29 +163,27 @@ def plan_shell(topo, script: str, nodes: list[str] | None, *, args: tuple[str, .
     for k in ("PATH", "HOME", "LOGNAME", "SHELL", "LANG", "MAIL", "TZ"):
         if mode == "pbs" and k in environ:
             env[f"PBS_O_{k}"] = environ[k]
-    home = os.path.expanduser("~")
-    nodefile = None
+    return env
+
+
+def _batch_environment(env: dict[str, str], mode: str, req: JobRequest, *, jobid: str,
+                       name: str, nodes: list[str], ppn: int,
+                       cwd: str) -> tuple[str | None, str]:
+    """Add the batch system's variables to ``env``; (PBS node file text, start directory)."""
     if mode == "pbs":
-        nodefile = nodefile_text(given, ppn)
-        env.update(pbs_environment(jobid=jobid, name=name, nodes=given, ppn=ppn,
+        env.update(pbs_environment(jobid=jobid, name=name, nodes=nodes, ppn=ppn,
                                    nodefile="", workdir=cwd, submit_host=socket.gethostname()))
         env.pop("PBS_NODEFILE")  # rank 0 writes the file on its host and sets the path
-        start_dir = home  # Torque starts the script in $HOME
-    elif mode == "slurm":
+        # Torque starts the script in $HOME
+        return nodefile_text(nodes, ppn), os.path.expanduser("~")
+    if mode == "slurm":
         from ClusterShell.NodeSet import NodeSet
 
         env.update(slurm_environment(jobid=jobid.split(".")[0], name=name,
-                                     nodelist=str(NodeSet.fromlist(given)), nodes=len(given),
-                                     ntasks=req.ntasks or len(given) * ppn, ppn=ppn,
+                                     nodelist=str(NodeSet.fromlist(nodes)), nodes=len(nodes),
+                                     ntasks=req.ntasks or len(nodes) * ppn, ppn=ppn,
                                      submit_dir=cwd, submit_host=socket.gethostname()))
-        start_dir = cwd  # sbatch starts in the submit directory
-    else:
-        start_dir = cwd
-    job = {"hosts": given, "ppn": ppn, "script_text": text, "args": list(args),
-           "script_name": script, "env": env, "cwd": start_dir, "jobid": jobid.split(".")[0],
-           "walltime": walltime, "nodefile": nodefile,
-           "host_env": {h: topo.host(h).environment() for h in given}}
-    return ShellPlan(given, ppn, walltime, job, req.stdout, req.stderr, req.join)
+    return None, cwd  # sbatch starts in the submit directory
 
 
 def run_shell(topo, plan: ShellPlan, *, write: Callable[[int, bytes], None] | None = None,
