@@ -480,3 +480,39 @@ def test_the_destination_root_gets_the_source_roots_mode_and_mtime(embedded, cli
     assert r.code == 0, r.err
     st = os.stat(repo_of(embedded, "mayor1", "new/r"))
     assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o2750, 1_500_000_000_000_000_000)
+
+
+def test_a_source_the_president_cannot_scan_is_a_failure_there(embedded, cli, tmp_path,
+                                                                  monkeypatch):
+    """The president's own scan has the last word: a source that passed the CLI's check
+    but cannot be walked when the president scans it (here it lies below a file, as after
+    a rename between the two) is a failure on the president (exit 1, naming it), not bad
+    input. Only the CLI's pre-check is bypassed; the ranks run under real mpiexec."""
+    from mpitools.sync import driver
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    bad = str(blocker / "src")
+    monkeypatch.setattr(driver, "check_source_dir", lambda src, delete=False: bad)
+    r = cli("sync-mayors", str(tmp_path), "--targets", "mayor1")
+    assert r.code == 1, r.err
+    assert "error: pres: " in r.err and bad in r.err
+    assert len(r.err.strip().splitlines()) == 1
+    assert os.listdir(repo_of(embedded, "mayor1")) == []
+
+
+def test_an_empty_source_with_delete_is_refused_by_the_president_too(embedded, cli, tmp_path,
+                                                                      monkeypatch):
+    """The rank-0 verdict for bad input: a source emptied after the CLI's check, with
+    --delete, is refused as bad input (exit 2) and nothing is deleted anywhere."""
+    from mpitools.sync import driver
+
+    check = driver.check_source_dir
+    monkeypatch.setattr(driver, "check_source_dir", lambda src, delete=False: check(src))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    kept = put(repo_of(embedded, "mayor1"), "kept", b"k")
+    r = cli("sync-mayors", str(empty), "--delete")
+    assert r.code == 2, r.err
+    assert "source tree is empty" in r.err  # the president's words, not the CLI's
+    assert os.path.exists(kept)

@@ -1,13 +1,24 @@
 """mpisync's rank side: walk, agree, plan, reduce needs, stream each group, apply, report.
 
 Rank 0 holds the source; every other rank is a target. The steps follow mpiFileUtils'
-dsync (STYLE.md #10): the root inventories the source and broadcasts it; each target
-inventories its destination and plans; a gather of need bitmaps tells the root, for each
-file, which targets need it; files needed by the same set of targets form one group, and
-each group is streamed once down a pipelined chain over a sub-communicator of the root and
-just those targets (``Comm.Split``, one per group). Targets write to temporary names and
-rename into place, then make links, delete (only if asked and safe) and set metadata. A
-target that fails locally keeps taking part in every collective, so the others complete.
+dsync, one phase function each, every phase ending in a collective all ranks take part in
+(the state they pass along is one ``_Sync``):
+
+1. ``_scan_source``: the root inventories the source; all agree on its verdict;
+2. ``_share_inventory``: the root broadcasts the inventory;
+3. ``_plan``: each target inventories its destination and plans; the root gathers the
+   plans with their need bitmaps;
+4. ``_group``: files needed by the same set of targets form one group; all agree on them;
+5. ``_transfer``: each group is streamed once down a pipelined chain over a
+   sub-communicator of the root and just those targets (``Comm.Split``, one per group);
+   targets write to temporary names and rename into place;
+6. ``_apply``: targets make links, delete (only if asked and safe) and set metadata; the
+   root gathers their outcomes and ``_report`` shapes the result.
+
+A target that fails locally keeps taking part in every collective, so the others complete.
+``main`` runs on any intracommunicator it is given (rank 0 the source) and never ends the
+process (save the test hook that simulates a target's crash): only ``rank_main`` aborts
+or finalises.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import errno
 import os
 import struct
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from mpi4py import MPI
@@ -31,8 +43,8 @@ from inventory.beneath import (BeneathError, lock_dest, open_dir_beneath, open_r
 from inventory.entries import DIR
 from inventory.plan import WRITE
 
-from mpitools.common.chain import chain_frames, chain_send, wait
-from mpitools.common.runtime import PeerLost, emit, rank_hosts, rank_main, test_hook
+from mpitools.common.chain import chain_frames, chain_send
+from mpitools.common.runtime import PeerLost, emit, rank_hosts, rank_main, test_hook, wait
 
 __all__ = ["main", "run_sync", "PIECE", "pack_frames", "iter_pieces", "MAX_PIECES"]
 
@@ -145,8 +157,7 @@ class _Target:
         self._parent_fd = self._lock_fd = -1
         self._name = ""
         self.created = False
-        die = test_hook("sync_die", int(opts.get("rank", -1)))
-        self.die_after = int(die) if die else None
+        self.die_after: int | None = None  # test hook: die after this many files
         self.stats = {"created": 0, "updated": 0, "deleted": 0, "meta": 0,
                       "bytes_received": 0, "files_received": 0, "temps_removed": 0}
 
@@ -271,7 +282,7 @@ class _Target:
         """Write every file of one group's stream; after a failure, only drain the stream."""
         files = self.source.files()
         pieces = iter_pieces(frames)
-        for idx, offset, data, flags in pieces:
+        for idx, _offset, data, flags in pieces:
             self.stats["bytes_received"] += len(data)
             if flags & _LAST and (flags & _BAD or self.error):
                 continue
@@ -403,34 +414,80 @@ def _failed_rank(comm: MPI.Comm) -> int | None:
         return None
 
 
-def _run_sync(comm: MPI.Comm, spec: dict,
-              progress: Callable[[int, int], None] | None = None) -> dict | None:
-    """Collective: synchronise; returns the result dict on rank 0, None elsewhere.
+@dataclass
+class _Sync:
+    """What one run's phases hand each other, on every rank (the phase filling each field
+    is named beside it). ``comm`` is any intracommunicator: rank 0 is the source."""
 
-    ``spec``: source (root's local path), hosts (host of each rank), dests (local dest
-    path of each rank, rank 0's unused), delete, checksum, verify, dry_run, excludes, chunk.
-    ``progress(sent, total)`` is called on the root as payload bytes leave it.
-    """
-    rank = comm.rank
-    t0 = time.monotonic()
-    phases: dict[str, float] = {}
-    opts = {"delete": bool(spec.get("delete")), "checksum": bool(spec.get("checksum")),
+    comm: MPI.Comm
+    spec: dict
+    opts: dict
+    chunk: int  # bytes per frame
+    t0: float  # time.monotonic() at the start
+    phases: dict[str, float] = field(default_factory=dict)  # rank 0: seconds per phase
+    src: Inventory | None = None  # _scan_source on rank 0, _share_inventory elsewhere
+    files: list = field(default_factory=list)  # _share_inventory: src.files()
+    me: _Target | None = None  # _plan: this rank's target (None on rank 0)
+    reports: list | None = None  # _plan, rank 0: each rank's _plan_report (None for 0)
+    groups: list = field(default_factory=list)  # _group: (target ranks, file indices, bytes)
+    source_errors: list[str] = field(default_factory=list)  # _transfer, rank 0: unread files
+    sent: int = 0  # _transfer, rank 0: payload bytes sent
+
+    @property
+    def root(self) -> bool:
+        return self.comm.rank == 0
+
+
+def _options(spec: dict) -> dict:
+    """The run's options from the job spec, with defaults (the same on every rank)."""
+    return {"delete": bool(spec.get("delete")), "checksum": bool(spec.get("checksum")),
             "verify": bool(spec.get("verify")), "dry_run": bool(spec.get("dry_run")),
             "excludes": list(spec.get("excludes", ())),
             "itemize": bool(spec.get("itemize")) or bool(spec.get("dry_run")),
             "tmp_tag": str(spec.get("tmp_tag") or new_tmp_tag()),
             # as rsync -a: numeric owners and groups are kept where the target runs as root
             "owners": os.geteuid() == 0}
-    chunk = int(spec.get("chunk", 4 << 20))
 
-    # 1. the root walks; its verdict and inventory reach everyone (uppercase for bytes)
+
+def _run_sync(comm: MPI.Comm, spec: dict,
+              progress: Callable[[int, int], None] | None = None) -> dict | None:
+    """Collective: synchronise; returns the result dict on rank 0, None elsewhere.
+
+    ``spec``: source (root's local path), hosts (host of each rank), dests (local dest
+    path of each rank, rank 0's unused), delete, checksum, verify, dry_run, excludes, chunk
+    (bytes per frame). ``progress(sent, total)`` is called on the root as payload bytes
+    leave it. Each phase below ends in a collective every rank takes part in, so a target
+    that failed locally still completes the run with the others.
+    """
+    t0 = time.monotonic()
+    run = _Sync(comm, spec, _options(spec), int(spec.get("chunk", 4 << 20)), t0)
+    verdict, blob = _scan_source(run)
+    if verdict is not None:
+        return ({"ok": False, "error": verdict[1], "error_kind": verdict[0],
+                 "stage": "source scan"} if run.root else None)
+    _share_inventory(run, blob)
+    _plan(run)
+    _group(run)
+    _transfer(run, progress)
+    results = _apply(run)
+    return _report(run, results) if run.root else None
+
+
+def _scan_source(run: _Sync) -> tuple[tuple[str, str] | None, bytes]:
+    """Phase 1: the root walks the source; every rank agrees on its verdict.
+
+    Returns ``(verdict, blob)``: verdict None, or ``("invalid", why)`` for bad input (an
+    empty source with --delete, exit 2) or ``("failed", why)`` for a source the root could
+    not read (exit 1, see mpitools/sync/driver.py); ``blob`` the encoded inventory (root).
+    """
+    comm, opts = run.comm, run.opts
     blob, verdict = b"", None
-    if rank == 0:
+    if run.root:
         try:
-            src = scan(spec["source"], excludes=opts["excludes"],
-                       checksum=opts["checksum"] or opts["verify"])
-            check_source(src, delete=opts["delete"])
-            blob = encode_inventory(src)
+            run.src = scan(run.spec["source"], excludes=opts["excludes"],
+                           checksum=opts["checksum"] or opts["verify"])
+            check_source(run.src, delete=opts["delete"])
+            blob = encode_inventory(run.src)
         except InvalidRequest as exc:  # an empty source with --delete: bad input, exit 2
             verdict = ("invalid", str(exc))
         except ChibaError as exc:      # an unreadable source: a failure on the president
@@ -438,88 +495,116 @@ def _run_sync(comm: MPI.Comm, spec: dict,
     # quiet barriers before collectives that wait on uneven work: a blocking collective
     # spins, and spinning ranks starve the ones still scanning when cores are shared
     wait(comm.Ibarrier())
-    verdict = comm.bcast(verdict if rank == 0 else None, root=0)
-    if verdict is not None:
-        return ({"ok": False, "error": verdict[1], "error_kind": verdict[0],
-                 "stage": "source scan"} if rank == 0 else None)
+    return comm.bcast(verdict if run.root else None, root=0), blob
+
+
+def _share_inventory(run: _Sync, blob: bytes) -> None:
+    """Phase 2: the root's inventory reaches every rank (one Bcast of its encoding)."""
+    comm = run.comm
     n = comm.bcast(len(blob), root=0)
-    buf = bytearray(blob) if rank == 0 else bytearray(n)
+    buf = bytearray(blob) if run.root else bytearray(n)
     comm.Bcast([buf, MPI.BYTE], root=0)
-    if rank == 0:
-        phases["scan"] = time.monotonic() - t0
+    if run.root:
+        run.phases["scan"] = time.monotonic() - run.t0
     else:
-        src = decode_inventory(bytes(buf))
-    files = src.files()
+        run.src = decode_inventory(bytes(buf))
+    run.files = run.src.files()
 
-    # 2-3. targets plan; a gather of need bitmaps lets the root group files by audience
+
+def _plan(run: _Sync) -> None:
+    """Phase 3: each target scans its destination and plans; the root gathers the plans."""
     t1 = time.monotonic()
-    me = None
-    if rank != 0:
-        me = _Target(spec["hosts"][rank], spec["dests"][rank], src, {**opts, "rank": rank})
-        bitmap = me.plan_needs()
-        report = (bitmap, me.error, format_plan(me.plan) if opts["itemize"] and me.plan
-                  else None, me.plan.summary() if me.plan else None,
-                  list(me.plan.warnings) if me.plan else [])
-    else:
-        report = None
+    comm, report = run.comm, None
+    if not run.root:
+        run.me = _Target(run.spec["hosts"][comm.rank], run.spec["dests"][comm.rank], run.src,
+                         run.opts)
+        report = _plan_report(run.me, run.me.plan_needs(), run.opts["itemize"])
     wait(comm.Ibarrier())
-    reports = comm.gather(report, root=0)
-    groups_wire = None
-    if rank == 0:
-        phases["plan"] = time.monotonic() - t1
-        bitmaps = {r: reports[r][0] for r in range(1, comm.size) if reports[r][1] is None}
-        groups = group_bitmaps(src, bitmaps) if bitmaps and not opts["dry_run"] else []
-        index = {e.path: i for i, e in enumerate(files)}
-        groups_wire = [(sorted(g.targets), [index[p] for p in g.paths], g.nbytes)
-                       for g in groups]
-    groups_wire = comm.bcast(groups_wire, root=0)
+    run.reports = comm.gather(report, root=0)
+    if run.root:
+        run.phases["plan"] = time.monotonic() - t1
 
-    # 4. one sub-communicator per group; the root streams its files down a chain
+
+def _plan_report(me: _Target, bitmap: bytes, itemize: bool) -> tuple:
+    """What a target tells the root: (need bitmap, error, plan text, summary, warnings)."""
+    return (bitmap, me.error, format_plan(me.plan) if itemize and me.plan else None,
+            me.plan.summary() if me.plan else None, list(me.plan.warnings) if me.plan else [])
+
+
+def _group(run: _Sync) -> None:
+    """Phase 4: the root groups files by the set of targets needing them; all agree."""
+    wire = None
+    if run.root:
+        reports = run.reports
+        bitmaps = {r: reports[r][0] for r in range(1, run.comm.size) if reports[r][1] is None}
+        groups = group_bitmaps(run.src, bitmaps) if bitmaps and not run.opts["dry_run"] else []
+        index = {e.path: i for i, e in enumerate(run.files)}
+        wire = [(sorted(g.targets), [index[p] for p in g.paths], g.nbytes) for g in groups]
+    run.groups = run.comm.bcast(wire, root=0)
+
+
+def _transfer(run: _Sync, progress: Callable[[int, int], None] | None) -> None:
+    """Phase 5: each group streamed once down a chain; a barrier ends it for everyone."""
     t2 = time.monotonic()
-    source_errors: list[str] = []
-    sent = 0
-    if me is not None:
-        me.prepare()
-    total = sum(g[2] for g in groups_wire)
-    for ranks, indices, _nbytes in groups_wire:
-        member = rank == 0 or rank in ranks
-        sub = comm.Split(0 if member else MPI.UNDEFINED, key=rank)
-        if sub == MPI.COMM_NULL:
-            continue
-        world = [0] + sorted(ranks)  # Split by key=rank keeps world order
-        try:
-            if rank == 0:
-                frames = pack_frames(spec["source"], files, indices, chunk, source_errors)
-                sent += chain_send(sub, _counted(frames, sent, total, progress), world=world)
-            else:
-                me.receive(chain_frames(sub, _max_frame(chunk), world=world))
-        finally:
-            sub.Free()
+    if run.me is not None:
+        run.me.die_after = _hook_count("sync_die", run.comm.rank)  # test hook
+        run.me.prepare()
+    total = sum(g[2] for g in run.groups)
+    for ranks, indices, _nbytes in run.groups:
+        _stream_group(run, ranks, indices, total, progress)
     # everyone has received everything before the root calls the transfer done
-    wait(comm.Ibarrier())
-    if rank == 0:
-        phases["transfer"] = time.monotonic() - t2
+    wait(run.comm.Ibarrier())
+    if run.root:
+        run.phases["transfer"] = time.monotonic() - t2
 
-    # 5. links, deletions and metadata, then everyone's summary to the root
+
+def _stream_group(run: _Sync, ranks: list[int], indices: list[int], total: int,
+                  progress: Callable[[int, int], None] | None) -> None:
+    """One group: a sub-communicator of the root and ``ranks`` (``Comm.Split``, collective
+    over ``run.comm``), down which the root streams the files ``indices``."""
+    rank = run.comm.rank
+    member = rank == 0 or rank in ranks
+    sub = run.comm.Split(0 if member else MPI.UNDEFINED, key=rank)
+    if sub == MPI.COMM_NULL:
+        return
+    world = [0] + sorted(ranks)  # Split by key=rank keeps the parent's order
+    try:
+        if rank == 0:
+            frames = pack_frames(run.spec["source"], run.files, indices, run.chunk,
+                                 run.source_errors)
+            run.sent += chain_send(sub, _counted(frames, run.sent, total, progress),
+                                   world=world)
+        else:
+            run.me.receive(chain_frames(sub, _max_frame(run.chunk), world=world))
+    finally:
+        sub.Free()
+
+
+def _apply(run: _Sync) -> list | None:
+    """Phase 6: targets make links, delete and set metadata; the root gathers outcomes."""
     t3 = time.monotonic()
-    if me is not None:
-        if not opts["dry_run"]:
+    mine = None
+    if run.me is not None:
+        me = run.me
+        if not run.opts["dry_run"]:
             me.finish()
         me.close()
         mine = {"host": me.host, "dest": me.dest, "ok": me.error is None and not me.conflicts,
                 "in_sync": me.error is None and not me.conflicts, "conflicts": me.conflicts,
                 "error": me.error, **me.stats}
-    else:
-        mine = None
-    wait(comm.Ibarrier())
-    results = comm.gather(mine, root=0)
-    if rank != 0:
-        return None
-    phases["finish"] = time.monotonic() - t3
+    wait(run.comm.Ibarrier())
+    results = run.comm.gather(mine, root=0)
+    if run.root:
+        run.phases["finish"] = time.monotonic() - t3
+    return results
+
+
+def _report(run: _Sync, results: list) -> dict:
+    """The root's result: each target's outcome with its plan, failures, source errors."""
     hosts = {}
-    for r in range(1, comm.size):
+    for r in range(1, run.comm.size):
         res = results[r]
-        bitmap, err, plan_text, summary, warnings = reports[r]
+        _bitmap, _err, plan_text, summary, warnings = run.reports[r]
         res["plan_summary"] = summary
         res["warnings"] = warnings
         if plan_text is not None:
@@ -527,16 +612,24 @@ def _run_sync(comm: MPI.Comm, spec: dict,
         hosts[res["host"]] = res
     failures = {h: r["error"] or _not_in_sync(r["conflicts"])
                 for h, r in hosts.items() if not r["ok"]}
+    src = run.src
     # a source that could not be read completely leaves every target unlike it (rsync 23)
-    source_errors = [str(i) for i in src.errors] + source_errors
+    source_errors = [str(i) for i in src.errors] + run.source_errors
     return {
         "ok": not failures and not source_errors,
-        "source_files": len(files), "source_bytes": src.total_bytes(),
+        "source_files": len(run.files), "source_bytes": src.total_bytes(),
         "source_warnings": [str(i) for i in src.errors],
-        "source_errors": source_errors, "groups": len(groups_wire),
-        "bytes_sent": sent, "seconds": time.monotonic() - t0, "phases": phases,
-        "dry_run": opts["dry_run"], "hosts": hosts, "failures": failures,
+        "source_errors": source_errors, "groups": len(run.groups),
+        "bytes_sent": run.sent, "seconds": time.monotonic() - run.t0, "phases": run.phases,
+        "dry_run": run.opts["dry_run"], "hosts": hosts, "failures": failures,
     }
+
+
+def _hook_count(name: str, rank: int) -> int | None:
+    """Test hook ``CHIBA_TEST_<NAME>=rank:N`` as a number, None when unset for ``rank``."""
+    value = test_hook(name, rank)
+    return int(value) if value else None
+
 
 def main(comm, job: dict) -> int:
     """Run one synchronisation; rank 0 emits progress events and the result event."""
