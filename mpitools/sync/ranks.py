@@ -1,7 +1,7 @@
 """mpisync's rank side: walk, agree, plan, reduce needs, stream each group, apply, report.
 
 Rank 0 holds the source; every other rank is a target. The steps follow mpiFileUtils'
-dsync (STYLE.md #10): the root inventories the source and broadcasts it; each target
+dsync (walk, agree, plan, delete, copy): the root inventories the source and broadcasts it; each target
 inventories its destination and plans; a gather of need bitmaps tells the root, for each
 file, which targets need it; files needed by the same set of targets form one group, and
 each group is streamed once down a pipelined chain over a sub-communicator of the root and
