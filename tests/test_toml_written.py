@@ -13,7 +13,8 @@ from topology.generate import generated_topology_toml
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The 2 x 2 shape written out by hand: what generated_topology_toml(2, 2, ...) must mean.
+# The 2 x 2 shape written by hand (inline tables, as a person might): what
+# generated_topology_toml(2, 2, ...) must mean.
 _BY_HAND = """
 [cluster]
 name = "small"
@@ -35,16 +36,13 @@ uplink = 5e7
 [president]
 name = "pres"
 
-[mayors.mayor1]
-[mayors.mayor2]
+[mayors]
+mayor1 = {}
+mayor2 = {}
 
-[towns.town1]
-mayor = "mayor1"
-nodes = "ccn[01-02]"
-
-[towns.town2]
-mayor = "mayor2"
-nodes = "ccn[03-04]"
+[towns]
+town1 = { mayor = "mayor1", nodes = "ccn[01-02]" }
+town2 = { mayor = "mayor2", nodes = "ccn[03-04]" }
 """
 
 
