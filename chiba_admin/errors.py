@@ -5,7 +5,8 @@ Shape: one root (:class:`ChibaError`), one neutral class for bad input found any
 request out (exit 1): topology, inventory, legacy_transit, mpitools, testbed. The CLI maps
 classes to exit codes in one place (``chiba_admin/cli.py``). Because this module imports
 nothing, every layer and every rank program may import it; it is the only module of the
-``chiba_admin`` package a rank program loads (``tests/test_layering.py``).
+``chiba_admin`` package a rank program loads (``tests/test_launcher.py``,
+``test_rank_programs_import_lean``).
 """
 
 from __future__ import annotations

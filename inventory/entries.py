@@ -13,7 +13,6 @@ __all__ = [
     "LINK",
     "FIFO",
     "SOCK",
-    "SPECIALS",
     "KINDS",
     "Entry",
     "Issue",
@@ -29,7 +28,6 @@ DIR = "d"
 LINK = "l"
 FIFO = "p"  # named pipe: recreated, as rsync -a (--specials) does
 SOCK = "s"  # unix socket: recreated as an inode (its listener is not copied), as rsync -a
-SPECIALS = (FIFO, SOCK)
 KINDS = (FILE, DIR, LINK, FIFO, SOCK)
 
 

@@ -33,7 +33,8 @@ def compact_rc(codes: Iterable[int]) -> int:
 
 @dataclass
 class GroupResult:
-    """Every host's RunResult of one fan-out; nothing raised halfway (STYLE #3)."""
+    """Every host's RunResult of one fan-out; nothing raised halfway, so one failing host
+    never hides the others' results."""
 
     results: dict[str, RunResult] = field(default_factory=dict)
 

@@ -94,10 +94,6 @@ class Testbed:
         """The testbed's slurm.conf (exists while `up --slurm` runs it)."""
         return _slurm.conf_path(self.state)
 
-    def slurm_env(self) -> dict[str, str]:
-        """Environment additions for Slurm clients run on the president (SLURM_CONF)."""
-        return _slurm.client_env(self.state)
-
     def slurm_up(self) -> bool:
         """True when Slurm's daemons started by `up --slurm` run."""
         return _slurm.is_up(self.state)

@@ -28,7 +28,7 @@ from .plan import TestbedPlan, plan_from_dict
 from .state import ProcRecord, State, end_process, proc_alive, proc_record
 
 __all__ = ["SlurmLayout", "slurm_conf", "CGROUP_CONF", "MUNGE_DIR", "TOOLS", "up", "down",
-           "is_up", "client_env", "missing_tools", "conf_path"]
+           "is_up", "missing_tools", "conf_path"]
 
 Log = Callable[[str], None]
 MUNGE_DIR = "/run/munge"  # munged's and libmunge's default socket directory
@@ -95,11 +95,6 @@ class SlurmLayout:
 def conf_path(state: Path | str) -> Path:
     """The slurm.conf of the testbed at ``state`` (SLURM_CONF for clients)."""
     return SlurmLayout(Path(state).absolute()).conf
-
-
-def client_env(state: Path | str) -> dict[str, str]:
-    """Environment additions for Slurm clients (salloc, sbcast, sinfo) on the president."""
-    return {"SLURM_CONF": str(conf_path(state))}
 
 
 def _hosts(plan: TestbedPlan) -> tuple[str, list[str]]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chiba_admin.errors import TestbedError
+from chiba_admin.procfs import proc_stat
 
 __all__ = ["ProcRecord", "State", "proc_record", "proc_alive", "end_process",
            "STATE_VERSION"]
@@ -34,16 +35,10 @@ class ProcRecord:
 
 
 def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # the command name may contain spaces and parentheses: fields follow the last ')'
-    fields = stat[stat.rindex(")") + 2:].split()
-    if fields[0] == "Z":
-        return None  # a zombie has ended; only its parent's wait is missing
-    return int(fields[19])
+    st = proc_stat(pid)
+    if st is None or st.state == "Z":
+        return None  # gone, or a zombie: it has ended, only its parent's wait is missing
+    return st.start_ticks
 
 
 def _cmdline(pid: int) -> str:

@@ -14,7 +14,6 @@ __all__ = [
     "PRESIDENT",
     "MAYOR",
     "NODE",
-    "ROLES",
     "SSHSettings",
     "HostPaths",
     "Host",
@@ -26,7 +25,6 @@ __all__ = [
 PRESIDENT = "president"
 MAYOR = "mayor"
 NODE = "node"
-ROLES = (PRESIDENT, MAYOR, NODE)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Callable
 from . import records, workloads
 from .sites import NODE_MBIT, MAYOR_MBIT, open_site, sync_shape
 
-__all__ = ["Step", "SUITES", "WORKLOAD_CHOICES", "plan_from_options", "run_plan",
+__all__ = ["Step", "SUITES", "plan_from_options", "run_plan",
            "describe_plan"]
 
 M = 1 << 20
@@ -123,7 +123,6 @@ def quick_suite(where: str) -> list[Step]:
 
 SUITES: dict[str, Callable[[str], list[Step]]] = {"default": default_suite,
                                                   "quick": quick_suite}
-WORKLOAD_CHOICES = ("stage", "sync", "collect", "memory", "inventory", "all")
 
 
 def plan_from_options(what: str, *, shapes: list[tuple[int, int]], sizes: list[int],

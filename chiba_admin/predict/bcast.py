@@ -5,7 +5,7 @@ ompi/mca/coll/tuned/coll_tuned_decision_fixed.c: by communicator size and messag
 it picks 1 basic_linear, 2 chain, 5 binary_tree, 6 binomial, 7 knomial (radix 4, the
 ``coll_tuned_bcast_knomial_radix`` default), 8 scatter_allgather (binomial scatter,
 recursive-doubling allgather) or 9 scatter_allgather_ring; segment size 0 (one message
-per edge). The Userstage path (mpitools/stage.py ``bcast``) calls MPI_Bcast once per
+per edge). The Userstage path (mpitools/stage/ranks.py ``bcast``) calls MPI_Bcast once per
 ``--chunk`` (4 MiB by default) after rank 0 has read that chunk from the spool over HTTP.
 """
 

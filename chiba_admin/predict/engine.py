@@ -83,7 +83,7 @@ class Calibration:
     bandwidth factor, 0.97 by default in its LV08 model). SimGrid also charges each flow's
     ACKs (5% of its rate) to the reverse direction, so a host that sends and receives at
     once (a chain) gets about 0.92 of line rate each way, as measured on the testbed
-    (0.94 for a chain of 64 KiB messages, mpitools/staging.py).
+    (0.94 for a chain of 64 KiB messages, mpitools/stage/driver.py ``SEGMENT``).
     ``latency_factor``: SimGrid's TCP slow-start correction on latency; 1 here because
     every tool streams over connections that stay open (MPI's, ssh's).
     ``disk_bps``: write rate (bits/s) of the president's and mayors' disks for City

@@ -2,9 +2,9 @@
 
 ``simulate(topo, job, calib)`` runs one (method, size, hosts) point and returns the
 predicted whole-command time with its phases, throughput and bytes per link class. The
-method modules: ``chain`` and ``bcast`` (mpitools/stage.py), ``transit``
+method modules: ``chain`` and ``bcast`` (mpitools/stage/ranks.py), ``transit``
 (legacy_transit/transit.py), ``rsync`` (legacy_transit/rsync.py), ``mpisync``
-(mpitools/syncrank.py + framechain.py), ``pdcp`` (pdsh's pdcp / clush --copy: a star
+(mpitools/sync/ranks.py + mpitools/common/chain.py), ``pdcp`` (pdsh's pdcp / clush --copy: a star
 from the president with a fan-out window) and ``sbcast`` (Slurm's tree of slurmds).
 """
 

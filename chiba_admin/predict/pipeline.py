@@ -1,7 +1,7 @@
 """A windowed store-and-forward pipeline over a list of hosts, simulated message by message.
 
-Used by the MPI chain (mpitools/stage.py ``chain``: 64 KiB segments, two buffers per rank),
-mpisync's group streams (mpitools/framechain.py: at most two sends in flight, three
+Used by the MPI chain (mpitools/stage/ranks.py ``chain``: 64 KiB segments, two buffers per
+rank), mpisync's group streams (mpitools/common/chain.py: at most two sends in flight, three
 receive buffers) and sbcast-like trees. Long streams are simulated for a prefix of real-size
 segments and extrapolated from the steady-state period at the last host.
 """

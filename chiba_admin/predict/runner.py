@@ -11,11 +11,7 @@ from .calibrate import Point, fit_host_costs, points_from_records, topology_for
 from .engine import Calibration, run_in_child
 from .models import HOST_PHASES, SYNC_METHODS
 
-__all__ = ["targets_for", "predict_points", "check_records", "PAPER"]
-
-# The paper's reported figures ("MPI for system software", Chiba City, 1 GB, 128 nodes).
-PAPER = {"mpi_aggregate_mbps_128": 216, "transit_aggregate_mbps_128": 57,
-         "rsync_max_way": 32}
+__all__ = ["targets_for", "predict_points", "check_records"]
 
 
 def targets_for(topo, method: str, n: int) -> list[str]:

@@ -9,9 +9,9 @@ from .pipeline import simulate_pipeline
 
 __all__ = ["chain", "bcast", "transit", "pdcp", "sbcast", "rsync", "mpisync"]
 
-SEGMENT = 64 << 10       # mpitools/staging.py SEGMENT: the chain's message
-STAGE_CHUNK = 4 << 20    # mpitools/staging.py DEFAULT_CHUNK: bcast's message, HTTP read-ahead
-SYNC_FRAME = 64 << 10    # mpitools/syncing.py DEFAULT_CHUNK: mpisync's frames
+SEGMENT = 64 << 10       # mpitools/stage/driver.py SEGMENT: the chain's message
+STAGE_CHUNK = 4 << 20    # mpitools/stage/driver.py DEFAULT_CHUNK: bcast's message, read-ahead
+SYNC_FRAME = 64 << 10    # mpitools/sync/driver.py DEFAULT_CHUNK: mpisync's frames
 INVENTORY_ENTRY = 64     # bytes per file in the encoded inventory (bench: ~60)
 
 
@@ -30,7 +30,7 @@ def _finish(phases: dict) -> dict:
 
 
 def chain(sim, topo, job, calib) -> dict:
-    """mpitools/stage.py chain: rank 0 reads the spool over HTTP (read-ahead of one
+    """mpitools/stage/ranks.py chain: rank 0 reads the spool over HTTP (read-ahead of one
     --chunk), every rank forwards 64 KiB segments to the next in town order, two
     buffers per rank (the next receive is posted when the send two back completed)."""
     ranks = _ranks(topo, job["hosts"])
@@ -50,7 +50,7 @@ def _bytes(bps):
 
 
 def bcast(sim, topo, job, calib) -> dict:
-    """mpitools/stage.py bcast: one MPI_Bcast per --chunk; rank 0 reads the next chunk
+    """mpitools/stage/ranks.py bcast: one MPI_Bcast per --chunk; rank 0 reads the next chunk
     over HTTP while the current one is broadcast (a read-ahead of two chunks)."""
     ranks = _ranks(topo, job["hosts"])
     pres = topo.president.name
@@ -175,9 +175,9 @@ def rsync(sim, topo, job, calib) -> dict:
 
 
 def mpisync(sim, topo, job, calib) -> dict:
-    """mpitools/syncrank.py: the root scans and MPI_Bcasts the inventory; targets plan
+    """mpitools/sync/ranks.py: the root scans and MPI_Bcasts the inventory; targets plan
     and gather need bitmaps; the groups are broadcast; one group's files stream down a
-    chain of 64 KiB frames (framechain: two sends in flight, three receive buffers);
+    chain of 64 KiB frames (mpitools/common/chain.py: two sends in flight, three receive buffers);
     barrier; finish and gather."""
     pres = topo.president.name
     ranks = _ranks(topo, job["hosts"], pres)

@@ -126,7 +126,7 @@ def rank_main(main: Callable[[Any, dict], int], argv: list[str] | None = None) -
     """Run ``main(comm, job)`` as a rank; an unhandled exception aborts the whole job.
 
     ``main`` owns its agreed (expected) failures; anything escaping it is a bug or a kill,
-    after which peers could wait forever, so we Abort (STYLE #8).
+    after which peers could wait forever, so we Abort (as mpi4py's ``run.py`` does).
     """
     argv = sys.argv[1:] if argv is None else argv
     import mpi4py

@@ -20,7 +20,7 @@ __all__ = ["SpoolServer", "Published", "publish", "spool_name", "check_url",
            "NAME_RE", "EXTENSIONS", "SUMS_SUFFIX"]
 
 EXTENSIONS = {"zstd": ".tar.zst", "gzip": ".tar.gz", "none": ".tar"}
-# an archive's block digests (mpitools.archive.BLOCK), served beside it for rank 0
+# an archive's block digests (mpitools.common.archive.BLOCK), served beside it for rank 0
 SUMS_SUFFIX = ".sums"
 # token_urlsafe(24) gives 32 characters; anything else (/, .., listing) is never served
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{32,}\.tar(?:\.zst|\.gz)?(?:\.sums)?$")
@@ -50,7 +50,7 @@ class Published:
 def publish(src: str, spool_dir: str, compress: str = "zstd", *,
             hash_alg: str = "blake3", on_payload=None) -> Published:
     """Pack ``src`` into ``spool_dir`` under a fresh name (written aside, then renamed);
-    ``on_payload(n)`` as in :func:`mpitools.archive.pack_tree`."""
+    ``on_payload(n)`` as in :func:`mpitools.common.archive.pack_tree`."""
     name = spool_name(compress)
     final = os.path.join(spool_dir, name)
     part = os.path.join(spool_dir, "." + name + ".part")  # dot names are never served

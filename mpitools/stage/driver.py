@@ -21,7 +21,7 @@ __all__ = ["stage_mpi", "stage_archive", "pipeline_segment", "DEFAULT_CHUNK",
            "DEFAULT_ALGORITHM"]
 
 DEFAULT_CHUNK = 4 << 20
-# measured faster on every setup we tried (README, "Staging: the numbers")
+# measured faster on every setup we tried (README, "Staging (Figure 1)")
 DEFAULT_ALGORITHM = "chain"
 
 

@@ -1,6 +1,7 @@
 """The staging rank program: rank 0 downloads, MPI spreads the chunks, every node commits or none.
 
-Run as ``mpiexec ... python -m mpitools.stage.ranks JOB`` (JOB from ``rankio.encode_job``).
+Run as ``mpiexec ... python -m mpitools.stage.ranks JOB`` (JOB from
+``mpitools.common.runtime.encode_job``).
 """
 
 # Rank-side: standard library, mpi4py, zstandard/blake3 only; imports stay lean (every

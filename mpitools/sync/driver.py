@@ -17,7 +17,7 @@ from mpitools.common.targets import launch_failures
 __all__ = ["sync_mpi", "DEFAULT_CHUNK", "check_source_dir", "target_dests"]
 
 # 64 KiB frames: on the testbed a 9-rank chain at 200 Mb/s moved 150 MB at 0.93 of line
-# rate with 64 KiB messages against 0.85-0.90 with 256 KiB-1 MiB (see staging.SEGMENT)
+# rate with 64 KiB messages against 0.85-0.90 with 256 KiB-1 MiB (see mpitools/stage/driver.py SEGMENT)
 DEFAULT_CHUNK = 64 << 10
 
 
