@@ -208,3 +208,75 @@ def test_run(cluster):
                 "echo e >&2; exit 3")
     j = check(r, 3, RUN, one(RUN_HOST))
     assert set(j["failures"]) == {"ccn01", "ccn02"}
+
+
+# --- the model itself (no cluster) -----------------------------------------------------------
+def test_a_failed_host_has_one_constructor_and_absent_fields_stay_out():
+    from chiba_admin.outcome import ABSENT, SyncHost, TransferHost, TransferRun
+
+    h = TransferHost.failed("gone", stage="aborted")
+    assert h.to_dict() == {"ok": False, "bytes": 0, "seconds": 0.0, "throughput_bps": 0.0,
+                           "stage": "aborted", "error": "gone"}
+    s = SyncHost.failed("no result", seconds=2.5)
+    assert s.to_dict() == {"ok": False, "rc": 1, "seconds": 2.5, "files_transferred": 0,
+                           "bytes_sent": 0, "bytes_received": 0, "error": "no result"}
+    # ok=True among the fields cannot make a failed host ok
+    assert not TransferHost.failed("x", ok=True).ok
+    run = TransferRun(method="mpi", hosts={"a": h}, failures={"a": "gone"}, refused=ABSENT)
+    d = run.to_dict()
+    assert "refused" not in d and "outcome" not in d and d["ok"] is False
+    assert d["hosts"] == {"a": h.to_dict()} and run.hosts_ok == 0
+
+
+def test_window_gives_every_host_an_outcome_in_order():
+    from types import SimpleNamespace
+
+    from legacy_transit.fanout import window
+
+    hosts = [SimpleNamespace(name=n) for n in ("b", "a", "c")]
+    seen = []
+
+    def fn(h):
+        if h.name == "a":
+            raise OSError("no route")
+        return h.name.upper()
+
+    got = window(hosts, fn, 2, on_done=seen.append)
+    assert list(got) == ["b", "a", "c"]
+    assert got["b"].ok and got["b"].value == "B"
+    assert not got["a"].ok and got["a"].error == "OSError: no route"
+    assert sorted(o.host for o in seen) == ["a", "b", "c"]
+
+
+def test_the_model_and_progress_modules_import_nothing_of_the_project():
+    import subprocess
+    import sys
+
+    code = ("import sys, chiba_admin.outcome, chiba_admin.progress; print(sorted(m for m in "
+            "sys.modules if m.split('.')[0] in ('chiba_admin', 'topology', 'inventory', "
+            "'legacy_transit', 'mpitools', 'testbed')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "['chiba_admin', 'chiba_admin.outcome', 'chiba_admin.progress']"
+
+
+def test_the_cli_draws_every_event_on_one_bar():
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.progress import Progress as RichProgress
+
+    from chiba_admin.console import BarProgress
+
+    bar = RichProgress(console=Console(file=StringIO()), auto_refresh=False)
+    p = BarProgress(bar, "sync-mayors (rsync)")
+    p.phase("rsync", hosts=2)  # no byte total: the bar counts hosts
+    p.host_done("mayor1", True)
+    task = bar.tasks[0]
+    assert task.description == "sync-mayors (rsync): rsync (1/2 hosts)"
+    assert (task.completed, task.total, task.fields["hosts"]) == (1, 2, True)
+    p.phase("pack", total_bytes=1000)
+    p.advance(400)
+    p.note("almost")
+    assert (task.completed, task.total, task.fields["hosts"]) == (400, 1000, False)
+    assert task.description == "sync-mayors (rsync): pack almost"
