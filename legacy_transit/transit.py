@@ -13,6 +13,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
+
 from chiba_admin.errors import InvalidRequest, TransportError
 from chiba_admin.outcome import TransferHost, TransferRun
 from chiba_admin.progress import Progress, or_silent
@@ -208,17 +209,18 @@ class _Run:
     def pending(self, nodes) -> list:
         return [n for n in nodes if self.hosts[n.name].stage is None]
 
-    def stage(self, name: str, hosts: list[str]):
-        return _Stage(self, name, hosts)
+    def stage(self, name: str, hosts: list[str], *, per_host: bool = False):
+        """Time stage ``name`` on ``hosts``; ``per_host``: each of them reports its end."""
+        return _Stage(self, name, hosts, per_host)
 
 
 class _Stage:
-    def __init__(self, run: _Run, name: str, hosts: list[str]):
-        self.run, self.name, self.hosts = run, name, hosts
+    def __init__(self, run: _Run, name: str, hosts: list[str], per_host: bool):
+        self.run, self.name, self.hosts, self.per_host = run, name, hosts, per_host
 
     def __enter__(self):
         self.t = time.monotonic()
-        self.run.progress.phase(self.name, hosts=len(self.hosts))
+        self.run.progress.phase(self.name, hosts=len(self.hosts) if self.per_host else 0)
         return self
 
     def __exit__(self, *exc):
@@ -289,7 +291,8 @@ def stage_transit(topo, src: str, nodes: list[str], dest: str | None = None, *,
         # 4. the mayors fan out to their nodes, which unpack the tar read from the mayor
         legs = [leg for leg in mayor_tars if run.pending(leg.nodes)]
         if legs:
-            with run.stage("unpack", [n.name for leg in legs for n in leg.nodes]):
+            with run.stage("unpack", [n.name for leg in legs for n in leg.nodes],
+                           per_host=True):
                 _unpack(topo, plan, legs, transport, run, size, fanout, timeout, replace)
                 silent = [n for leg in legs for n in leg.nodes
                           if run.hosts[n.name].tree == "unknown"]

@@ -15,12 +15,13 @@ from ..console import get_console, get_err_console, print_json, progress
 from ..embedded import require_initialized
 from ..errors import InventoryError, UsageError
 from ..outcome import ABSENT, SyncRun
+from ..progress import Progress
 
 __all__ = ["register", "sync_cmd", "METHODS", "render_sync", "exclude_rules"]
 
 
 def _sync_rsync(topo, src: str, targets: list[str], dest: str | None, opts: dict,
-                progress) -> SyncRun:
+                events: Progress) -> SyncRun:
     from legacy_transit.rsync import sync_rsync
 
     # rsync reads the --exclude-from files itself: the same rules, parsed by rsync
@@ -28,20 +29,20 @@ def _sync_rsync(topo, src: str, targets: list[str], dest: str | None, opts: dict
                       dry_run=opts["dry_run"], excludes=tuple(opts["excludes"]),
                       exclude_from=tuple(opts["exclude_from"]), checksum=opts["checksum"],
                       fanout=opts["fanout"], timeout=opts["timeout"], itemize=opts["itemize"],
-                      progress=progress)
+                      progress=events)
 
 
 def _sync_mpi(topo, src: str, targets: list[str], dest: str | None, opts: dict,
-              progress) -> SyncRun:
+              events: Progress) -> SyncRun:
     from mpitools.sync.driver import sync_mpi
 
     return sync_mpi(topo, src, targets, dest, delete=opts["delete"], dry_run=opts["dry_run"],
                     excludes=tuple(opts["rules"]), checksum=opts["checksum"],
                     verify=opts["verify"], chunk=opts["chunk"], timeout=opts["timeout"],
-                    progress=progress, itemize=opts["itemize"])
+                    progress=events, itemize=opts["itemize"])
 
 
-# method name -> runner(topo, src, targets, dest, opts, progress) -> SyncRun; adding a
+# method name -> runner(topo, src, targets, dest, opts, events) -> SyncRun; adding a
 # method is one entry here plus its name in the --method choices.
 METHODS: dict[str, Callable[..., SyncRun]] = {
     "rsync": _sync_rsync,
