@@ -1,20 +1,25 @@
-"""The one place rich is set up: consoles, verbosity and a progress factory that is a no-op when quiet."""
+"""The one place rich is set up: consoles, verbosity, and the progress bar that draws a run's
+events (chiba_admin/progress.py); silent when quiet."""
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
 from rich.text import Text
 
 from topology.units import format_bandwidth, format_bytes
 
+from .progress import SILENT, Progress
+
 __all__ = ["get_console", "get_err_console", "configure", "progress", "print_json",
-           "verbosity", "Progressor"]
+           "verbosity", "BarProgress"]
 
 _state = {"quiet": False, "verbose": 0, "json": False}
 _console: Console | None = None
@@ -54,30 +59,13 @@ def print_json(obj) -> None:
     sys.stdout.flush()
 
 
-class Progressor:
-    """A progress handle: ``update(done, total, label)``; does nothing when disabled."""
-
-    def __init__(self, progress: Progress | None, task):
-        self._p, self._t = progress, task
-
-    def update(self, done: float | None = None, total: float | None = None,
-               label: str | None = None) -> None:
-        if self._p is None:
-            return
-        kw = {}
-        if done is not None:
-            kw["completed"] = done
-        if total is not None:
-            kw["total"] = total
-        if label is not None:
-            kw["description"] = label
-        self._p.update(self._t, **kw)
-
-
 class BytesColumn(ProgressColumn):
-    """``done / total`` in IEC bytes, 3 significant digits (the tables' units)."""
+    """``done / total`` in IEC bytes, 3 significant digits (the tables' units); nothing
+    while a phase counts hosts rather than bytes."""
 
     def render(self, task) -> Text:
+        if task.fields.get("hosts"):
+            return Text("")
         total = "?" if task.total is None else format_bytes(task.total)
         return Text(f"{format_bytes(task.completed)} / {total}")
 
@@ -86,20 +74,65 @@ class RateColumn(ProgressColumn):
     """The transfer rate in bit/s, 3 significant digits (the tables' units)."""
 
     def render(self, task) -> Text:
+        if task.fields.get("hosts"):
+            return Text("")
         speed = task.finished_speed or task.speed
         return Text("" if speed is None else format_bandwidth(speed * 8))
 
 
+class BarProgress(Progress):
+    """The run's events (chiba_admin/progress.py) drawn as one rich bar on stderr.
+
+    A phase with a byte total fills with bytes; a phase over hosts without one fills with
+    hosts done. Thread-safe: fan-out threads report ``host_done``.
+    """
+
+    def __init__(self, bar: RichProgress, label: str):
+        self._bar, self._label = bar, label
+        self._task = bar.add_task(label, total=None, hosts=0)
+        self._lock = threading.Lock()
+        self._hosts = self._done = 0
+        self._name, self._by_hosts = "", False
+
+    def _describe(self, extra: str = "") -> str:
+        text = f"{self._label}: {self._name}" if self._name else self._label
+        if self._hosts:
+            text += f" ({self._done}/{self._hosts} hosts)"
+        return text + (f" {extra}" if extra else "")
+
+    def phase(self, name: str, total_bytes: int | None = None, hosts: int = 0) -> None:
+        with self._lock:
+            self._name, self._hosts, self._done = name, hosts, 0
+            self._by_hosts = total_bytes is None and hosts > 0
+            self._bar.reset(self._task, total=hosts if self._by_hosts else total_bytes,
+                            description=self._describe(), hosts=self._by_hosts)
+
+    def advance(self, done_bytes: int, total_bytes: int | None = None) -> None:
+        with self._lock:
+            self._by_hosts = False
+            kw = {} if total_bytes is None else {"total": total_bytes}
+            self._bar.update(self._task, completed=done_bytes, hosts=False, **kw)
+
+    def host_done(self, host: str, ok: bool) -> None:
+        with self._lock:
+            self._done += 1
+            kw = {"completed": self._done} if self._by_hosts else {}
+            self._bar.update(self._task, description=self._describe(), **kw)
+
+    def note(self, text: str) -> None:
+        with self._lock:
+            self._bar.update(self._task, description=self._describe(text))
+
+
 @contextmanager
-def progress(label: str, total: float | None = None, *, unit_bytes: bool = True
-             ) -> Iterator[Progressor]:
-    """A progress bar on stderr while the block runs; silent when quiet, --json or not a tty."""
+def progress(label: str) -> Iterator[Progress]:
+    """A Progress drawn on stderr while the block runs; the silent one when quiet, with
+    --json, or when stderr is not a terminal."""
     err = get_err_console()
     if _state["quiet"] or _state["json"] or not err.is_terminal:
-        yield Progressor(None, None)
+        yield SILENT
         return
-    cols = [TextColumn("{task.description}"), BarColumn()]
-    cols += [BytesColumn(), RateColumn()] if unit_bytes else []
-    cols += [TimeElapsedColumn()]
-    with Progress(*cols, console=err, transient=True) as p:
-        yield Progressor(p, p.add_task(label, total=total))
+    cols = [TextColumn("{task.description}"), BarColumn(), BytesColumn(), RateColumn(),
+            TimeElapsedColumn()]
+    with RichProgress(*cols, console=err, transient=True) as bar:
+        yield BarProgress(bar, label)

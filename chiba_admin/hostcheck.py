@@ -140,10 +140,8 @@ def init_hosts(topo, hosts: Sequence[str], transport, *, dry_run: bool = False,
     got = window([topo.host(n) for n in hosts], one, fanout)
     rows = []
     for name, r in got.items():
-        if isinstance(r, BaseException):
-            r = [InitRow(name, d.which, d.path, "failed", f"{type(r).__name__}: {r}")
-                 for d in plans[name]]
-        rows += r
+        rows += r.value if r.ok else [InitRow(name, d.which, d.path, "failed", r.error)
+                                      for d in plans[name]]
     return rows
 
 
@@ -384,9 +382,7 @@ def check_hosts(topo, hosts: Sequence[str], transport, *, fanout: int = 32,
     got = window([topo.host(n) for n in hosts], one, fanout)
     checks = []
     for name, r in got.items():
-        if isinstance(r, BaseException):
-            r = [Check(name, "ssh", _FAIL, f"{type(r).__name__}: {r}")]
-        checks += r
+        checks += r.value if r.ok else [Check(name, "ssh", _FAIL, r.error)]
     return checks
 
 

@@ -1,11 +1,13 @@
-"""pdsh-style fan-out: a sliding window of threads, per-host results, labelled lines, dshbak grouping."""
+"""pdsh-style fan-out: a sliding window of threads, per-host outcomes, labelled lines, dshbak grouping."""
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence, TypeVar
+
+from chiba_admin.outcome import CallOutcome, CommandHost, CommandRun
 
 from .transport import UNREACHABLE, Command, RunResult, Stdin, Transport
 
@@ -31,12 +33,22 @@ def compact_rc(codes: Iterable[int]) -> int:
     return max(codes, default=0)
 
 
-@dataclass
-class GroupResult:
-    """Every host's RunResult of one fan-out; nothing raised halfway, so one failing host
-    never hides the others' results."""
+class GroupResult(CommandRun):
+    """Every host's RunResult of one fan-out as a run's outcome; nothing raised halfway.
 
-    results: dict[str, RunResult] = field(default_factory=dict)
+    ``results`` keeps each host's RunResult (raw bytes, for grouping); ``hosts`` are their
+    CommandHost outcomes, ``rc`` is pdsh -S's (an unreachable host counts as 255).
+    """
+
+    def __init__(self, results: dict[str, RunResult] | None = None):
+        self.results: dict[str, RunResult] = dict(results or {})
+        failed = {h: r for h, r in self.results.items() if not r.ok}
+        super().__init__(
+            method="run", ok=not failed,
+            hosts={h: CommandHost(rc=r.rc, ok=r.ok, error=r.error, seconds=round(r.seconds, 6),
+                                  stdout=r.out, stderr=r.err) for h, r in self.results.items()},
+            failures={h: r.reason() for h, r in failed.items()},
+            rc=compact_rc(UNREACHABLE if r.error else r.rc for r in self.results.values()))
 
     @property
     def succeeded(self) -> dict[str, RunResult]:
@@ -46,55 +58,36 @@ class GroupResult:
     def failed(self) -> dict[str, RunResult]:
         return {h: r for h, r in self.results.items() if not r.ok}
 
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    @property
-    def rc(self) -> int:
-        """pdsh -S: the largest remote exit code; an unreachable host counts as 255."""
-        return compact_rc(UNREACHABLE if r.error else r.rc for r in self.results.values())
-
-    def failures(self) -> dict[str, str]:
-        return {h: r.reason() for h, r in self.failed.items()}
-
-    def to_dict(self) -> dict:
-        return {"ok": self.ok, "rc": self.rc,
-                "hosts": {h: {"rc": r.rc, "ok": r.ok, "error": r.error,
-                              "seconds": round(r.seconds, 6), "stdout": r.out,
-                              "stderr": r.err}
-                          for h, r in self.results.items()},
-                "failures": self.failures()}
-
 
 def window(hosts: Sequence, fn: Callable[[object], T], fanout: int = DEFAULT_FANOUT,
-           on_done: Callable[[object, T | BaseException], None] | None = None
-           ) -> dict[str, T | BaseException]:
-    """Call ``fn(host)`` for every host, at most ``fanout`` at once; exceptions are results.
+           on_done: Callable[[CallOutcome[T]], None] | None = None
+           ) -> dict[str, CallOutcome[T]]:
+    """Call ``fn(host)`` for every host, at most ``fanout`` at once; one CallOutcome per
+    host (its value, or the exception ``fn`` raised), in the caller's host order.
 
     A sliding window like ``pdsh -f``: a slot is refilled as soon as any host finishes, so one
-    slow host holds one slot, not the whole batch.
+    slow host holds one slot, not the whole batch. ``on_done(outcome)`` runs in the worker
+    thread as each host finishes.
     """
     if not hosts:
         return {}
-    out: dict[str, T | BaseException] = {}
+    out: dict[str, CallOutcome[T]] = {}
     lock = threading.Lock()
 
-    def one(h):
+    def one(h) -> None:
         try:
-            r = fn(h)
+            got = CallOutcome(h.name, fn(h))
         except Exception as e:  # a fan-out never raises halfway
-            r = e
+            got = CallOutcome(h.name, exc=e)
         with lock:
-            out[h.name] = r
+            out[h.name] = got
         if on_done is not None:
-            on_done(h, r)
-        return r
+            on_done(got)
 
     with ThreadPoolExecutor(max_workers=max(1, min(fanout, len(hosts))),
                             thread_name_prefix="fanout") as pool:
         list(pool.map(one, hosts))
-    return {h.name: out[h.name] for h in hosts}  # in the caller's host order
+    return {h.name: out[h.name] for h in hosts}
 
 
 class LineSplitter:
@@ -153,17 +146,14 @@ def run_on(transport: Transport, hosts: Sequence, cmd: Command, *,
         r.stdout, r.stderr = b"".join(outs), b"".join(errs)
         return r
 
-    def done(h, r):
-        if on_result is not None and isinstance(r, RunResult):
-            on_result(r)
+    def done(got: CallOutcome[RunResult]) -> None:
+        if on_result is not None and got.ok:
+            on_result(got.value)
 
-    got = window(hosts, one, fanout, done)
-    results = {}
-    for name, r in got.items():
-        if isinstance(r, BaseException):  # a bug or an unexpected library error
-            r = RunResult(name, UNREACHABLE, error=f"{type(r).__name__}: {r}")
-        results[name] = r
-    return GroupResult(results)
+    # a call that raised is a bug or an unexpected library error: that host is unreachable
+    return GroupResult({name: got.value if got.ok else RunResult(name, UNREACHABLE,
+                                                                 error=got.error)
+                        for name, got in window(hosts, one, fanout, done).items()})
 
 
 @dataclass

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 
 from chiba_admin.errors import InvalidRequest
+from chiba_admin.outcome import ABSENT, SyncHost, SyncRun
+from chiba_admin.progress import Progress, or_silent
 from inventory.plan import itemized_lines
 from inventory.source import check_source
 from topology.confine import HostDest, confine_dest
@@ -151,7 +153,7 @@ def plan_rsync(topo, src: str, targets: list[str], dest: str | None = None, **op
     return jobs
 
 
-def _run_job(job: RsyncJob, timeout: float | None) -> dict:
+def _run_job(job: RsyncJob, timeout: float | None) -> SyncHost:
     t0 = time.monotonic()
     try:
         p = subprocess.run(list(job.argv), capture_output=True, timeout=timeout,
@@ -170,13 +172,13 @@ def _run_job(job: RsyncJob, timeout: float | None) -> dict:
         if "Host key verification failed" in err and job.known_hosts:
             error += f" (host key of {job.host} not as in known_hosts {job.known_hosts})"
     items = itemized_lines(out)  # rsync's own --itemize-changes lines
-    return {"ok": error is None, "rc": rc, "seconds": round(time.monotonic() - t0, 6),
-            "in_sync": error is None, "conflicts": _conflicts(err) if rc in NOT_IN_SYNC else [],
-            "changes": items, **_counts(items),
-            "dest": job.dest, "files_transferred": st.files_transferred,
-            "files_total": st.files_total, "total_size": st.total_size,
-            "bytes_sent": st.bytes_sent, "bytes_received": st.bytes_received,
-            "error": error}
+    return SyncHost(ok=error is None, rc=rc, seconds=round(time.monotonic() - t0, 6),
+                    in_sync=error is None,
+                    conflicts=_conflicts(err) if rc in NOT_IN_SYNC else [],
+                    changes=items, **_counts(items), dest=job.dest,
+                    files_transferred=st.files_transferred, files_total=st.files_total,
+                    total_size=st.total_size, bytes_sent=st.bytes_sent,
+                    bytes_received=st.bytes_received, error=error)
 
 
 def _counts(items: list[str]) -> dict[str, int]:
@@ -212,12 +214,13 @@ def _why(stderr: str) -> str:
 def sync_rsync(topo, src: str, targets: list[str], dest: str | None = None, *,
                delete: bool = False, dry_run: bool = False, excludes: tuple[str, ...] = (),
                exclude_from: tuple[str, ...] = (), checksum: bool = False,
-               fanout: int = DEFAULT_FANOUT, timeout: float | None = None, progress=None,
-               itemize: bool = False) -> dict:
+               fanout: int = DEFAULT_FANOUT, timeout: float | None = None,
+               progress: Progress | None = None, itemize: bool = False) -> SyncRun:
     """Synchronise ``src`` to every target with its own rsync; failures are per host.
 
     rsync's exit 23/24 (a target left unlike the source) is a failure of that host, named
     "not in sync". A dry run creates nothing on any target (rsync --dry-run, no lock).
+    ``progress`` hears one phase ("rsync") and each target's end.
     """
     if shutil.which("rsync") is None:
         raise InvalidRequest("rsync is not installed", hint="run scripts/install-system-deps.sh")
@@ -225,37 +228,27 @@ def sync_rsync(topo, src: str, targets: list[str], dest: str | None = None, *,
                       excludes=tuple(excludes), exclude_from=tuple(exclude_from),
                       checksum=checksum, itemize=itemize)
     t0 = time.monotonic()
-    if progress is not None:
-        progress("start", stage="rsync", hosts=[j.host for j in jobs])
+    progress = or_silent(progress)
+    progress.phase("rsync", hosts=len(jobs))
     by_host = {j.host: j for j in jobs}
 
-    def done(h, r) -> None:
-        if progress is not None:
-            progress("host", stage="rsync", host=h.name,
-                     ok=not isinstance(r, BaseException) and r["ok"])
+    def done(got) -> None:
+        progress.host_done(got.host, got.ok and got.value.ok)
 
     got = window([topo.host(j.host) for j in jobs],
                  lambda h: _run_job(by_host[h.name], timeout), fanout, on_done=done)
-    hosts, failures = {}, {}
-    for name, r in got.items():
-        if isinstance(r, BaseException):
-            r = {"ok": False, "rc": 255, "seconds": 0.0, "dest": by_host[name].dest,
-                 "in_sync": False, "conflicts": [],
-                 "files_transferred": 0, "files_total": 0, "total_size": 0, "bytes_sent": 0,
-                 "bytes_received": 0, "error": f"{type(r).__name__}: {r}"}
-        hosts[name] = r
-        if not r["ok"]:
-            failures[name] = r["error"]
+    hosts = {name: r.value if r.ok else SyncHost.failed(
+                 r.error, rc=255, dest=by_host[name].dest, in_sync=False, conflicts=[],
+                 files_total=0, total_size=0)
+             for name, r in got.items()}
+    failures = {name: h.error for name, h in hosts.items() if not h.ok}
     secs = time.monotonic() - t0
     if not (dry_run or itemize):  # listed only when asked, as mpisync lists its plan
         for h in hosts.values():
-            h.pop("changes", None)
-    if progress is not None:
-        progress("end", stage="rsync", seconds=secs, failed=sorted(failures))
+            h.changes = ABSENT
     dests = sorted({j.dest for j in jobs})
-    return {"method": "rsync", "ok": not failures, "source": os.path.abspath(src),
-            "dest": dests[0] if len(dests) == 1 else (dest or "<repository>"),
-            "targets": [j.host for j in jobs], "dry_run": dry_run,
-            "seconds": round(secs, 6),
-            "bytes_sent": sum(h["bytes_sent"] for h in hosts.values()),
-            "hosts": hosts, "failures": failures}
+    return SyncRun(method="rsync", ok=not failures, source=os.path.abspath(src),
+                   dest=dests[0] if len(dests) == 1 else (dest or "<repository>"),
+                   targets=[j.host for j in jobs], dry_run=dry_run, seconds=round(secs, 6),
+                   bytes_sent=sum(h.bytes_sent for h in hosts.values()), hosts=hosts,
+                   failures=failures)

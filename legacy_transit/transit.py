@@ -13,9 +13,10 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
 
-from chiba_admin.errors import TransportError, InvalidRequest
+from chiba_admin.errors import InvalidRequest, TransportError
+from chiba_admin.outcome import TransferHost, TransferRun
+from chiba_admin.progress import Progress, or_silent
 from inventory.source import check_collect_root, check_source
 from topology import fold
 from topology.confine import HostDest, confine_dest
@@ -28,7 +29,6 @@ __all__ = ["STAGES", "TransitPlan", "TownLeg", "plan_transit", "stage_transit",
            "collect_transit", "tree_size", "agent_argv"]
 
 STAGES = ("pack", "to_president", "to_mayors", "unpack", "cleanup")
-Progress = Callable[..., None] | None
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -187,57 +187,50 @@ def tree_size(path: str) -> tuple[int, int]:
 class _Run:
     """Bookkeeping of one staging: stage times and bytes, per-node outcome."""
 
-    def __init__(self, nodes: list[str], progress: Progress):
+    def __init__(self, nodes: list[str], progress: Progress | None):
         self.t0 = time.monotonic()
         self.phases = {s: 0.0 for s in STAGES}
         self.phase_bytes = {s: 0 for s in STAGES}
-        self.progress = progress
-        self.hosts = {n: {"ok": False, "bytes": 0, "seconds": 0.0, "throughput_bps": 0.0,
-                          "stage": None, "error": None, "tree": "none", "tree_path": None,
-                          "previous": None} for n in nodes}
+        self.progress = or_silent(progress)
+        # stage None: still under way; tree "none" until a node says what it holds
+        self.hosts = {n: TransferHost(tree="none", tree_path=None, previous=None)
+                      for n in nodes}
         self.failures: dict[str, str] = {}
         self.chunk, self.hashes = 0, []
 
-    def emit(self, event: str, **info) -> None:
-        if self.progress is not None:
-            self.progress(event, **info)
-
     def fail(self, node: str, stage: str, reason: str) -> None:
         h = self.hosts[node]
-        if h["stage"] is None:  # the first failure is the one that matters
-            h.update(ok=False, stage=stage, error=reason,
-                     seconds=round(time.monotonic() - self.t0, 6))
+        if h.stage is None:  # the first failure is the one that matters
+            h.ok, h.stage, h.error = False, stage, reason
+            h.seconds = round(time.monotonic() - self.t0, 6)
             self.failures[node] = f"{stage}: {reason}"
+            self.progress.host_done(node, False)
 
     def pending(self, nodes) -> list:
-        return [n for n in nodes if self.hosts[n.name]["stage"] is None]
+        return [n for n in nodes if self.hosts[n.name].stage is None]
 
-    def stage(self, name: str, hosts: list[str]):
-        return _Stage(self, name, hosts)
+    def stage(self, name: str, hosts: list[str], *, per_host: bool = False):
+        """Time stage ``name`` on ``hosts``; ``per_host``: each of them reports its end."""
+        return _Stage(self, name, hosts, per_host)
 
 
 class _Stage:
-    def __init__(self, run: _Run, name: str, hosts: list[str]):
-        self.run, self.name, self.hosts = run, name, hosts
+    def __init__(self, run: _Run, name: str, hosts: list[str], per_host: bool):
+        self.run, self.name, self.hosts, self.per_host = run, name, hosts, per_host
 
     def __enter__(self):
         self.t = time.monotonic()
-        self.run.emit("start", stage=self.name, hosts=self.hosts)
+        self.run.progress.phase(self.name, hosts=len(self.hosts) if self.per_host else 0)
         return self
 
     def __exit__(self, *exc):
-        dt = time.monotonic() - self.t
-        self.run.phases[self.name] += dt
-        self.run.emit("end", stage=self.name, seconds=dt,
-                      bytes=self.run.phase_bytes[self.name],
-                      failed=sorted(n for n, h in self.run.hosts.items()
-                                    if h["stage"] == self.name))
+        self.run.phases[self.name] += time.monotonic() - self.t
 
 
 def stage_transit(topo, src: str, nodes: list[str], dest: str | None = None, *,
                   fanout: int = DEFAULT_FANOUT, timeout: float | None = None,
-                  progress: Progress = None, transport: Transport | None = None,
-                  replace: bool = False) -> dict:
+                  progress: Progress | None = None, transport: Transport | None = None,
+                  replace: bool = False) -> TransferRun:
     """Stage ``src`` onto ``nodes`` the City Transit way; per-host failures are in the result.
 
     Stages as the paper measured them (pack, to_president, to_mayors, unpack, cleanup).
@@ -247,10 +240,10 @@ def stage_transit(topo, src: str, nodes: list[str], dest: str | None = None, *,
     source tree, replacing what an earlier stage put there. An existing destination that
     no stage made is refused on that node unless ``replace``.
 
-    Returns the result dict; ``hosts[node]`` has ``tree`` ("complete", "none", "partial",
+    Returns a TransferRun; ``hosts[node]`` has ``tree`` ("complete", "none", "partial",
     "unknown"), ``tree_path`` and ``previous`` (an earlier tree left as it was), and
-    ``outcome`` says in one line which hosts hold what. Raises InvalidRequest on bad input
-    (nothing sent).
+    ``outcome`` says in one line which hosts hold what. ``progress`` hears each stage start
+    and each node end. Raises InvalidRequest on bad input (nothing sent).
     """
     plan = plan_transit(topo, src, nodes, dest)
     names = [n.name for n in plan.nodes]
@@ -298,10 +291,11 @@ def stage_transit(topo, src: str, nodes: list[str], dest: str | None = None, *,
         # 4. the mayors fan out to their nodes, which unpack the tar read from the mayor
         legs = [leg for leg in mayor_tars if run.pending(leg.nodes)]
         if legs:
-            with run.stage("unpack", [n.name for leg in legs for n in leg.nodes]):
+            with run.stage("unpack", [n.name for leg in legs for n in leg.nodes],
+                           per_host=True):
                 _unpack(topo, plan, legs, transport, run, size, fanout, timeout, replace)
                 silent = [n for leg in legs for n in leg.nodes
-                          if run.hosts[n.name]["tree"] == "unknown"]
+                          if run.hosts[n.name].tree == "unknown"]
                 if silent:  # ask them directly what this run left there
                     _probe(topo, plan, silent, transport, run, fanout)
     finally:
@@ -312,31 +306,29 @@ def stage_transit(topo, src: str, nodes: list[str], dest: str | None = None, *,
             transport.close()
     total = time.monotonic() - run.t0
     for h in run.hosts.values():
-        if h["stage"] is None:
-            h["stage"] = "done"
+        if h.stage is None:
+            h.stage = "done"
     _tell_trees(run.hosts, run.failures)
     dests = sorted(set(plan.dests.values()))
-    return {
-        "method": "transit", "ok": not run.failures, "source": plan.source,
-        "dest": dests[0] if len(dests) == 1 else (dest or os.path.basename(plan.source)),
-        "dests": plan.dests, "nodes": names, "bytes": size, "payload_bytes": payload,
-        "files": files, "seconds": round(total, 6),
-        "phases": {k: round(v, 6) for k, v in run.phases.items()},
-        "phase_bytes": run.phase_bytes, "hosts": run.hosts, "failures": run.failures,
-        "outcome": outcome(run.hosts, "node"),
-    }
+    return TransferRun(
+        method="transit", ok=not run.failures, source=plan.source,
+        dest=dests[0] if len(dests) == 1 else (dest or os.path.basename(plan.source)),
+        dests=plan.dests, nodes=names, bytes=size, payload_bytes=payload, files=files,
+        seconds=round(total, 6), phases={k: round(v, 6) for k, v in run.phases.items()},
+        phase_bytes=run.phase_bytes, hosts=run.hosts, failures=run.failures,
+        outcome=outcome(run.hosts, "node"))
 
 
-def _tell_trees(hosts: dict, failures: dict, where: str = "on it") -> None:
+def _tell_trees(hosts: dict[str, TransferHost], failures: dict, where: str = "on it") -> None:
     """Add to each failed host's failure line what it holds now (the truth, per host).
 
     ``where`` says where the trees are: on the node (stage) or the home server (collect).
     """
     for name, why in list(failures.items()):
         h = hosts.get(name)
-        if h is None or h.get("ok"):
+        if h is None or h.ok:
             continue
-        tree, path = h.get("tree"), h.get("tree_path")
+        tree, path = h.tree, h.tree_path
         if tree == "partial":
             note = f"a partial tree is left at {path}"
         elif tree == "unknown":
@@ -344,19 +336,19 @@ def _tell_trees(hosts: dict, failures: dict, where: str = "on it") -> None:
                 f" (a partial tree may be at {path})" if path else "")
         else:
             note = f"nothing of this run is left {where}"
-        if h.get("previous"):
-            note += f"; {h['previous']} is as it was"
+        if h.previous:
+            note += f"; {h.previous} is as it was"
         failures[name] = f"{why} [{note}]"
 
 
-def outcome(hosts: dict, what: str = "node") -> str:
+def outcome(hosts: dict[str, TransferHost], what: str = "node") -> str:
     """One line: which hosts hold a complete, partial, unknown or no tree (folded names).
 
     For collect the trees are the home server's copies, one per host.
     """
     by: dict[str, list[str]] = {}
     for name, h in hosts.items():
-        by.setdefault(h.get("tree") or "none", []).append(name)
+        by.setdefault(h.tree or "none", []).append(name)
     parts = []
     for tree, label in (("complete", "complete tree"), ("partial", "PARTIAL tree"),
                         ("unknown", "unknown state"), ("none", "no tree from this run")):
@@ -393,8 +385,7 @@ def _to_mayors(topo, plan, legs, transport, local_tar, fanout, timeout) -> dict[
             transport.put(m, local_tar, _leg_of(legs, m).tar)
 
         got = window([leg.mayor for leg in legs], put, fanout)
-        return {m: None if not isinstance(r, BaseException) else str(r)
-                for m, r in got.items()}
+        return {m: None if r.ok else str(r.exc) for m, r in got.items()}
     # the home server is elsewhere: the president's own agent pushes over the core links
     child = [{"host": host_record(leg.mayor), "remote": leg.tar} for leg in legs]
     agent = {"action": "push", "kind": topo.kind, "fanout": fanout, "timeout": timeout,
@@ -451,28 +442,27 @@ def _unpack(topo, plan, legs, transport, run: _Run, size: int, fanout, timeout,
 
     got = window([leg.mayor for leg in legs], on_mayor, len(legs))
     for mname, r in got.items():
-        if isinstance(r, BaseException):  # a bug here must not hide the other towns
-            for n in run.pending(by_mayor[mname].nodes):
-                run.hosts[n.name].update(tree="unknown", tree_path=_tmp_path(plan, n))
-                run.fail(n.name, "unpack", f"mayor {mname}: {type(r).__name__}: {r}")
-            continue
-        pend, detail, err = r
+        if not r.ok:  # a bug here must not hide the other towns
+            pend, detail, err = run.pending(by_mayor[mname].nodes), None, r.error
+        else:
+            pend, detail, err = r.value
         for n in pend:
             d = (detail or {}).get(n.name)
             h = run.hosts[n.name]
             if d is None:
-                h.update(tree="unknown", tree_path=_tmp_path(plan, n))
+                h.tree, h.tree_path = "unknown", _tmp_path(plan, n)
                 run.fail(n.name, "unpack", f"mayor {mname}: {err or 'no result'}")
                 continue
-            h.update(tree=d.get("tree", "unknown"), tree_path=d.get("path"),
-                     previous=d.get("previous"))
+            h.tree, h.tree_path = d.get("tree", "unknown"), d.get("path")
+            h.previous = d.get("previous")
             if not d["ok"]:
                 run.fail(n.name, "unpack", d["error"] or f"exit {d['rc']}")
             else:
                 secs = (t_stage - run.t0) + d["end"]
-                h.update(ok=True, bytes=size, seconds=round(secs, 6),
-                         throughput_bps=round(size * 8 / secs, 1) if secs else 0.0)
+                h.ok, h.bytes, h.seconds = True, size, round(secs, 6)
+                h.throughput_bps = round(size * 8 / secs, 1) if secs else 0.0
                 run.phase_bytes["unpack"] += size
+                run.progress.host_done(n.name, True)
 
 
 def _probe(topo, plan, nodes, transport, run: _Run, fanout) -> None:
@@ -485,8 +475,9 @@ def _probe(topo, plan, nodes, transport, run: _Run, fanout) -> None:
         return node_result(transport.run(n, [*base, "probe", json.dumps(spec)], timeout=60))
 
     for name, got in window(nodes, one, fanout).items():
-        if isinstance(got, dict) and got.get("tree") in ("partial", "none"):
-            run.hosts[name].update(tree=got["tree"], tree_path=got.get("path"))
+        said = got.value if got.ok else None
+        if isinstance(said, dict) and said.get("tree") in ("partial", "none"):
+            run.hosts[name].tree, run.hosts[name].tree_path = said["tree"], said.get("path")
 
 
 def _call_agent(topo, transport, host, plan: dict, timeout, children: int, fanout
@@ -513,8 +504,8 @@ def _cleanup(plan, legs, transport, local_tar, run: _Run, fanout) -> None:
                                                  m.local_path(by_mayor[m.name].tar)]),
                      fanout)
         for m, r in got.items():
-            if isinstance(r, BaseException) or not r.ok:
-                why = str(r) if isinstance(r, BaseException) else r.reason()
+            if not r.ok or not r.value.ok:
+                why = str(r.exc) if not r.ok else r.value.reason()
                 run.failures[m] = f"cleanup: cannot remove {by_mayor[m].tar}: {why}"
     if not plan.same_host and run.phase_bytes["to_president"]:
         r = transport.run(plan.president, ["rm", "-f", "--",
@@ -534,8 +525,8 @@ def _unlink(path: str) -> None:
 # --- stage-out --------------------------------------------------------------------------
 def collect_transit(topo, path: str, nodes: list[str], dest_dir: str, *,
                     fanout: int = DEFAULT_FANOUT, timeout: float | None = None,
-                    progress: Progress = None, transport: Transport | None = None,
-                    replace: bool = False) -> dict:
+                    progress: Progress | None = None, transport: Transport | None = None,
+                    replace: bool = False) -> TransferRun:
     """Bring ``path`` from every node to ``dest_dir/<host>/<name>`` like rpdcp: one tar stream per node.
 
     ``path`` is confined on every node (under its scratch or a ``dest_roots`` entry) before
@@ -546,7 +537,7 @@ def collect_transit(topo, path: str, nodes: list[str], dest_dir: str, *,
     ``dest_dir/<host>/``, and only a complete tree is renamed into place, under the same
     lock and staged-marker rule as stage (an existing copy not made by collect is refused
     unless ``replace``). Owners, groups, modes and mtimes are kept as ``rsync -a`` keeps
-    them. Returns the result dict (``hosts[h]["tree"]`` as for stage); raises InvalidRequest
+    them. Returns a TransferRun (``hosts[h].tree`` as for stage); raises InvalidRequest
     on bad input.
     """
     if not nodes:
@@ -573,8 +564,8 @@ def collect_transit(topo, path: str, nodes: list[str], dest_dir: str, *,
 
 
 def _collect(topo, path: str, hosts: list, confined: dict[str, HostDest], dest_dir: str,
-             transport: Transport, *, fanout: int, timeout: float | None, progress: Progress,
-             replace: bool) -> dict:
+             transport: Transport, *, fanout: int, timeout: float | None,
+             progress: Progress | None, replace: bool) -> TransferRun:
     """collect_transit once its input is checked: preflight, then one stream per node."""
     t0 = time.monotonic()
     refused = _preflight(topo, hosts, confined, transport, fanout, timeout)
@@ -592,10 +583,10 @@ def _collect(topo, path: str, hosts: list, confined: dict[str, HostDest], dest_d
     base = agent_argv(topo)
     home_argv = [sys.executable, "-m", "legacy_transit.transit_agent", "extract"]
     checked = time.monotonic() - t0
-    if progress is not None:
-        progress("start", stage="collect", hosts=[h.name for h in hosts])
+    progress = or_silent(progress)
+    progress.phase("collect", hosts=len(hosts))
 
-    def one(h) -> dict:
+    def one(h) -> TransferHost:
         s = time.monotonic()
         d = confined[h.name]
         shown = os.path.join(dest_dir, h.name, d.name)
@@ -639,35 +630,31 @@ def _collect(topo, path: str, hosts: list, confined: dict[str, HostDest], dest_d
             except OSError:
                 pass
         secs = time.monotonic() - s
-        return {"ok": err is None, "bytes": moved[0], "seconds": round(secs, 6),
-                "throughput_bps": round(moved[0] * 8 / secs, 1) if secs else 0.0,
-                "stage": "done" if err is None else "collect", "error": err,
-                "tree": got.get("tree"), "tree_path": got.get("path"),
-                "previous": got.get("previous")}
+        return TransferHost(ok=err is None, bytes=moved[0], seconds=round(secs, 6),
+                            throughput_bps=round(moved[0] * 8 / secs, 1) if secs else 0.0,
+                            stage="done" if err is None else "collect", error=err,
+                            tree=got.get("tree"), tree_path=got.get("path"),
+                            previous=got.get("previous"))
 
-    got = window(hosts, one, fanout)
-    hosts_out, failures = {}, {}
-    for name, r in got.items():
-        if isinstance(r, BaseException):
-            r = {"ok": False, "bytes": 0, "seconds": 0.0, "throughput_bps": 0.0,
-                 "stage": "collect", "error": f"{type(r).__name__}: {r}", "tree": "unknown",
-                 "tree_path": None, "previous": None}
-        hosts_out[name] = r
-        if not r["ok"]:
-            failures[name] = f"collect: {r['error']}"
+    def done(got) -> None:
+        progress.host_done(got.host, got.ok and got.value.ok)
+
+    hosts_out: dict[str, TransferHost] = {}
+    for name, r in window(hosts, one, fanout, done).items():
+        hosts_out[name] = r.value if r.ok else TransferHost.failed(
+            r.error, stage="collect", tree="unknown", tree_path=None, previous=None)
+    failures = {n: f"collect: {h.error}" for n, h in hosts_out.items() if not h.ok}
     _tell_trees(hosts_out, failures, "on the home server")
     total = time.monotonic() - t0
-    moved = sum(h["bytes"] for h in hosts_out.values())
+    moved = sum(h.bytes for h in hosts_out.values())
     payload, files = tree_size(dest_dir)
-    if progress is not None:
-        progress("end", stage="collect", seconds=total, bytes=moved, failed=sorted(failures))
-    return {"method": "transit", "ok": not failures, "source": path, "dest": dest_dir,
-            "dest_dir": dest_dir,
-            "nodes": [h.name for h in hosts], "bytes": moved, "payload_bytes": payload,
-            "files": files, "seconds": round(total, 6),
-            "phases": {"check": round(checked, 6), "collect": round(total - checked, 6)},
-            "phase_bytes": {"collect": moved}, "hosts": hosts_out, "failures": failures,
-            "outcome": outcome(hosts_out, "host")}
+    return TransferRun(
+        method="transit", ok=not failures, source=path, dest=dest_dir, dest_dir=dest_dir,
+        nodes=[h.name for h in hosts], bytes=moved, payload_bytes=payload, files=files,
+        seconds=round(total, 6),
+        phases={"check": round(checked, 6), "collect": round(total - checked, 6)},
+        phase_bytes={"collect": moved}, hosts=hosts_out, failures=failures,
+        outcome=outcome(hosts_out, "host"))
 
 
 def _preflight(topo, hosts: list, confined: dict[str, HostDest], transport, fanout: int,
@@ -685,25 +672,25 @@ def _preflight(topo, hosts: list, confined: dict[str, HostDest], transport, fano
         return node_result(transport.run(h, [*base, "check", json.dumps(spec)],
                                          timeout=timeout))
 
-    got = window(hosts, one, fanout)
-    return {h.name: got[h.name]["device"] for h in hosts
-            if isinstance(got.get(h.name), dict) and got[h.name].get("device")}
+    said = {name: got.value for name, got in window(hosts, one, fanout).items() if got.ok}
+    return {h.name: said[h.name]["device"] for h in hosts
+            if isinstance(said.get(h.name), dict) and said[h.name].get("device")}
 
 
 def _refused_collect(path: str, dest_dir: str, hosts: list, refused: dict[str, str],
-                     seconds: float) -> dict:
-    """The result of a collect refused before anything was sent (the CLI exits 2)."""
+                     seconds: float) -> TransferRun:
+    """The outcome of a collect refused before anything was sent (the CLI exits 2)."""
     culprits = ", ".join(refused)
-    rows = {h.name: {"ok": False, "bytes": 0, "seconds": 0.0, "throughput_bps": 0.0,
-                     "stage": "check", "tree": "none", "tree_path": None, "previous": None,
-                     "error": refused.get(h.name) or
-                     f"not collected: a device node on {culprits}"} for h in hosts}
-    return {"method": "transit", "ok": False, "source": path, "dest": dest_dir,
-            "dest_dir": dest_dir, "nodes": [h.name for h in hosts], "bytes": 0,
-            "payload_bytes": 0, "files": 0, "seconds": round(seconds, 6),
-            "phases": {"check": round(seconds, 6)}, "phase_bytes": {"collect": 0},
-            "hosts": rows, "failures": dict(refused), "refused": True,
-            "refusal": "; ".join(f"{h}: {why}" for h, why in refused.items())}
+    rows = {h.name: TransferHost.failed(refused.get(h.name) or
+                                        f"not collected: a device node on {culprits}",
+                                        stage="check", tree="none", tree_path=None,
+                                        previous=None) for h in hosts}
+    return TransferRun(
+        method="transit", ok=False, source=path, dest=dest_dir, dest_dir=dest_dir,
+        nodes=[h.name for h in hosts], seconds=round(seconds, 6),
+        phases={"check": round(seconds, 6)}, phase_bytes={"collect": 0}, hosts=rows,
+        failures=dict(refused), refused=True,
+        refusal="; ".join(f"{h}: {why}" for h, why in refused.items()))
 
 
 class _Out:

@@ -695,10 +695,9 @@ def run_plan(plan: dict) -> dict:
         transport.close()
     hosts = {}
     for name, r in got.items():
-        if isinstance(r, BaseException):
-            r = {"ok": False, "rc": UNREACHABLE, "error": f"{type(r).__name__}: {r}",
-                 "bytes": 0, "seconds": 0.0, "end": round(time.monotonic() - t0, 6)}
-        hosts[name] = r
+        hosts[name] = r.value if r.ok else {
+            "ok": False, "rc": UNREACHABLE, "error": r.error, "bytes": 0, "seconds": 0.0,
+            "end": round(time.monotonic() - t0, 6)}
     return {"rc": compact_rc(h["rc"] for h in hosts.values()),
             "seconds": round(time.monotonic() - t0, 6), "hosts": hosts}
 

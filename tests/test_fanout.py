@@ -84,9 +84,9 @@ def test_failures_never_stop_others_and_rc_like_pdsh_S():
     assert set(res.succeeded) == {"n01", "n05", "n06"}
     assert set(res.failed) == {"n02", "n03", "n04"}
     assert res.rc == UNREACHABLE
-    assert res.failures()["n02"] == "exit 3: boom"
-    assert "RuntimeError: bug" in res.failures()["n03"]
-    assert res.failures()["n04"] == "connection refused"
+    assert res.failures["n02"] == "exit 3: boom"
+    assert "RuntimeError: bug" in res.failures["n03"]
+    assert res.failures["n04"] == "connection refused"
     res = run_on(FakeTransport({"n02": ("", "", 3), "n05": ("", "", 1)}), hosts(6), "x")
     assert res.rc == 3
     assert compact_rc([]) == 0
@@ -136,7 +136,10 @@ def test_grouping_compares_bytes_not_text():
 def test_window_exceptions_and_empty():
     assert window([], lambda h: 1) == {}
     got = window(hosts(3), lambda h: 1 / 0 if h.name == "n02" else h.name, fanout=8)
-    assert got["n01"] == "n01" and isinstance(got["n02"], ZeroDivisionError)
+    assert got["n01"].ok and got["n01"].value == "n01" and got["n01"].error is None
+    assert not got["n02"].ok and got["n02"].value is None
+    assert isinstance(got["n02"].exc, ZeroDivisionError)
+    assert got["n02"].error.startswith("ZeroDivisionError: ")
 
 
 def test_stdin_file_read_once_for_all_hosts(tmp_path):

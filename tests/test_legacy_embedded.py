@@ -10,6 +10,7 @@ import pytest
 
 from chiba_admin.cli import main
 from chiba_admin.errors import InvalidRequest
+from chiba_admin.progress import Progress
 from conftest import DEMO
 
 WEIRD_NAMES = ["plain.txt", "with space.txt", "it's \"quoted\"", "$(touch pwned)",
@@ -61,6 +62,29 @@ def demo(tmp_path, monkeypatch):
     return bind(load_topology(DEMO), state), state
 
 
+class Recorder(Progress):
+    """Every progress event, in order: (method name, its arguments)."""
+
+    def __init__(self):
+        self.events = []
+
+    def phase(self, *a, **k):
+        self.events.append(("phase", a))
+
+    def host_done(self, *a, **k):
+        self.events.append(("host_done", a))
+
+
+class OnPhase(Progress):
+    """Calls ``fn(name)`` as each phase starts (in the driver's thread)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def phase(self, name, total_bytes=None, hosts=0):
+        self.fn(name)
+
+
 def _h(state: Path, host: str, *parts: str) -> Path:
     return state / "hosts" / host / Path(*parts)
 
@@ -71,14 +95,14 @@ def test_transit_default_relative_absolute_dest(demo, tmp_path):
 
     topo, state = demo
     src = make_tree(tmp_path / "my data")
-    events = []
-    res = stage_transit(topo, str(src), NODES, progress=lambda e, **k: events.append((e, k)))
+    seen = Recorder()
+    res = stage_transit(topo, str(src), NODES, progress=seen).to_dict()
     assert res["ok"] and res["failures"] == {}
     assert res["dest"] == "/scratch/my data" and res["files"] == len(WEIRD_NAMES) + 1
     for n in NODES:
         assert_same_tree(src, _h(state, n, "scratch", "my data"))
         assert res["hosts"][n]["stage"] == "done" and res["hosts"][n]["throughput_bps"] > 0
-    assert [k["stage"] for e, k in events if e == "start"] == ["pack", "to_mayors", "unpack",
+    assert [a[0] for e, a in seen.events if e == "phase"] == ["pack", "to_mayors", "unpack",
                                                               "cleanup"]
     assert res["phase_bytes"]["unpack"] == 8 * res["bytes"]
     assert res["phase_bytes"]["to_mayors"] == 2 * res["bytes"]
@@ -87,11 +111,11 @@ def test_transit_default_relative_absolute_dest(demo, tmp_path):
         assert os.listdir(_h(state, h, "var/spool/chiba")) == []
     assert not list(state.rglob("pwned"))
 
-    res = stage_transit(topo, str(src), ["ccn02", "ccn07"], "jobs/1")
+    res = stage_transit(topo, str(src), ["ccn02", "ccn07"], "jobs/1").to_dict()
     assert res["ok"] and res["dest"] == "/scratch/jobs/1"
     assert_same_tree(src, _h(state, "ccn07", "scratch", "jobs", "1"))
     assert not _h(state, "ccn01", "scratch", "jobs").exists()
-    res = stage_transit(topo, str(src), ["ccn05"], "/scratch/abs")
+    res = stage_transit(topo, str(src), ["ccn05"], "/scratch/abs").to_dict()
     assert res["ok"] and res["dest"] == "/scratch/abs"
     assert_same_tree(src, _h(state, "ccn05", "scratch", "abs"))
 
@@ -102,15 +126,15 @@ def test_transit_single_file_renamed(demo, tmp_path):
     topo, state = demo
     f = tmp_path / "in put.bin"
     f.write_bytes(os.urandom(5000))
-    res = stage_transit(topo, str(f), ["ccn01", "ccn08"], "inputs/$(x) it's.bin")
+    res = stage_transit(topo, str(f), ["ccn01", "ccn08"], "inputs/$(x) it's.bin").to_dict()
     assert res["ok"], res["failures"]
     for n in ("ccn01", "ccn08"):
         assert _h(state, n, "scratch", "inputs", "$(x) it's.bin").read_bytes() == f.read_bytes()
-    res = stage_transit(topo, str(f), ["ccn03"])
+    res = stage_transit(topo, str(f), ["ccn03"]).to_dict()
     assert _h(state, "ccn03", "scratch", "in put.bin").read_bytes() == f.read_bytes()
     # staged again: the file is replaced, nothing is left beside it but the marker
     f.write_bytes(b"second")
-    assert stage_transit(topo, str(f), ["ccn03"])["ok"]
+    assert stage_transit(topo, str(f), ["ccn03"]).to_dict()["ok"]
     assert _h(state, "ccn03", "scratch", "in put.bin").read_bytes() == b"second"
     assert sorted(p.name for p in _h(state, "ccn03", "scratch").iterdir()) == \
         [".in put.bin.chiba-staged", "in put.bin"]
@@ -130,7 +154,7 @@ def test_transit_bad_input_touches_nothing(demo, tmp_path, src, nodes, msg):
     path = make_tree(tmp_path / "ok") if src == "ok" else tmp_path / src if src else ""
     before = sorted(p for p in state.rglob("*"))
     with pytest.raises(InvalidRequest, match=msg.replace("(", r"\(")):
-        stage_transit(topo, str(path), nodes)
+        stage_transit(topo, str(path), nodes).to_dict()
     assert sorted(p for p in state.rglob("*")) == before
 
 
@@ -141,7 +165,7 @@ def test_transit_one_node_cannot_write_others_finish(demo, tmp_path):
     src = make_tree(tmp_path / "data")
     # on ccn06 the destination's parent is a file, as a broken disk layout would be
     (_h(state, "ccn06", "scratch", "jobs")).write_text("in the way")
-    res = stage_transit(topo, str(src), NODES, "jobs/data")
+    res = stage_transit(topo, str(src), NODES, "jobs/data").to_dict()
     assert not res["ok"] and set(res["failures"]) == {"ccn06"}
     assert res["hosts"]["ccn06"]["stage"] == "unpack"
     assert "jobs: is not a directory" in res["hosts"]["ccn06"]["error"]
@@ -165,7 +189,7 @@ def test_transit_no_space_on_one_node(demo, tmp_path):
     if r.returncode != 0:
         pytest.skip(f"cannot mount tmpfs: {r.stderr.decode().strip()}")
     try:
-        res = stage_transit(topo, str(src), NODES)
+        res = stage_transit(topo, str(src), NODES).to_dict()
     finally:
         subprocess.run(["umount", str(scratch)], check=True)
     assert set(res["failures"]) == {"ccn03"}
@@ -180,8 +204,8 @@ def test_collect_embedded(demo, tmp_path):
 
     topo, state = demo
     src = make_tree(tmp_path / "res")
-    assert stage_transit(topo, str(src), NODES[:3], "out/r")["ok"]
-    res = collect_transit(topo, "out/r", NODES[:4], str(tmp_path / "back"))
+    assert stage_transit(topo, str(src), NODES[:3], "out/r").to_dict()["ok"]
+    res = collect_transit(topo, "out/r", NODES[:4], str(tmp_path / "back")).to_dict()
     assert not res["ok"] and set(res["failures"]) == {"ccn04"}  # it never got the files
     assert "exit 2" in res["failures"]["ccn04"] and "r" in res["failures"]["ccn04"]
     for n in NODES[:3]:
@@ -189,7 +213,7 @@ def test_collect_embedded(demo, tmp_path):
         assert res["hosts"][n]["bytes"] > 0
     assert not (tmp_path / "back" / "ccn04").exists()
     with pytest.raises(InvalidRequest):
-        collect_transit(topo, "out/r", ["nope"], str(tmp_path / "x"))
+        collect_transit(topo, "out/r", ["nope"], str(tmp_path / "x")).to_dict()
 
 
 # --- run ------------------------------------------------------------------------------------
@@ -211,7 +235,7 @@ def test_run_sha256_after_transit_matches(demo, cli, tmp_path):
     topo, state = demo
     src = make_tree(tmp_path / "s")
     os.remove(src / "new\nline")  # sha256sum escapes such names, which is another test
-    assert stage_transit(topo, str(src), NODES, "s")["ok"]
+    assert stage_transit(topo, str(src), NODES, "s").to_dict()["ok"]
     r = cli("run", "-w", "@nodes", "-b", "--", "sh", "-c",
             'cd "$CHIBA_SCRATCH/s" && sha256sum -- *.txt')
     assert r.code == 0
@@ -306,7 +330,7 @@ def test_transit_home_server_not_president(tmp_path):
     topo = bind(loads_topology(text, "home.toml"), tmp_path / "state")
     init_cluster(topo)
     src = make_tree(tmp_path / "d")
-    res = stage_transit(topo, str(src), ["ccn01", "ccn08"])
+    res = stage_transit(topo, str(src), ["ccn01", "ccn08"]).to_dict()
     assert res["ok"], res["failures"]
     assert res["phase_bytes"]["to_president"] == res["bytes"] > 0
     assert res["phase_bytes"]["to_mayors"] == 2 * res["bytes"]
@@ -473,10 +497,10 @@ def test_transit_existing_destination_not_staged_refused_unless_replace(demo, cl
     assert_same_tree(src, _h(state, "ccn05", "scratch", "data"))
     # a destination an earlier stage made is replaced, not merged: the result is the source
     (src / "plain.txt").unlink()
-    assert stage_transit(topo, str(src), ["ccn05"])["ok"]
+    assert stage_transit(topo, str(src), ["ccn05"]).to_dict()["ok"]
     assert_same_tree(src, _h(state, "ccn05", "scratch", "data"))
     # --replace: the user says the existing one may go
-    res = stage_transit(topo, str(src), ["ccn06"], replace=True)
+    res = stage_transit(topo, str(src), ["ccn06"], replace=True).to_dict()
     assert res["ok"], res["failures"]
     assert_same_tree(src, mine)
     assert sorted(p.name for p in mine.parent.iterdir()) == [".data.chiba-staged", "data"]
@@ -489,7 +513,7 @@ def test_transit_failed_unpack_reported_truthfully(demo, cli, tmp_path):
 
     topo, state = demo
     src = make_tree(tmp_path / "data")
-    assert stage_transit(topo, str(src), ["ccn05"])["ok"]  # an earlier, complete tree
+    assert stage_transit(topo, str(src), ["ccn05"]).to_dict()["ok"]  # an earlier, complete tree
     (src / "plain.txt").write_text("version 2")
     evil = tmp_path / "evil"
     evil.mkdir()
@@ -497,12 +521,12 @@ def test_transit_failed_unpack_reported_truthfully(demo, cli, tmp_path):
     subprocess.run(["tar", "-c", "-f", str(tmp_path / "evil.tar"), "-C", str(evil), "."],
                    check=True)
 
-    def swap(event, **info):  # runs in the driver between to_mayors and unpack
-        if event == "start" and info.get("stage") == "unpack":
+    def swap(name):  # runs in the driver between to_mayors and unpack
+        if name == "unpack":
             for t in _h(state, "mayor2", "var/spool/chiba").glob("transit-*.tar"):
                 t.write_bytes((tmp_path / "evil.tar").read_bytes())
 
-    res = stage_transit(topo, str(src), ["ccn01", "ccn05", "ccn06"], progress=swap)
+    res = stage_transit(topo, str(src), ["ccn01", "ccn05", "ccn06"], progress=OnPhase(swap)).to_dict()
     assert not res["ok"] and set(res["failures"]) == {"ccn05", "ccn06"}
     for n in ("ccn05", "ccn06"):
         assert "differs from what the home server packed" in res["failures"][n]
@@ -646,8 +670,8 @@ def test_collect_existing_copy_not_collected_refused_unless_replace(demo, cli, t
     assert "was not made by chiba-admin" in r.json()["failures"]["ccn02"]
     assert os.listdir(mine) == ["notes"]
     # collecting again into what collect made replaces it; --replace replaces the other one
-    assert collect_transit(topo, "r", ["ccn01"], str(tmp_path / "back"))["ok"]
-    assert collect_transit(topo, "r", ["ccn02"], str(tmp_path / "back"), replace=True)["ok"]
+    assert collect_transit(topo, "r", ["ccn01"], str(tmp_path / "back")).to_dict()["ok"]
+    assert collect_transit(topo, "r", ["ccn02"], str(tmp_path / "back"), replace=True).to_dict()["ok"]
     for n in ("ccn01", "ccn02"):
         assert_same_tree(src, tmp_path / "back" / n / "r")
 
@@ -689,15 +713,15 @@ def test_transit_node_killed_mid_unpack_partial_reported_then_swept(demo, tmp_pa
                     os.kill(pid, signal.SIGKILL)
             fed.set()
 
-    def swap(event, **info):  # mayor1's tar becomes a FIFO that the test feeds
-        if event == "start" and info.get("stage") == "unpack":
+    def swap(name):  # mayor1's tar becomes a FIFO that the test feeds
+        if name == "unpack":
             tar = next(_h(state, "mayor1", "var/spool/chiba").glob("transit-*.tar"))
             data = tar.read_bytes()
             tar.unlink()
             os.mkfifo(tar)
             threading.Thread(target=feeder, args=(tar, data), daemon=True).start()
 
-    res = stage_transit(topo, str(src), ["ccn01", "ccn05"], progress=swap)
+    res = stage_transit(topo, str(src), ["ccn01", "ccn05"], progress=OnPhase(swap)).to_dict()
     assert fed.is_set()
     h = res["hosts"]["ccn01"]
     assert not res["ok"] and set(res["failures"]) == {"ccn01"}
@@ -709,7 +733,7 @@ def test_transit_node_killed_mid_unpack_partial_reported_then_swept(demo, tmp_pa
     assert not _h(state, "ccn01", "scratch", "data").exists()
     assert res["outcome"] == ("complete tree on ccn05 (1); PARTIAL tree on ccn01 (1)")
     # the next run on that destination holds its lock: the dead run's leftovers go
-    assert stage_transit(topo, str(src), ["ccn01"])["ok"]
+    assert stage_transit(topo, str(src), ["ccn01"]).to_dict()["ok"]
     assert sorted(p.name for p in _h(state, "ccn01", "scratch").iterdir()) == \
         [".data.chiba-staged", "data"]
     assert_same_tree(src, _h(state, "ccn01", "scratch", "data"))

@@ -157,7 +157,7 @@ def test_hostile_archive_is_refused_on_every_node(embedded, tmp_path, kind):
     tar = tmp_path / "evil.tar"
     tar.write_bytes(crafted_tar(kind))
     nodes = ["ccn01", "ccn06"]
-    r = stage_archive(embedded, str(tar), nodes, "evil", compress="none", chunk=4096)
+    r = stage_archive(embedded, str(tar), nodes, "evil", compress="none", chunk=4096).to_dict()
     assert not r["ok"]
     assert set(r["failures"]) == set(nodes)
     assert all("refused" in why for why in r["failures"].values()), r["failures"]
@@ -277,21 +277,24 @@ def test_collect_brings_every_node_back(embedded, cli, tmp_path):
 
 def test_transit_method_is_dispatched(embedded, cli, tmp_path, monkeypatch):
     import legacy_transit.transit as transit
+    from chiba_admin.outcome import TransferHost, TransferRun
 
     seen = {}
 
     def fake_stage(topo, src, nodes, dest=None, **kw):
         seen["stage"] = (src, nodes, dest)
-        return {"method": "transit", "algorithm": None, "ok": True, "source": src,
-                "dest": "/scratch/x", "nodes": nodes, "bytes": 1, "payload_bytes": 1,
-                "files": 1, "seconds": 0.1, "phases": {"pack": 0.1}, "phase_bytes": {},
-                "hosts": {n: {"ok": True, "bytes": 1, "seconds": 0.1, "throughput_bps": 80,
-                              "stage": "done", "error": None} for n in nodes},
-                "failures": {}}
+        return TransferRun(method="transit", algorithm=None, ok=True, source=src,
+                           dest="/scratch/x", nodes=nodes, bytes=1, payload_bytes=1, files=1,
+                           seconds=0.1, phases={"pack": 0.1}, phase_bytes={},
+                           hosts={n: TransferHost(ok=True, bytes=1, seconds=0.1,
+                                                  throughput_bps=80, stage="done")
+                                  for n in nodes})
 
     def fake_collect(topo, path, nodes, dest_dir, **kw):
         seen["collect"] = (path, nodes, dest_dir)
-        return {**fake_stage(topo, path, nodes), "ok": False, "failures": {"ccn02": "gone"}}
+        out = fake_stage(topo, path, nodes)
+        out.ok, out.failures = False, {"ccn02": "gone"}
+        return out
 
     monkeypatch.setattr(transit, "stage_transit", fake_stage)
     monkeypatch.setattr(transit, "collect_transit", fake_collect)

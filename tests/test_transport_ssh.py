@@ -265,7 +265,7 @@ def test_transit_over_ssh_byte_for_byte(cli, loop, tmp_path):
     from legacy_transit.transit import collect_transit, stage_transit
 
     topo = _topo(path)
-    res = stage_transit(topo, str(src), NODES, "in/data", fanout=2)
+    res = stage_transit(topo, str(src), NODES, "in/data", fanout=2).to_dict()
     assert res["ok"], res["failures"]
     for n in NODES:
         assert_same_tree(src, base / n / "scratch" / "in" / "data")
@@ -275,7 +275,7 @@ def test_transit_over_ssh_byte_for_byte(cli, loop, tmp_path):
     for h in ("pres", "mayor1", "mayor2"):
         assert os.listdir(base / h / "spool") == []  # tars cleaned up
     assert not list(base.rglob("pwned"))
-    out = collect_transit(topo, "in/data", NODES, str(tmp_path / "back"))
+    out = collect_transit(topo, "in/data", NODES, str(tmp_path / "back")).to_dict()
     assert out["ok"], out["failures"]
     for n in NODES:
         assert_same_tree(src, tmp_path / "back" / n / "data")
@@ -286,7 +286,7 @@ def test_transit_over_ssh_partial_failure(tmp_path, sshd):
 
     path = write_topology(tmp_path / "h", sshd, {"ccn03": {"port": _free_port()}})
     src = make_tree(tmp_path / "payload")
-    res = stage_transit(_topo(path), str(src), NODES)
+    res = stage_transit(_topo(path), str(src), NODES).to_dict()
     assert not res["ok"]
     assert set(res["failures"]) == {"ccn03"}
     h = res["hosts"]["ccn03"]
@@ -300,7 +300,7 @@ def test_transit_over_ssh_home_not_president(tmp_path, sshd):
 
     path = write_topology(tmp_path / "h", sshd, home="mayor2")
     src = make_tree(tmp_path / "payload")
-    res = stage_transit(_topo(path), str(src), ["ccn01", "ccn04"])
+    res = stage_transit(_topo(path), str(src), ["ccn01", "ccn04"]).to_dict()
     assert res["ok"], res["failures"]
     assert res["phase_bytes"]["to_president"] == res["bytes"]
     for n in ("ccn01", "ccn04"):
@@ -314,7 +314,7 @@ def test_transit_mayor_unreachable(tmp_path, sshd):
 
     path = write_topology(tmp_path / "h", sshd, {"mayor2": {"port": _free_port()}})
     src = make_tree(tmp_path / "payload")
-    res = stage_transit(_topo(path), str(src), NODES)
+    res = stage_transit(_topo(path), str(src), NODES).to_dict()
     assert set(res["failures"]) == {"ccn03", "ccn04"}
     assert res["hosts"]["ccn03"]["stage"] == "to_mayors"
     assert "mayor mayor2" in res["hosts"]["ccn03"]["error"]

@@ -95,12 +95,11 @@ def run_cmd(ctx, nodeset, fanout, gather, connect_timeout, command_timeout, comm
     groups = group_outputs(res, fold=fold)
     err_groups = group_outputs(res, stream="stderr", fold=fold)
     if ctx.json:
-        d = res.to_dict()
-        d["groups"] = [{"nodeset": g.nodeset, "hosts": g.hosts, "rc": g.rc, "output": g.output}
-                       for g in groups]
-        d["stderr_groups"] = [{"nodeset": g.nodeset, "hosts": g.hosts, "output": g.output}
-                              for g in err_groups]
-        print_json(d)
+        res.groups = [{"nodeset": g.nodeset, "hosts": g.hosts, "rc": g.rc, "output": g.output}
+                      for g in groups]
+        res.stderr_groups = [{"nodeset": g.nodeset, "hosts": g.hosts, "output": g.output}
+                             for g in err_groups]
+        print_json(res.to_dict())
         return res.rc
     if gather:
         render_groups(groups)

@@ -12,6 +12,7 @@ from ..cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, pass_ctx
 from ..console import get_console, get_err_console, print_json, progress
 from ..embedded import require_initialized
 from ..errors import UsageError
+from ..outcome import TransferRun
 
 __all__ = ["register", "stage_cmd", "collect_cmd", "render_result"]
 
@@ -28,76 +29,70 @@ def _chunk(value: str) -> int:
     return n
 
 
-def _transit_progress(bar):
-    """Adapt the Transit runner's ``progress(event, **info)`` calls to a progress bar."""
-
-    def cb(event: str, **info) -> None:
-        if event == "start":
-            bar.update(label=f"transit: {info.get('stage')}")
-
-    return cb
-
-
-def render_result(result: dict, verb: str) -> None:
+def render_result(result: TransferRun, verb: str) -> None:
     """A table with one row per host, a summary line, then each failure on stderr.
 
     A result with ``refusal`` (bad input the hosts found before anything was sent, e.g. a
     device node below collect's PATH) prints that one line on stderr and nothing else.
     """
-    hosts = result.get("hosts", {})
+    hosts = result.hosts
     # stage's --algorithm is the user's choice; collect's window is an internal detail
-    algo = f"/{result['algorithm']}" if result.get("algorithm") and verb == "stage" else ""
-    t = Table(title=f"{verb} --method {result['method']}{algo}: {result.get('source')} -> "
-                    f"{result.get('dest')}")
+    algo = f"/{result.algorithm}" if result.algorithm and verb == "stage" else ""
+    t = Table(title=f"{verb} --method {result.method}{algo}: {result.source} -> "
+                    f"{result.dest}")
     for col, justify in (("host", "left"), ("ok", "center"), ("stage", "left"),
                          ("bytes", "right"), ("seconds", "right"),
                          ("throughput", "right"), ("error", "left")):
         t.add_column(col, justify=justify)
     for name, h in hosts.items():
-        t.add_row(name, "yes" if h.get("ok") else "[red]NO[/]", str(h.get("stage") or ""),
-                  format_bytes(h.get("bytes") or 0), f"{h.get('seconds') or 0:.2f}",
-                  format_bandwidth(h["throughput_bps"]) if h.get("throughput_bps") else "-",
-                  escape(str(h.get("error") or "")))
+        t.add_row(name, "yes" if h.ok else "[red]NO[/]", str(h.stage or ""),
+                  format_bytes(h.bytes or 0), f"{h.seconds or 0:.2f}",
+                  format_bandwidth(h.throughput_bps) if h.throughput_bps else "-",
+                  escape(str(h.error or "")))
     con = get_console()
     con.print(t)
-    ok = sum(1 for h in hosts.values() if h.get("ok"))
-    phases = ", ".join(f"{k} {v:.2f}s" for k, v in (result.get("phases") or {}).items()
+    phases = ", ".join(f"{k} {v:.2f}s" for k, v in (result.phases or {}).items()
                        if k != "total" and isinstance(v, (int, float)))
-    con.print(f"{ok}/{len(result.get('nodes', hosts))} hosts ok; "
-              f"{result.get('files', 0)} files, {format_bytes(result.get('payload_bytes', 0))}"
-              f" (archive {format_bytes(result.get('bytes', 0))}) in "
-              f"{result.get('seconds', 0):.2f} s" + (escape(f" [{phases}]") if phases else ""))
-    if not result.get("ok"):
-        err = get_err_console()
-        if result.get("refusal"):  # bad input found on the hosts, nothing sent: one line
-            err.print(f"chiba-admin {verb}: {result['refusal']}", markup=False)
-            return
-        if result.get("error"):
-            err.print(f"chiba-admin {verb}: {result['error']}", markup=False)
-        for name, why in (result.get("failures") or {}).items():
-            err.print(f"chiba-admin {verb}: {name}: {why}", markup=False)
-        if result.get("refused"):
-            err.print(f"chiba-admin {verb}: refused; nothing was touched on any node",
-                      markup=False)
-            return
-        if result.get("outcome"):  # what each host holds now, as the method reports it
-            err.print(f"chiba-admin {verb}: failed; {result['outcome']}", markup=False)
-        else:
-            err.print(f"chiba-admin {verb}: failed; nothing was committed on any node"
-                      if verb == "stage" else f"chiba-admin {verb}: failed for "
-                      f"{fold(result.get('failures') or {}) or 'some hosts'}", markup=False)
+    con.print(f"{result.hosts_ok}/{len(result.nodes)} hosts ok; "
+              f"{result.files} files, {format_bytes(result.payload_bytes)}"
+              f" (archive {format_bytes(result.bytes)}) in "
+              f"{result.seconds:.2f} s" + (escape(f" [{phases}]") if phases else ""))
+    if not result.ok:
+        _render_failure(result, verb)
 
 
-def _finish(ctx, result: dict, verb: str) -> int:
-    """Print the result; exit 0 ok, 2 when a destination was refused (nothing touched),
+def _render_failure(result: TransferRun, verb: str) -> None:
+    """On stderr: the refusal alone, or the run's error, each failure, and what is left."""
+    err = get_err_console()
+    if result.refusal:  # bad input found on the hosts, nothing sent: one line
+        err.print(f"chiba-admin {verb}: {result.refusal}", markup=False)
+        return
+    if result.error:
+        err.print(f"chiba-admin {verb}: {result.error}", markup=False)
+    for name, why in result.failures.items():
+        err.print(f"chiba-admin {verb}: {name}: {why}", markup=False)
+    if result.refused:
+        err.print(f"chiba-admin {verb}: refused; nothing was touched on any node",
+                  markup=False)
+        return
+    if result.outcome:  # what each host holds now, as the method reports it
+        err.print(f"chiba-admin {verb}: failed; {result.outcome}", markup=False)
+    else:
+        err.print(f"chiba-admin {verb}: failed; nothing was committed on any node"
+                  if verb == "stage" else f"chiba-admin {verb}: failed for "
+                  f"{fold(result.failures) or 'some hosts'}", markup=False)
+
+
+def _finish(ctx, result: TransferRun, verb: str) -> int:
+    """Print the outcome; exit 0 ok, 2 when a destination was refused (nothing touched),
     1 for any other failure."""
     if ctx.json:
-        print_json(result)
+        print_json(result.to_dict())
     else:
         render_result(result, verb)
-    if result.get("ok"):
+    if result.ok:
         return EXIT_OK
-    return EXIT_USAGE if result.get("refused") else EXIT_FAILURE
+    return EXIT_USAGE if result.refused else EXIT_FAILURE
 
 
 def _common(f):
@@ -142,12 +137,12 @@ def stage_cmd(ctx, src, nodeset, method, chunk, compress, timeout, json_output, 
     nodes = expand(topo, nodeset)
     require_initialized(topo)
     size = _chunk(chunk)
-    with progress(f"stage ({method})", None) as bar:
+    with progress(f"stage ({method})") as bar:
         if method == "transit":
             from legacy_transit.transit import stage_transit
 
-            result = stage_transit(topo, src, nodes, dest, timeout=timeout,
-                                   progress=_transit_progress(bar), replace=replace)
+            result = stage_transit(topo, src, nodes, dest, timeout=timeout, progress=bar,
+                                   replace=replace)
         else:
             from mpitools.stage.driver import stage_mpi
 
@@ -171,12 +166,12 @@ def collect_cmd(ctx, path, nodeset, method, chunk, compress, timeout, json_outpu
     nodes = expand(topo, nodeset)
     require_initialized(topo)
     size = _chunk(chunk)
-    with progress(f"collect ({method})", None) as bar:
+    with progress(f"collect ({method})") as bar:
         if method == "transit":
             from legacy_transit.transit import collect_transit
 
             result = collect_transit(topo, path, nodes, dest_dir, timeout=timeout,
-                                     progress=_transit_progress(bar), replace=replace)
+                                     progress=bar, replace=replace)
         else:
             from mpitools.collect.driver import collect_mpi
 

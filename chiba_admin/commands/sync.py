@@ -11,75 +11,64 @@ from rich.table import Table
 from topology import expand, format_bytes, parse_size
 
 from ..cli import EXIT_FAILURE, EXIT_OK, pass_ctx
-from ..console import get_console, get_err_console, print_json
+from ..console import get_console, get_err_console, print_json, progress
 from ..embedded import require_initialized
 from ..errors import InventoryError, UsageError
+from ..outcome import ABSENT, SyncRun
+from ..progress import Progress
 
 __all__ = ["register", "sync_cmd", "METHODS", "render_sync", "exclude_rules"]
 
 
-def _sync_rsync(topo, src: str, targets: list[str], dest: str | None, opts: dict) -> dict:
+def _sync_rsync(topo, src: str, targets: list[str], dest: str | None, opts: dict,
+                events: Progress) -> SyncRun:
     from legacy_transit.rsync import sync_rsync
 
-    from ..console import progress
-
-    with progress("rsync: targets done", total=len(targets), unit_bytes=False) as bar:
-        done = [0]
-
-        def on_progress(event: str, **info) -> None:
-            if event == "host":
-                done[0] += 1
-                bar.update(done[0])
-
-        # rsync reads the --exclude-from files itself: the same rules, parsed by rsync
-        return sync_rsync(topo, src, targets, dest, delete=opts["delete"],
-                          dry_run=opts["dry_run"], excludes=tuple(opts["excludes"]),
-                          exclude_from=tuple(opts["exclude_from"]),
-                          checksum=opts["checksum"], fanout=opts["fanout"],
-                          timeout=opts["timeout"], itemize=opts["itemize"],
-                          progress=on_progress)
+    # rsync reads the --exclude-from files itself: the same rules, parsed by rsync
+    return sync_rsync(topo, src, targets, dest, delete=opts["delete"],
+                      dry_run=opts["dry_run"], excludes=tuple(opts["excludes"]),
+                      exclude_from=tuple(opts["exclude_from"]), checksum=opts["checksum"],
+                      fanout=opts["fanout"], timeout=opts["timeout"], itemize=opts["itemize"],
+                      progress=events)
 
 
-def _sync_mpi(topo, src: str, targets: list[str], dest: str | None, opts: dict) -> dict:
+def _sync_mpi(topo, src: str, targets: list[str], dest: str | None, opts: dict,
+              events: Progress) -> SyncRun:
     from mpitools.sync.driver import sync_mpi
 
-    from ..console import progress
-
-    with progress("mpisync") as bar:
-        return sync_mpi(topo, src, targets, dest, delete=opts["delete"],
-                        dry_run=opts["dry_run"], excludes=tuple(opts["rules"]),
-                        checksum=opts["checksum"], verify=opts["verify"],
-                        chunk=opts["chunk"], timeout=opts["timeout"], progress=bar,
-                        itemize=opts["itemize"])
+    return sync_mpi(topo, src, targets, dest, delete=opts["delete"], dry_run=opts["dry_run"],
+                    excludes=tuple(opts["rules"]), checksum=opts["checksum"],
+                    verify=opts["verify"], chunk=opts["chunk"], timeout=opts["timeout"],
+                    progress=events, itemize=opts["itemize"])
 
 
-# method name -> runner(topo, src, targets, dest, opts) -> result dict; adding a method
-# (e.g. "mpi") is one entry here plus its name in the --method choices.
-METHODS: dict[str, Callable[..., dict]] = {
+# method name -> runner(topo, src, targets, dest, opts, events) -> SyncRun; adding a
+# method is one entry here plus its name in the --method choices.
+METHODS: dict[str, Callable[..., SyncRun]] = {
     "rsync": _sync_rsync,
     "mpi": _sync_mpi,
 }
 DEFAULT_METHOD = "mpi"
 
 
-def render_sync(result: dict) -> None:
+def render_sync(result: SyncRun) -> None:
     """The itemised changes of each target (dry run, --itemize-changes), a table with one
     row per target, then on stderr one line per failure and per path left unlike the
     source ("not in sync"), each naming its host."""
-    hosts = result.get("hosts", {})
-    mpi = result["method"] == "mpi"
+    hosts = result.hosts
+    mpi = result.method == "mpi"
     con = get_console()
     for name, h in hosts.items():
-        if "plan" in h:
+        if h.plan is not ABSENT:
             con.print(f"[bold]{name}[/] {h.get('dest', '')}: "
-                      f"{h['plan_summary']['write']} to write, "
-                      f"{h['plan_summary']['delete']} to delete")
-            con.print(h["plan"] or "  (nothing to do)", markup=False)
-        elif "changes" in h:
+                      f"{h.plan_summary['write']} to write, "
+                      f"{h.plan_summary['delete']} to delete")
+            con.print(h.plan or "  (nothing to do)", markup=False)
+        elif h.changes is not ABSENT:
             con.print(f"[bold]{name}[/] {h.get('dest', '')}:")
-            con.print("\n".join(h["changes"]) or "  (nothing to do)", markup=False)
-    t = Table(title=f"sync-mayors --method {result['method']}: {result['source']} -> "
-                    f"{result['dest']}" + (" (dry run)" if result.get("dry_run") else ""))
+            con.print("\n".join(h.changes) or "  (nothing to do)", markup=False)
+    t = Table(title=f"sync-mayors --method {result.method}: {result.source} -> "
+                    f"{result.dest}" + (" (dry run)" if result.dry_run else ""))
     # one meaning per column whatever the method (README, "What the columns mean")
     cols = [("host", "left"), ("ok", "center"), ("seconds", "right"),
             ("files transferred", "right"), ("created", "right"), ("updated", "right"),
@@ -89,23 +78,24 @@ def render_sync(result: dict) -> None:
     for name, h in hosts.items():
         # bytes that crossed to the target: mpisync's payload received there, rsync's
         # bytes sent to it (its protocol included)
-        to_target = h.get("bytes_received", 0) if mpi else h.get("bytes_sent", 0)
-        row = [name, "yes" if h["ok"] else "[red]NO[/]", f"{h.get('seconds', 0):.2f}",
-               str(h.get("files_transferred", "")), str(h.get("created", "")),
+        to_target = h.bytes_received if mpi else h.bytes_sent
+        row = [name, "yes" if h.ok else "[red]NO[/]", f"{h.seconds:.2f}",
+               str(h.files_transferred), str(h.get("created", "")),
                str(h.get("updated", "")), str(h.get("deleted", "")), format_bytes(to_target)]
         t.add_row(*row)
     con.print(t)
-    ok = sum(1 for h in hosts.values() if h["ok"])
     groups = result.get("groups", 0)
-    extra = (f"; {format_bytes(result.get('bytes_sent', 0))} left the president once, in "
+    extra = (f"; {format_bytes(result.bytes_sent)} left the president once, in "
              f"{groups} broadcast{'s' if groups != 1 else ''} (one per set of targets "
-             "needing the same files)" if mpi and not result.get("dry_run") else "")
-    state = "planned (dry run)" if result.get("dry_run") else "in sync"
-    con.print(f"{ok}/{len(hosts)} targets {state} in {result['seconds']:.2f} s{extra}")
+             "needing the same files)" if mpi and not result.dry_run else "")
+    state = "planned (dry run)" if result.dry_run else "in sync"
+    con.print(f"{result.hosts_ok}/{len(hosts)} targets {state} in {result.seconds:.2f} s"
+              f"{extra}")
     err = get_err_console()
-    for name, why in result.get("failures", {}).items():
-        conflicts = hosts.get(name, {}).get("conflicts") or []
-        if mpi and conflicts and not hosts[name].get("error"):
+    for name, why in result.failures.items():
+        h = hosts.get(name)
+        conflicts = (h.get("conflicts") if h is not None else None) or []
+        if mpi and conflicts and not h.error:
             for c in conflicts:  # every path this target is left unlike the source
                 err.print(f"chiba-admin sync-mayors: {name}: not in sync: {c}", markup=False)
         else:
@@ -160,12 +150,13 @@ def sync_cmd(ctx, src, method, dest, targets, delete, dry_run, excludes, exclude
             "exclude_from": exclude_from, "rules": rules, "fanout": fanout,
             "checksum": checksum, "verify": verify, "chunk": chunk_bytes, "timeout": timeout,
             "itemize": itemize}
-    result = METHODS[method](topo, src, names, dest, opts)
+    with progress(f"sync-mayors ({method})") as bar:
+        result = METHODS[method](topo, src, names, dest, opts, bar)
     if ctx.json:
-        print_json(result)
+        print_json(result.to_dict())
     else:
         render_sync(result)
-    return EXIT_OK if result["ok"] else EXIT_FAILURE
+    return EXIT_OK if result.ok else EXIT_FAILURE
 
 
 def exclude_rules(excludes: tuple[str, ...], exclude_from: tuple[str, ...]

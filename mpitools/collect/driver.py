@@ -8,9 +8,11 @@ import secrets
 import time
 
 from chiba_admin.errors import InvalidRequest
+from chiba_admin.outcome import TransferRun
+from chiba_admin.progress import Progress, or_silent
 
 from mpitools.common.archive import COMPRESSIONS, clean_stale
-from mpitools.common.launch import launch, rank_hosts
+from mpitools.common.launch import LaunchResult, launch, rank_hosts
 from mpitools.common.runtime import encode_job
 from mpitools.common.targets import (check_nodes, confine_all, host_rows,
                                      launch_failures)
@@ -71,8 +73,9 @@ def _clean_collect(dest_dir: str, names: dict[str, str]) -> None:
 
 def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
                 chunk: int = DEFAULT_CHUNK, compress: str = "zstd",
-                timeout: float | None = None, progress=None, window: int = 4,
-                env: dict[str, str] | None = None, replace: bool = False) -> dict:
+                timeout: float | None = None, progress: Progress | None = None,
+                window: int = 4, env: dict[str, str] | None = None,
+                replace: bool = False) -> TransferRun:
     """Bring every node's ``path`` back to ``dest_dir/<host>/<name>`` on the home server.
 
     Rank 0 runs on the home server (an extra rank) and unpacks at most ``window`` nodes'
@@ -81,8 +84,8 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
     before any launch for a refused path, a ``dest_dir`` that is a file, or an existing
     ``dest_dir/<host>/<name>`` not made by collect (unless ``replace``). A device node
     below any node's ``path`` refuses the whole collect before anything is sent:
-    ``result["refused"]`` (exit 2), ``result["refusal"]`` one line naming each such host
-    and device, nothing created on the home server.
+    ``refused`` (exit 2), ``refusal`` one line naming each such host and device, nothing
+    created on the home server. ``progress`` hears one phase ("collect") with bytes done.
     """
     nodes = check_nodes(topo, nodes)
     home = topo.home_server.name
@@ -103,11 +106,13 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
            # the town of each rank: rank 0 spreads its window over the towns, so that
            # each town's shared uplink carries one stream, not the whole window's
            "towns": [topo.host(h).town for h in ranks]}
+    progress = or_silent(progress)
+    progress.phase("collect", hosts=len(nodes))
 
     def on_event(ev: dict) -> None:
-        if ev.get("event") == "progress" and progress is not None:
-            progress.update(ev.get("done"), None,
-                            f"collected {ev.get('hosts_done')}/{ev.get('hosts')} hosts")
+        if ev.get("event") == "progress":
+            progress.advance(ev.get("done") or 0)
+            progress.note(f"collected {ev.get('hosts_done')}/{ev.get('hosts')} hosts")
 
     try:
         res = launch(topo, "mpitools.collect.ranks", [encode_job(job)], ranks[1:], home,
@@ -115,39 +120,44 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
     except KeyboardInterrupt:
         _clean_collect(dest_dir, names)
         raise
-    result = {"method": "mpi", "algorithm": f"window{window}", "ok": False, "source": path,
-              "dest": dest_dir, "dest_dir": dest_dir, "nodes": ranks[1:], "bytes": 0,
-              "payload_bytes": 0, "files": 0, "seconds": 0.0, "phases": {}, "phase_bytes": {},
-              "hosts": {}, "failures": {}, "kind": topo.kind}
-    if res.launch_seconds() is not None:
-        result["phases"]["launch"] = res.launch_seconds()
-    r = res.result
-    if r is not None and r.get("reports") is not None and (r["reports"] or r.get("error")):
-        result["phases"].update(r.get("phases", {}))
-        result["phases"]["exit"] = res.exit_seconds()
-        reports = r["reports"]
-        result["hosts"] = host_rows(reports)
-        result["failures"] = {x["host"]: x["error"] for x in reports
-                              if x.get("error") and x.get("primary", True)}
-        refused = {x["host"]: x["error"] for x in reports if x.get("refused")}
-        if refused:  # a device node below PATH: nothing was sent (the CLI exits 2)
-            result["refused"] = True
-            result["refusal"] = "; ".join(f"{h}: {why}" for h, why in refused.items())
-        if r.get("error"):
-            result["failures"][home] = r["error"]
-            result["error"] = r["error"]
-        result["ok"] = bool(r["ok"]) and res.returncode == 0 and not r.get("error")
-        result["bytes"] = sum(x["bytes"] for x in reports)
-        result["payload_bytes"] = sum(x.get("payload_bytes") or 0 for x in reports)
-        result["files"] = sum(x.get("files") or 0 for x in reports)
-        result["peak_rss"] = max([x.get("maxrss") or 0 for x in reports]
-                                 + [r.get("maxrss_root") or 0])
-    else:
+    out = TransferRun(method="mpi", algorithm=f"window{window}", source=path, dest=dest_dir,
+                      dest_dir=dest_dir, nodes=ranks[1:], phases={}, kind=topo.kind)
+    if not _collect_hosts(out, res, home):
         _clean_collect(dest_dir, names)  # rank 0 ran on this machine: tidy its temp dirs
-        result["failures"] = launch_failures(res, ranks[1:], timeout)
-        result["error"] = res.describe()
-        result["mpiexec_stderr"] = res.stderr.splitlines()[-30:]
-    result["phase_bytes"] = {"collect": result["bytes"]}
-    result["seconds"] = time.time() - t0
-    result["phases"]["total"] = result["seconds"]
-    return result
+        out.failures = launch_failures(res, ranks[1:], timeout)
+        out.error = res.describe()
+        out.mpiexec_stderr = res.stderr.splitlines()[-30:]
+    out.phase_bytes = {"collect": out.bytes}
+    out.seconds = time.time() - t0
+    out.phases["total"] = out.seconds
+    return out
+
+
+def _collect_hosts(out: TransferRun, res: LaunchResult, home: str) -> bool:
+    """Fill ``out`` from the job's reports; False when the job gave none (out untouched
+    but for the launch time). ok only when every host is, mpiexec ended well and rank 0
+    had no error of its own (named under ``home``)."""
+    if res.launch_seconds() is not None:
+        out.phases["launch"] = res.launch_seconds()
+    r = res.result
+    if r is None or r.get("reports") is None or not (r["reports"] or r.get("error")):
+        return False
+    out.phases.update(r.get("phases", {}))
+    out.phases["exit"] = res.exit_seconds()
+    reports = r["reports"]
+    out.hosts = host_rows(reports)
+    out.failures = {x["host"]: x["error"] for x in reports
+                    if x.get("error") and x.get("primary", True)}
+    refused = {x["host"]: x["error"] for x in reports if x.get("refused")}
+    if refused:  # a device node below PATH: nothing was sent (the CLI exits 2)
+        out.refused = True
+        out.refusal = "; ".join(f"{h}: {why}" for h, why in refused.items())
+    if r.get("error"):
+        out.failures[home] = r["error"]
+        out.error = r["error"]
+    out.ok = bool(r["ok"]) and res.returncode == 0 and not r.get("error")
+    out.bytes = sum(x["bytes"] for x in reports)
+    out.payload_bytes = sum(x.get("payload_bytes") or 0 for x in reports)
+    out.files = sum(x.get("files") or 0 for x in reports)
+    out.peak_rss = max([x.get("maxrss") or 0 for x in reports] + [r.get("maxrss_root") or 0])
+    return True

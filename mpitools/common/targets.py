@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 
 from chiba_admin.errors import InvalidRequest, MPIToolError
+from chiba_admin.outcome import TransferHost
 
 from mpitools.common.archive import clean_stale
 from mpitools.common.launch import LaunchResult
 
 __all__ = ["dest_for", "confine_all", "spool_dir_of", "spool_or_fail", "check_nodes",
-           "host_rows", "launch_failures", "cleanup_embedded"]
+           "host_rows", "aborted_rows", "launch_failures", "cleanup_embedded"]
 
 
 def dest_for(topo, host: str, dest: str | None, *, default_name: str | None = None,
@@ -47,17 +48,23 @@ def check_nodes(topo, nodes: list[str]) -> list[str]:
     return list(dict.fromkeys(nodes))
 
 
-def host_rows(reports: list[dict]) -> dict[str, dict]:
-    """Per-host entries of the result schema from the ranks' reports (bits per second)."""
+def host_rows(reports: list[dict]) -> dict[str, TransferHost]:
+    """Each host's outcome from the ranks' reports (throughput in bits per second)."""
     rows = {}
     for r in reports:
         secs = float(r.get("seconds") or 0.0)
-        rows[r["host"]] = {
-            "ok": bool(r["ok"]), "bytes": int(r.get("bytes") or 0), "seconds": secs,
-            "throughput_bps": (r["bytes"] * 8 / secs) if secs > 0 else 0.0,
-            "stage": r.get("stage"), "error": r.get("error"), "maxrss": r.get("maxrss"),
-        }
+        rows[r["host"]] = TransferHost(
+            ok=bool(r["ok"]), bytes=int(r.get("bytes") or 0), seconds=secs,
+            throughput_bps=(r["bytes"] * 8 / secs) if secs > 0 else 0.0,
+            stage=r.get("stage"), error=r.get("error"), maxrss=r.get("maxrss"))
     return rows
+
+
+def aborted_rows(hosts: list[str], failures: dict[str, str]) -> dict[str, TransferHost]:
+    """Each host of a job that gave no result: failed in stage "aborted", its reason from
+    ``failures`` (launch_failures) or "the job was stopped"."""
+    return {h: TransferHost.failed(failures.get(h, "the job was stopped"), stage="aborted")
+            for h in hosts}
 
 
 def launch_failures(res: LaunchResult, hosts: list[str], timeout: float | None

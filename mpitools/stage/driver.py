@@ -9,13 +9,15 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from chiba_admin.errors import InvalidRequest, MPIToolError
+from chiba_admin.outcome import TransferRun
+from chiba_admin.progress import Progress, or_silent
 
 from mpitools.common.archive import COMPRESSIONS, BlockHasher, PackInfo, new_hasher
-from mpitools.common.launch import launch, rank_hosts
+from mpitools.common.launch import LaunchResult, launch, rank_hosts
 from mpitools.common.runtime import encode_job
 from mpitools.common.spool import SUMS_SUFFIX, Published, SpoolServer, publish, spool_name
-from mpitools.common.targets import (check_nodes, cleanup_embedded, confine_all, host_rows,
-                                     launch_failures, spool_dir_of, spool_or_fail)
+from mpitools.common.targets import (aborted_rows, check_nodes, cleanup_embedded, confine_all,
+                                     host_rows, launch_failures, spool_dir_of, spool_or_fail)
 
 __all__ = ["stage_mpi", "stage_archive", "pipeline_segment", "DEFAULT_CHUNK",
            "DEFAULT_ALGORITHM"]
@@ -60,15 +62,16 @@ def _spool_url(topo, name: str, spool_url: str | None) -> Iterator[str]:
 
 def stage_mpi(topo, src: str, nodes: list[str], dest: str | None = None, *,
               algorithm: str = DEFAULT_ALGORITHM, chunk: int = DEFAULT_CHUNK,
-              compress: str = "zstd", timeout: float | None = None, progress=None,
-              spool_url: str | None = None, env: dict[str, str] | None = None,
-              replace: bool = False) -> dict:
-    """Pack ``src`` into the spool and stage it to ``nodes`` through MPI; the result dict.
+              compress: str = "zstd", timeout: float | None = None,
+              progress: Progress | None = None, spool_url: str | None = None,
+              env: dict[str, str] | None = None, replace: bool = False) -> TransferRun:
+    """Pack ``src`` into the spool and stage it to ``nodes`` through MPI; a TransferRun.
 
     Raises InvalidRequest (exit 2) before anything is sent for an empty or missing source,
     one holding a device node, a non-directory, or a ``dest`` that confine_dest refuses.
     An existing destination an earlier stage did not create is refused on the nodes
-    (``result["refused"]``, nothing touched) unless ``replace``.
+    (``refused``, nothing touched) unless ``replace``. ``progress`` hears the phases
+    pack, launch and distribute, with bytes done.
     """
     from inventory.source import check_source
 
@@ -83,14 +86,13 @@ def stage_mpi(topo, src: str, nodes: list[str], dest: str | None = None, *,
     dests = confine_all(topo, rank_hosts(topo, nodes), dest, os.path.basename(src))
     spool = spool_or_fail(topo)
     t0 = time.time()
-    on_payload = None
-    if progress is not None:  # the scan told the payload's size: a bar with a total
-        progress.update(0, info.bytes, "packing")
-        packed = [0]
+    progress = or_silent(progress)
+    progress.phase("pack", total_bytes=info.bytes)  # the scan told the payload's size
+    packed = [0]
 
-        def on_payload(n: int) -> None:
-            packed[0] += n
-            progress.update(packed[0])
+    def on_payload(n: int) -> None:
+        packed[0] += n
+        progress.advance(packed[0])
     try:
         pub = publish(src, spool, compress, on_payload=on_payload)
     except OSError as e:
@@ -106,7 +108,8 @@ def stage_mpi(topo, src: str, nodes: list[str], dest: str | None = None, *,
 def stage_archive(topo, archive: str, nodes: list[str], dest: str, *, compress: str,
                   algorithm: str = DEFAULT_ALGORITHM, chunk: int = DEFAULT_CHUNK,
                   timeout: float | None = None, env: dict[str, str] | None = None,
-                  spool_url: str | None = None, progress=None, replace: bool = False) -> dict:
+                  spool_url: str | None = None, progress: Progress | None = None,
+                  replace: bool = False) -> TransferRun:
     """Stage an already-built archive file as is (the lower-level entry point).
 
     The archive is copied into the spool under a fresh name and hashed (whole and per
@@ -148,22 +151,22 @@ def _publish_sums(pub: Published) -> tuple[str, str]:
 
 def _stage(topo, pub: Published, src: str, nodes: list[str], dests: dict[str, dict], *,
            t0: float, pack: float, algorithm: str, chunk: int, timeout: float | None,
-           progress, spool_url: str | None, env: dict[str, str] | None,
-           replace: bool) -> dict:
+           progress: Progress | None, spool_url: str | None, env: dict[str, str] | None,
+           replace: bool) -> TransferRun:
     if algorithm not in ("chain", "bcast"):
         raise InvalidRequest(f"unknown algorithm {algorithm!r}", hint="chain or bcast")
+    progress = or_silent(progress)
     ranks = rank_hosts(topo, nodes)
-    host_dest = dests[ranks[0]]["shown"]
     info = pub.info
     sums_path, sums_hash = _publish_sums(pub)
     # chain: segments sized for the pipeline; bcast: the paper's one chunk per MPI_Bcast
     seg = pipeline_segment(info.bytes, len(ranks), chunk) if algorithm == "chain" else chunk
+
     def on_event(ev: dict) -> None:
         if ev.get("event") == "start":
-            if progress is not None:
-                progress.update(0, info.bytes, f"staging to {len(ranks)} nodes")
-        elif ev.get("event") == "progress" and progress is not None:
-            progress.update(ev.get("done"), ev.get("total"))
+            progress.phase("distribute", total_bytes=info.bytes, hosts=len(ranks))
+        elif ev.get("event") == "progress":
+            progress.advance(ev.get("done") or 0, ev.get("total"))
 
     try:
         with _spool_url(topo, pub.name, spool_url) as url:
@@ -172,8 +175,7 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dests: dict[str, di
                    "sums_url": url + SUMS_SUFFIX, "sums_hash": sums_hash, "block": info.block,
                    "chunk": seg, "buffer": int(chunk), "algorithm": algorithm,
                    "hosts": ranks, "dests": dests, "replace": bool(replace)}
-            if progress is not None:
-                progress.update(0, info.bytes, "starting MPI")
+            progress.phase("launch", total_bytes=info.bytes)
             try:
                 res = launch(topo, "mpitools.stage.ranks", [encode_job(job)], ranks, None,
                              timeout=timeout, on_event=on_event, env=env)
@@ -182,44 +184,42 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dests: dict[str, di
                 raise
     finally:
         os.unlink(sums_path)
-    result = {
-        "method": "mpi", "algorithm": algorithm, "ok": False, "source": src,
-        "dest": host_dest, "nodes": ranks, "bytes": info.bytes,
-        "payload_bytes": info.payload_bytes, "files": info.files,
-        "seconds": 0.0, "phases": {"pack": pack}, "phase_bytes": {}, "hosts": {},
-        "failures": {}, "compress": info.compress, "chunk": int(chunk), "segment": seg,
-        "kind": topo.kind,
-    }
+    out = TransferRun(
+        method="mpi", algorithm=algorithm, source=src, dest=dests[ranks[0]]["shown"],
+        nodes=ranks, bytes=info.bytes, payload_bytes=info.payload_bytes, files=info.files,
+        phases={"pack": pack}, compress=info.compress, chunk=int(chunk), segment=seg,
+        kind=topo.kind)
+    _stage_hosts(out, res, topo, dests, timeout)
+    n_ok = out.hosts_ok
+    out.phase_bytes = {"pack": info.payload_bytes, "download": info.bytes,
+                       "distribute": info.bytes * max(0, len(ranks) - 1),
+                       "unpack": info.payload_bytes * n_ok}
+    out.seconds = time.time() - t0
+    out.phases["total"] = out.seconds
+    return out
+
+
+def _stage_hosts(out: TransferRun, res: LaunchResult, topo, dests: dict[str, dict],
+                 timeout: float | None) -> None:
+    """Fill ``out`` from the job: ok only when every rank reported ok and mpiexec ended
+    well; per-host outcomes, the failures (primary errors first), refused, phases."""
     if res.launch_seconds() is not None:
-        result["phases"]["launch"] = res.launch_seconds()
-    if res.result is not None:
-        r = res.result
-        result["phases"].update(r.get("phases", {}))
-        result["phases"]["exit"] = res.exit_seconds()
-        result["hosts"] = host_rows(r["reports"])
-        result["failures"] = {x["host"]: x["error"] for x in r["reports"]
-                              if x.get("primary") and x.get("error")}
-        result["ok"] = bool(r["ok"]) and res.returncode == 0
-        result["refused"] = any(x.get("refused") for x in r["reports"])
-        if not result["ok"] and not result["failures"]:
-            result["failures"] = {x["host"]: x["error"] or "failed" for x in r["reports"]
-                                  if not x["ok"]}
-        result["peak_rss"] = max((x.get("maxrss") or 0) for x in r["reports"])
-    else:
+        out.phases["launch"] = res.launch_seconds()
+    if res.result is None:  # no rank reported: every host failed, none holds anything
         cleanup_embedded(topo, dests)
-        result["failures"] = launch_failures(res, ranks, timeout)
-        result["hosts"] = {h: {"ok": False, "bytes": 0, "seconds": 0.0,
-                               "throughput_bps": 0.0, "stage": "aborted",
-                               "error": result["failures"].get(h, "the job was stopped")}
-                           for h in ranks}
-        result["error"] = res.describe()
-        result["mpiexec_stderr"] = res.stderr.splitlines()[-30:]
-    n_ok = sum(1 for h in result["hosts"].values() if h["ok"])
-    result["phase_bytes"] = {"pack": info.payload_bytes, "download": info.bytes,
-                             "distribute": info.bytes * max(0, len(ranks) - 1),
-                             "unpack": info.payload_bytes * n_ok}
-    result["seconds"] = time.time() - t0
-    result["phases"]["total"] = result["seconds"]
-    return result
-
-
+        out.failures = launch_failures(res, out.nodes, timeout)
+        out.hosts = aborted_rows(out.nodes, out.failures)
+        out.error = res.describe()
+        out.mpiexec_stderr = res.stderr.splitlines()[-30:]
+        return
+    r = res.result
+    out.phases.update(r.get("phases", {}))
+    out.phases["exit"] = res.exit_seconds()
+    out.hosts = host_rows(r["reports"])
+    out.failures = {x["host"]: x["error"] for x in r["reports"]
+                    if x.get("primary") and x.get("error")}
+    out.ok = bool(r["ok"]) and res.returncode == 0
+    out.refused = any(x.get("refused") for x in r["reports"])
+    if not out.ok and not out.failures:
+        out.failures = {x["host"]: x["error"] or "failed" for x in r["reports"] if not x["ok"]}
+    out.peak_rss = max((x.get("maxrss") or 0) for x in r["reports"])

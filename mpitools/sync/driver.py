@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 from chiba_admin.errors import InvalidRequest, MPIToolError
+from chiba_admin.outcome import SyncHost, SyncRun
+from chiba_admin.progress import Progress, or_silent
 from inventory.apply import new_tmp_tag
 from inventory.plan import itemized_lines
 from inventory.source import check_source
@@ -51,12 +53,13 @@ def target_dests(topo, targets: list[str], dest: str | None) -> dict[str, dict]:
 def sync_mpi(topo, src: str, targets: list[str], dest: str | None = None, *,
              delete: bool = False, dry_run: bool = False, excludes: tuple[str, ...] = (),
              checksum: bool = False, verify: bool = False, chunk: int = DEFAULT_CHUNK,
-             timeout: float | None = None, progress=None, itemize: bool = False,
-             env: dict[str, str] | None = None) -> dict:
-    """Synchronise ``src`` (on the president) to ``targets`` with mpisync; the result dict.
+             timeout: float | None = None, progress: Progress | None = None,
+             itemize: bool = False, env: dict[str, str] | None = None) -> SyncRun:
+    """Synchronise ``src`` (on the president) to ``targets`` with mpisync; a SyncRun.
 
     Every host's ``ok`` is False when it failed or is left unlike the source (its
-    ``conflicts``); ``failures`` names each such host with one line.
+    ``conflicts``); ``failures`` names each such host with one line. ``progress`` hears
+    one phase ("sync") with bytes done.
     """
     path = check_source_dir(src, delete=delete)
     if not targets:
@@ -70,56 +73,57 @@ def sync_mpi(topo, src: str, targets: list[str], dest: str | None = None, *,
     job = {"source": path, "dests": dests, "delete": delete, "dry_run": dry_run,
            "excludes": list(excludes), "checksum": checksum, "verify": verify,
            "chunk": int(chunk), "itemize": itemize, "tmp_tag": new_tmp_tag()}
+    progress = or_silent(progress)
+    progress.phase("sync", hosts=len(targets))
 
     def on_event(ev: dict) -> None:
-        if progress is not None and ev.get("event") == "progress":
-            progress.update(done=ev["done"], total=ev["total"], label="mpisync")
+        if ev.get("event") == "progress":
+            progress.advance(ev["done"], ev["total"])
 
     res = launch(topo, "mpitools.sync.ranks", [encode_job(job)], targets, root, timeout=timeout,
                  on_event=on_event, env=env)
     shown = sorted({d["path"] for d in dests.values()})
-    shown_dest = shown[0] if len(shown) == 1 else (dest or "<repository>")
-    base = {"method": "mpi", "source": path, "dest": shown_dest, "targets": targets,
-            "dry_run": dry_run, "launch_seconds": res.seconds}
+    out = SyncRun(method="mpi", source=path,
+                  dest=shown[0] if len(shown) == 1 else (dest or "<repository>"),
+                  targets=targets, dry_run=dry_run, launch_seconds=res.seconds,
+                  seconds=res.seconds)
     r = res.result
     if r is None:
         # no result: nothing was synchronised anywhere, whichever host the runtime blamed
-        failures = launch_failures(res, targets, timeout)
-        errors = {h: failures.get(h, "not synchronised: the job did not complete")
-                  for h in targets}
-        return {**base, "ok": False, "seconds": res.seconds, "bytes_sent": 0,
-                "hosts": {h: {"ok": False, "rc": 1, "seconds": res.seconds,
-                              "files_transferred": 0, "bytes_sent": 0, "bytes_received": 0,
-                              "error": errors[h]} for h in targets},
-                "failures": failures}
+        out.failures = launch_failures(res, targets, timeout)
+        out.hosts = {h: SyncHost.failed(out.failures.get(
+                         h, "not synchronised: the job did not complete"), seconds=res.seconds)
+                     for h in targets}
+        return out
     if r.get("error") and not r.get("hosts"):
         # the president refused or failed to read the source: nothing was sent anywhere
         if r.get("error_kind") == "invalid":
             raise InvalidRequest(r["error"])
         raise MPIToolError(r["error"], where=topo.president.name)
-    hosts = {}
-    for name in targets:
-        h = r["hosts"][name]
-        hosts[name] = {"ok": h["ok"], "rc": 0 if h["ok"] else 1, "seconds": r["seconds"],
-                       "files_transferred": h["files_received"], "bytes_sent": 0,
-                       "bytes_received": h["bytes_received"], "created": h["created"],
-                       "updated": h["updated"], "deleted": h["deleted"], "meta": h["meta"],
-                       "dest": h["dest"], "warnings": h["warnings"], "error": h["error"],
-                       "in_sync": h["in_sync"], "conflicts": h["conflicts"],
-                       "temps_removed": h["temps_removed"]}
-        if "plan" in h:
-            hosts[name]["plan"] = h["plan"]
-            hosts[name]["plan_summary"] = h["plan_summary"]
-            # the same key and lines as the rsync method: rsync's %i %n per change
-            hosts[name]["changes"] = itemized_lines(h["plan"])
-    failures = dict(r["failures"])
+    out.hosts = {name: _target(r["hosts"][name], r["seconds"]) for name in targets}
+    out.failures = dict(r["failures"])
     if r.get("source_errors"):
         errs = r["source_errors"]
-        failures.setdefault(topo.president.name, errs[0] + (
+        out.failures.setdefault(root, errs[0] + (
             f" (and {len(errs) - 1} more source error(s))" if len(errs) > 1 else ""))
-    return {**base, "ok": r["ok"], "seconds": res.seconds, "sync_seconds": r["seconds"],
-            "bytes_sent": r["bytes_sent"], "source_files": r["source_files"],
-            "source_bytes": r["source_bytes"], "groups": r["groups"],
-            "phases": {**({"launch": res.launch_seconds()} if res.start_at else {}),
-                       **r["phases"], "exit": res.exit_seconds()},
-            "source_warnings": r["source_warnings"], "hosts": hosts, "failures": failures}
+    out.ok, out.sync_seconds, out.bytes_sent = r["ok"], r["seconds"], r["bytes_sent"]
+    out.source_files, out.source_bytes = r["source_files"], r["source_bytes"]
+    out.groups, out.source_warnings = r["groups"], r["source_warnings"]
+    out.phases = {**({"launch": res.launch_seconds()} if res.start_at else {}),
+                  **r["phases"], "exit": res.exit_seconds()}
+    return out
+
+
+def _target(h: dict, seconds: float) -> SyncHost:
+    """One target's outcome from rank 0's report of it (``seconds``: the sync's)."""
+    out = SyncHost(ok=h["ok"], rc=0 if h["ok"] else 1, seconds=seconds,
+                   files_transferred=h["files_received"], bytes_sent=0,
+                   bytes_received=h["bytes_received"], created=h["created"],
+                   updated=h["updated"], deleted=h["deleted"], meta=h["meta"], dest=h["dest"],
+                   warnings=h["warnings"], error=h["error"], in_sync=h["in_sync"],
+                   conflicts=h["conflicts"], temps_removed=h["temps_removed"])
+    if "plan" in h:
+        out.plan, out.plan_summary = h["plan"], h["plan_summary"]
+        # the same key and lines as the rsync method: rsync's %i %n per change
+        out.changes = itemized_lines(h["plan"])
+    return out
