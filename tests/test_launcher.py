@@ -66,7 +66,7 @@ def test_ssh_command_uses_hosts_in_town_order_and_mpi_table():
     topo = loads_topology(_SSH)
     ranks = rank_hosts(topo, ["n5", "n1", "n4", "n2"])
     assert ranks == ["n1", "n2", "n4", "n5"]
-    plan = build_command(topo, "mpitools.stage.ranks", ["J"], ranks, env={"CHIBA_TEST_DIE": "1:2"})
+    plan = build_command(topo, "mpitools.stage.ranks", ["J"], ranks, env={"CHIBA_EXAMPLE": "1"})
     a = plan.argv
     assert a[0] == "/opt/ompi/bin/mpiexec" and "--allow-run-as-root" not in a
     assert a[a.index("--host") + 1] == "n1:1,n2:1,n4:1,n5:1"
@@ -79,7 +79,7 @@ def test_ssh_command_uses_hosts_in_town_order_and_mpi_table():
     assert a[a.index("plm_ssh_args") + 1] == "-F /etc/chiba/ssh_config"
     assert "--mca mpi_yield_when_idle 1" in s
     forwarded = {a[i + 1] for i, x in enumerate(a) if x == "-x"}
-    assert {"CHIBA_RANK_HOSTS", "PYTHONPATH", "OMP_NUM_THREADS", "CHIBA_TEST_DIE"} <= forwarded
+    assert {"CHIBA_RANK_HOSTS", "PYTHONPATH", "OMP_NUM_THREADS", "CHIBA_EXAMPLE"} <= forwarded
     assert a[-4:] == ["/opt/venv/bin/python", "-m", "mpitools.stage.ranks", "J"]
     assert plan.env["OMP_NUM_THREADS"] == "1"
     assert "mpitools.stage.ranks" in plan.shell()
@@ -297,8 +297,9 @@ def test_kill_9_of_a_rank_blames_only_its_host_through_real_mpiexec(embedded):
         if ev.get("event") == "holding" and ev.get("rank") == 2:
             os.kill(int(ev["pid"]), signal.SIGKILL)
 
-    res = launch(embedded, "mpitools.ping.ranks", [encode_job({})], ["ccn01", "ccn02", "ccn03",
-                 "ccn04"], timeout=120, on_event=on_event, env={"CHIBA_TEST_HOLD": "*:120"})
+    hold = {"point": "ping.start", "do": "sleep", "seconds": 120, "announce": True}
+    res = launch(embedded, "mpitools.ping.ranks", [encode_job({"faults": [hold]})],
+                 ["ccn01", "ccn02", "ccn03", "ccn04"], timeout=120, on_event=on_event)
     assert not res.ok and res.returncode == 137
     assert res.failed_hosts() == {"ccn03": "process killed by signal 9 (Killed)"}
     assert res.describe() == "rank(s) died: ccn03 (process killed by signal 9 (Killed))"

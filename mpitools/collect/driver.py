@@ -10,6 +10,7 @@ import time
 from chiba_admin.errors import InvalidRequest
 
 from mpitools.common.archive import COMPRESSIONS, clean_stale
+from mpitools.common.faults import from_environ
 from mpitools.common.launch import launch, rank_hosts
 from mpitools.common.runtime import encode_job
 from mpitools.common.targets import (check_nodes, confine_all, host_rows,
@@ -103,6 +104,7 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
            # the town of each rank: rank 0 spreads its window over the towns, so that
            # each town's shared uplink carries one stream, not the whole window's
            "towns": [topo.host(h).town for h in ranks]}
+    job.update(from_environ())  # tests inject faults (mpitools/common/faults.py)
 
     def on_event(ev: dict) -> None:
         if ev.get("event") == "progress" and progress is not None:
@@ -110,7 +112,7 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
                             f"collected {ev.get('hosts_done')}/{ev.get('hosts')} hosts")
 
     try:
-        res = launch(topo, "mpitools.collect", [encode_job(job)], ranks[1:], home,
+        res = launch(topo, "mpitools.collect.ranks", [encode_job(job)], ranks[1:], home,
                      timeout=timeout, on_event=on_event, env=env)
     except KeyboardInterrupt:
         _clean_collect(dest_dir, names)

@@ -11,6 +11,7 @@ from typing import Iterator
 from chiba_admin.errors import InvalidRequest, MPIToolError
 
 from mpitools.common.archive import COMPRESSIONS, BlockHasher, PackInfo, new_hasher
+from mpitools.common.faults import from_environ
 from mpitools.common.launch import launch, rank_hosts
 from mpitools.common.runtime import encode_job
 from mpitools.common.spool import SUMS_SUFFIX, Published, SpoolServer, publish, spool_name
@@ -172,6 +173,7 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dests: dict[str, di
                    "sums_url": url + SUMS_SUFFIX, "sums_hash": sums_hash, "block": info.block,
                    "chunk": seg, "buffer": int(chunk), "algorithm": algorithm,
                    "hosts": ranks, "dests": dests, "replace": bool(replace)}
+            job.update(from_environ())  # tests inject faults (mpitools/common/faults.py)
             if progress is not None:
                 progress.update(0, info.bytes, "starting MPI")
             try:

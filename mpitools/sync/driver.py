@@ -10,6 +10,7 @@ from inventory.plan import itemized_lines
 from inventory.source import check_source
 from topology.confine import confine_dest
 
+from mpitools.common.faults import from_environ
 from mpitools.common.launch import launch
 from mpitools.common.runtime import encode_job
 from mpitools.common.targets import launch_failures
@@ -70,6 +71,7 @@ def sync_mpi(topo, src: str, targets: list[str], dest: str | None = None, *,
     job = {"source": path, "dests": dests, "delete": delete, "dry_run": dry_run,
            "excludes": list(excludes), "checksum": checksum, "verify": verify,
            "chunk": int(chunk), "itemize": itemize, "tmp_tag": new_tmp_tag()}
+    job.update(from_environ())  # tests inject faults (mpitools/common/faults.py)
 
     def on_event(ev: dict) -> None:
         if progress is not None and ev.get("event") == "progress":
