@@ -116,29 +116,6 @@ def test_job_spec_round_trip_survives_any_characters():
     assert load_job(word) == job
 
 
-def test_rank_programs_import_lean():
-    """Every rank pays for its imports at start-up: no rich, click, networkx or topology."""
-    import subprocess
-    import sys
-
-    def loaded(modules: str, heavy: tuple[str, ...], rank: str = "1") -> str:
-        code = (f"import sys, {modules}; "
-                f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
-        env = {**{k: v for k, v in os.environ.items() if k != "PMIX_RANK"}, "PMIX_RANK": rank}
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              cwd=str(REPO), env=env, check=True).stdout.strip()
-
-    # numpy cost 0.13-0.2 s of CPU per rank, urllib 50 ms (only rank 0 downloads)
-    assert loaded("mpitools.stage.ranks, mpitools.collect.ranks, mpitools.ping.ranks",
-                  ("rich", "click", "networkx", "topology", "chiba_admin", "numpy",
-                   "urllib.request")) == "[]"
-    # mpisync, targets and root: the inventory without numpy, thread pools or logging
-    for rank in ("0", "1"):
-        assert loaded("mpitools.sync.ranks", ("rich", "click", "networkx", "topology", "numpy",
-                                        "concurrent.futures", "logging", "secrets",
-                                        "traceback"), rank) == "[]"
-
-
 def test_blame_prefers_the_loss_the_runtime_confirms():
     # rank 5 exited; rank 6 saw it and aborted; the abort killed rank 1 under rank 0's send
     events = [{"event": "peer-lost", "rank": 6, "peer": 5, "why": "PROC_FAILED"},
