@@ -115,6 +115,7 @@ class Chain:
         self._posted = 0  # index of the next frame to post a receive for
         self._released = -1  # frames up to this one are no longer the consumer's
         self._forwarded = 0  # frames handed to ``out``
+        self._limit = 0  # the highest frame index a receive may be posted for
 
     # -- rank 0 ----------------------------------------------------------------------------
     def send(self, frame, idle: Idle = None) -> None:
@@ -133,23 +134,33 @@ class Chain:
         return self.out.sent if self.out is not None else 0
 
     # -- every other rank ------------------------------------------------------------------
-    def frames(self) -> Iterator[memoryview]:
+    def frames(self, count: int | None = None) -> Iterator[memoryview]:
         """Each frame, forwarded before it is yielded; valid until the next is requested.
 
         The stream ends when rank 0 ends it; iterate to the end so the chain completes.
+        With ``count`` (the number of frames rank 0 sends) receives are posted up to
+        ``depth`` frames ahead; without it, one frame ahead: a receive posted past the end
+        of a stream would take the first frame of whatever follows on ``comm``.
+        Raises RuntimeError when more than ``count`` frames arrive.
         """
         prev = self._name(self.rank - 1)
         self._bufs = [memoryview(bytearray(self.max_frame)) for _ in range(self.depth + 1)]
         i = 0
         while True:
             self._released = i - 1  # the consumer has let go of frame i - 1
+            self._limit = i if count is None else count
             self._post_free()  # frame i at least: its buffer's last send is done (depth)
             req, status = self._recvs.popleft()
             wait(req, self.progress, prev, status=status)
             if status.Get_tag() == TAG_END:
-                self._close()
+                if self.out is not None:
+                    self.out.end()
                 return
+            if i == count:
+                raise RuntimeError(f"chain: more than the {count} frames announced")
+            self._limit = i + 1 if count is None else count
             frame = self._bufs[i % len(self._bufs)][:status.Get_count(self.MPI.BYTE)]
+            self._post_free()
             if self.out is not None:
                 self.out.send(frame)
             self._forwarded += 1
@@ -165,11 +176,13 @@ class Chain:
 
     def _post_free(self) -> None:
         # frame k lands in buffer k % n, free once frame k - n is released by the consumer
-        # and its forward has completed (sends complete in order: frames below ``done``)
+        # and its forward has completed (sends complete in order: frames below ``done``);
+        # nothing is posted past ``_limit``, the last frame the stream can still have
         n = len(self._bufs)
         done = self._forwarded - (len(self.out.pending) if self.out is not None else 0)
         MPI = self.MPI
-        while self._posted - n <= self._released and self._posted - n < done:
+        while (self._posted <= self._limit and self._posted - n <= self._released
+               and self._posted - n < done):
             status = MPI.Status()
             try:
                 req = self.comm.Irecv([self._bufs[self._posted % n], MPI.BYTE],
@@ -178,15 +191,6 @@ class Chain:
                 raise PeerLost(self._name(self.rank - 1), e.Get_error_string()) from None
             self._recvs.append((req, status))
             self._posted += 1
-
-    def _close(self) -> None:
-        """End of stream: withdraw the receives posted past the end, pass the end on."""
-        for req, _ in self._recvs:
-            req.Cancel()
-            wait(req)
-        self._recvs.clear()
-        if self.out is not None:
-            self.out.end()
 
 
 def chain_send(comm, frames: Iterable[bytes | bytearray | memoryview], *, depth: int = 2,

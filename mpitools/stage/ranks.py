@@ -276,16 +276,17 @@ def chain(comm, total: int, chunk: int, get: Callable | None, sink: Callable,
     from mpi4py import MPI
 
     ch = Chain(comm, max_frame=chunk, depth=_NBUF)
+    n_chunks = -(-total // chunk)
     try:
         if comm.rank == 0:
-            for i in range(-(-total // chunk)):
+            for i in range(n_chunks):
                 data = get(i, ch.progress)
                 faults.checkpoint("stage.chunk", i)
                 ch.send(data, ch.progress)
                 sink(data, ch.progress)
             ch.end()
         else:
-            for i, data in enumerate(ch.frames()):
+            for i, data in enumerate(ch.frames(count=n_chunks)):
                 faults.checkpoint("stage.chunk", i)
                 sink(bytes(data), ch.progress)
     except MPI.Exception as e:  # an error not tied to one request: neighbour unknown
