@@ -22,8 +22,9 @@ from typing import Callable, Iterable, Iterator
 
 from mpitools.common.runtime import PeerLost, wait
 
+# ``wait`` is runtime's, re-exported for callers that still import it from here
 __all__ = ["TAG_DATA", "TAG_END", "Sender", "Chain", "chain_send", "chain_frames",
-           "chain_receive"]
+           "chain_receive", "wait"]
 
 TAG_DATA = 71
 TAG_END = 72

@@ -132,8 +132,8 @@ _LEGACY = {"sync_die": ("sync.file", "after")}
 def legacy_hook(name: str, rank: int) -> str | None:
     """The old ``test_hook(name, rank)`` answered from the armed job's faults (never from
     the environment): ``sync_die`` is the ``after`` of an ``exit`` rule at ``sync.file``."""
-    point, key = _LEGACY[name]
-    if rank != _armed.rank:
+    if name not in _LEGACY or rank != _armed.rank:
         return None
+    point, key = _LEGACY[name]
     r = _armed.rule(point)
     return None if r is None or r["do"] != "exit" else str(r.get(key, 0))

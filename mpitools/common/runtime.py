@@ -17,7 +17,7 @@ from mpitools.common import faults
 
 __all__ = ["EVENT_PREFIX", "PeerLost", "load_job", "rank_hosts", "encode_job", "emit",
            "set_emitter", "Backoff", "wait", "queue_get", "queue_put", "agree_any",
-           "Terminated", "rank_main", "maxrss_bytes", "SLEEP", "IDLE_CAP"]
+           "Terminated", "rank_main", "maxrss_bytes", "SLEEP", "IDLE_CAP", "test_hook"]
 
 EVENT_PREFIX = "@@chiba "
 # Waiting by Test + a short sleep instead of a blocking call: ranks that outnumber cores
@@ -171,6 +171,13 @@ def maxrss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def test_hook(name: str, rank: int) -> str | None:
+    """The old test hook ``name`` for ``rank``, answered from the faults of the job that
+    ``rank_main`` armed, never from the environment (:func:`faults.legacy_hook`); kept
+    until mpitools/sync/ranks.py calls ``Faults.checkpoint`` itself."""
+    return faults.legacy_hook(name, rank)
 
 
 def _on_sigterm(signum, frame):

@@ -31,9 +31,8 @@ from inventory.beneath import (BeneathError, lock_dest, open_dir_beneath, open_r
 from inventory.entries import DIR
 from inventory.plan import WRITE
 
-from mpitools.common.chain import chain_frames, chain_send
-from mpitools.common.faults import legacy_hook as test_hook
-from mpitools.common.runtime import PeerLost, emit, rank_hosts, rank_main, wait
+from mpitools.common.chain import chain_frames, chain_send, wait
+from mpitools.common.runtime import PeerLost, emit, rank_hosts, rank_main, test_hook
 
 __all__ = ["main", "run_sync", "PIECE", "pack_frames", "iter_pieces", "MAX_PIECES"]
 
