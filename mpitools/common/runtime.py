@@ -188,9 +188,7 @@ def rank_main(main: Callable[[Any, dict], int], argv: list[str] | None = None) -
     """Run ``main(comm, job)`` as a rank; an unhandled exception aborts the whole job.
 
     ``main`` owns its agreed (expected) failures; anything escaping it is a bug or a kill,
-    after which peers could wait forever, so we Abort. Only this function ends the process
-    (Abort, Finalize, ``os._exit``) or installs signal handlers: ``main`` runs unchanged
-    on a sub-communicator of a long-running job (``tests/test_layering.py``).
+    after which peers could wait forever, so we Abort (as mpi4py's ``run.py`` does).
     """
     argv = sys.argv[1:] if argv is None else argv
     import mpi4py
@@ -198,6 +196,8 @@ def rank_main(main: Callable[[Any, dict], int], argv: list[str] | None = None) -
     mpi4py.rc.thread_level = "funneled"  # helper threads never call MPI
     from mpi4py import MPI
 
+    # Only this function ends the process (Abort, Finalize, os._exit) or takes signals:
+    # ``main`` also runs on a sub-communicator of a long-running job (tests/test_layering.py)
     signal.signal(signal.SIGTERM, _on_sigterm)
     comm = MPI.COMM_WORLD
     # errors come back as exceptions, so a rank can say which peer vanished before aborting
