@@ -11,9 +11,9 @@ from typing import Iterator
 from chiba_admin.errors import InvalidRequest, MPIToolError
 
 from mpitools.common.archive import COMPRESSIONS, BlockHasher, PackInfo, new_hasher
-from mpitools.common.faults import from_environ
 from mpitools.common.launch import launch, rank_hosts
 from mpitools.common.runtime import encode_job
+from mpitools.common.faults import from_environ  # tests inject faults
 from mpitools.common.spool import SUMS_SUFFIX, Published, SpoolServer, publish, spool_name
 from mpitools.common.targets import (check_nodes, cleanup_embedded, confine_all, host_rows,
                                      launch_failures, spool_dir_of, spool_or_fail)
@@ -168,12 +168,11 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dests: dict[str, di
 
     try:
         with _spool_url(topo, pub.name, spool_url) as url:
-            job = {"jobid": secrets.token_hex(6), "url": url, "size": info.bytes,
+            job = {**from_environ(), "jobid": secrets.token_hex(6), "url": url, "size": info.bytes,
                    "hash": info.hash, "hash_alg": info.hash_alg, "compress": info.compress,
                    "sums_url": url + SUMS_SUFFIX, "sums_hash": sums_hash, "block": info.block,
                    "chunk": seg, "buffer": int(chunk), "algorithm": algorithm,
                    "hosts": ranks, "dests": dests, "replace": bool(replace)}
-            job.update(from_environ())  # tests inject faults (mpitools/common/faults.py)
             if progress is not None:
                 progress.update(0, info.bytes, "starting MPI")
             try:

@@ -10,9 +10,9 @@ from inventory.plan import itemized_lines
 from inventory.source import check_source
 from topology.confine import confine_dest
 
-from mpitools.common.faults import from_environ
 from mpitools.common.launch import launch
 from mpitools.common.runtime import encode_job
+from mpitools.common.faults import from_environ  # tests inject faults
 from mpitools.common.targets import launch_failures
 
 __all__ = ["sync_mpi", "DEFAULT_CHUNK", "check_source_dir", "target_dests"]
@@ -68,10 +68,9 @@ def sync_mpi(topo, src: str, targets: list[str], dest: str | None = None, *,
                          "target", hint="leave it out of --targets")
     targets = list(dict.fromkeys(targets))
     dests = target_dests(topo, targets, dest)
-    job = {"source": path, "dests": dests, "delete": delete, "dry_run": dry_run,
+    job = {**from_environ(), "source": path, "dests": dests, "delete": delete, "dry_run": dry_run,
            "excludes": list(excludes), "checksum": checksum, "verify": verify,
            "chunk": int(chunk), "itemize": itemize, "tmp_tag": new_tmp_tag()}
-    job.update(from_environ())  # tests inject faults (mpitools/common/faults.py)
 
     def on_event(ev: dict) -> None:
         if progress is not None and ev.get("event") == "progress":
