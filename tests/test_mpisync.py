@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -166,7 +167,9 @@ def test_dead_target_aborts_named_and_rerun_converges(embedded, cli, tmp_path, m
                 f.write(b"v2")
     old = {p: open(os.path.join(repo_of(embedded, "mayor2"), p), "rb").read()
            for p in os.listdir(src) if os.path.isfile(os.path.join(src, p))}
-    monkeypatch.setenv("CHIBA_TEST_SYNC_DIE", "2:3")  # rank 2 (mayor2) dies after 3 files
+    # rank 2 (mayor2) dies after 3 files
+    monkeypatch.setenv("CHIBA_FAULTS", json.dumps({"point": "sync.file", "rank": 2,
+                                                   "do": "exit", "after": 3}))
     r = cli("--json", "sync-mayors", src, "--timeout", "60")
     assert r.code == 1
     res = r.json()
@@ -175,7 +178,7 @@ def test_dead_target_aborts_named_and_rerun_converges(embedded, cli, tmp_path, m
     for p, before in old.items():
         now = open(os.path.join(d2, p), "rb").read()
         assert now in (before, open(os.path.join(src, p), "rb").read()), p  # old or new
-    monkeypatch.delenv("CHIBA_TEST_SYNC_DIE")
+    monkeypatch.delenv("CHIBA_FAULTS")
     r = cli("sync-mayors", src)
     assert r.code == 0, r.err
     assert same(src, d2) and same(src, repo_of(embedded, "mayor1"))

@@ -91,7 +91,8 @@ def test_dead_target_on_testbed_is_named_and_rerun_converges(tb, tmp_path):
     src = make_repo(str(tmp_path / "src"), nfiles=40)
     try:
         code, res, err = _sync(tb, src, "--targets", "@mayors", "--dest", "t3",
-                               "--timeout", "120", env={"CHIBA_TEST_SYNC_DIE": "2:5"})
+                               "--timeout", "120", env={"CHIBA_FAULTS": json.dumps(
+                                   {"point": "sync.file", "rank": 2, "do": "exit", "after": 5})})
         assert code == 1, err
         assert "mayor2" in res["failures"], res["failures"]
         code, res, err = _sync(tb, src, "--targets", "@mayors", "--dest", "t3")

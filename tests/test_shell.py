@@ -279,16 +279,6 @@ mpiexec -n 2 {sys.executable} -c 'from mpi4py import MPI; print(MPI.COMM_WORLD.s
     assert re.search(r"[12] task\(s\) loaded Open MPI but never spoke PMI", err), err
 
 
-def test_shell_rank_and_wrappers_import_lean():
-    """Every parallel command starts a wrapper; every node a rank: nothing heavy in either."""
-    heavy = ("rich", "click", "networkx", "topology", "chiba_admin", "numpy", "ClusterShell")
-    code = ("import sys, mpitools.shell.ranks, mpitools.shell.client; "
-            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=str(REPO), check=True).stdout.strip()
-    assert out == "[]"
-
-
 def test_job_environment_is_exported_as_sbatch_and_qsub_do(embedded, tmp_path):
     from mpitools.shell.driver import plan_shell
 

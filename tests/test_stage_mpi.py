@@ -20,6 +20,8 @@ from test_stage_helpers import (assert_same_tree, crafted_tar, make_tree, specia
 pytestmark = pytest.mark.mpi
 
 NODES = [f"ccn0{i}" for i in range(1, 9)]
+# fault injection (mpitools/common/faults.py): rank 0 takes 1 s per chunk
+SLOW_RANK0 = json.dumps({"point": "stage.chunk", "rank": 0, "do": "sleep", "seconds": 1.0})
 HOST_KEYS = {"ok", "bytes", "seconds", "throughput_bps", "stage", "error"}
 TOP_KEYS = {"method", "algorithm", "ok", "source", "dest", "nodes", "bytes", "payload_bytes",
             "files", "seconds", "phases", "phase_bytes", "hosts", "failures"}
@@ -204,7 +206,9 @@ def test_full_destination_on_one_node_aborts_all(embedded, cli, tmp_path):
 def test_node_dying_mid_transfer_is_named_and_nothing_is_left(embedded, cli, tmp_path,
                                                              monkeypatch):
     src = make_tree(tmp_path / "proj", big=2_000_000)
-    monkeypatch.setenv("CHIBA_TEST_DIE", "3:2")  # rank 3 (ccn04) exits at its 3rd chunk
+    # rank 3 (ccn04) exits at its 3rd chunk
+    monkeypatch.setenv("CHIBA_FAULTS", json.dumps({"point": "stage.chunk", "rank": 3,
+                                                   "do": "exit", "after": 2}))
     t = time.time()
     r = cli("stage", src, "--nodes", "@nodes", "--chunk", "64KiB", "--json",
             "--timeout", "60")
@@ -219,7 +223,7 @@ def test_node_dying_mid_transfer_is_named_and_nothing_is_left(embedded, cli, tmp
 
 def test_timeout_stops_mpiexec_and_cleans_up(embedded, cli, tmp_path, monkeypatch):
     src = make_tree(tmp_path / "proj", big=1_000_000)
-    monkeypatch.setenv("CHIBA_TEST_DELAY", "0:1.0")  # rank 0 takes 1 s per chunk
+    monkeypatch.setenv("CHIBA_FAULTS", SLOW_RANK0)  # rank 0 takes 1 s per chunk
     t = time.time()
     r = cli("stage", src, "--nodes", "@town2", "--chunk", "64KiB", "--json",
             "--timeout", "6")
@@ -234,7 +238,7 @@ def test_timeout_stops_mpiexec_and_cleans_up(embedded, cli, tmp_path, monkeypatc
 
 def test_ctrl_c_ends_mpiexec_and_removes_temp_dirs(embedded, cli, tmp_path, monkeypatch):
     src = make_tree(tmp_path / "proj", big=1_000_000)
-    monkeypatch.setenv("CHIBA_TEST_DELAY", "0:1.0")
+    monkeypatch.setenv("CHIBA_FAULTS", SLOW_RANK0)
     timer = threading.Timer(6.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
@@ -454,7 +458,9 @@ def test_second_concurrent_stage_to_the_same_destination_is_refused(embedded, cl
     os.mkfifo(hold / "go")
     exe = str(Path(sys.executable).with_name("chiba-admin"))
     first = subprocess.Popen([exe, "stage", src, "--nodes", "@town1", "--dest", "data"],
-                             env={**os.environ, "CHIBA_TEST_HOLD": f"0:{hold}"},
+                             env={**os.environ, "CHIBA_FAULTS": json.dumps(
+                                 {"point": "stage.locked", "rank": 0, "do": "barrier",
+                                  "dir": str(hold)})},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with open(hold / "ready") as f:  # the first run holds every node's lock now
@@ -538,7 +544,8 @@ def test_compromised_nodes_archive_is_refused_on_the_home_server(embedded, cli, 
     outside.mkdir()
     evil = tmp_path / "evil.tar"
     evil.write_bytes(symlink_chain_tar(str(out / "ccn02" / "x"), str(outside / "pwned")))
-    monkeypatch.setenv("CHIBA_TEST_COLLECT_ARCHIVE", f"2:{evil}")  # rank 2 is ccn02
+    monkeypatch.setenv("CHIBA_FAULTS", json.dumps(  # rank 2 is ccn02
+        {"point": "collect.archive", "rank": 2, "do": "replace", "file": str(evil)}))
     r = cli("collect", "results", "--nodes", "ccn[01-03]", "--dest", str(out), "--json",
             "--compress", "none")
     assert r.code == 1

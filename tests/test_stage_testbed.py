@@ -70,7 +70,8 @@ def test_dying_node_aborts_everyone_and_next_run_cleans(testbed_cluster, clean_s
     tb = testbed_cluster
     src = make_tree(tmp_path / "proj", big=1_000_000)
     code, out, err = _cli(tb, "stage", src, "--nodes", "@nodes", "--chunk", "64KiB", "--json",
-                          "--timeout", "120", env={"CHIBA_TEST_DIE": "5:3"})
+                          "--timeout", "120", env={"CHIBA_FAULTS": json.dumps(
+                              {"point": "stage.chunk", "rank": 5, "do": "exit", "after": 3})})
     assert code == 1, err
     j = json.loads(out)
     assert list(j["failures"]) == ["ccn06"], j["failures"]

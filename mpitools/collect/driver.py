@@ -14,6 +14,7 @@ from chiba_admin.progress import Progress, or_silent
 from mpitools.common.archive import COMPRESSIONS, clean_stale
 from mpitools.common.launch import LaunchResult, launch, rank_hosts
 from mpitools.common.runtime import encode_job
+from mpitools.common.faults import from_environ  # tests inject faults
 from mpitools.common.targets import (check_nodes, confine_all, host_rows,
                                      launch_failures)
 from mpitools.stage.driver import DEFAULT_CHUNK
@@ -102,7 +103,7 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
     ranks = rank_hosts(topo, nodes, home)
     job = {"jobid": secrets.token_hex(6), "compress": compress, "chunk": int(chunk),
            "hash_alg": "blake3", "hosts": ranks, "paths": paths, "out_dir": dest_dir,
-           "names": names, "window": window, "replace": bool(replace),
+           "names": names, "window": window, "replace": bool(replace), **from_environ(),
            # the town of each rank: rank 0 spreads its window over the towns, so that
            # each town's shared uplink carries one stream, not the whole window's
            "towns": [topo.host(h).town for h in ranks]}

@@ -16,9 +16,13 @@ import time
 from inventory.beneath import (BeneathError, lock_dest, mark_staged, open_dir_beneath,
                                open_root, unlock_dest, was_staged)
 
-from mpitools.common.archive import (ChunkWriter, Extractor, PackInfo, RefusedMember, clean_stale,
-                      make_locked_temp, new_hasher, pack_tree, remove_entry, temp_name)
-from mpitools.common.runtime import emit, maxrss_bytes, rank_hosts, rank_main, test_hook, wait
+from mpitools.common.archive import (ChunkWriter, Extractor, PackInfo, RefusedMember,
+                                     clean_stale, make_locked_temp, new_hasher, pack_tree,
+                                     remove_entry, temp_name)
+from mpitools.common.chain import Sender
+from mpitools.common.faults import NONE, Faults
+from mpitools.common.runtime import (Backoff, emit, maxrss_bytes, queue_get, rank_hosts,
+                                     rank_main, wait)
 
 __all__ = ["main", "check_node", "send_tree", "receive_all"]
 
@@ -29,9 +33,9 @@ class _Packer:
     """A thread packing ``path`` into chunk-sized pieces on a bounded queue."""
 
     def __init__(self, path: str, arcname: str, compress: str, chunk: int, hash_alg: str,
-                 rank: int = -1, dir_fd: int | None = None):
+                 faults: Faults = NONE, dir_fd: int | None = None):
         self.q: queue.Queue = queue.Queue(maxsize=2)
-        self.rank, self.dir_fd = rank, dir_fd
+        self.faults, self.dir_fd = faults, dir_fd
         self.info = None
         self.error: str | None = None
         args = (path, arcname, compress, chunk, hash_alg)
@@ -41,9 +45,9 @@ class _Packer:
     def _run(self, path, arcname, compress, chunk, hash_alg) -> None:
         w = ChunkWriter(self.q.put, chunk)
         try:
-            crafted = test_hook("collect_archive", self.rank)
+            crafted = self.faults.rule("collect.archive")
             if crafted is not None:
-                self.info = _send_file(crafted, w, compress, hash_alg)  # a hostile node
+                self.info = _send_file(crafted["file"], w, compress, hash_alg)  # a hostile node
             else:
                 self.info = pack_tree(path, w, compress, hash_alg=hash_alg, arcname=arcname,
                                       dir_fd=self.dir_fd)
@@ -53,17 +57,14 @@ class _Packer:
         finally:
             self.q.put(None)
 
-    def get(self, idle) -> bytes | None:
-        while True:
-            try:
-                return self.q.get(timeout=0.001)
-            except queue.Empty:
-                idle()
+    def get(self, idle=None) -> bytes | None:
+        return queue_get(self.q, idle)
 
 
 def _send_file(path: str, w: ChunkWriter, compress: str, hash_alg: str) -> PackInfo:
-    """Test hook CHIBA_TEST_COLLECT_ARCHIVE=rank:FILE: send FILE's bytes as this node's
-    archive, as a compromised node could (the home server must refuse what it holds)."""
+    """Fault ``collect.archive`` (``replace``, ``file``): send the file's bytes as this
+    node's archive, as a compromised node could (the home server must refuse what it
+    holds; mpitools/common/faults.py)."""
     h, n = new_hasher(hash_alg), 0
     with open(path, "rb") as f:
         while data := f.read(1 << 16):
@@ -90,36 +91,19 @@ def open_source(spec: dict) -> tuple[int, str]:
     return pfd, name
 
 
-def send_tree(comm, path: str, arcname: str, job: dict, dir_fd: int | None = None) -> dict:
-    """A node's side: wait for rank 0's go, then send chunks, an empty end mark, a status."""
-    from mpi4py import MPI
-
-    req = comm.irecv(source=0, tag=_GO)
-    while True:
-        done, go = req.test()
-        if done:
-            break
-        time.sleep(0.001)
-    if not go:
+def send_tree(comm, path: str, arcname: str, job: dict, dir_fd: int | None = None,
+              faults: Faults = NONE) -> dict:
+    """A node's side: wait for rank 0's go, then send chunks (at most two in flight, a
+    :class:`mpitools.common.chain.Sender`), an empty end mark, a status."""
+    if not wait(comm.irecv(source=0, tag=_GO)):
         return {"ok": False}
     t = time.time()
-    p = _Packer(path, arcname, job["compress"], int(job["chunk"]), job["hash_alg"], comm.rank,
+    p = _Packer(path, arcname, job["compress"], int(job["chunk"]), job["hash_alg"], faults,
                 dir_fd)
-    sends: list = [None, None]
-    held: list = [None, None]
-    i = 0
-    while True:
-        data = p.get(lambda: None)
-        if data is None:
-            break
-        b = i % 2
-        wait(sends[b])
-        held[b] = data
-        sends[b] = comm.Isend([data, len(data), MPI.BYTE], dest=0, tag=_DATA)
-        i += 1
-    for r in sends:
-        wait(r)
-    wait(comm.Isend([b"", 0, MPI.BYTE], dest=0, tag=_DATA))
+    out = Sender(comm, 0, tag=_DATA, end_tag=_DATA, depth=2)
+    while (data := p.get()) is not None:
+        out.send(data)
+    out.end()
     info = p.info
     status = {"ok": p.error is None and info is not None, "error": p.error,
               "bytes": info.bytes if info else 0, "hash": info.hash if info else None,
@@ -197,12 +181,7 @@ class _Incoming:
 
     def close(self) -> dict:
         """End of stream: verify, move NAME into DIR/<host>/ (within the dir fds), report."""
-        req = self.comm.irecv(source=self.rank, tag=_STATUS)
-        while True:
-            done, st = req.test()
-            if done:
-                break
-            time.sleep(0.001)
+        st = wait(self.comm.irecv(source=self.rank, tag=_STATUS))
         err = st.get("error")
         try:
             got, digest = self.ex.finish()
@@ -280,6 +259,7 @@ def receive_all(comm, hosts: list[str], ready: list[dict], out_fd: int,
                           "stage": "check", "error": ready[r]["error"], "primary": True}
     active: dict[int, _Incoming] = {}
     total, last = 0, 0.0
+    pause = Backoff()
     while todo or active:
         while todo and len(active) < window:
             busy = [towns[a] for a in active]
@@ -306,8 +286,7 @@ def receive_all(comm, hosts: list[str], ready: list[dict], out_fd: int,
         if time.time() - last > 0.25:
             last = time.time()
             emit("progress", done=total, hosts_done=len(reports), hosts=comm.size - 1)
-        if not moved:
-            time.sleep(0.001)
+        pause.pause(moved)
     return [reports[r] for r in sorted(reports)]
 
 
@@ -350,16 +329,16 @@ def _refused_reports(hosts: list[str], ready: list[dict]) -> list[dict]:
 def main(comm, job: dict) -> int:
     """Collect every node's path into ``job['out_dir']/<host>/<name>`` on rank 0.
 
-    1. every node checks its PATH (walkable, no device node) and rank 0 gathers the
-       verdicts; 2. a device node on any node refuses the whole collect: nothing is sent,
-       nothing is created on the home server (``refused`` in the reports); 3. otherwise
-       rank 0 makes ``out_dir`` and receives each ready node's stream.
+    Phases, each ending in an agreement: 1. every node checks its PATH (walkable, no device
+    node) and rank 0 gathers the verdicts; 2. a device node on any node refuses the whole
+    collect: nothing is sent, nothing is created on the home server (``refused`` in the
+    reports); 3. otherwise rank 0 makes ``out_dir`` and receives each ready node's stream,
+    and every node learns from rank 0 whether to send. Works on any intracommunicator.
     """
     rank = comm.rank
     hosts = rank_hosts(job)
     t0 = time.time()
-    out_fd = src_fd = None
-    made_out = False
+    src_fd = name = None
     mine = {"ok": True, "refused": False, "error": None}
     if rank == 0:
         emit("start", time=t0, ranks=comm.size)
@@ -370,43 +349,56 @@ def main(comm, job: dict) -> int:
         # ranks that outnumber cores), then gather the verdicts at once
         wait(comm.Ibarrier())
         ready = comm.gather(mine, root=0)
-        if rank != 0:
-            if mine["ok"]:
-                # packed from the walked parent's fd: nothing on the way is looked up again
-                send_tree(comm, name, name, job, dir_fd=src_fd)
-            else:
-                send_tree(comm, "", "", job)  # rank 0 answers "skip"; nothing is sent
-            return 0
-        t = time.time()
-        if any(v.get("refused") for v in ready):
-            for r in range(1, comm.size):
-                comm.send(False, dest=r, tag=_GO)
-            emit("result", ok=False, reports=_refused_reports(hosts, ready),
-                 phases={"check": t - t0}, seconds=time.time() - t0)
-            return 0
-        try:
-            made_out = not os.path.lexists(job["out_dir"])
-            out_fd = open_root(job["out_dir"], create=True)
-        except OSError as e:
-            for r in range(1, comm.size):
-                comm.send(False, dest=r, tag=_GO)
-            emit("result", ok=False, reports=[], phases={}, seconds=time.time() - t0,
-                 error=f"cannot create {job['out_dir']}: {e.strerror or e}")
-            return 0
+        if rank == 0:
+            _receive_phase(comm, job, hosts, ready, t0)
+        elif mine["ok"]:
+            # packed from the walked parent's fd: nothing on the way is looked up again
+            send_tree(comm, name, name, job, dir_fd=src_fd, faults=Faults.of(job, rank))
+        else:
+            send_tree(comm, "", "", job)  # rank 0 answers "skip"; nothing is sent
+    finally:
+        if src_fd is not None:
+            os.close(src_fd)
+    return 0
+
+
+def _receive_phase(comm, job: dict, hosts: list[str], ready: list[dict], t0: float) -> None:
+    """Rank 0: refuse everything, or make ``out_dir`` and receive every ready node's
+    stream; emits the result event. Every other rank gets its go or its skip."""
+    t = time.time()
+    if any(v.get("refused") for v in ready):
+        for r in range(1, comm.size):
+            comm.send(False, dest=r, tag=_GO)
+        emit("result", ok=False, reports=_refused_reports(hosts, ready),
+             phases={"check": t - t0}, seconds=time.time() - t0)
+        return
+    made_out = not os.path.lexists(job["out_dir"])
+    try:
+        out_fd = open_root(job["out_dir"], create=True)
+    except OSError as e:
+        _drop_out_dir(job["out_dir"], made_out)
+        for r in range(1, comm.size):
+            comm.send(False, dest=r, tag=_GO)
+        emit("result", ok=False, reports=[], phases={}, seconds=time.time() - t0,
+             error=f"cannot create {job['out_dir']}: {e.strerror or e}")
+        return
+    try:
         reports = receive_all(comm, hosts, ready, out_fd, job)
         emit("result", ok=all(r["ok"] for r in reports), reports=reports,
              phases={"check": t - t0, "collect": time.time() - t},
              seconds=time.time() - t0, maxrss_root=maxrss_bytes())
     finally:
-        for fd in (src_fd, out_fd):
-            if fd is not None:
-                os.close(fd)
-        if made_out:
-            try:
-                os.rmdir(job["out_dir"])  # every host failed: leave nothing behind
-            except OSError:
-                pass
-    return 0
+        os.close(out_fd)
+        _drop_out_dir(job["out_dir"], made_out)
+
+
+def _drop_out_dir(out_dir: str, made: bool) -> None:
+    """Remove ``out_dir`` if this run made it and it stayed empty (every host failed)."""
+    if made:
+        try:
+            os.rmdir(out_dir)
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from typing import BinaryIO, Callable
 
 from inventory.beneath import BeneathError, open_dir_beneath
 
+from mpitools.common.runtime import queue_put
+
 __all__ = ["COMPRESSIONS", "BLOCK", "PackInfo", "new_hasher", "block_sums", "BlockHasher",
            "BlockVerifier", "VerifyError", "pack_tree", "ChunkWriter", "RefusedMember",
            "SafeUnpacker", "Extractor", "temp_name", "make_locked_temp", "clean_stale",
@@ -691,13 +693,7 @@ class Extractor:
             self._reader.drain()
 
     def feed(self, data: bytes, idle: Callable[[], None] | None = None) -> None:
-        while True:
-            try:
-                self._q.put(data, timeout=0.001)
-                return
-            except queue.Full:
-                if idle is not None:
-                    idle()
+        queue_put(self._q, data, idle)
 
     def finish(self, idle: Callable[[], None] | None = None) -> tuple[int, str]:
         self.feed(None, idle)  # type: ignore[arg-type]

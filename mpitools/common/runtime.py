@@ -1,24 +1,31 @@
 """What every MPI rank program shares: job spec, events to the launcher, quiet waiting, abort."""
 
-# Rank-side module: standard library and mpi4py only (no rich, click, networkx).
+# Rank-side module: standard library, mpi4py and chiba_admin.errors only (docs/design.md,
+# "Lean ranks").
 from __future__ import annotations
 
 import base64
 import json
 import os
+import queue
 import signal
 import sys
 import time
 from typing import Any, Callable
 
+from mpitools.common import faults
+
 __all__ = ["EVENT_PREFIX", "PeerLost", "load_job", "rank_hosts", "encode_job", "emit",
-           "wait", "wait_all", "agree_any", "Terminated", "rank_main", "test_hook",
-           "maxrss_bytes", "SLEEP"]
+           "set_emitter", "Backoff", "wait", "queue_get", "queue_put", "agree_any",
+           "Terminated", "rank_main", "maxrss_bytes", "SLEEP", "IDLE_CAP", "test_hook"]
 
 EVENT_PREFIX = "@@chiba "
 # Waiting by Test + a short sleep instead of a blocking call: ranks that outnumber cores
 # would otherwise spin and starve each other (docs/design.md, "Waiting without spinning").
 SLEEP = 0.001
+# Long idle waits back off to this (docs/design.md: 1 ms while work runs, doubling to
+# 20 ms when idle); data paths keep the 1 ms the chain's line rate was measured with.
+IDLE_CAP = 0.02
 
 
 class Terminated(BaseException):
@@ -48,29 +55,76 @@ def load_job(arg: str) -> dict:
 
 
 def rank_hosts(job: dict) -> list[str]:
-    """Host of each rank: the launcher's CHIBA_RANK_HOSTS, else the job's own list."""
+    """Host of each rank of the job's communicator: ``job["rank_hosts"]`` (a service
+    running the job on a sub-communicator says so), else the launcher's CHIBA_RANK_HOSTS,
+    else the job's own ``hosts``."""
+    if job.get("rank_hosts"):
+        return list(job["rank_hosts"])
     env = os.environ.get("CHIBA_RANK_HOSTS")
     return env.split(",") if env else list(job["hosts"])
 
 
-def emit(event: str, **fields: Any) -> None:
-    """One JSON event line on stdout for the launcher (rank 0 by convention)."""
-    sys.stdout.write(EVENT_PREFIX + json.dumps({"event": event, **fields}, default=str) + "\n")
+def _print_event(record: dict) -> None:
+    sys.stdout.write(EVENT_PREFIX + json.dumps(record, default=str) + "\n")
     sys.stdout.flush()
 
 
-def wait(req, idle: Callable[[], None] | None = None, peer: int | None = None) -> None:
-    """Complete one request without spinning; ``idle`` runs between tests.
+_emitter: Callable[[dict], None] = _print_event
 
-    With ``peer`` given, an MPI error on the request becomes ``PeerLost(peer)``.
+
+def set_emitter(fn: Callable[[dict], None] | None) -> Callable[[dict], None]:
+    """Send events to ``fn(record)`` from now on (``record``: ``{"event": name, **fields}``)
+    instead of stdout lines for the launcher; ``None`` restores those. Returns the previous
+    emitter, so a caller (the long-running service) can put it back."""
+    global _emitter
+    previous, _emitter = _emitter, fn or _print_event
+    return previous
+
+
+def emit(event: str, **fields: Any) -> None:
+    """One event for whoever runs the job: by default a JSON line on stdout for the
+    launcher (rank 0 by convention), else the emitter given to :func:`set_emitter`."""
+    _emitter({"event": event, **fields})
+
+
+class Backoff:
+    """The one sleep schedule between tests: ``SLEEP`` while things move, then doubling up
+    to ``cap`` once nothing moved for ``linger`` seconds (``cap == SLEEP``: a steady 1 ms)."""
+
+    def __init__(self, cap: float = SLEEP, linger: float = 0.0):
+        self.cap, self.linger = cap, linger
+        self.sleep, self.last = SLEEP, time.monotonic()
+
+    def pause(self, moved: bool = False) -> None:
+        """End of one turn of a polling loop: sleep unless it ``moved`` something."""
+        if moved:
+            self.sleep, self.last = SLEEP, time.monotonic()
+            return
+        time.sleep(self.sleep)
+        if self.sleep < self.cap and time.monotonic() - self.last >= self.linger:
+            self.sleep = min(self.cap, self.sleep * 2)
+
+
+def wait(req, idle: Callable[[], None] | None = None, peer: int | None = None, *,
+         status=None, cap: float = SLEEP, linger: float = 0.0) -> Any:
+    """Complete one request without spinning: test it, run ``idle``, sleep (see Backoff).
+
+    Returns the received object for a request from ``comm.irecv`` (else None); a ``None``
+    request is complete. ``status`` (an ``MPI.Status``) is filled in as by ``Test``. With
+    ``peer`` (a rank of the request's communicator) an MPI error on the request becomes
+    ``PeerLost(peer)``; without it the MPI error propagates.
     """
     if req is None:
-        return
+        return None
+    pause = Backoff(cap, linger)
     try:
-        while not req.Test():
+        while True:
+            done, value = req.test(status)
+            if done:
+                return value
             if idle is not None:
                 idle()
-            time.sleep(SLEEP)
+            pause.pause()
     except PeerLost:
         raise
     except Exception as e:  # mpi4py's MPI.Exception, without importing MPI here
@@ -79,16 +133,26 @@ def wait(req, idle: Callable[[], None] | None = None, peer: int | None = None) -
         raise PeerLost(peer, str(e)) from None
 
 
-def wait_all(reqs: list, idle: Callable[[], None] | None = None) -> None:
-    live = [r for r in reqs if r is not None]
-    if not live:
-        return
-    from mpi4py import MPI
+def queue_get(q: queue.Queue, idle: Callable[[], None] | None = None) -> Any:
+    """``q.get()`` that runs ``idle`` every ``SLEEP`` while the queue is empty (the MPI
+    thread keeps its requests moving while a helper thread produces)."""
+    while True:
+        try:
+            return q.get(timeout=SLEEP)
+        except queue.Empty:
+            if idle is not None:
+                idle()
 
-    while not MPI.Request.Testall(live):
-        if idle is not None:
-            idle()
-        time.sleep(SLEEP)
+
+def queue_put(q: queue.Queue, item: Any, idle: Callable[[], None] | None = None) -> None:
+    """``q.put(item)`` that runs ``idle`` every ``SLEEP`` while the queue is full."""
+    while True:
+        try:
+            q.put(item, timeout=SLEEP)
+            return
+        except queue.Full:
+            if idle is not None:
+                idle()
 
 
 def agree_any(comm, flag: bool) -> bool:
@@ -110,12 +174,10 @@ def maxrss_bytes() -> int:
 
 
 def test_hook(name: str, rank: int) -> str | None:
-    """Value of test hook ``CHIBA_TEST_<NAME>`` if it targets ``rank`` (``rank:value``)."""
-    spec = os.environ.get("CHIBA_TEST_" + name.upper())
-    if not spec:
-        return None
-    r, _, value = spec.partition(":")
-    return value if r in ("*", str(rank)) else None
+    """The old test hook ``name`` for ``rank``, answered from the faults of the job that
+    ``rank_main`` armed, never from the environment (:func:`faults.legacy_hook`); kept
+    until mpitools/sync/ranks.py calls ``Faults.checkpoint`` itself."""
+    return faults.legacy_hook(name, rank)
 
 
 def _on_sigterm(signum, frame):
@@ -134,6 +196,8 @@ def rank_main(main: Callable[[Any, dict], int], argv: list[str] | None = None) -
     mpi4py.rc.thread_level = "funneled"  # helper threads never call MPI
     from mpi4py import MPI
 
+    # Only this function ends the process (Abort, Finalize, os._exit) or takes signals:
+    # ``main`` also runs on a sub-communicator of a long-running job (tests/test_layering.py)
     signal.signal(signal.SIGTERM, _on_sigterm)
     comm = MPI.COMM_WORLD
     # errors come back as exceptions, so a rank can say which peer vanished before aborting
@@ -141,6 +205,7 @@ def rank_main(main: Callable[[Any, dict], int], argv: list[str] | None = None) -
     MPI.COMM_SELF.Set_errhandler(MPI.ERRORS_RETURN)
     try:
         job = load_job(argv[0])
+        faults.arm(job, comm.rank)  # for the rank programs that still ask test_hook
         code = main(comm, job)
     except PeerLost as e:
         # any rank may print events: the launcher blames ``peer``, not this rank

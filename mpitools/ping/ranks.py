@@ -1,6 +1,6 @@
 """The `cluster check` MPI job: each rank starts MPI, meets the others, says where it ran."""
 
-# Rank-side module: standard library and mpi4py only (no rich, click, networkx).
+# Rank-side module: standard library and mpi4py only (docs/design.md, "Lean ranks").
 from __future__ import annotations
 
 import os
@@ -8,7 +8,8 @@ import socket
 import sys
 import time
 
-from mpitools.common.runtime import PeerLost, emit, rank_hosts, rank_main, test_hook, wait
+from mpitools.common.faults import Faults
+from mpitools.common.runtime import PeerLost, emit, rank_hosts, rank_main, wait
 
 __all__ = ["main"]
 
@@ -21,7 +22,8 @@ def main(comm, job: dict) -> int:
     """Barrier, then an allreduce of the ranks; rank 0 emits ``result`` with every rank's report.
 
     Events (rank 0): ``start`` (time), ``result`` (ok, size, sum, expected, ranks: list of
-    {rank, host, hostname, python, init_seconds}, seconds).
+    {rank, host, hostname, python, init_seconds}, seconds). Works on any intracommunicator.
+    Fault point ``ping.start`` (tests keep a rank alive there so it can be killed).
     """
     import array
 
@@ -32,10 +34,7 @@ def main(comm, job: dict) -> int:
     if rank == 0:
         emit("start", time=time.time(), size=size)
     hosts = rank_hosts(job)
-    hold = test_hook("hold", rank)  # tests: keep this rank alive so it can be killed
-    if hold:
-        emit("holding", rank=rank, pid=os.getpid())
-        time.sleep(float(hold))
+    Faults.of(job, rank).checkpoint("ping.start")
     t0 = time.time()
     send, recv = array.array("l", [rank]), array.array("l", [0])
     try:

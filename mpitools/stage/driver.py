@@ -15,6 +15,7 @@ from chiba_admin.progress import Progress, or_silent
 from mpitools.common.archive import COMPRESSIONS, BlockHasher, PackInfo, new_hasher
 from mpitools.common.launch import LaunchResult, launch, rank_hosts
 from mpitools.common.runtime import encode_job
+from mpitools.common.faults import from_environ  # tests inject faults
 from mpitools.common.spool import SUMS_SUFFIX, Published, SpoolServer, publish, spool_name
 from mpitools.common.targets import (aborted_rows, check_nodes, cleanup_embedded, confine_all,
                                      host_rows, launch_failures, spool_dir_of, spool_or_fail)
@@ -170,7 +171,7 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dests: dict[str, di
 
     try:
         with _spool_url(topo, pub.name, spool_url) as url:
-            job = {"jobid": secrets.token_hex(6), "url": url, "size": info.bytes,
+            job = {**from_environ(), "jobid": secrets.token_hex(6), "url": url, "size": info.bytes,
                    "hash": info.hash, "hash_alg": info.hash_alg, "compress": info.compress,
                    "sums_url": url + SUMS_SUFFIX, "sums_hash": sums_hash, "block": info.block,
                    "chunk": seg, "buffer": int(chunk), "algorithm": algorithm,

@@ -21,10 +21,12 @@ from typing import Callable
 from inventory.beneath import (BeneathError, lock_dest, mark_staged, open_dir_beneath,
                                open_root, split_rel, unlock_dest, was_staged)
 
-from mpitools.common.archive import (BlockVerifier, Extractor, RefusedMember, VerifyError, clean_stale,
-                      make_locked_temp, remove_entry, temp_name)
-from mpitools.common.runtime import (PeerLost, agree_any, emit, maxrss_bytes, rank_hosts, rank_main, test_hook,
-                     wait)
+from mpitools.common.archive import (BlockVerifier, Extractor, RefusedMember, VerifyError,
+                                     clean_stale, make_locked_temp, remove_entry, temp_name)
+from mpitools.common.chain import Chain
+from mpitools.common.faults import NONE, Faults
+from mpitools.common.runtime import (PeerLost, agree_any, emit, maxrss_bytes, queue_get,
+                                     rank_hosts, rank_main)
 
 __all__ = ["ALGORITHMS", "NodeStage", "DestRefused", "chain", "bcast", "main"]
 
@@ -233,11 +235,7 @@ class _Downloader:
             self._q.put(None)
 
     def get(self, idle: Callable[[], None]) -> bytes | None:
-        while True:
-            try:
-                return self._q.get(timeout=0.001)
-            except queue.Empty:
-                idle()
+        return queue_get(self._q, idle)
 
     def close(self) -> None:
         self._stop = True
@@ -269,73 +267,34 @@ def _source(down: _Downloader, total: int, chunk: int, failed: list[str]):
 
 
 def chain(comm, total: int, chunk: int, get: Callable | None, sink: Callable,
-          hooks: Callable[[int], None]) -> None:
-    """Pipelined chain in rank order: each rank receives from rank-1 and forwards to rank+1.
+          faults: Faults = NONE) -> None:
+    """Move ``total`` bytes in ``chunk``-sized segments down the one pipelined chain
+    (:class:`mpitools.common.chain.Chain`) in rank order; every rank ``sink``s each.
 
-    Non-blocking sends and receives, two buffers per rank, waits by Test + sleep.
+    ``get(i, idle)`` gives rank 0's segment i; ``sink(data, idle)`` consumes a segment.
     """
     from mpi4py import MPI
 
-    rank, size = comm.rank, comm.size
-    nxt = rank + 1 if rank + 1 < size else None
+    ch = Chain(comm, max_frame=chunk, depth=_NBUF)
     n_chunks = -(-total // chunk)
-    bufs = [bytearray(chunk) for _ in range(_NBUF)] if rank else []
-    recvs: list = [None] * _NBUF
-    sends: list = [None] * _NBUF
-    held: list = [None] * _NBUF  # rank 0 sends from bytes objects; keep them alive
-
-    def progress() -> None:
-        for b in range(_NBUF):
-            if sends[b] is not None:
-                try:
-                    if sends[b].Test():
-                        sends[b], held[b] = None, None
-                except MPI.Exception as e:
-                    raise PeerLost(nxt, e.Get_error_string()) from None
-
-    def post_recv(i: int) -> None:
-        b = i % _NBUF
-        recvs[b] = comm.Irecv([bufs[b], _chunk_len(i, total, chunk), MPI.BYTE],
-                              source=rank - 1, tag=_TAG)
-
     try:
-        _chain_loop(comm, total, chunk, get, sink, hooks, n_chunks, bufs, recvs, sends, held,
-                    progress, post_recv, nxt)
+        if comm.rank == 0:
+            for i in range(n_chunks):
+                data = get(i, ch.progress)
+                faults.checkpoint("stage.chunk", i)
+                ch.send(data, ch.progress)
+                sink(data, ch.progress)
+            ch.end()
+        else:
+            for i, data in enumerate(ch.frames(count=n_chunks)):
+                faults.checkpoint("stage.chunk", i)
+                sink(bytes(data), ch.progress)
     except MPI.Exception as e:  # an error not tied to one request: neighbour unknown
         raise PeerLost(None, e.Get_error_string()) from None
 
 
-def _chain_loop(comm, total, chunk, get, sink, hooks, n_chunks, bufs, recvs, sends, held,
-                progress, post_recv, nxt) -> None:
-    from mpi4py import MPI
-
-    rank = comm.rank
-    if rank:
-        for i in range(min(_NBUF, n_chunks)):
-            post_recv(i)
-    for i in range(n_chunks):
-        b, n = i % _NBUF, _chunk_len(i, total, chunk)
-        if rank == 0:
-            wait(sends[b], progress, nxt)
-            data = get(i, progress)
-        else:
-            wait(recvs[b], progress, rank - 1)
-            data = memoryview(bufs[b])[:n]
-        hooks(i)
-        if nxt is not None:
-            wait(sends[b], None, nxt)
-            held[b] = data
-            sends[b] = comm.Isend([data, n, MPI.BYTE], dest=nxt, tag=_TAG)
-        sink(bytes(data), progress)
-        if rank and i + _NBUF < n_chunks:
-            wait(sends[b], progress, nxt)  # the buffer is reused by chunk i + _NBUF
-            post_recv(i + _NBUF)
-    for r in sends:
-        wait(r, None, nxt)
-
-
 def bcast(comm, total: int, chunk: int, get: Callable | None, sink: Callable,
-          hooks: Callable[[int], None]) -> None:
+          faults: Faults = NONE) -> None:
     """MPI_Bcast per chunk into a preallocated buffer (the paper's Userstage)."""
     from mpi4py import MPI
 
@@ -345,7 +304,7 @@ def bcast(comm, total: int, chunk: int, get: Callable | None, sink: Callable,
         if comm.rank == 0:
             buf[:n] = get(i, lambda: None)
         comm.Bcast([buf, n, MPI.BYTE], root=0)
-        hooks(i)
+        faults.checkpoint("stage.chunk", i)
         sink(bytes(buf[:n]), None)
 
 
@@ -391,175 +350,191 @@ def _fetch_sums(url: str, want: str, timeout: float) -> tuple[bytes | None, str 
     return sums, None
 
 
-def _hold(fifo_dir: str) -> None:
-    """Test hook CHIBA_TEST_HOLD=rank:DIR: with every lock taken, say so through the FIFO
-    DIR/ready and wait for DIR/go (a barrier with the test, no sleeps)."""
-    with open(os.path.join(fifo_dir, "ready"), "w") as f:
-        f.write("ready\n")
-    with open(os.path.join(fifo_dir, "go")) as f:
-        f.read()
+class _Run:
+    """One rank's state through the phases of :func:`main`."""
 
+    def __init__(self, comm, job: dict):
+        self.comm, self.job, self.rank = comm, job, comm.rank
+        self.host = rank_hosts(job)[self.rank]
+        self.total, self.chunk = int(job["size"]), int(job["chunk"])
+        self.faults = Faults.of(job, self.rank)
+        dest = job["dests"][self.host]
+        self.node = NodeStage(dest["root"], dest["rel"], job["jobid"],
+                              replace=bool(job.get("replace")), shown=dest.get("shown"),
+                              host_root=dest.get("host_root"))
+        # "primary" marks the node whose own failure decided the outcome (vs. aborted with
+        # it); "refused" a destination refused before anything was touched (the CLI exits 2)
+        self.report = {"host": self.host, "ok": False, "bytes": 0, "seconds": 0.0,
+                       "stage": "check", "error": None, "primary": False, "refused": False}
+        self.phases: dict[str, float] = {}
+        self.t0 = time.time()
+        self.resp = None  # rank 0: the archive's HTTP response
+        self.sums: bytes | None = None  # the archive's block digests (every rank)
 
-def _make_hooks(rank: int) -> Callable[[int], None]:
-    """Test hooks (CHIBA_TEST_DIE=rank:chunk, CHIBA_TEST_DELAY=rank:seconds)."""
-    die = test_hook("die", rank)
-    delay = test_hook("delay", rank)
-    die_at = int(die) if die is not None else None
-    pause = float(delay) if delay is not None else 0.0
-
-    def hooks(i: int) -> None:
-        if die_at is not None and i >= die_at:
-            os._exit(9)  # a node dying mid-transfer, without any goodbye
-        if pause:
-            time.sleep(pause)
-
-    return hooks
+    def close_source(self) -> None:
+        if self.resp is not None:
+            self.resp.close()
+            self.resp = None
 
 
 def main(comm, job: dict) -> int:
-    """Stage one archive to every rank's destination; rank 0 emits the result event."""
-    rank, size = comm.rank, comm.size
-    host = rank_hosts(job)[rank]
-    dest = job["dests"][host]
-    total, chunk = int(job["size"]), int(job["chunk"])
-    # "primary" marks the node whose own failure decided the outcome (vs. aborted with it);
-    # "refused" a destination refused before anything was touched (the CLI exits 2)
-    report = {"host": host, "ok": False, "bytes": 0, "seconds": 0.0, "stage": "check",
-              "error": None, "primary": False, "refused": False}
-    phases: dict[str, float] = {}
-    t0 = time.time()
-    if rank == 0:
-        emit("start", time=t0, ranks=size)
+    """Stage one archive to every rank's destination; rank 0 emits the result event.
 
-    # 1. rank 0 checks the source (archive and its block digests) and every node its
-    #    destination, before anyone touches a disk; the verdicts are agreed
-    resp, err, sums = None, None, None
-    timeout = float(job.get("http_timeout", 30))
-    if rank == 0:
-        resp, err = _open_url(job["url"], total, timeout)
+    A sequence of phases, each ending in an agreement of every rank (mpiFileUtils' dsync
+    is the model): check (the source, every destination), prepare (temp dirs, locks),
+    transfer (move, unpack, verify), commit (renames); then every report goes to rank 0.
+    Works on any intracommunicator (``rank_hosts(job)`` names each rank's host).
+    """
+    run = _Run(comm, job)
+    if run.rank == 0:
+        emit("start", time=run.t0, ranks=comm.size)
+    if _check(run):
+        try:
+            if _prepare(run):
+                _commit(run, _transfer(run))
+        except BaseException:
+            run.node.abandon()
+            raise
+    return _finish(run)
+
+
+def _check(run: _Run) -> bool:
+    """Rank 0 checks the source (archive and its block digests) and every node its
+    destination, before anyone touches a disk; agreed. False: nobody goes on."""
+    comm, job, report = run.comm, run.job, run.report
+    err = None
+    if run.rank == 0:
+        timeout = float(job.get("http_timeout", 30))
+        run.resp, err = _open_url(job["url"], run.total, timeout)
         if err is None:
-            sums, err = _fetch_sums(job["sums_url"], job["sums_hash"], timeout)
+            run.sums, err = _fetch_sums(job["sums_url"], job["sums_hash"], timeout)
             if err is not None:
-                resp.close()
-                resp = None
-    err, sums = comm.bcast((err, sums), root=0)
-    node = NodeStage(dest["root"], dest["rel"], job["jobid"], replace=bool(job.get("replace")),
-                     shown=dest.get("shown"), host_root=dest.get("host_root"))
+                run.close_source()
+    err, run.sums = comm.bcast((err, run.sums), root=0)
     refusal = None
     if err is None:
         try:
-            node.check()
+            run.node.check()
         except DestRefused as e:
             refusal = str(e)
     any_refused = agree_any(comm, refusal is not None)  # waited quietly, as every vote
-    phases["check"] = time.time() - t0
-    if err is not None or any_refused:
-        if resp is not None:
-            resp.close()
-        if refusal is not None:
-            report.update(error=refusal, primary=True, refused=True)
-        elif err is not None:
-            report.update(error=err if rank == 0 else "not started: the source check failed",
-                          primary=rank == 0)
-        else:
-            report.update(error="not started: another node refused its destination")
-        return _finish(comm, job, report, phases, t0)
+    run.phases["check"] = time.time() - run.t0
+    if err is None and not any_refused:
+        return True
+    run.close_source()
+    if refusal is not None:
+        report.update(error=refusal, primary=True, refused=True)
+    elif err is not None:
+        report.update(error=err if run.rank == 0 else "not started: the source check failed",
+                      primary=run.rank == 0)
+    else:
+        report.update(error="not started: another node refused its destination")
+    return False
 
-    # 2. every node prepares its temporary directory; any failure stops everyone
-    t = time.time()
+
+def _prepare(run: _Run) -> bool:
+    """Every node makes its locked temporary directory; agreed. False: nobody goes on
+    (every node has undone what it did)."""
+    t, report, node = time.time(), run.report, run.node
     try:
-        try:
-            report["stage"] = "prepare"
-            node.prepare()
-        except DestRefused as e:
-            report.update(error=str(e), primary=True, refused=True)
-        except BeneathError as e:  # names its path: a symlink on the way, the lock held
-            report.update(error=str(e), primary=True)
-        except OSError as e:
-            report.update(error=f"cannot prepare {node.shown}: {e.strerror or e}",
-                          primary=True)
-        failed = agree_any(comm, report["error"] is not None)
-        phases["prepare"] = time.time() - t
-        if failed:
-            if resp is not None:
-                resp.close()
-            node.abandon()
-            report["error"] = report["error"] or "aborted: another node failed to prepare"
-            return _finish(comm, job, report, phases, t0)
-
-        hold = test_hook("hold", rank)
-        if hold is not None:
-            _hold(hold)
-
-        # 3. move the bytes; each node unpacks only blocks it has verified, as they arrive
-        report["stage"] = "transfer"
-        t = time.time()
-        ex = Extractor(node.tmp_fd, job["compress"], hash_alg=job["hash_alg"],
-                       depth=int(job.get("depth", 4)), sums=sums, block=int(job["block"]))
-        down_failed: list[str] = []
-        # the download runs ahead by up to --chunk bytes: a queue two segments deep
-        # left rank 0 waiting on HTTP (0.83 of line rate against 0.90 with 4 MiB ahead)
-        ahead = max(_NBUF, int(job.get("buffer", chunk)) // chunk)
-        down = _Downloader(resp, chunk, ahead, sums, int(job["block"])) if rank == 0 else None
-        get = _source(down, total, chunk, down_failed) if rank == 0 else None
-        sent = [0, t]
-
-        def sink(data: bytes, idle) -> None:
-            ex.feed(data, idle)
-            if rank == 0:
-                sent[0] += len(data)
-                if time.time() - sent[1] > 0.25 or sent[0] == total:
-                    sent[1] = time.time()
-                    emit("progress", done=sent[0], total=total)
-
-        algo = chain if job["algorithm"] == "chain" else bcast
-        algo(comm, total, chunk, get, sink, _make_hooks(rank))
-        if down is not None:
-            down.close()
-        local_err = down_failed[0] if down_failed else None
-        try:
-            got, digest = ex.finish(lambda: None)
-        except Exception as e:  # noqa: BLE001 - a refused member, a bad block, a full disk
-            got, digest = ex.received, None
-            local_err = local_err or _describe(e)
-        report.update(bytes=got, seconds=time.time() - t)
-
-        # 4. verify: everyone compares with rank 0's hash, rank 0 with the packer's; when
-        #    rank 0 refused the download, the others only say they unpacked none of it
-        report["stage"] = "verify"
-        ref, src_err = comm.bcast((digest, down_failed[0] if down_failed else None)
-                                  if rank == 0 else None, root=0)
-        primary = True
-        if local_err is None:
-            if rank == 0 and digest != job["hash"]:
-                local_err = "archive hash differs from the packed one (spool file changed?)"
-            elif got != total or digest != ref:
-                local_err = f"received {got} of {total} bytes, hash mismatch"
-        if rank and src_err is not None and local_err is not None:
-            local_err, primary = "not unpacked: the archive was refused on rank 0", False
-        report.update(error=local_err, primary=local_err is not None and primary)
-        failed = agree_any(comm, local_err is not None)
-        phases["transfer"] = time.time() - t
-        t = time.time()
-        if not failed:
-            report["stage"] = "commit"
-            try:
-                node.commit()
-            except OSError as e:
-                report.update(error=f"cannot rename into {node.shown}: {e.strerror or e}",
-                              primary=True)
-            failed = agree_any(comm, report["error"] is not None)
-        if failed:
-            node.abandon()
-            report["error"] = report["error"] or "aborted: another node failed"
-        else:
-            node.finish()
-            report.update(ok=True, stage="done")
-        phases["commit"] = time.time() - t
-    except BaseException:
+        report["stage"] = "prepare"
+        node.prepare()
+    except DestRefused as e:
+        report.update(error=str(e), primary=True, refused=True)
+    except BeneathError as e:  # names its path: a symlink on the way, the lock held
+        report.update(error=str(e), primary=True)
+    except OSError as e:
+        report.update(error=f"cannot prepare {node.shown}: {e.strerror or e}", primary=True)
+    failed = agree_any(run.comm, report["error"] is not None)
+    run.phases["prepare"] = time.time() - t
+    if failed:
+        run.close_source()
         node.abandon()
-        raise
-    return _finish(comm, job, report, phases, t0)
+        report["error"] = report["error"] or "aborted: another node failed to prepare"
+        return False
+    run.faults.checkpoint("stage.locked")
+    return True
+
+
+def _transfer(run: _Run) -> bool:
+    """Move the bytes; each node unpacks only blocks it has verified, as they arrive; then
+    everyone compares with rank 0's hash, rank 0 with the packer's; agreed. Returns
+    whether any node failed."""
+    job, rank, total, chunk, report = run.job, run.rank, run.total, run.chunk, run.report
+    report["stage"] = "transfer"
+    t = time.time()
+    ex = Extractor(run.node.tmp_fd, job["compress"], hash_alg=job["hash_alg"],
+                   depth=int(job.get("depth", 4)), sums=run.sums, block=int(job["block"]))
+    down_failed: list[str] = []
+    # the download runs ahead by up to --chunk bytes: a queue two segments deep
+    # left rank 0 waiting on HTTP (0.83 of line rate against 0.90 with 4 MiB ahead)
+    ahead = max(_NBUF, int(job.get("buffer", chunk)) // chunk)
+    down = (_Downloader(run.resp, chunk, ahead, run.sums, int(job["block"]))
+            if rank == 0 else None)
+    get = _source(down, total, chunk, down_failed) if rank == 0 else None
+    algo = chain if job["algorithm"] == "chain" else bcast
+    algo(run.comm, total, chunk, get, _sink(ex, rank, total, t), run.faults)
+    if down is not None:
+        down.close()
+    local_err = down_failed[0] if down_failed else None
+    try:
+        got, digest = ex.finish(lambda: None)
+    except Exception as e:  # noqa: BLE001 - a refused member, a bad block, a full disk
+        got, digest = ex.received, None
+        local_err = local_err or _describe(e)
+    report.update(bytes=got, seconds=time.time() - t)
+    # verify: when rank 0 refused the download, the others only say they unpacked none
+    report["stage"] = "verify"
+    ref, src_err = run.comm.bcast((digest, down_failed[0] if down_failed else None)
+                                  if rank == 0 else None, root=0)
+    primary = True
+    if local_err is None:
+        if rank == 0 and digest != job["hash"]:
+            local_err = "archive hash differs from the packed one (spool file changed?)"
+        elif got != total or digest != ref:
+            local_err = f"received {got} of {total} bytes, hash mismatch"
+    if rank and src_err is not None and local_err is not None:
+        local_err, primary = "not unpacked: the archive was refused on rank 0", False
+    report.update(error=local_err, primary=local_err is not None and primary)
+    failed = agree_any(run.comm, local_err is not None)
+    run.phases["transfer"] = time.time() - t
+    return failed
+
+
+def _sink(ex: Extractor, rank: int, total: int, t: float) -> Callable:
+    """Each segment into this node's extractor; rank 0 reports progress every 0.25 s."""
+    sent = [0, t]
+
+    def sink(data: bytes, idle) -> None:
+        ex.feed(data, idle)
+        if rank == 0:
+            sent[0] += len(data)
+            if time.time() - sent[1] > 0.25 or sent[0] == total:
+                sent[1] = time.time()
+                emit("progress", done=sent[0], total=total)
+
+    return sink
+
+
+def _commit(run: _Run, failed: bool) -> None:
+    """Unless a node failed, every node renames its tree into place; agreed. Then every
+    node marks its destination (all committed) or rolls back (any failed)."""
+    t, report, node = time.time(), run.report, run.node
+    if not failed:
+        report["stage"] = "commit"
+        try:
+            node.commit()
+        except OSError as e:
+            report.update(error=f"cannot rename into {node.shown}: {e.strerror or e}",
+                          primary=True)
+        failed = agree_any(run.comm, report["error"] is not None)
+    if failed:
+        node.abandon()
+        report["error"] = report["error"] or "aborted: another node failed"
+    else:
+        node.finish()
+        report.update(ok=True, stage="done")
+    run.phases["commit"] = time.time() - t
 
 
 def _describe(e: BaseException) -> str:
@@ -573,13 +548,13 @@ def _describe(e: BaseException) -> str:
     return f"extract refused: {name}: {e}" if "Error" in name else f"extract failed: {e}"
 
 
-def _finish(comm, job: dict, report: dict, phases: dict, t0: float) -> int:
+def _finish(run: _Run) -> int:
     """Gather every node's report to rank 0, which emits the one result event."""
-    report["maxrss"] = maxrss_bytes()
-    reports = comm.gather(report, root=0)
-    if comm.rank == 0:
-        emit("result", ok=all(r["ok"] for r in reports), reports=reports, phases=phases,
-             seconds=time.time() - t0, algorithm=job["algorithm"])
+    run.report["maxrss"] = maxrss_bytes()
+    reports = run.comm.gather(run.report, root=0)
+    if run.rank == 0:
+        emit("result", ok=all(r["ok"] for r in reports), reports=reports, phases=run.phases,
+             seconds=time.time() - run.t0, algorithm=run.job["algorithm"])
     return 0
 
 

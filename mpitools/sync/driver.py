@@ -14,6 +14,7 @@ from topology.confine import confine_dest
 
 from mpitools.common.launch import launch
 from mpitools.common.runtime import encode_job
+from mpitools.common.faults import from_environ  # tests inject faults
 from mpitools.common.targets import launch_failures
 
 __all__ = ["sync_mpi", "DEFAULT_CHUNK", "check_source_dir", "target_dests"]
@@ -70,7 +71,7 @@ def sync_mpi(topo, src: str, targets: list[str], dest: str | None = None, *,
                          "target", hint="leave it out of --targets")
     targets = list(dict.fromkeys(targets))
     dests = target_dests(topo, targets, dest)
-    job = {"source": path, "dests": dests, "delete": delete, "dry_run": dry_run,
+    job = {**from_environ(), "source": path, "dests": dests, "delete": delete, "dry_run": dry_run,
            "excludes": list(excludes), "checksum": checksum, "verify": verify,
            "chunk": int(chunk), "itemize": itemize, "tmp_tag": new_tmp_tag()}
     progress = or_silent(progress)
