@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from chiba_admin.errors import InvalidRequest
-from mpitools.common import faults, runtime
+from mpitools.common import runtime
 from mpitools.common.faults import NONE, Faults, from_environ
 
 
@@ -113,17 +113,6 @@ def test_a_fatal_fault_ends_the_process_hard_once_its_count_is_reached():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 9 and r.stdout.split() == ["0", "1", "2"]
 
-
-def test_legacy_hook_answers_from_the_armed_job_not_the_environment(monkeypatch):
-    monkeypatch.setenv("CHIBA_TEST_SYNC_DIE", "2:1")
-    faults.arm({}, 2)
-    assert faults.legacy_hook("sync_die", 2) is None
-    faults.arm({"faults": [{"point": "sync.file", "rank": 2, "do": "exit", "after": 3}]}, 2)
-    try:
-        assert faults.legacy_hook("sync_die", 2) == "3"
-        assert faults.legacy_hook("sync_die", 1) is None
-    finally:
-        faults.arm({}, 0)
 
 
 # -- the chain through real mpiexec ---------------------------------------------------------

@@ -32,7 +32,7 @@ import time
 
 from chiba_admin.errors import InvalidRequest
 
-__all__ = ["ENV", "ACTIONS", "Faults", "NONE", "from_environ", "arm", "legacy_hook"]
+__all__ = ["ENV", "ACTIONS", "Faults", "NONE", "from_environ"]
 
 ENV = "CHIBA_FAULTS"
 ACTIONS = ("exit", "sleep", "barrier", "replace")
@@ -112,28 +112,3 @@ def _apply(rule: dict, rank: int, count: int) -> None:
             f.write("ready\n")
         with open(os.path.join(rule["dir"], "go")) as f:
             f.read()
-
-
-# -- until mpitools/sync/ranks.py calls Faults.checkpoint itself ----------------------------
-_armed = NONE
-
-
-def arm(job: dict, rank: int) -> Faults:
-    """Make ``job``'s faults for ``rank`` the ones :func:`legacy_hook` answers from
-    (``rank_main`` does this before ``main``); returns them."""
-    global _armed
-    _armed = Faults.of(job, rank)
-    return _armed
-
-
-_LEGACY = {"sync_die": ("sync.file", "after")}
-
-
-def legacy_hook(name: str, rank: int) -> str | None:
-    """The old ``test_hook(name, rank)`` answered from the armed job's faults (never from
-    the environment): ``sync_die`` is the ``after`` of an ``exit`` rule at ``sync.file``."""
-    if name not in _LEGACY or rank != _armed.rank:
-        return None
-    point, key = _LEGACY[name]
-    r = _armed.rule(point)
-    return None if r is None or r["do"] != "exit" else str(r.get(key, 0))

@@ -13,11 +13,10 @@ import sys
 import time
 from typing import Any, Callable
 
-from mpitools.common import faults
 
 __all__ = ["EVENT_PREFIX", "PeerLost", "load_job", "rank_hosts", "encode_job", "emit",
            "set_emitter", "Backoff", "wait", "queue_get", "queue_put", "agree_any",
-           "Terminated", "rank_main", "maxrss_bytes", "SLEEP", "IDLE_CAP", "test_hook"]
+           "Terminated", "rank_main", "maxrss_bytes", "SLEEP", "IDLE_CAP"]
 
 EVENT_PREFIX = "@@chiba "
 # Waiting by Test + a short sleep instead of a blocking call: ranks that outnumber cores
@@ -173,13 +172,6 @@ def maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def test_hook(name: str, rank: int) -> str | None:
-    """The old test hook ``name`` for ``rank``, answered from the faults of the job that
-    ``rank_main`` armed, never from the environment (:func:`faults.legacy_hook`); kept
-    until mpitools/sync/ranks.py calls ``Faults.checkpoint`` itself."""
-    return faults.legacy_hook(name, rank)
-
-
 def _on_sigterm(signum, frame):
     raise Terminated()
 
@@ -205,7 +197,6 @@ def rank_main(main: Callable[[Any, dict], int], argv: list[str] | None = None) -
     MPI.COMM_SELF.Set_errhandler(MPI.ERRORS_RETURN)
     try:
         job = load_job(argv[0])
-        faults.arm(job, comm.rank)  # for the rank programs that still ask test_hook
         code = main(comm, job)
     except PeerLost as e:
         # any rank may print events: the launcher blames ``peer``, not this rank

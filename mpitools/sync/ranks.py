@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from mpi4py import MPI
+import mpi4py
 
 from chiba_admin.errors import ChibaError, InvalidRequest
 from inventory import (DestTree, Inventory, check_source, decode_inventory, delete_extraneous,
@@ -44,7 +44,13 @@ from inventory.entries import DIR
 from inventory.plan import WRITE
 
 from mpitools.common.chain import chain_frames, chain_send
-from mpitools.common.runtime import PeerLost, emit, rank_hosts, rank_main, test_hook, wait
+from mpitools.common.faults import NONE, Faults
+from mpitools.common.runtime import PeerLost, emit, rank_hosts, rank_main, wait
+
+# the thread level rank_main asks for: importing mpi4py.MPI initialises MPI, and this module
+# is imported before rank_main runs (no thread of a sync rank calls MPI)
+mpi4py.rc.thread_level = "funneled"
+from mpi4py import MPI  # noqa: E402
 
 __all__ = ["main", "run_sync", "PIECE", "pack_frames", "iter_pieces", "MAX_PIECES"]
 
@@ -157,7 +163,7 @@ class _Target:
         self._parent_fd = self._lock_fd = -1
         self._name = ""
         self.created = False
-        self.die_after: int | None = None  # test hook: die after this many files
+        self.faults = NONE  # fault injection (tests): the job's rules for this rank
         self.stats = {"created": 0, "updated": 0, "deleted": 0, "meta": 0,
                       "bytes_received": 0, "files_received": 0, "temps_removed": 0}
 
@@ -300,8 +306,7 @@ class _Target:
                                      replace=a.replace, uid=a.uid, gid=a.gid)
                 self.stats["files_received"] += 1
                 self.got.add(rel)
-                if self.die_after is not None and len(self.got) >= self.die_after:
-                    os._exit(9)  # test hook: a target dying mid-transfer
+                self.faults.checkpoint("sync.file", len(self.got))  # a node dying here
                 self.stats["created" if a.changes == "+" else "updated"] += 1
             except Conflict as exc:  # a directory in the way got members: keep it, report
                 self.unplaced.add(rel)
@@ -547,7 +552,7 @@ def _transfer(run: _Sync, progress: Callable[[int, int], None] | None) -> None:
     """Phase 5: each group streamed once down a chain; a barrier ends it for everyone."""
     t2 = time.monotonic()
     if run.me is not None:
-        run.me.die_after = _hook_count("sync_die", run.comm.rank)  # test hook
+        run.me.faults = Faults.of(run.spec, run.comm.rank)
         run.me.prepare()
     total = sum(g[2] for g in run.groups)
     for ranks, indices, _nbytes in run.groups:
@@ -623,12 +628,6 @@ def _report(run: _Sync, results: list) -> dict:
         "bytes_sent": run.sent, "seconds": time.monotonic() - run.t0, "phases": run.phases,
         "dry_run": run.opts["dry_run"], "hosts": hosts, "failures": failures,
     }
-
-
-def _hook_count(name: str, rank: int) -> int | None:
-    """Test hook ``CHIBA_TEST_<NAME>=rank:N`` as a number, None when unset for ``rank``."""
-    value = test_hook(name, rank)
-    return int(value) if value else None
 
 
 def main(comm, job: dict) -> int:
