@@ -14,8 +14,9 @@ import pytest
 
 from mpitools.common.spool import SpoolServer
 from mpitools.stage.driver import stage_archive
-from test_stage_helpers import (assert_same_tree, crafted_tar, make_tree, special_tree,
-                                stage_leftovers, symlink_chain_tar, tree_signature)
+from support.archives import crafted_tar, symlink_chain_tar
+from support.trees import (assert_same_tree, make_tree, special_tree, stage_leftovers,
+                           tree_signature)
 
 pytestmark = pytest.mark.mpi
 

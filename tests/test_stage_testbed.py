@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_stage_helpers import assert_same_tree, make_tree
-from testbed_fixtures import testbed_cluster  # noqa: F401 - the session fixture
+from support.trees import assert_same_tree, make_tree
 
 pytestmark = [pytest.mark.testbed, pytest.mark.mpi]
 
