@@ -210,7 +210,7 @@ def test_deleting_dir_with_excluded_content_keeps_it(tmp_path):
     t = scan(dst, excludes=["*.o"])
     plan = make_plan(s, t, delete=True)
     assert [a.path for a in plan.by_op("delete")] == ["old/a"]  # "old" is protected
-    apply_plan(plan, dst, local_fetch(src))
+    r = apply_plan(plan, dst, local_fetch(src))
     assert r.deleted == 1 and not r.conflicts
     assert (dst / "old" / "build.o").exists() and not (dst / "old" / "a").exists()
 
@@ -236,7 +236,7 @@ def test_an_unplanned_member_stops_the_replacement_as_a_conflict(tmp_path):
     (dst / "x").mkdir(parents=True)
     plan = make_plan(scan(src), scan(dst), delete=True)
     put(dst, "x/late", b"arrived after the scan")
-    apply_plan(plan, dst, local_fetch(src))
+    r = apply_plan(plan, dst, local_fetch(src))
     assert r.conflicts and r.conflicts[0].startswith("x: could not make way")
     assert (dst / "x" / "late").read_bytes() == b"arrived after the scan"
     assert no_temps(dst)
