@@ -110,7 +110,7 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
                             f"collected {ev.get('hosts_done')}/{ev.get('hosts')} hosts")
 
     try:
-        res = launch(topo, "mpitools.collect", [encode_job(job)], ranks[1:], home,
+        res = launch(topo, "mpitools.collect.ranks", [encode_job(job)], ranks[1:], home,
                      timeout=timeout, on_event=on_event, env=env)
     except KeyboardInterrupt:
         _clean_collect(dest_dir, names)
