@@ -10,8 +10,9 @@ import pytest
 from chiba_admin.cli import main
 from support.cluster import DEMO
 
-# fixtures that live in tests/support (the testbed, a loopback sshd), for every test file
-pytest_plugins = ["support.testbed", "support.ssh"]
+# fixtures that live in tests/support (the testbed, a loopback sshd, `cluster`), for every
+# test file
+pytest_plugins = ["support.testbed", "support.ssh", "support.backends"]
 
 
 @dataclass
