@@ -6,8 +6,9 @@ and ``ok``; on every target the tree ``rsync -a`` would make of the source (the 
 tree of tests/support/trees.py, judged field by field by tests/support/compare.py); the
 source left as it was; the ``--json`` top-level keys of the method; and bad input (a
 refused --dest, an unknown host) exits 2 with one line on stderr and nothing written on
-any host. tests/test_contract_tree.py reports the same tree field by field on the
-embedded cluster; this file holds each method to it on every backend.
+any host; a device node in the tree is such bad input for every method. Each failure
+lists every difference, one line per entry and field ("PATH: mode: expected 4755, got
+0755"); ``test_the_judge_sees_each_field`` shows that the judge itself sees each fault.
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ import shutil
 
 import pytest
 
-from support.compare import diff_snapshots, diff_trees, rsync_copy, snapshot_hosts, tree_fields
+from support.compare import (diff_snapshots, diff_trees, rsync_copy, show_path, snapshot_hosts,
+                             tree_fields)
 from support.procs import still_running
-from support.trees import make_awkward_tree
+from support.trees import DEVICE_REL, make_awkward_tree, make_device_tree
 
 pytestmark = [pytest.mark.mpi,
               pytest.mark.skipif(shutil.which("rsync") is None,
                                  reason="rsync is the reference; install rsync")]
 
 NAME = "contract tree"  # a space in the destination's own name too
+ROOT = os.geteuid() == 0  # a device node needs root to create (CAP_MKNOD)
 
 # the top-level --json keys of a successful run, per (workload, method); pinned here so
 # that a backend or a method that drops or adds one fails by name
@@ -72,6 +75,13 @@ def source(tmp_path_factory):
     return src, tree_fields(base / "reference")
 
 
+@pytest.fixture(scope="module")
+def device_tree(tmp_path_factory):
+    """A tree holding a character device (DEVICE_REL), which every method refuses; None
+    when not root."""
+    return make_device_tree(tmp_path_factory.mktemp("device") / "with device") if ROOT else None
+
+
 def _problems(r, workload, method) -> list[str]:
     """What is wrong with a run that should have succeeded: exit, ok, the --json keys."""
     if r.code != 0:
@@ -95,15 +105,55 @@ def _same_trees(cluster, dests: dict[str, str], expected: dict[str, dict]) -> li
     return out
 
 
-def _refused(cluster, *args, extra: dict | None = None) -> list[str]:
-    """Bad input: exit 2, one line on stderr, nothing written on any host (nor in ``extra``)."""
+def _leftovers(before: dict, after: dict, roots: dict[str, str], dests) -> list[str]:
+    """Entries on any host, outside the destinations, that the run created and left.
+
+    The one file a stage or collect leaves beside its destination on purpose is its
+    staged marker, ``.NAME.chiba-staged`` (docs/design.md, "Safety"): it is how the next
+    run tells a destination it made from one it must not replace without ``--replace``.
+    """
+    inside = [os.fsencode(d) for d in dests]
+    markers = [os.path.join(os.path.dirname(d), b"." + os.path.basename(d) + b".chiba-staged")
+               for d in inside]
+    found = []
+    for label, root in roots.items():
+        for rel in sorted(set(after[label] or ()) - set(before[label] or ())):
+            path = os.path.join(os.fsencode(root), rel)
+            if path in markers:
+                continue
+            if not any(path == d or path.startswith(d + b"/") for d in inside):
+                found.append(f"{label}: left behind: {show_path(rel)} "
+                             f"({after[label][rel][0]})")
+    return found
+
+
+def _run_and_judge(cluster, args, dests: dict[str, str], expected: dict[str, dict],
+                   workload: str, method: str, src: str) -> list[str]:
+    """Run ``args``; then exit, ok, keys, every destination's tree, the source untouched,
+    nothing left on any host outside the destinations."""
+    roots = cluster.roots()
+    before = snapshot_hosts({**roots, "source": src})
+    r = cluster.cli("--json", *args)
+    after = snapshot_hosts({**roots, "source": src})
+    problems = _problems(r, workload, method)
+    if not problems:
+        problems += _same_trees(cluster, dests, expected)
+    problems += [f"the source was changed: {d}" for d in
+                 diff_snapshots({"source": before.pop("source")},
+                                {"source": after.pop("source")})]
+    return problems + _leftovers(before, after, roots, dests.values())
+
+
+def _refused(cluster, *args, naming: str = "", extra: dict | None = None) -> list[str]:
+    """Bad input: exit 2, one line on stderr (naming ``naming``), nothing written on any
+    host (nor in ``extra``)."""
     roots = {**cluster.roots(), **(extra or {})}
     before = snapshot_hosts(roots)
     r = cluster.cli(*args)
     out = [] if r.code == 2 else [f"exit {r.code}, want 2:\n{r}"]
     lines = [ln for ln in r.err.splitlines() if ln.strip()]
-    if len(lines) != 1:
-        out.append(f"want one line on stderr, got {len(lines)}: {lines}")
+    if len(lines) != 1 or naming not in lines[0]:
+        out.append(f"want one line on stderr naming {naming!r}, got {len(lines)}: {lines}")
     out += [f"written: {d}" for d in diff_snapshots(before, snapshot_hosts(roots))]
     return out
 
@@ -116,25 +166,24 @@ def _fail(cluster, what, problems) -> None:
 
 
 @pytest.mark.parametrize("method", list(STAGE))
-def test_stage(cluster, method, source):
+def test_stage(cluster, method, source, device_tree):
     _needs(cluster, STAGE[method])
     src, reference = source
     nodes = cluster.one_node_per_town()
-    before = snapshot_hosts({"source": src})
-    r = cluster.cli("--json", "stage", src, "--nodes", ",".join(nodes), "--dest", NAME,
-                    *STAGE[method])
-    problems = _problems(r, "stage", method)
-    if not problems:
-        problems += _same_trees(cluster, {n: cluster.path(n, "scratch", NAME) for n in nodes},
-                                dict.fromkeys(nodes, reference))
-    problems += diff_snapshots(before, snapshot_hosts({"source": src}))
+    problems = _run_and_judge(
+        cluster, ["stage", src, "--nodes", ",".join(nodes), "--dest", NAME, *STAGE[method]],
+        {n: cluster.path(n, "scratch", NAME) for n in nodes}, dict.fromkeys(nodes, reference),
+        "stage", method, src)
     problems += _refused(cluster, "stage", src, "--nodes", ",".join(nodes), "--dest",
-                         "../escape", *STAGE[method])
+                         "../escape", *STAGE[method], naming="'..'")
+    if device_tree:
+        problems += _refused(cluster, "stage", device_tree, "--nodes", ",".join(nodes),
+                             "--dest", "with device", *STAGE[method], naming=DEVICE_REL)
     _fail(cluster, f"stage {method}", problems)
 
 
 @pytest.mark.parametrize("method", list(COLLECT))
-def test_collect(cluster, method, source, tmp_path):
+def test_collect(cluster, method, source, device_tree, tmp_path):
     _needs(cluster, COLLECT[method])
     src, _ = source
     nodes = cluster.one_node_per_town(skip=1)
@@ -144,32 +193,39 @@ def test_collect(cluster, method, source, tmp_path):
         rsync_copy(src, placed[n])
     expected = {n: tree_fields(p) for n, p in placed.items()}
     out = tmp_path / "collected"
-    r = cluster.cli("--json", "collect", NAME, "--nodes", ",".join(nodes), "--dest", out,
-                    *COLLECT[method])
-    problems = _problems(r, "collect", method)
-    if not problems:
-        problems += _same_trees(cluster, {n: str(out / n / NAME) for n in nodes}, expected)
+    problems = _run_and_judge(
+        cluster, ["collect", NAME, "--nodes", ",".join(nodes), "--dest", out, *COLLECT[method]],
+        {n: str(out / n / NAME) for n in nodes}, expected, "collect", method, src)
     problems += _refused(cluster, "collect", NAME, "--nodes", ",".join(nodes), "--dest", "/",
-                         *COLLECT[method])
+                         *COLLECT[method], naming="root directory")
+    if device_tree:
+        # the device on the last node only: the others' trees must not be collected either
+        for n in nodes:
+            rsync_copy(device_tree, cluster.path(n, "scratch", "with device"))
+            if n != nodes[-1]:
+                os.remove(os.path.join(cluster.path(n, "scratch", "with device"), DEVICE_REL))
+        problems += _refused(cluster, "collect", "with device", "--nodes", ",".join(nodes),
+                             "--dest", tmp_path / "device", *COLLECT[method], naming=DEVICE_REL,
+                             extra={"collect --dest": str(tmp_path / "device")})
     _fail(cluster, f"collect {method}", problems)
 
 
 @pytest.mark.parametrize("method", list(SYNC))
-def test_sync_mayors(cluster, method, source):
+def test_sync_mayors(cluster, method, source, device_tree):
     _needs(cluster, SYNC[method])
     src, reference = source
     targets = cluster.mayors
-    before = snapshot_hosts({"source": src})
-    r = cluster.cli("--json", "sync-mayors", src, "--targets", ",".join(targets), "--dest",
-                    NAME, *SYNC[method])
-    problems = _problems(r, "sync", method)
-    if not problems:
-        problems += _same_trees(cluster,
-                                {t: cluster.path(t, "repository", NAME) for t in targets},
-                                dict.fromkeys(targets, reference))
-    problems += diff_snapshots(before, snapshot_hosts({"source": src}))
+    problems = _run_and_judge(
+        cluster, ["sync-mayors", src, "--targets", ",".join(targets), "--dest", NAME,
+                  *SYNC[method]],
+        {t: cluster.path(t, "repository", NAME) for t in targets},
+        dict.fromkeys(targets, reference), "sync", method, src)
     problems += _refused(cluster, "sync-mayors", src, "--targets", ",".join(targets), "--dest",
-                         "../escape", *SYNC[method])
+                         "../escape", *SYNC[method], naming="'..'")
+    if device_tree:
+        problems += _refused(cluster, "sync-mayors", device_tree, "--targets",
+                             ",".join(targets), "--dest", "with device", *SYNC[method],
+                             naming=DEVICE_REL)
     _fail(cluster, f"sync-mayors {method}", problems)
 
 
@@ -233,5 +289,50 @@ def _run_timeout_bounds_every_child(cluster) -> list[str]:
 def test_run(cluster):
     problems = _run_exit_codes(cluster) + _run_gathers_bytes_and_stderr(cluster)
     problems += _run_timeout_bounds_every_child(cluster)
-    problems += _refused(cluster, "run", "-w", "ccn[01-99]", "true")
+    problems += _refused(cluster, "run", "-w", "ccn[01-99]", "true", naming="unknown host")
     _fail(cluster, "run", problems)
+
+
+def test_the_judge_sees_each_field(tmp_path):
+    """The oracle itself: an rsync -a copy shows no difference, and each fault shows in its
+    own field only (so that a passing contract test means something)."""
+    src = make_awkward_tree(tmp_path / "src")
+    copy = tmp_path / "copy"
+    rsync_copy(src, copy)
+    reference = tree_fields(src)
+    assert diff_trees(reference, tree_fields(copy)) == []
+    c = os.fsencode(copy)
+
+    def at(rel: bytes) -> bytes:
+        return os.path.join(c, rel)
+
+    os.chmod(at(b"setuid 4755"), 0o755)
+    os.utime(at(b"caf\xe9.txt"), ns=(0, 1_300_000_000 * 10**9))
+    with open(at(b"new\nline"), "ab") as f:
+        f.write(b"more")
+    os.remove(at(b"links/abs"))
+    os.symlink(b"/etc/group", at(b"links/abs"))
+    os.remove(at(b"specials/socket"))
+    os.mkfifo(at(b"specials/socket"))
+    os.rmdir(at(b"empty dir"))
+    open(at(b"stray"), "w").close()
+    if ROOT:
+        os.chown(at(b"owned/user file"), 0, 0)
+    # put back the times the edits above moved, so that each edit shows in one field
+    for rel in (b"new\nline", b"links/abs", b"specials/socket", b"specials", b"links", b"."):
+        os.utime(at(rel), ns=(0, reference[rel]["mtime"]), follow_symlinks=False)
+    got = diff_trees(reference, tree_fields(copy))
+    want = [
+        "'empty dir': missing (dir)",
+        "'links/abs': target: expected '/etc/passwd', got '/etc/group'",
+        "'new\\nline': content: expected 22 bytes sha256:578d23c0e0ad229a, "
+        "got 26 bytes sha256:581ec7f05e4808cd",
+        *(["'owned/user file': owner: expected 1234:5678, got 0:0"] if ROOT else []),
+        "'setuid 4755': mode: expected 4755, got 0755",
+        "'specials/socket': type: expected socket, got fifo",
+        "'stray': unexpected (file)",
+        "b'caf\\xe9.txt': mtime: expected 1300029000.250000000, got 1300000000.000000000",
+    ]
+    assert sorted(got) == sorted(want)
+    assert diff_trees(reference, tree_fields(copy), fields=("mode",)) == [
+        "'setuid 4755': mode: expected 4755, got 0755"]
