@@ -5,25 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-from support.testbed import data_dir
+from support.testbed import data_dir, tb_cli
 from support.trees import assert_same_tree, make_tree
 
 pytestmark = [pytest.mark.testbed, pytest.mark.mpi]
 
-EXE = str(Path(sys.executable).with_name("chiba-admin"))
 NODES = [f"ccn0{i}" for i in range(1, 9)]
-
-
-def _cli(tb, *args: str, env: dict | None = None, timeout: float = 300):
-    """Run chiba-admin on the president (its namespaces), as an operator would."""
-    cp = tb.exec("pres", [EXE, "--cluster", str(tb.topology_file), *args],
-                 env={**os.environ, **(env or {})}, timeout=timeout)
-    return cp.returncode, cp.stdout, cp.stderr
 
 
 @pytest.fixture
@@ -39,7 +29,7 @@ def clean_scratch(testbed_cluster):
 def test_stage_and_collect_over_ssh(testbed_cluster, clean_scratch, tmp_path):
     tb = testbed_cluster
     src = make_tree(tmp_path / "proj", big=2_000_000)
-    code, out, err = _cli(tb, "stage", src, "--nodes", "@nodes", "--json")
+    code, out, err = tb_cli(tb, "stage", src, "--nodes", "@nodes", "--json")
     assert code == 0, err
     j = json.loads(out)
     assert j["ok"] and j["kind"] == "ssh" and j["nodes"] == NODES
@@ -48,7 +38,7 @@ def test_stage_and_collect_over_ssh(testbed_cluster, clean_scratch, tmp_path):
         assert j["hosts"][n]["throughput_bps"] > 0
     # and back: every node's copy into DIR/<host>/ on the president
     out_dir = tmp_path / "back"
-    code, out, err = _cli(tb, "collect", "proj", "--nodes", "@town2", "--dest", str(out_dir),
+    code, out, err = tb_cli(tb, "collect", "proj", "--nodes", "@town2", "--dest", str(out_dir),
                           "--json")
     assert code == 0, err
     assert sorted(os.listdir(out_dir)) == NODES[4:]
@@ -60,7 +50,7 @@ def test_dying_node_aborts_everyone_and_next_run_cleans(testbed_cluster, clean_s
                                                         tmp_path):
     tb = testbed_cluster
     src = make_tree(tmp_path / "proj", big=1_000_000)
-    code, out, err = _cli(tb, "stage", src, "--nodes", "@nodes", "--chunk", "64KiB", "--json",
+    code, out, err = tb_cli(tb, "stage", src, "--nodes", "@nodes", "--chunk", "64KiB", "--json",
                           "--timeout", "120", env={"CHIBA_TEST_DIE": "5:3"})
     assert code == 1, err
     j = json.loads(out)
@@ -68,7 +58,7 @@ def test_dying_node_aborts_everyone_and_next_run_cleans(testbed_cluster, clean_s
     for n in NODES:
         assert not (data_dir(tb, n) / "proj").exists(), n
     # whatever a killed rank could not remove goes at the next run on that node
-    code, out, err = _cli(tb, "stage", src, "--nodes", "@nodes", "--json")
+    code, out, err = tb_cli(tb, "stage", src, "--nodes", "@nodes", "--json")
     assert code == 0, err
     for n in NODES:
         assert sorted(os.listdir(data_dir(tb, n))) == [".proj.chiba-staged", "proj"], n
@@ -79,7 +69,7 @@ def test_full_disk_on_one_node(testbed_cluster, clean_scratch, tmp_path):
     src = make_tree(tmp_path / "proj", big=3_000_000)
     tb.fault("ccn03", "fill-disk")
     try:
-        code, out, err = _cli(tb, "stage", src, "--nodes", "@nodes", "--json")
+        code, out, err = tb_cli(tb, "stage", src, "--nodes", "@nodes", "--json")
     finally:
         tb.heal("ccn03")
     assert code == 1

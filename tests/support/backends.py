@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -24,7 +23,6 @@ from support.cluster import CliRun, new_cluster, run_cli
 
 __all__ = ["Cluster", "BACKENDS", "cluster"]
 
-EXE = str(Path(sys.executable).with_name("chiba-admin"))
 # MPI over SSH needs a host name per daemon: on loopback every "host" is this machine,
 # mpiexec cannot resolve ccn01, and with an ssh config mapping the names to 127.0.0.1 the
 # runtime's daemons never wire up (they all report one host name), so the launch hangs.
@@ -100,13 +98,13 @@ def _ssh(tmp_path, request) -> Cluster:
 
 
 def _testbed(request) -> Cluster:
-    from support.testbed import data_dir, require_testbed
+    from support.testbed import CHIBA, data_dir, require_testbed
     from topology import load_topology
 
     require_testbed()
     tb = request.getfixturevalue("testbed_cluster")
     topo = load_topology(str(tb.topology_file))
-    cli = _subprocess_cli(tb.exec_argv(tb.president, [EXE, "--cluster", str(tb.topology_file)]),
+    cli = _subprocess_cli(tb.exec_argv(tb.president, [CHIBA, "--cluster", str(tb.topology_file)]),
                           {**os.environ})
 
     def path(host, which, rel=None):

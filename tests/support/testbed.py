@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 __all__ = ["testbed_cluster", "tb", "require_testbed", "testbed_unavailable", "data_dir",
-           "TESTBED_SHAPE"]
+           "tb_cli", "CHIBA", "TESTBED_SHAPE"]
 
+CHIBA = str(Path(sys.executable).with_name("chiba-admin"))
 # towns, nodes per town, node Mbit/s, president/mayor Mbit/s
 TESTBED_SHAPE = (2, 4, 20.0, 200.0)
 
@@ -87,3 +89,12 @@ def data_dir(tb, host: str, kind: str = "scratch") -> Path:
         if src.endswith(f"/data/{kind}"):
             return Path(src)
     raise KeyError(f"{host} has no {kind} mount")
+
+
+def tb_cli(tb, *args: str, host: str | None = None, env: dict | None = None,
+           timeout: float = 300) -> tuple[int, str, str]:
+    """``chiba-admin --cluster TESTBED ARGS`` on ``host`` (default: the president), in its
+    namespaces, as an operator there would run it; returns (exit code, stdout, stderr)."""
+    cp = tb.exec(host or tb.president, [CHIBA, "--cluster", str(tb.topology_file), *args],
+                 env={**os.environ, **(env or {})}, timeout=timeout)
+    return cp.returncode, cp.stdout, cp.stderr
