@@ -167,6 +167,7 @@ def _fail(cluster, what, problems) -> None:
 
 @pytest.mark.parametrize("method", list(STAGE))
 def test_stage(cluster, method, source, device_tree):
+    """stage to one node per town (every mayor on the way): the tree on each node."""
     _needs(cluster, STAGE[method])
     src, reference = source
     nodes = cluster.one_node_per_town()
@@ -184,6 +185,7 @@ def test_stage(cluster, method, source, device_tree):
 
 @pytest.mark.parametrize("method", list(COLLECT))
 def test_collect(cluster, method, source, device_tree, tmp_path):
+    """collect from one node per town: each node's tree under DEST/NODE here."""
     _needs(cluster, COLLECT[method])
     src, _ = source
     nodes = cluster.one_node_per_town(skip=1)
@@ -212,6 +214,7 @@ def test_collect(cluster, method, source, device_tree, tmp_path):
 
 @pytest.mark.parametrize("method", list(SYNC))
 def test_sync_mayors(cluster, method, source, device_tree):
+    """sync-mayors to every mayor: the tree in each mayor's repository."""
     _needs(cluster, SYNC[method])
     src, reference = source
     targets = cluster.mayors
@@ -287,6 +290,8 @@ def _run_timeout_bounds_every_child(cluster) -> list[str]:
 
 
 def test_run(cluster):
+    """run: pdsh's exit codes, clush's gathering by bytes, stderr apart, -u bounding every
+    child, and an unknown host refused."""
     problems = _run_exit_codes(cluster) + _run_gathers_bytes_and_stderr(cluster)
     problems += _run_timeout_bounds_every_child(cluster)
     problems += _refused(cluster, "run", "-w", "ccn[01-99]", "true", naming="unknown host")

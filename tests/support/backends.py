@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import pytest
@@ -50,7 +50,6 @@ class Cluster:
     path: Callable[..., str]
     roots: Callable[[], dict[str, str]]
     no_mpi: str | None = None
-    created: list[str] = field(default_factory=list)
 
     def one_node_per_town(self, skip: int = 0) -> list[str]:
         """The ``skip``-th node of each town: data crosses every mayor."""
