@@ -31,11 +31,15 @@ $(STAMP_MPICH): Makefile
 	$(VENV_MPICH)/bin/python -m pip install -q mpich mpi4py
 	touch $@
 
+# ruff first (pyproject.toml's [tool.ruff]); wall-clock bounds (marker perf) only on request:
+# `$(VENV)/bin/pytest -m perf`
 test: $(STAMP) $(STAMP_MPICH)
-	$(VENV)/bin/pytest -q -ra
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q -ra -m "not perf"
 
 test-fast: $(STAMP)
-	$(VENV)/bin/pytest -q -ra -m "not testbed and not slow"
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q -ra -m "not testbed and not slow and not perf"
 
 # the README's comparison: the testbed as root (about 30 minutes), else the embedded cluster
 bench: $(STAMP)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from chiba_admin.cli import main
+from support.cluster import DEMO
 
-REPO = Path(__file__).resolve().parent.parent
-DEMO = str(REPO / "clusters" / "demo.toml")
+# fixtures that live in tests/support (the testbed, a loopback sshd, `cluster`), for every
+# test file
+pytest_plugins = ["support.testbed", "support.ssh", "support.backends"]
 
 
 @dataclass
@@ -49,4 +50,3 @@ def embedded(tmp_path, monkeypatch):
     topo = bind(load_topology(DEMO), state)
     init_cluster(topo)
     return topo
-from testbed_fixtures import *  # noqa: F401,F403

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from support.cluster import REPO
 
 CITY = str(REPO / "clusters" / "chiba-city.toml")
 

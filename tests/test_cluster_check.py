@@ -15,8 +15,7 @@ import pytest
 
 from chiba_admin.hostcheck import (DirPlan, init_script, interface_matches, parse_init,
                                    parse_ip_addr, parse_probe, plan_dirs, probe_script)
-from conftest import DEMO
-from testbed_fixtures import testbed_cluster  # noqa: F401 - the session fixture
+from support.cluster import DEMO
 from topology import load_topology
 
 EXE = str(Path(sys.executable).with_name("chiba-admin"))
@@ -173,7 +172,7 @@ def _variant(tb, tmp_path, replace: dict[str, str], extra: str = "") -> Path:
 
 
 @pytest.mark.testbed
-def test_init_over_ssh_creates_every_directory_once(testbed_cluster, tmp_path):  # noqa: F811
+def test_init_over_ssh_creates_every_directory_once(testbed_cluster, tmp_path):
     tb = testbed_cluster
     sub = f"t-init-{secrets.token_hex(3)}"  # inside each host's private scratch
     topo = _variant(tb, tmp_path, {
@@ -203,7 +202,7 @@ def test_init_over_ssh_creates_every_directory_once(testbed_cluster, tmp_path): 
 @pytest.mark.testbed
 @pytest.mark.mpi
 def test_check_names_a_dead_sshd_a_full_scratch_and_a_pulled_cable(
-        testbed_cluster):  # noqa: F811
+        testbed_cluster):
     tb = testbed_cluster
     faults = {"ccn02": "kill-sshd", "ccn03": "fill-disk", "ccn05": "link-down"}
     try:
@@ -231,7 +230,7 @@ def test_check_names_a_dead_sshd_a_full_scratch_and_a_pulled_cable(
 
 
 @pytest.mark.testbed
-def test_check_names_a_python_without_mpi4py(testbed_cluster, tmp_path):  # noqa: F811
+def test_check_names_a_python_without_mpi4py(testbed_cluster, tmp_path):
     tb = testbed_cluster
     venv = tmp_path / "bare"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -247,7 +246,7 @@ def test_check_names_a_python_without_mpi4py(testbed_cluster, tmp_path):  # noqa
 @pytest.mark.testbed
 @pytest.mark.mpi
 def test_bad_interface_setting_names_the_crashing_daemon_and_is_retried(
-        testbed_cluster, tmp_path):  # noqa: F811
+        testbed_cluster, tmp_path):
     """prte_if_include matching both NICs of each mayor: prted crashes in most launches."""
     from chiba_admin import console
     from mpitools.common.launch import launch
@@ -306,7 +305,7 @@ def test_put_into_a_missing_host_directory_names_it_and_cluster_init(embedded, t
 
 
 @pytest.mark.testbed
-def test_sftp_put_into_a_missing_host_directory_names_it(testbed_cluster, tmp_path):  # noqa: F811
+def test_sftp_put_into_a_missing_host_directory_names_it(testbed_cluster, tmp_path):
     from chiba_admin.errors import TransportError
     from legacy_transit.transport import SSHTransport
 

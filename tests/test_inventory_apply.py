@@ -224,7 +224,7 @@ def test_dir_replaced_by_a_file_keeps_excluded_members_and_reports(tmp_path):
     plan = make_plan(scan(src, excludes=["*.o"]), scan(dst, excludes=["*.o"]), delete=True)
     assert [a.path for a in plan.by_op("clear")] == ["x/a"] and plan.conflicts
     assert not plan.writes()  # nothing is sent for it
-    r = apply_plan(plan, dst, local_fetch(src))
+    apply_plan(plan, dst, local_fetch(src))
     assert (dst / "x" / "sub" / "keep.o").read_bytes() == b"excluded: not ours"
     assert not (dst / "x" / "a").exists()
 

@@ -9,7 +9,7 @@ import stat
 import pytest
 
 import inventory as inv_mod
-from chiba_admin.errors import InventoryError
+from chiba_admin.errors import InvalidRequest, InventoryError
 from inventory import (DIR, FILE, LINK, ExcludeMatcher, check_source, decode_inventory,
                        encode_inventory, hash_bytes, hash_file, hash_files, scan)
 from inventory.entries import FIFO, SOCK
@@ -86,7 +86,7 @@ def test_fifos_and_sockets_are_entries_devices_skipped_owners_kept(tmp_path):
     assert (inv["ok"].uid, inv["ok"].gid) == (1234, 567)
     assert {i.path: i.message for i in inv.skipped} == {"null": "character device skipped"}
     assert not inv.errors
-    with pytest.raises(InventoryError, match="character device") as ei:
+    with pytest.raises(InvalidRequest, match="character device") as ei:
         check_source(inv, delete=False)
     assert ei.value.where == "null"
     back = decode_inventory(encode_inventory(inv))

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import DEMO, REPO
+from support.cluster import DEMO, REPO
 
 from mpitools.common.launch import (RANK_HOSTS_ENV, LaunchResult, _blame, _parse_failures,
                                build_command)

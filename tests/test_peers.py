@@ -200,7 +200,7 @@ def _ours(state: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def slurm_testbed(tmp_path_factory):
     """A 1 x 4 testbed brought up with `chiba-admin testbed up --slurm` (the CLI)."""
-    from testbed_fixtures import require_testbed
+    from support.testbed import require_testbed
 
     require_testbed()
     from testbed import slurm

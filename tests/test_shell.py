@@ -320,20 +320,28 @@ echo "rc=$?"
 def test_sigterm_to_the_shell_ends_every_task(embedded, tmp_path):
     """SIGTERM to `chiba-admin shell` reaches every task (srun's rule); nothing is left."""
     import signal
-    import time
+    import select
 
     marks = tmp_path / "marks"
-    marks.mkdir()
+    os.mkfifo(marks)  # each task writes its rank here: an event to wait for, not a poll
     script = tmp_path / "job.sh"
     nap = _long_sleep()
-    script.write_text(f"srun -n 4 sh -c 'touch {marks}/$SLURM_PROCID; exec {nap}'\n")
+    script.write_text(f"srun -n 4 sh -c 'echo $SLURM_PROCID > {marks}; exec {nap}'\n")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    reader = os.open(marks, os.O_RDONLY | os.O_NONBLOCK)
+    keep = os.open(marks, os.O_WRONLY)  # no end of file between the tasks' writes
     p = subprocess.Popen([str(BIN / "chiba-admin"), "shell", "--nodes", "ccn[01-04]",
                           str(script)], env=env, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while len(list(marks.iterdir())) < 4:  # every task is running
-        assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()
-        time.sleep(0.05)
+    got = b""
+    try:
+        while got.count(b"\n") < 4:  # every task is running
+            ready, _, _ = select.select([reader], [], [], 60)
+            assert ready and p.poll() is None, p.stderr.read()
+            got += os.read(reader, 64)
+    finally:
+        os.close(keep)
+        os.close(reader)
+    assert sorted(got.split()) == [b"0", b"1", b"2", b"3"]
     p.send_signal(signal.SIGTERM)
     assert p.wait(60) == 143
     assert b"terminated" in p.stderr.read()

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from testbed_fixtures import testbed_cluster  # noqa: F401 - the session fixture
 
 pytestmark = [pytest.mark.testbed, pytest.mark.mpi]
 
@@ -28,7 +27,7 @@ def _shell(tb, tmp_path, script: str, *opts: str, env: dict | None = None):
     return cp.returncode, cp.stdout, cp.stderr
 
 
-def test_tasks_run_on_their_hosts_over_the_testbed(testbed_cluster, tmp_path):  # noqa: F811
+def test_tasks_run_on_their_hosts_over_the_testbed(testbed_cluster, tmp_path):
     rc, out, err = _shell(testbed_cluster, tmp_path, """
 echo "script on $(hostname)"
 srun -l hostname
@@ -44,7 +43,7 @@ echo "rc=$?"
 
 @pytest.mark.skipif(not MPICH_PY.exists(), reason="MPICH's own venv .venv-mpich is missing "
                                                    "(make creates it)")
-def test_example_slurm_job_with_an_mpich_program(testbed_cluster, tmp_path):  # noqa: F811
+def test_example_slurm_job_with_an_mpich_program(testbed_cluster, tmp_path):
     """examples/slurm-job.sh unchanged: 8 MPICH ranks over 4 hosts, then collect (no
     input: the stage-in from a node needs a served spool, SPOOL_URL, on a real cluster)."""
     env = {"MPI_PROGRAM": f"{MPICH_PY} {REPO / 'examples' / 'allreduce.py'}"}

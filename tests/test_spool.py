@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from mpitools.common.spool import NAME_RE, SpoolServer, check_url, publish, spool_name
-from test_stage_helpers import make_tree
+from support.trees import make_tree
 
 
 def _get(url: str) -> tuple[int, bytes]:

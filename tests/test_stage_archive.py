@@ -14,8 +14,8 @@ from mpitools.common.archive import (BLOCK, BlockVerifier, Extractor, RefusedMem
                               block_sums, clean_stale, make_locked_temp, new_hasher, pack_tree,
                               temp_name)
 from mpitools.stage.ranks import DestRefused, NodeStage
-from test_stage_helpers import (assert_same_tree, crafted_tar, make_tree, special_tree,
-                                symlink_chain_tar, tree_signature)
+from support.archives import crafted_tar, symlink_chain_tar
+from support.trees import assert_same_tree, make_tree, special_tree, tree_signature
 
 
 def _feed(data: bytes, dest: str, compress: str, chunk: int = 65536) -> tuple[int, str]:

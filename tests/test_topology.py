@@ -8,7 +8,7 @@ from chiba_admin.errors import NodeSetError, TopologyError
 from topology import (chain_order, expand, fold, load_topology, loads_topology,
                       parse_bandwidth, parse_latency, parse_size, place_ranks)
 
-from conftest import REPO
+from support.cluster import REPO
 
 GOOD = """
 [cluster]

@@ -4,45 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-from test_legacy_embedded import assert_same_tree, make_tree
+from support.testbed import data_dir, tb_cli
+from support.trees import assert_same_tree, make_tree
 
 pytestmark = pytest.mark.testbed
-CHIBA = os.path.join(os.path.dirname(sys.executable), "chiba-admin")
 NODES = [f"ccn0{i}" for i in range(1, 9)]
-
-
-@pytest.fixture
-def tb(request):
-    """The session testbed when tests/testbed_fixtures.py provides it; skip otherwise."""
-    try:
-        from testbed_fixtures import require_testbed
-    except ImportError:
-        pytest.skip("tests/testbed_fixtures.py is not available")
-    require_testbed()
-    try:
-        return request.getfixturevalue("testbed_cluster")
-    except pytest.FixtureLookupError:
-        pytest.skip("the testbed_cluster fixture is not registered")
-
-
-def _data(tb, host: str, kind: str) -> Path:
-    """Where a host's private scratch/spool/repository lives on this machine's disk."""
-    for path, src in tb.plan.host(host).mounts:
-        if src.endswith(f"/data/{kind}"):
-            return Path(src)
-    raise KeyError(kind)
-
-
-def _cli(tb, *args: str, host: str | None = None):
-    """chiba-admin run on the president (where the paper ran City Transit)."""
-    cp = tb.exec(host or tb.president, [CHIBA, "--cluster", str(tb.topology_file), *args],
-                 timeout=180)
-    return cp.returncode, cp.stdout, cp.stderr
 
 
 def _cleanup(tb, hosts, *paths):
@@ -53,20 +22,20 @@ def _cleanup(tb, hosts, *paths):
 def test_transit_stage_collect_run_on_testbed(tb, tmp_path):
     src = make_tree(tmp_path / "payload", big=256 * 1024)
     try:
-        code, out, err = _cli(tb, "--json", "stage", str(src), "--nodes", "@nodes",
+        code, out, err = tb_cli(tb, "--json", "stage", str(src), "--nodes", "@nodes",
                               "--method", "transit", "--dest", "lt/in")
         res = json.loads(out)
         assert code == 0 and res["ok"], err + json.dumps(res.get("failures"))
         print(f"\ntestbed transit to 8 nodes: {res['seconds']:.2f} s, phases {res['phases']}")
         for n in NODES:
-            assert_same_tree(src, _data(tb, n, "scratch") / "lt" / "in")
+            assert_same_tree(src, data_dir(tb, n, "scratch") / "lt" / "in")
         for h in ("pres", "mayor1", "mayor2"):
-            assert list(_data(tb, h, "spool").glob("transit-*")) == []
+            assert list(data_dir(tb, h, "spool").glob("transit-*")) == []
         # every node's checksums agree: one gathered block
-        code, out, err = _cli(tb, "run", "-w", "@nodes", "-b", "--", "sh", "-c",
+        code, out, err = tb_cli(tb, "run", "-w", "@nodes", "-b", "--", "sh", "-c",
                               'cd "$CHIBA_SCRATCH/lt/in" && sha256sum -- *.txt')
         assert code == 0 and "ccn[01-08] (8)" in out, err
-        code, out, err = _cli(tb, "--json", "collect", "lt/in", "--nodes", "ccn0[1-3]",
+        code, out, err = tb_cli(tb, "--json", "collect", "lt/in", "--nodes", "ccn0[1-3]",
                               "--method", "transit", "--dest", str(tmp_path / "back"))
         assert code == 0, err
         for n in ("ccn01", "ccn02", "ccn03"):
@@ -81,7 +50,7 @@ def test_transit_fault_on_testbed_names_host_and_stage(tb, tmp_path):
     try:
         tb.fault("ccn02", "kill-sshd")
         try:
-            code, out, err = _cli(tb, "--json", "stage", str(src), "--nodes", "@nodes",
+            code, out, err = tb_cli(tb, "--json", "stage", str(src), "--nodes", "@nodes",
                                   "--method", "transit", "--dest", "lt/f")
         finally:
             tb.heal("ccn02")
@@ -94,7 +63,7 @@ def test_transit_fault_on_testbed_names_host_and_stage(tb, tmp_path):
         assert "refused" in res["hosts"]["ccn02"]["error"]
         assert "space" in res["hosts"]["ccn06"]["error"]
         for n in ("ccn01", "ccn03", "ccn05", "ccn08"):
-            assert_same_tree(src, _data(tb, n, "scratch") / "lt" / "f")
+            assert_same_tree(src, data_dir(tb, n, "scratch") / "lt" / "f")
     finally:
         _cleanup(tb, NODES, "/scratch/lt")
 
@@ -102,12 +71,12 @@ def test_transit_fault_on_testbed_names_host_and_stage(tb, tmp_path):
 def test_rsync_on_testbed(tb, tmp_path):
     src = make_tree(tmp_path / "repo")
     try:
-        code, out, err = _cli(tb, "--json", "sync-mayors", "--method", "rsync", str(src), "--dest", "lt-repo")
+        code, out, err = tb_cli(tb, "--json", "sync-mayors", "--method", "rsync", str(src), "--dest", "lt-repo")
         res = json.loads(out)
         assert code == 0 and res["ok"], res["failures"]
         for m in ("mayor1", "mayor2"):
-            assert_same_tree(src, _data(tb, m, "repository") / "lt-repo")
-        code, out, err = _cli(tb, "--json", "sync-mayors", "--method", "rsync", str(src), "--dest", "lt-repo")
+            assert_same_tree(src, data_dir(tb, m, "repository") / "lt-repo")
+        code, out, err = tb_cli(tb, "--json", "sync-mayors", "--method", "rsync", str(src), "--dest", "lt-repo")
         assert all(h["files_transferred"] == 0 for h in json.loads(out)["hosts"].values())
     finally:
         _cleanup(tb, ["mayor1", "mayor2"], "/opt/chiba/repo/lt-repo")
@@ -119,11 +88,11 @@ def test_transit_safety_over_ssh(tb, tmp_path):
     from inventory.beneath import lock_dest, open_root, unlock_dest
 
     src = make_tree(tmp_path / "payload")
-    scratch = {n: _data(tb, n, "scratch") for n in ("ccn01", "ccn02", "ccn03")}
+    scratch = {n: data_dir(tb, n, "scratch") for n in ("ccn01", "ccn02", "ccn03")}
     victim = tmp_path / "victim"
     victim.mkdir()
     try:
-        code, out, err = _cli(tb, "stage", str(src), "--nodes", "@nodes", "--method",
+        code, out, err = tb_cli(tb, "stage", str(src), "--nodes", "@nodes", "--method",
                               "transit", "--dest", "../etc")
         assert code == 2 and "'..' component" in err
         (scratch["ccn01"] / "lt").mkdir()
@@ -132,7 +101,7 @@ def test_transit_safety_over_ssh(tb, tmp_path):
         parent = open_root(str(scratch["ccn02"] / "lt" / "s"))
         held = lock_dest(parent, "x")  # another run is writing ccn02's lt/s/x
         try:
-            code, out, err = _cli(tb, "--json", "stage", str(src), "--nodes", "ccn0[1-3]",
+            code, out, err = tb_cli(tb, "--json", "stage", str(src), "--nodes", "ccn0[1-3]",
                                   "--method", "transit", "--dest", "lt/s/x")
         finally:
             unlock_dest(parent, "x", held)
@@ -145,7 +114,7 @@ def test_transit_safety_over_ssh(tb, tmp_path):
         assert res["hosts"]["ccn03"]["tree"] == "complete"
         assert_same_tree(src, scratch["ccn03"] / "lt" / "s" / "x")
         (src / "plain.txt").unlink()
-        code, out, err = _cli(tb, "stage", str(src), "--nodes", "ccn03", "--method",
+        code, out, err = tb_cli(tb, "stage", str(src), "--nodes", "ccn03", "--method",
                               "transit", "--dest", "lt/s/x")
         assert code == 0, err
         assert_same_tree(src, scratch["ccn03"] / "lt" / "s" / "x")

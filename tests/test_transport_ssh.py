@@ -4,124 +4,18 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
-import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from chiba_admin.errors import TransportError
 from legacy_transit.transport import SSHTransport, UNREACHABLE
-from test_fanout import (check_gather_compares_bytes, check_gather_keeps_stderr_apart,
-                         check_timeout_bounds_every_child)
-from test_legacy_embedded import WEIRD_NAMES, assert_same_tree, make_tree
+from support.ssh import NODES, free_port, sshd_unavailable, write_topology
+from support.trees import NASTY_NAMES, assert_same_tree, count_files, make_tree
 
-SSHD = "/usr/sbin/sshd"
-pytestmark = pytest.mark.skipif(
-    not (os.path.exists(SSHD) and shutil.which("ssh-keygen") and shutil.which("ssh")),
-    reason="needs openssh-server and openssh-client (scripts/install-system-deps.sh)")
-
-NODES = ["ccn01", "ccn02", "ccn03", "ccn04"]
-HOSTS = ["pres", "mayor1", "mayor2", *NODES]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Sshd:
-    dir: Path
-    port: int
-    key: str
-    known_hosts: str
-    host_pub: str
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    """A real sshd on 127.0.0.1:<free port>, root key login, killed by PID at teardown."""
-    d = tmp_path_factory.mktemp("sshd")
-    for name in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)],
-                       check=True)
-    shutil.copy(d / "client_key.pub", d / "authorized_keys")
-    port = _free_port()
-    (d / "sshd_config").write_text(f"""\
-Port {port}
-ListenAddress 127.0.0.1
-HostKey {d}/host_key
-PidFile {d}/sshd.pid
-AuthorizedKeysFile {d}/authorized_keys
-UsePAM no
-UseDNS no
-StrictModes no
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PubkeyAuthentication yes
-MaxStartups 200
-MaxSessions 100
-AcceptEnv CHIBA_*
-Subsystem sftp internal-sftp
-LogLevel ERROR
-""")
-    os.makedirs("/run/sshd", exist_ok=True)  # privilege separation dir sshd insists on
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
-                            stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "wb"))
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.skip(f"sshd did not start: {(d / 'sshd.log').read_text()[-500:]}")
-            time.sleep(0.05)
-    pub = (d / "host_key.pub").read_text().split()
-    kh = d / "known_hosts"
-    kh.write_text(f"[127.0.0.1]:{port} {pub[0]} {pub[1]}\n")
-    yield Sshd(d, port, str(d / "client_key"), str(kh), f"{pub[0]} {pub[1]}")
-    proc.terminate()  # our own sshd, by its PID
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def write_topology(base: Path, s: Sshd, hosts: dict[str, dict] | None = None,
-                   name: str = "loop", home: str | None = None) -> str:
-    """An ssh topology whose hosts are all this machine, each with its own directories."""
-    lines = [f'[cluster]\nname = "{name}"\nkind = "ssh"\n'
-             + (f'home = "{home}"\n' if home else ""),
-             f'[defaults.ssh]\nuser = "root"\nport = {s.port}\nidentity_file = "{s.key}"\n'
-             f'known_hosts = "{s.known_hosts}"\nconnect_timeout = 5\n',
-             '[links.core]\nbandwidth = "1Gbit"\n[links.town]\nbandwidth = "100Mbit"\n',
-             '[president]\nname = "pres"\naddress = "127.0.0.1"\n'
-             f'scratch = "{base}/pres/scratch"\nspool = "{base}/pres/spool"\n'
-             f'repository = "{base}/pres/repo"\n',
-             '[mayors.mayor1]\n[mayors.mayor2]\n',
-             '[towns.town1]\nmayor = "mayor1"\nnodes = "ccn[01-02]"\n',
-             '[towns.town2]\nmayor = "mayor2"\nnodes = "ccn[03-04]"\n']
-    for h in HOSTS:
-        for sub in ("scratch", "spool", "repo"):
-            os.makedirs(base / h / sub, exist_ok=True)
-        if h == "pres":
-            continue
-        lines.append(f'[hosts.{h}]\naddress = "127.0.0.1"\nscratch = "{base}/{h}/scratch"\n'
-                     f'spool = "{base}/{h}/spool"\nrepository = "{base}/{h}/repo"\n')
-        extra = (hosts or {}).get(h)
-        if extra:
-            lines.append(f"[hosts.{h}.ssh]\n" + "".join(
-                f"{k} = {v!r}\n".replace("'", '"') for k, v in extra.items()))
-    path = base / f"{name}.toml"
-    path.write_text("\n".join(lines))
-    return str(path)
+pytestmark = pytest.mark.skipif(sshd_unavailable() is not None,
+                                reason=sshd_unavailable() or "")
 
 
 @pytest.fixture
@@ -153,7 +47,7 @@ def test_ssh_run_quoting_env_and_reuse(loop):
     topo = _topo(path)
     h = topo.host("ccn02")
     with SSHTransport() as t:
-        for name in WEIRD_NAMES:
+        for name in NASTY_NAMES:
             r = t.run(h, ["printf", "%s", name], timeout=10)
             assert r.ok and r.stdout.decode() == name, (name, r)
         r = t.run(h, 'echo "$CHIBA_HOST $CHIBA_ROLE $CHIBA_TOWN $CHIBA_SCRATCH"; exit 3')
@@ -190,7 +84,7 @@ def test_ssh_faults_named(tmp_path, sshd, silent_port):
     assert other.returncode == 0
     pub = (tmp_path / "other.pub").read_text().split()
     bad_kh.write_text(f"[127.0.0.1]:{sshd.port} {pub[0]} {pub[1]}\n")
-    refused = _free_port()
+    refused = free_port()
     path = write_topology(tmp_path / "h", sshd, {
         "ccn01": {"port": refused},
         "ccn02": {"port": silent_port, "connect_timeout": 1.0},
@@ -235,20 +129,8 @@ def test_run_cli_over_ssh_gathered(cli, loop):
     assert r.code == 0 and "ccn[01-04] (4)\n" in r.out and r.out.count("same") == 1
 
 
-def test_run_timeout_bounds_every_child_over_ssh(cli, loop):
-    check_timeout_bounds_every_child(cli, "--cluster", loop[0])
-
-
-def test_run_gather_compares_bytes_over_ssh(cli, loop):
-    check_gather_compares_bytes(cli, "--cluster", loop[0])
-
-
-def test_run_gather_keeps_stderr_apart_over_ssh(cli, loop):
-    check_gather_keeps_stderr_apart(cli, "--cluster", loop[0])
-
-
 def test_run_cli_failures_over_ssh(cli, tmp_path, sshd):
-    path = write_topology(tmp_path / "h", sshd, {"ccn04": {"port": _free_port()}})
+    path = write_topology(tmp_path / "h", sshd, {"ccn04": {"port": free_port()}})
     r = cli("--cluster", path, "run", "-w", "@nodes", 'test "$CHIBA_HOST" != ccn02')
     assert r.code == 255  # pdsh -S: the largest code; unreachable is 255
     assert "ccn02: exited with code 1" in r.err
@@ -284,7 +166,7 @@ def test_transit_over_ssh_byte_for_byte(cli, loop, tmp_path):
 def test_transit_over_ssh_partial_failure(tmp_path, sshd):
     from legacy_transit.transit import stage_transit
 
-    path = write_topology(tmp_path / "h", sshd, {"ccn03": {"port": _free_port()}})
+    path = write_topology(tmp_path / "h", sshd, {"ccn03": {"port": free_port()}})
     src = make_tree(tmp_path / "payload")
     res = stage_transit(_topo(path), str(src), NODES).to_dict()
     assert not res["ok"]
@@ -312,7 +194,7 @@ def test_transit_over_ssh_home_not_president(tmp_path, sshd):
 def test_transit_mayor_unreachable(tmp_path, sshd):
     from legacy_transit.transit import stage_transit
 
-    path = write_topology(tmp_path / "h", sshd, {"mayor2": {"port": _free_port()}})
+    path = write_topology(tmp_path / "h", sshd, {"mayor2": {"port": free_port()}})
     src = make_tree(tmp_path / "payload")
     res = stage_transit(_topo(path), str(src), NODES).to_dict()
     assert set(res["failures"]) == {"ccn03", "ccn04"}
@@ -328,7 +210,7 @@ def test_rsync_over_ssh(cli, loop, tmp_path):
     assert r.code == 0, r.out + r.err
     j = r.json()
     assert j["ok"] and j["targets"] == ["mayor1", "mayor2"]
-    assert j["hosts"]["mayor1"]["files_transferred"] == len(WEIRD_NAMES) + 1
+    assert j["hosts"]["mayor1"]["files_transferred"] == count_files(src, links=False)
     for m in ("mayor1", "mayor2"):
         assert_same_tree(src, base / m / "repo" / "sub dir")
     r = cli("--cluster", path, "--json", "sync-mayors", "--method", "rsync", str(src), "--dest", "sub dir")
@@ -341,7 +223,7 @@ def test_rsync_over_ssh_refused_and_bad_key(cli, tmp_path, sshd):
     bad.write_text(f"[127.0.0.1]:{sshd.port} ssh-ed25519 "
                    "AAAAC3NzaC1lZDI1NTE5AAAAIHBhZ2VzaG91bGRub3RtYXRjaGFueXJlYWxrZXk=\n")
     assert pub[0] == "ssh-ed25519"
-    path = write_topology(tmp_path / "h", sshd, {"mayor1": {"port": _free_port()},
+    path = write_topology(tmp_path / "h", sshd, {"mayor1": {"port": free_port()},
                                                  "mayor2": {"known_hosts": str(bad)}})
     src = make_tree(tmp_path / "repo")
     r = cli("--cluster", path, "sync-mayors", "--method", "rsync", str(src))

@@ -9,9 +9,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEMO", "CliRun", "new_cluster", "run_cli", "host_roots", "host_path"]
+__all__ = ["REPO", "DEMO", "CliRun", "new_cluster", "run_cli", "host_roots", "host_path"]
 
-DEMO = str(Path(__file__).resolve().parents[2] / "clusters" / "demo.toml")
+REPO = Path(__file__).resolve().parents[2]
+DEMO = str(REPO / "clusters" / "demo.toml")
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""Source trees that exercise every kind of entry ``rsync -a`` keeps (names, types, modes, times, owners).
+"""Source trees for the tests, and the one byte-for-byte comparison they are judged by.
+
+``make_awkward_tree`` exercises every kind of entry ``rsync -a`` keeps (names, types,
+modes, times, owners); ``make_tree`` is the everyday tree (awkward names, a symlink, an
+empty directory, a random binary file); ``special_tree`` holds what only root can make;
+``make_repo`` is a software repository as ``sync-mayors`` sees one.
 
 Paths are built as bytes, so a name that is not UTF-8 is as easy as any other. Modes are
 set after content is written (a 0555 directory cannot be filled afterwards), owners before
@@ -9,10 +14,14 @@ entry never moves its parent's mtime after it was set.
 from __future__ import annotations
 
 import os
+import random
 import stat
+from pathlib import Path
 
 __all__ = ["make_awkward_tree", "make_device_tree", "AWKWARD_OWNER", "MTIME_BASE_NS",
-           "DEVICE_REL"]
+           "DEVICE_REL", "NASTY_NAMES", "make_tree", "count_files", "tree_signature",
+           "assert_same_tree", "special_tree", "make_repo", "same_inventory",
+           "stage_leftovers"]
 
 # a user and group that exist on no host: rsync -a as root keeps them numerically
 AWKWARD_OWNER = (1234, 5678)
@@ -124,7 +133,7 @@ def make_awkward_tree(root) -> str:
         os.chmod(_p(broot, rel), mode)
     if os.geteuid() == 0:
         uid, gid = AWKWARD_OWNER
-        for rel, kind, mode in _OWNED:
+        for rel, kind, _mode in _OWNED:
             p = _p(broot, rel)
             if kind == "dir":
                 os.makedirs(p)
@@ -136,7 +145,7 @@ def make_awkward_tree(root) -> str:
             else:
                 os.symlink(b"user file", p)
             os.chown(p, uid, gid, follow_symlinks=False)
-        for rel, kind, mode in _OWNED:
+        for rel, _kind, mode in _OWNED:
             if mode is not None:
                 os.chmod(_p(broot, rel), mode)
     for rel, mode in _DIR_MODES.items():
@@ -157,3 +166,195 @@ def make_device_tree(root) -> str:
         f.write("an ordinary file beside the device\n")
     os.mknod(os.path.join(root, DEVICE_REL), stat.S_IFCHR | 0o666, os.makedev(1, 3))
     return root
+
+
+# names a careless shell line, quoting or encoding would break
+NASTY_NAMES = ["plain.txt", "with space.txt", "quote'single", 'quote"double', "new\nline",
+               "$(x)", "$(touch pwned)", "back\\slash", "ünïcødé", "-dash", "*star?",
+               "semi;colon&amp"]
+
+
+def make_tree(root, *, big: int = 300_000, seed: int = 1) -> Path:
+    """The everyday source tree at ``root`` (created if missing); returns it as a Path.
+
+    Files named ``NASTY_NAMES`` at the top, ``sub dir/`` with a 0640 text file and a
+    relative symlink to it, ``sub dir/deeper $(x)/bin.dat`` of ``big`` random bytes
+    (seeded: the same tree for the same ``seed``), and the empty directory ``empty``.
+    ``count_files`` gives the number of non-directory entries.
+    """
+    rnd = random.Random(seed)
+    root = Path(root)
+    os.makedirs(root / "sub dir" / "deeper $(x)", exist_ok=True)
+    os.makedirs(root / "empty", exist_ok=True)
+    for i, n in enumerate(NASTY_NAMES):
+        (root / n).write_text(f"{n!r} {i}\n" * (i + 1))
+    (root / "sub dir" / "deeper $(x)" / "bin.dat").write_bytes(rnd.randbytes(big))
+    (root / "sub dir" / "text.txt").write_text("compressible line\n" * 5000)
+    os.chmod(root / "sub dir" / "text.txt", 0o640)
+    os.symlink("text.txt", root / "sub dir" / "link to text")
+    return root
+
+
+def count_files(root, *, links: bool = True) -> int:
+    """Entries under ``root`` that are not directories: files and, with ``links``,
+    symlinks (what transit reports as ``files``; rsync's ``files_transferred`` counts
+    regular files only, ``links=False``)."""
+    n = 0
+    for d, dirs, files in os.walk(root):
+        for name in files + dirs:
+            p = os.path.join(d, name)
+            if os.path.islink(p):
+                n += links
+            elif not os.path.isdir(p):
+                n += 1
+    return n
+
+
+def tree_signature(root, *, meta: bool = False) -> dict:
+    """Relative path -> (kind, content or link target, permission bits).
+
+    With ``meta``: path -> (full st_mode, uid, gid, mtime_ns, content or target, inode
+    group) for every entry, the root itself (``.``) included; hard links share a group.
+    """
+    root = str(root)
+    if meta:
+        return _meta_signature(root)
+    sig = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            rel = os.path.relpath(p, root)
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                sig[rel] = ("link", os.readlink(p), None)
+            elif stat.S_ISDIR(st.st_mode):
+                sig[rel] = ("dir", None, stat.S_IMODE(st.st_mode))
+            else:
+                with open(p, "rb") as f:
+                    sig[rel] = ("file", f.read(), stat.S_IMODE(st.st_mode))
+    return sig
+
+
+def assert_same_tree(a, b) -> None:
+    """Same names, kinds, bytes, symlink targets and permission bits under ``a`` and ``b``."""
+    assert os.path.isdir(b), f"{b} missing"
+    sa, sb = tree_signature(a), tree_signature(b)
+    assert sorted(sa) == sorted(sb), (sorted(set(sa) ^ set(sb)), a, b)
+    for k in sa:
+        assert sa[k] == sb[k], (k, a, b)
+
+
+def stage_leftovers(topo, hosts) -> list[str]:
+    """Temporary or old-copy dirs and lock files of any staging job left in scratch trees."""
+    found = []
+    for h in hosts:
+        host = topo.host(h)
+        for dirpath, dirnames, filenames in os.walk(host.local_path(host.scratch)):
+            for n in dirnames + filenames:
+                if ".chiba-stage-" in n or ".chiba-collect-" in n or n.endswith(".chiba-lock"):
+                    found.append(os.path.join(dirpath, n))
+    return found
+
+
+def _meta_signature(root: str) -> dict:
+    sig, inodes = {}, {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        entries = ([root] if dirpath == root else []) + [os.path.join(dirpath, n)
+                                                          for n in dirnames + filenames]
+        for p in entries:
+            st = os.lstat(p)
+            rel = os.path.relpath(p, root)
+            if stat.S_ISLNK(st.st_mode):
+                data = os.readlink(p)
+            elif stat.S_ISREG(st.st_mode):
+                data = open(p, "rb").read()
+            else:
+                data = None
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                inodes.setdefault(st.st_ino, []).append(rel)
+            mtime = None if stat.S_ISLNK(st.st_mode) else st.st_mtime_ns
+            sig[rel] = (st.st_mode, st.st_uid, st.st_gid, mtime, data, st.st_ino)
+    # hard links: the sorted names sharing an inode, whatever the walk order
+    groups = {ino: tuple(sorted(names)) for ino, names in inodes.items()}
+    return {rel: v[:5] + (groups.get(v[5]),) for rel, v in sig.items()}
+
+
+def special_tree(root) -> str:
+    """Modes rsync -a keeps (0775, 0664, 0700/0555/2775 dirs, 4755), owners, an absolute
+    and a dangling symlink, a FIFO, a socket, hard links, exact mtimes (needs root)."""
+    root = str(root)
+    os.makedirs(root)
+    j = os.path.join
+    for d in ("private", "readonly", "shared", "shared/inner"):
+        os.mkdir(j(root, d))
+    files = {"group-rw.txt": 0o664, "exec.sh": 0o775, "private/secret": 0o600,
+             "shared/inner/f": 0o640, "suid-root": 0o4755, "user-suid": 0o4750,
+             "readonly/r": 0o444}
+    for name, mode in files.items():
+        with open(j(root, name), "w") as f:
+            f.write(name * 3)
+        os.chmod(j(root, name), mode)
+    os.chown(j(root, "user-suid"), 1234, 2345)
+    os.chmod(j(root, "user-suid"), 0o4750)  # chown cleared it
+    os.chown(j(root, "shared/inner/f"), 4321, 1234)
+    os.link(j(root, "group-rw.txt"), j(root, "shared/hard link"))
+    os.symlink("/etc/passwd", j(root, "abs-link"))
+    os.symlink("../nowhere/at all", j(root, "shared/dangling"))
+    os.lchown(j(root, "abs-link"), 1234, 1234)
+    os.mkfifo(j(root, "fifo"), 0o640)
+    os.mknod(j(root, "shared/sock"), stat.S_IFSOCK | 0o660)
+    os.chown(j(root, "fifo"), 1234, 2345)
+    ns = 1_600_000_000_123_456_789
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for n in filenames + dirnames:
+            os.utime(j(dirpath, n), ns=(ns, ns), follow_symlinks=False)
+            ns += 1_000_000_007
+    for d, mode in (("private", 0o700), ("readonly", 0o555), ("shared", 0o2775),
+                    ("shared/inner", 0o1777)):
+        os.chmod(j(root, d), mode)
+    os.chown(root, 1234, 2345)
+    os.chmod(root, 0o2775)
+    for d in ("private", "readonly", "shared/inner", "shared", ""):
+        os.utime(j(root, d) if d else root, ns=(ns, ns))
+        ns += 3
+    return root
+
+
+
+
+_REPO_ODD = ["plain.txt", "with space", "quote'\"s", "$(touch pwned)", "new\nline", "ünï"]
+
+
+def make_repo(root, nfiles: int = 60, seed: int = 1) -> str:
+    """A repository at ``root`` (created): nested dirs, odd names, ``nfiles`` files of 0 to
+    70 000 random bytes, a 9 MiB file, symlinks (one dangling), a mode and an old mtime."""
+    rnd = random.Random(seed)
+    root = os.fspath(root)
+    os.makedirs(root)
+    for d in ("bin", "lib/python", "share/doc x"):
+        os.makedirs(os.path.join(root, d))
+    for i in range(nfiles):
+        d = rnd.choice(["", "bin", "lib/python", "share/doc x"])
+        with open(os.path.join(root, d, f"f{i:03d}"), "wb") as f:
+            f.write(rnd.randbytes(rnd.choice([0, 10, 3000, 70000])))
+    for name in _REPO_ODD:
+        with open(os.path.join(root, name), "w") as f:
+            f.write(name)
+    with open(os.path.join(root, "big.bin"), "wb") as f:
+        f.write(rnd.randbytes(9 << 20 | 123))
+    exe = os.path.join(root, "bin", "f000")
+    os.chmod(exe if os.path.exists(exe) else os.path.join(root, "plain.txt"), 0o755)
+    os.symlink("lib/python", os.path.join(root, "pylink"))
+    os.symlink("../../outside", os.path.join(root, "lib", "dangling"))
+    os.utime(os.path.join(root, "plain.txt"), ns=(1_000_000_000, 1_000_000_000))
+    return root
+
+
+def same_inventory(a, b, excludes=()) -> bool:
+    """Whether the trees at ``a`` and ``b`` are the same by the project's own scanner
+    (``inventory.scan`` with checksums), ``excludes`` as rsync rules."""
+    from inventory import scan
+
+    ia = scan(a, excludes=excludes, checksum=True)
+    ib = scan(b, excludes=excludes, checksum=True)
+    return ia.same_tree(ib, content=True)

@@ -1,9 +1,11 @@
-"""Session-scoped namespace testbed for integration tests: `testbed_cluster`, `require_testbed`.
+"""The namespace testbed for integration tests (pytest plugin): fixtures and helpers.
 
-Use::
+Registered in tests/conftest.py through ``pytest_plugins``: the fixtures
+``testbed_cluster`` (session) and ``tb`` (the same, skipping when no testbed can run)
+need no import. Use::
 
     import pytest
-    from testbed_fixtures import require_testbed   # optional: skip early in a test
+    from support.testbed import require_testbed, data_dir   # helpers
 
     @pytest.mark.testbed
     def test_something(testbed_cluster):
@@ -23,11 +25,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
-__all__ = ["testbed_cluster", "require_testbed", "testbed_unavailable", "TESTBED_SHAPE"]
+__all__ = ["testbed_cluster", "tb", "require_testbed", "testbed_unavailable", "data_dir",
+           "tb_cli", "CHIBA", "TESTBED_SHAPE"]
 
+CHIBA = str(Path(sys.executable).with_name("chiba-admin"))
 # towns, nodes per town, node Mbit/s, president/mayor Mbit/s
 TESTBED_SHAPE = (2, 4, 20.0, 200.0)
 
@@ -67,3 +73,28 @@ def testbed_cluster(tmp_path_factory):
         yield testbed.Testbed(state)
     finally:
         testbed.down(state)
+
+
+@pytest.fixture
+def tb(request):
+    """The session testbed, or a skip naming why none can run here."""
+    require_testbed()
+    return request.getfixturevalue("testbed_cluster")
+
+
+def data_dir(tb, host: str, kind: str = "scratch") -> Path:
+    """Where ``host``'s private ``kind`` directory (scratch, spool, repository) lives on
+    this machine's disk. Raises KeyError when the host has no such mount."""
+    for _path, src in tb.plan.host(host).mounts:
+        if src.endswith(f"/data/{kind}"):
+            return Path(src)
+    raise KeyError(f"{host} has no {kind} mount")
+
+
+def tb_cli(tb, *args: str, host: str | None = None, env: dict | None = None,
+           timeout: float = 300) -> tuple[int, str, str]:
+    """``chiba-admin --cluster TESTBED ARGS`` on ``host`` (default: the president), in its
+    namespaces, as an operator there would run it; returns (exit code, stdout, stderr)."""
+    cp = tb.exec(host or tb.president, [CHIBA, "--cluster", str(tb.topology_file), *args],
+                 env={**os.environ, **(env or {})}, timeout=timeout)
+    return cp.returncode, cp.stdout, cp.stderr
