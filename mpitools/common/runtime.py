@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, Callable
 
-__all__ = ["EVENT_PREFIX", "PeerLost", "load_job", "rank_hosts", "encode_job", "emit",
+__all__ = ["EVENT_PREFIX", "PeerLost", "load_job", "rank_hosts", "encode_job", "emit", "set_emitter",
            "wait", "wait_all", "agree_any", "Terminated", "rank_main", "test_hook",
            "maxrss_bytes", "SLEEP"]
 
@@ -48,15 +48,34 @@ def load_job(arg: str) -> dict:
 
 
 def rank_hosts(job: dict) -> list[str]:
-    """Host of each rank: the launcher's CHIBA_RANK_HOSTS, else the job's own list."""
+    """Host of each rank: the job's ``rank_hosts`` (a service gives the communicator it
+    made), else the launcher's CHIBA_RANK_HOSTS, else the job's own list."""
+    if job.get("rank_hosts"):
+        return list(job["rank_hosts"])
     env = os.environ.get("CHIBA_RANK_HOSTS")
     return env.split(",") if env else list(job["hosts"])
 
 
-def emit(event: str, **fields: Any) -> None:
-    """One JSON event line on stdout for the launcher (rank 0 by convention)."""
-    sys.stdout.write(EVENT_PREFIX + json.dumps({"event": event, **fields}, default=str) + "\n")
+def _stdout_emitter(event: dict) -> None:
+    sys.stdout.write(EVENT_PREFIX + json.dumps(event, default=str) + "\n")
     sys.stdout.flush()
+
+
+_emitter: Callable[[dict], None] = _stdout_emitter
+
+
+def set_emitter(fn: Callable[[dict], None] | None) -> Callable[[dict], None]:
+    """Send events through ``fn(event_dict)`` from now on (None: stdout lines again);
+    returns the previous sink so a caller can put it back."""
+    global _emitter
+    prev, _emitter = _emitter, fn or _stdout_emitter
+    return prev
+
+
+def emit(event: str, **fields: Any) -> None:
+    """One event for the launcher (rank 0 by convention): by default a JSON line on
+    stdout after EVENT_PREFIX; a service redirects it with :func:`set_emitter`."""
+    _emitter({"event": event, **fields})
 
 
 def wait(req, idle: Callable[[], None] | None = None, peer: int | None = None) -> None:
