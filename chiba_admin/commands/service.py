@@ -12,7 +12,56 @@ from ..cli import pass_ctx
 from ..console import get_console, print_json
 from ..errors import UsageError
 
-__all__ = ["register", "service_group"]
+__all__ = ["register", "service_group", "launch_option", "note_launch", "run_over_mpi"]
+
+
+def _set_mode(_ctx, _param, value):
+    from mpitools.common.launch import set_launch_mode
+
+    set_launch_mode(value)  # None (not given) resets it: tests run many commands in-process
+    return value
+
+
+def launch_option(f):
+    """``--launch mpiexec|service`` for an MPI command (sets mpitools.common.launch's mode)."""
+    return click.option("--launch", type=click.Choice(("mpiexec", "service")), default=None,
+                        expose_value=False, callback=_set_mode,
+                        help="mpi: a fresh mpiexec, or the running service (default: the "
+                             "service when one runs and covers the hosts).")(f)
+
+
+def note_launch(ctx, result: dict) -> None:
+    """An MPI result gets ``launch: "service"|"mpiexec"``; text output says ``via service``."""
+    from mpitools.common.launch import last_launch
+
+    if result.get("method") != "mpi":
+        return
+    result["launch"] = last_launch()
+    if not ctx.json and result["launch"] == "service":
+        get_console().print("via service", markup=False)
+
+
+def run_over_mpi(topo, names: list[str]) -> bool:
+    """Whether `run` goes over MPI ranks: --launch given, or a service covering ``names``
+    runs (otherwise the transport's fan-out, as before the service existed)."""
+    from mpitools.common.launch import launch_mode
+    from mpitools.service.driver import running
+
+    if launch_mode() is not None:
+        return True
+    svc = running(topo)
+    return svc is not None and svc.covers(names)
+
+
+def print_lines(res, err=None) -> None:
+    """Each host's output as ``host: line`` (stdout, then stderr), hosts in order."""
+    import sys
+
+    for host, r in res.results.items():
+        for stream, text in ((sys.stdout, r.out), (err or sys.stderr, r.err)):
+            for line in text.splitlines():
+                stream.write(f"{host}: {line}\n")
+    sys.stdout.flush()
 
 
 @click.group("service")

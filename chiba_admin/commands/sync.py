@@ -11,6 +11,7 @@ from rich.table import Table
 from topology import expand, format_bytes, parse_size
 
 from ..cli import EXIT_FAILURE, EXIT_OK, pass_ctx
+from .service import launch_option, note_launch
 from ..console import get_console, get_err_console, print_json
 from ..embedded import require_initialized
 from ..errors import InventoryError, UsageError
@@ -139,6 +140,7 @@ def render_sync(result: dict) -> None:
               help="mpi: bytes per message, at least 8KiB (small files share one).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="S", help="Give up (and stop every process) after S seconds.")
+@launch_option
 @pass_ctx
 def sync_cmd(ctx, src, method, dest, targets, delete, dry_run, excludes, exclude_from, fanout,
              checksum, itemize, verify, chunk, timeout):
@@ -161,6 +163,7 @@ def sync_cmd(ctx, src, method, dest, targets, delete, dry_run, excludes, exclude
             "checksum": checksum, "verify": verify, "chunk": chunk_bytes, "timeout": timeout,
             "itemize": itemize}
     result = METHODS[method](topo, src, names, dest, opts)
+    note_launch(ctx, result)
     if ctx.json:
         print_json(result)
     else:

@@ -24,7 +24,8 @@ from mpitools.common.runtime import EVENT_PREFIX
 
 __all__ = ["LaunchPlan", "LaunchResult", "rank_hosts", "build_command", "launch", "RANK_ENV",
            "RANK_HOSTS_ENV", "FORWARD_PREFIXES", "rank_python", "rank_env", "child_env",
-           "session_pids", "LAUNCH_MODES", "set_launch_mode", "last_launch", "SERVICE_TOOLS"]
+           "session_pids", "LAUNCH_MODES", "set_launch_mode", "launch_mode", "last_launch",
+           "SERVICE_TOOLS"]
 
 LAUNCH_MODES = ("mpiexec", "service")
 # rank programs a running service may take (mpitools/service/ranks.py): those whose main
@@ -264,6 +265,11 @@ def set_launch_mode(mode: str | None) -> None:
     _mode = mode
 
 
+def launch_mode() -> str | None:
+    """The mode :func:`set_launch_mode` set (None: automatic)."""
+    return _mode
+
+
 def last_launch() -> str:
     """``"service"`` or ``"mpiexec"``: how this process's last launch ran."""
     return _last
@@ -277,6 +283,9 @@ def _via_service(topo, module: str, ranks: list[str]):
 
     svc = service.running(topo)
     if _mode is None:
+        if svc is None and service.ended(topo):
+            _say(f"the MPI service of {topo.name} ended ({service.ended(topo)}); using a "
+                 "fresh mpiexec (`chiba-admin service start` starts it again)")
         return svc if svc is not None and svc.covers(ranks) else None
     if svc is None:
         st = service.status(topo)

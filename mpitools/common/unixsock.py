@@ -24,10 +24,12 @@ LINGER = 0.5
 
 class Pause:
     """Sleep between loop turns without spinning: ``BUSY_SLEEP`` while work runs or ran in
-    the last ``linger`` seconds, then doubling up to ``cap`` seconds."""
+    the last ``linger`` seconds, then doubling up to ``cap`` seconds; with ``deep`` =
+    ``(seconds, cap)``, up to that second cap once idle that long."""
 
-    def __init__(self, cap: float = IDLE_CAP, linger: float = LINGER):
-        self.cap, self.linger = cap, linger
+    def __init__(self, cap: float = IDLE_CAP, linger: float = LINGER,
+                 deep: tuple[float, float] | None = None):
+        self.cap, self.linger, self.deep = cap, linger, deep
         self.sleep, self.last = BUSY_SLEEP, time.monotonic()
 
     def after(self, busy: bool, running: bool) -> None:
@@ -36,8 +38,11 @@ class Pause:
         now = time.monotonic()
         if busy or running:
             self.last = now
+        cap = self.cap
+        if self.deep is not None and now - self.last >= self.deep[0]:
+            cap = self.deep[1]
         self.sleep = (BUSY_SLEEP if now - self.last < self.linger
-                      else min(self.cap, self.sleep * 2))
+                      else min(cap, self.sleep * 2))
         if not busy:
             time.sleep(self.sleep)
 

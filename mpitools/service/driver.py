@@ -28,7 +28,7 @@ from mpitools.common.runtime import load_job
 from mpitools.service.ranks import READY, SOCKET
 
 __all__ = ["service_dir", "default_hosts", "start", "status", "stop", "running", "submit",
-           "Service", "START_TIMEOUT", "dead_hosts"]
+           "Service", "START_TIMEOUT", "dead_hosts", "run_mpi", "ended"]
 
 # 65 Python ranks over SSH took 10.6 s to start on the testbed (issue 19)
 START_TIMEOUT = 120.0
@@ -61,12 +61,19 @@ def _read_state(d: Path) -> dict | None:
 
 
 def _alive(pid: int) -> bool:
-    """Whether ``pid`` is a live (not zombie) process."""
+    """Whether ``pid`` is a live process (a zombie is not; reaped if it is our child, as
+    mpiexec is of a process that started the service and lives on, a test's)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                return True
     except (OSError, IndexError):
         return False
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    return False
 
 
 class Service:
@@ -105,6 +112,17 @@ def running(topo) -> Service | None:
     if st is None or not _alive(int(st.get("pid", 0))) or not (d / READY).exists():
         return None
     return Service(d, st)
+
+
+def ended(topo) -> str | None:
+    """Why the service that was started for ``topo`` ended by itself (None: it runs, was
+    stopped, or never started): the hosts the runtime named, else "mpiexec exited"."""
+    d = service_dir(topo)
+    st = _read_state(d)
+    if st is None or _alive(int(st.get("pid", 0))):
+        return None
+    dead = dead_hosts(d, st)
+    return "; ".join(f"{h}: {w}" for h, w in dead.items()) or "mpiexec exited"
 
 
 def dead_hosts(d: Path, state: dict) -> dict[str, str]:
@@ -325,18 +343,32 @@ def submit(svc: Service, module: str, args: list[str], ranks: list[str], *,
     return res
 
 
-def _read_frames(conn: socket.socket, res: LaunchResult, on_event, deadline) -> None:
-    f = conn.makefile("rb")
-    conn.settimeout(0.5)
+def _lines(conn: socket.socket, deadline: float | None):
+    """The connection's lines as they come; stops at end of file or after ``deadline``
+    (then yields None once)."""
+    import select
+
+    buf = b""
     while True:
-        try:
-            line = f.readline()
-        except (TimeoutError, socket.timeout):
+        while b"\n" in buf:
+            line, _, buf = buf.partition(b"\n")
+            yield line
+        ready, _, _ = select.select([conn], [], [], 0.5)
+        if not ready:
             if deadline is not None and time.time() > deadline:
-                res.timed_out = True
+                yield None
                 return
             continue
-        if not line:
+        data = conn.recv(1 << 16)
+        if not data:
+            return
+        buf += data
+
+
+def _read_frames(conn: socket.socket, res: LaunchResult, on_event, deadline) -> None:
+    for line in _lines(conn, deadline):
+        if line is None:
+            res.timed_out = True
             return
         frame = json.loads(line)
         k = frame.get("k")
@@ -371,3 +403,31 @@ def _blame_dead(svc: Service, res: LaunchResult) -> None:
             res.failed_daemons[h] = why
     if not dead:
         res.stderr = "the MPI service ended during the request"
+
+
+def run_mpi(topo, names: list[str], cmd, *, timeout: float | None = None):
+    """``run`` over MPI ranks (the service's, or a fresh mpiexec's, as launch() decides):
+    a legacy_transit GroupResult in ``names`` order, as the transport's fan-out gives."""
+    import base64
+
+    from legacy_transit.fanout import GroupResult
+    from legacy_transit.transport import RunResult
+
+    from mpitools.common.launch import launch
+    from mpitools.common.runtime import encode_job
+
+    hosts = [topo.host(n) for n in names]
+    job = {"cmd": cmd, "timeout": timeout,
+           "env": {h.name: h.environment() for h in hosts},
+           "cwd": {h.name: h.local_path("/") if getattr(h, "root", "") else None
+                   for h in hosts}}
+    res = launch(topo, "mpitools.service.runcmd", [encode_job(job)], names, names[0])
+    if res.result is None:
+        why = res.describe()
+        return GroupResult({n: RunResult(n, 255, error=why) for n in names})
+    out = {}
+    for n in names:
+        r = res.result["hosts"][n]
+        out[n] = RunResult(n, int(r["rc"]), base64.b64decode(r["stdout"]),
+                           base64.b64decode(r["stderr"]), r["error"], float(r["seconds"]))
+    return GroupResult(out)
