@@ -33,12 +33,13 @@ def _strip(obj):
 
 
 def _service_procs(state: dict) -> list[str]:
-    """``ps`` lines of the service: its mpiexec's session, or its ranks' command line."""
-    ps = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True,
-                        check=True).stdout
+    """``ps`` lines of the service still running (its mpiexec's session, or its ranks'
+    command line); an exited rank not yet reaped by its new parent runs nothing."""
+    ps = subprocess.run(["ps", "-eo", "pid=,sid=,stat=,args="], capture_output=True,
+                        text=True, check=True).stdout
     job_arg = state["argv"][-1]
-    return [ln for ln in ps.splitlines()
-            if ln.split()[1] == str(state["pid"]) or job_arg in ln]
+    return [ln for ln in ps.splitlines() if not ln.split()[2].startswith("Z")
+            and (ln.split()[1] == str(state["pid"]) or job_arg in ln)]
 
 
 def _rank_pid(state: dict, host: str) -> int:
@@ -82,8 +83,7 @@ def test_pause_backs_off_to_the_deep_cap_only_after_long_idle(monkeypatch):
     now = [0.0]
     slept = []
     monkeypatch.setattr("time.monotonic", lambda: now[0])
-    monkeypatch.setattr("time.sleep", slept.append)
-    p = Pause(cap=0.05, linger=0.5, deep=(30.0, 0.25))
+    p = Pause(cap=0.05, linger=0.5, deep=(30.0, 0.25), wait=slept.append)
     for t in (0.1, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0):
         now[0] = t
         p.after(False, False)

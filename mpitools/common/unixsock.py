@@ -28,8 +28,9 @@ class Pause:
     ``(seconds, cap)``, up to that second cap once idle that long."""
 
     def __init__(self, cap: float = IDLE_CAP, linger: float = LINGER,
-                 deep: tuple[float, float] | None = None):
-        self.cap, self.linger, self.deep = cap, linger, deep
+                 deep: tuple[float, float] | None = None, wait=time.sleep):
+        # ``wait(seconds)``: how to pause; a select() on a socket ends it early
+        self.cap, self.linger, self.deep, self.wait = cap, linger, deep, wait
         self.sleep, self.last = BUSY_SLEEP, time.monotonic()
 
     def after(self, busy: bool, running: bool) -> None:
@@ -44,7 +45,7 @@ class Pause:
         self.sleep = (BUSY_SLEEP if now - self.last < self.linger
                       else min(cap, self.sleep * 2))
         if not busy:
-            time.sleep(self.sleep)
+            self.wait(self.sleep)
 
 
 def listen(path: str, backlog: int = 64) -> socket.socket:

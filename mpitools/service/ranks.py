@@ -40,11 +40,16 @@ __all__ = ["main", "IDLE_CAP", "READY", "SOCKET", "cpu_seconds", "module_main"]
 _REQ, _UP = 21, 22
 IDLE_CAP = 0.05      # seconds between tests when idle: "tens of ms" (issue 19)
 # After this long without a request, DEEP_CAP between tests: one wake of an idle Python
-# rank (sleep + Iprobe) cost about 60 us of CPU on the 2-core development VM, so 65 ranks
-# at 50 ms used 8% of a core; at 0.25 s under 2% (README, "The MPI service").
+# rank (sleep + Iprobe) cost about 60 us of CPU on the 2-core development VM (12 ranks at
+# 50 ms: 1.6% of a core), so 65 ranks at 50 ms would use about 8%; at 0.25 s, under 2%.
+# The price: the first request after a long idle waits up to DEEP_CAP to be seen.
 DEEP_AFTER, DEEP_CAP = 30.0, 0.25
 SOCKET, READY = "sock", "ready"
 _REQUEST_LIMIT = 64 << 20
+# imported by every worker once it is up, so that no request pays for them (0.3-0.4 s of
+# a first collect on the development VM was its ranks importing zstandard and inventory)
+PRELOAD = ("mpitools.stage.ranks", "mpitools.sync.ranks", "mpitools.collect.ranks",
+           "mpitools.service.runcmd")
 
 
 def cpu_seconds() -> float:
@@ -62,16 +67,18 @@ def module_main(module: str):
     return mod.main
 
 
-def _pause(job: dict) -> Pause:
+def _pause(job: dict, wait=time.sleep) -> Pause:
     return Pause(cap=float(job.get("idle_cap", IDLE_CAP)),
                  deep=(float(job.get("deep_after", DEEP_AFTER)),
-                       float(job.get("deep_cap", DEEP_CAP))))
+                       float(job.get("deep_cap", DEEP_CAP))), wait=wait)
 
 
 # --- workers ---------------------------------------------------------------------------
 def _worker(comm, job: dict) -> int:
     from mpi4py import MPI
 
+    for name in PRELOAD:
+        importlib.import_module(name)
     pause = _pause(job)
     while True:
         if not comm.Iprobe(source=0, tag=_REQ):
@@ -177,7 +184,8 @@ class _Coordinator:
             json.dump({"pid": os.getpid(), "started": self.t0, "ranks": self.comm.size}, f)
         os.replace(ready + ".tmp", ready)
         emit("start", ranks=self.comm.size, time=self.t0)
-        pause = _pause(self.job)
+        # idle, the coordinator waits in select() on its socket: a client is seen at once
+        pause = _pause(self.job, wait=lambda s: self.sel.select(s))
         try:
             while not (self.stopping and self.cur is None):
                 busy = self.poll_clients()
