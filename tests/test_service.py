@@ -233,3 +233,23 @@ def test_rank_killed_mid_request_fails_the_request_and_is_named(embedded, cli, s
     for n in ("ccn01", "ccn02", "ccn03", "ccn04"):  # all or nothing: no node has it
         h = embedded.host(n)
         assert not os.path.exists(os.path.join(h.local_path(h.scratch), "src"))
+
+
+def test_add_a_host_by_spawn_and_merge(embedded, cli):
+    assert cli("service", "start", "--hosts", "ccn[01-02]").code == 0
+    state = json.loads((driver.service_dir(embedded) / "state.json").read_text())
+    try:
+        # ccn03 has no rank yet: without --launch the fan-out runs there, with it, refused
+        r = cli("run", "--launch", "service", "-w", "ccn[01-03]", "--", "true")
+        assert r.code == 2 and "no rank on ccn03" in r.err  # refused before anything ran
+        add = cli("--json", "service", "add", "ccn03")
+        assert add.code == 0, add.err
+        assert add.json()["hosts"] == ["pres", "ccn01", "ccn02", "ccn03"]
+        assert cli("service", "add", "ccn03").code == 2
+        r = cli("--json", "run", "-w", "ccn[01-03]", "--", "sh", "-c", 'echo "$CHIBA_HOST"')
+        assert r.code == 0 and r.json()["launch"] == "service"
+        assert {h: v["stdout"] for h, v in r.json()["hosts"].items()} == \
+            {h: h + "\n" for h in ("ccn01", "ccn02", "ccn03")}
+    finally:
+        assert cli("service", "stop").code == 0
+    assert _service_procs(state) == []

@@ -135,6 +135,22 @@ def status_cmd(ctx, sample):
     return 0
 
 
+@service_group.command("add")
+@click.argument("host")
+@pass_ctx
+def add_cmd(ctx, host):
+    """Add a rank on HOST to the running service (MPI_Comm_spawn, then a merge)."""
+    from mpitools.service import driver
+
+    res = driver.add(ctx.topology, host)
+    if ctx.json:
+        print_json(res)
+    else:
+        get_console().print(f"{host} added in {res['seconds']:.2f} s; the service has "
+                            f"{len(res['hosts'])} hosts", markup=False)
+    return 0
+
+
 @service_group.command("stop")
 @pass_ctx
 def stop_cmd(ctx):

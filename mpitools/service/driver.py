@@ -28,7 +28,8 @@ from mpitools.common.runtime import load_job
 from mpitools.service.ranks import READY, SOCKET
 
 __all__ = ["service_dir", "default_hosts", "start", "status", "stop", "running", "submit",
-           "Service", "START_TIMEOUT", "dead_hosts", "run_mpi", "ended"]
+           "Service", "START_TIMEOUT", "dead_hosts", "run_mpi", "ended",
+           "add"]
 
 # 65 Python ranks over SSH took 10.6 s to start on the testbed (issue 19)
 START_TIMEOUT = 120.0
@@ -277,10 +278,29 @@ def status(topo) -> dict:
             "cpu": cpu}
 
 
-def _ask(svc: Service, request: dict) -> dict:
+def add(topo, host: str) -> dict:
+    """Add a rank on ``host`` to the running service (MPI_Comm_spawn + intercommunicator
+    merge); ``{"hosts", "seconds"}``. MPIToolError when no service runs or the spawn fails;
+    InvalidRequest for an unknown host or one the service has."""
+    topo.host(host)
+    svc = running(topo)
+    if svc is None:
+        raise MPIToolError(f"no MPI service runs for {topo.name}",
+                           hint="`chiba-admin service start`")
+    if host in svc.hosts[1:]:
+        raise InvalidRequest(f"the service already has a rank on {host}")
+    # PRRTE spawns only on hosts of its allocation unless told to add one
+    info = {} if topo.kind == "embedded" else {"add-host": host}
+    frame = _ask(svc, {"op": "add", "host": host, "info": info}, timeout=START_TIMEOUT)
+    state = {**svc.state, "hosts": frame["hosts"]}
+    (svc.dir / "state.json").write_text(json.dumps(state))
+    return {"hosts": frame["hosts"][1:], "seconds": frame["seconds"]}
+
+
+def _ask(svc: Service, request: dict, timeout: float = 30.0) -> dict:
     conn = svc.connect(request)
     try:
-        conn.settimeout(30)
+        conn.settimeout(timeout)
         f = conn.makefile("rb")
         line = f.readline()
     except OSError as e:
@@ -324,7 +344,7 @@ def submit(svc: Service, module: str, args: list[str], ranks: list[str], *,
     if not svc.covers(ranks):
         raise InvalidRequest("the MPI service has no rank on "
                              + ", ".join(h for h in ranks if h not in svc.hosts[1:]),
-                             hint="restart it with those hosts, or use --launch mpiexec")
+                             hint="`chiba-admin service add HOST`, or --launch mpiexec")
     res = LaunchResult(["service", module], tuple(ranks), None, None, started=time.time(),
                        command=f"service {svc.socket_path}: {module}")
     conn = svc.connect({"op": "run", "module": module, "job": load_job(args[0]),

@@ -31,13 +31,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from mpitools.common.runtime import (PeerLost, Terminated, emit, rank_hosts, rank_main,
-                                     set_emitter, wait_all)
+from mpitools.common.runtime import (PeerLost, Terminated, emit, encode_job, rank_hosts,
+                                     rank_main, set_emitter, wait_all)
 from mpitools.common.unixsock import Pause, listen, readline, refusal, reply
 
 __all__ = ["main", "IDLE_CAP", "READY", "SOCKET", "cpu_seconds", "module_main"]
 
 _REQ, _UP = 21, 22
+_OPS = ("run", "status", "stop", "add")
 IDLE_CAP = 0.05      # seconds between tests when idle: "tens of ms" (issue 19)
 # After this long without a request, DEEP_CAP between tests: one wake of an idle Python
 # rank (sleep + Iprobe) cost about 60 us of CPU on the 2-core development VM (12 ranks at
@@ -93,6 +94,24 @@ def _worker(comm, job: dict) -> int:
         elif kind == "run":
             _serve(comm, MPI, msg[1], rank_hosts(job))
             pause.after(True, True)
+        elif kind == "add":
+            job["rank_hosts"] = msg[1]["hosts"]
+            comm = grow(comm, MPI, msg[1])
+            pause.after(True, True)
+
+
+def grow(comm, MPI, add: dict):
+    """Every rank of the service (collectively): spawn the new host's worker and merge it
+    in; returns the communicator the service goes on with (its last rank is the new one).
+    ``add``: ``{"hosts": the new rank -> host list, "host", "argv", "info"}``."""
+    info = MPI.Info.Create()
+    for k, v in (add.get("info") or {}).items():
+        info.Set(k, v)
+    inter = comm.Spawn(add["argv"][0], add["argv"][1:], maxprocs=1, info=info, root=0)
+    info.Free()
+    merged = inter.Merge(high=False)
+    merged.Set_errhandler(MPI.ERRORS_RETURN)
+    return merged
 
 
 def _serve(comm, MPI, req: dict, hosts: list[str]) -> None:
@@ -224,7 +243,7 @@ class _Coordinator:
         try:
             line, _ = readline(conn, _REQUEST_LIMIT)
             req = json.loads(line)
-            if not isinstance(req, dict) or req.get("op") not in ("run", "status", "stop"):
+            if not isinstance(req, dict) or req.get("op") not in _OPS:
                 raise ValueError("a request is a JSON object with op run, status or stop")
         except (OSError, ValueError) as e:
             reply(conn, {"k": "e", "msg": f"bad request: {e}"})
@@ -244,12 +263,39 @@ class _Coordinator:
             reply(conn, {"k": "end", "rc": 0, "served": self.served})
             conn.close()
             return True
+        if req["op"] == "add":
+            return self.add(conn, req)
         if req["op"] == "status":
             self.cur = _Request(0, conn, "stat", workers)
             for r in workers:
                 self.sends.append(self.comm.isend(("stat",), r, _REQ))
             return True
         return self.start_run(conn, req)
+
+    def add(self, conn: socket.socket, req: dict) -> bool:
+        """Spawn a worker on ``req["host"]`` and merge it into the service (every rank
+        takes part; MPI_Comm_spawn, then MPI_Intercomm_merge)."""
+        host = str(req.get("host") or "")
+        if not host or host in self.rank_of:
+            reply(conn, {"k": "e", "msg": f"the service already has a rank on {host}"
+                         if host else "no host to add"})
+            conn.close()
+            return True
+        hosts = [*self.hosts, host]
+        job = {**self.job, "rank_hosts": hosts}
+        msg = {"hosts": hosts, "host": host, "info": req.get("info") or {},
+               "argv": [sys.executable, "-m", "mpitools.service.ranks",
+                        encode_job(job)]}
+        for r in range(1, self.comm.size):
+            self.sends.append(self.comm.isend(("add", msg), r, _REQ))
+        wait_all(self.sends)
+        t0 = time.monotonic()
+        self.comm = grow(self.comm, self.MPI, msg)
+        self.hosts, self.job = hosts, job
+        self.rank_of[host] = self.comm.size - 1
+        reply(conn, {"k": "end", "rc": 0, "hosts": hosts, "seconds": time.monotonic() - t0})
+        conn.close()
+        return True
 
     def start_run(self, conn: socket.socket, req: dict) -> bool:
         hosts = [str(h) for h in req.get("hosts") or []]
@@ -306,7 +352,14 @@ class _Coordinator:
 
 
 def main(comm, job: dict) -> int:
-    """World rank 0 coordinates; every other rank is its host's worker."""
+    """World rank 0 coordinates; every other rank is its host's worker. A worker spawned by
+    ``service add`` (:func:`grow`) first merges with the service that spawned it."""
+    from mpi4py import MPI
+
+    parent = MPI.Comm.Get_parent()
+    if parent != MPI.COMM_NULL:
+        comm = parent.Merge(high=True)
+        comm.Set_errhandler(MPI.ERRORS_RETURN)
     if comm.rank == 0:
         return _Coordinator(comm, job).loop()
     return _worker(comm, job)
