@@ -15,10 +15,12 @@ from ..errors import UsageError
 __all__ = ["register", "service_group", "launch_option", "note_launch", "run_over_mpi"]
 
 
-def _set_mode(_ctx, _param, value):
+def _set_mode(ctx, _param, value):
     from mpitools.common.launch import set_launch_mode
 
-    set_launch_mode(value)  # None (not given) resets it: tests run many commands in-process
+    set_launch_mode(value)
+    # for this command only: tests run many commands in one process
+    ctx.call_on_close(lambda: set_launch_mode(None))
     return value
 
 
