@@ -66,6 +66,14 @@ def print_lines(res, err=None) -> None:
     sys.stdout.flush()
 
 
+def _show(ctx, res: dict, line: str) -> int:
+    if ctx.json:
+        print_json(res)
+    else:
+        get_console().print(line, markup=False)
+    return 0
+
+
 @click.group("service")
 def service_group():
     """An MPI job started once on the cluster's hosts: stage, collect, sync-mayors and run
@@ -81,21 +89,16 @@ def start_cmd(ctx, nodeset):
     """Start the service as a daemon on the president."""
     from mpitools.service import driver
 
-    topo = ctx.topology
-    if topo.kind == "embedded":
-        from ..embedded import require_initialized
+    from ..embedded import require_initialized
 
-        require_initialized(topo)
+    topo = ctx.topology
+    require_initialized(topo)
     hosts = expand(topo, nodeset) if nodeset else None
     if nodeset is not None and not hosts:
         raise UsageError(f"--hosts {nodeset!r} selects no host")
     res = driver.start(topo, hosts)
-    if ctx.json:
-        print_json(res)
-    else:
-        get_console().print(f"service started on {len(res['hosts'])} hosts in "
-                            f"{res['seconds']:.2f} s (mpiexec pid {res['pid']})", markup=False)
-    return 0
+    return _show(ctx, res, f"service started on {len(res['hosts'])} hosts in "
+                           f"{res['seconds']:.2f} s (mpiexec pid {res['pid']})")
 
 
 @service_group.command("status")
@@ -145,12 +148,8 @@ def add_cmd(ctx, host):
     from mpitools.service import driver
 
     res = driver.add(ctx.topology, host)
-    if ctx.json:
-        print_json(res)
-    else:
-        get_console().print(f"{host} added in {res['seconds']:.2f} s; the service has "
-                            f"{len(res['hosts'])} hosts", markup=False)
-    return 0
+    return _show(ctx, res, f"{host} added in {res['seconds']:.2f} s; the service has "
+                           f"{len(res['hosts'])} hosts")
 
 
 @service_group.command("stop")
@@ -160,12 +159,8 @@ def stop_cmd(ctx):
     from mpitools.service import driver
 
     res = driver.stop(ctx.topology)
-    if ctx.json:
-        print_json(res)
-    else:
-        get_console().print("service stopped" if res["stopped"] else
-                            f"no service runs for {ctx.topology.name}", markup=False)
-    return 0
+    return _show(ctx, res, "service stopped" if res["stopped"] else
+                 f"no service runs for {ctx.topology.name}")
 
 
 def register(group: click.Group) -> None:

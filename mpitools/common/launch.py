@@ -117,6 +117,17 @@ class LaunchResult:
         """Seconds from the result event to mpiexec's exit (its ranks and daemons ending)."""
         return max(0.0, self.started + self.seconds - self.result_at) if self.result_at else 0.0
 
+    def take(self, ev: dict, on_event: Callable[[dict], None] | None = None) -> None:
+        """Record one event from the ranks (``result`` and ``start`` noted), then pass it
+        to ``on_event``."""
+        self.events.append(ev)
+        if ev.get("event") == "result":
+            self.result, self.result_at = ev, time.time()
+        elif ev.get("event") == "start" and not self.start_at:
+            self.start_at = float(ev.get("time") or time.time())
+        if on_event is not None:
+            on_event(ev)
+
     def first_event(self, name: str) -> dict | None:
         return next((e for e in self.events if e.get("event") == name), None)
 
@@ -486,13 +497,7 @@ def _run_once(topo, plan: LaunchPlan, timeout: float | None,
                 except ValueError:
                     out_tail.append(line)
                     continue
-                res.events.append(ev)
-                if ev.get("event") == "result":
-                    res.result, res.result_at = ev, time.time()
-                elif ev.get("event") == "start" and not res.start_at:
-                    res.start_at = float(ev.get("time") or time.time())
-                if on_event is not None:
-                    on_event(ev)
+                res.take(ev, on_event)
             else:
                 (out_tail if tag == "out" else err_tail).append(line)
         res.returncode = _wait_rc(proc, deadline, grace, res)

@@ -397,14 +397,7 @@ def _read_frames(conn: socket.socket, res: LaunchResult, on_event, deadline) -> 
         if k == "end":
             res.returncode = int(frame["rc"])
             return
-        ev = frame["ev"]
-        res.events.append(ev)
-        if ev.get("event") == "result":
-            res.result, res.result_at = ev, time.time()
-        elif ev.get("event") == "start" and not res.start_at:
-            res.start_at = float(ev.get("time") or time.time())
-        if on_event is not None:
-            on_event(ev)
+        res.take(frame["ev"], on_event)
 
 
 def _blame_dead(svc: Service, res: LaunchResult) -> None:
