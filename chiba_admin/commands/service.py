@@ -84,8 +84,13 @@ def service_group():
 @click.option("--hosts", "nodeset", default=None, metavar="NODESET",
               help="Hosts of the service, one rank each (default: the president, every "
                    "mayor and every node).")
+@click.option("--idle-cap", type=click.FloatRange(0.001, 5.0), default=None, metavar="S",
+              help="Seconds between an idle rank's tests (default 0.05).")
+@click.option("--deep-cap", type=click.FloatRange(0.001, 5.0), default=None, metavar="S",
+              help="The same after 30 s without a request (default 0.25): less CPU, a "
+                   "slower first request.")
 @pass_ctx
-def start_cmd(ctx, nodeset):
+def start_cmd(ctx, nodeset, idle_cap, deep_cap):
     """Start the service as a daemon on the president."""
     from mpitools.service import driver
 
@@ -96,7 +101,7 @@ def start_cmd(ctx, nodeset):
     hosts = expand(topo, nodeset) if nodeset else None
     if nodeset is not None and not hosts:
         raise UsageError(f"--hosts {nodeset!r} selects no host")
-    res = driver.start(topo, hosts)
+    res = driver.start(topo, hosts, idle_cap=idle_cap, deep_cap=deep_cap)
     return _show(ctx, res, f"service started on {len(res['hosts'])} hosts in "
                            f"{res['seconds']:.2f} s (mpiexec pid {res['pid']})")
 

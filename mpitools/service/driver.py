@@ -174,10 +174,12 @@ def _argv(topo, world: list[str], job_arg: str) -> tuple[list[str], dict[str, st
     return argv, plan.env
 
 
-def start(topo, hosts: list[str] | None = None, *, idle_cap: float | None = None) -> dict:
+def start(topo, hosts: list[str] | None = None, *, idle_cap: float | None = None,
+          deep_cap: float | None = None) -> dict:
     """Start the service as a daemon; ``{"pid", "hosts", "seconds", "dir"}`` once its
-    socket is up. Raises MPIToolError when one already runs or it did not come up (the
-    reason from its log), InvalidRequest for an unknown host."""
+    socket is up. ``idle_cap``/``deep_cap``: seconds between an idle rank's tests, and
+    after 30 s idle (mpitools/service/ranks.py). Raises MPIToolError when one already runs
+    or it did not come up (the reason from its log), InvalidRequest for an unknown host."""
     from mpitools.common.runtime import encode_job
 
     hosts = default_hosts(topo) if not hosts else list(dict.fromkeys(hosts))
@@ -195,8 +197,9 @@ def start(topo, hosts: list[str] | None = None, *, idle_cap: float | None = None
         _clear(d, st)
         world = _world(topo, hosts)
         job = {"dir": str(d), "owner": os.getuid(), "hosts": world}
-        if idle_cap is not None:
-            job["idle_cap"] = idle_cap
+        for key, value in (("idle_cap", idle_cap), ("deep_cap", deep_cap)):
+            if value is not None:
+                job[key] = value
         argv, env = _argv(topo, world, encode_job(job))
         t0 = time.time()
         with open(d / "log", "wb") as log:
