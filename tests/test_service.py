@@ -158,9 +158,12 @@ def test_start_status_stop_and_tools_as_a_fresh_launch_gives(embedded, cli, serv
     assert _strip(via.json()) == _strip(plain.json())
     assert via.json()["hosts"]["ccn05"]["stdout"] == "ccn05 node\n"
     assert via.json()["hosts"]["ccn03"]["rc"] == 3
+    line = 'echo "$CHIBA_HOST"; nosuchcmd'  # one argument: a command line for the shell
+    via_line = cli("--json", "run", "-w", "ccn[01-02]", "--", line)
+    assert via_line.code == 127 and via_line.json()["launch"] == "service"
 
     st = cli("--json", "service", "status").json()
-    assert st["served"] == 4  # sync twice, stage, run
+    assert st["served"] == 5  # sync twice, stage, run twice
     assert cli("service", "stop").code == 0
     assert _service_procs(state) == []
     assert not cli("--json", "service", "status").json()["running"]
@@ -170,6 +173,8 @@ def test_start_status_stop_and_tools_as_a_fresh_launch_gives(embedded, cli, serv
     transport = cli("--json", "run", "-w", "@nodes", "--", *cmd)
     assert "launch" not in transport.json()
     assert _strip(transport.json()) == _strip(via.json())
+    transport = cli("--json", "run", "-w", "ccn[01-02]", "--", line)
+    assert _strip(transport.json()) == _strip(via_line.json())
 
 
 _INTRUDER = """

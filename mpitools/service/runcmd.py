@@ -26,7 +26,8 @@ _KILL_GRACE = 2.0
 def run_here(cmd, env: dict[str, str], cwd: str | None, timeout: float | None) -> dict:
     """Run ``cmd`` (a shell line or an argv) here; ``{"rc", "stdout", "stderr" (base64),
     "error", "seconds"}``. Over ``timeout`` seconds its processes are ended, rc 255."""
-    argv = ["sh", "-c", cmd] if isinstance(cmd, str) else [str(a) for a in cmd]
+    # /bin/sh as the fan-out's local transport runs a command line (same messages)
+    argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else [str(a) for a in cmd]
     t0 = time.monotonic()
     tasks = LocalTasks()
     tasks.start(0, argv, {**os.environ, **env}, cwd)
@@ -38,7 +39,7 @@ def run_here(cmd, env: dict[str, str], cwd: str | None, timeout: float | None) -
             if data is not None:
                 out[stream] += data
         if timeout is not None and time.monotonic() - t0 > timeout and error is None:
-            error = f"command timed out after {timeout:g} s"
+            error = f"command timed out after {timeout:g}s"
             tasks.signal_all(signal.SIGTERM)
             end = time.monotonic() + _KILL_GRACE
             while tasks.running() and time.monotonic() < end:
