@@ -275,10 +275,13 @@ def status(topo) -> dict:
                 "hosts": st["hosts"][1:], "restart_needed": True}
     frame = _ask(svc, {"op": "status"})
     cpu = frame.get("cpu", {})
-    return {"running": True, "dir": str(d), "pid": svc.pid, "hosts": svc.hosts[1:],
-            "uptime": frame["uptime"], "served": frame["served"], "dead_hosts": {},
-            "cpu_seconds": round(sum(cpu.values()) + frame["coordinator_cpu"], 3),
-            "cpu": cpu}
+    out = {"running": True, "dir": str(d), "pid": svc.pid, "hosts": svc.hosts[1:],
+           "uptime": frame["uptime"], "served": frame["served"], "dead_hosts": {},
+           "cpu_seconds": round(sum(cpu.values()) + frame["coordinator_cpu"], 3),
+           "cpu": cpu}
+    # start-up and requests included; `service status --sample S` measures idle alone
+    out["cpu_percent_since_start"] = 100.0 * out["cpu_seconds"] / max(out["uptime"], 1e-9)
+    return out
 
 
 def add(topo, host: str) -> dict:
