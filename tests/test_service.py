@@ -148,6 +148,18 @@ def test_start_status_stop_and_tools_as_a_fresh_launch_gives(embedded, cli, serv
     assert via.json()["launch"] == "service"
     assert _strip(via.json()) == _strip(fresh.json())
 
+    # collect: what each node has comes back into DEST/<host>/
+    for n in ("ccn01", "ccn02", "ccn03", "ccn04"):
+        out = os.path.join(embedded.host(n).local_path(embedded.host(n).scratch), "out")
+        os.makedirs(out)
+        Path(out, "host.txt").write_text(n)
+    back = cli("collect", "out", "--nodes", "@town1", "--dest", str(tmp_path / "back"),
+               "--json")
+    assert back.code == 0 and back.json()["launch"] == "service", back.err
+    assert {n: (tmp_path / "back" / n / "out" / "host.txt").read_text()
+            for n in ("ccn01", "ccn02", "ccn03", "ccn04")} == \
+        {n: n for n in ("ccn01", "ccn02", "ccn03", "ccn04")}
+
     # run: through the service as through the transport's fan-out
     cmd = ["sh", "-c", 'echo "$CHIBA_HOST $CHIBA_ROLE"; echo warn >&2; '
                        '[ "$CHIBA_HOST" = ccn03 ] && exit 3; exit 0']
@@ -163,7 +175,7 @@ def test_start_status_stop_and_tools_as_a_fresh_launch_gives(embedded, cli, serv
     assert via_line.code == 127 and via_line.json()["launch"] == "service"
 
     st = cli("--json", "service", "status").json()
-    assert st["served"] == 5  # sync twice, stage, run twice
+    assert st["served"] == 6  # sync twice, stage, collect, run twice
     assert cli("service", "stop").code == 0
     assert _service_procs(state) == []
     assert not cli("--json", "service", "status").json()["running"]
