@@ -270,3 +270,21 @@ def test_add_a_host_by_spawn_and_merge(embedded, cli):
     finally:
         assert cli("service", "stop").code == 0
     assert _service_procs(state) == []
+
+
+def test_service_dir_from_the_topology(embedded, cli, tmp_path, monkeypatch):
+    toml = tmp_path / "demo.toml"
+    base = (REPO / "clusters" / "demo.toml").read_text()
+    svc = tmp_path / "svc"
+    toml.write_text(base + f'\n[mpi]\nservice_dir = "{svc}"\n')
+    monkeypatch.setenv("CHIBA_CLUSTER", str(toml))
+    r = cli("--json", "service", "start", "--hosts", "ccn01")
+    assert r.code == 0, r.err
+    assert r.json()["dir"] == str(svc) and (svc / "sock").exists()
+    state = json.loads((svc / "state.json").read_text())
+    assert cli("service", "stop").code == 0 and _service_procs(state) == []
+    # a directory whose socket path does not fit in sockaddr_un: one line, nothing started
+    toml.write_text(base + f'\n[mpi]\nservice_dir = "{tmp_path / ("d" * 100)}"\n')
+    r = cli("service", "start")
+    assert r.code == 2 and "too long for a Unix socket" in r.err and r.err.count("\n") == 1
+    assert not (tmp_path / ("d" * 100)).exists()

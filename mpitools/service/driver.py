@@ -34,6 +34,7 @@ __all__ = ["service_dir", "default_hosts", "start", "status", "stop", "running",
 # 65 Python ranks over SSH took 10.6 s to start on the testbed (issue 19)
 START_TIMEOUT = 120.0
 _STOP_GRACE = 10.0
+_SUN_PATH = 108  # bytes of sockaddr_un.sun_path on Linux, its NUL included
 
 
 def service_dir(topo) -> Path:
@@ -42,6 +43,9 @@ def service_dir(topo) -> Path:
     spool (the president serves the spool and runs the service)."""
     given = (topo.mpi or {}).get("service_dir")
     if given:
+        if not os.path.isabs(str(given)):
+            raise InvalidRequest(f"[mpi] service_dir {given!r} is not an absolute path",
+                                 where=getattr(topo, "source", None))
         return Path(str(given))
     if topo.kind == "embedded" and getattr(topo, "state_dir", None):
         return Path(topo.state_dir) / "service"
@@ -186,6 +190,10 @@ def start(topo, hosts: list[str] | None = None, *, idle_cap: float | None = None
     for h in hosts:
         topo.host(h)
     d = service_dir(topo)
+    if len(os.fsencode(d / SOCKET)) >= _SUN_PATH:
+        raise InvalidRequest(f"the service directory's path is too long for a Unix socket "
+                             f"(at most {_SUN_PATH - 1 - len(SOCKET) - 1} bytes)", where=str(d),
+                             hint="set a shorter service_dir in the topology's [mpi] table")
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(d, 0o700)
     with open(d / "lock", "w") as lk:
