@@ -87,7 +87,7 @@ def service_group():
 @click.option("--idle-cap", type=click.FloatRange(0.001, 5.0), default=None, metavar="S",
               help="Seconds between an idle rank's tests (default 0.05).")
 @click.option("--deep-cap", type=click.FloatRange(0.001, 5.0), default=None, metavar="S",
-              help="The same after 30 s without a request (default 0.25): less CPU, a "
+              help="The same after 30 s without a request (default 0.5): less CPU, a "
                    "slower first request.")
 @pass_ctx
 def start_cmd(ctx, nodeset, idle_cap, deep_cap):

@@ -40,11 +40,12 @@ __all__ = ["main", "IDLE_CAP", "READY", "SOCKET", "cpu_seconds", "module_main"]
 _REQ, _UP = 21, 22
 _OPS = ("run", "status", "stop", "add")
 IDLE_CAP = 0.05      # seconds between tests when idle: "tens of ms" (issue 19)
-# After this long without a request, DEEP_CAP between tests: one wake of an idle Python
-# rank (sleep + Iprobe) cost about 60 us of CPU on the 2-core development VM (12 ranks at
-# 50 ms: 1.6% of a core), so 65 ranks at 50 ms would use about 8%; at 0.25 s, under 2%.
-# The price: the first request after a long idle waits up to DEEP_CAP to be seen.
-DEEP_AFTER, DEEP_CAP = 30.0, 0.25
+# After this long without a request, DEEP_CAP between tests. One wake of an idle Python
+# rank (sleep + Iprobe) cost about 60 us of CPU on the 2-core development VM; measured
+# for 66 ranks (65 hosts) idle over 60 s: 2.27% of one core at 0.25 s, 1.48% at 0.5 s
+# (about 0.4% of either is Open MPI's own threads). The price: the first request after a
+# long idle waits up to DEEP_CAP to be seen (`service start --deep-cap` trades it back).
+DEEP_AFTER, DEEP_CAP = 30.0, 0.5
 SOCKET, READY = "sock", "ready"
 _REQUEST_LIMIT = 64 << 20
 # imported by every worker once it is up, so that no request pays for them (0.3-0.4 s of
