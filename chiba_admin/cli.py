@@ -54,6 +54,7 @@ COMMAND_MODULES = [
     "chiba_admin.commands.bench",
     "chiba_admin.commands.shell",
     "chiba_admin.commands.predict",
+    "chiba_admin.commands.service",
 ]
 
 

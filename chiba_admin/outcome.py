@@ -170,9 +170,10 @@ class RunOutcome(_Keyed):
     hosts: dict[str, HostOutcome] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     phases: dict[str, float] = ABSENT
+    launch: str = ABSENT  # MPI methods: "mpiexec" (a fresh job) or "service"
 
     KEYS: ClassVar[tuple[str, ...]] = ("method", "ok", "seconds", "hosts", "failures",
-                                       "phases")
+                                       "phases", "launch")
 
     @property
     def hosts_ok(self) -> int:
@@ -214,7 +215,7 @@ class TransferRun(RunOutcome):
         "method", "algorithm", "ok", "source", "dest", "dest_dir", "dests", "nodes", "bytes",
         "payload_bytes", "files", "seconds", "phases", "phase_bytes", "hosts", "failures",
         "compress", "chunk", "segment", "kind", "refused", "refusal", "error", "peak_rss",
-        "mpiexec_stderr", "outcome")
+        "mpiexec_stderr", "outcome", "launch")
 
 
 @dataclass
@@ -239,7 +240,7 @@ class SyncRun(RunOutcome):
     KEYS: ClassVar[tuple[str, ...]] = (
         "method", "source", "dest", "targets", "dry_run", "launch_seconds", "ok", "seconds",
         "sync_seconds", "bytes_sent", "source_files", "source_bytes", "groups", "phases",
-        "source_warnings", "hosts", "failures")
+        "source_warnings", "hosts", "failures", "launch")
 
 
 @dataclass
@@ -252,7 +253,7 @@ class CommandRun(RunOutcome):
     stderr_groups: list[dict] = ABSENT
 
     KEYS: ClassVar[tuple[str, ...]] = ("ok", "rc", "hosts", "failures", "groups",
-                                       "stderr_groups")
+                                       "stderr_groups", "launch")
 
 
 # --- one call of a fan-out -----------------------------------------------------------------

@@ -20,9 +20,10 @@ from support.cluster import host_path, new_cluster, run_cli
 pytestmark = pytest.mark.mpi
 
 # --- the key sets, as the commands printed them before the outcome model -------------------
+# (plus ``launch``, "mpiexec" or "service", on every MPI result since the service)
 STAGE_MPI = {"method", "algorithm", "ok", "source", "dest", "nodes", "bytes", "payload_bytes",
              "files", "seconds", "phases", "phase_bytes", "hosts", "failures", "compress",
-             "chunk", "segment", "kind", "refused", "peak_rss"}
+             "chunk", "segment", "kind", "refused", "peak_rss", "launch"}
 # the job gave no result (stopped before any rank reported)
 STAGE_MPI_NO_RESULT = STAGE_MPI - {"refused", "peak_rss"} | {"error", "mpiexec_stderr"}
 MPI_HOST = {"ok", "bytes", "seconds", "throughput_bps", "stage", "error", "maxrss"}
@@ -35,7 +36,7 @@ TRANSIT_HOST = {"ok", "bytes", "seconds", "throughput_bps", "stage", "error", "t
 
 COLLECT_MPI = {"method", "algorithm", "ok", "source", "dest", "dest_dir", "nodes", "bytes",
                "payload_bytes", "files", "seconds", "phases", "phase_bytes", "hosts",
-               "failures", "kind", "peak_rss"}
+               "failures", "kind", "peak_rss", "launch"}
 COLLECT_MPI_REFUSED = COLLECT_MPI | {"refused", "refusal"}
 COLLECT_MPI_NO_RESULT = COLLECT_MPI - {"peak_rss"} | {"error", "mpiexec_stderr"}
 TRANSIT_COLLECT = {"method", "ok", "source", "dest", "dest_dir", "nodes", "bytes",
@@ -45,9 +46,9 @@ TRANSIT_COLLECT_REFUSED = TRANSIT_COLLECT - {"outcome"} | {"refused", "refusal"}
 
 SYNC_MPI = {"method", "source", "dest", "targets", "dry_run", "launch_seconds", "ok",
             "seconds", "sync_seconds", "bytes_sent", "source_files", "source_bytes", "groups",
-            "phases", "source_warnings", "hosts", "failures"}
+            "phases", "source_warnings", "hosts", "failures", "launch"}
 SYNC_MPI_NO_RESULT = {"method", "source", "dest", "targets", "dry_run", "launch_seconds",
-                      "ok", "seconds", "bytes_sent", "hosts", "failures"}
+                      "ok", "seconds", "bytes_sent", "hosts", "failures", "launch"}
 SYNC_MPI_HOST = {"ok", "rc", "seconds", "files_transferred", "bytes_sent", "bytes_received",
                  "created", "updated", "deleted", "meta", "dest", "warnings", "error",
                  "in_sync", "conflicts", "temps_removed"}

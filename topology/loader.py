@@ -32,7 +32,7 @@ KNOWN_KEYS: dict[str, set[str]] = {
     "town": {"mayor", "nodes", "addresses", "bandwidth", "latency", "uplink"},
     "host": _HOST_KEYS,
     "mpi": {"mpiexec", "args", "env", "btl_tcp_if_include", "prte_if_include", "fault_tolerance",
-            "plm_ssh_args", "python"},
+            "plm_ssh_args", "python", "service_dir"},
 }
 _KINDS = ("embedded", "ssh")
 # RFC 1123 labels plus '_' (seen in cluster names); no ',', '[', '@', ';', '/', spaces:

@@ -12,6 +12,7 @@ from topology import expand, fold
 from ..cli import pass_ctx
 from ..console import get_console, print_json
 from ..embedded import require_initialized
+from .service import launch_option, print_lines, run_over_mpi
 
 __all__ = ["register", "run_cmd", "render_groups", "render_error_groups", "render_failures"]
 
@@ -63,6 +64,7 @@ def render_failures(group, err=None) -> None:
               default=None, help="Command timeout in seconds, for the command and every "
               "process it started (default: none); a host over it counts 255.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@launch_option
 @pass_ctx
 def run_cmd(ctx, nodeset, fanout, gather, connect_timeout, command_timeout, command):
     """Run COMMAND on every host of NODESET in parallel and show its output.
@@ -89,18 +91,33 @@ def run_cmd(ctx, nodeset, fanout, gather, connect_timeout, command_timeout, comm
             f.flush()
 
     quiet_live = gather or ctx.json
-    with transport_for(topo, connect_timeout) as transport:
-        res = run_on(transport, [topo.host(n) for n in names], cmd, fanout=fanout,
-                     timeout=command_timeout, on_line=None if quiet_live else live)
+    via = None
+    if run_over_mpi(topo, names):  # --launch, or a running service covering the hosts
+        from mpitools.common.launch import last_launch
+        from mpitools.service.driver import run_mpi
+
+        res = run_mpi(topo, names, cmd, timeout=command_timeout)
+        via = last_launch()
+        if not quiet_live:
+            print_lines(res)
+    else:
+        with transport_for(topo, connect_timeout) as transport:
+            res = run_on(transport, [topo.host(n) for n in names], cmd, fanout=fanout,
+                         timeout=command_timeout, on_line=None if quiet_live else live)
     groups = group_outputs(res, fold=fold)
     err_groups = group_outputs(res, stream="stderr", fold=fold)
     if ctx.json:
-        res.groups = [{"nodeset": g.nodeset, "hosts": g.hosts, "rc": g.rc, "output": g.output}
-                      for g in groups]
-        res.stderr_groups = [{"nodeset": g.nodeset, "hosts": g.hosts, "output": g.output}
-                             for g in err_groups]
-        print_json(res.to_dict())
+        d = res.to_dict()
+        d["groups"] = [{"nodeset": g.nodeset, "hosts": g.hosts, "rc": g.rc, "output": g.output}
+                       for g in groups]
+        d["stderr_groups"] = [{"nodeset": g.nodeset, "hosts": g.hosts, "output": g.output}
+                              for g in err_groups]
+        if via:
+            d["launch"] = via
+        print_json(d)
         return res.rc
+    if via == "service":
+        get_console().print("via service", markup=False)
     if gather:
         render_groups(groups)
         render_error_groups(err_groups)

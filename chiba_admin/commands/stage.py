@@ -9,6 +9,7 @@ from rich.table import Table
 from topology import expand, fold, format_bandwidth, format_bytes, parse_size
 
 from ..cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, pass_ctx
+from .service import launch_option, note_launch
 from ..console import get_console, get_err_console, print_json, progress
 from ..embedded import require_initialized
 from ..errors import UsageError
@@ -86,6 +87,7 @@ def _render_failure(result: TransferRun, verb: str) -> None:
 def _finish(ctx, result: TransferRun, verb: str) -> int:
     """Print the outcome; exit 0 ok, 2 when a destination was refused (nothing touched),
     1 for any other failure."""
+    note_launch(ctx, result)
     if ctx.json:
         print_json(result.to_dict())
     else:
@@ -128,6 +130,7 @@ def _common(f):
                                       "bcast: MPI_Bcast per chunk.")
 @click.option("--spool-url", default=None, metavar="URL",
               help="Base URL of a running spool server (default: serve one for this run).")
+@launch_option
 @pass_ctx
 def stage_cmd(ctx, src, nodeset, method, chunk, compress, timeout, json_output, replace, dest,
               algorithm, spool_url):
@@ -157,6 +160,7 @@ def stage_cmd(ctx, src, nodeset, method, chunk, compress, timeout, json_output, 
 @_common
 @click.option("--dest", "dest_dir", required=True, metavar="DIR",
               help="Directory on this (home) machine; each host's copy goes to DIR/<host>/.")
+@launch_option
 @pass_ctx
 def collect_cmd(ctx, path, nodeset, method, chunk, compress, timeout, json_output, replace,
                 dest_dir):

@@ -15,6 +15,7 @@ from ..console import get_console, get_err_console, print_json, progress
 from ..embedded import require_initialized
 from ..errors import InventoryError, UsageError
 from ..outcome import ABSENT, SyncRun
+from .service import launch_option, note_launch
 from ..progress import Progress
 
 __all__ = ["register", "sync_cmd", "METHODS", "render_sync", "exclude_rules"]
@@ -129,6 +130,7 @@ def render_sync(result: SyncRun) -> None:
               help="mpi: bytes per message, at least 8KiB (small files share one).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="S", help="Give up (and stop every process) after S seconds.")
+@launch_option
 @pass_ctx
 def sync_cmd(ctx, src, method, dest, targets, delete, dry_run, excludes, exclude_from, fanout,
              checksum, itemize, verify, chunk, timeout):
@@ -152,6 +154,7 @@ def sync_cmd(ctx, src, method, dest, targets, delete, dry_run, excludes, exclude
             "itemize": itemize}
     with progress(f"sync-mayors ({method})") as bar:
         result = METHODS[method](topo, src, names, dest, opts, bar)
+    note_launch(ctx, result)
     if ctx.json:
         print_json(result.to_dict())
     else:

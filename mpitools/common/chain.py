@@ -166,6 +166,11 @@ class Chain:
                 self.out.send(frame)
             self._forwarded += 1
             yield frame
+            if self.out is not None:
+                # finish this frame's forward before taking the next one: on the testbed
+                # (8 nodes, 20 Mb/s, 64 KiB frames, same run) leaving it in flight while the
+                # next receive was waited for cost 0.90 -> 0.85 of line rate
+                self.out.flush(self.progress)
             i += 1
 
     def progress(self) -> None:

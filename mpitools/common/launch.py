@@ -23,7 +23,17 @@ from mpitools.common.diagnose import RuntimeReport, parse_runtime
 from mpitools.common.runtime import EVENT_PREFIX
 
 __all__ = ["LaunchPlan", "LaunchResult", "rank_hosts", "build_command", "launch", "RANK_ENV",
-           "RANK_HOSTS_ENV", "FORWARD_PREFIXES", "rank_python", "rank_env"]
+           "RANK_HOSTS_ENV", "FORWARD_PREFIXES", "rank_python", "rank_env", "child_env",
+           "session_pids", "LAUNCH_MODES", "set_launch_mode", "launch_mode", "last_launch",
+           "SERVICE_TOOLS"]
+
+LAUNCH_MODES = ("mpiexec", "service")
+# rank programs a running service may take (mpitools/service/ranks.py): those whose main
+# works on any intracommunicator and leaves signals and process exit to its caller
+SERVICE_TOOLS = ("mpitools.stage.ranks", "mpitools.collect", "mpitools.collect.ranks",
+                 "mpitools.sync.ranks", "mpitools.service.runcmd")
+_mode: str | None = None     # None: the service when one runs and covers the hosts
+_last: str = "mpiexec"
 
 RANK_HOSTS_ENV = "CHIBA_RANK_HOSTS"
 # variables forwarded to remote ranks with -x (local ranks inherit the whole environment)
@@ -106,6 +116,17 @@ class LaunchResult:
     def exit_seconds(self) -> float:
         """Seconds from the result event to mpiexec's exit (its ranks and daemons ending)."""
         return max(0.0, self.started + self.seconds - self.result_at) if self.result_at else 0.0
+
+    def take(self, ev: dict, on_event: Callable[[dict], None] | None = None) -> None:
+        """Record one event from the ranks (``result`` and ``start`` noted), then pass it
+        to ``on_event``."""
+        self.events.append(ev)
+        if ev.get("event") == "result":
+            self.result, self.result_at = ev, time.time()
+        elif ev.get("event") == "start" and not self.start_at:
+            self.start_at = float(ev.get("time") or time.time())
+        if on_event is not None:
+            on_event(ev)
 
     def first_event(self, name: str) -> dict | None:
         return next((e for e in self.events if e.get("event") == name), None)
@@ -245,6 +266,61 @@ def _daemon_failures(topo, report: RuntimeReport, hosts: tuple[str, ...]) -> dic
     return out
 
 
+def set_launch_mode(mode: str | None) -> None:
+    """How :func:`launch` starts rank programs from now on: ``"mpiexec"`` (a fresh job),
+    ``"service"`` (the running service, or MPIToolError), None (the service when one runs
+    for the topology and covers the hosts, else mpiexec)."""
+    global _mode
+    if mode is not None and mode not in LAUNCH_MODES:
+        raise ValueError(f"launch mode {mode!r}: one of {', '.join(LAUNCH_MODES)}")
+    _mode = mode
+
+
+def launch_mode() -> str | None:
+    """The mode :func:`set_launch_mode` set (None: automatic)."""
+    return _mode
+
+
+def last_launch() -> str:
+    """``"service"`` or ``"mpiexec"``: how this process's last launch ran."""
+    return _last
+
+
+def _via_service(topo, module: str, ranks: list[str]):
+    """The running service to use for this launch, or None for a fresh mpiexec."""
+    if _mode == "mpiexec" or (_mode is None and module not in SERVICE_TOOLS):
+        return None
+    from mpitools.service import driver as service
+
+    svc = service.running(topo)
+    if _mode is None:
+        if svc is None and service.ended(topo):
+            _say(f"the MPI service of {topo.name} ended ({service.ended(topo)}); using a "
+                 "fresh mpiexec (`chiba-admin service start` starts it again)")
+        return svc if svc is not None and svc.covers(ranks) else None
+    if svc is None:
+        st = service.status(topo)
+        dead = st.get("dead_hosts") or {}
+        raise MPIToolError(
+            f"no MPI service runs for {topo.name}" + (
+                " (it ended: " + "; ".join(f"{h}: {w}" for h, w in dead.items()) + ")"
+                if dead else ""),
+            hint="`chiba-admin service start`, or --launch mpiexec")
+    return svc
+
+
+def child_env(add: dict[str, str]) -> dict[str, str]:
+    """This process's environment less batch-system variables, plus ``add``: the topology,
+    not a batch system, decides where ranks go (see _run_once)."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(_BATCH_PREFIXES)},
+            **add}
+
+
+def session_pids(sid: int) -> list[int]:
+    """Local processes of session ``sid``."""
+    return _session_pids(sid)
+
+
 def _session_pids(sid: int) -> list[int]:
     """Local processes of session ``sid`` (ranks sit in their own process groups)."""
     pids = []
@@ -316,8 +392,23 @@ def launch(topo, module: str, args: list[str], hosts: list[str], root: str | Non
     result says so in ``retried`` and a line goes to stderr. On failure with ``-v`` the
     mpiexec command line and its output's tail go to stderr. Raises MPIToolError when
     mpiexec cannot be started at all.
+
+    With a service running for the topology (mpitools/service/), a tool of SERVICE_TOOLS
+    runs on its ranks instead, in the same LaunchResult; :func:`set_launch_mode` forces one
+    way, :func:`last_launch` says which ran.
     """
+    global _last
     ranks = rank_hosts(topo, hosts, root)
+    svc = _via_service(topo, module, ranks)
+    if svc is not None:
+        from mpitools.service.driver import submit
+
+        fwd = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)
+               and k != RANK_HOSTS_ENV}
+        _last = "service"
+        return submit(svc, module, args, ranks, env={**fwd, **(env or {})},
+                      timeout=timeout, on_event=on_event)
+    _last = "mpiexec"
     # remote ranks see only what -x forwards: pass CHIBA_* settings (test hooks included)
     fwd = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)
            and k != RANK_HOSTS_ENV}
@@ -365,8 +456,7 @@ def _run_once(topo, plan: LaunchPlan, timeout: float | None,
     # The topology, not a batch system, decides where ranks go: inside a PBS or Slurm job
     # (a `chiba-admin shell` script included) PRRTE would otherwise take the allocation
     # from PBS_NODEFILE / SLURM_* and ssh to its hosts, or call srun.
-    full_env = {**{k: v for k, v in os.environ.items()
-                   if not k.startswith(_BATCH_PREFIXES)}, **plan.env}
+    full_env = child_env(plan.env)
     res = LaunchResult(plan.argv, plan.hosts, None, None, started=time.time(),
                        command=plan.shell())
     try:
@@ -407,13 +497,7 @@ def _run_once(topo, plan: LaunchPlan, timeout: float | None,
                 except ValueError:
                     out_tail.append(line)
                     continue
-                res.events.append(ev)
-                if ev.get("event") == "result":
-                    res.result, res.result_at = ev, time.time()
-                elif ev.get("event") == "start" and not res.start_at:
-                    res.start_at = float(ev.get("time") or time.time())
-                if on_event is not None:
-                    on_event(ev)
+                res.take(ev, on_event)
             else:
                 (out_tail if tag == "out" else err_tail).append(line)
         res.returncode = _wait_rc(proc, deadline, grace, res)

@@ -25,13 +25,14 @@ import os
 import selectors
 import signal
 import socket
-import struct
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 
 from mpitools.common.runtime import emit, rank_hosts, rank_main
+from mpitools.common.unixsock import Pause as _Pause, listen, readline as _readline, refusal
+from mpitools.common.unixsock import BUSY_SLEEP, reply as _reply
 from .pmi import PMIServer
 from .tasks import LocalTasks
 
@@ -39,11 +40,6 @@ __all__ = ["main", "place_tasks", "mapping_blocks", "WRAPPERS"]
 
 _REQ, _OUT, _DONE, _IN = 11, 12, 13, 14
 WRAPPERS = ("mpiexec", "mpirun", "srun", "pbsdsh")
-_IDLE_CAP = 0.02    # seconds between tests when nothing runs (docs/design.md)
-_BUSY_SLEEP = 0.001
-# A script's commands come back to back: after activity a rank keeps testing every
-# millisecond this long before it backs off, so the next request is seen at once.
-_LINGER = 0.5
 _KILL_GRACE = 2.5  # SIGTERM to SIGKILL for tasks; within mpiexec's own 5 s grace
 
 
@@ -86,25 +82,6 @@ def mapping_blocks(placement: dict[int, list[int]]) -> str:
     return "(vector," + ",".join(f"({a},{b},{c})" for a, b, c in blocks) + ")"
 
 
-class _Pause:
-    """Sleep between loop turns without spinning: 1 ms while work runs or ran in the last
-    :data:`_LINGER` seconds, then doubling up to :data:`_IDLE_CAP`."""
-
-    def __init__(self):
-        self.sleep, self.last = _BUSY_SLEEP, time.monotonic()
-
-    def after(self, busy: bool, running: bool) -> None:
-        """Called at the end of each turn; ``busy``: it did something; ``running``: a
-        command is under way."""
-        now = time.monotonic()
-        if busy or running:
-            self.last = now
-        self.sleep = (_BUSY_SLEEP if now - self.last < _LINGER
-                      else min(_IDLE_CAP, self.sleep * 2))
-        if not busy:
-            time.sleep(self.sleep)
-
-
 @dataclass
 class _Command:
     """One parallel command as every rank sees it."""
@@ -141,7 +118,10 @@ class _Rank:
 
     def poll_mpi(self) -> bool:
         st = self.MPI.Status()
-        if not self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.MPI.ANY_TAG, status=st):
+        # twice: the first probe's progress takes in what arrived during the sleep
+        # (mpitools/service/ranks.py measured a whole sleep saved)
+        if not any(self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.MPI.ANY_TAG,
+                                    status=st) for _ in range(2)):
             return False
         msg = self.comm.recv(source=st.Get_source(), tag=st.Get_tag())
         self.on_message(st.Get_source(), st.Get_tag(), msg)
@@ -258,7 +238,7 @@ class _Rank:
         end = None if timeout is None else time.monotonic() + timeout
         while self.pending and (end is None or time.monotonic() < end):
             self.pending = [r for r in self.pending if not r.Test()]
-            time.sleep(_BUSY_SLEEP)
+            time.sleep(BUSY_SLEEP)
 
     # the loop of ranks other than 0 ---------------------------------------------------
     def run_worker(self) -> int:
@@ -284,10 +264,7 @@ class _Leader(_Rank):
         self.rundir = tempfile.mkdtemp(prefix="chiba-shell-")  # mode 0700
         self.sock_path = os.path.join(self.rundir, "sock")
         self.sel = selectors.DefaultSelector()
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(self.sock_path)
-        self.listener.listen(64)
-        self.listener.setblocking(False)
+        self.listener = listen(self.sock_path)
         self.sel.register(self.listener, selectors.EVENT_READ, "listen")
         self.queue: list[tuple[socket.socket, dict]] = []
         self.client: socket.socket | None = None
@@ -399,11 +376,9 @@ class _Leader(_Rank):
             pass
 
     def accept(self, conn: socket.socket) -> None:
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        if uid not in (os.getuid(), 0):
-            _reply(conn, {"k": "e", "msg": f"refused: uid {uid} is not the job's owner"})
+        refused = refusal(conn, os.getuid(), "job")
+        if refused:
+            _reply(conn, {"k": "e", "msg": refused})
             conn.close()
             return
         conn.settimeout(10)
@@ -591,27 +566,6 @@ class _Leader(_Rank):
                 os.rmdir(d)
             except OSError:
                 pass
-
-
-def _reply(conn: socket.socket, frame: dict) -> None:
-    try:
-        conn.sendall(json.dumps(frame, separators=(",", ":")).encode() + b"\n")
-    except OSError:
-        pass  # a client that went away (its command was interrupted)
-
-
-def _readline(conn: socket.socket, limit: int) -> tuple[bytes, bytes]:
-    """The first line from ``conn`` and whatever came after it (stdin frames)."""
-    buf = bytearray()
-    while b"\n" not in buf:
-        data = conn.recv(65536)
-        if not data:
-            break
-        buf += data
-        if len(buf) > limit:
-            raise ValueError(f"request over {limit} bytes")
-    line, _, rest = bytes(buf).partition(b"\n")
-    return line, rest
 
 
 def main(comm, job: dict) -> int:
