@@ -64,7 +64,7 @@ class BytesColumn(ProgressColumn):
     while a phase counts hosts rather than bytes."""
 
     def render(self, task) -> Text:
-        if task.fields.get("hosts"):
+        if getattr(task, "fields", {}).get("hosts"):
             return Text("")
         total = "?" if task.total is None else format_bytes(task.total)
         return Text(f"{format_bytes(task.completed)} / {total}")
@@ -74,7 +74,7 @@ class RateColumn(ProgressColumn):
     """The transfer rate in bit/s, 3 significant digits (the tables' units)."""
 
     def render(self, task) -> Text:
-        if task.fields.get("hosts"):
+        if getattr(task, "fields", {}).get("hosts"):
             return Text("")
         speed = task.finished_speed or task.speed
         return Text("" if speed is None else format_bandwidth(speed * 8))

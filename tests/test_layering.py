@@ -77,6 +77,8 @@ _ENDERS = {"_exit", "Abort", "Finalize", "signal", "exit"}
 _ALLOWED_ENDERS = {("mpitools/common/runtime.py", "rank_main"),
                    ("mpitools/common/faults.py", "_apply"),
                    ("mpitools/shell/ranks.py", "kill_everything"),
+                   # the service's worker ends its job as rank_main would (a lost peer)
+                   ("mpitools/service/ranks.py", "_abort"),
                    ("mpitools/shell/ranks.py", "stop_all")}
 
 
@@ -179,7 +181,7 @@ def test_stage_collect_and_sync_mains_run_on_a_sub_communicator(embedded, cli, t
     import mpitools.collect.driver as collect_driver
     import mpitools.stage.driver as stage_driver
     import mpitools.sync.driver as sync_driver
-    from test_stage_helpers import assert_same_tree, make_tree
+    from support.trees import assert_same_tree, make_tree
 
     nodes = ["ccn01", "ccn02", "ccn03", "ccn04"]
     src = make_tree(tmp_path / "proj", big=300_000)
