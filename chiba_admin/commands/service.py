@@ -169,5 +169,16 @@ def stop_cmd(ctx):
                  f"no service runs for {ctx.topology.name}")
 
 
+def _service_driver():
+    from mpitools.service import driver
+
+    return driver
+
+
 def register(group: click.Group) -> None:
+    """Add ``service`` to the CLI, and let every MPI launch of this process use a running
+    service (mpitools/common/launch.py imports no tool folder: it is told here)."""
+    from mpitools.common.launch import register_service
+
+    register_service(_service_driver)
     group.add_command(service_group)

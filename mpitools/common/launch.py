@@ -33,6 +33,10 @@ LAUNCH_MODES = ("mpiexec", "service")
 SERVICE_TOOLS = ("mpitools.stage.ranks", "mpitools.collect", "mpitools.collect.ranks",
                  "mpitools.sync.ranks", "mpitools.service.runcmd")
 _mode: str | None = None     # None: the service when one runs and covers the hosts
+# The long-running service (mpitools/service/driver.py) plugs in here, so that common/
+# imports no tool's folder: the CLI registers it (chiba_admin/commands/service.py); with
+# nothing registered every launch is a fresh mpiexec. A callable returning the module.
+_service_provider: Callable[[], object] | None = None
 _last: str = "mpiexec"
 
 RANK_HOSTS_ENV = "CHIBA_RANK_HOSTS"
@@ -281,6 +285,13 @@ def launch_mode() -> str | None:
     return _mode
 
 
+def register_service(provider: Callable[[], object] | None) -> None:
+    """Let :func:`launch` use the service: ``provider()`` returns the service driver module
+    (``running``, ``ended``, ``status``, ``submit``); None unregisters it."""
+    global _service_provider
+    _service_provider = provider
+
+
 def last_launch() -> str:
     """``"service"`` or ``"mpiexec"``: how this process's last launch ran."""
     return _last
@@ -290,7 +301,12 @@ def _via_service(topo, module: str, ranks: list[str]):
     """The running service to use for this launch, or None for a fresh mpiexec."""
     if _mode == "mpiexec" or (_mode is None and module not in SERVICE_TOOLS):
         return None
-    from mpitools.service import driver as service
+    if _service_provider is None:
+        if _mode == "service":
+            raise MPIToolError("no MPI service support in this program",
+                               hint="use the chiba-admin command, or --launch mpiexec")
+        return None
+    service = _service_provider()
 
     svc = service.running(topo)
     if _mode is None:
@@ -401,8 +417,7 @@ def launch(topo, module: str, args: list[str], hosts: list[str], root: str | Non
     ranks = rank_hosts(topo, hosts, root)
     svc = _via_service(topo, module, ranks)
     if svc is not None:
-        from mpitools.service.driver import submit
-
+        submit = _service_provider().submit
         fwd = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)
                and k != RANK_HOSTS_ENV}
         _last = "service"
