@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import resource
 import selectors
 import socket
@@ -35,7 +36,8 @@ from mpitools.common.runtime import (PeerLost, Terminated, emit, encode_job, ran
                                      rank_main, set_emitter, wait)
 from mpitools.common.unixsock import Pause, listen, readline, refusal, reply
 
-__all__ = ["main", "IDLE_CAP", "READY", "SOCKET", "cpu_seconds", "module_main"]
+__all__ = ["main", "IDLE_CAP", "READY", "SOCKET", "TOOLS", "cpu_seconds", "module_main",
+           "check_request"]
 
 _REQ, _UP = 21, 22
 _OPS = ("run", "status", "stop", "add")
@@ -52,6 +54,10 @@ _REQUEST_LIMIT = 64 << 20
 # a first collect on the development VM was its ranks importing zstandard and inventory)
 PRELOAD = ("mpitools.stage.ranks", "mpitools.sync.ranks", "mpitools.collect.ranks",
            "mpitools.service.runcmd")
+# the only rank programs a request may name (a client never chooses what is imported);
+# "mpitools.collect" is the package of its ranks module (module_main)
+TOOLS = (*PRELOAD, "mpitools.collect")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def _wait_each(reqs: list) -> None:
@@ -68,7 +74,9 @@ def cpu_seconds() -> float:
 
 def module_main(module: str):
     """The ``main(comm, job)`` of a tool's rank module (``mpitools.collect`` names its
-    package: its ranks module is meant)."""
+    package: its ranks module is meant). ValueError for a module not in :data:`TOOLS`."""
+    if module not in TOOLS:
+        raise ValueError(f"{module!r} is not a tool of the service")
     mod = importlib.import_module(module)
     if not hasattr(mod, "main"):
         mod = importlib.import_module(module + ".ranks")
@@ -179,6 +187,33 @@ def _abort(comm, sends: list, code: int, why: str) -> None:
 
 
 # --- the coordinator -------------------------------------------------------------------
+def check_request(req) -> None:
+    """ValueError (one line) unless ``req`` is a request the service takes: an object with
+    ``op`` in run|status|stop|add; a run names a tool of :data:`TOOLS`, its job (an
+    object), its hosts (names) and its environment (names -> strings); an add names a
+    host and PRRTE's ``add-host`` at most. Nothing a client sends may end the service."""
+    if not isinstance(req, dict) or req.get("op") not in _OPS:
+        raise ValueError("a request is a JSON object with op " + ", ".join(_OPS))
+    if req["op"] == "run":
+        env = req.get("env") or {}
+        if req.get("module") not in TOOLS:
+            raise ValueError(f"module {req.get('module')!r} is not a tool of the service "
+                             f"({', '.join(TOOLS)})")
+        if not isinstance(req.get("job"), dict):
+            raise ValueError("a run's job is a JSON object")
+        hosts = req.get("hosts")
+        if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+            raise ValueError("a run's hosts are a list of host names")
+        if not isinstance(env, dict) or not all(
+                isinstance(k, str) and _ENV_NAME.match(k) and isinstance(v, str)
+                and "\0" not in v for k, v in env.items()):
+            raise ValueError("a run's env maps variable names to strings")
+    elif req["op"] == "add":
+        info = req.get("info") or {}
+        if not isinstance(req.get("host"), str) or not isinstance(info, dict) or not all(
+                k == "add-host" and isinstance(v, str) for k, v in info.items()):
+            raise ValueError("an add names a host (and PRRTE's add-host at most)")
+
 @dataclass
 class _Request:
     id: int
@@ -252,9 +287,11 @@ class _Coordinator:
         conn.settimeout(10)
         try:
             line, _ = readline(conn, _REQUEST_LIMIT)
-            req = json.loads(line)
-            if not isinstance(req, dict) or req.get("op") not in _OPS:
-                raise ValueError("a request is a JSON object with op run, status or stop")
+            try:
+                req = json.loads(line)
+            except RecursionError:  # nested past the parser's depth: not a request
+                raise ValueError("JSON nested too deep") from None
+            check_request(req)
         except (OSError, ValueError) as e:
             reply(conn, {"k": "e", "msg": f"bad request: {e}"})
             conn.close()
