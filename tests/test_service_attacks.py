@@ -96,7 +96,8 @@ def test_service_dir_under_a_parent_others_may_write_is_refused(embedded, tmp_pa
     assert not (shared / "svc").exists()
 
 
-def test_state_in_another_users_directory_is_not_trusted(embedded, tmp_path):
+@pytest.mark.parametrize("how", ["owned by nobody", "mode 0777"])
+def test_state_in_another_users_directory_is_not_trusted(embedded, tmp_path, how):
     """Root must not kill the pid a state file names when another user could write it."""
     victim = _session_sleeper()
     try:
@@ -104,12 +105,17 @@ def test_state_in_another_users_directory_is_not_trusted(embedded, tmp_path):
         svc.mkdir(mode=0o700)
         (svc / "state.json").write_text(json.dumps({"pid": victim.pid,
                                                     "hosts": ["pres", "ccn01"]}))
-        os.chown(svc, 65534, 65534)
-        os.chown(svc / "state.json", 65534, 65534)
+        if how == "mode 0777":
+            os.chmod(svc, 0o777)
+            why = "not private"
+        else:
+            os.chown(svc, 65534, 65534)
+            os.chown(svc / "state.json", 65534, 65534)
+            why = "belongs to uid 65534"
         embedded.mpi["service_dir"] = str(svc)
-        with pytest.raises(InvalidRequest, match="belongs to uid 65534"):
+        with pytest.raises(InvalidRequest, match=why):
             driver.stop(embedded)
-        with pytest.raises(InvalidRequest, match="belongs to uid 65534"):
+        with pytest.raises(InvalidRequest, match=why):
             driver.status(embedded)
         assert driver.running(embedded) is None
         assert victim.poll() is None, "root killed a pid another user named"

@@ -65,17 +65,18 @@ def default_hosts(topo) -> list[str]:
     return [h.name for h in topo.hosts()]
 
 
-def _private(d: Path) -> None:
+def _private(d: Path, mask: int = 0o022) -> None:
     """Refuse (InvalidRequest) a service directory that is a symlink or not a directory,
-    is not this user's, or that another user may write or read: root would otherwise
-    trust a state file (a pid to kill) or open files someone else planted there."""
+    is not this user's, or has a mode bit of ``mask`` (default: another user may write
+    there): root would otherwise trust a state file (a pid to kill) or open files someone
+    else planted there. ``start`` asks for 0700 (mask 0o077): never /etc or the like."""
     st = os.lstat(d)
     me = os.geteuid()
     why = ("is a symbolic link (not followed)" if stat.S_ISLNK(st.st_mode) else
            "is not a directory" if not stat.S_ISDIR(st.st_mode) else
            f"belongs to uid {st.st_uid}, not to uid {me}" if st.st_uid != me else
            f"is not private (mode {stat.S_IMODE(st.st_mode):04o}, not 0700)"
-           if st.st_mode & 0o077 else None)
+           if st.st_mode & mask else None)
     if why:
         raise InvalidRequest(f"the service directory {why}", where=str(d),
                              hint="name a directory of its own in [mpi] service_dir, or "
@@ -103,7 +104,7 @@ def _make_private(d: Path) -> None:
     except OSError as e:
         raise InvalidRequest(f"cannot make the service directory: {e.strerror}",
                              where=str(d)) from None
-    _private(d)
+    _private(d, 0o077)
 
 
 def _open(d: Path, name: str, mode: str):
