@@ -193,6 +193,29 @@ def test_malformed_or_hostile_requests_are_refused_and_the_service_lives_on(embe
         assert driver.stop(embedded)["stopped"]
 
 
+def test_a_client_that_sends_nothing_holds_up_no_one(embedded):
+    """The coordinator read each request line blocking, up to 10 s: one silent client
+    (or one half a request) stalled every other client and the running request's events."""
+    driver.start(embedded, ["ccn01"])
+    try:
+        svc = driver.running(embedded)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent, \
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as half:
+            silent.connect(svc.socket_path)
+            half.connect(svc.socket_path)
+            half.sendall(b'{"op": "sta')
+            assert driver.status(embedded)["running"]
+            for c in (silent, half):  # answered before either was given up on
+                c.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    c.recv(100)
+            half.setblocking(True)
+            half.sendall(b'tus"}\n')
+            assert json.loads(half.makefile("rb").readline())["k"] == "status"
+    finally:
+        assert driver.stop(embedded)["stopped"]
+
+
 def test_only_the_tools_rank_programs_may_be_named():
     from mpitools.service.ranks import TOOLS, check_request
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from mpitools.common.runtime import (PeerLost, Terminated, emit, encode_job, rank_hosts,
                                      rank_main, set_emitter, wait)
-from mpitools.common.unixsock import Pause, listen, readline, refusal, reply
+from mpitools.common.unixsock import Pause, listen, refusal, reply
 
 __all__ = ["main", "IDLE_CAP", "READY", "SOCKET", "TOOLS", "cpu_seconds", "module_main",
            "check_request"]
@@ -50,6 +50,7 @@ IDLE_CAP = 0.05      # seconds between tests when idle: "tens of ms" (issue 19)
 DEEP_AFTER, DEEP_CAP = 30.0, 0.5
 SOCKET, READY = "sock", "ready"
 _REQUEST_LIMIT = 64 << 20
+_REQUEST_WAIT = 10.0  # seconds a client has to send its request line
 # imported by every worker once it is up, so that no request pays for them (0.3-0.4 s of
 # a first collect on the development VM was its ranks importing zstandard and inventory)
 PRELOAD = ("mpitools.stage.ranks", "mpitools.sync.ranks", "mpitools.collect.ranks",
@@ -215,6 +216,13 @@ def check_request(req) -> None:
             raise ValueError("an add names a host (and PRRTE's add-host at most)")
 
 @dataclass
+class _Pending:
+    """A client's request line as it arrives, and when it must have arrived by."""
+    deadline: float
+    buf: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
 class _Request:
     id: int
     conn: socket.socket | None
@@ -269,33 +277,66 @@ class _Coordinator:
 
     def poll_clients(self) -> bool:
         busy = False
-        for _key, _ in self.sel.select(0):
+        for key, _ in self.sel.select(0):
+            busy = True
+            if key.fileobj is not self.listener:
+                self.take(key.fileobj, key.data)
+                continue
             try:
                 conn, _ = self.listener.accept()
             except BlockingIOError:
                 continue
-            busy = True
             self.accept(conn)
+        now = time.monotonic()
+        for key in list(self.sel.get_map().values()):
+            if key.data is not None and now > key.data.deadline:
+                self.refuse(key.fileobj, f"no request line within {_REQUEST_WAIT:g} s")
         return busy
 
     def accept(self, conn: socket.socket) -> None:
+        """Take a connection; its request line is read as it comes (:meth:`take`): a
+        client that sends slowly or nothing holds up no one else."""
         refused = refusal(conn, self.owner, "service")
         if refused:
             reply(conn, {"k": "e", "msg": refused})
             conn.close()
             return
-        conn.settimeout(10)
+        conn.setblocking(False)
+        self.sel.register(conn, selectors.EVENT_READ,
+                          _Pending(time.monotonic() + _REQUEST_WAIT))
+
+    def refuse(self, conn: socket.socket, why: str) -> None:
+        self.sel.unregister(conn)
+        conn.settimeout(1)
+        reply(conn, {"k": "e", "msg": f"bad request: {why}"})
+        conn.close()
+
+    def take(self, conn: socket.socket, pending: "_Pending") -> None:
+        """More of a client's request line; queued once whole, refused if bad."""
         try:
-            line, _ = readline(conn, _REQUEST_LIMIT)
+            data = conn.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        pending.buf += data
+        whole = b"\n" in pending.buf or not data
+        if not whole and len(pending.buf) <= _REQUEST_LIMIT:
+            return
+        line = bytes(pending.buf).partition(b"\n")[0]
+        try:
+            if len(line) > _REQUEST_LIMIT:
+                raise ValueError(f"request over {_REQUEST_LIMIT} bytes")
             try:
                 req = json.loads(line)
             except RecursionError:  # nested past the parser's depth: not a request
                 raise ValueError("JSON nested too deep") from None
             check_request(req)
-        except (OSError, ValueError) as e:
-            reply(conn, {"k": "e", "msg": f"bad request: {e}"})
-            conn.close()
+        except ValueError as e:
+            self.refuse(conn, str(e))
             return
+        self.sel.unregister(conn)
+        conn.settimeout(10)  # replies: a client that stops reading is dropped
         self.queue.append((conn, req))
 
     def start_next(self) -> bool:
