@@ -121,7 +121,9 @@ def _read_state(d: Path) -> dict | None:
     try:
         with open(os.open(d / "state.json", os.O_RDONLY | os.O_NOFOLLOW)) as f:
             st = json.load(f)
-        return st if isinstance(st, dict) and isinstance(st.get("pid"), int) else None
+        ok = (isinstance(st, dict) and isinstance(st.get("pid"), int)
+              and isinstance(st.get("hosts"), list))
+        return st if ok else None
     except (OSError, ValueError):
         return None
 
