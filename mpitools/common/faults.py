@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from chiba_admin.errors import InvalidRequest
@@ -58,7 +59,8 @@ def _rules(value) -> list[dict]:
 
 def from_environ(environ=None) -> dict:
     """``{"faults": [rule, ...]}`` when CHIBA_FAULTS is set in this (CLI) process, else
-    ``{}``: what a driver merges into its job spec. Raises InvalidRequest on bad JSON."""
+    ``{}``: what a driver merges into its job spec; says so on stderr (one line). Raises
+    InvalidRequest on bad JSON or a rule naming something other than a test fixture."""
     raw = (os.environ if environ is None else environ).get(ENV)
     if not raw:
         return {}
@@ -69,6 +71,9 @@ def from_environ(environ=None) -> dict:
     rules = _rules(value)
     for r in rules:
         _check_paths(r)
+    # a variable left over from testing must not go unnoticed on a real run
+    sys.stderr.write(f"chiba-admin: {ENV} is set: {len(rules)} test fault(s) injected "
+                     "into this job\n")
     return {"faults": rules}
 
 
