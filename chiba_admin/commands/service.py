@@ -132,7 +132,8 @@ def status_cmd(ctx, sample):
         if st.get("ended"):
             dead = st.get("dead_hosts") or {}
             con.print("service: not running; it ended"
-                      + (": " + "; ".join(f"{h}: {w}" for h, w in dead.items()) if dead else "")
+                      + (": " + "; ".join(f"{h}: {w}" for h, w in dead.items()) if dead else
+                         f" (mpiexec's output: {st['dir']}/log)")
                       + "; restart it with `chiba-admin service start`", markup=False)
         else:
             con.print(f"service: not running for {topo.name}", markup=False)
@@ -142,7 +143,7 @@ def status_cmd(ctx, sample):
               f"{st['cpu_seconds']:.2f} CPU s in all", markup=False)
     if "idle_cpu_percent" in st:
         con.print(f"idle CPU: {st['idle_cpu_percent']:.2f}% of one core over "
-                  f"{st['sample_seconds']:.0f} s (all ranks)", markup=False)
+                  f"{st['sample_seconds']:.1f} s (all ranks)", markup=False)
     return 0
 
 

@@ -15,9 +15,14 @@ communicator, or ``"*"`` (the default) for every rank. Actions:
 - ``sleep``: sleep ``seconds`` each time the point is reached (a slow node); with
   ``announce``, first emit ``holding`` (rank, pid) so a test can kill this process.
 - ``barrier``: a handshake with the test through FIFOs in ``dir``: write ``ready`` to
-  ``dir/ready``, then read ``dir/go`` (the test decides when the rank goes on).
+  ``dir/ready``, then read ``dir/go`` (the test decides when the rank goes on). Anything
+  but a FIFO there is refused: the rank writes no file.
 - ``replace``: nothing happens at the point; the rank program reads the rule's ``file``
   through :meth:`Faults.rule` (a node sending a crafted archive).
+
+The CLI takes a rule's ``dir`` or ``file`` only when it is a test fixture on this machine
+(:func:`_check_paths`): CHIBA_FAULTS set in the environment of a root-run CLI must not
+make every rank write, or send, a file of the attacker's choosing.
 
 Points (count in brackets): ``stage.chunk`` (chunk index), ``stage.locked`` (every lock
 taken), ``sync.file`` (files written), ``ping.start``, ``collect.archive``.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from chiba_admin.errors import InvalidRequest
@@ -53,7 +59,8 @@ def _rules(value) -> list[dict]:
 
 def from_environ(environ=None) -> dict:
     """``{"faults": [rule, ...]}`` when CHIBA_FAULTS is set in this (CLI) process, else
-    ``{}``: what a driver merges into its job spec. Raises InvalidRequest on bad JSON."""
+    ``{}``: what a driver merges into its job spec; says so on stderr (one line). Raises
+    InvalidRequest on bad JSON or a rule naming something other than a test fixture."""
     raw = (os.environ if environ is None else environ).get(ENV)
     if not raw:
         return {}
@@ -61,7 +68,40 @@ def from_environ(environ=None) -> dict:
         value = json.loads(raw)
     except ValueError as e:
         raise InvalidRequest(f"{ENV} is not JSON: {e}") from None
-    return {"faults": _rules(value)}
+    rules = _rules(value)
+    for r in rules:
+        _check_paths(r)
+    # a variable left over from testing must not go unnoticed on a real run
+    sys.stderr.write(f"chiba-admin: {ENV} is set: {len(rules)} test fault(s) injected "
+                     "into this job\n")
+    return {"faults": rules}
+
+
+def _check_paths(rule: dict) -> None:
+    """A rule's files must be test fixtures, not a way to make a root-run tool write or
+    send any file on every host (CHIBA_FAULTS may reach the environment of a root CLI):
+    a barrier's ``dir`` holds the FIFOs ``ready`` and ``go``; a replacement ``file`` is a
+    regular file that any user may read. Both owned by this user or root, no symlink, and
+    checked here, where the CLI runs (a cluster whose hosts do not share these paths
+    cannot take such a rule). Raises InvalidRequest."""
+    import stat
+
+    if rule["do"] == "barrier":
+        paths = [(os.path.join(str(rule.get("dir", "")), n), stat.S_ISFIFO, "a FIFO")
+                 for n in ("ready", "go")]
+    elif rule["do"] == "replace":
+        paths = [(str(rule.get("file", "")), stat.S_ISREG, "a regular file any user may read")]
+    else:
+        return
+    for path, kind, what in paths:
+        try:
+            st = os.lstat(path) if os.path.isabs(path) else None
+        except OSError:
+            st = None
+        if (st is None or not kind(st.st_mode) or st.st_uid not in (0, os.geteuid())
+                or (rule["do"] == "replace" and not st.st_mode & stat.S_IROTH)):
+            raise InvalidRequest(f"{ENV}: {path!r} is not {what} (absolute, owned by you "
+                                 f"or root, not a symlink): {rule!r}")
 
 
 class Faults:
@@ -108,7 +148,19 @@ def _apply(rule: dict, rank: int, count: int) -> None:
             emit("holding", rank=rank, pid=os.getpid())
         time.sleep(float(rule.get("seconds", 1.0)))
     elif do == "barrier":
-        with open(os.path.join(rule["dir"], "ready"), "w") as f:
-            f.write("ready\n")
-        with open(os.path.join(rule["dir"], "go")) as f:
+        # FIFOs only: never created, truncated or followed through a symlink here
+        with _fifo(os.path.join(rule["dir"], "ready"), os.O_WRONLY) as f:
+            f.write(b"ready\n")
+        with _fifo(os.path.join(rule["dir"], "go"), os.O_RDONLY) as f:
             f.read()
+
+
+def _fifo(path: str, flags: int):
+    """``path`` opened unbuffered if it is a FIFO; OSError if it is anything else."""
+    import stat
+
+    fd = os.open(path, flags | os.O_NOFOLLOW)
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path}: not a FIFO (fault barrier)")
+    return os.fdopen(fd, "wb" if flags & os.O_WRONLY else "rb", buffering=0)

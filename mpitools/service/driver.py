@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -43,9 +44,15 @@ def service_dir(topo) -> Path:
     spool (the president serves the spool and runs the service)."""
     given = (topo.mpi or {}).get("service_dir")
     if given:
+        where = getattr(topo, "source", None)
         if not os.path.isabs(str(given)):
             raise InvalidRequest(f"[mpi] service_dir {given!r} is not an absolute path",
-                                 where=getattr(topo, "source", None))
+                                 where=where)
+        # a directory the tool makes and owns: never "/" or a path that climbs with ".."
+        if ".." in Path(str(given)).parts or Path(str(given)) == Path("/"):
+            raise InvalidRequest(f"[mpi] service_dir {given!r} names the root directory or "
+                                 "has a '..' component", where=where,
+                                 hint="name a directory of its own, e.g. /run/chiba-admin")
         return Path(str(given))
     if topo.kind == "embedded" and getattr(topo, "state_dir", None):
         return Path(topo.state_dir) / "service"
@@ -58,11 +65,94 @@ def default_hosts(topo) -> list[str]:
     return [h.name for h in topo.hosts()]
 
 
+def _private(d: Path, mask: int = 0o022) -> None:
+    """Refuse (InvalidRequest) a service directory that is a symlink or not a directory,
+    is not this user's, or has a mode bit of ``mask`` (default: another user may write
+    there): root would otherwise trust a state file (a pid to kill) or open files someone
+    else planted there. ``start`` asks for 0700 (mask 0o077): never /etc or the like."""
+    st = os.lstat(d)
+    me = os.geteuid()
+    why = ("is a symbolic link (not followed)" if stat.S_ISLNK(st.st_mode) else
+           "is not a directory" if not stat.S_ISDIR(st.st_mode) else
+           f"belongs to uid {st.st_uid}, not to uid {me}" if st.st_uid != me else
+           f"is not private (mode {stat.S_IMODE(st.st_mode):04o}, not 0700)"
+           if st.st_mode & mask else None)
+    if why:
+        raise InvalidRequest(f"the service directory {why}", where=str(d),
+                             hint="name a directory of its own in [mpi] service_dir, or "
+                                  "run as its owner")
+
+
+def _make_private(d: Path) -> None:
+    """Create the service directory (mode 0700) under a parent that no other user may
+    replace it in, or check the one that exists (:func:`_private`). Raises InvalidRequest."""
+    try:
+        parent = os.stat(d.parent) if d.parent.exists() else None
+    except OSError as e:
+        raise InvalidRequest(f"cannot use the service directory: {e.strerror}",
+                             where=str(d.parent)) from None
+    if parent is not None and (parent.st_uid not in (0, os.geteuid()) or (
+            parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX)):
+        raise InvalidRequest("the service directory's parent may be changed by another user "
+                             f"(uid {parent.st_uid}, mode {stat.S_IMODE(parent.st_mode):04o})",
+                             where=str(d.parent), hint="name a directory under one of yours")
+    try:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise InvalidRequest(f"cannot make the service directory: {e.strerror}",
+                             where=str(d)) from None
+    _private(d, 0o077)
+
+
+def _open(d: Path, name: str, mode: str):
+    """A file of the (private) service directory; a symlink there is never followed."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if "w" in mode else 0)
+    try:
+        return os.fdopen(os.open(d / name, flags, 0o600), mode)
+    except OSError as e:  # ELOOP: a symlink was planted there
+        raise InvalidRequest(f"cannot open the service's {name}: {e.strerror}",
+                             where=str(d / name)) from None
+
+
 def _read_state(d: Path) -> dict | None:
     try:
-        return json.loads((d / "state.json").read_text())
+        with open(os.open(d / "state.json", os.O_RDONLY | os.O_NOFOLLOW)) as f:
+            st = json.load(f)
+        ok = (isinstance(st, dict) and isinstance(st.get("pid"), int)
+              and isinstance(st.get("hosts"), list))
+        return st if ok else None
     except (OSError, ValueError):
         return None
+
+
+def _state(d: Path) -> dict | None:
+    """The state of the service in ``d`` (None: none was started), after :func:`_private`
+    (InvalidRequest: a directory this user must not trust or cannot read)."""
+    if not os.path.lexists(d):
+        return None
+    _private(d)
+    return _read_state(d)
+
+
+def _start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), None when it is gone:
+    with the pid, it names one process, whatever reuses the pid later."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _ours(st: dict) -> bool:
+    """Whether the state's mpiexec still runs (not another process that got its pid)."""
+    pid = int(st.get("pid", 0))
+    if pid <= 0 or not _alive(pid):
+        return False
+    return st.get("starttime") is None or _start_time(pid) == st["starttime"]
 
 
 def _alive(pid: int) -> bool:
@@ -113,8 +203,11 @@ class Service:
 def running(topo) -> Service | None:
     """The service of this topology when its mpiexec lives and its socket is up."""
     d = service_dir(topo)
-    st = _read_state(d)
-    if st is None or not _alive(int(st.get("pid", 0))) or not (d / READY).exists():
+    try:
+        st = _state(d)
+    except InvalidRequest:
+        return None  # not this user's service (`service status` says why)
+    if st is None or not _ours(st) or not (d / READY).exists():
         return None
     return Service(d, st)
 
@@ -123,8 +216,11 @@ def ended(topo) -> str | None:
     """Why the service that was started for ``topo`` ended by itself (None: it runs, was
     stopped, or never started): the hosts the runtime named, else "mpiexec exited"."""
     d = service_dir(topo)
-    st = _read_state(d)
-    if st is None or _alive(int(st.get("pid", 0))):
+    try:
+        st = _state(d)
+    except InvalidRequest:
+        return None
+    if st is None or _ours(st):
         return None
     dead = dead_hosts(d, st)
     return "; ".join(f"{h}: {w}" for h, w in dead.items()) or "mpiexec exited"
@@ -194,12 +290,11 @@ def start(topo, hosts: list[str] | None = None, *, idle_cap: float | None = None
         raise InvalidRequest(f"the service directory's path is too long for a Unix socket "
                              f"(at most {_SUN_PATH - 1 - len(SOCKET) - 1} bytes)", where=str(d),
                              hint="set a shorter service_dir in the topology's [mpi] table")
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(d, 0o700)
-    with open(d / "lock", "w") as lk:
+    _make_private(d)
+    with _open(d, "lock", "a") as lk:
         fcntl.flock(lk, fcntl.LOCK_EX)
         st = _read_state(d)
-        if st is not None and _alive(int(st.get("pid", 0))):
+        if st is not None and _ours(st):
             raise MPIToolError(f"a service already runs for {topo.name} (mpiexec pid "
                                f"{st['pid']})", hint="`chiba-admin service stop` first")
         _clear(d, st)
@@ -210,7 +305,7 @@ def start(topo, hosts: list[str] | None = None, *, idle_cap: float | None = None
                 job[key] = value
         argv, env = _argv(topo, world, encode_job(job))
         t0 = time.time()
-        with open(d / "log", "wb") as log:
+        with _open(d, "log", "wb") as log:
             try:
                 proc = subprocess.Popen(argv, env=child_env(env), stdin=subprocess.DEVNULL,
                                         stdout=log, stderr=log, start_new_session=True,
@@ -218,8 +313,8 @@ def start(topo, hosts: list[str] | None = None, *, idle_cap: float | None = None
             except OSError as e:
                 raise MPIToolError(f"cannot start mpiexec: {e}", where=argv[0]) from None
         state = {"pid": proc.pid, "hosts": world, "owner": os.getuid(), "started": t0,
-                 "argv": argv}
-        (d / "state.json").write_text(json.dumps(state))
+                 "argv": argv, "starttime": _start_time(proc.pid)}
+        _write_state(d, state)
         _wait_ready(d, proc, state)
         proc.returncode = 0  # reaped by init once we exit; no warning for it
     return {"pid": proc.pid, "hosts": world[1:], "seconds": time.time() - t0, "dir": str(d)}
@@ -258,9 +353,17 @@ def _kill_session(sid: int, grace: float = 3.0) -> None:
         time.sleep(0.05)
 
 
+def _write_state(d: Path, state: dict) -> None:
+    with _open(d, "state.json.tmp", "w") as f:
+        json.dump(state, f)
+    os.replace(d / "state.json.tmp", d / "state.json")
+
+
 def _clear(d: Path, st: dict | None) -> None:
-    """Remove what a service that ended left (its session's stragglers included)."""
-    if st is not None and st.get("pid"):
+    """Remove what a service that ended left (its session's stragglers included). A pid
+    that now names another process (same pid, another start time) is left alone: the
+    kernel reuses no pid while a session of that id lives, so stragglers are ours."""
+    if st is not None and st.get("pid") and (_ours(st) or not _alive(int(st["pid"]))):
         _kill_session(int(st["pid"]), grace=0.5)
     for name in ("state.json", SOCKET, READY):
         try:
@@ -273,7 +376,7 @@ def status(topo) -> dict:
     """``{"running": bool, ...}``: with a live service its hosts, uptime (s), requests
     served and CPU seconds per host; with one that ended, the hosts the runtime named."""
     d = service_dir(topo)
-    st = _read_state(d)
+    st = _state(d)
     if st is None:
         return {"running": False, "dir": str(d)}
     svc = running(topo)
@@ -306,8 +409,7 @@ def add(topo, host: str) -> dict:
     # PRRTE spawns only on hosts of its allocation unless told to add one
     info = {} if topo.kind == "embedded" else {"add-host": host}
     frame = _ask(svc, {"op": "add", "host": host, "info": info}, timeout=START_TIMEOUT)
-    state = {**svc.state, "hosts": frame["hosts"]}
-    (svc.dir / "state.json").write_text(json.dumps(state))
+    _write_state(svc.dir, {**svc.state, "hosts": frame["hosts"]})
     return {"hosts": frame["hosts"][1:], "seconds": frame["seconds"]}
 
 
@@ -333,7 +435,7 @@ def _ask(svc: Service, request: dict, timeout: float = 30.0) -> dict:
 def stop(topo) -> dict:
     """Stop the service and everything of its session; ``{"stopped": bool, "served"}``."""
     d = service_dir(topo)
-    st = _read_state(d)
+    st = _state(d)
     if st is None:
         return {"stopped": False, "dir": str(d)}
     served = None

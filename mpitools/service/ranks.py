@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import resource
 import selectors
 import socket
@@ -33,9 +34,10 @@ from dataclasses import dataclass, field
 
 from mpitools.common.runtime import (PeerLost, Terminated, emit, encode_job, rank_hosts,
                                      rank_main, set_emitter, wait)
-from mpitools.common.unixsock import Pause, listen, readline, refusal, reply
+from mpitools.common.unixsock import Pause, listen, refusal, reply
 
-__all__ = ["main", "IDLE_CAP", "READY", "SOCKET", "cpu_seconds", "module_main"]
+__all__ = ["main", "IDLE_CAP", "READY", "SOCKET", "TOOLS", "cpu_seconds", "module_main",
+           "check_request"]
 
 _REQ, _UP = 21, 22
 _OPS = ("run", "status", "stop", "add")
@@ -48,10 +50,15 @@ IDLE_CAP = 0.05      # seconds between tests when idle: "tens of ms" (issue 19)
 DEEP_AFTER, DEEP_CAP = 30.0, 0.5
 SOCKET, READY = "sock", "ready"
 _REQUEST_LIMIT = 64 << 20
+_REQUEST_WAIT = 10.0  # seconds a client has to send its request line
 # imported by every worker once it is up, so that no request pays for them (0.3-0.4 s of
 # a first collect on the development VM was its ranks importing zstandard and inventory)
 PRELOAD = ("mpitools.stage.ranks", "mpitools.sync.ranks", "mpitools.collect.ranks",
            "mpitools.service.runcmd")
+# the only rank programs a request may name (a client never chooses what is imported);
+# "mpitools.collect" is the package of its ranks module (module_main)
+TOOLS = (*PRELOAD, "mpitools.collect")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def _wait_each(reqs: list) -> None:
@@ -68,7 +75,9 @@ def cpu_seconds() -> float:
 
 def module_main(module: str):
     """The ``main(comm, job)`` of a tool's rank module (``mpitools.collect`` names its
-    package: its ranks module is meant)."""
+    package: its ranks module is meant). ValueError for a module not in :data:`TOOLS`."""
+    if module not in TOOLS:
+        raise ValueError(f"{module!r} is not a tool of the service")
     mod = importlib.import_module(module)
     if not hasattr(mod, "main"):
         mod = importlib.import_module(module + ".ranks")
@@ -179,6 +188,40 @@ def _abort(comm, sends: list, code: int, why: str) -> None:
 
 
 # --- the coordinator -------------------------------------------------------------------
+def check_request(req) -> None:
+    """ValueError (one line) unless ``req`` is a request the service takes: an object with
+    ``op`` in run|status|stop|add; a run names a tool of :data:`TOOLS`, its job (an
+    object), its hosts (names) and its environment (names -> strings); an add names a
+    host and PRRTE's ``add-host`` at most. Nothing a client sends may end the service."""
+    if not isinstance(req, dict) or req.get("op") not in _OPS:
+        raise ValueError("a request is a JSON object with op " + ", ".join(_OPS))
+    if req["op"] == "run":
+        env = req.get("env") or {}
+        if req.get("module") not in TOOLS:
+            raise ValueError(f"module {req.get('module')!r} is not a tool of the service "
+                             f"({', '.join(TOOLS)})")
+        if not isinstance(req.get("job"), dict):
+            raise ValueError("a run's job is a JSON object")
+        hosts = req.get("hosts")
+        if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+            raise ValueError("a run's hosts are a list of host names")
+        if not isinstance(env, dict) or not all(
+                isinstance(k, str) and _ENV_NAME.match(k) and isinstance(v, str)
+                and "\0" not in v for k, v in env.items()):
+            raise ValueError("a run's env maps variable names to strings")
+    elif req["op"] == "add":
+        info = req.get("info") or {}
+        if not isinstance(req.get("host"), str) or not isinstance(info, dict) or not all(
+                k == "add-host" and isinstance(v, str) for k, v in info.items()):
+            raise ValueError("an add names a host (and PRRTE's add-host at most)")
+
+@dataclass
+class _Pending:
+    """A client's request line as it arrives, and when it must have arrived by."""
+    deadline: float
+    buf: bytearray = field(default_factory=bytearray)
+
+
 @dataclass
 class _Request:
     id: int
@@ -234,31 +277,66 @@ class _Coordinator:
 
     def poll_clients(self) -> bool:
         busy = False
-        for _key, _ in self.sel.select(0):
+        for key, _ in self.sel.select(0):
+            busy = True
+            if key.fileobj is not self.listener:
+                self.take(key.fileobj, key.data)
+                continue
             try:
                 conn, _ = self.listener.accept()
             except BlockingIOError:
                 continue
-            busy = True
             self.accept(conn)
+        now = time.monotonic()
+        for key in list(self.sel.get_map().values()):
+            if key.data is not None and now > key.data.deadline:
+                self.refuse(key.fileobj, f"no request line within {_REQUEST_WAIT:g} s")
         return busy
 
     def accept(self, conn: socket.socket) -> None:
+        """Take a connection; its request line is read as it comes (:meth:`take`): a
+        client that sends slowly or nothing holds up no one else."""
         refused = refusal(conn, self.owner, "service")
         if refused:
             reply(conn, {"k": "e", "msg": refused})
             conn.close()
             return
-        conn.settimeout(10)
+        conn.setblocking(False)
+        self.sel.register(conn, selectors.EVENT_READ,
+                          _Pending(time.monotonic() + _REQUEST_WAIT))
+
+    def refuse(self, conn: socket.socket, why: str) -> None:
+        self.sel.unregister(conn)
+        conn.settimeout(1)
+        reply(conn, {"k": "e", "msg": f"bad request: {why}"})
+        conn.close()
+
+    def take(self, conn: socket.socket, pending: "_Pending") -> None:
+        """More of a client's request line; queued once whole, refused if bad."""
         try:
-            line, _ = readline(conn, _REQUEST_LIMIT)
-            req = json.loads(line)
-            if not isinstance(req, dict) or req.get("op") not in _OPS:
-                raise ValueError("a request is a JSON object with op run, status or stop")
-        except (OSError, ValueError) as e:
-            reply(conn, {"k": "e", "msg": f"bad request: {e}"})
-            conn.close()
+            data = conn.recv(1 << 16)
+        except BlockingIOError:
             return
+        except OSError:
+            data = b""
+        pending.buf += data
+        whole = b"\n" in pending.buf or not data
+        if not whole and len(pending.buf) <= _REQUEST_LIMIT:
+            return
+        line = bytes(pending.buf).partition(b"\n")[0]
+        try:
+            if len(line) > _REQUEST_LIMIT:
+                raise ValueError(f"request over {_REQUEST_LIMIT} bytes")
+            try:
+                req = json.loads(line)
+            except RecursionError:  # nested past the parser's depth: not a request
+                raise ValueError("JSON nested too deep") from None
+            check_request(req)
+        except ValueError as e:
+            self.refuse(conn, str(e))
+            return
+        self.sel.unregister(conn)
+        conn.settimeout(10)  # replies: a client that stops reading is dropped
         self.queue.append((conn, req))
 
     def start_next(self) -> bool:
