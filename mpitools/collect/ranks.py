@@ -66,7 +66,8 @@ def _send_file(path: str, w: ChunkWriter, compress: str, hash_alg: str) -> PackI
     node's archive, as a compromised node could (the home server must refuse what it
     holds; mpitools/common/faults.py)."""
     h, n = new_hasher(hash_alg), 0
-    with open(path, "rb") as f:
+    # a test fault's file (checked by the CLI: regular, world-readable); never a symlink
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
         while data := f.read(1 << 16):
             h.update(data)
             w.write(data)
