@@ -171,7 +171,10 @@ def serving(c: Cluster):
     if r.code != 0:
         pytest.fail(f"the service did not start on {c.backend}:\n{r}", pytrace=False)
     state = json.loads(c.read(os.path.join(r.json()["dir"], "state.json")))
+    seen = service_processes(state["argv"][-1])
     try:
+        # the check after stop means something only if ps sees the service while it runs
+        assert len(seen) > len(state["hosts"]), f"ps sees of the service only: {seen}"
         yield c
     finally:
         stop = c.cli("service", "stop")
