@@ -9,6 +9,16 @@ refused --dest, an unknown host) exits 2 with one line on stderr and nothing wri
 any host; a device node in the tree is such bad input for every method. Each failure
 lists every difference, one line per entry and field ("PATH: mode: expected 4755, got
 0755"); ``test_the_judge_sees_each_field`` shows that the judge itself sees each fault.
+
+The methods that need no MPI (transit, rsync, run over the transport) run on every backend
+(``test_workload``, ``test_run``). Every MPI method (stage bcast and chain, collect and
+sync-mayors mpi, run over MPI ranks) runs twice on the embedded cluster and on the testbed:
+with a fresh mpiexec (``--launch mpiexec``) and through the running service (``--launch
+service``, one service per module, or one for the testbed test; stopped, and ps must show
+nothing of it left). Each run is judged by the contract, and a failure on one host (a file
+where a destination should be, a missing source) added; then the two must show the same:
+each --json less its timings and ``launch``, each refusal's exit code and line, each
+failure's exit code and stderr (``test_both_launches``).
 """
 
 from __future__ import annotations
@@ -20,9 +30,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from support.backends import serving, testbed_backend
+from support.backends import serving, on_testbed
 from support.compare import (diff_snapshots, diff_trees, rsync_copy, show_path, snapshot_hosts,
-                             tree_fields)
+                             tree_fields, without_timings)
 from support.procs import still_running
 from support.trees import DEVICE_REL, make_awkward_tree, make_device_tree
 
@@ -94,20 +104,6 @@ class Trial:
     seen: list = field(default_factory=list)
 
 
-# timings, and the way of launching, differ between two runs of one request; nothing else
-_VOLATILE = {"seconds", "sync_seconds", "launch_seconds", "phases", "throughput_bps",
-             "peak_rss", "maxrss", "launch", "retried"}
-
-
-def _strip(obj):
-    """``obj`` (a --json result) less its _VOLATILE keys, at every depth."""
-    if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in _VOLATILE}
-    if isinstance(obj, list):
-        return [_strip(v) for v in obj]
-    return obj
-
-
 def _problems(r, workload, method) -> list[str]:
     """What is wrong with a run that should have succeeded: exit, ok, the --json keys."""
     if r.code != 0:
@@ -172,7 +168,7 @@ def _run_and_judge(cluster, t: Trial, args, dests: dict[str, str], expected: dic
                  diff_snapshots({"source": before.pop("source")},
                                 {"source": after.pop("source")})]
     t.problems += problems + _leftovers(before, after, roots, dests.values())
-    t.seen.append(_strip(r.json()) if r.code == 0 else str(r))
+    t.seen.append(without_timings(r.json()) if r.code == 0 else str(r))
 
 
 def _refused(cluster, t: Trial, *args, naming: str = "", extra: dict | None = None) -> None:
@@ -285,7 +281,7 @@ BACKGROUND = ('case "$CHIBA_HOST" in ccn01|ccn03) echo started; sleep 60 & echo 
 def _run_exit_codes(cluster, launch, t: Trial) -> None:
     r = cluster.cli("--json", "run", *launch, "-w", RUN_HOSTS,
                     'echo "$CHIBA_HOST"; case $CHIBA_HOST in ccn02) exit 3;; ccn04) exit 7;; esac')
-    t.seen.append((r.code, _strip(r.json()) if r.code == 7 else r.err))
+    t.seen.append((r.code, without_timings(r.json()) if r.code == 7 else r.err))
     if r.code != 7:  # pdsh -S: the largest remote exit code
         t.problems.append(f"exit {r.code}, want 7:\n{r}")
         return
@@ -459,7 +455,7 @@ def test_both_launches(served, workload, method, source, device_tree, tmp_path):
 @pytest.mark.testbed
 def test_both_launches_on_the_testbed(request, source, device_tree, tmp_path):
     """The same on the testbed, every MPI method under one service start."""
-    c = testbed_backend(request)
+    c = on_testbed(request)
     problems = []
     with serving(c):
         for workload, method in MPI_ALL:

@@ -24,7 +24,7 @@ import pytest
 from support.cluster import CliRun, new_cluster, run_cli
 from support.procs import service_processes
 
-__all__ = ["Cluster", "BACKENDS", "cluster", "served", "serving", "testbed_backend"]
+__all__ = ["Cluster", "BACKENDS", "cluster", "served", "serving", "on_testbed"]
 
 # MPI over SSH needs a host name per daemon: on loopback every "host" is this machine,
 # mpiexec cannot resolve ccn01, and with an ssh config mapping the names to 127.0.0.1 the
@@ -100,7 +100,7 @@ def _ssh(tmp_path, request) -> Cluster:
                    lambda: {h: str(base / h) for h in HOSTS}, no_mpi=MPI_ON_LOOPBACK)
 
 
-def testbed_backend(request) -> Cluster:
+def on_testbed(request) -> Cluster:
     """The session testbed as a ``Cluster`` (skips when no testbed can run here)."""
     return _testbed(request)
 
