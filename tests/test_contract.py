@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from support.backends import serving, on_testbed
+from support.backends import on_testbed, serving
 from support.compare import (diff_snapshots, diff_trees, rsync_copy, show_path, snapshot_hosts,
                              tree_fields, without_timings)
 from support.procs import still_running
