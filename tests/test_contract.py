@@ -46,8 +46,8 @@ ROOT = os.geteuid() == 0  # a device node needs root to create (CAP_MKNOD)
 # the top-level --json keys of a successful run, per (workload, method); pinned here so
 # that a backend or a method that drops or adds one fails by name
 _STAGE_MPI = {"algorithm", "bytes", "chunk", "compress", "dest", "failures", "files", "hosts",
-              "kind", "launch", "method", "nodes", "ok", "payload_bytes", "peak_rss", "phase_bytes",
-              "phases", "refused", "seconds", "segment", "source"}
+              "kind", "method", "nodes", "ok", "payload_bytes", "peak_rss", "phase_bytes",
+              "phases", "refused", "seconds", "segment", "source", "launch"}
 _TRANSIT = {"bytes", "dest", "failures", "files", "hosts", "method", "nodes", "ok",
             "outcome", "payload_bytes", "phase_bytes", "phases", "seconds", "source"}
 KEYS = {
@@ -56,14 +56,14 @@ KEYS = {
     ("stage", "chain"): _STAGE_MPI,
     ("collect", "transit"): _TRANSIT | {"dest_dir"},
     ("collect", "mpi"): {"algorithm", "bytes", "dest", "dest_dir", "failures", "files",
-                         "hosts", "kind", "launch", "method", "nodes", "ok",
-                         "payload_bytes", "peak_rss", "phase_bytes", "phases", "seconds", "source"},
+                         "hosts", "kind", "method", "nodes", "ok", "payload_bytes",
+                         "peak_rss", "phase_bytes", "phases", "seconds", "source", "launch"},
     ("sync", "rsync"): {"bytes_sent", "dest", "dry_run", "failures", "hosts", "method", "ok",
                         "seconds", "source", "targets"},
     ("sync", "mpi"): {"bytes_sent", "dest", "dry_run", "failures", "groups", "hosts",
-                      "launch", "launch_seconds", "method", "ok", "phases", "seconds", "source",
+                      "launch_seconds", "method", "ok", "phases", "seconds", "source",
                       "source_bytes", "source_files", "source_warnings", "sync_seconds",
-                      "targets"},
+                      "targets", "launch"},
     ("run", "run"): {"failures", "groups", "hosts", "ok", "rc", "stderr_groups"},
 }
 STAGE = {"transit": ("--method", "transit"),
