@@ -16,22 +16,10 @@ import pytest
 
 from mpitools.common.unixsock import Pause
 from mpitools.service import driver
+from support.compare import without_timings as _strip
 
 REPO = Path(__file__).resolve().parent.parent
 NODES = [f"ccn0{i}" for i in range(1, 9)]
-# timings and the launch way differ between two runs of the same request, nothing else
-_VOLATILE = {"seconds", "sync_seconds", "launch_seconds", "phases", "throughput_bps",
-             "peak_rss", "maxrss", "launch", "retried"}
-
-
-def _strip(obj):
-    if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in _VOLATILE}
-    if isinstance(obj, list):
-        return [_strip(v) for v in obj]
-    return obj
-
-
 def _service_procs(state: dict) -> list[str]:
     """``ps`` lines of the service still running (its mpiexec's session, or its ranks'
     command line); an exited rank not yet reaped by its new parent runs nothing."""

@@ -33,7 +33,7 @@ def run_here(cmd, env: dict[str, str], cwd: str | None, timeout: float | None) -
     tasks.start(0, argv, {**os.environ, **env}, cwd)
     out = {1: bytearray(), 2: bytearray()}
     pause, error = Pause(), None
-    while not tasks.finished():
+    while not (_outputs_closed(tasks) and tasks.finished()):
         got = tasks.pieces(1 << 20)
         for _, stream, data in got:
             if data is not None:
@@ -54,6 +54,15 @@ def run_here(cmd, env: dict[str, str], cwd: str | None, timeout: float | None) -
     return {"rc": rc, "error": error, "seconds": time.monotonic() - t0,
             "stdout": base64.b64encode(bytes(out[1])).decode(),
             "stderr": base64.b64encode(bytes(out[2])).decode()}
+
+
+def _outputs_closed(tasks: LocalTasks) -> bool:
+    """The command exited and both its outputs reached end of file. Over the transport a
+    command runs until then (ssh waits for its channel: legacy_transit/transport.py), so
+    a background child holding stdout open keeps it running, within -u; LocalTasks alone
+    would end such a child when the shell exits (tests/test_contract.py, run's -u)."""
+    t = tasks.tasks[0]
+    return (t.proc is None or t.proc.poll() is not None) and t.open_streams == 0
 
 
 def main(comm, job: dict) -> int:

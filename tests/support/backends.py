@@ -10,18 +10,21 @@ backend runs the real ``chiba-admin`` in a new process, as an operator would.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 import pytest
 
 from support.cluster import CliRun, new_cluster, run_cli
+from support.procs import service_processes
 
-__all__ = ["Cluster", "BACKENDS", "cluster"]
+__all__ = ["Cluster", "BACKENDS", "cluster", "served", "serving", "on_testbed"]
 
 # MPI over SSH needs a host name per daemon: on loopback every "host" is this machine,
 # mpiexec cannot resolve ccn01, and with an ssh config mapping the names to 127.0.0.1 the
@@ -50,6 +53,7 @@ class Cluster:
     path: Callable[..., str]
     roots: Callable[[], dict[str, str]]
     no_mpi: str | None = None
+    read: Callable[[str], str] = lambda p: open(p).read()  # a president's file, as text
 
     def one_node_per_town(self, skip: int = 0) -> list[str]:
         """The ``skip``-th node of each town: data crosses every mayor."""
@@ -96,6 +100,11 @@ def _ssh(tmp_path, request) -> Cluster:
                    lambda: {h: str(base / h) for h in HOSTS}, no_mpi=MPI_ON_LOOPBACK)
 
 
+def on_testbed(request) -> Cluster:
+    """The session testbed as a ``Cluster`` (skips when no testbed can run here)."""
+    return _testbed(request)
+
+
 def _testbed(request) -> Cluster:
     from support.testbed import CHIBA, data_dir, require_testbed
     from topology import load_topology
@@ -114,7 +123,10 @@ def _testbed(request) -> Cluster:
         return {f"{h}:{w}": path(h, w) for h in tb.hosts
                 for w in ("scratch", "repository") if _has(tb, h, w)}
 
-    return Cluster("testbed", topo, cli, path, roots)
+    def read(p):
+        return tb.exec(tb.president, ["cat", p]).stdout
+
+    return Cluster("testbed", topo, cli, path, roots, read=read)
 
 
 def _has(tb, host, which) -> bool:
@@ -149,3 +161,30 @@ def cluster(request, tmp_path):
                     shutil.rmtree(p)
                 else:
                     os.remove(p)
+
+
+@contextmanager
+def serving(c: Cluster):
+    """The MPI service (``chiba-admin service start``) running on ``c`` for the block;
+    always stopped afterwards, and then no process of it may be left (``ps``)."""
+    r = c.cli("--json", "service", "start", timeout=300)
+    if r.code != 0:
+        pytest.fail(f"the service did not start on {c.backend}:\n{r}", pytrace=False)
+    state = json.loads(c.read(os.path.join(r.json()["dir"], "state.json")))
+    seen = service_processes(state["argv"][-1])
+    try:
+        # the check after stop means something only if ps sees the service while it runs
+        assert len(seen) > len(state["hosts"]), f"ps sees of the service only: {seen}"
+        yield c
+    finally:
+        stop = c.cli("service", "stop")
+        left = service_processes(state["argv"][-1])
+        assert stop.code == 0 and not left, f"{stop}\nleft running:\n" + "\n".join(left)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A fresh embedded cluster with the MPI service running, shared by a module (its
+    start costs about a second); stopped at the module's end, nothing of it left."""
+    with serving(_embedded(tmp_path_factory.mktemp("served"))) as c:
+        yield c

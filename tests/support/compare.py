@@ -14,7 +14,7 @@ import stat
 import subprocess
 import tempfile
 
-__all__ = ["FIELDS", "rsync_copy", "rsync_precision", "tree_fields", "diff_trees",
+__all__ = ["VOLATILE", "without_timings", "FIELDS", "rsync_copy", "rsync_precision", "tree_fields", "diff_trees",
            "snapshot_hosts", "diff_snapshots", "show_path"]
 
 # "path" is presence (an entry missing or unexpected); the others compare entries present
@@ -225,3 +225,18 @@ def diff_snapshots(before: dict, after: dict) -> list[str]:
                 if changed:
                     lines.append(f"{where}: changed " + ", ".join(changed))
     return lines
+
+
+# the --json keys that differ between two runs of one request: timings, and the way the MPI
+# job was launched (a fresh mpiexec or the service); nothing else may
+VOLATILE = {"seconds", "sync_seconds", "launch_seconds", "phases", "throughput_bps",
+            "peak_rss", "maxrss", "launch", "retried"}
+
+
+def without_timings(obj):
+    """``obj`` (a --json result) less its VOLATILE keys, at every depth."""
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k not in VOLATILE}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import select
+import subprocess
 import time
 
-__all__ = ["still_running"]
+__all__ = ["still_running", "service_processes"]
 
 
 def still_running(pids: list[int], cap: float = 20.0) -> list[int]:
@@ -28,3 +29,13 @@ def still_running(pids: list[int], cap: float = 20.0) -> list[int]:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def service_processes(job_arg: str) -> list[str]:
+    """``ps`` lines of live processes (zombies aside) whose command line holds ``job_arg``,
+    the job argument of a service's mpiexec and ranks (its state.json's last ``argv``):
+    seen from this machine, so in every namespace of the testbed too."""
+    # -ww: the whole command line (without it ps may cut it at 80 columns, as under pytest)
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid=,stat=,args="], capture_output=True,
+                        text=True, check=True).stdout
+    return [ln for ln in ps.splitlines() if job_arg in ln and not ln.split()[1].startswith("Z")]
