@@ -367,7 +367,7 @@ def service_up(site: Site, need: bool = True, on_run: OnRun = None,
     # a worker: ranks = hosts + 2)
     got = [h for h in res.get("hosts") or [] if h != site.topo.president.name]
     run = {"workload": "service", "metric": "start", "hosts": len(got or hosts or []),
-           "ranks": len(res["hosts"]) + 1 if ok else None, "ok": ok, "seconds": wall, "start_seconds": res.get("seconds"),
+           "ranks": len(res["hosts"]) + 1 if ok else None, "pid": res.get("pid"), "ok": ok, "seconds": wall, "start_seconds": res.get("seconds"),
            "failures": {} if ok else {"-": res.get("error") or err}, "nic": None,
            "cpu_busy": cpu.busy}
     if on_run:
