@@ -101,11 +101,15 @@ def test_service_rows_start_time_per_host_count_and_idle_cpu():
     idle = {"workload": "service", "metric": "idle_cpu", "hosts": 64, "ranks": 66, "ok": True,
             "seconds": 61.0, "value": 1.5, "unit": "% of one core", "sample_seconds": 60.2,
             "cpu_busy": 0.01}
+    steady = {**idle, "metric": "idle_cpu_steady", "value": 0.9}
     failed = {**start(8, 99.0), "ok": False}
-    rows = aggregate.service_rows([_rec([start(64, 12.0), start(8, 2.0), start(8, 3.0),
-                                         failed, idle, start(32, 5.0)])])
+    rows = aggregate.service_rows([_rec([start(64, 12.0), steady, start(8, 2.0),
+                                         start(8, 3.0), failed, idle, start(32, 5.0)])])
     assert [(r["metric"], r["hosts"]) for r in rows] == [
-        ("start", 8), ("start", 32), ("start", 64), ("idle_cpu", 64)]
+        ("start", 8), ("start", 32), ("start", 64), ("idle_cpu", 64),
+        ("idle_cpu_steady", 64)]
+    assert rows[-1]["value"] == 0.9
+    rows = rows[:-1]
     assert rows[0]["median_s"] == 2.5 and rows[0]["failures"] == 1 and rows[0]["ranks"] == 10
     assert rows[-1]["value"] == 1.5 and rows[-1]["sample_s"] == 60.2
     assert rows[-1]["cpu_bound"] is False and rows[0]["cpu_bound"] is True
@@ -200,6 +204,7 @@ def test_service_suite_plan_measures_the_issue_targets():
     assert run["nodes"] == 32 and run["methods"] == ["ssh", "mpiexec", "service"]
     (svc,) = by["service"]
     assert svc["host_counts"] == [8, 32, 64] and svc["idle_seconds"] == 60
+    assert svc["steady"] is True
     assert [(s["target_counts"], s["methods"], s["full_methods"]) for s in by["sync"]] == [
         ([8], ["rsync", "mpi", "mpi-service"], ["mpi-service"]),
         ([64], ["rsync", "mpi", "mpi-service"], ["mpi-service"])]

@@ -210,8 +210,8 @@ def run_rows(records: list[dict]) -> list[dict]:
 def service_rows(records: list[dict]) -> list[dict]:
     """One row per (cluster kind, metric, hosts) of the service's own costs: ``start``
     (median seconds of `service start` until its socket answers, as the command is
-    waited for) and ``idle_cpu`` (``value``: percent of one core, all ranks, over
-    ``sample_s``). ``hosts`` excludes the president, always in the service."""
+    waited for), ``idle_cpu`` and ``idle_cpu_steady`` (``value``: percent of one core,
+    all ranks, over ``sample_s`` right after the start, and over the next as many). ``hosts`` excludes the president, always in the service."""
     def fields(case, runs, ok, med):
         return {"ranks": _median([r.get("ranks") for r in ok]),
                 "value": _median([r.get("value") for r in ok]),
@@ -219,7 +219,8 @@ def service_rows(records: list[dict]) -> list[dict]:
                 "sample_s": _median([r.get("sample_seconds") for r in ok])}
 
     return sorted(_rows(records, "service", None, fields),
-                  key=lambda r: (r["cluster"], r["metric"] != "start", r["hosts"] or 0))
+                  key=lambda r: (r["cluster"], r["metric"] != "start", r["metric"],
+                                 r["hosts"] or 0))
 
 
 def memory_rows(records: list[dict]) -> list[dict]:

@@ -58,7 +58,7 @@ def _run(shape, nodes: int, repeat: int, methods=workloads.RUN_METHODS) -> Step:
 
 def _service(shape, host_counts: list[int], repeat: int, idle_seconds: float) -> Step:
     return Step("service", shape, {"host_counts": host_counts, "repeat": repeat,
-                                   "idle_seconds": idle_seconds})
+                                   "idle_seconds": idle_seconds, "steady": True})
 
 
 def _memory(size: int) -> Step:
@@ -140,7 +140,7 @@ def service_suite(where: str) -> list[Step]:
     run. Testbed (as root; 8 x 7 = 64 targets: 8 mayors + 56 nodes, 65 ranks): 64 MiB to
     8 nodes (2 x 4), chain fresh and through the service, 2 runs each; `run true` on 32
     nodes (ssh, mpiexec, service), 5 runs; the service's start at 8, 32 and 64 hosts
-    (3 runs) and its idle CPU over 60 s; sync-mayors (rsync, mpi fresh, mpi service) at 8
+    (3 runs) and its idle CPU over the first 60 s and the next 60 s; sync-mayors (rsync, mpi fresh, mpi service) at 8
     mayors (3,000 files / 150 MB, 3 runs) and 64 targets (300 files / 15 MB, 1 run: a
     fresh MPI job of 65 ranks takes ~40 s); the full sync runs through the service only
     (it fills the targets for the others). About 20 minutes on 2 cores."""

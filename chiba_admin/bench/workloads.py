@@ -414,17 +414,22 @@ def run(site: Site, *, nodes: int, repeat: int, workdir: Path, methods=RUN_METHO
 
 
 def service(site: Site, *, host_counts: list[int], repeat: int, workdir: Path,
-            idle_seconds: float = 0, on_run: OnRun = None) -> list[dict]:
+            idle_seconds: float = 0, steady: bool = False,
+            on_run: OnRun = None) -> list[dict]:
     """The service's own costs: `service start` on the first N of mayors-then-nodes for
     each of ``host_counts`` (plus the president, always in the service: N + 2 ranks),
-    ``repeat`` times, each followed by `service stop`; then, when ``idle_seconds``, the CPU of an idle
-    service on every host over that many seconds (`service status --sample`; ``value``:
-    percent of one core, all ranks together). ``workdir`` is unused."""
+    ``repeat`` times, each followed by `service stop`; then, when ``idle_seconds``, the
+    CPU of an idle service on every host over that many seconds right after its start
+    (`service status --sample`; metric ``idle_cpu``, ``value``: percent of one core, all
+    ranks together) and, when ``steady``, over the next as many seconds (``idle_cpu_steady``:
+    after 30 s without a request ranks test less often, mpitools/service/ranks.py).
+    ``workdir`` is unused."""
     runs: list[dict] = []
     pool = _service_pool(site)
     for n in host_counts:
         if n > len(pool):
             raise InvalidRequest(f"{n} service hosts asked, the site has {len(pool)}")
+
     def keep(i: int):
         return lambda r: _emit(runs, {**r, "repeat": i}, on_run)
 
@@ -434,19 +439,25 @@ def service(site: Site, *, host_counts: list[int], repeat: int, workdir: Path,
                 pass
     if idle_seconds:
         with service_up(site, True, keep(0)):
-            with cpu_meter() as cpu:
-                res, wall, err = site.cli("service", "status", "--sample", str(idle_seconds))
-            res = res or {}
-            pct = res.get("idle_cpu_percent")
-            every = res.get("hosts") or []
-            _emit(runs, {"workload": "service", "metric": "idle_cpu",
-                         "hosts": len([h for h in every if h != site.topo.president.name]),
-                         "ranks": len(every) + 1 if every else None, "ok": pct is not None,
-                         "seconds": wall, "value": pct, "unit": "% of one core",
-                         "sample_seconds": res.get("sample_seconds"),
-                         "failures": {} if pct is not None else {"-": res.get("error") or err},
-                         "nic": None, "cpu_busy": cpu.busy}, on_run)
+            for metric in ("idle_cpu", "idle_cpu_steady")[:1 + bool(steady)]:
+                _emit(runs, _idle_sample(site, metric, idle_seconds), on_run)
     return runs
+
+
+def _idle_sample(site: Site, metric: str, seconds: float) -> dict:
+    """One `service status --sample SECONDS` as a ``service`` run of ``metric``."""
+    with cpu_meter() as cpu:
+        res, wall, err = site.cli("service", "status", "--sample", str(seconds))
+    res = res or {}
+    pct = res.get("idle_cpu_percent")
+    every = res.get("hosts") or []
+    return {"workload": "service", "metric": metric,
+            "hosts": len([h for h in every if h != site.topo.president.name]),
+            "ranks": len(every) + 1 if every else None, "ok": pct is not None,
+            "seconds": wall, "value": pct, "unit": "% of one core",
+            "sample_seconds": res.get("sample_seconds"),
+            "failures": {} if pct is not None else {"-": res.get("error") or err},
+            "nic": None, "cpu_busy": cpu.busy}
 
 
 def memory(site: Site, *, size: int, nodes: int, workdir: Path, chunk: str = "4MiB",
