@@ -5,6 +5,9 @@ workloads, and their aggregation and rendering beside fresh-launch rows and rsyn
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -230,8 +233,16 @@ def test_bench_methods_select_service_rows(cli):
 def test_embedded_bench_runs_service_rows_in_the_same_run(cli, tmp_path):
     """A tiny sync and run through `chiba-admin bench` on the embedded cluster with real
     mpiexec: rsync, fresh and service rows in one record, the service stopped after."""
-    out, work = tmp_path / "results", tmp_path / "work"
-    work.mkdir()
+    out = tmp_path / "results"
+    # the service's Unix socket lives under the cluster's state: a short work directory
+    work = Path(tempfile.mkdtemp(prefix="cb-", dir="/tmp"))
+    try:
+        _bench_and_check(cli, out, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench_and_check(cli, out: Path, work: Path) -> None:
     common = ["--where", "embedded", "--out", out, "--workdir", work, "--repeat", "1"]
     r = cli("-q", "bench", "sync", "--methods", "rsync,mpi,mpi-service", "--targets", "2",
             "--repo-files", "20", "--repo-size", "300K", *common)
