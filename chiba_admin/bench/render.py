@@ -70,7 +70,8 @@ RUN_COLS = [("nodes", "nodes", _s), ("command", "command", _s), ("method", "labe
             ("x ssh", "speedup_vs_legacy", _f), ("x mpiexec", "speedup_vs_mpiexec", _f),
             ("target", "target", lambda x: x or "-"), ("met", "met", _yes), _CPU,
             ("runs", "runs", _s), ("failed", "failures", _s)]
-SERVICE_COLS = [("metric", "metric", _s), ("hosts", "hosts", _s), ("ranks", "ranks", _s),
+SERVICE_COLS = [("metric", "metric", _s), ("hosts", "hosts", _s),
+                ("ranks", "ranks", lambda x: _f(x, "{:.0f}")),
                 ("median s", "median_s", _f), ("min s", "min_s", _f), ("max s", "max_s", _f),
                 ("value", "value", lambda x: _f(x, "{:.2f}")), ("unit", "unit", _s),
                 ("sample s", "sample_s", lambda x: _f(x, "{:.0f}")), _CPU,
