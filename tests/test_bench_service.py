@@ -265,3 +265,19 @@ def _bench_and_check(cli, out: Path, work: Path) -> None:
     rows = aggregate.report_dict(runs and [json.loads(f.read_text())
                                            for f in sorted(out.glob("*.json"))])
     assert {r["label"] for r in rows["sync"]} == {"rsync", "mpisync", "mpisync (service)"}
+
+
+def test_fresh_clone_report_reads_shipped_subdirectories(tmp_path, monkeypatch, cli):
+    """docs/results/service/ holds the service suite's records: the fallback reads them."""
+    from chiba_admin.bench import records
+
+    shipped = tmp_path / "shipped"
+    (shipped / "service").mkdir(parents=True)
+    rec = _rec([_run("mpi", "service", 0.2)], commit="abc1234")
+    (shipped / "service" / "service-testbed-1.json").write_text(json.dumps(rec))
+    monkeypatch.setattr(records, "SHIPPED_DIR", shipped)
+    monkeypatch.chdir(tmp_path)
+    r = cli("--json", "report")
+    assert r.code == 0, r.err
+    d = json.loads(r.out)
+    assert d["shipped"] is True and [x["label"] for x in d["run"]] == ["service"]

@@ -257,7 +257,8 @@ def find_records(paths: list[str | Path], *, own: str | Path = OWN_DIR,
                  shipped: str | Path | None = None, shipped_only: bool = False) -> Sources:
     """The records a report shows: those named by ``paths``; else ``own`` (results/) when
     it holds any; else (or with ``shipped_only``) the ones shipped with the project, with a
-    note saying where they come from. InvalidRequest when there are none."""
+    note saying where they come from (the shipped directory and its subdirectories, e.g.
+    ``service/``). InvalidRequest when there are none."""
     if paths:
         return Sources(load_records(list(paths)), False)
     shipped = SHIPPED_DIR if shipped is None else shipped
@@ -267,7 +268,9 @@ def find_records(paths: list[str | Path], *, own: str | Path = OWN_DIR,
         except InvalidRequest:
             pass
     try:
-        recs = load_records([shipped]) if Path(shipped).is_dir() else []
+        recs = (load_records([shipped, *sorted(p for p in Path(shipped).iterdir()
+                                               if p.is_dir())])
+                if Path(shipped).is_dir() else [])
     except InvalidRequest:
         recs = []
     if not recs:
