@@ -9,21 +9,27 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
-__all__ = ["KEYS", "CPU_BOUND", "groups", "stage_rows", "collect_rows", "sync_rows",
-           "memory_rows", "inventory_rows", "code_size_rows", "sources", "report_dict",
-           "label"]
+__all__ = ["KEYS", "CPU_BOUND", "RUN_TARGET_S", "groups", "stage_rows", "collect_rows",
+           "sync_rows", "run_rows", "service_rows", "memory_rows", "inventory_rows",
+           "code_size_rows", "sources", "report_dict", "label", "launch"]
 
 # What identifies a case of each workload (besides the cluster kind)
 KEYS = {
-    "stage": ("nodes", "data", "size_bytes", "method", "algorithm"),
-    "collect": ("nodes", "data", "size_bytes", "method", "algorithm"),
-    "sync": ("targets", "scenario", "method"),
+    "stage": ("nodes", "data", "size_bytes", "method", "algorithm", "launch"),
+    "collect": ("nodes", "data", "size_bytes", "method", "algorithm", "launch"),
+    "sync": ("targets", "scenario", "method", "launch"),
+    "run": ("nodes", "method", "launch"),
+    "service": ("metric", "hosts"),
     "memory": ("nodes", "size_bytes", "chunk", "algorithm"),
     "inventory": ("metric",),
 }
 # A run whose median CPU busy share reaches this was bound by the machine's cores (every
 # emulated host and rank shares them), not by the emulated links.
 CPU_BOUND = 0.9
+# Issue 19: `run` of a trivial command on 32 nodes through the service, under 0.3 s
+RUN_TARGET_S = 0.3
+# What a case is compared with besides the legacy method: the same method's fresh launch
+_KIND_KEYS = ("method", "algorithm", "launch")
 
 
 def _median(xs):
@@ -31,9 +37,16 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
+def launch(run: dict) -> str:
+    """A run's launch: its ``launch``, else "mpiexec" for an MPI method (records from
+    before the service), else "" (not MPI)."""
+    return run.get("launch") or ("mpiexec" if run.get("method") == "mpi" else "")
+
+
 def groups(records: list[dict], workload: str) -> dict[tuple, list[dict]]:
     """Runs of ``workload`` grouped by (cluster kind, *KEYS[workload]); each run gets
-    ``_cluster`` (its record's cluster). A missing algorithm groups as ""."""
+    ``_cluster`` (its record's cluster). A missing algorithm groups as "", a missing
+    launch as ``launch(run)``."""
     out: dict[tuple, list[dict]] = defaultdict(list)
     for rec in records:
         cl = rec.get("cluster") or {}
@@ -42,13 +55,20 @@ def groups(records: list[dict], workload: str) -> dict[tuple, list[dict]]:
             if run.get("workload") != workload or run.get("skipped"):
                 continue
             key = (cl.get("kind", "?"),) + tuple(
-                (run.get(f) or "") if f == "algorithm" else run.get(f) for f in KEYS[workload])
+                (run.get(f) or "") if f == "algorithm" else launch(run) if f == "launch"
+                else run.get(f) for f in KEYS[workload])
             out[key].append({**run, "_cluster": cl})
     return out
 
 
-def label(method: str, algorithm: str, workload: str = "stage") -> str:
-    """The name a table shows: "City Transit", "MPI chain", "mpisync", "rsync", ..."""
+def label(method: str, algorithm: str, workload: str = "stage", launch: str = "") -> str:
+    """The name a table shows: "City Transit", "MPI chain", "mpisync", "rsync", ...;
+    through the service "MPI chain (service)", "mpisync (service)"; for `run`
+    "ssh fan-out", "mpiexec", "service"."""
+    if workload == "run":
+        return {"ssh": "ssh fan-out"}.get(method) or launch or "mpiexec"
+    if launch == "service":
+        return f"{label(method, algorithm, workload)} (service)"
     if method == "transit":
         return "City Transit"
     if method == "rsync":
@@ -76,20 +96,26 @@ def _common(runs: list[dict]) -> tuple[list[dict], dict]:
 
 
 def _rows(records, workload: str, legacy: str | None, fields) -> list[dict]:
-    """One row per case: the common columns, ``fields(case, runs, ok, median)``, and the
-    speed-up over the ``legacy`` method measured in the same case."""
-    rows, base = [], {}
+    """One row per case: the common columns, ``fields(case, runs, ok, median)``, the
+    speed-up over the ``legacy`` method measured in the same case, and (a service row)
+    over the same method's fresh launch (``speedup_vs_mpiexec``, None otherwise)."""
+    rows, base, fresh = [], {}, {}
     for key, runs in groups(records, workload).items():
         case = dict(zip(("cluster",) + KEYS[workload], key))
         ok, row = _common(runs)
         row = {**case, **row, **fields(case, runs, ok, row["median_s"])}
-        scale = tuple(v for k, v in case.items() if k not in ("method", "algorithm"))
+        scale = tuple(v for k, v in case.items() if k not in _KIND_KEYS)
         if legacy and case.get("method") == legacy and row["median_s"]:
             base[scale] = row["median_s"]
+        if case.get("launch") == "mpiexec" and row["median_s"]:
+            fresh[scale + (case.get("method"), case.get("algorithm"))] = row["median_s"]
         rows.append((scale, row))
     for scale, row in rows:
         b = base.get(scale)
         row["speedup_vs_legacy"] = (b / row["median_s"]) if b and row["median_s"] else None
+        f = (fresh.get(scale + (row.get("method"), row.get("algorithm")))
+             if row.get("launch") == "service" else None)
+        row["speedup_vs_mpiexec"] = (f / row["median_s"]) if f and row["median_s"] else None
     return [row for _, row in rows]
 
 
@@ -104,7 +130,8 @@ def _transfer_fields(link: str):
         # without start-up and exit (archive bytes, as they cross each link)
         xfer = _median([(r.get("phases") or {}).get("transfer") for r in ok])
         arch = _median([r.get("archive_bytes") for r in ok])
-        return {"label": label(case["method"], case["algorithm"]), "link_bps": bps,
+        return {"label": label(case["method"], case["algorithm"], launch=case["launch"]),
+                "link_bps": bps,
                 "transfer_s": xfer,
                 "transfer_efficiency": (arch * 8 / bps / xfer)
                 if xfer and arch and bps and link == "node_bps" else None,
@@ -128,16 +155,16 @@ def stage_rows(records: list[dict]) -> list[dict]:
     """One row per (cluster kind, nodes, data, size, method): medians and ratios.
     Efficiency = (size / node link rate) / median time."""
     rows = _rows(records, "stage", "transit", _transfer_fields("node_bps"))
-    return _sorted(rows, ("cluster", "nodes", "data", "size_bytes", "method", "algorithm"),
-                   "transit")
+    return _sorted(rows, ("cluster", "nodes", "data", "size_bytes", "method", "algorithm",
+                          "launch"), "transit")
 
 
 def collect_rows(records: list[dict]) -> list[dict]:
     """One row per (cluster kind, nodes, data, size, method). Everything crosses the
     president's link, so efficiency = (nodes x size / president link rate) / median time."""
     rows = _rows(records, "collect", "transit", _transfer_fields("mayor_bps"))
-    return _sorted(rows, ("cluster", "nodes", "data", "size_bytes", "method", "algorithm"),
-                   "transit")
+    return _sorted(rows, ("cluster", "nodes", "data", "size_bytes", "method", "algorithm",
+                          "launch"), "transit")
 
 
 def sync_rows(records: list[dict]) -> list[dict]:
@@ -150,7 +177,8 @@ def sync_rows(records: list[dict]) -> list[dict]:
         # mpisync reports its phases: the transfer alone against the bound shows how much
         # of the gap is moving bytes and how much is starting and ending the job
         xfer = _median([(r.get("phases") or {}).get("transfer") for r in ok])
-        return {"label": label(case["method"], "", "sync"), "completed": len(ok) == len(runs),
+        return {"label": label(case["method"], "", "sync", case["launch"]),
+                "completed": len(ok) == len(runs),
                 "changed_bytes": changed, "bound_s": bound,
                 "vs_bound": (med / bound) if med and bound else None,
                 "transfer_s": xfer,
@@ -159,7 +187,40 @@ def sync_rows(records: list[dict]) -> list[dict]:
     order = {"full": 0, "changed": 1, "nochange": 2}
     rows = _rows(records, "sync", "rsync", fields)
     return sorted(rows, key=lambda r: (r["cluster"], r["targets"],
-                                       order.get(r["scenario"], 9), r["method"] != "rsync"))
+                                       order.get(r["scenario"], 9), r["method"] != "rsync",
+                                       r["launch"]))
+
+
+def run_rows(records: list[dict]) -> list[dict]:
+    """One row per (cluster kind, nodes, method, launch) of `run` of a trivial command:
+    the median, x ssh (the fan-out's median / this one), and for 32 nodes or more whether
+    it is under RUN_TARGET_S (``met``)."""
+    def fields(case, runs, ok, med):
+        big = case["nodes"] >= 32
+        return {"label": label(case["method"], "", "run", case["launch"]),
+                "command": runs[-1].get("command"),
+                "target": f"< {RUN_TARGET_S} s" if big else None,
+                "met": (med < RUN_TARGET_S) if big and med is not None else None}
+
+    order = {"": 0, "mpiexec": 1, "service": 2}
+    return sorted(_rows(records, "run", "ssh", fields),
+                  key=lambda r: (r["cluster"], r["nodes"], order.get(r["launch"], 9)))
+
+
+def service_rows(records: list[dict]) -> list[dict]:
+    """One row per (cluster kind, metric, hosts) of the service's own costs: ``start``
+    (median seconds of `service start` until its socket answers, as the command is
+    waited for), ``idle_cpu`` and ``idle_cpu_steady`` (``value``: percent of one core,
+    all ranks, over ``sample_s`` right after the start, and over the next as many). ``hosts`` excludes the president, always in the service."""
+    def fields(case, runs, ok, med):
+        return {"ranks": _median([r.get("ranks") for r in ok]),
+                "value": _median([r.get("value") for r in ok]),
+                "unit": runs[-1].get("unit") or "s",
+                "sample_s": _median([r.get("sample_seconds") for r in ok])}
+
+    return sorted(_rows(records, "service", None, fields),
+                  key=lambda r: (r["cluster"], r["metric"] != "start", r["metric"],
+                                 r["hosts"] or 0))
 
 
 def memory_rows(records: list[dict]) -> list[dict]:
@@ -211,5 +272,6 @@ def report_dict(records: list[dict]) -> dict:
             "files": [r.get("_file") for r in records], "sources": sources(records),
             "environment": newest.get("env", {}),
             "stage": stage_rows(records), "collect": collect_rows(records),
-            "sync": sync_rows(records), "memory": memory_rows(records),
+            "sync": sync_rows(records), "run": run_rows(records),
+            "service": service_rows(records), "memory": memory_rows(records),
             "inventory": inventory_rows(records), "code_size": code_size_rows(records)}

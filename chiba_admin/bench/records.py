@@ -7,8 +7,13 @@ A record is one JSON file::
                  "node_bps", "mayor_bps", "hosts", "disk", ...},
      "env": {"date", "git_commit", "mpi_library", "python", "platform", "cpus",
              "cpu_model", "code_lines"},
-     "runs": [{"workload": "stage"|"collect"|"sync"|"memory"|"inventory",
+     "runs": [{"workload": "stage"|"collect"|"sync"|"run"|"service"|"memory"|"inventory",
                "ok": bool, "seconds": float, "cpu_busy": float|None, ...}, ...]}
+
+An MPI run of stage, collect, sync or run carries ``launch``: "mpiexec" (a fresh job) or
+"service" (the long-running service); a record written before the service has none, and
+its MPI runs read as "mpiexec" (chiba_admin.bench.aggregate). Still schema 2: the field
+is an addition.
 
 Every run carries ``cpu_busy``: the share (0-1) of all of this machine's CPUs that was busy
 during the run, from /proc/stat. Near 1 the run was bound by the machine's cores (every
@@ -38,7 +43,7 @@ __all__ = ["SCHEMA", "SCHEMA_V1", "WORKLOADS", "CpuMeter", "cpu_meter", "read_cp
 
 SCHEMA = "chiba-bench/2"
 SCHEMA_V1 = "chiba-bench/1"
-WORKLOADS = ("stage", "collect", "sync", "memory", "inventory")
+WORKLOADS = ("stage", "collect", "sync", "run", "service", "memory", "inventory")
 
 _ROOT = Path(__file__).resolve().parent.parent.parent
 OWN_DIR = "results"
@@ -252,7 +257,8 @@ def find_records(paths: list[str | Path], *, own: str | Path = OWN_DIR,
                  shipped: str | Path | None = None, shipped_only: bool = False) -> Sources:
     """The records a report shows: those named by ``paths``; else ``own`` (results/) when
     it holds any; else (or with ``shipped_only``) the ones shipped with the project, with a
-    note saying where they come from. InvalidRequest when there are none."""
+    note saying where they come from (the shipped directory and its subdirectories, e.g.
+    ``service/``). InvalidRequest when there are none."""
     if paths:
         return Sources(load_records(list(paths)), False)
     shipped = SHIPPED_DIR if shipped is None else shipped
@@ -262,7 +268,9 @@ def find_records(paths: list[str | Path], *, own: str | Path = OWN_DIR,
         except InvalidRequest:
             pass
     try:
-        recs = load_records([shipped]) if Path(shipped).is_dir() else []
+        recs = (load_records([shipped, *sorted(p for p in Path(shipped).iterdir()
+                                               if p.is_dir())])
+                if Path(shipped).is_dir() else [])
     except InvalidRequest:
         recs = []
     if not recs:

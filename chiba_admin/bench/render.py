@@ -39,7 +39,8 @@ STAGE_COLS = [("nodes", "nodes", _s), ("data", "data", _s),
               ("aggregate Mb/s", "aggregate_mbps", lambda x: _f(x, "{:.1f}")),
               ("efficiency", "efficiency", _f),
               ("transfer eff", "transfer_efficiency", _f),
-              ("x legacy", "speedup_vs_legacy", _f), ("launch s", "launch_s", _f),
+              ("x legacy", "speedup_vs_legacy", _f), ("x mpiexec", "speedup_vs_mpiexec", _f),
+              ("launch s", "launch_s", _f),
               ("president MB", "president_bytes", _mb), ("mayors MB", "mayors_bytes", _mb),
               _CPU, ("runs", "runs", _s), ("failed", "failures", _s)]
 COLLECT_COLS = [("nodes", "nodes", _s), ("data", "data", _s),
@@ -47,13 +48,14 @@ COLLECT_COLS = [("nodes", "nodes", _s), ("data", "data", _s),
                 ("median s", "median_s", _f),
                 ("aggregate Mb/s", "aggregate_mbps", lambda x: _f(x, "{:.1f}")),
                 ("efficiency", "efficiency", _f), ("x legacy", "speedup_vs_legacy", _f),
-                ("president rx MB", "president_rx_bytes", _mb), _CPU, ("runs", "runs", _s),
+                ("x mpiexec", "speedup_vs_mpiexec", _f), ("president rx MB", "president_rx_bytes", _mb), _CPU, ("runs", "runs", _s),
                 ("failed", "failures", _s)]
 SYNC_COLS = [("targets", "targets", _s), ("scenario", "scenario", _s),
              ("method", "label", _s), ("median s", "median_s", _f),
              ("bound s", "bound_s", _f), ("x bound", "vs_bound", _f),
              ("transfer s", "transfer_s", _f), ("transfer x bound", "transfer_vs_bound", _f),
-             ("x rsync", "speedup_vs_legacy", _f), ("president MB", "president_bytes", _mb),
+             ("x rsync", "speedup_vs_legacy", _f), ("x mpiexec", "speedup_vs_mpiexec", _f),
+             ("president MB", "president_bytes", _mb),
              _CPU, ("completed", "completed", lambda b: "yes" if b else "NO"),
              ("runs", "runs", _s)]
 MEMORY_COLS = [("nodes", "nodes", _s), ("size MB", "size_bytes", _mb),
@@ -61,6 +63,19 @@ MEMORY_COLS = [("nodes", "nodes", _s), ("size MB", "size_bytes", _mb),
                ("peak RSS MB (any rank)", "peak_rss", _mb),
                ("median host RSS MB", "median_host_rss", _mb), ("median s", "median_s", _f),
                _CPU, ("runs", "runs", _s), ("failed", "failures", _s)]
+RUN_COLS = [("nodes", "nodes", _s), ("command", "command", _s), ("method", "label", _s),
+            ("median s", "median_s", lambda x: _f(x, "{:.3f}")),
+            ("min s", "min_s", lambda x: _f(x, "{:.3f}")),
+            ("max s", "max_s", lambda x: _f(x, "{:.3f}")),
+            ("x ssh", "speedup_vs_legacy", _f), ("x mpiexec", "speedup_vs_mpiexec", _f),
+            ("target", "target", lambda x: x or "-"), ("met", "met", _yes), _CPU,
+            ("runs", "runs", _s), ("failed", "failures", _s)]
+SERVICE_COLS = [("metric", "metric", _s), ("hosts", "hosts", _s),
+                ("ranks", "ranks", lambda x: _f(x, "{:.0f}")),
+                ("median s", "median_s", _f), ("min s", "min_s", _f), ("max s", "max_s", _f),
+                ("value", "value", lambda x: _f(x, "{:.2f}")), ("unit", "unit", _s),
+                ("sample s", "sample_s", lambda x: _f(x, "{:.0f}")), _CPU,
+                ("runs", "runs", _s), ("failed", "failures", _s)]
 INVENTORY_COLS = [("metric", "metric", _s), ("value", "value", lambda x: _f(x, "{:.4g}")),
                   ("unit", "unit", _s), ("target", "target", lambda x: x or "-"),
                   ("met", "met", _yes), ("files", "files", _s), _CPU, ("runs", "runs", _s)]
@@ -72,11 +87,15 @@ TABLES = [
     ("collect", "Collect (stage-out)", "Collect: City Transit vs MPI", COLLECT_COLS),
     ("sync", "Synchronisation (Figure 2)", "Synchronisation: rsync vs mpisync "
      "(paper Figure 2)", SYNC_COLS),
+    ("run", "Run a trivial command", "run: ssh fan-out vs fresh mpiexec vs the service",
+     RUN_COLS),
+    ("service", "The MPI service's own costs", "The long-running MPI service: start time "
+     "and idle CPU", SERVICE_COLS),
     ("memory", "Memory per rank", "Peak memory per rank while staging", MEMORY_COLS),
     ("inventory", "Inventory (scan, hash, diff, apply)", "Inventory library on this machine",
      INVENTORY_COLS),
 ]
-_LEFT = {"data", "method", "scenario", "metric", "unit", "target", "chunk"}
+_LEFT = {"data", "method", "scenario", "metric", "unit", "target", "chunk", "command"}
 
 EMBEDDED_BANNER = ("EMBEDDED CLUSTER: hosts are directories on one machine and every link is "
                    "a memory copy. These times say nothing about networks; run `make bench` "

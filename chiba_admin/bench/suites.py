@@ -48,8 +48,17 @@ def _collect(shape, **kw) -> Step:
     return Step("collect", shape, {"nodes": shape[0] * shape[1], **kw})
 
 
-def _sync(targets: list[int], **kw) -> Step:
-    return Step("sync", sync_shape(max(targets)), {"target_counts": targets, **kw})
+def _sync(targets: list[int], shape=None, **kw) -> Step:
+    return Step("sync", shape or sync_shape(max(targets)), {"target_counts": targets, **kw})
+
+
+def _run(shape, nodes: int, repeat: int, methods=workloads.RUN_METHODS) -> Step:
+    return Step("run", shape, {"nodes": nodes, "repeat": repeat, "methods": methods})
+
+
+def _service(shape, host_counts: list[int], repeat: int, idle_seconds: float) -> Step:
+    return Step("service", shape, {"host_counts": host_counts, "repeat": repeat,
+                                   "idle_seconds": idle_seconds, "steady": True})
 
 
 def _memory(size: int) -> Step:
@@ -121,13 +130,48 @@ def quick_suite(where: str) -> list[Step]:
     ]
 
 
+_CHAIN_BOTH = (("mpi", "chain"), ("mpi", "chain", "service"))
+_SYNC_ALL = ("rsync", "mpi", "mpi-service")
+_SVC_FULL = ("mpi-service",)
+
+
+def service_suite(where: str) -> list[Step]:
+    """Issue 19's targets: the service against fresh mpiexec and the legacy tools, in one
+    run. Testbed (as root; 8 x 7 = 64 targets: 8 mayors + 56 nodes, 65 ranks): 64 MiB to
+    8 nodes (2 x 4), chain fresh and through the service, 2 runs each; `run true` on 32
+    nodes (ssh, mpiexec, service), 5 runs; the service's start at 8, 32 and 64 hosts
+    (3 runs) and its idle CPU over the first 60 s and the next 60 s; sync-mayors (rsync, mpi fresh, mpi service) at 8
+    mayors (3,000 files / 150 MB, 3 runs) and 64 targets (300 files / 15 MB, 1 run: a
+    fresh MPI job of 65 ranks takes ~40 s); the full sync runs through the service only
+    (it fills the targets for the others). About 20 minutes on 2 cores."""
+    if where == "testbed":
+        big = (8, 7)
+        return [
+            _stage((2, 4), sizes=[64 * M], datas=["random"], repeat=2, methods=_CHAIN_BOTH),
+            _run(big, 32, 5),
+            _service(big, [8, 32, 64], 3, 60),
+            _sync([8], shape=big, repeat=3, files=3000, size=150 * M, methods=_SYNC_ALL,
+                  full_methods=_SVC_FULL),
+            _sync([64], shape=big, repeat=1, files=300, size=15 * M, methods=_SYNC_ALL,
+                  full_methods=_SVC_FULL),
+        ]
+    return [
+        _stage((2, 2), sizes=[1 * M], datas=["random"], repeat=1, methods=_CHAIN_BOTH),
+        _run((2, 2), 4, 1),
+        _service((2, 2), [2, 6], 1, 2),
+        _sync([2, 6], shape=(2, 2), repeat=1, files=50, size=1 * M, methods=_SYNC_ALL,
+              full_methods=_SVC_FULL),
+    ]
+
+
 SUITES: dict[str, Callable[[str], list[Step]]] = {"default": default_suite,
-                                                  "quick": quick_suite}
+                                                  "quick": quick_suite,
+                                                  "service": service_suite}
 
 
 def plan_from_options(what: str, *, shapes: list[tuple[int, int]], sizes: list[int],
                       datas: list[str], repeat: int, stage_methods, collect_methods,
-                      sync_methods, targets: list[int], repo_files: int, repo_size: int,
+                      sync_methods, run_methods=workloads.RUN_METHODS[:2], targets: list[int], repo_files: int, repo_size: int,
                       memory_size: int, inventory_files: int, hash_size: int) -> list[Step]:
     """The plan of ``bench WHAT`` (``all``: stage then sync, as it always was)."""
     plan: list[Step] = []
@@ -140,6 +184,8 @@ def plan_from_options(what: str, *, shapes: list[tuple[int, int]], sizes: list[i
     if what in ("sync", "all"):
         plan.append(_sync(targets, repeat=repeat, files=repo_files, size=repo_size,
                           methods=sync_methods))
+    if what == "run":
+        plan += [_run(s, s[0] * s[1], repeat, run_methods) for s in shapes]
     if what == "memory":
         plan.append(_memory(memory_size))
     if what == "inventory":

@@ -1,5 +1,11 @@
-"""What a benchmark runs: stage, collect, sync, memory (through the CLI on a site) and
-inventory (the library, in this process). Each returns run dicts in the record schema.
+"""What a benchmark runs: stage, collect, sync, run, service, memory (through the CLI on a
+site) and inventory (the library, in this process). Each returns run dicts in the record
+schema.
+
+MPI rows carry ``launch``: "mpiexec" (a fresh MPI job per command, forced with
+``--launch mpiexec``) or "service" (the long-running service, ``--launch service``). A
+workload with service methods starts the service once before its rows (a ``service`` run
+records the start) and stops it afterwards, also on error.
 
 Methods are interleaved within each repeat, so a noisy moment hits them alike. Every run
 carries ``cpu_busy`` (chiba_admin.bench.records) and, on the testbed, the bytes through the
@@ -8,13 +14,14 @@ president's and mayors' NICs (``nic``).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import data
 from .records import cpu_meter
@@ -22,9 +29,10 @@ from .sites import Site
 from ..errors import ChibaError, InvalidRequest
 
 __all__ = ["STAGE_METHODS", "OUR_STAGE_METHODS", "PEER_METHODS", "PEER_SKIP_REASON",
-           "COLLECT_METHODS", "SYNC_METHODS", "MEMORY_ALGORITHMS",
-           "INVENTORY_TARGETS", "stage", "collect", "sync", "memory", "inventory",
-           "make_payload"]
+           "COLLECT_METHODS", "SYNC_METHODS", "MEMORY_ALGORITHMS", "SERVICE_STAGE_METHODS",
+           "SERVICE_COLLECT_METHODS", "SERVICE_SYNC_METHODS", "RUN_METHODS",
+           "INVENTORY_TARGETS", "stage", "collect", "sync", "run", "service", "memory",
+           "inventory", "make_payload", "launch_of", "sync_method"]
 
 OnRun = Callable[[dict], None] | None
 
@@ -37,6 +45,32 @@ PEER_SKIP_REASON = ("pdcp, clush and sbcast run only on the testbed (they need a
                     "a slurmd per host)")
 COLLECT_METHODS = (("transit", None), ("mpi", None))
 SYNC_METHODS = ("rsync", "mpi")
+# The same MPI methods through the running service (selected by name, never by default:
+# they start a service); a third element is the launch
+SERVICE_STAGE_METHODS = (("mpi", "chain", "service"), ("mpi", "bcast", "service"))
+SERVICE_COLLECT_METHODS = (("mpi", None, "service"),)
+SERVICE_SYNC_METHODS = ("mpi-service",)
+# `run` of a trivial command: the ssh fan-out, a fresh mpiexec, the service
+RUN_METHODS = ("ssh", "mpiexec", "service")
+
+
+def launch_of(method) -> str | None:
+    """The launch of a stage/collect method tuple or a sync/run method name: "service",
+    "mpiexec" (any other MPI method) or None (not MPI)."""
+    if isinstance(method, tuple):
+        return method[2] if len(method) > 2 else ("mpiexec" if method[0] == "mpi" else None)
+    if method in ("mpi-service", "service"):
+        return "service"
+    return "mpiexec" if method in ("mpi", "mpiexec") else None
+
+
+def sync_method(name: str) -> str:
+    """The sync-mayors ``--method`` of a sync method name ("mpi-service" -> "mpi")."""
+    return "mpi" if name == "mpi-service" else name
+
+
+def _launch_args(launch: str | None) -> list[str]:
+    return ["--launch", launch] if launch else []
 MEMORY_ALGORITHMS = ("chain", "bcast")
 
 
@@ -89,11 +123,17 @@ def _nodes(site: Site, n: int) -> list[str]:
     return names[:n]
 
 
-def stage(site: Site, *, nodes: int, sizes: list[int], datas: list[str], repeat: int,
-          workdir: Path, methods=STAGE_METHODS, chunk: str | None = None,
-          on_run: OnRun = None) -> list[dict]:
+def stage(site: Site, *, methods=STAGE_METHODS, on_run: OnRun = None, **kw) -> list[dict]:
     """`chiba-admin stage` of each (data, size) to the first ``nodes`` nodes, every method
-    ``repeat`` times; a fresh destination for every run."""
+    ``repeat`` times; a fresh destination for every run. Keywords: nodes, sizes (bytes),
+    datas (random|tree), repeat, workdir, chunk. A service method starts the service
+    first (its start is a ``service`` run) and stops it after."""
+    return _serviced(_stage, site, methods, on_run, **kw)
+
+
+def _stage(site: Site, *, nodes: int, sizes: list[int], datas: list[str], repeat: int,
+           workdir: Path, methods, chunk: str | None = None,
+           on_run: OnRun = None) -> list[dict]:
     from topology import fold
 
     runs: list[dict] = []
@@ -103,7 +143,8 @@ def stage(site: Site, *, nodes: int, sizes: list[int], datas: list[str], repeat:
             src, payload = make_payload(workdir, kind, size)
             dest = f"bench-{kind}"
             for i in range(repeat):
-                for method, alg in methods:
+                for m in methods:
+                    method, alg, launch = m[0], m[1], launch_of(m)
                     if method in PEER_NAMES:
                         run = _peer_stage(site, method, src, names, dest, i)
                         if run is not None:
@@ -117,11 +158,11 @@ def stage(site: Site, *, nodes: int, sizes: list[int], datas: list[str], repeat:
                             "--method", method]
                     args += ["--algorithm", alg] if alg else []
                     args += ["--chunk", chunk] if chunk else []
-                    res, m = _measured(site, args)
+                    res, meas = _measured(site, args + _launch_args(launch))
                     _emit(runs, {"workload": "stage", "data": kind, "size_bytes": payload,
                                  "nodes": nodes, "method": method, "algorithm": alg,
-                                 "repeat": i, **m, "archive_bytes": res.get("bytes")},
-                          on_run)
+                                 "launch": res.get("launch") or launch, "repeat": i,
+                                 **meas, "archive_bytes": res.get("bytes")}, on_run)
             site.wipe(names, "CHIBA_SCRATCH", dest)
     return runs
 
@@ -197,11 +238,17 @@ def _verify(site: Site, names: list[str], target: str, expected: dict) -> dict[s
     return bad
 
 
-def collect(site: Site, *, nodes: int, sizes: list[int], datas: list[str], repeat: int,
-            workdir: Path, methods=COLLECT_METHODS, on_run: OnRun = None) -> list[dict]:
+def collect(site: Site, *, methods=COLLECT_METHODS, on_run: OnRun = None,
+            **kw) -> list[dict]:
     """`chiba-admin collect` of a staged payload back from the first ``nodes`` nodes into a
     fresh directory on the president, every method ``repeat`` times. ``size_bytes`` is
-    what each node sends; all of it crosses the president's link."""
+    what each node sends; all of it crosses the president's link. Keywords: nodes, sizes,
+    datas, repeat, workdir; service methods as in ``stage``."""
+    return _serviced(_collect, site, methods, on_run, **kw)
+
+
+def _collect(site: Site, *, nodes: int, sizes: list[int], datas: list[str], repeat: int,
+             workdir: Path, methods, on_run: OnRun = None) -> list[dict]:
     from topology import fold
 
     runs: list[dict] = []
@@ -215,24 +262,35 @@ def collect(site: Site, *, nodes: int, sizes: list[int], datas: list[str], repea
             raise ChibaError(f"cannot stage the collect payload: "
                              f"{res.get('failures') or res.get('error')}", where=fold(names))
         for i in range(repeat):
-            for method, alg in methods:
+            for meth in methods:
+                method, alg, launch = meth[0], meth[1], launch_of(meth)
                 back = tempfile.mkdtemp(prefix="collect-", dir=workdir)
                 shutil.rmtree(back)  # collect makes it; an existing one could be refused
-                _, m = _measured(site, ["collect", rel, "--nodes", fold(names), "--dest",
-                                        back, "--method", method])
+                res, m = _measured(site, ["collect", rel, "--nodes", fold(names), "--dest",
+                                          back, "--method", method] + _launch_args(launch))
                 site.remove_local(back)
                 _emit(runs, {"workload": "collect", "data": kind, "size_bytes": payload,
                              "nodes": nodes, "method": method, "algorithm": alg,
-                             "repeat": i, **m}, on_run)
+                             "launch": res.get("launch") or launch, "repeat": i, **m},
+                      on_run)
         site.wipe(names, "CHIBA_SCRATCH", rel)
     return runs
 
 
-def sync(site: Site, *, target_counts: list[int], repeat: int, workdir: Path, files: int,
-         size: int, target_role: str = "mayor", methods=SYNC_METHODS,
-         on_run: OnRun = None) -> list[dict]:
+def sync(site: Site, *, methods=SYNC_METHODS, on_run: OnRun = None, **kw) -> list[dict]:
     """`chiba-admin sync-mayors` of a generated repository: in full, after a 5% change,
-    and unchanged, for each target count (mayors first, then nodes) and method."""
+    and unchanged, for each target count (mayors first, then nodes); within each scenario
+    and repeat every method in turn, all into the same destination (each leaves it as
+    the source: the next method's "changed" sees one new change, its "nochange" none).
+    Keywords: target_counts, repeat, workdir, files, size (bytes), target_role,
+    full_methods (the methods whose full sync runs, default all: the others start from
+    the tree the previous ones left). Service methods as in ``stage``."""
+    return _serviced(_sync, site, methods, on_run, **kw)
+
+
+def _sync(site: Site, *, target_counts: list[int], repeat: int, workdir: Path, files: int,
+          size: int, methods, target_role: str = "mayor", full_methods=None,
+          on_run: OnRun = None) -> list[dict]:
     from topology import fold
 
     runs: list[dict] = []
@@ -243,13 +301,15 @@ def sync(site: Site, *, target_counts: list[int], repeat: int, workdir: Path, fi
     if target_role == "mayor":
         pool += site.node_names()  # beyond the mayors, nodes serve as targets
     dest, seed = "bench-repo", 1
+    full = tuple(methods if full_methods is None else full_methods)
     for n in target_counts:
         if n > len(pool):
             raise InvalidRequest(f"{n} targets asked, the site has {len(pool)} hosts to use")
         targets = pool[:n]
-        for method in methods:
-            for scenario in ("full", "changed", "nochange"):
-                for i in range(repeat):
+        site.wipe(targets, "CHIBA_REPO", dest)
+        for scenario in ("full", "changed", "nochange"):
+            for i in range(repeat):
+                for method in (m for m in methods if scenario != "full" or m in full):
                     if scenario == "full":
                         site.wipe(targets, "CHIBA_REPO", dest)
                         changed = data.tree_bytes(src)
@@ -258,15 +318,146 @@ def sync(site: Site, *, target_counts: list[int], repeat: int, workdir: Path, fi
                         changed = data.mutate_repository(src, 0.05, seed)
                     else:
                         changed = 0
+                    launch = launch_of(method)
                     args = ["sync-mayors", str(src), "--targets", fold(targets), "--dest",
-                            dest, "--method", method, "--delete"]
+                            dest, "--method", sync_method(method), "--delete"]
                     args += ["-f", str(max(1, n))] if method == "rsync" else []
-                    _, m = _measured(site, args)
+                    res, m = _measured(site, args + _launch_args(launch))
                     _emit(runs, {"workload": "sync", "scenario": scenario, "targets": n,
-                                 "method": method, "repeat": i, "changed_bytes": changed,
-                                 **m}, on_run)
+                                 "method": sync_method(method),
+                                 "launch": res.get("launch") or launch, "repeat": i,
+                                 "changed_bytes": changed, **m}, on_run)
         site.wipe(targets, "CHIBA_REPO", dest)
     return runs
+
+
+def _serviced(fn, site: Site, methods, on_run: OnRun, **kw) -> list[dict]:
+    """``fn(site, methods=..., on_run=..., **kw)`` inside a running service when one of
+    ``methods`` is a service method (started before, stopped after, also on error)."""
+    runs: list[dict] = []
+    need = any(launch_of(m) == "service" for m in methods)
+    with service_up(site, need, lambda r: _emit(runs, r, on_run)):
+        runs += fn(site, methods=methods, on_run=on_run, **kw)
+    return runs
+
+
+def _service_pool(site: Site) -> list[str]:
+    """The service's hosts in the order counts take them: mayors, then nodes."""
+    return [h.name for h in site.topo.hosts("mayor")] + site.node_names()
+
+
+@contextlib.contextmanager
+def service_up(site: Site, need: bool = True, on_run: OnRun = None,
+               hosts: list[str] | None = None) -> Iterator[dict | None]:
+    """`chiba-admin service start` (on ``hosts``, default: the command's own default, every
+    host) when ``need``; ``on_run`` gets a ``service``/``start`` run with its time and host
+    count; `service stop` on the way out, whatever happened. Yields the start's JSON.
+    Raises ChibaError naming the president when the service does not come up."""
+    if not need:
+        yield None
+        return
+    from topology import fold
+
+    args = ["service", "start"] + (["--hosts", fold(hosts)] if hosts else [])
+    with cpu_meter() as cpu:
+        res, wall, err = site.cli(*args)
+    res = res or {}
+    ok = bool(res.get("hosts"))
+    # ``hosts``: besides the president, which the service always has (its coordinator and
+    # a worker: ranks = hosts + 2)
+    got = [h for h in res.get("hosts") or [] if h != site.topo.president.name]
+    run = {"workload": "service", "metric": "start", "hosts": len(got or hosts or []),
+           "ranks": len(res["hosts"]) + 1 if ok else None, "pid": res.get("pid"), "ok": ok, "seconds": wall, "start_seconds": res.get("seconds"),
+           "failures": {} if ok else {"-": res.get("error") or err}, "nic": None,
+           "cpu_busy": cpu.busy}
+    if on_run:
+        on_run(run)
+    try:
+        if not ok:
+            raise ChibaError(f"the service did not start: {res.get('error') or err}",
+                             where="president")
+        yield res
+    finally:
+        out, _, err = site.cli("service", "stop")
+        if not (out or {}).get("stopped") and ok:
+            raise ChibaError(f"the service did not stop: {(out or {}).get('error') or err}",
+                             where="president")
+
+
+def run(site: Site, *, nodes: int, repeat: int, workdir: Path, methods=RUN_METHODS,
+        command: tuple[str, ...] = ("true",), on_run: OnRun = None) -> list[dict]:
+    """`chiba-admin run -w NODES -- true` on the first ``nodes`` nodes: the ssh fan-out
+    ("ssh"), a fresh mpiexec ("mpiexec", ``--launch mpiexec``) and the service
+    ("service"). The ssh rows run before the service starts (while it runs, `run` would
+    use it); then the service, its rows, and its stop. ``workdir`` is unused."""
+    from topology import fold
+
+    runs: list[dict] = []
+    names = fold(_nodes(site, nodes))
+
+    def one(method: str, i: int) -> None:
+        launch = launch_of(method)
+        res, m = _measured(site, ["run", "-w", names, *_launch_args(launch), "--", *command])
+        _emit(runs, {"workload": "run", "nodes": nodes, "command": " ".join(command),
+                     "method": "ssh" if method == "ssh" else "mpi",
+                     "launch": res.get("launch") or launch, "repeat": i, **m,
+                     "ok": m["ok"] and res.get("rc", 1) == 0}, on_run)
+
+    fresh = [m for m in methods if m != "service"]
+    for i in range(repeat):
+        for method in fresh:
+            one(method, i)
+    with service_up(site, "service" in methods, lambda r: _emit(runs, r, on_run)):
+        for i in range(repeat if "service" in methods else 0):
+            one("service", i)
+    return runs
+
+
+def service(site: Site, *, host_counts: list[int], repeat: int, workdir: Path,
+            idle_seconds: float = 0, steady: bool = False,
+            on_run: OnRun = None) -> list[dict]:
+    """The service's own costs: `service start` on the first N of mayors-then-nodes for
+    each of ``host_counts`` (plus the president, always in the service: N + 2 ranks),
+    ``repeat`` times, each followed by `service stop`; then, when ``idle_seconds``, the
+    CPU of an idle service on every host over that many seconds right after its start
+    (`service status --sample`; metric ``idle_cpu``, ``value``: percent of one core, all
+    ranks together) and, when ``steady``, over the next as many seconds (``idle_cpu_steady``:
+    after 30 s without a request ranks test less often, mpitools/service/ranks.py).
+    ``workdir`` is unused."""
+    runs: list[dict] = []
+    pool = _service_pool(site)
+    for n in host_counts:
+        if n > len(pool):
+            raise InvalidRequest(f"{n} service hosts asked, the site has {len(pool)}")
+
+    def keep(i: int):
+        return lambda r: _emit(runs, {**r, "repeat": i}, on_run)
+
+    for i in range(repeat):
+        for n in host_counts:
+            with service_up(site, True, keep(i), pool[:n]):
+                pass
+    if idle_seconds:
+        with service_up(site, True, keep(0)):
+            for metric in ("idle_cpu", "idle_cpu_steady")[:1 + bool(steady)]:
+                _emit(runs, _idle_sample(site, metric, idle_seconds), on_run)
+    return runs
+
+
+def _idle_sample(site: Site, metric: str, seconds: float) -> dict:
+    """One `service status --sample SECONDS` as a ``service`` run of ``metric``."""
+    with cpu_meter() as cpu:
+        res, wall, err = site.cli("service", "status", "--sample", str(seconds))
+    res = res or {}
+    pct = res.get("idle_cpu_percent")
+    every = res.get("hosts") or []
+    return {"workload": "service", "metric": metric,
+            "hosts": len([h for h in every if h != site.topo.president.name]),
+            "ranks": len(every) + 1 if every else None, "ok": pct is not None,
+            "seconds": wall, "value": pct, "unit": "% of one core",
+            "sample_seconds": res.get("sample_seconds"),
+            "failures": {} if pct is not None else {"-": res.get("error") or err},
+            "nic": None, "cpu_busy": cpu.busy}
 
 
 def memory(site: Site, *, size: int, nodes: int, workdir: Path, chunk: str = "4MiB",

@@ -57,7 +57,16 @@ def _say(run: dict) -> None:
                           f"{run['algorithm']}: peak RSS "
                           f"{(run.get('peak_rss') or 0) / 1e6:.0f} MB",
         "inventory": lambda: f"inventory {run['metric']} = {run['value']:.4g} {run['unit']}",
+        "run": lambda: f"run {run['command']} on {run['nodes']} nodes {run['method']}",
+        "service": lambda: (f"service start on {run['hosts']} hosts"
+                            if run["metric"] == "start" else
+                            f"service idle CPU of {run['hosts']} hosts: "
+                            f"{run.get('value') or 0:.2f}% of one core"),
     }[w]()
+    if run.get("launch") == "service" and w != "run":
+        what += " (service)"
+    elif w == "run" and run.get("launch"):
+        what += f" ({run['launch']})"
     state = (f"skipped ({run['skipped']})" if run.get("skipped") else
              "ok" if run["ok"] else "[red]FAILED[/]")
     n = f" #{run['repeat'] + 1}" if "repeat" in run else ""
@@ -65,30 +74,38 @@ def _say(run: dict) -> None:
     get_err_console().print(f"  {what}{n}: {run['seconds']:.2f} s{busy} {state}")
 
 
+_METHOD_HINT = ("stage: transit, bcast, chain, pdcp, clush, sbcast, sbcast-tree, "
+                "chain-service, bcast-service; collect: transit, mpi, mpi-service; "
+                "sync: rsync, mpi, mpi-service; run: ssh, mpiexec, service")
+
+
 def _methods(value: str | None):
-    """(stage, collect, sync) methods from ``--methods`` (default: every method)."""
-    from ..bench.workloads import COLLECT_METHODS, STAGE_METHODS, SYNC_METHODS
+    """(stage, collect, sync, run) methods from ``--methods`` (default: every method
+    without the service; a ``-service`` name, or ``service`` for run, selects it)."""
+    from ..bench import workloads as w
 
     if not value:
-        return STAGE_METHODS, COLLECT_METHODS, SYNC_METHODS
+        return w.STAGE_METHODS, w.COLLECT_METHODS, w.SYNC_METHODS, w.RUN_METHODS[:2]
     names = [v for v in value.split(",") if v]
-    stage = {(alg or m): (m, alg) for m, alg in STAGE_METHODS}
-    collect = {m: (m, alg) for m, alg in COLLECT_METHODS}
+    stage = {(alg or m): (m, alg) for m, alg in w.STAGE_METHODS}
+    stage.update({f"{alg}-service": t for t in w.SERVICE_STAGE_METHODS for alg in [t[1]]})
+    collect = {m: (m, alg) for m, alg in w.COLLECT_METHODS}
+    collect["mpi-service"] = w.SERVICE_COLLECT_METHODS[0]
+    sync = w.SYNC_METHODS + w.SERVICE_SYNC_METHODS
     unknown = [n for n in names if n not in stage and n not in collect
-               and n not in SYNC_METHODS]
+               and n not in sync and n not in w.RUN_METHODS]
     if unknown:
-        raise UsageError(f"unknown method(s) {', '.join(unknown)}",
-                         hint="stage: transit, bcast, chain, pdcp, clush, sbcast, "
-                              "sbcast-tree; collect: transit, mpi; "
-                              "sync: rsync, mpi")
+        raise UsageError(f"unknown method(s) {', '.join(unknown)}", hint=_METHOD_HINT)
     return (tuple(stage[n] for n in names if n in stage),
             tuple(collect[n] for n in names if n in collect),
-            tuple(n for n in names if n in SYNC_METHODS))
+            tuple(n for n in names if n in sync),
+            tuple(n for n in names if n in w.RUN_METHODS))
 
 
 @click.command("bench")
 @click.argument("what", metavar="WHAT", type=click.Choice(
-    ["stage", "sync", "collect", "memory", "inventory", "all", "default", "quick"]))
+    ["stage", "sync", "collect", "run", "memory", "inventory", "all", "default", "quick",
+     "service"]))
 @click.option("--where", type=click.Choice(["auto", "testbed", "embedded"]), default="auto",
               show_default=True, help="auto: the testbed when root, else the embedded cluster.")
 @click.option("--shape", "shapes", default=None, metavar="TxN[,TxN]",
@@ -101,7 +118,9 @@ def _methods(value: str | None):
 @click.option("--methods", default=None, metavar="LIST",
               help="Subset of methods: stage transit,bcast,chain (and the peers pdcp,"
                    "clush,sbcast,sbcast-tree: testbed only); collect transit,mpi; "
-                   "sync rsync,mpi (default: all).")
+                   "sync rsync,mpi; run ssh,mpiexec (default: all of these). Through the "
+                   "long-running service: chain-service, bcast-service, mpi-service "
+                   "(collect, sync), service (run); the bench starts and stops it.")
 @click.option("--targets", "targets", default="4,8", show_default=True,
               help="Sync target counts (mayors first, then nodes).")
 @click.option("--repo-files", type=click.IntRange(1), default=3000, show_default=True)
@@ -128,9 +147,10 @@ def bench_cmd(cctx, ctx, what, where, shapes, sizes, datas, repeat, methods, tar
               mayor_mbit, uplink_mbit, outdir, workdir, dry_run):
     """Run legacy and MPI methods side by side and record every run under results/.
 
-    WHAT is a workload (stage, sync, collect, memory, inventory; all = stage and sync) or a
-    named suite (default: the README's comparison; quick: one size, 8 nodes, fewer
-    repeats). A named suite's plan is fixed: only --where, --out, --workdir, the link
+    WHAT is a workload (stage, sync, collect, run, memory, inventory; all = stage and
+    sync) or a named suite (default: the README's comparison; quick: one size, 8 nodes,
+    fewer repeats; service: issue 19's targets, the long-running MPI service against
+    fresh mpiexec and the legacy tools). A named suite's plan is fixed: only --where, --out, --workdir, the link
     rates and --dry-run apply.
     """
     from ..bench import sites, suites
@@ -149,17 +169,16 @@ def bench_cmd(cctx, ctx, what, where, shapes, sizes, datas, repeat, methods, tar
         if bad or not data_list:
             raise UsageError(f"unknown --data {', '.join(sorted(bad)) or repr(datas)}",
                              hint="random and/or tree")
-        stage_m, collect_m, sync_m = _methods(methods)
-        chosen = {"stage": stage_m, "collect": collect_m, "sync": sync_m}
+        stage_m, collect_m, sync_m, run_m = _methods(methods)
+        chosen = {"stage": stage_m, "collect": collect_m, "sync": sync_m, "run": run_m}
         if not chosen.get(what, True) or (what == "all" and not (stage_m or sync_m)):
             raise UsageError(f"--methods {methods} names no {what} method",
-                             hint="stage: transit, bcast, chain; collect: transit, mpi; "
-                                  "sync: rsync, mpi")
+                             hint=_METHOD_HINT)
         plan = suites.plan_from_options(
             what, shapes=sites.parse_shapes(shapes or ("2x4,4x8" if site_kind == "testbed"
                                                        else "2x4")),
             sizes=_sizes(sizes), datas=data_list, repeat=repeat, stage_methods=stage_m,
-            collect_methods=collect_m, sync_methods=sync_m,
+            collect_methods=collect_m, sync_methods=sync_m, run_methods=run_m,
             targets=_ints(targets, "--targets"), repo_files=repo_files,
             repo_size=_sizes(repo_size, "--repo-size")[0],
             memory_size=_sizes(memory_size, "--memory-size")[0],

@@ -45,6 +45,8 @@ def _shape_key(c: dict) -> tuple:
 
 
 def _method(run: dict) -> str | None:
+    if run.get("launch") == "service":
+        return None  # no mpiexec to start or end: not what the model's host costs are
     if run["workload"] == "stage":
         if run.get("method") == "transit":
             return "transit"
