@@ -166,7 +166,7 @@ def test_peers_are_stage_methods_and_skipped_with_the_reason_off_the_testbed(tmp
     from chiba_admin.bench import aggregate, workloads
     from chiba_admin.commands.bench import _methods
 
-    stage_m, _, _ = _methods("chain,pdcp,clush,sbcast,sbcast-tree")
+    stage_m, _, _, _ = _methods("chain,pdcp,clush,sbcast,sbcast-tree")
     assert [m for m, _ in stage_m] == ["mpi", *peers.PEERS]
     site = SimpleNamespace(kind="embedded", node_names=lambda: ["n1", "n2"],
                            measure=contextlib.nullcontext,
