@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from chiba_admin.errors import MPIToolError
+from chiba_admin.procfs import proc_stat
 from topology import place_ranks
 
 from mpitools.common.diagnose import RuntimeReport, parse_runtime
@@ -339,18 +340,8 @@ def session_pids(sid: int) -> list[int]:
 
 def _session_pids(sid: int) -> list[int]:
     """Local processes of session ``sid`` (ranks sit in their own process groups)."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[3]) == sid:
-                pids.append(int(d))
-        except (OSError, IndexError, ValueError):
-            continue
-    return pids
+    return [int(d) for d in os.listdir("/proc")
+            if d.isdigit() and (st := proc_stat(int(d))) is not None and st.session == sid]
 
 
 def _stop(proc: subprocess.Popen, grace: float) -> None:

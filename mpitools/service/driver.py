@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from chiba_admin.errors import InvalidRequest, MPIToolError
+from chiba_admin.procfs import proc_stat
 
 from mpitools.common.diagnose import parse_runtime
 from mpitools.common.launch import (FORWARD_PREFIXES, RANK_HOSTS_ENV, LaunchResult,
@@ -140,11 +141,8 @@ def _state(d: Path) -> dict | None:
 def _start_time(pid: int) -> int | None:
     """The kernel's start time of ``pid`` (clock ticks since boot), None when it is gone:
     with the pid, it names one process, whatever reuses the pid later."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
+    st = proc_stat(pid)
+    return None if st is None else st.start_ticks
 
 
 def _ours(st: dict) -> bool:
@@ -158,12 +156,11 @@ def _ours(st: dict) -> bool:
 def _alive(pid: int) -> bool:
     """Whether ``pid`` is a live process (a zombie is not; reaped if it is our child, as
     mpiexec is of a process that started the service and lives on, a test's)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                return True
-    except (OSError, IndexError):
+    st = proc_stat(pid)
+    if st is None:
         return False
+    if st.state != "Z":
+        return True
     try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
