@@ -22,9 +22,8 @@ from typing import Callable, Iterable, Iterator
 
 from mpitools.common.runtime import PeerLost, wait
 
-# ``wait`` is runtime's, re-exported for callers that still import it from here
 __all__ = ["TAG_DATA", "TAG_END", "Sender", "Chain", "chain_send", "chain_frames",
-           "chain_receive", "wait"]
+           "chain_receive"]
 
 TAG_DATA = 71
 TAG_END = 72
