@@ -41,7 +41,7 @@ test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q -ra -m "not testbed and not slow and not perf"
 
-# the README's comparison: the testbed as root (about 30 minutes), else the embedded cluster
+# the README's comparison: the testbed as root (about 50 minutes), else the embedded cluster
 bench: $(STAMP)
 	bash scripts/bench.sh default
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench` (suite `default`) and `make bench-quick` (suite `quick`): run a named suite,
 # record every run as JSON under results/, then report those records (tables, Markdown,
-# figures). As root the suites run on the namespace testbed (default: about 30 minutes on
+# figures). As root the suites run on the namespace testbed (default: about 50 minutes on
 # 2 cores; quick: about 7); otherwise on the embedded cluster, whose times say nothing about
 # networks. `chiba-admin bench SUITE --dry-run` prints a suite's plan.
 set -euo pipefail

@@ -192,8 +192,17 @@ def test_quick_suite_is_one_size_eight_nodes_few_repeats(where):
 def test_default_suite_keeps_the_readme_comparison():
     plan = suites.describe_plan(suites.SUITES["default"]("testbed"), "testbed")
     assert {(s["workload"], s["shape"]) for s in plan} >= {
-        ("stage", "2x4"), ("stage", "4x8"), ("sync", "8x1"), ("sync", "8x7"),
-        ("collect", "2x4"), ("memory", "2x2"), ("inventory", None)}
+        ("stage", "2x2"), ("stage", "2x4"), ("stage", "4x4"), ("stage", "4x8"),
+        ("sync", "8x7"), ("collect", "2x4"), ("memory", "2x2"), ("inventory", None)}
+    # issue 18's grid: every peer at every node count, three sizes, 2..64 sync targets
+    stage = [s for s in plan if s["workload"] == "stage"]
+    for nodes in (4, 8, 16, 32):
+        methods = {m[0] for s in stage if s["nodes"] == nodes for m in s["methods"]}
+        assert methods >= {"transit", "mpi", "pdcp", "clush", "sbcast", "sbcast-tree"}
+    assert {z for s in stage for z in s["sizes"]} == {16 * M, 64 * M, 256 * M}
+    assert {s["nodes"] for s in stage if 256 * M in s["sizes"]} == {8, 32}
+    sync = next(s for s in plan if s["workload"] == "sync")
+    assert sync["target_counts"] == [2, 4, 8, 16, 32, 64]
     assert next(s for s in plan if s["workload"] == "memory")["site"] == "embedded"
 
 

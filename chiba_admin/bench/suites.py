@@ -77,29 +77,34 @@ _PEERS = workloads.PEER_METHODS
 
 
 def default_suite(where: str) -> list[Step]:
-    """The README's comparison. Testbed (as root): about 40 minutes on 2 cores (the
-    peers at 8 nodes: about 8 of them)."""
+    """The README's comparison, issue 18's grid (testbed, as root, on the paper's network:
+    nodes and each mayor's town link at the node rate). Staging at 4, 8, 16 and 32 nodes:
+    16 MiB with every method and peer, 64 MiB with City Transit and the chain, 256 MiB with
+    the chain at 8 and 32 nodes (the line-rate target); synchronisation at 2, 4, 8, 16, 32
+    and 64 targets. About 50 minutes on 2 cores: a star method (Transit, pdcp, clush,
+    sbcast) pushes a town's copies through one 20 Mb/s town link, so 64 MiB to a town of 8
+    takes 215 s and 256 MiB 860 s; those cases are left to ``chiba-admin predict``."""
     if where == "testbed":
-        return [
-            # 8 nodes (2 towns x 4), median of 3; MPI_Bcast takes minutes a run: one run
-            _stage((2, 4), sizes=[64 * M], datas=["random"], repeat=3,
-                   methods=_TRANSIT_CHAIN),
-            _stage((2, 4), sizes=[64 * M], datas=["random"], repeat=1, methods=_BCAST),
-            # the tools users would pick instead: pdcp, clush --copy, sbcast (star, tree)
-            _stage((2, 4), sizes=[64 * M], datas=["random"], repeat=1, methods=_PEERS),
-            _stage((2, 4), sizes=[64 * M], datas=["tree"], repeat=1,
-                   methods=workloads.OUR_STAGE_METHODS),
-            _collect((2, 4), sizes=[64 * M], datas=["random"], repeat=1),
-            # 32 nodes (4 towns x 8)
-            _stage((4, 8), sizes=[64 * M], datas=["random"], repeat=1,
-                   methods=_TRANSIT_CHAIN),
-            # 3,000 files / 150 MB to 4 and 8 mayors: full, 5% changed, unchanged
-            _sync([4, 8], repeat=3, files=3000, size=150 * M),
-            # 64 targets (8 mayors + 56 nodes, 65 ranks on 2 cores): do both complete?
-            _sync([64], repeat=1, files=300, size=15 * M),
-            _memory(1 * G),
-            _inventory(100_000, 1 * G, 5),
-        ]
+        steps: list[Step] = []
+        for shape in ((2, 2), (2, 4), (4, 4), (4, 8)):
+            eight = shape == (2, 4)
+            steps += [
+                _stage(shape, sizes=[16 * M], datas=["random"], repeat=1,
+                       methods=workloads.OUR_STAGE_METHODS + _PEERS),
+                # 8 nodes: median of 2 for the README's headline case
+                _stage(shape, sizes=[64 * M], datas=["random"], repeat=2 if eight else 1,
+                       methods=_TRANSIT_CHAIN),
+            ]
+            if shape in ((2, 4), (4, 8)):
+                steps.append(_stage(shape, sizes=[256 * M], datas=["random"], repeat=1,
+                                    methods=(("mpi", "chain"),)))
+            if eight:
+                steps.append(_collect(shape, sizes=[16 * M], datas=["random"], repeat=1))
+        # 2,000 files / 60 MiB to 2..64 targets (8 mayors, then nodes: 65 ranks at 64)
+        steps += [_sync([2, 4, 8, 16, 32, 64], repeat=1, files=2000, size=60 * M),
+                  _memory(256 * M),
+                  _inventory(20_000, 256 * M, 3)]
+        return steps
     return [
         _stage((2, 4), sizes=[16 * M], datas=["random", "tree"], repeat=3),
         _collect((2, 4), sizes=[16 * M], datas=["random"], repeat=3),
