@@ -108,16 +108,8 @@ def parse(tool: str, args: list[str], environ: dict[str, str]) -> dict:
             elif a.startswith("--export"):
                 v, i = _value(args, i, a)
                 req["env"] = _export(v, environ)
-            elif (tool == "srun" and (a == "--bcast" or a.startswith("--bcast="))) or (
-                    tool != "srun" and a in ("-s", "--preload-binary")):
-                req["bcast"] = {"dest": a.partition("=")[2] or None}  # srun: = only
-                i += 1
-            elif a == "--mpi" or a.startswith("--mpi="):
-                v, i = _value(args, i, a)
-                try:
-                    req["mpi"] = openmpi.plugin(v)
-                except ValueError as e:
-                    raise UsageError(str(e)) from None
+            elif (nxt := _launch_option(tool, args, i, req)) is not None:
+                i = nxt
             else:
                 raise UsageError(f"unsupported {tool} option {a!r}")
         req["argv"] = args[i:]
@@ -137,6 +129,25 @@ def parse(tool: str, args: list[str], environ: dict[str, str]) -> dict:
         except ValueError as e:
             raise UsageError(str(e)) from None
     return req
+
+
+def _launch_option(tool: str, args: list[str], i: int, req: dict) -> int | None:
+    """``srun --bcast[=DEST]`` (``=`` only, as srun), ``mpiexec -s``/``--preload-binary``
+    and ``--mpi[=]PLUGIN`` into ``req``; the index of the next argument, None if
+    ``args[i]`` is none of them."""
+    a = args[i]
+    if (tool == "srun" and (a == "--bcast" or a.startswith("--bcast="))) or (
+            tool != "srun" and a in ("-s", "--preload-binary")):
+        req["bcast"] = {"dest": a.partition("=")[2] or None}
+        return i + 1
+    if a == "--mpi" or a.startswith("--mpi="):
+        v, i = _value(args, i, a)
+        try:
+            req["mpi"] = openmpi.plugin(v)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        return i
+    return None
 
 
 def _export(spec: str, environ: dict[str, str]) -> dict[str, str]:
