@@ -193,12 +193,8 @@ class Copies:
         if failed:
             self._discard(made)
             return None, err, True
-        pfd, name, fd, local, _ = made
-        os.close(fd)  # before any exec: a file open for writing cannot run (ETXTBSY)
-        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-        pst = os.fstat(pfd)
-        self.made[(pst.st_dev, pst.st_ino, name)] = (pfd, st.st_dev, st.st_ino)
-        return local, None, False
+        os.close(made[2])  # before any exec: a file open for writing cannot run (ETXTBSY)
+        return made[3], None, False
 
     def _transfer(self, bcomm, made, size: int) -> str | None:
         """Rank 0 streams the source down the chain; every rank writes what it gets."""
@@ -253,6 +249,10 @@ class Copies:
         except BaseException:
             os.close(pfd)
             raise
+        # known from its creation on: a job ended mid-transfer (SIGTERM, walltime) removes
+        # the partial copy with the others (remove_all)
+        st, pst = os.fstat(fd), os.fstat(pfd)
+        self.made[(pst.st_dev, pst.st_ino, name)] = (pfd, st.st_dev, st.st_ino)
         return pfd, name, fd, os.path.join(local_root, rel), shown
 
     @staticmethod
@@ -276,12 +276,13 @@ class Copies:
         os.unlink(name, dir_fd=pfd)
         os.close(self.made.pop((pst.st_dev, pst.st_ino, name))[0])
 
-    @staticmethod
-    def _discard(made) -> None:
+    def _discard(self, made) -> None:
         """Remove a copy this rank just created (checked by inode) and close its fds."""
         if made is None:
             return
         pfd, name, fd, _, _ = made
+        pst = os.fstat(pfd)
+        self.made.pop((pst.st_dev, pst.st_ino, name), None)
         try:
             st, now = os.fstat(fd), os.stat(name, dir_fd=pfd, follow_symlinks=False)
             if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
