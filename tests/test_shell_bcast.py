@@ -174,3 +174,47 @@ srun --bcast=taken -n 2 ./prog.sh; echo "rc=$?"
     assert bcast_leftovers(embedded) == []
     assert not any((scratch_of(embedded, h) / "taken").exists() for h in ("ccn01", "ccn02"))
     no_shell_left()
+
+
+def _copies(tmp_path) -> tuple:
+    from mpitools.shell.bcast import Copies
+
+    root = tmp_path / "host"
+    (root / "scratch").mkdir(parents=True)
+    job = {"jobid": "ab12", "bcast_dirs": {"n1": {**DIRS, "root": str(root)}}}
+    return Copies(job, "n1"), root / "scratch"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_where_a_copy_may_be_written(tmp_path):
+    """The rank side's checks, without MPI: whose directory, who else may write in it, what
+    is at the name already; what is removed at the end (only the same file)."""
+    copies, scratch = _copies(tmp_path)
+    d = scratch / "d"
+    d.mkdir()
+    for mode, uid, ok in ((0o777, 0, False), (0o1777, 0, True), (0o755, 65534, False)):
+        d.chmod(mode)
+        os.chown(d, uid, 0)
+        if ok:
+            made = copies._create({"dest": "d/p"}, 1)
+            assert (d / "p").exists() and made[3] == str(d / "p")
+            copies._discard(made)
+            assert not (d / "p").exists() and not copies.made
+        else:
+            with pytest.raises(ValueError, match="writable by others|belongs to uid 65534"):
+                copies._create({"dest": "d/p"}, 1)
+    (scratch / "planted").symlink_to("/etc/passwd")
+    with pytest.raises(ValueError, match="exists and is not this job's copy"):
+        copies._create({"dest": "planted"}, 1)
+    made = copies._create({"dest": "mine"}, 1)
+    os.close(made[2])
+    again = copies._create({"dest": "mine"}, 2)  # the job's own copy: replaced
+    os.close(again[2])
+    assert len(copies.made) == 1
+    (scratch / "mine").unlink()  # someone put another file there since: not ours to remove
+    (scratch / "mine").write_text("theirs")
+    made = copies._create({"dest": "kept"}, 3)
+    os.close(made[2])
+    copies.remove_all()
+    assert (scratch / "mine").read_text() == "theirs" and not (scratch / "kept").exists()
+    assert os.readlink(scratch / "planted") == "/etc/passwd"

@@ -109,6 +109,10 @@ def failure_report(host: str, tasks: list[int], error: str | None) -> dict:
             "aborted": {}, "notes": [error] if error else []}
 
 
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def _write_all(fd: int, data) -> None:
     view = memoryview(data)
     while view:
@@ -120,7 +124,9 @@ class Copies:
 
     def __init__(self, job: dict, host: str):
         self.job, self.host = job, host
-        self.made: dict[tuple, tuple[int, int, int]] = {}  # (dir dev, ino, name) -> fd, dev, ino
+        # (dir dev, dir ino, name) -> (dir fd, a read-only fd of the copy: while it is open
+        # the copy's inode number cannot be reused, so "the same file" is a sure test)
+        self.made: dict[tuple, tuple[int, int]] = {}
         self.source: int | None = None
 
     # rank 0, before the request leaves -------------------------------------------------
@@ -251,8 +257,9 @@ class Copies:
             raise
         # known from its creation on: a job ended mid-transfer (SIGTERM, walltime) removes
         # the partial copy with the others (remove_all)
-        st, pst = os.fstat(fd), os.fstat(pfd)
-        self.made[(pst.st_dev, pst.st_ino, name)] = (pfd, st.st_dev, st.st_ino)
+        pst = os.fstat(pfd)
+        self.made[(pst.st_dev, pst.st_ino, name)] = (
+            pfd, os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd))
         return pfd, name, fd, os.path.join(local_root, rel), shown
 
     @staticmethod
@@ -271,10 +278,11 @@ class Copies:
             return
         pst = os.fstat(pfd)
         mine = self.made.get((pst.st_dev, pst.st_ino, name))
-        if mine is None or (mine[1], mine[2]) != (st.st_dev, st.st_ino):
+        if mine is None or not _same(st, os.fstat(mine[1])):
             raise ValueError(f"{shown} exists and is not this job's copy (not replaced)")
         os.unlink(name, dir_fd=pfd)
-        os.close(self.made.pop((pst.st_dev, pst.st_ino, name))[0])
+        for fd in self.made.pop((pst.st_dev, pst.st_ino, name)):
+            os.close(fd)
 
     def _discard(self, made) -> None:
         """Remove a copy this rank just created (checked by inode) and close its fds."""
@@ -282,25 +290,26 @@ class Copies:
             return
         pfd, name, fd, _, _ = made
         pst = os.fstat(pfd)
-        self.made.pop((pst.st_dev, pst.st_ino, name), None)
+        rec = self.made.pop((pst.st_dev, pst.st_ino, name), None)
         try:
-            st, now = os.fstat(fd), os.stat(name, dir_fd=pfd, follow_symlinks=False)
-            if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+            if _same(os.fstat(fd), os.stat(name, dir_fd=pfd, follow_symlinks=False)):
                 os.unlink(name, dir_fd=pfd)
         except OSError:
             pass
         os.close(fd)
+        if rec is not None:
+            os.close(rec[1])
         os.close(pfd)
 
     def remove_all(self) -> None:
         """The end of the job: remove every copy this rank made that is still the same file."""
         self.close_source()
-        for (_, _, name), (pfd, dev, ino) in list(self.made.items()):
+        for (_, _, name), (pfd, rfd) in list(self.made.items()):
             try:
-                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-                if (st.st_dev, st.st_ino) == (dev, ino):
+                if _same(os.fstat(rfd), os.stat(name, dir_fd=pfd, follow_symlinks=False)):
                     os.unlink(name, dir_fd=pfd)
             except OSError:
                 pass
+            os.close(rfd)
             os.close(pfd)
         self.made.clear()
