@@ -113,6 +113,15 @@ def _same(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def _unlink_same(pfd: int, name: str, fd: int) -> None:
+    """Remove ``name`` in directory ``pfd`` if it is still the file open as ``fd``."""
+    try:
+        if _same(os.fstat(fd), os.stat(name, dir_fd=pfd, follow_symlinks=False)):
+            os.unlink(name, dir_fd=pfd)
+    except OSError:
+        pass
+
+
 def _write_all(fd: int, data) -> None:
     view = memoryview(data)
     while view:
@@ -291,11 +300,7 @@ class Copies:
         pfd, name, fd, _, _ = made
         pst = os.fstat(pfd)
         rec = self.made.pop((pst.st_dev, pst.st_ino, name), None)
-        try:
-            if _same(os.fstat(fd), os.stat(name, dir_fd=pfd, follow_symlinks=False)):
-                os.unlink(name, dir_fd=pfd)
-        except OSError:
-            pass
+        _unlink_same(pfd, name, fd)
         os.close(fd)
         if rec is not None:
             os.close(rec[1])
@@ -305,11 +310,7 @@ class Copies:
         """The end of the job: remove every copy this rank made that is still the same file."""
         self.close_source()
         for (_, _, name), (pfd, rfd) in list(self.made.items()):
-            try:
-                if _same(os.fstat(rfd), os.stat(name, dir_fd=pfd, follow_symlinks=False)):
-                    os.unlink(name, dir_fd=pfd)
-            except OSError:
-                pass
+            _unlink_same(pfd, name, rfd)
             os.close(rfd)
             os.close(pfd)
         self.made.clear()
