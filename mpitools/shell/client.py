@@ -10,7 +10,9 @@ for a task killed by signal N (srun's and flux's rule). The options accepted are
 common ones of Open MPI's/MPICH's ``mpiexec`` (``-n``/``-np``, ``-x VAR[=V]``, ``-l``),
 Slurm's ``srun`` (``-n``, ``-N``, ``--ntasks-per-node``, ``-l``, ``--export``) and
 Torque's ``pbsdsh`` (one task per slot, ``-u`` one per node); anything else is refused
-with one line naming the option, exit 2.
+with one line naming the option, exit 2. ``srun --bcast[=DEST]`` and ``mpiexec -s``/
+``--preload-binary`` copy the program to every node first (:mod:`mpitools.shell.bcast`);
+``--mpi=openmpi`` hands the command to Open MPI's mpiexec (:mod:`mpitools.shell.openmpi`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import socket
 import sys
 import threading
 
+from . import openmpi
+from .bcast import source_path
 from .directives import positive_int
 
 __all__ = ["parse", "main", "UsageError"]
@@ -104,6 +108,8 @@ def parse(tool: str, args: list[str], environ: dict[str, str]) -> dict:
             elif a.startswith("--export"):
                 v, i = _value(args, i, a)
                 req["env"] = _export(v, environ)
+            elif (nxt := _launch_option(tool, args, i, req)) is not None:
+                i = nxt
             else:
                 raise UsageError(f"unsupported {tool} option {a!r}")
         req["argv"] = args[i:]
@@ -114,7 +120,34 @@ def parse(tool: str, args: list[str], environ: dict[str, str]) -> dict:
             req["ntasks"] = req["ntasks"] or nodes * req["per_node_tasks"]
     if not req["argv"]:
         raise UsageError(f"{tool}: no program given")
+    if req.get("bcast"):
+        if req.get("mpi") == "openmpi":
+            raise UsageError("--bcast with --mpi=openmpi: not supported (Open MPI's mpiexec "
+                             "starts the program itself)")
+        try:
+            req["bcast"]["source"] = source_path(req["argv"][0], req["env"], req["cwd"])
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     return req
+
+
+def _launch_option(tool: str, args: list[str], i: int, req: dict) -> int | None:
+    """``srun --bcast[=DEST]`` (``=`` only, as srun), ``mpiexec -s``/``--preload-binary``
+    and ``--mpi[=]PLUGIN`` into ``req``; the index of the next argument, None if
+    ``args[i]`` is none of them."""
+    a = args[i]
+    if (tool == "srun" and (a == "--bcast" or a.startswith("--bcast="))) or (
+            tool != "srun" and a in ("-s", "--preload-binary")):
+        req["bcast"] = {"dest": a.partition("=")[2] or None}
+        return i + 1
+    if a == "--mpi" or a.startswith("--mpi="):
+        v, i = _value(args, i, a)
+        try:
+            req["mpi"] = openmpi.plugin(v)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        return i
+    return None
 
 
 def _export(spec: str, environ: dict[str, str]) -> dict[str, str]:
@@ -223,14 +256,15 @@ def main(argv: list[str] | None = None) -> int:
                 n = len(frame["uninit"])
                 sys.stderr.write(f"{tool}: warning: {n} task(s) loaded Open MPI but never "
                                  "spoke PMI: each ran as an MPI job of size 1 (Open MPI 5 "
-                                 "speaks PMIx only; build the program with MPICH)\n")
+                                 "speaks PMIx only): run it with --mpi=openmpi (Open MPI's "
+                                 "own mpiexec), or build it with MPICH\n")
             for t, code in sorted(frame.get("aborted", {}).items()):
                 sys.stderr.write(f"{tool}: task {t} called MPI_Abort (exit code {code})\n")
             rc = int(frame["rc"])
             break
         elif kind == "e":
             sys.stderr.write(f"{tool}: error: {frame.get('msg')}\n")
-            rc = 1
+            rc = int(frame.get("rc", 1))  # 2: bad input, refused before anything started
             break
     else:
         sys.stderr.write(f"{tool}: error: the shell closed the connection\n")

@@ -18,6 +18,8 @@ from chiba_admin.errors import MPIToolError, InvalidRequest
 
 from mpitools.common.launch import launch
 from mpitools.common.runtime import encode_job
+from .bcast import host_dirs
+from .openmpi import launcher
 from .directives import (DirectiveError, JobRequest, nodefile_text, parse_pbs, parse_slurm,
                          pbs_environment, slurm_environment)
 
@@ -90,7 +92,8 @@ def plan_shell(topo, script: str, nodes: list[str] | None, *, args: tuple[str, .
     job = {"hosts": given, "ppn": ppn, "script_text": text, "args": list(args),
            "script_name": script, "env": env, "cwd": start_dir, "jobid": jobid.split(".")[0],
            "walltime": walltime, "nodefile": nodefile,
-           "host_env": {h: topo.host(h).environment() for h in given}}
+           "host_env": {h: topo.host(h).environment() for h in given},
+           "bcast_dirs": host_dirs(topo, given), "openmpi": launcher(topo, given, ppn)}
     return ShellPlan(given, ppn, walltime, job, req.stdout, req.stderr, req.join)
 
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from mpitools.common.runtime import emit, rank_hosts, rank_main
 from mpitools.common.unixsock import Pause as _Pause, listen, readline as _readline, refusal
 from mpitools.common.unixsock import BUSY_SLEEP, reply as _reply
+from . import openmpi
+from .bcast import Copies, failure_report
 from .pmi import PMIServer
 from .tasks import LocalTasks
 
@@ -110,6 +112,7 @@ class _Rank:
         self.cmd: _Command | None = None
         self.pending: list = []  # isend requests still in flight
         self.stopping = False
+        self.copies = Copies(job, self.host)  # --bcast copies, removed when the job ends
 
     # messages -----------------------------------------------------------------------
     def isend(self, obj, dest: int, tag: int) -> None:
@@ -153,6 +156,14 @@ class _Rank:
             sub = self.comm.Split(1 if mine else self.MPI.UNDEFINED, self.rank)
         cmd = _Command(req["id"], req, sub=sub)
         self.cmd = cmd
+        if req.get("bcast"):  # collective: the executable to every node first
+            path, err, failed = self.copies.step(self.comm, req, mine)
+            if failed:
+                if mine:
+                    self.report(cmd.id, failure_report(self.host, mine, err))
+                cmd.done_sent = True
+                return
+            req = {**req, "argv": [path or req["argv"][0], *req["argv"][1:]]}
         if not mine:
             cmd.done_sent = True  # nothing to report
             return
@@ -251,6 +262,7 @@ class _Rank:
                 pause.after(busy, running)
         finally:
             self.kill_everything()
+            self.copies.remove_all()
         self.finish_sends(timeout=2.0)
         self.end_command()
         return 0
@@ -400,6 +412,8 @@ class _Leader(_Rank):
             return False
         conn, req, rest = self.queue.pop(0)
         nodes, ppn = len(self.hosts), int(self.job["ppn"])
+        if req.get("mpi") == "openmpi":  # Open MPI's own mpiexec, as one task on this host
+            req = openmpi.handoff(req, self.job)
         try:
             if req.get("per_node"):
                 placement = {n: [n] for n in range(nodes)}
@@ -424,6 +438,14 @@ class _Leader(_Rank):
             _reply(conn, {"k": "e", "msg": f"no task {msg['stdin']} to give stdin to"})
             conn.close()
             return True
+        if req.get("bcast"):
+            try:  # before any rank hears of it: bad input starts nothing
+                msg["bcast"] = self.copies.prepare(req["bcast"], msg["id"],
+                                                   [self.hosts[n] for n in placement])
+            except (ValueError, KeyError, TypeError) as e:
+                _reply(conn, {"k": "e", "msg": str(e), "rc": 2})
+                conn.close()
+                return True
         self.next_id += 1
         self.client = conn
         self.inbuf, self.stdin_closed = b"", False
@@ -464,6 +486,7 @@ class _Leader(_Rank):
             d = self.done[r]
             statuses.update({int(t): s for t, s in d["statuses"].items()})
             errors += [f"{d['host']}: task {t}: {why}" for t, why in d["errors"].items()]
+            errors += [f"{d['host']}: {note}" for note in d.get("notes", [])]
             uninit += d["uninit"]
             aborted.update(d["aborted"])
         rc = max(statuses.values(), default=0)
@@ -543,6 +566,7 @@ class _Leader(_Rank):
         self.script.kill_all()
         if self.cmd is not None:
             self.cmd.tasks.kill_all()
+        self.copies.remove_all()
         self.finish_sends(timeout=1.0)
         for _, stream, data in self.script.pieces(1 << 30):
             if data is not None:
