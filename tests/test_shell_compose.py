@@ -217,32 +217,47 @@ def test_another_users_socket_is_not_used(embedded, tmp_path, monkeypatch, chown
         d.rmdir()
 
 
+def _timed(steps: list[str]) -> str:
+    """The steps, each followed by a line ``T <seconds since the script began>``."""
+    out = ["set -e", "t0=$(date +%s.%N)"]
+    for st in steps:
+        out += [st, 'echo "T $(echo "$(date +%s.%N) - $t0" | bc)"']
+    return "\n".join(out) + "\n"
+
+
+def _marks(out: str) -> list[float]:
+    t = [float(ln.split()[1]) for ln in out.splitlines() if ln.startswith("T ")]
+    return [b - a for a, b in zip([0.0, *t], t)]
+
+
 @pytest.mark.perf
 @pytest.mark.skipif(not MPICH_PY.exists(), reason="needs .venv-mpich (make creates it)")
 def test_launches_saved_by_one_shell_job(embedded, tmp_path):
     """Stage-in, an MPICH program, stage-out: in one shell job, and as three separate
-    commands (the program under MPICH's own mpiexec on the same hosts). Prints the times."""
+    commands (the program under MPICH's own mpiexec, hydra, on the same hosts). Prints
+    each step's seconds and the whole: the shell's own launch and exit against the
+    launches of the steps (medians of 3, interleaved)."""
     make_input(tmp_path)
     prog = f"{MPICH_PY} {REPO / 'examples' / 'allreduce.py'}"
-    steps = (f"chiba-admin -q stage input --nodes 'ccn[01-04]' --dest j/in --replace\n"
-             f"mpiexec -n 4 {prog}\n"
-             f"chiba-admin -q collect j/in --nodes 'ccn[01-04]' --dest back --replace\n")
+    stage = "chiba-admin -q stage input --nodes 'ccn[01-04]' --dest j/in --replace"
+    collect = "chiba-admin -q collect j/in --nodes 'ccn[01-04]' --dest back --replace"
+    inside = _timed([stage, f"mpiexec -n 4 {prog} > /dev/null", collect])
+    apart = _timed([stage, f"{MPICH_PY.parent / 'mpiexec'} -n 4 {prog} > /dev/null",
+                    collect])
+    (tmp_path / "apart.sh").write_text(apart)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    hydra = MPICH_PY.parent / "mpiexec"
-    apart = (steps.replace("mpiexec -n 4", f"{hydra} -n 4")
-             .replace("chiba-admin -q", "chiba-admin -q") )
-    (tmp_path / "apart.sh").write_text("set -e\n" + apart)
-    times = {"shell": [], "apart": []}
+    rows = {"shell": [], "apart": []}
     for _ in range(3):
         t0 = time.monotonic()
-        r = shell(tmp_path, "set -e\n" + steps, "--nodes", "pres,ccn[01-04]")
-        times["shell"].append(time.monotonic() - t0)
+        r = shell(tmp_path, inside, "--nodes", "pres,ccn[01-04]")
         assert r.returncode == 0, r.stderr.decode()
+        rows["shell"].append([time.monotonic() - t0, *_marks(r.stdout.decode())])
         t0 = time.monotonic()
         r = subprocess.run(["bash", str(tmp_path / "apart.sh")], capture_output=True,
                            env=env, cwd=tmp_path, timeout=300)
-        times["apart"].append(time.monotonic() - t0)
         assert r.returncode == 0, r.stderr.decode()
-    med = {k: sorted(v)[1] for k, v in times.items()}
-    print(f"\nshell job {times['shell']}, apart {times['apart']}; medians {med}; "
-          f"saved {med['apart'] - med['shell']:.2f} s")
+        rows["apart"].append([time.monotonic() - t0, *_marks(r.stdout.decode())])
+    for k, v in rows.items():
+        med = [sorted(col)[1] for col in zip(*v)]
+        print(f"\n{k}: whole {med[0]:.2f} s; stage {med[1]:.2f}, program {med[2]:.2f}, "
+              f"collect {med[3]:.2f}; runs {[[round(x, 2) for x in r] for r in v]}")
