@@ -114,6 +114,21 @@ def test_stage_collect_run_go_over_the_shells_ranks(embedded, tmp_path):
     no_shell_left()
 
 
+def test_sync_mayors_goes_over_the_shells_ranks(embedded, tmp_path):
+    src = make_input(tmp_path)
+    r = shell(tmp_path, """set -e
+echo "sync=$(chiba-admin --json sync-mayors input --delete | tr -d '\\n')"
+""", "--nodes", "pres,mayor[1-2],ccn01")
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert r.returncode == 0, (out, err)
+    got = results(out)["sync"]
+    assert got["launch"] == "shell" and got["ok"], err
+    for m in ("mayor1", "mayor2"):
+        h = embedded.host(m)
+        same_tree(src, Path(h.local_path(h.repository)))
+    no_shell_left()
+
+
 def test_hosts_outside_the_job_start_their_ranks_anew_and_say_why(embedded, tmp_path):
     make_input(tmp_path)
     r = shell(tmp_path, """set -e
