@@ -170,7 +170,7 @@ class RunOutcome(_Keyed):
     hosts: dict[str, HostOutcome] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     phases: dict[str, float] = ABSENT
-    launch: str = ABSENT  # MPI methods: "mpiexec" (a fresh job) or "service"
+    launch: str = ABSENT  # MPI methods: "mpiexec" (a fresh job), "service" or "shell"
 
     KEYS: ClassVar[tuple[str, ...]] = ("method", "ok", "seconds", "hosts", "failures",
                                        "phases", "launch")

@@ -20,7 +20,7 @@ from support.cluster import host_path, new_cluster, run_cli
 pytestmark = pytest.mark.mpi
 
 # --- the key sets, as the commands printed them before the outcome model -------------------
-# (plus ``launch``, "mpiexec" or "service", on every MPI result since the service)
+# (plus ``launch``, "mpiexec", "service" or "shell", on every MPI result since the service)
 STAGE_MPI = {"method", "algorithm", "ok", "source", "dest", "nodes", "bytes", "payload_bytes",
              "files", "seconds", "phases", "phase_bytes", "hosts", "failures", "compress",
              "chunk", "segment", "kind", "refused", "peak_rss", "launch"}

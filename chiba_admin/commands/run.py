@@ -12,7 +12,7 @@ from topology import expand, fold
 from ..cli import pass_ctx
 from ..console import get_console, print_json
 from ..embedded import require_initialized
-from .service import launch_option, print_lines, run_over_mpi
+from .service import launch_option, print_lines, run_over_mpi, say_via
 
 __all__ = ["register", "run_cmd", "render_groups", "render_error_groups", "render_failures"]
 
@@ -116,8 +116,7 @@ def run_cmd(ctx, nodeset, fanout, gather, connect_timeout, command_timeout, comm
             d["launch"] = via
         print_json(d)
         return res.rc
-    if via == "service":
-        get_console().print("via service", markup=False)
+    say_via(ctx, via)
     if gather:
         render_groups(groups)
         render_error_groups(err_groups)

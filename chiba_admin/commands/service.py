@@ -9,10 +9,11 @@ import click
 from topology import expand
 
 from ..cli import pass_ctx
-from ..console import get_console, print_json
+from ..console import get_console, get_err_console, print_json
 from ..errors import UsageError
 
-__all__ = ["register", "service_group", "launch_option", "note_launch", "run_over_mpi"]
+__all__ = ["register", "service_group", "launch_option", "note_launch", "run_over_mpi",
+           "say_via"]
 
 
 def _set_mode(ctx, _param, value):
@@ -25,35 +26,54 @@ def _set_mode(ctx, _param, value):
 
 
 def launch_option(f):
-    """``--launch mpiexec|service`` for an MPI command (sets mpitools.common.launch's mode)."""
-    return click.option("--launch", type=click.Choice(("mpiexec", "service")), default=None,
-                        expose_value=False, callback=_set_mode,
-                        help="mpi: a fresh mpiexec, or the running service (default: the "
-                             "service when one runs and covers the hosts).")(f)
+    """``--launch mpiexec|service|shell`` for an MPI command (sets mpitools.common.launch's
+    mode)."""
+    return click.option("--launch", type=click.Choice(("mpiexec", "service", "shell")),
+                        default=None, expose_value=False, callback=_set_mode,
+                        help="mpi: a fresh mpiexec, the running service, or the ranks of "
+                             "the `chiba-admin shell` job this runs in (default: the shell "
+                             "job's, then the service's, when they cover the hosts).")(f)
+
+
+def say_via(ctx, via: str | None) -> None:
+    """Text output names a launch without mpiexec: ``via service`` or ``via shell``."""
+    if not ctx.json and via in ("service", "shell"):
+        get_console().print(f"via {via}", markup=False)
 
 
 def note_launch(ctx, result) -> None:
-    """An MPI method's outcome gets ``launch = "service"|"mpiexec"`` (the ``launch`` key of
-    --json); text output says ``via service``."""
+    """An MPI method's outcome gets ``launch = "service"|"shell"|"mpiexec"`` (the ``launch``
+    key of --json); text output says ``via service`` or ``via shell``."""
     from mpitools.common.launch import last_launch
 
     if result.method != "mpi":
         return
     result.launch = last_launch()
-    if not ctx.json and result.launch == "service":
-        get_console().print("via service", markup=False)
+    say_via(ctx, result.launch)
 
 
 def run_over_mpi(topo, names: list[str]) -> bool:
-    """Whether `run` goes over MPI ranks: --launch given, or a service covering ``names``
-    runs (otherwise the transport's fan-out, as before the service existed)."""
+    """Whether `run` goes over MPI ranks: --launch given, the `chiba-admin shell` job this
+    runs in has a rank on each of ``names``, or a service covering them runs (otherwise the
+    transport's fan-out, as before the service existed). Inside a shell job that does not
+    cover them, one line on stderr says why."""
     from mpitools.common.launch import launch_mode
-    from mpitools.service.driver import running
+    from mpitools.service.driver import running, shell_job
 
     if launch_mode() is not None:
         return True
+    job, why = shell_job()
+    if job is not None and job.covers(names):
+        return True
+    if job is not None:
+        why = f"the shell job has no rank on {', '.join(job.missing(names))}"
     svc = running(topo)
-    return svc is not None and svc.covers(names)
+    if svc is not None and svc.covers(names):
+        return True
+    if why:
+        get_err_console().print(f"not over the shell job's ranks: {why}; using the "
+                                "transport", markup=False, highlight=False)
+    return False
 
 
 def print_lines(res, err=None) -> None:

@@ -28,7 +28,7 @@ __all__ = ["LaunchPlan", "LaunchResult", "rank_hosts", "build_command", "launch"
            "session_pids", "LAUNCH_MODES", "set_launch_mode", "launch_mode", "last_launch",
            "SERVICE_TOOLS"]
 
-LAUNCH_MODES = ("mpiexec", "service")
+LAUNCH_MODES = ("mpiexec", "service", "shell")
 # rank programs a running service may take (mpitools/service/ranks.py): those whose main
 # works on any intracommunicator and leaves signals and process exit to its caller
 SERVICE_TOOLS = ("mpitools.stage.ranks", "mpitools.collect", "mpitools.collect.ranks",
@@ -294,20 +294,44 @@ def register_service(provider: Callable[[], object] | None) -> None:
 
 
 def last_launch() -> str:
-    """``"service"`` or ``"mpiexec"``: how this process's last launch ran."""
+    """``"service"``, ``"shell"`` or ``"mpiexec"``: how this process's last launch ran."""
     return _last
 
 
+def _via_shell(service, module: str, ranks: list[str]):
+    """Inside a `chiba-admin shell` job, its ranks when they cover ``ranks`` (the tools
+    compose without a new mpiexec: mpitools/shell/tools.py); else None, with one line on
+    stderr saying why (MPIToolError instead under ``--launch shell``)."""
+    if _mode not in (None, "shell") or module not in SERVICE_TOOLS:
+        return None
+    job, why = service.shell_job()
+    if job is not None and job.covers(ranks):
+        return job
+    if job is not None:
+        why = (f"the shell job has no rank on {', '.join(job.missing(ranks))} (ranks of "
+               f"this command: {', '.join(ranks)})")
+    if _mode == "shell":
+        raise MPIToolError(why or "not inside a `chiba-admin shell` job",
+                           hint="--launch mpiexec")
+    if why:
+        _say(f"not over the shell job's ranks: {why}; starting the ranks anew")
+    return None
+
+
 def _via_service(topo, module: str, ranks: list[str]):
-    """The running service to use for this launch, or None for a fresh mpiexec."""
+    """The running service (or the enclosing shell job) to use for this launch, or None
+    for a fresh mpiexec."""
     if _mode == "mpiexec" or (_mode is None and module not in SERVICE_TOOLS):
         return None
     if _service_provider is None:
-        if _mode == "service":
-            raise MPIToolError("no MPI service support in this program",
+        if _mode in ("service", "shell"):
+            raise MPIToolError(f"no MPI {_mode} support in this program",
                                hint="use the chiba-admin command, or --launch mpiexec")
         return None
     service = _service_provider()
+    job = _via_shell(service, module, ranks)
+    if job is not None or _mode == "shell":
+        return job
 
     svc = service.running(topo)
     if _mode is None:
@@ -417,7 +441,7 @@ def launch(topo, module: str, args: list[str], hosts: list[str], root: str | Non
         submit = _service_provider().submit
         fwd = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)
                and k != RANK_HOSTS_ENV}
-        _last = "service"
+        _last = svc.kind
         return submit(svc, module, args, ranks, env={**fwd, **(env or {})},
                       timeout=timeout, on_event=on_event)
     _last = "mpiexec"

@@ -31,7 +31,7 @@ from mpitools.service.ranks import READY, SOCKET
 
 __all__ = ["service_dir", "default_hosts", "start", "status", "stop", "running", "submit",
            "Service", "START_TIMEOUT", "dead_hosts", "run_mpi", "ended",
-           "add"]
+           "add", "ShellJob", "shell_job", "SHELL_SOCKET_ENV"]
 
 # 65 Python ranks over SSH took 10.6 s to start on the testbed (issue 19)
 START_TIMEOUT = 120.0
@@ -171,6 +171,8 @@ def _alive(pid: int) -> bool:
 class Service:
     """A running service as its state file describes it."""
 
+    kind = "service"  # the ``launch`` of a result (mpitools/common/launch.py)
+
     def __init__(self, d: Path, state: dict):
         self.dir, self.state = d, state
         self.pid = int(state["pid"])
@@ -182,6 +184,9 @@ class Service:
 
     def covers(self, hosts: list[str]) -> bool:
         return set(hosts) <= set(self.hosts[1:])
+
+    def missing(self, hosts: list[str]) -> list[str]:
+        return [h for h in hosts if h not in self.hosts[1:]]
 
     def connect(self, request: dict) -> socket.socket:
         """A connection with ``request`` sent; MPIToolError when the service is gone."""
@@ -195,6 +200,83 @@ class Service:
                                hint="`chiba-admin service status` says whether it runs"
                                ) from None
         return conn
+
+
+SHELL_SOCKET_ENV = "CHIBA_SHELL_SOCKET"
+_NAMES = {"service": "the MPI service", "shell": "the shell job"}
+
+
+class ShellJob:
+    """The `chiba-admin shell` job this command runs in (its rank 0's socket): it takes the
+    service's run requests over its own ranks (mpitools/shell/tools.py)."""
+
+    kind = "shell"
+
+    def __init__(self, path: str, hosts: list[str]):
+        self.socket_path, self.hosts = path, hosts  # rank -> host, rank 0 runs the script
+
+    def covers(self, hosts: list[str]) -> bool:
+        return set(hosts) <= set(self.hosts)
+
+    def missing(self, hosts: list[str]) -> list[str]:
+        return [h for h in hosts if h not in self.hosts]
+
+    def connect(self, request: dict) -> socket.socket:
+        """A connection to the shell's rank 0 with ``request`` sent, once the peer is known
+        to be a process of this user; MPIToolError otherwise (nothing sent)."""
+        return _shell_connect(self.socket_path, request)
+
+
+def _shell_connect(path: str, request: dict) -> socket.socket:
+    from mpitools.common.unixsock import peer_uid
+
+    st = os.lstat(path)  # OSError: no socket there (the job ended, or a stale variable)
+    me = os.geteuid()
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != me:
+        raise MPIToolError(f"${SHELL_SOCKET_ENV} is not a socket of uid {me} (it belongs "
+                           f"to uid {st.st_uid}); not used", where=path)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(30)
+        conn.connect(path)
+        uid = peer_uid(conn)  # the listening process, whoever made the file
+        if uid != me:
+            raise MPIToolError(f"the process behind ${SHELL_SOCKET_ENV} runs as uid {uid}, "
+                               f"not {me}; not used", where=path)
+        conn.sendall(json.dumps(request, separators=(",", ":")).encode() + b"\n")
+        conn.settimeout(None)
+    except OSError as e:
+        conn.close()
+        raise MPIToolError(f"cannot reach the shell job: {e}", where=path) from None
+    except MPIToolError:
+        conn.close()
+        raise
+    return conn
+
+
+def shell_job(environ=None) -> tuple[ShellJob | None, str | None]:
+    """The shell job this command runs in: (job, None); (None, why) when
+    ``$CHIBA_SHELL_SOCKET`` is set but cannot be used (another user's socket, the job
+    gone); (None, None) outside a shell job."""
+    from mpitools.shell.tools import hosts_reply
+
+    path = (os.environ if environ is None else environ).get(SHELL_SOCKET_ENV)
+    if not path:
+        return None, None
+    try:
+        conn = _shell_connect(path, {"op": "hosts"})
+    except OSError as e:
+        return None, f"cannot use the shell job's socket {path}: {e.strerror or e}"
+    except MPIToolError as e:
+        return None, str(e) + f": {path}"
+    try:
+        conn.settimeout(30)
+        line = conn.makefile("rb").readline()
+        return ShellJob(path, hosts_reply(line)), None
+    except (OSError, ValueError) as e:
+        return None, f"the shell job did not answer on {path}: {e}"
+    finally:
+        conn.close()
 
 
 def running(topo) -> Service | None:
@@ -455,11 +537,10 @@ def submit(svc: Service, module: str, args: list[str], ranks: list[str], *,
     """Run ``module``'s main on the service's ranks of ``ranks`` (in that order) with the
     job in ``args[0]``; the same LaunchResult a fresh mpiexec gives. Ctrl-C re-raises."""
     if not svc.covers(ranks):
-        raise InvalidRequest("the MPI service has no rank on "
-                             + ", ".join(h for h in ranks if h not in svc.hosts[1:]),
-                             hint="`chiba-admin service add HOST`, or --launch mpiexec")
-    res = LaunchResult(["service", module], tuple(ranks), None, None, started=time.time(),
-                       command=f"service {svc.socket_path}: {module}")
+        raise InvalidRequest(f"the {_NAMES[svc.kind]} has no rank on "
+                             + ", ".join(svc.missing(ranks)), hint="--launch mpiexec")
+    res = LaunchResult([svc.kind, module], tuple(ranks), None, None, started=time.time(),
+                       command=f"{svc.kind} {svc.socket_path}: {module}")
     conn = svc.connect({"op": "run", "module": module, "job": load_job(args[0]),
                         "hosts": list(ranks), "env": env or {}})
     deadline = None if timeout is None else res.started + timeout
@@ -472,7 +553,10 @@ def submit(svc: Service, module: str, args: list[str], ranks: list[str], *,
         conn.close()
         res.seconds = time.time() - res.started
     if res.returncode is None and not res.timed_out:
-        _blame_dead(svc, res)
+        if svc.kind == "service":
+            _blame_dead(svc, res)
+        else:  # the shell job ended (its ranks with it): nothing to wait for
+            res.returncode, res.stderr = 1, "the shell job ended during the request"
     return res
 
 
@@ -506,7 +590,7 @@ def _read_frames(conn: socket.socket, res: LaunchResult, on_event, deadline) -> 
         frame = json.loads(line)
         k = frame.get("k")
         if k == "e":
-            raise MPIToolError(frame["msg"], where="the MPI service")
+            raise MPIToolError(frame["msg"], where=_NAMES[res.argv[0]])
         if k == "end":
             res.returncode = int(frame["rc"])
             return

@@ -37,7 +37,7 @@ from mpitools.common.runtime import (PeerLost, Terminated, emit, encode_job, ran
 from mpitools.common.unixsock import Pause, listen, refusal, reply
 
 __all__ = ["main", "IDLE_CAP", "READY", "SOCKET", "TOOLS", "cpu_seconds", "module_main",
-           "check_request"]
+           "check_request", "serve", "Uplink", "Relay", "member_ranks", "run_message"]
 
 _REQ, _UP = 21, 22
 _OPS = ("run", "status", "stop", "add")
@@ -111,7 +111,9 @@ def _worker(comm, job: dict) -> int:
         if kind == "stat":  # not activity: measuring idle CPU must not end the idling
             _wait_each([comm.isend(("stat", comm.rank, cpu_seconds()), 0, _UP)])
         elif kind == "run":
-            _serve(comm, MPI, msg[1], rank_hosts(job))
+            up = Uplink(comm, 0, _UP)
+            serve(comm, MPI, msg[1], rank_hosts(job), up)
+            up.flush()
             pause.after(True, True)
         elif kind == "add":
             job["rank_hosts"] = msg[1]["hosts"]
@@ -133,14 +135,39 @@ def grow(comm, MPI, add: dict):
     return merged
 
 
-def _serve(comm, MPI, req: dict, hosts: list[str]) -> None:
-    """Run one request as a member: make the members' communicator, run the tool's main
-    with events sent to the coordinator, report the exit code."""
+class Uplink:
+    """Where a member's messages for the relaying rank go: ``("ev", id, event)`` and
+    ``("done", id, rank, rc)`` sent to rank ``dest`` of ``comm`` with ``tag``, without
+    blocking (the relay may itself be busy until the request ends)."""
+
+    def __init__(self, comm, dest: int, tag: int):
+        self.comm, self.dest, self.tag, self.sends = comm, dest, tag, []
+
+    def send(self, msg: tuple) -> None:
+        self.sends.append(self.comm.isend(msg, self.dest, self.tag))
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait for the sends to complete (at most ``timeout`` seconds)."""
+        if timeout is None:
+            _wait_each(self.sends)
+            self.sends = []
+            return
+        deadline = time.monotonic() + timeout
+        while self.sends and time.monotonic() < deadline:
+            self.sends = [r for r in self.sends if not r.Test()]
+            time.sleep(0.001)
+
+
+def serve(comm, MPI, req: dict, hosts: list[str], up) -> None:
+    """Run one request as a member: make the members' communicator (collective over the
+    members of ``comm`` only), run the tool's main with events sent up, send the exit code
+    up. ``req``: :func:`run_message`'s; ``hosts``: rank of ``comm`` -> host; ``up``: an
+    :class:`Uplink`, or any object with ``send(msg)`` and ``flush(timeout)``. Shared by
+    the service's workers and the shell's ranks (mpitools/shell/tools.py)."""
     members = req["members"]
-    sends: list = []
 
     def sink(event: dict) -> None:
-        sends.append(comm.isend(("ev", req["id"], event), 0, _UP))
+        up.send(("ev", req["id"], event))
 
     group = comm.Get_group().Incl(members)
     sub = comm.Create_group(group, tag=1 + req["id"] % 30000)
@@ -157,14 +184,14 @@ def _serve(comm, MPI, req: dict, hosts: list[str]) -> None:
         # as under mpiexec: say which peer vanished, then end the job (its peers would
         # wait forever); the launching side names the host from the runtime's message
         sink({"event": "peer-lost", "rank": sub.rank, "peer": e.peer, "why": e.why})
-        _abort(comm, sends, 75, f"rank {comm.rank}: {e}; aborting the service")
+        _abort(comm, up, 75, f"rank {comm.rank}: {e}; aborting the job")
     except Terminated:
         raise
     except BaseException:
         import traceback
 
         traceback.print_exc()
-        _abort(comm, sends, 70, f"rank {comm.rank}: unhandled error, aborting the service")
+        _abort(comm, up, 70, f"rank {comm.rank}: unhandled error, aborting the job")
     finally:
         set_emitter(previous)
         for k, v in saved.items():
@@ -173,18 +200,60 @@ def _serve(comm, MPI, req: dict, hosts: list[str]) -> None:
             else:
                 os.environ[k] = v
     sub.Free()
-    sends.append(comm.isend(("done", req["id"], comm.rank, int(rc)), 0, _UP))
-    _wait_each(sends)
+    up.send(("done", req["id"], comm.rank, int(rc)))
 
 
-def _abort(comm, sends: list, code: int, why: str) -> None:
-    deadline = time.monotonic() + 2.0
-    while sends and time.monotonic() < deadline:
-        sends[:] = [r for r in sends if not r.Test()]
-        time.sleep(0.001)
+def _abort(comm, up, code: int, why: str) -> None:
+    up.flush(2.0)
     sys.stderr.write(why + "\n")
     sys.stderr.flush()
     comm.Abort(code)
+
+
+def member_ranks(hosts, rank_of: dict[str, int], what: str = "the service") -> list[int]:
+    """The ranks of a request's ``hosts`` (in that order); ValueError (one line) for a host
+    without a rank in ``rank_of`` or a host named twice."""
+    hosts = [str(h) for h in hosts or []]
+    missing = [h for h in hosts if h not in rank_of]
+    if missing:
+        raise ValueError(f"{what} has no rank on " + ", ".join(missing))
+    if not hosts or len(set(hosts)) != len(hosts):
+        raise ValueError("a request names each of its hosts once")
+    return [rank_of[h] for h in hosts]
+
+
+def run_message(rid: int, req: dict, members: list[int]) -> dict:
+    """What each member gets for a checked run request (:func:`check_request`)."""
+    return {"id": rid, "module": str(req["module"]), "job": req["job"], "members": members,
+            "env": {str(k): str(v) for k, v in (req.get("env") or {}).items()}}
+
+
+@dataclass
+class Relay:
+    """A run under way, as the rank that relays it sees it: events go to the client as they
+    come (``{"k": "ev"}`` frames), each member's exit code is kept; once every member is
+    done the client gets ``{"k": "end", "rc": largest, "seconds"}``."""
+    id: int
+    conn: socket.socket | None
+    members: list[int]
+    done: dict[int, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    def take(self, msg: tuple) -> bool:
+        """One member's message; True once every member is done."""
+        if msg[0] == "ev" and msg[1] == self.id and self.conn is not None:
+            reply(self.conn, {"k": "ev", "ev": msg[2]})
+        elif msg[0] == "done" and msg[1] == self.id:
+            self.done[msg[2]] = int(msg[3])
+        return set(self.done) == set(self.members)
+
+    def finish(self) -> None:
+        """The end frame to the client, which is then closed."""
+        if self.conn is not None:
+            reply(self.conn, {"k": "end", "rc": max(self.done.values(), default=0),
+                              "seconds": time.monotonic() - self.started})
+            self.conn.close()
+            self.conn = None
 
 
 # --- the coordinator -------------------------------------------------------------------
@@ -224,9 +293,10 @@ class _Pending:
 
 @dataclass
 class _Request:
+    """A status request under way: each worker's CPU seconds as they come."""
     id: int
     conn: socket.socket | None
-    kind: str                       # "run", "stat", "stop"
+    kind: str                       # "stat"
     members: list[int]
     done: dict[int, object] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
@@ -245,7 +315,7 @@ class _Coordinator:
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.listener, selectors.EVENT_READ)
         self.queue: list[tuple[socket.socket, dict]] = []
-        self.cur: _Request | None = None
+        self.cur: _Request | Relay | None = None
         self.served, self.next_id, self.t0 = 0, 1, time.time()
         self.stopping = False
         self.sends: list = []
@@ -386,18 +456,14 @@ class _Coordinator:
         return True
 
     def start_run(self, conn: socket.socket, req: dict) -> bool:
-        hosts = [str(h) for h in req.get("hosts") or []]
-        missing = [h for h in hosts if h not in self.rank_of]
-        if not hosts or missing or len(set(hosts)) != len(hosts):
-            reply(conn, {"k": "e", "msg": "the service has no rank on " + ", ".join(missing)
-                         if missing else "a request names each of its hosts once"})
+        try:
+            members = member_ranks(req.get("hosts"), self.rank_of)
+        except ValueError as e:
+            reply(conn, {"k": "e", "msg": str(e)})
             conn.close()
             return True
-        members = [self.rank_of[h] for h in hosts]
-        msg = {"id": self.next_id, "module": str(req["module"]), "job": req["job"],
-               "members": members,
-               "env": {str(k): str(v) for k, v in (req.get("env") or {}).items()}}
-        self.cur = _Request(self.next_id, conn, "run", members)
+        msg = run_message(self.next_id, req, members)
+        self.cur = Relay(self.next_id, conn, members)
         self.next_id += 1
         for r in members:
             self.sends.append(self.comm.isend(("run", msg), r, _REQ))
@@ -414,25 +480,21 @@ class _Coordinator:
         cur = self.cur
         if cur is None:
             return
-        if msg[0] == "ev" and msg[1] == cur.id and cur.conn is not None:
-            reply(cur.conn, {"k": "ev", "ev": msg[2]})
-        elif msg[0] == "done" and msg[1] == cur.id:
-            cur.done[msg[2]] = msg[3]
-        elif msg[0] == "stat" and cur.kind == "stat":
+        if isinstance(cur, Relay):
+            if cur.take(msg):
+                self.served += 1
+                cur.finish()
+                self.cur = None
+        elif msg[0] == "stat":
             cur.done[msg[1]] = msg[2]
-        if set(cur.done) == set(cur.members):
-            self.finish(cur)
+            if set(cur.done) == set(cur.members):
+                self.finish_status(cur)
 
-    def finish(self, cur: _Request) -> None:
-        if cur.kind == "stat":
-            cpu = {self.hosts[r]: round(float(s), 3) for r, s in cur.done.items()}
-            frame = {"k": "status", "hosts": self.hosts[1:], "uptime": time.time() - self.t0,
-                     "served": self.served, "pid": os.getpid(), "cpu": cpu,
-                     "coordinator_cpu": round(cpu_seconds(), 3)}
-        else:
-            self.served += 1
-            frame = {"k": "end", "rc": max(int(c) for c in cur.done.values()),
-                     "seconds": time.monotonic() - cur.started}
+    def finish_status(self, cur: _Request) -> None:
+        cpu = {self.hosts[r]: round(float(s), 3) for r, s in cur.done.items()}
+        frame = {"k": "status", "hosts": self.hosts[1:], "uptime": time.time() - self.t0,
+                 "served": self.served, "pid": os.getpid(), "cpu": cpu,
+                 "coordinator_cpu": round(cpu_seconds(), 3)}
         if cur.conn is not None:
             reply(cur.conn, frame)
             cur.conn.close()

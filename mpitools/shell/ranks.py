@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from mpitools.common.runtime import emit, rank_hosts, rank_main
 from mpitools.common.unixsock import Pause as _Pause, listen, readline as _readline, refusal
 from mpitools.common.unixsock import BUSY_SLEEP, reply as _reply
-from . import openmpi
+from . import openmpi, tools
 from .bcast import Copies, failure_report
 from .pmi import PMIServer
 from .tasks import LocalTasks
@@ -111,6 +111,7 @@ class _Rank:
         self.host = self.hosts[self.rank]
         self.cmd: _Command | None = None
         self.pending: list = []  # isend requests still in flight
+        self.tools_comm = tools.communicator(comm)  # collective: every rank, at start
         self.stopping = False
         self.copies = Copies(job, self.host)  # --bcast copies, removed when the job ends
 
@@ -131,7 +132,9 @@ class _Rank:
         return True
 
     def on_message(self, source: int, tag: int, msg) -> None:
-        if tag == _IN:  # (command, task or None for all of this rank's, bytes or None=EOF)
+        if tag in (tools.TOOL, tools.UP):  # a tool's request (mpitools/shell/tools.py)
+            tools.on_message(self, source, tag, msg)
+        elif tag == _IN:  # (command, task or None for all of this rank's, bytes or None=EOF)
             cid, task, data = msg
             if self.cmd is not None and self.cmd.id == cid:
                 for t in ([task] if task is not None else list(self.cmd.tasks.tasks)):
@@ -287,6 +290,7 @@ class _Leader(_Rank):
         self.script = LocalTasks()
         self.walltime_hit = False
         self.inbuf, self.stdin_closed = b"", False
+        self.tool = None  # a tool's request under way (mpitools/shell/tools.py)
 
     # the script -----------------------------------------------------------------------
     def start_script(self) -> None:
@@ -397,6 +401,9 @@ class _Leader(_Rank):
         try:
             line, rest = _readline(conn, 1 << 20)
             req = json.loads(line)
+            if tools.is_tool_request(req):
+                tools.accept(self, conn, req)
+                return
             if not isinstance(req, dict) or not isinstance(req.get("argv"), list) \
                     or not req["argv"]:
                 raise ValueError("a request needs a non-empty argv")
@@ -408,9 +415,11 @@ class _Leader(_Rank):
         self.queue.append((conn, req, rest))
 
     def start_next(self) -> bool:
-        if self.cmd is not None or not self.queue:
+        if self.cmd is not None or tools.busy(self) or not self.queue:
             return False
         conn, req, rest = self.queue.pop(0)
+        if tools.is_tool_request(req):
+            return tools.start(self, conn, req)
         nodes, ppn = len(self.hosts), int(self.job["ppn"])
         if req.get("mpi") == "openmpi":  # Open MPI's own mpiexec, as one task on this host
             req = openmpi.handoff(req, self.job)
@@ -534,7 +543,7 @@ class _Leader(_Rank):
                         emit("warn", msg=f"walltime of {walltime:g} s exceeded: ending "
                                          "every task")
                         break
-                pause.after(busy, self.cmd is not None)
+                pause.after(busy, self.cmd is not None or tools.busy(self))
         finally:
             self.stop_all()
         self.end_command()
@@ -573,6 +582,7 @@ class _Leader(_Rank):
                 emit("out", s=stream, d=base64.b64encode(data).decode())
         for conn, _, _ in self.queue:
             conn.close()
+        tools.abandon(self)
         if self.client is not None:
             _reply(self.client, {"k": "e", "msg": "the shell job ended"})
             self.client.close()
