@@ -115,3 +115,35 @@ def test_embedded_bench_shell_runs_every_method_and_the_report_shows_them(cli):
     assert "| 2 | command | srun in one shell job |" in table
     assert "| 2 | command | chiba-admin run |" in table
     assert ("| 2 | mpi_init | shell's PMI |" in table) == mpich
+
+
+class _TestbedSite:
+    """What _Bench reads of a testbed Site: kind, state directory, CLI arguments."""
+
+    kind = "testbed"
+    cluster_args = ["--cluster", "testbed.toml"]
+
+    def __init__(self, state: Path):
+        self.testbed_state = state
+
+
+def test_hydra_goes_over_the_testbeds_ssh_with_its_interface_pinned(tmp_path):
+    from chiba_admin.bench.shellbench import _Bench, _hydra_argv, _job_script
+
+    b = _Bench(_TestbedSite(tmp_path / "state"), ["ccn01", "ccn02"], tmp_path)
+    argv = _hydra_argv(b, ["prog"])
+    assert argv[0].endswith(".venv-mpich/bin/mpiexec") and argv[-1] == "prog"
+    i = argv.index("-launcher-exec")
+    assert argv[i - 2:i] == ["-launcher", "ssh"]
+    wrapper = Path(argv[i + 1]).read_text()
+    assert f"ssh -F {tmp_path / 'state' / 'ssh' / 'ssh_config'} \"$@\"" in wrapper
+    assert Path(argv[argv.index("-f") + 1]).read_text() == "ccn01:1\nccn02:1\n"
+    assert argv[argv.index("-iface") + 1] == "eth0"
+    assert ["-genv", "FI_TCP_IFACE", "eth0"] == argv[argv.index("-genv"):][:3]
+    # the shell job's MPICH tasks get the same pinning, and the script is valid bash
+    script = _job_script(b, tmp_path, 20, 3)
+    assert "export FI_TCP_IFACE=eth0" in script and "mpiexec -n 2 " in script
+    assert "srun hostname" in script and "seq 1 20" in script
+    import subprocess
+
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0

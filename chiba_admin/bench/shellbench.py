@@ -308,13 +308,17 @@ def _spool_server(b: _Bench):
     addr = b.site.topo.host(first).address
     proc = tb.popen(first, b.cli_argv("--json", "spool", "serve", "--bind", addr, "--port",
                                       "0"), stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
+    text = ""
+    for line in proc.stdout:  # its --json is indented: read up to the closing brace
+        text += line
+        if line.startswith("}"):
+            break
     try:
-        return json.loads(line)["url"], proc
+        return json.loads(text)["url"], proc
     except (ValueError, KeyError):
         proc.terminate()
         proc.wait(timeout=30)
-        raise ChibaError(f"the spool server did not start: {line.strip() or 'no output'}",
+        raise ChibaError(f"the spool server did not start: {text.strip() or 'no output'}",
                          where=first) from None
 
 
@@ -357,10 +361,10 @@ def _pipeline_shell(b: _Bench, i: int, src: Path, size: int, spool_url: str | No
                                              str(script)))
     steps, failures = {}, {}
     for ln in (out / "steps").read_text().splitlines() if (out / "steps").exists() else []:
-        step, src_rc, t0, t1 = ln.split()
+        step, step_rc, t0, t1 = ln.split()
         steps[step] = float(t1) - float(t0)
-        if int(src_rc):
-            failures[step] = (f"exit {src_rc}: "
+        if int(step_rc):
+            failures[step] = (f"exit {step_rc}: "
                               f"{(out / (step + '.out')).read_text(errors='replace')[-200:]}")
     if rc or len(steps) != 3:
         failures.setdefault("-", (se.strip().splitlines() or [f"exit {rc}"])[-1])
