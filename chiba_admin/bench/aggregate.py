@@ -10,7 +10,7 @@ import statistics
 from collections import defaultdict
 
 __all__ = ["KEYS", "CPU_BOUND", "RUN_TARGET_S", "groups", "stage_rows", "collect_rows",
-           "sync_rows", "run_rows", "service_rows", "memory_rows", "inventory_rows",
+           "sync_rows", "run_rows", "service_rows", "shell_rows", "memory_rows", "inventory_rows",
            "code_size_rows", "sources", "report_dict", "label", "launch"]
 
 # What identifies a case of each workload (besides the cluster kind)
@@ -22,6 +22,7 @@ KEYS = {
     "service": ("metric", "hosts"),
     "memory": ("nodes", "size_bytes", "chunk", "algorithm"),
     "inventory": ("metric",),
+    "shell": ("case", "nodes", "method"),
 }
 # A run whose median CPU busy share reaches this was bound by the machine's cores (every
 # emulated host and rank shares them), not by the emulated links.
@@ -223,6 +224,53 @@ def service_rows(records: list[dict]) -> list[dict]:
                                  r["hosts"] or 0))
 
 
+_SHELL_LABELS = {
+    ("command", "shell"): "srun in one shell job", ("command", "run"): "chiba-admin run",
+    ("command", "mpiexec"): "mpiexec (Open MPI)", ("command", "srun"): "srun (Slurm)",
+    ("mpi_init", "shell"): "shell's PMI", ("mpi_init", "hydra"): "MPICH mpiexec (hydra)",
+    ("pipeline", "shell"): "one shell job", ("pipeline", "separate"): "three commands"}
+
+
+def shell_rows(records: list[dict]) -> list[dict]:
+    """One row per (cluster kind, case, nodes, method) of the ``shell`` workload
+    (chiba_admin/bench/shellbench.py): the median (per command, to MPI_Init, or the whole
+    pipeline), ``vs_shell`` (this median / the shell's in the same case), ``saved_s`` (a
+    pipeline's separate commands minus the shell job), ``ratio`` (the shell's MPI_Init
+    time / hydra's) and the issue's target with ``met``; ``inner_launch``: how the inner
+    stage and collect launched."""
+    from .shellbench import COMMAND_TARGET_S, INIT_TARGET_RATIO
+
+    def fields(case, runs, ok, med):
+        inner = {k: v for r in ok for k, v in (r.get("inner_launch") or {}).items()}
+        return {"label": _SHELL_LABELS.get((case["case"], case["method"]), case["method"]),
+                "inner_launch": inner or None}
+
+    rows = _rows(records, "shell", None, fields)
+    shell = {(r["cluster"], r["case"], r["nodes"]): r["median_s"] for r in rows
+             if r["method"] == "shell"}
+    for r in rows:
+        s, med, mine = shell.get((r["cluster"], r["case"], r["nodes"])), r["median_s"], \
+            r["method"] == "shell"
+        r["vs_shell"] = med / s if s and med is not None and not mine else None
+        r["saved_s"] = (med - s if r["case"] == "pipeline" and not mine and s
+                        and med is not None else None)
+        r["ratio"], r["target"], r["met"] = None, None, None
+        if mine and r["case"] == "command" and r["nodes"] in COMMAND_TARGET_S:
+            r["target"] = f"< {COMMAND_TARGET_S[r['nodes']]} s"
+            r["met"] = None if med is None else med < COMMAND_TARGET_S[r["nodes"]]
+        hydra = next((x["median_s"] for x in rows if x["method"] == "hydra" and
+                      (x["cluster"], x["nodes"]) == (r["cluster"], r["nodes"])), None)
+        if mine and r["case"] == "mpi_init" and hydra and med is not None:
+            r["ratio"] = med / hydra
+            r["target"] = f"<= {INIT_TARGET_RATIO} x hydra"
+            r["met"] = r["ratio"] <= INIT_TARGET_RATIO
+    order = {"command": 0, "mpi_init": 1, "pipeline": 2}
+    methods = list(dict.fromkeys(m for _, m in _SHELL_LABELS))
+    return sorted(rows, key=lambda r: (r["cluster"], r["nodes"], order.get(r["case"], 9),
+                                       methods.index(r["method"]) if r["method"] in methods
+                                       else 99, r["method"]))
+
+
 def memory_rows(records: list[dict]) -> list[dict]:
     """One row per (cluster kind, nodes, size, chunk, algorithm): the largest peak RSS of
     any rank (bytes) and the median over hosts of each host's peak."""
@@ -273,5 +321,6 @@ def report_dict(records: list[dict]) -> dict:
             "environment": newest.get("env", {}),
             "stage": stage_rows(records), "collect": collect_rows(records),
             "sync": sync_rows(records), "run": run_rows(records),
-            "service": service_rows(records), "memory": memory_rows(records),
+            "service": service_rows(records), "shell": shell_rows(records),
+            "memory": memory_rows(records),
             "inventory": inventory_rows(records), "code_size": code_size_rows(records)}

@@ -7,7 +7,8 @@ A record is one JSON file::
                  "node_bps", "mayor_bps", "hosts", "disk", ...},
      "env": {"date", "git_commit", "mpi_library", "python", "platform", "cpus",
              "cpu_model", "code_lines"},
-     "runs": [{"workload": "stage"|"collect"|"sync"|"run"|"service"|"memory"|"inventory",
+     "runs": [{"workload": "stage"|"collect"|"sync"|"run"|"service"|"memory"|"inventory"|
+                           "shell",
                "ok": bool, "seconds": float, "cpu_busy": float|None, ...}, ...]}
 
 An MPI run of stage, collect, sync or run carries ``launch``: "mpiexec" (a fresh job) or
@@ -43,7 +44,7 @@ __all__ = ["SCHEMA", "SCHEMA_V1", "WORKLOADS", "CpuMeter", "cpu_meter", "read_cp
 
 SCHEMA = "chiba-bench/2"
 SCHEMA_V1 = "chiba-bench/1"
-WORKLOADS = ("stage", "collect", "sync", "run", "service", "memory", "inventory")
+WORKLOADS = ("stage", "collect", "sync", "run", "service", "memory", "inventory", "shell")
 
 _ROOT = Path(__file__).resolve().parent.parent.parent
 OWN_DIR = "results"

@@ -76,6 +76,16 @@ SERVICE_COLS = [("metric", "metric", _s), ("hosts", "hosts", _s),
                 ("value", "value", lambda x: _f(x, "{:.2f}")), ("unit", "unit", _s),
                 ("sample s", "sample_s", lambda x: _f(x, "{:.0f}")), _CPU,
                 ("runs", "runs", _s), ("failed", "failures", _s)]
+SHELL_COLS = [("nodes", "nodes", _s), ("case", "case", _s), ("method", "label", _s),
+              ("median s", "median_s", lambda x: _f(x, "{:.3f}")),
+              ("min s", "min_s", lambda x: _f(x, "{:.3f}")),
+              ("max s", "max_s", lambda x: _f(x, "{:.3f}")),
+              ("x shell", "vs_shell", _f), ("saved s", "saved_s", _f),
+              ("shell / hydra", "ratio", _f), ("target", "target", lambda x: x or "-"),
+              ("met", "met", _yes),
+              ("inner launch", "inner_launch",
+               lambda d: ", ".join(f"{k} {v}" for k, v in d.items()) if d else "-"),
+              _CPU, ("runs", "runs", _s), ("failed", "failures", _s)]
 INVENTORY_COLS = [("metric", "metric", _s), ("value", "value", lambda x: _f(x, "{:.4g}")),
                   ("unit", "unit", _s), ("target", "target", lambda x: x or "-"),
                   ("met", "met", _yes), ("files", "files", _s), _CPU, ("runs", "runs", _s)]
@@ -91,11 +101,14 @@ TABLES = [
      RUN_COLS),
     ("service", "The MPI service's own costs", "The long-running MPI service: start time "
      "and idle CPU", SERVICE_COLS),
+    ("shell", "The parallel shell (chiba-admin shell)", "chiba-admin shell: one launch "
+     "against separate launches, srun and MPICH's mpiexec", SHELL_COLS),
     ("memory", "Memory per rank", "Peak memory per rank while staging", MEMORY_COLS),
     ("inventory", "Inventory (scan, hash, diff, apply)", "Inventory library on this machine",
      INVENTORY_COLS),
 ]
-_LEFT = {"data", "method", "scenario", "metric", "unit", "target", "chunk", "command"}
+_LEFT = {"data", "method", "scenario", "metric", "unit", "target", "chunk", "command", "case",
+         "inner_launch"}
 
 EMBEDDED_BANNER = ("EMBEDDED CLUSTER: hosts are directories on one machine and every link is "
                    "a memory copy. These times say nothing about networks; run `make bench` "

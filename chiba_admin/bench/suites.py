@@ -169,9 +169,25 @@ def service_suite(where: str) -> list[Step]:
     ]
 
 
+def _shell(shape, nodes: int, repeat: int, **kw) -> Step:
+    return Step("shell", shape, {"nodes": nodes, "repeat": repeat, **kw})
+
+
+def shell_suite(where: str) -> list[Step]:
+    """Issue 17's benchmarks (chiba_admin/bench/shellbench.py): 20 `hostname` commands in
+    one shell job against 20 `run`, 20 mpiexec and (testbed) 20 srun; MPICH's MPI_Init
+    under the shell's PMI against hydra; stage-in, program, stage-out in one job against
+    three commands. Testbed: 8 nodes (2 x 4) and 32 (4 x 8), 3 repeats (its duration on
+    2 cores is not measured yet: 20 fresh mpiexec over ssh to 32 nodes dominate it)."""
+    if where == "testbed":
+        return [_shell((2, 4), 8, 3), _shell((4, 8), 32, 3)]
+    return [_shell((1, 2), 2, 1, commands=5, init_runs=1)]
+
+
 SUITES: dict[str, Callable[[str], list[Step]]] = {"default": default_suite,
                                                   "quick": quick_suite,
-                                                  "service": service_suite}
+                                                  "service": service_suite,
+                                                  "shell": shell_suite}
 
 
 def plan_from_options(what: str, *, shapes: list[tuple[int, int]], sizes: list[int],

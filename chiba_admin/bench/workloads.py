@@ -32,7 +32,7 @@ __all__ = ["STAGE_METHODS", "OUR_STAGE_METHODS", "PEER_METHODS", "PEER_SKIP_REAS
            "COLLECT_METHODS", "SYNC_METHODS", "MEMORY_ALGORITHMS", "SERVICE_STAGE_METHODS",
            "SERVICE_COLLECT_METHODS", "SERVICE_SYNC_METHODS", "RUN_METHODS",
            "INVENTORY_TARGETS", "stage", "collect", "sync", "run", "service", "memory",
-           "inventory", "make_payload", "launch_of", "sync_method"]
+           "inventory", "shell", "make_payload", "launch_of", "sync_method"]
 
 OnRun = Callable[[dict], None] | None
 
@@ -583,3 +583,7 @@ def inventory(*, files: int, hash_bytes: int, repeat: int, workdir: Path,
         n=None, bytes=hash_bytes)
     shutil.rmtree(big.parent)
     return runs
+
+
+# `shell`: chiba-admin shell against the launches it replaces (its own module)
+from .shellbench import shell  # noqa: E402

@@ -62,6 +62,7 @@ def _say(run: dict) -> None:
                             if run["metric"] == "start" else
                             f"service idle CPU of {run['hosts']} hosts: "
                             f"{run.get('value') or 0:.2f}% of one core"),
+        "shell": lambda: f"shell {run['case']} on {run['nodes']} nodes {run['method']}",
     }[w]()
     if run.get("launch") == "service" and w != "run":
         what += " (service)"
@@ -105,7 +106,7 @@ def _methods(value: str | None):
 @click.command("bench")
 @click.argument("what", metavar="WHAT", type=click.Choice(
     ["stage", "sync", "collect", "run", "memory", "inventory", "all", "default", "quick",
-     "service"]))
+     "service", "shell"]))
 @click.option("--where", type=click.Choice(["auto", "testbed", "embedded"]), default="auto",
               show_default=True, help="auto: the testbed when root, else the embedded cluster.")
 @click.option("--shape", "shapes", default=None, metavar="TxN[,TxN]",
@@ -150,7 +151,8 @@ def bench_cmd(cctx, ctx, what, where, shapes, sizes, datas, repeat, methods, tar
     WHAT is a workload (stage, sync, collect, run, memory, inventory; all = stage and
     sync) or a named suite (default: the README's comparison; quick: one size, 8 nodes,
     fewer repeats; service: issue 19's targets, the long-running MPI service against
-    fresh mpiexec and the legacy tools). A named suite's plan is fixed: only --where, --out, --workdir, the link
+    fresh mpiexec and the legacy tools; shell: issue 17's, `chiba-admin shell` against
+    separate launches, srun and MPICH's mpiexec). A named suite's plan is fixed: only --where, --out, --workdir, the link
     rates and --dry-run apply.
     """
     from ..bench import sites, suites
