@@ -178,30 +178,46 @@ def render_check(out: dict) -> None:
     from topology.units import format_bytes
 
     con = get_console()
-    t = Table(title="Predicted vs measured (testbed records)")
-    for col in ("workload", "method", "hosts", "bytes", "scenario", "shape", "measured s",
-                "network s", "predicted s", "error", "left out", "bound by"):
-        t.add_column(col, justify="left" if col in ("workload", "method", "scenario",
-                                                    "shape", "bound by") else "right")
+    t = Table(title="Predicted vs measured (testbed records; predicted: SimGrid + fitted "
+                    "host costs)")
+    for col in ("workload", "method", "launch", "hosts", "bytes", "scenario", "shape",
+                "record", "runs", "measured s", "network s", "predicted s", "error",
+                "left out"):
+        t.add_column(col, justify="left" if col in ("workload", "method", "launch",
+                                                    "scenario", "shape",
+                                                    "record") else "right")
     for r in out["rows"]:
         err = f"{r['error'] * 100:+.1f}%" if r["error"] is not None else "-"
         loo = f"{r['loo_error'] * 100:+.1f}%" if r["loo_error"] is not None else "-"
-        t.add_row(r["workload"], r["method"], str(r["hosts"]), format_bytes(r["bytes"]),
-                  r["scenario"] or "", r["shape"], f"{r['measured']:.1f}",
-                  f"{r['network_seconds']:.1f}", f"{r['predicted']:.1f}", err, loo,
-                  "network" if r["network_bound"] else "host costs")
+        runs = (f"{r['runs']} ({r['measured_min']:.1f}-{r['measured_max']:.1f})"
+                if r["runs"] > 1 else "1")
+        t.add_row(r["workload"], r["method"], r.get("launch") or "", str(r["hosts"]),
+                  format_bytes(r["bytes"]), r["scenario"] or "", r["shape"],
+                  _record_tag(r["source"]), runs, f"{r['measured']:.1f}",
+                  f"{r['network_seconds']:.1f}", f"{r['predicted']:.1f}", err, loo)
     con.print(t)
     if out["max_abs_error"] is not None:
-        con.print(f"largest error of the network-bound points: {out['max_abs_error']:.1%}")
-    con.print("network s: the simulated network time; predicted adds each method's host "
-              "costs a + b x hosts, fitted to all these runs (error) or to all but this "
-              "point's (left out)")
-    for line in out["fit"]:
-        con.print(f"fit: {line}")
+        within = sum(1 for r in out["rows"] if abs(r["error"]) <= 0.15)
+        con.print(f"{within} of {len(out['rows'])} points within 15%; largest error "
+                  f"{out['max_abs_error']:.1%}")
+    con.print("measured s: median of the runs; network s: simulated (SimGrid); predicted "
+              "adds the host costs (start-up, exit, per-file work) of the point's method, "
+              "launch and scenario, times its record's load factor, fitted to all points "
+              "(error) or to all but this one (left out; - when nothing else predicts it)")
+    for line in out["fit"] + [out.get("fit_load") or ""]:
+        if line:
+            con.print(f"fit: {line}")
     if out["not_modelled"]:
         n = len(out["not_modelled"])
-        con.print(f"not predicted: {n} run(s) (collect and other workloads have no model; "
-                  "failed runs are left out)")
+        con.print(f"not predicted: {n} run(s) (collect, run, service start and other "
+                  "workloads have no model; failed runs are left out)")
+
+
+def _record_tag(source: str) -> str:
+    """A record's file name without its suite's date prefix noise: "service 0933"."""
+    stem = source.removesuffix(".json")
+    parts = stem.split("-")
+    return f"{parts[0]} {parts[-1][:4]}" if len(parts) > 2 else stem
 
 
 def _plot(results: list[dict], outdir: str, name: str) -> list[str]:
