@@ -131,11 +131,15 @@ def points_from_records(records: list[dict]) -> tuple[list[Point], list[dict]]:
         c = rec.get("cluster") or {}
         if c.get("kind") != "testbed" or not c.get("node_bps"):
             continue
+        # older records held every workload of a run under the staging site's cluster;
+        # their syncs ran on a site of their own (bench.sites.sync_shape)
+        mixed = any(r.get("workload") in ("stage", "collect") for r in rec.get("runs", []))
         full = {int(r["targets"]): int(r.get("changed_bytes") or 0)
                 for r in rec.get("runs", [])
                 if r.get("workload") == "sync" and r.get("scenario") == "full"}
         for run in rec.get("runs", []):
-            p = _point(run, c, rec.get("_file", ""), full) if run.get("ok") else None
+            p = (_point(run, c, rec.get("_file", ""), full, mixed) if run.get("ok")
+                 else None)
             if p is None:
                 skipped.append({"workload": run.get("workload"), "method": run.get("method"),
                                 "why": "no model" if run.get("ok") else "failed run",
@@ -145,7 +149,8 @@ def points_from_records(records: list[dict]) -> tuple[list[Point], list[dict]]:
     return points, skipped
 
 
-def _point(run: dict, c: dict, source: str, full: dict[int, int]) -> Point | None:
+def _point(run: dict, c: dict, source: str, full: dict[int, int],
+           mixed: bool) -> Point | None:
     launch = "service" if run.get("launch") == "service" else None
     if run.get("workload") == "stage":
         got = _stage_method(run)
@@ -162,20 +167,21 @@ def _point(run: dict, c: dict, source: str, full: dict[int, int]) -> Point | Non
             return None
         n = int(run["targets"])
         return Point("sync", m, n, int(run.get("changed_bytes") or 0),
-                     float(run["seconds"]), _sync_cluster(c, n), files=files_for(run, full),
+                     float(run["seconds"]), _sync_cluster(c, n, mixed),
+                     files=files_for(run, full),
                      scenario=run.get("scenario"), fanout=max(1, n), source=source,
                      launch=launch)
     return None
 
 
-def _sync_cluster(c: dict, targets: int) -> dict:
-    """The site a sync run was measured on: the bench brings up a shape of its own for
-    synchronisation (``sites.sync_shape``: mayors first) unless the suite names one; a
-    record's own shape is used when it has enough hosts."""
+def _sync_cluster(c: dict, targets: int, mixed: bool) -> dict:
+    """The site a sync run was measured on: its record's (one record per site), or in an
+    older record that also holds staging runs the shape the bench brought up for
+    synchronisation (``sites.sync_shape``: mayors first)."""
     from ..bench.sites import sync_shape
 
     towns = c.get("towns") or 0
-    if towns and towns * (1 + (c.get("nodes_per_town") or 0)) >= targets:
+    if not mixed and towns * (1 + (c.get("nodes_per_town") or 0)) >= targets:
         return c
     towns, per = sync_shape(targets)
     return {**c, "towns": towns, "nodes_per_town": per}

@@ -64,7 +64,7 @@ def bcast(sim, topo, job, calib) -> dict:
     t = sim.clock
     if n > 1:
         sim.send(pres, ranks[0], chunk)  # the next chunk arrives meanwhile
-    alg, _ = simulate_bcast_once(sim, ranks, min(chunk, total))
+    alg, _ = simulate_bcast_once(sim, ranks, min(chunk, total), job.get("mpi") or "openmpi")
     sim.loop()
     period = sim.clock - t
     for c in sim.bytes_by_class:  # every chunk moves the same bytes
