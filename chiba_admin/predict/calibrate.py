@@ -281,9 +281,9 @@ def fit_with_load(points: list[dict], rounds: int = 6
     its host costs larger by about one factor (the README's quiet and saturated service
     runs: 30-45% apart on the same points): predicted host seconds = the record's factor
     x its group's ``a + b x hosts + ...`` (``fit_host_costs``). Alternating least
-    squares: the groups fitted to residuals divided by their record's factor, then each
-    factor the median ratio of its record's residuals to the groups' costs (points whose
-    host costs are a tenth of their time or more), normalised to a geometric mean of 1.
+    squares of the relative error: the groups fitted to residuals divided by their
+    record's factor, then each record's factor to its points given the groups' costs,
+    normalised to a geometric mean of 1.
     (A factor per runnable process count, 1 + load / max(processes, cores), was tried
     and fitted worse: rsync's 64 sessions are not all runnable at once.)
     Returns (fits, {source: factor}, notes)."""
@@ -297,12 +297,15 @@ def fit_with_load(points: list[dict], rounds: int = 6
             samples.setdefault(p["group"], []).append(
                 (p["hosts"], p["residual"] / f, p["measured"] / f, p["bytes"]))
         fits, notes = fit_host_costs(samples)
-        for src in load:
-            ratios = sorted(p["residual"] / h for p in points if p["source"] == src
-                            for h in [host_seconds(fits[p["group"]], p["hosts"], p["bytes"])]
-                            if h > 0 and h >= 0.1 * p["measured"])
-            if ratios:
-                load[src] = max(0.2, min(5.0, ratios[len(ratios) // 2]))
+        for src in load:  # least squares of the relative error: residual = factor x g
+            num = den = 0.0
+            for p in points:
+                if p["source"] == src:
+                    x = host_seconds(fits[p["group"]], p["hosts"], p["bytes"]) / p["measured"]
+                    num += x * p["residual"] / p["measured"]
+                    den += x * x
+            if den:
+                load[src] = max(0.2, min(5.0, num / den))
         g = math.exp(sum(math.log(v) for v in load.values()) / len(load))
         load = {k: v / g for k, v in load.items()}
     return fits, load, notes
