@@ -372,3 +372,17 @@ def test_paper_figures_on_chiba_city_explain_the_paper(cli, tmp_path, monkeypatc
     assert at128["chain"]["aggregate_mbps"] > 10 * at128["transit"]["aggregate_mbps"]
     assert any("57" in line for line in d["explained"])
     assert any("216" in line for line in d["explained"])
+
+
+@needs_simgrid
+def test_peers_are_bound_by_the_mayors_town_links(cli, tmp_path):
+    """pdcp/clush and sbcast (fan-out 8: a star at 8 nodes) send every copy from the
+    president: a town's 4 copies share its mayor's 20 Mb/s town-side link."""
+    path = _small(tmp_path)
+    rows = _predict(cli, path, "stage", "--methods", "pdcp,sbcast", "--nodes", "8",
+                    "--sizes", "4MiB")
+    bound = 4 * 4 * MiB * 8 / 20e6
+    for r in rows:
+        net = sum(v for k, v in r["phases"].items() if k not in ("ssh", "launch"))
+        assert bound < net < bound * 1.3, r
+        assert r["bytes_by_class"]["town"] == 8 * 4 * MiB
