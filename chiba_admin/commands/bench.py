@@ -243,9 +243,12 @@ def report_cmd(ctx, files, plot_dir, markdown, shipped, predict):
         from ..predict.engine import require_simgrid
         from ..predict.runner import check_records
 
+        from . import predict as pr
+
         require_simgrid()  # one line and exit 2 when SimGrid is missing
         predicted = check_records(src.records)
         d["predicted"] = predicted
+        d["predicted_paper"] = pr.paper_predictions(str(pr.CHIBA))  # Figures 1, 2 at scale
     if plot_dir:
         d["figures"] = render.plot(d, plot_dir)
     if ctx.json:
@@ -263,6 +266,9 @@ def report_cmd(ctx, files, plot_dir, markdown, shipped, predict):
                 render_check(predicted)
             else:
                 get_console().print("predicted: no testbed staging or sync runs to predict")
+            from .predict import render_paper
+
+            render_paper(d["predicted_paper"])
     return 0
 
 

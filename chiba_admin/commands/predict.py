@@ -11,9 +11,11 @@ from ..cli import EXIT_OK, pass_ctx
 from ..console import get_console, print_json
 from ..errors import UsageError
 
-__all__ = ["register", "predict_cmd"]
+__all__ = ["register", "predict_cmd", "render_check", "paper_predictions", "render_paper",
+           "CHIBA"]
 
 DEFAULT_NODES = "8,32,128,256"
+CHIBA = Path(__file__).resolve().parent.parent.parent / "clusters" / "chiba-city.toml"
 
 
 def _list(value: str, allowed: tuple[str, ...], option: str) -> list[str]:
@@ -58,8 +60,8 @@ def _topology(ctx, cluster: str | None, generate: str | None):
 
 
 @click.command("predict")
-@click.argument("what", type=click.Choice(["stage", "sync", "all"]), required=False,
-                default="all")
+@click.argument("what", type=click.Choice(["stage", "sync", "all", "paper"]),
+                required=False, default="all")
 @click.option("--methods", default=None, metavar="LIST",
               help="Methods, comma-separated (stage: chain,bcast,transit,pdcp,sbcast; "
                    "sync: mpisync,rsync; default: all of WHAT's).")
@@ -89,7 +91,10 @@ def _topology(ctx, cluster: str | None, generate: str | None):
 @pass_ctx
 def predict_cmd(ctx, what, methods, sizes, nodes, cluster, generate, disk_mbit, files,
                 check, calibrate, json_output, plot_dir):
-    """Predict each method's whole-command time, throughput and bytes per link class."""
+    """Predict each method's whole-command time, throughput and bytes per link class.
+
+    ``paper``: the paper's Figures 1 and 2 on the topology (default here: Chiba City's,
+    clusters/chiba-city.toml) beside the figures the paper reports."""
     from topology.units import parse_size
 
     from ..predict.engine import Calibration, require_simgrid
@@ -108,6 +113,11 @@ def predict_cmd(ctx, what, methods, sizes, nodes, cluster, generate, disk_mbit, 
                              where=", ".join(check),
                              hint="run `make bench-quick` as root on the testbed first")
         print_json(out) if as_json else render_check(out)
+        return EXIT_OK
+    if what == "paper":
+        require_simgrid()
+        out = paper_predictions(cluster or str(CHIBA), Calibration(disk_bps=_rate(disk_mbit)))
+        print_json(out) if as_json else render_paper(out)
         return EXIT_OK
     allowed = {"stage": STAGE_METHODS, "sync": SYNC_METHODS,
                "all": STAGE_METHODS + SYNC_METHODS}[what]
@@ -178,30 +188,89 @@ def render_check(out: dict) -> None:
     from topology.units import format_bytes
 
     con = get_console()
-    t = Table(title="Predicted vs measured (testbed records)")
-    for col in ("workload", "method", "hosts", "bytes", "scenario", "shape", "measured s",
-                "network s", "predicted s", "error", "left out", "bound by"):
-        t.add_column(col, justify="left" if col in ("workload", "method", "scenario",
-                                                    "shape", "bound by") else "right")
+    t = Table(title="Predicted vs measured (testbed records; predicted: SimGrid + fitted "
+                    "host costs)")
+    for col in ("workload", "method", "launch", "hosts", "bytes", "scenario", "shape",
+                "record", "runs", "measured s", "network s", "predicted s", "error",
+                "left out"):
+        t.add_column(col, justify="left" if col in ("workload", "method", "launch",
+                                                    "scenario", "shape",
+                                                    "record") else "right")
     for r in out["rows"]:
         err = f"{r['error'] * 100:+.1f}%" if r["error"] is not None else "-"
         loo = f"{r['loo_error'] * 100:+.1f}%" if r["loo_error"] is not None else "-"
-        t.add_row(r["workload"], r["method"], str(r["hosts"]), format_bytes(r["bytes"]),
-                  r["scenario"] or "", r["shape"], f"{r['measured']:.1f}",
-                  f"{r['network_seconds']:.1f}", f"{r['predicted']:.1f}", err, loo,
-                  "network" if r["network_bound"] else "host costs")
+        runs = (f"{r['runs']} ({r['measured_min']:.1f}-{r['measured_max']:.1f})"
+                if r["runs"] > 1 else "1")
+        t.add_row(r["workload"], r["method"], r.get("launch") or "", str(r["hosts"]),
+                  format_bytes(r["bytes"]), r["scenario"] or "", r["shape"],
+                  _record_tag(r["source"]), runs, f"{r['measured']:.1f}",
+                  f"{r['network_seconds']:.1f}", f"{r['predicted']:.1f}", err, loo)
     con.print(t)
     if out["max_abs_error"] is not None:
-        con.print(f"largest error of the network-bound points: {out['max_abs_error']:.1%}")
-    con.print("network s: the simulated network time; predicted adds each method's host "
-              "costs a + b x hosts, fitted to all these runs (error) or to all but this "
-              "point's (left out)")
-    for line in out["fit"]:
-        con.print(f"fit: {line}")
+        within = sum(1 for r in out["rows"] if abs(r["error"]) <= 0.15)
+        con.print(f"{within} of {len(out['rows'])} points within 15%; largest error "
+                  f"{out['max_abs_error']:.1%}")
+    con.print("measured s: median of the runs; network s: simulated (SimGrid); predicted "
+              "adds the host costs (start-up, exit, per-file work) of the point's method, "
+              "launch and scenario, times its record's load factor, fitted to all points "
+              "(error) or to all but this one (left out; - when nothing else predicts it)")
+    for line in out["fit"] + [out.get("fit_load") or ""]:
+        if line:
+            con.print(f"fit: {line}")
     if out["not_modelled"]:
         n = len(out["not_modelled"])
-        con.print(f"not predicted: {n} run(s) (collect and other workloads have no model; "
-                  "failed runs are left out)")
+        con.print(f"not predicted: {n} run(s) (collect, run, service start and other "
+                  "workloads have no model; failed runs are left out)")
+
+
+def paper_predictions(path: str, calib=None) -> dict:
+    """Figures 1 and 2 of the paper predicted on the topology at ``path`` (predict/paper.py),
+    with the paper's reported numbers and why they differ."""
+    from topology.loader import loads_topology
+
+    from ..predict.engine import Calibration
+    from ..predict.paper import paper_jobs, paper_rows, explain
+    from ..predict.runner import predict_points
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UsageError(f"cannot read the topology: {e.strerror or e}", where=path) from None
+    topo = loads_topology(text, path)
+    jobs = paper_jobs(topo)
+    calib = calib or Calibration()
+    results = predict_points(text, topo, jobs, calib, path)
+    rows = paper_rows(jobs, results)
+    return {"topology": path, "rows": rows, "explained": explain(rows),
+            "calibration": calib.to_dict()}
+
+
+def render_paper(out: dict) -> None:
+    """The Figure 1 and 2 tables of ``paper_predictions`` (rows marked predicted)."""
+    from rich.table import Table
+
+    con = get_console()
+    for fig, title in ((1, "Figure 1: staging 1 GiB, aggregate Mb/s"),
+                       (2, "Figure 2: full sync of 150 MiB / 3,000 files")):
+        t = Table(title=f"{title} on {Path(out['topology']).name} (predicted, SimGrid)")
+        for col in ("", "method", "hosts", "seconds", "aggregate Mb/s", "per node Mb/s",
+                    "paper Mb/s", "note"):
+            t.add_column(col, justify="left" if col in ("", "method", "note") else "right")
+        for r in (r for r in out["rows"] if r["figure"] == fig):
+            t.add_row("predicted", r["method"], str(r["hosts"]), f"{r['seconds']:,.1f}",
+                      f"{r['aggregate_mbps']:,.1f}", f"{r['per_node_mbps']:,.2f}",
+                      f"{r['paper_mbps']:.0f} (paper)" if r["paper_mbps"] else "",
+                      r["note"] or (r["algorithm"] or ""))
+        con.print(t)
+    for line in out["explained"]:
+        con.print(f"- {line}")
+
+
+def _record_tag(source: str) -> str:
+    """A record's file name without its suite's date prefix noise: "service 0933"."""
+    stem = source.removesuffix(".json")
+    parts = stem.split("-")
+    return f"{parts[0]} {parts[-1][:4]}" if len(parts) > 2 else stem
 
 
 def _plot(results: list[dict], outdir: str, name: str) -> list[str]:

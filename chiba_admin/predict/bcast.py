@@ -34,8 +34,14 @@ _RULE = [
 ]
 
 
-def decide(ranks: int, nbytes: int) -> int:
-    """Open MPI 5.0 coll/tuned's MPI_Bcast algorithm number for ``ranks`` and ``nbytes``."""
+def decide(ranks: int, nbytes: int, library: str = "openmpi") -> int:
+    """Open MPI 5.0 coll/tuned's MPI_Bcast algorithm number for ``ranks`` and ``nbytes``;
+    ``library="mpich2"``: what the paper reports of MPICH2 on Chiba City ("MPI for
+    system software", section 4.2: "a minimal spanning tree" up to four nodes, "for more
+    than four nodes ... a more sophisticated scatter/allgather algorithm"; binomial
+    tree, else scatter + ring allgather, MPICH2's long-message broadcast)."""
+    if library == "mpich2":
+        return 6 if ranks <= 4 else 9
     for below, arms in _RULE:
         if below is None or ranks < below:
             for limit, alg in arms:
@@ -128,9 +134,11 @@ def _allgather_ring(sim, hosts, block) -> None:
         sim.exchange([(hosts[v], hosts[(v + 1) % p], block) for v in range(p)])
 
 
-def simulate_bcast_once(sim, hosts: list[str], nbytes: int) -> tuple[int, float]:
-    """One MPI_Bcast of ``nbytes`` from hosts[0]; (algorithm, simulated seconds)."""
-    alg = decide(len(hosts), nbytes)
+def simulate_bcast_once(sim, hosts: list[str], nbytes: int,
+                        library: str = "openmpi") -> tuple[int, float]:
+    """One MPI_Bcast of ``nbytes`` from hosts[0] (``library``: see ``decide``);
+    (algorithm, simulated seconds)."""
+    alg = decide(len(hosts), nbytes, library)
     t0 = sim.clock
     if len(hosts) < 2:
         return alg, 0.0

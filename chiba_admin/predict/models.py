@@ -28,9 +28,10 @@ METHODS = STAGE_METHODS + SYNC_METHODS
 # pdsh/pdcp and clush: a window of 32 (``-f``); City Transit and rsync use the same
 # (legacy_transit/fanout.py DEFAULT_FANOUT).
 FANOUT = 32
-# Slurm: TreeWidth 50 (slurm.conf default); sbcast moves the file in blocks, one block at
-# a time down the tree (8 MiB here, sbcast's historical --size default).
-SBCAST_WIDTH = 50
+# sbcast: its message fan-out -F, 8 by default (sbcast(1): "Maximum value is currently
+# eight"; legacy_transit/peers.py); it moves the file in blocks, one block at a time down
+# the tree (8 MiB here, sbcast's historical --size default).
+SBCAST_WIDTH = 8
 SBCAST_BLOCK = 8 << 20
 
 
@@ -56,14 +57,28 @@ def simulate(topo, job: dict, calib: Calibration) -> dict:
     res = sim.run(lambda s: fn(s, topo, job, calib))
     phases = res.pop("phases")
     res.pop("seconds")
-    fit = calib.host_fit.get(job["method"])
+    fit = _fitted(calib, job)
     if fit is not None:  # measured host costs replace the default per-phase ones
+        from .calibrate import host_seconds
+
         phases = {k: v for k, v in phases.items() if k not in HOST_PHASES}
-        phases["host"] = fit[0] + fit[1] * len(hosts)
+        phases["host"] = host_seconds(fit, len(hosts), int(job["bytes"]))
     out = _result(job, topo, sim, sum(phases.values()), phases, len(hosts),
                   int(job["bytes"]), **res)
     out["wall_seconds"] = round(time.monotonic() - t0, 3)
     return out
+
+
+def _fitted(calib: Calibration, job: dict):
+    """The fitted host costs for a job: its own group ("fit_group"), else the method's
+    (a sync without a scenario: "full" when bytes change, else "nochange")."""
+    fits, m = calib.host_fit, job["method"]
+    for key in (job.get("fit_group"), m,
+                f"{m}/{'full' if job.get('bytes') else 'nochange'}" if m in SYNC_METHODS
+                else None):
+        if key and key in fits:
+            return fits[key]
+    return None
 
 
 def windows(n: int, fanout: int) -> int:

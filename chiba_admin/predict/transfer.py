@@ -64,7 +64,7 @@ def bcast(sim, topo, job, calib) -> dict:
     t = sim.clock
     if n > 1:
         sim.send(pres, ranks[0], chunk)  # the next chunk arrives meanwhile
-    alg, _ = simulate_bcast_once(sim, ranks, min(chunk, total))
+    alg, _ = simulate_bcast_once(sim, ranks, min(chunk, total), job.get("mpi") or "openmpi")
     sim.loop()
     period = sim.clock - t
     for c in sim.bytes_by_class:  # every chunk moves the same bytes
@@ -132,18 +132,18 @@ def pdcp(sim, topo, job, calib) -> dict:
 
 
 def sbcast(sim, topo, job, calib) -> dict:
-    """Slurm sbcast: the file in blocks, each sent down the slurmd tree (width 50) and
+    """Slurm sbcast: the file in blocks, each sent down the slurmd tree (``fanout``, -F) and
     acknowledged before the next; launch as one Slurm step. A level's messages start
     together (its parents got the block at about the same time: their links are alike)."""
     hosts = [topo.president.name] + _ranks(topo, job["hosts"])
     size = int(job["bytes"])
     block = int(job.get("chunk") or SBCAST_BLOCK)
     n = max(1, -(-size // block))
-    kids = _kary(len(hosts), SBCAST_WIDTH)
+    kids = _kary(len(hosts), int(job.get("fanout") or SBCAST_WIDTH))
     before = dict(sim.bytes_by_class)
     t = sim.clock
     level = [0]
-    while level:  # level by level: a tree of width 50 has 2,500 messages at its second
+    while level:  # level by level: a wide tree has width^2 messages at its second
         sim.exchange([(hosts[v], hosts[c], min(block, size)) for v in level for c in kids[v]])
         level = [c for v in level for c in kids[v]]
     per = sim.clock - t
