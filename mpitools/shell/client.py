@@ -240,13 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{tool}: error: not inside a `chiba-admin shell` job "
                          "(CHIBA_SHELL_SOCKET is not set)\n")
         return 2
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # before the request goes out: once it has, the tasks may run and be interrupted
+    signal.signal(signal.SIGINT, Interrupts(tool, lambda what: _send(
+        conn, {"k": "sig", "what": what})))  # even if inherited ignored, as srun does
     try:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(path)
         conn.sendall(json.dumps(req).encode() + b"\n")
         f = conn.makefile("rb")
-        signal.signal(signal.SIGINT, Interrupts(tool, lambda what: _send(
-            conn, {"k": "sig", "what": what})))  # even if inherited ignored, as srun does
         if req["stdin"] != "none":  # srun's default: this command's stdin goes to task 0
             threading.Thread(target=_forward_stdin, args=(conn,), daemon=True).start()
     except OSError as e:
