@@ -188,7 +188,8 @@ echo "rc=$?"
     os.kill(_rank_pid(2, job.p), signal.SIGKILL)  # ccn03's rank, outright
     rc, out, err = job.finish()
     assert rc == 1, err
-    assert "rank(s) died: ccn03 (process killed by signal 9" in err
+    assert err.startswith("chiba-admin: error: ccn03: the shell job did not complete: "
+                          "rank(s) died: ccn03 (process killed by signal 9"), err
     assert len(err.strip().splitlines()) == 1, err
     _nothing_left(nap)  # the dead rank's task went with it
 
