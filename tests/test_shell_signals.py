@@ -55,6 +55,11 @@ class _Job:
             self.got += os.read(self.reader, 256)
         return self.got.split(b"\n")[:n]
 
+    def srun_pid(self, tasks: int) -> int:
+        """Wait for ``tasks`` task marks and the script's ``srun PID`` line; the PID."""
+        lines = self.marked(tasks + 1)
+        return int(next(ln for ln in lines if ln.startswith(b"srun")).split()[1])
+
     def stderr_until(self, words: bytes) -> bytes:
         """Read the job's stderr until ``words`` appear (the job's own output, in order)."""
         fd = self.p.stderr.fileno()
@@ -70,6 +75,11 @@ class _Job:
         os.close(self.keep)
         os.close(self.reader)
         return self.p.returncode, out.decode(), (self.err + err).decode()
+
+
+# The srun before it runs in the background so that the test can signal it: its pid goes
+# to the FIFO, and the script waits for it and prints its status.
+_BACKGROUND = '&\necho "srun $!" > MARKS\nwait $!\necho "rc=$?"'
 
 
 # srun's two-step Ctrl-C ------------------------------------------------------------------
@@ -91,14 +101,10 @@ def test_interrupt_rule_reports_then_aborts_within_one_second():
 def test_first_ctrl_c_reports_running_tasks_second_ends_them(embedded, tmp_path):
     nap = _nap()
     job = _Job(tmp_path, f"""
-srun -n 4 sh -c 'echo $SLURM_PROCID > MARKS; exec {nap}' &
-echo "srun $!" > MARKS
-wait $!
-echo "rc=$?"
+srun -n 4 sh -c 'echo $SLURM_PROCID > MARKS; exec {nap}' {_BACKGROUND}
 srun -n 2 sh -c 'echo "after $SLURM_PROCID"'
 """)
-    lines = job.marked(5)
-    pid = int(next(ln for ln in lines if ln.startswith(b"srun")).split()[1])
+    pid = job.srun_pid(4)
     os.kill(pid, signal.SIGINT)
     err = job.stderr_until(b": running\n")
     assert b"srun: interrupt (one more within 1 sec to abort)\n" in err
@@ -117,13 +123,9 @@ def test_ctrl_c_that_the_tasks_ignore_is_followed_by_sigterm(embedded, tmp_path)
     """SIGINT, then SIGTERM after the grace: a task that traps SIGINT still ends."""
     nap = _nap()
     job = _Job(tmp_path, f"""
-srun -n 2 sh -c 'trap "" INT; echo $SLURM_PROCID > MARKS; {nap}; exit 3' &
-echo "srun $!" > MARKS
-wait $!
-echo "rc=$?"
+srun -n 2 sh -c 'trap "" INT; echo $SLURM_PROCID > MARKS; {nap}; exit 3' {_BACKGROUND}
 """, nodes="ccn[01-02]")
-    lines = job.marked(3)
-    pid = int(next(ln for ln in lines if ln.startswith(b"srun")).split()[1])
+    pid = job.srun_pid(2)
     os.kill(pid, signal.SIGINT)
     job.stderr_until(b": running\n")
     os.kill(pid, signal.SIGINT)

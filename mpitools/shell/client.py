@@ -197,12 +197,13 @@ class Interrupts:
     def __call__(self, signum=None, frame=None) -> str:
         now = self.clock()
         if self.last is not None and now - self.last <= self.window:
-            sys.stderr.write(f"{self.tool}: sending Ctrl-C to the tasks\n")
-            what = "abort"
+            line, what = f"{self.tool}: sending Ctrl-C to the tasks\n", "abort"
         else:
-            sys.stderr.write(f"{self.tool}: interrupt (one more within 1 sec to abort)\n")
+            line = f"{self.tool}: interrupt (one more within 1 sec to abort)\n"
             what, self.last = "status", now
-        sys.stderr.flush()
+        # straight to the descriptor: the handler may interrupt a write to sys.stderr
+        # (a reentrant write to a buffered stream raises), which is flushed after each use
+        os.write(2, line.encode())
         try:
             self.send(what)
         except OSError:
