@@ -267,3 +267,17 @@ def test_pmi_protocol_error_makes_the_command_fail(embedded, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "rc=1\n" in r.stdout, (r.stdout, r.stderr)
     assert "ccn01: task 0: PMI protocol error" in r.stderr
+
+
+def test_ctrl_c_to_the_shell_itself_still_ends_the_job(embedded, tmp_path):
+    """SIGINT to `chiba-admin shell` (a terminal's Ctrl-C) ends the whole job at once, as
+    before: the wrappers' two-step rule is for the commands inside the job."""
+    nap = _nap()
+    job = _Job(tmp_path, f"srun -n 4 sh -c 'echo $SLURM_PROCID > MARKS; exec {nap}'\n"
+                         "echo never\n")
+    job.marked(4)
+    job.p.send_signal(signal.SIGINT)
+    rc, out, err = job.finish()
+    assert rc == 130 and "never" not in out, (rc, out, err)  # the CLI's Ctrl-C status
+    assert "one more within 1 sec" not in err
+    _nothing_left(nap)
