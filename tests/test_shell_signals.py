@@ -281,3 +281,19 @@ def test_ctrl_c_to_the_shell_itself_still_ends_the_job(embedded, tmp_path):
     assert rc == 130 and "never" not in out, (rc, out, err)  # the CLI's Ctrl-C status
     assert "one more within 1 sec" not in err
     _nothing_left(nap)
+
+
+@pytest.mark.perf
+def test_a_lost_task_ends_its_command_within_two_seconds(embedded, tmp_path):
+    """The bound of _StepControl: a task's end is seen within a loop turn (1 ms) and two
+    message hops, the others get SIGTERM at once (measured 0.37-0.48 s from the task's
+    SIGKILL to the srun's return, 4 tasks on 4 nodes of the embedded cluster)."""
+    nap = _nap()
+    job = _Job(tmp_path, f"""
+srun -n 4 sh -c '[ $SLURM_PROCID = 2 ] && {{ date +%s.%N > MARKS; kill -9 $$; }}; exec {nap}'
+date +%s.%N > MARKS
+""")
+    t0, t1 = (float(x) for x in job.marked(2))
+    rc, out, err = job.finish()
+    assert rc == 0 and t1 - t0 < 2.0, (t1 - t0, err)
+    _nothing_left(nap)
