@@ -140,6 +140,8 @@ def test_task_killed_mid_command_is_named_and_the_rest_ended(embedded, tmp_path)
     job = _Job(tmp_path, f"""
 srun -n 4 sh -c 'echo $SLURM_PROCID > MARKS; [ $SLURM_PROCID = 2 ] && kill -9 $$; exec {nap}'
 echo "rc=$?"
+srun -n 2 sh -c 'exit $((136 + SLURM_PROCID))'
+echo "rc=$?"
 srun -n 1 echo after
 """)
     job.marked(4)
@@ -147,6 +149,8 @@ srun -n 1 echo after
     assert rc == 0, err
     assert "srun: ccn03: task 2: killed by SIGKILL; ending the other tasks" in err
     assert "rc=137\n" in out and "after\n" in out  # the job goes on: its ranks live
+    # a status above 128 from exit() is no signal: nothing lost, nothing ended
+    assert "rc=137\nrc=137\n" in out and "killed by" not in err.split("task 2: killed")[1]
     _nothing_left(nap)
 
 

@@ -233,12 +233,13 @@ class _Rank:
 
     def note_ends(self, cmd: "_Command") -> None:
         """Tell rank 0 each task's end as it is seen (it answers "which tasks still run"
-        and ends a command whose task was lost): ``_END`` (command, task, status)."""
-        for task, status in cmd.tasks.take_ended():
-            self.task_ended(cmd.id, task, status, self.rank)
+        and ends a command whose task was lost): ``_END`` (command, task, status, killed
+        by a signal)."""
+        for task, status, killed in cmd.tasks.take_ended():
+            self.task_ended(cmd.id, task, status, killed, self.rank)
 
-    def task_ended(self, cid: int, task: int, status: int, rank: int) -> None:
-        self.isend((cid, task, status), 0, _END)
+    def task_ended(self, cid: int, task: int, status: int, killed: bool, rank: int) -> None:
+        self.isend((cid, task, status, killed), 0, _END)
 
     def report(self, cid: int, done: dict) -> None:
         self.isend((cid, done), 0, _DONE)
@@ -316,11 +317,11 @@ class _StepControl:
         self.cause: int | None = None  # the status an ended command reports
         self.before_end: dict[int, int] = {}
 
-    def on_task_end(self, cid: int, task: int, status: int, rank: int) -> None:
+    def on_task_end(self, cid: int, task: int, status: int, killed: bool, rank: int) -> None:
         if self.cmd is None or self.cmd.id != cid:
             return
         self.ended_tasks[task] = status
-        if status > 128 and self.cause is None:
+        if killed and self.cause is None:
             try:
                 why = signal.Signals(status - 128).name
             except ValueError:
@@ -573,8 +574,8 @@ class _Leader(_StepControl, _Rank):
     def report(self, cid: int, done: dict) -> None:
         self.done[self.rank] = done
 
-    def task_ended(self, cid: int, task: int, status: int, rank: int) -> None:
-        self.on_task_end(cid, task, status, rank)
+    def task_ended(self, cid: int, task: int, status: int, killed: bool, rank: int) -> None:
+        self.on_task_end(cid, task, status, killed, rank)
 
     def on_message(self, source: int, tag: int, msg) -> None:
         if tag == _OUT:

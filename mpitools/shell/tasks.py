@@ -126,7 +126,8 @@ class LocalTasks:
     out: "queue.Queue[Piece]" = field(default_factory=queue.Queue)
     tasks: dict[int, _Task] = field(default_factory=dict)
     threads: list[threading.Thread] = field(default_factory=list)
-    ended: list[tuple[int, int]] = field(default_factory=list)  # (task, status) not yet taken
+    # (task, status, killed by a signal) of ended tasks not yet taken
+    ended: list[tuple[int, int, bool]] = field(default_factory=list)
 
     def start(self, task: int, argv: list[str], env: dict[str, str], cwd: str | None,
               pass_fds: tuple[int, ...] = (), *, stdin: str = "none") -> None:
@@ -214,7 +215,7 @@ class LocalTasks:
                 rc = t.proc.poll()
                 if rc is not None:
                     t.status = exit_status(rc)
-                    self.ended.append((t.task, t.status))
+                    self.ended.append((t.task, t.status, rc < 0))
                     # srun's rule: a step ends with its tasks; what a task left behind
                     # (a `cmd &` holding its output open, a setsid'd daemon) is killed
                     _kill_leftovers(t, signal.SIGKILL)
@@ -222,10 +223,11 @@ class LocalTasks:
                 return False
         return self.out.empty()
 
-    def take_ended(self) -> list[tuple[int, int]]:
-        """(task, status) of the tasks seen to end since the last call (by :meth:`finished`,
-        start failures included), so a rank can tell rank 0 which tasks still run."""
-        got = self.ended + [(t.task, t.status) for t in self.tasks.values()
+    def take_ended(self) -> list[tuple[int, int, bool]]:
+        """(task, status, killed by a signal) of the tasks seen to end since the last call
+        (by :meth:`finished`, start failures included), so a rank can tell rank 0 which
+        tasks still run and which were lost (``exit 137`` is not a SIGKILL)."""
+        got = self.ended + [(t.task, t.status, False) for t in self.tasks.values()
                             if t.proc is None and t.status is not None and not t.reported]
         for t in self.tasks.values():
             t.reported = t.reported or t.proc is None
