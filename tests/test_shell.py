@@ -99,10 +99,23 @@ def shell(embedded, tmp_path, script: str, *opts: str, env: dict | None = None,
 
 
 def no_shell_left() -> None:
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert "mpitools.shell.ranks" not in ps
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    # this checkout's ranks and their run directories only: other checkouts may run shell
+    # jobs on the same machine at the same time
+    mine = [ln.split()[0] for ln in ps.splitlines()
+            if f"{sys.executable} -m mpitools.shell.ranks" in ln]
+    assert not mine
     assert not [d for d in os.listdir("/tmp") if d.startswith("chiba-shell-")
-                and os.stat(f"/tmp/{d}").st_uid == os.getuid()]
+                and os.stat(f"/tmp/{d}").st_uid == os.getuid() and _ours(d)]
+
+
+def _ours(rundir: str) -> bool:
+    """Whether a shell run directory holds wrappers of this checkout's Python."""
+    try:
+        with open(f"/tmp/{rundir}/bin/srun") as f:
+            return sys.executable in f.read()
+    except OSError:
+        return False  # gone meanwhile, or not a wrapper directory
 
 
 def test_parallel_commands_labels_statuses_and_errors(embedded, tmp_path):

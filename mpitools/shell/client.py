@@ -20,13 +20,14 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import socket
 import sys
 import threading
+import time
 
 from . import openmpi
 from .bcast import source_path
-from .directives import positive_int
 
 __all__ = ["parse", "main", "UsageError"]
 
@@ -46,10 +47,13 @@ def _value(args: list[str], i: int, opt: str) -> tuple[str, int]:
 
 
 def _count(text: str, opt: str) -> int:
-    try:
-        return positive_int(text, opt)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    """A task or node count as the user wrote it (``-n 4``, ``--ntasks=4``)."""
+    name = opt.split("=", 1)[0]
+    if not (text.isascii() and text.isdigit()):
+        raise UsageError(f"{name} {text!r}: not a whole number")
+    if int(text) < 1:
+        raise UsageError(f"{name} {text}: must be at least 1")
+    return int(text)
 
 
 def parse(tool: str, args: list[str], environ: dict[str, str]) -> dict:
@@ -90,7 +94,8 @@ def parse(tool: str, args: list[str], environ: dict[str, str]) -> dict:
                 v, i = _value(args, i, a)  # srun --input=all|none|N, Open MPI --stdin
                 v = {"rank": "0"}.get(v, v)
                 if v not in ("all", "none") and not v.isdigit():
-                    raise UsageError(f"{a} {v!r}: give all, none or a task number")
+                    raise UsageError(f"{a.split('=', 1)[0]} {v!r}: give all, none or a "
+                                     "task number")
                 req["stdin"] = v
             elif a in ("-l", "--label", "-prepend-rank", "--prepend-rank"):
                 req["label"] = True
@@ -200,6 +205,46 @@ class _Labeller:
         self.partial.clear()
 
 
+_SEND = threading.Lock()  # one frame at a time: stdin thread and Ctrl-C handler share it
+
+
+def _send(conn: socket.socket, frame: dict) -> None:
+    with _SEND:
+        conn.sendall(json.dumps(frame).encode() + b"\n")
+
+
+class Interrupts:
+    """srun's two-step Ctrl-C (src/srun/srun_job.c, ``_handle_intr``), as a SIGINT handler.
+
+    A first SIGINT, or one more than ``window`` seconds after the last report, prints
+    "interrupt (one more within 1 sec to abort)" and asks the shell which tasks still run
+    (the answer, one line, follows); another within ``window`` seconds of that report
+    asks the shell to end every task of the command: SIGINT, then SIGTERM, then SIGKILL
+    (:class:`mpitools.shell.ranks._StepControl`). ``send(what)`` sends the request;
+    ``clock`` is seconds (monotonic).
+    """
+
+    def __init__(self, tool: str, send, clock=time.monotonic, window: float = 1.0):
+        self.tool, self.send, self.clock, self.window = tool, send, clock, window
+        self.last: float | None = None
+
+    def __call__(self, signum=None, frame=None) -> str:
+        now = self.clock()
+        if self.last is not None and now - self.last <= self.window:
+            line, what = f"{self.tool}: sending Ctrl-C to the tasks\n", "abort"
+        else:
+            line = f"{self.tool}: interrupt (one more within 1 sec to abort)\n"
+            what, self.last = "status", now
+        # straight to the descriptor: the handler may interrupt a write to sys.stderr
+        # (a reentrant write to a buffered stream raises), which is flushed after each use
+        os.write(2, line.encode())
+        try:
+            self.send(what)
+        except OSError:
+            pass  # the command ended meanwhile
+        return what
+
+
 def _forward_stdin(conn: socket.socket) -> None:
     """Send this process's stdin to the shell as frames, then an end-of-file frame."""
     try:
@@ -211,9 +256,8 @@ def _forward_stdin(conn: socket.socket) -> None:
             data = os.read(fd, 65536)
             if not data:
                 break
-            conn.sendall(json.dumps({"k": "i", "d": base64.b64encode(data).decode()})
-                         .encode() + b"\n")
-        conn.sendall(b'{"k": "i", "eof": true}\n')
+            _send(conn, {"k": "i", "d": base64.b64encode(data).decode()})
+        _send(conn, {"k": "i", "eof": True})
     except OSError:
         pass  # the command ended first
 
@@ -231,8 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{tool}: error: not inside a `chiba-admin shell` job "
                          "(CHIBA_SHELL_SOCKET is not set)\n")
         return 2
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # before the request goes out: once it has, the tasks may run and be interrupted
+    signal.signal(signal.SIGINT, Interrupts(tool, lambda what: _send(
+        conn, {"k": "sig", "what": what})))  # even if inherited ignored, as srun does
     try:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(path)
         conn.sendall(json.dumps(req).encode() + b"\n")
         f = conn.makefile("rb")
@@ -248,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         kind = frame.get("k")
         if kind == "o":
             out.write(frame["t"], frame["s"], base64.b64decode(frame["d"]))
+        elif kind == "st":
+            sys.stderr.write(f"{tool}: {frame.get('line')}\n")
         elif kind == "x":
             out.close()
             for err in frame.get("errors", []):

