@@ -82,6 +82,10 @@ def test_wrapper_options():
     r = parse("srun", ["-N", "2", "--ntasks-per-node=3", "--export=NONE,Z=9", "a.out"], env)
     assert (r["nodes"], r["ntasks"], r["env"]) == (2, 6, {"PATH": "/bin", "CHIBA_HOST": "n",
                                                           "Z": "9"})
+    # srun -N without -n runs one task per node (Slurm's default), -n still wins
+    assert parse("srun", ["-N", "2", "hostname"], env)["ntasks"] == 2
+    assert parse("srun", ["-N", "2", "-n", "4", "hostname"], env)["ntasks"] == 4
+    assert parse("mpiexec", ["-N", "2", "hostname"], env)["ntasks"] is None
     assert parse("pbsdsh", ["-u", "hostname"], env)["per_node"] is True
     for bad in (["-n", "0", "x"], ["--frobnicate", "x"], ["-n", "4"]):
         with pytest.raises(WrapperUsage):

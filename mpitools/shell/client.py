@@ -123,6 +123,8 @@ def parse(tool: str, args: list[str], environ: dict[str, str]) -> dict:
                                         environ.get("PBS_NUM_NODES") or 1)
             req["nodes"] = nodes
             req["ntasks"] = req["ntasks"] or nodes * req["per_node_tasks"]
+        elif tool == "srun" and req["nodes"] and req["ntasks"] is None:
+            req["ntasks"] = req["nodes"]  # srun -N without -n: one task per node
     if not req["argv"]:
         raise UsageError(f"{tool}: no program given")
     if req.get("bcast"):
