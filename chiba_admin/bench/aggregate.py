@@ -9,6 +9,8 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
+from .cpuprofile import cpu_rows
+
 __all__ = ["KEYS", "CPU_BOUND", "RUN_TARGET_S", "groups", "stage_rows", "collect_rows",
            "sync_rows", "run_rows", "service_rows", "memory_rows", "inventory_rows",
            "code_size_rows", "sources", "report_dict", "label", "launch"]
@@ -22,6 +24,7 @@ KEYS = {
     "service": ("metric", "hosts"),
     "memory": ("nodes", "size_bytes", "chunk", "algorithm"),
     "inventory": ("metric",),
+    "cpu": ("op", "tree", "nodes", "method", "algorithm"),
 }
 # A run whose median CPU busy share reaches this was bound by the machine's cores (every
 # emulated host and rank shares them), not by the emulated links.
@@ -274,4 +277,5 @@ def report_dict(records: list[dict]) -> dict:
             "stage": stage_rows(records), "collect": collect_rows(records),
             "sync": sync_rows(records), "run": run_rows(records),
             "service": service_rows(records), "memory": memory_rows(records),
-            "inventory": inventory_rows(records), "code_size": code_size_rows(records)}
+            "inventory": inventory_rows(records), "code_size": code_size_rows(records),
+            "cpu": cpu_rows(groups(records, "cpu"), _median)}
