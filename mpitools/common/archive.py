@@ -20,6 +20,7 @@ import queue
 import re
 import shutil
 import stat
+import struct
 import tarfile
 import threading
 from dataclasses import dataclass
@@ -479,6 +480,51 @@ class _ForwardReader:
                 view = view[os.write(fd, view):]
 
 
+_USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s")
+
+
+def _octal(field: bytes) -> int:
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)  # ValueError: not octal
+
+
+class _TarInfo(tarfile.TarInfo):
+    """:class:`tarfile.TarInfo` that reads a plain POSIX header (what :func:`pack_tree`
+    writes) in one ``struct`` call; any other header, or one it cannot read, goes to
+    tarfile's own parser, which validates and refuses as before. tarfile's field-by-field
+    parse was 0.5 s of an unpacking node's CPU on the CPython standard library."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        if len(buf) != tarfile.BLOCKSIZE or buf[257:263] != tarfile.POSIX_MAGIC[:6] \
+                or buf[156:157] == tarfile.GNUTYPE_SPARSE:
+            return super().frombuf(buf, encoding, errors)
+        (name, mode, uid, gid, size, mtime, chksum, typ, linkname, _, _, uname, gname,
+         devmajor, devminor, prefix) = _USTAR.unpack_from(buf)
+        try:
+            nums = [_octal(f) for f in (mode, uid, gid, size, mtime, chksum, devmajor,
+                                        devminor)]
+        except ValueError:  # base-256 numbers, garbage: tarfile decides
+            return super().frombuf(buf, encoding, errors)
+        if nums[5] != 256 + sum(buf) - sum(buf[148:156]):
+            return super().frombuf(buf, encoding, errors)  # signed sums, or bad: tarfile's
+        obj = cls()
+        obj.name = tarfile.nts(name, encoding, errors)
+        obj.mode, obj.uid, obj.gid, obj.size, obj.mtime, obj.chksum = nums[:6]
+        obj.devmajor, obj.devminor = nums[6:]
+        obj.type = typ
+        obj.linkname = tarfile.nts(linkname, encoding, errors)
+        obj.uname = tarfile.nts(uname, encoding, errors)
+        obj.gname = tarfile.nts(gname, encoding, errors)
+        prefix = tarfile.nts(prefix, encoding, errors)
+        if obj.type == tarfile.AREGTYPE and obj.name.endswith("/"):
+            obj.type = tarfile.DIRTYPE  # as tarfile reads a V7 directory
+        if obj.isdir():
+            obj.name = obj.name.rstrip("/")
+        if prefix and obj.type not in tarfile.GNU_TYPES:
+            obj.name = prefix + "/" + obj.name
+        return obj
+
+
 def _member_parts(ti: tarfile.TarInfo, name: str | None = None) -> tuple[str, ...]:
     """The components of a member name; refuses absolute names, ``..``, NUL and empty."""
     name = ti.name if name is None else name
@@ -693,7 +739,7 @@ def unpack_stream(fileobj, root_fd: int, compress: str) -> SafeUnpacker:
     elif compress == "gzip":
         src = gzip.GzipFile(fileobj=fileobj, mode="rb")
     unpacker = SafeUnpacker(root_fd)
-    with tarfile.open(fileobj=_ForwardReader(src), mode="r:") as tar:
+    with tarfile.open(fileobj=_ForwardReader(src), mode="r:", tarinfo=_TarInfo) as tar:
         for ti in tar:
             unpacker.add(tar, ti)
         unpacker.close()
