@@ -9,6 +9,8 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
+from .cpuprofile import cpu_rows
+
 __all__ = ["KEYS", "CPU_BOUND", "RUN_TARGET_S", "groups", "stage_rows", "collect_rows",
            "sync_rows", "run_rows", "service_rows", "shell_rows", "memory_rows", "inventory_rows",
            "code_size_rows", "sources", "report_dict", "label", "launch"]
@@ -23,6 +25,7 @@ KEYS = {
     "memory": ("nodes", "size_bytes", "chunk", "algorithm"),
     "inventory": ("metric",),
     "shell": ("case", "nodes", "method"),
+    "cpu": ("op", "tree", "nodes", "method", "algorithm"),
 }
 # A run whose median CPU busy share reaches this was bound by the machine's cores (every
 # emulated host and rank shares them), not by the emulated links.
@@ -88,7 +91,8 @@ def _common(runs: list[dict]) -> tuple[list[dict], dict]:
     names = dict.fromkeys(k for r in ok for k, v in (r.get("phases") or {}).items()
                           if isinstance(v, (int, float)))
     return ok, {"phases_s": {k: _median([(r.get("phases") or {}).get(k) for r in ok])
-                             for k in names},"runs": len(runs), "failures": len(runs) - len(ok), "median_s": med,
+                             for k in names},
+                "runs": len(runs), "failures": len(runs) - len(ok), "median_s": med,
                 "min_s": min((r["seconds"] for r in ok), default=None),
                 "max_s": max((r["seconds"] for r in ok), default=None),
                 "cpu_busy": busy, "cpu_bound": None if busy is None else busy >= CPU_BOUND,
@@ -323,4 +327,5 @@ def report_dict(records: list[dict]) -> dict:
             "sync": sync_rows(records), "run": run_rows(records),
             "service": service_rows(records), "shell": shell_rows(records),
             "memory": memory_rows(records),
-            "inventory": inventory_rows(records), "code_size": code_size_rows(records)}
+            "inventory": inventory_rows(records), "code_size": code_size_rows(records),
+            "cpu": cpu_rows(groups(records, "cpu"), _median)}

@@ -44,7 +44,8 @@ __all__ = ["SCHEMA", "SCHEMA_V1", "WORKLOADS", "CpuMeter", "cpu_meter", "read_cp
 
 SCHEMA = "chiba-bench/2"
 SCHEMA_V1 = "chiba-bench/1"
-WORKLOADS = ("stage", "collect", "sync", "run", "service", "memory", "inventory", "shell")
+WORKLOADS = ("stage", "collect", "sync", "run", "service", "memory", "inventory", "shell",
+             "cpu")
 
 _ROOT = Path(__file__).resolve().parent.parent.parent
 OWN_DIR = "results"

@@ -89,6 +89,12 @@ SHELL_COLS = [("nodes", "nodes", _s), ("case", "case", _s), ("method", "label", 
 INVENTORY_COLS = [("metric", "metric", _s), ("value", "value", lambda x: _f(x, "{:.4g}")),
                   ("unit", "unit", _s), ("target", "target", lambda x: x or "-"),
                   ("met", "met", _yes), ("files", "files", _s), _CPU, ("runs", "runs", _s)]
+CPU_COLS = [("op", "op", _s), ("tree", "tree", _s), ("files", "files", _s),
+            ("size MB", "size_bytes", _mb), ("nodes", "nodes", _s), ("method", "label", _s),
+            ("CPU s per node", "cpu_per_node_s", _f), ("per GB", "cpu_per_node_gb_s", _f),
+            ("per 1,000 files", "cpu_per_kfile_s", lambda x: _f(x, "{:.3f}")),
+            ("x Transit", "x_transit", _f), ("median s", "median_s", _f), _CPU,
+            ("runs", "runs", _s), ("failed", "failures", _s)]
 
 # (report_dict key, Markdown title, rich title, columns)
 TABLES = [
@@ -106,9 +112,11 @@ TABLES = [
     ("memory", "Memory per rank", "Peak memory per rank while staging", MEMORY_COLS),
     ("inventory", "Inventory (scan, hash, diff, apply)", "Inventory library on this machine",
      INVENTORY_COLS),
+    ("cpu", "CPU per node", "CPU each node pays per method (embedded: every process's CPU "
+     "to N nodes minus to 1, over N - 1)", CPU_COLS),
 ]
-_LEFT = {"data", "method", "scenario", "metric", "unit", "target", "chunk", "command", "case",
-         "inner_launch"}
+_LEFT = {"op", "tree", "data", "method", "scenario", "metric", "unit", "target", "chunk",
+         "command", "case", "inner_launch"}
 
 EMBEDDED_BANNER = ("EMBEDDED CLUSTER: hosts are directories on one machine and every link is "
                    "a memory copy. These times say nothing about networks; run `make bench` "

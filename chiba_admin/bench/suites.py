@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import records, workloads
+from . import cpuprofile, records, workloads
 from .sites import NODE_MBIT, MAYOR_MBIT, open_site, sync_shape
 
 __all__ = ["Step", "SUITES", "plan_from_options", "run_plan",
@@ -64,6 +64,10 @@ def _service(shape, host_counts: list[int], repeat: int, idle_seconds: float) ->
 def _memory(size: int) -> Step:
     return Step("memory", (2, 2), {"size": size, "nodes": 4, "chunk": "4MiB"},
                 where="embedded")
+
+
+def _cpu(**kw) -> Step:
+    return Step("cpu", (2, 4), {"nodes": 8, **kw}, where="embedded")
 
 
 def _inventory(files: int, hash_bytes: int, repeat: int) -> Step:
@@ -211,6 +215,8 @@ def plan_from_options(what: str, *, shapes: list[tuple[int, int]], sizes: list[i
         plan.append(_memory(memory_size))
     if what == "inventory":
         plan.append(_inventory(inventory_files, hash_size, repeat))
+    if what == "cpu":
+        plan.append(_cpu(repeat=repeat))
     return plan
 
 
@@ -235,7 +241,7 @@ def _groups(plan: list[Step], where: str) -> list[tuple[tuple, list[Step]]]:
 
 
 def _run_step(step: Step, site, workdir: Path, on_run) -> list[dict]:
-    fn = getattr(workloads, step.workload)
+    fn = cpuprofile.cpu if step.workload == "cpu" else getattr(workloads, step.workload)
     if site is None:
         return fn(workdir=workdir, on_run=on_run, **step.params)
     return fn(site, workdir=workdir, on_run=on_run, **step.params)

@@ -57,6 +57,8 @@ def _say(run: dict) -> None:
                           f"{run['algorithm']}: peak RSS "
                           f"{(run.get('peak_rss') or 0) / 1e6:.0f} MB",
         "inventory": lambda: f"inventory {run['metric']} = {run['value']:.4g} {run['unit']}",
+        "cpu": lambda: (f"cpu {run['op']} {run['tree']} {run['nodes']} nodes {run['method']}"
+                        f"{alg}: {run.get('cpu_per_node_s') or 0:.2f} s per node"),
         "run": lambda: f"run {run['command']} on {run['nodes']} nodes {run['method']}",
         "service": lambda: (f"service start on {run['hosts']} hosts"
                             if run["metric"] == "start" else
@@ -105,8 +107,8 @@ def _methods(value: str | None):
 
 @click.command("bench")
 @click.argument("what", metavar="WHAT", type=click.Choice(
-    ["stage", "sync", "collect", "run", "memory", "inventory", "all", "default", "quick",
-     "service", "shell"]))
+    ["stage", "sync", "collect", "run", "memory", "inventory", "cpu", "all", "default",
+     "quick", "service", "shell"]))
 @click.option("--where", type=click.Choice(["auto", "testbed", "embedded"]), default="auto",
               show_default=True, help="auto: the testbed when root, else the embedded cluster.")
 @click.option("--shape", "shapes", default=None, metavar="TxN[,TxN]",

@@ -1,0 +1,174 @@
+"""The ``cpu`` workload: what each node's CPU pays to receive (stage) or send (collect) a
+tree, per method, on the embedded cluster (no links: CPU is all there is to measure).
+
+Every host of the embedded cluster is a process of this machine, and each process reaps
+its children (CLI -> mpiexec -> ranks; CLI -> Transit agents -> tar), so the CPU a command
+cost on every host is ``getrusage(RUSAGE_CHILDREN)`` around it. The same command is run to
+1 node and to ``nodes`` nodes; the difference divided by ``nodes - 1`` is what one more
+node costs (``cpu_per_node_s``): the home side's share (packing, the launcher, the CLI) is
+the same in both and drops out. It is reported per GB of tree and per 1,000 files.
+
+The default tree is this Python's standard library (site-packages left out: about 7,700
+files and 250 MB with its ``__pycache__``), the tree issue 18 measured.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import sysconfig
+from pathlib import Path
+from typing import Callable
+
+from . import data
+from .records import cpu_meter
+from ..errors import InvalidRequest
+
+__all__ = ["CPU_METHODS", "CPU_OPS", "cpu", "stdlib_tree", "children_cpu", "cpu_rows"]
+
+CPU_METHODS = (("transit", None), ("mpi", "chain"), ("mpi", "bcast"))
+CPU_OPS = ("stage", "collect")
+
+
+def stdlib_tree(workdir: Path) -> Path:
+    """A copy of this Python's standard library without site-packages (made once)."""
+    dst = workdir / "cpu-stdlib"
+    if not dst.exists():
+        src = Path(sysconfig.get_paths()["stdlib"])
+        shutil.copytree(src, dst, symlinks=True,
+                        ignore=lambda d, names: ["site-packages"] if Path(d) == src else [])
+    return dst
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of every reaped descendant of this process so far."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _tree(workdir: Path, tree: str, size: int, files: int) -> Path:
+    if tree == "stdlib":
+        return stdlib_tree(workdir)
+    if tree == "text":
+        return data.make_text_tree(workdir / f"cpu-text-{size}-{files}", size, files)
+    raise InvalidRequest(f"unknown cpu tree {tree!r}", hint="stdlib or text")
+
+
+def _count(src: Path) -> int:
+    return sum(1 for p in src.rglob("*") if not p.is_dir())
+
+
+def _one(site, args: list[str]) -> tuple[bool, float, float, float | None, str]:
+    """(ok, CPU seconds of everything the command ran, wall s, machine busy share, error)."""
+    with cpu_meter() as busy:
+        before = children_cpu()
+        res, wall, err = site.cli(*args)
+        spent = children_cpu() - before
+    res = res or {}
+    why = "" if res.get("ok") else (err or str(res.get("failures") or "failed"))
+    return bool(res.get("ok")), spent, wall, busy.busy, why
+
+
+def _args(op: str, method: str, alg: str | None, src: Path, names: list[str], dest: str,
+          back: Path) -> list[str]:
+    from topology import fold
+
+    if op == "stage":
+        args = ["stage", str(src), "--nodes", fold(names), "--dest", dest, "--replace"]
+    else:
+        args = ["collect", dest, "--nodes", fold(names), "--dest", str(back), "--replace"]
+    return args + ["--method", method] + (["--algorithm", alg] if alg else [])
+
+
+def cpu(site, *, nodes: int = 8, repeat: int = 1, workdir: Path, tree: str = "stdlib",
+        size: int = 16 << 20, files: int = 400, ops=CPU_OPS, methods=CPU_METHODS,
+        on_run: Callable[[dict], None] | None = None) -> list[dict]:
+    """Per method and op, the command to 1 node and to ``nodes`` nodes; one run each with
+    ``cpu_1_s``/``cpu_n_s`` (seconds, every process of the command), ``cpu_per_node_s``,
+    ``cpu_per_node_gb_s`` (per 1e9 bytes of tree) and ``cpu_per_kfile_s`` (per 1,000
+    files). ``tree``: "stdlib" or "text" (``size`` bytes in ``files`` files). Collect
+    has no bcast: it runs once per method. InvalidRequest off the embedded cluster (a
+    testbed host's processes are not this process's children) or with fewer than 2 nodes.
+    """
+    if site.kind != "embedded":
+        raise InvalidRequest("the cpu workload runs on the embedded cluster only",
+                             hint="bench cpu --where embedded")
+    names = site.node_names()
+    if not 2 <= nodes <= len(names):
+        raise InvalidRequest(f"the cpu workload needs 2 to {len(names)} nodes, not {nodes}")
+    src = _tree(workdir, tree, size, files)
+    payload, nfiles = data.tree_bytes(src), _count(src)
+    runs: list[dict] = []
+    for i in range(repeat):
+        for op in ops:
+            for method, alg in methods:
+                if op == "collect" and alg == "bcast":
+                    continue
+                run = _measure(site, op, method, alg, src, names[:nodes], workdir, i)
+                run.update(tree=tree, files=nfiles, size_bytes=payload)
+                _per_node(run, nodes, payload, nfiles)
+                runs.append(run)
+                if on_run:
+                    on_run(run)
+    site.wipe(names[:nodes], "CHIBA_SCRATCH", "bench-cpu")
+    return runs
+
+
+def _measure(site, op: str, method: str, alg: str | None, src: Path, names: list[str],
+             workdir: Path, i: int) -> dict:
+    dest = "bench-cpu"
+    run = {"workload": "cpu", "op": op, "method": method,
+           "algorithm": None if op == "collect" else alg, "nodes": len(names), "repeat": i}
+    for tag, hosts in (("1", names[:1]), ("n", names)):
+        if op == "stage":
+            site.wipe(names, "CHIBA_SCRATCH", dest)
+        else:  # collect brings back what a stage put there
+            site.cli(*_args("stage", "mpi", "chain", src, names, dest, workdir))
+        back = workdir / f"cpu-back-{tag}"
+        shutil.rmtree(back, ignore_errors=True)
+        ok, spent, wall, busy, why = _one(site, _args(op, method, run["algorithm"], src, hosts,
+                                                        dest, back))
+        shutil.rmtree(back, ignore_errors=True)
+        run[f"cpu_{tag}_s"] = spent
+        if tag == "n":
+            run.update(ok=ok, seconds=wall, cpu_busy=busy)
+        if not ok:
+            run.update(ok=False, failures={"-": why})
+            break
+    return run
+
+
+def _per_node(run: dict, nodes: int, payload: int, nfiles: int) -> None:
+    per = None
+    if run.get("ok") and run.get("cpu_n_s") is not None and run.get("cpu_1_s") is not None:
+        per = max(0.0, (run["cpu_n_s"] - run["cpu_1_s"]) / (nodes - 1))
+    run["cpu_per_node_s"] = per
+    run["cpu_per_node_gb_s"] = per / (payload / 1e9) if per is not None and payload else None
+    run["cpu_per_kfile_s"] = per / (nfiles / 1e3) if per is not None and nfiles else None
+
+
+def cpu_rows(groups: dict[tuple, list[dict]], median) -> list[dict]:
+    """One row per (cluster, op, tree, nodes, method, algorithm): median CPU seconds per
+    node, per GB and per 1,000 files, and ``x_transit`` (this method's per-node CPU over
+    City Transit's in the same case; 1.5 is issue 18's ceiling for MPI)."""
+    rows, base = [], {}
+    for key, runs in groups.items():
+        ok = [r for r in runs if r.get("ok")]
+        row = dict(zip(("cluster", "op", "tree", "nodes", "method", "algorithm"), key))
+        row["label"] = {"transit": "City Transit"}.get(row["method"]) or " ".join(
+            x for x in ("MPI", row["algorithm"]) if x)
+        row.update(runs=len(runs), failures=len(runs) - len(ok),
+                   files=runs[-1].get("files"), size_bytes=runs[-1].get("size_bytes"),
+                   median_s=median([r.get("seconds") for r in ok]),
+                   cpu_busy=median([r.get("cpu_busy") for r in runs]),
+                   **{k: median([r.get(k) for r in ok]) for k in (
+                       "cpu_per_node_s", "cpu_per_node_gb_s", "cpu_per_kfile_s")})
+        if row["method"] == "transit":
+            base[key[:4]] = row["cpu_per_node_s"]
+        rows.append(row)
+    for row in rows:
+        b = base.get(tuple(row[k] for k in ("cluster", "op", "tree", "nodes")))
+        per = row["cpu_per_node_s"]
+        row["x_transit"] = per / b if b and per is not None else None
+    return sorted(rows, key=lambda r: (r["cluster"], r["op"], r["method"] != "transit",
+                                       r["algorithm"] or ""))

@@ -1,0 +1,80 @@
+"""The bench's ``cpu`` workload: per-node CPU of staging and collecting a tree, per method,
+on a small embedded cluster through the real commands, and its report table."""
+
+from __future__ import annotations
+
+import pytest
+
+from chiba_admin.bench import aggregate, cpuprofile, suites
+from chiba_admin.bench.render import to_markdown
+from chiba_admin.bench.sites import embedded_site
+from chiba_admin.errors import InvalidRequest
+
+
+@pytest.fixture
+def site(tmp_path):
+    s = embedded_site(1, 3, tmp_path)
+    yield s
+    s.close()
+
+
+def test_cpu_workload_measures_each_method_per_node_and_reports_it(site, tmp_path):
+    seen = []
+    runs = cpuprofile.cpu(site, nodes=3, workdir=tmp_path, tree="text", size=2 << 20,
+                          files=60, methods=(("transit", None), ("mpi", "chain")),
+                          on_run=seen.append)
+    assert seen == runs
+    assert [(r["op"], r["method"]) for r in runs] == [
+        ("stage", "transit"), ("stage", "mpi"), ("collect", "transit"), ("collect", "mpi")]
+    for r in runs:
+        assert r["ok"], r.get("failures")
+        assert r["files"] == 60 and r["size_bytes"] == 2 << 20
+        # every process of the command is counted: 3 nodes cost more than 1
+        assert r["cpu_n_s"] > r["cpu_1_s"] > 0
+        per = (r["cpu_n_s"] - r["cpu_1_s"]) / 2
+        assert r["cpu_per_node_s"] == pytest.approx(per)
+        assert r["cpu_per_node_gb_s"] == pytest.approx(per / (r["size_bytes"] / 1e9))
+        assert r["cpu_per_kfile_s"] == pytest.approx(per / 0.060)
+    rec = {"cluster": {"kind": "embedded"}, "runs": runs, "date": "2026-01-01T00:00:00Z"}
+    rows = aggregate.report_dict([rec])["cpu"]
+    assert [(r["op"], r["label"]) for r in rows] == [
+        ("collect", "City Transit"), ("collect", "MPI"), ("stage", "City Transit"),
+        ("stage", "MPI chain")]
+    by = {(r["op"], r["method"]): r for r in rows}
+    for op in ("stage", "collect"):
+        t, m = by[(op, "transit")], by[(op, "mpi")]
+        assert t["x_transit"] == pytest.approx(1.0)
+        assert m["x_transit"] == pytest.approx(m["cpu_per_node_s"] / t["cpu_per_node_s"])
+    md = to_markdown(aggregate.report_dict([rec]))
+    assert "CPU per node" in md and "x Transit" in md and "MPI chain" in md
+
+
+def test_cpu_workload_refuses_one_node_and_the_testbed(site, tmp_path):
+    with pytest.raises(InvalidRequest):
+        cpuprofile.cpu(site, nodes=1, workdir=tmp_path, tree="text")
+    site.kind = "testbed"
+    with pytest.raises(InvalidRequest):
+        cpuprofile.cpu(site, nodes=2, workdir=tmp_path, tree="text")
+
+
+def test_bench_cpu_plan_runs_on_the_embedded_cluster_with_eight_nodes():
+    plan = suites.plan_from_options(
+        "cpu", shapes=[(2, 4)], sizes=[1], datas=["tree"], repeat=2, stage_methods=(),
+        collect_methods=(), sync_methods=(), targets=[], repo_files=1, repo_size=1,
+        memory_size=1, inventory_files=1, hash_size=1)
+    assert suites.describe_plan(plan, "testbed") == [
+        {"workload": "cpu", "site": "embedded", "shape": "2x4", "nodes": 8, "repeat": 2}]
+
+
+def test_stdlib_tree_leaves_site_packages_out(tmp_path, monkeypatch):
+    lib = tmp_path / "lib"
+    (lib / "site-packages" / "x").mkdir(parents=True)
+    (lib / "json").mkdir()
+    (lib / "json" / "__init__.py").write_text("x = 1\n")
+    (lib / "os.py").write_text("")
+    monkeypatch.setattr(cpuprofile.sysconfig, "get_paths", lambda: {"stdlib": str(lib)})
+    work = tmp_path / "w"
+    work.mkdir()
+    tree = cpuprofile.stdlib_tree(work)
+    assert sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*")) == [
+        "json", "json/__init__.py", "os.py"]
