@@ -264,8 +264,9 @@ class _Rank:
                 running = self.cmd is not None and not self.cmd.done_sent
                 pause.after(busy, running)
         finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as kill_everything
+            self.copies.remove_all()  # first: see _Leader.stop_all
             self.kill_everything()
-            self.copies.remove_all()
         self.finish_sends(timeout=2.0)
         self.end_command()
         return 0
@@ -563,6 +564,10 @@ class _Leader(_Rank):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.listener.close()
         self._remove_rundir()
+        # mpiexec may SIGKILL this rank well before the grace below runs out (seen: under
+        # half a second after Ctrl-C mid --bcast), so the copies go now, with the rundir;
+        # a running task keeps its unlinked program
+        self.copies.remove_all()
         self.script.signal_all(signal.SIGTERM)
         if self.cmd is not None:
             self.cmd.tasks.signal_all(signal.SIGTERM)
@@ -575,7 +580,6 @@ class _Leader(_Rank):
         self.script.kill_all()
         if self.cmd is not None:
             self.cmd.tasks.kill_all()
-        self.copies.remove_all()
         self.finish_sends(timeout=1.0)
         for _, stream, data in self.script.pieces(1 << 30):
             if data is not None:
