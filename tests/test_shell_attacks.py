@@ -7,6 +7,9 @@ and fixed (each test failed before its fix).
   the copies only after waiting for the tasks, and mpiexec killed them first).
 - A command whose environment has a name with ``=`` (``mpiexec -genv A=B x``) or a NUL
   aborted the whole shell job (every rank).
+- Rank 0 read a request line with a 10 s timeout per ``recv``: a client trickling a byte
+  every few seconds held rank 0 (every command, the script's output) for as long as it
+  liked; now 10 s in all.
 - ``srun -N 2 prog`` ran every slot of the job instead of one task per node (Slurm);
   ``-N2`` and ``-n4`` were refused as unknown options.
 """
@@ -15,10 +18,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import time
 
 import pytest
 
+from mpitools.common.unixsock import readline
 from mpitools.shell.client import UsageError as WrapperUsage
 from mpitools.shell.client import parse
 from mpitools.shell.tasks import LocalTasks
@@ -43,6 +49,16 @@ def test_bcast_refuses_a_directory_on_the_way_that_others_may_rename(tmp_path):
     os.chown(scratch / "ww", 65534, 65534)  # another user's: they may rename inside it
     with pytest.raises(ValueError, match="/scratch/ww belongs to uid 65534"):
         copies._create({"dest": "ww/sub/prog"}, 1)
+
+
+def test_a_trickled_request_line_has_one_deadline_in_all():
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(b'{"argv": ')  # no newline, and more would keep coming
+        with pytest.raises(TimeoutError, match="no whole request line in time"):
+            readline(a, 1 << 20, time.monotonic() - 1)
+        b.sendall(b'["true"]}\nrest')
+        assert readline(a, 1 << 20, time.monotonic() + 60) == (b'{"argv": ["true"]}', b"rest")
 
 
 def test_srun_nodes_alone_runs_one_task_per_node():

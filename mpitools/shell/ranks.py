@@ -398,9 +398,8 @@ class _Leader(_Rank):
             _reply(conn, {"k": "e", "msg": refused})
             conn.close()
             return
-        conn.settimeout(10)
         try:
-            line, rest = _readline(conn, 1 << 20)
+            line, rest = _readline(conn, 1 << 20, time.monotonic() + 10)
             req = json.loads(line)
             if tools.is_tool_request(req):
                 tools.accept(self, conn, req)
