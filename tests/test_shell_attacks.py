@@ -11,7 +11,8 @@ and fixed (each test failed before its fix).
   every few seconds held rank 0 (every command, the script's output) for as long as it
   liked; now 10 s in all.
 - ``srun -N 2 prog`` ran every slot of the job instead of one task per node (Slurm);
-  ``-N2`` and ``-n4`` were refused as unknown options.
+  ``-N2`` and ``-n4`` were refused as unknown options; ``srun --mpi=openmpi -N 2 -n 2``
+  put both tasks on the first node (Open MPI fills a host's slots first).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pytest
 from mpitools.common.unixsock import readline
 from mpitools.shell.client import UsageError as WrapperUsage
 from mpitools.shell.client import parse
+from mpitools.shell.openmpi import handoff
 from mpitools.shell.tasks import LocalTasks
 
 from test_shell import BIN, shell
@@ -70,6 +72,17 @@ def test_srun_nodes_alone_runs_one_task_per_node():
     assert parse("srun", ["-N", "2", "--ntasks-per-node=3", "x"], env)["ntasks"] == 6
     assert parse("mpiexec", ["-n4", "x"], env)["ntasks"] == 4
     assert parse("mpiexec", ["-np", "3", "x"], env)["ntasks"] == 3
+
+
+def test_openmpi_handoff_spreads_over_the_nodes_asked():
+    job = {"hosts": ["a", "b", "c"], "ppn": 4,
+           "openmpi": {"argv": ["/v/mpiexec", "-n", "0", "--host", "x"], "env": {},
+                       "embedded": True}}
+    req = parse("srun", ["--mpi=openmpi", "-N", "2", "prog"], {"PATH": "/bin"})
+    assert handoff(req, job)["argv"][:5] == ["/v/mpiexec", "-n", "2", "--host", "a:1,b:1"]
+    req = parse("srun", ["--mpi=openmpi", "-n", "6", "prog"], {"PATH": "/bin"})
+    assert handoff(req, job)["argv"][:5] == ["/v/mpiexec", "-n", "6", "--host",
+                                             "a:4,b:4,c:4"]
 
 
 def test_genv_name_with_equals_is_bad_input():
