@@ -116,13 +116,7 @@ def parse(tool: str, args: list[str], environ: dict[str, str]) -> dict:
             else:
                 raise UsageError(f"unsupported {tool} option {a!r}")
         req["argv"] = args[i:]
-        if req.get("per_node_tasks"):
-            nodes = req["nodes"] or int(environ.get("SLURM_NNODES") or
-                                        environ.get("PBS_NUM_NODES") or 1)
-            req["nodes"] = nodes
-            req["ntasks"] = req["ntasks"] or nodes * req["per_node_tasks"]
-        if tool == "srun" and req["nodes"] and not req["ntasks"]:
-            req["ntasks"] = req["nodes"]  # srun -N alone: one task per node, as Slurm
+        _task_count(tool, req, environ)
     if not req["argv"]:
         raise UsageError(f"{tool}: no program given")
     if req.get("bcast"):
@@ -134,6 +128,18 @@ def parse(tool: str, args: list[str], environ: dict[str, str]) -> dict:
         except ValueError as e:
             raise UsageError(str(e)) from None
     return req
+
+
+def _task_count(tool: str, req: dict, environ: dict[str, str]) -> None:
+    """``ntasks`` from ``--ntasks-per-node`` (times ``-N`` or the job's nodes) and, for
+    srun, from ``-N`` alone: one task per node, as Slurm."""
+    if req.get("per_node_tasks"):
+        nodes = req["nodes"] or int(environ.get("SLURM_NNODES") or
+                                    environ.get("PBS_NUM_NODES") or 1)
+        req["nodes"] = nodes
+        req["ntasks"] = req["ntasks"] or nodes * req["per_node_tasks"]
+    if tool == "srun" and req["nodes"] and not req["ntasks"]:
+        req["ntasks"] = req["nodes"]
 
 
 def _launch_option(tool: str, args: list[str], i: int, req: dict) -> int | None:

@@ -238,7 +238,10 @@ class _Rank:
             cmd.sub.Free()
 
     def kill_everything(self) -> None:
+        """A worker's end: its --bcast copies, then its tasks (SIGTERM, SIGKILL after the
+        grace)."""
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as in stop_all: finish the clean-up
+        self.copies.remove_all()  # first: mpiexec may kill this rank before the grace ends
         if self.cmd is not None:
             self.cmd.tasks.signal_all(signal.SIGTERM)
             deadline = time.monotonic() + _KILL_GRACE
@@ -264,8 +267,6 @@ class _Rank:
                 running = self.cmd is not None and not self.cmd.done_sent
                 pause.after(busy, running)
         finally:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as kill_everything
-            self.copies.remove_all()  # first: see _Leader.stop_all
             self.kill_everything()
         self.finish_sends(timeout=2.0)
         self.end_command()
