@@ -13,6 +13,8 @@ and fixed (each test failed before its fix).
 - ``srun -N 2 prog`` ran every slot of the job instead of one task per node (Slurm);
   ``-N2`` and ``-n4`` were refused as unknown options; ``srun --mpi=openmpi -N 2 -n 2``
   put both tasks on the first node (Open MPI fills a host's slots first).
+- A ``$CHIBA_SHELL_SOCKET`` of another user was refused (nothing sent) but named three
+  times in the one line.
 """
 
 from __future__ import annotations
@@ -61,6 +63,20 @@ def test_a_trickled_request_line_has_one_deadline_in_all():
             readline(a, 1 << 20, time.monotonic() - 1)
         b.sendall(b'["true"]}\nrest')
         assert readline(a, 1 << 20, time.monotonic() + 60) == (b'{"argv": ["true"]}', b"rest")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a socket to another user needs root")
+def test_another_users_shell_socket_is_named_once(tmp_path):
+    from mpitools.service.driver import shell_job
+
+    path = tmp_path / "sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+        s.listen(1)
+        os.chown(path, 65534, 65534)
+        job, why = shell_job({"CHIBA_SHELL_SOCKET": str(path)})
+    assert job is None and why.count(str(path)) == 1
+    assert "not a socket of uid 0 (it belongs to uid 65534); not used" in why
 
 
 def test_srun_nodes_alone_runs_one_task_per_node():
