@@ -79,10 +79,18 @@ def reply(conn: socket.socket, frame: dict) -> None:
         pass
 
 
-def readline(conn: socket.socket, limit: int) -> tuple[bytes, bytes]:
-    """The first line from ``conn`` and whatever came after it; ValueError over ``limit``."""
+def readline(conn: socket.socket, limit: int, deadline: float | None = None
+             ) -> tuple[bytes, bytes]:
+    """The first line from ``conn`` and whatever came after it; ValueError over ``limit``
+    bytes; TimeoutError once ``time.monotonic()`` passes ``deadline`` (a client trickling
+    a byte at a time must not hold the reader longer than that in all)."""
     buf = bytearray()
     while b"\n" not in buf:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no whole request line in time")
+            conn.settimeout(left)
         data = conn.recv(65536)
         if not data:
             break

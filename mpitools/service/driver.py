@@ -268,7 +268,7 @@ def shell_job(environ=None) -> tuple[ShellJob | None, str | None]:
     except OSError as e:
         return None, f"cannot use the shell job's socket {path}: {e.strerror or e}"
     except MPIToolError as e:
-        return None, str(e) + f": {path}"
+        return None, str(e)  # "PATH: why" already
     try:
         conn.settimeout(30)
         line = conn.makefile("rb").readline()

@@ -19,8 +19,8 @@ directory for that name; a relative DEST is taken below scratch, an absolute one
 below scratch or one of the host's ``dest_roots`` (the rule of every ``--dest``,
 topology/confine.py), never in the spool or the repository.
 
-Safety (the ranks run as root): the directory below the trusted root is walked without
-following symlinks (:mod:`inventory.beneath`) and must belong to the job's user or root
+Safety (the ranks run as root): every directory below the trusted root is walked without
+following symlinks (:mod:`inventory.beneath`) and each must belong to the job's user or root
 and be writable by no one else unless sticky; the copy is created ``O_EXCL | O_NOFOLLOW``
 with the source's permission bits less set-user/group-ID; an existing name is replaced
 only when it is this job's own copy (same inode), anything else is refused. Slurm leaves
@@ -246,19 +246,25 @@ class Copies:
     def _create(self, spec: dict, step: int) -> tuple[int, str, int, str, str]:
         """Open the directory safely and create the copy, empty: (dir fd, name, file fd,
         local path, host path shown)."""
-        from inventory.beneath import open_dir_beneath, open_root
+        from inventory.beneath import open_dir_beneath, open_root, split_rel
 
         dirs = self.job["bcast_dirs"][self.host]
         root, rel, shown = dest_of(dirs, spec.get("dest"), self.name(step, self.host))
         local_root = os.path.join(dirs["root"], root.lstrip("/")) if dirs["root"] else root
         parent, name = posixpath.split(rel)
-        rfd = open_root(local_root)
+        pfd = open_root(local_root)
         try:
-            pfd = open_dir_beneath(rfd, parent, display=root)
-        finally:
-            os.close(rfd)
-        try:
-            self._check_dir(pfd, posixpath.dirname(shown))
+            # every directory on the way is checked, not only the last: the tasks run the
+            # copy by its path, and one that another user could rename (a directory they
+            # may write in, not sticky) lets them put their own program at that path
+            # between the copy and the exec
+            done = root
+            self._check_dir(pfd, done)
+            for part in split_rel(parent):
+                nfd = open_dir_beneath(pfd, part, display=done)
+                os.close(pfd)
+                pfd, done = nfd, posixpath.join(done, part)
+                self._check_dir(pfd, done)
             self._clear(pfd, name, shown)
             fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=pfd)
         except BaseException:
@@ -275,9 +281,11 @@ class Copies:
     def _check_dir(pfd: int, shown: str) -> None:
         st = os.fstat(pfd)
         if st.st_uid not in (os.geteuid(), 0):
-            raise ValueError(f"{shown} belongs to uid {st.st_uid}")
+            raise ValueError(f"{shown} belongs to uid {st.st_uid} (not used: give a DEST "
+                             "in a directory of the job's user or root)")
         if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            raise ValueError(f"{shown} is writable by others (not sticky)")
+            raise ValueError(f"{shown} is writable by others and not sticky (not used: "
+                             "chmod go-w or +t, or give another DEST)")
 
     def _clear(self, pfd: int, name: str, shown: str) -> None:
         """Remove this job's own earlier copy of ``name``; refuse anything else there."""

@@ -77,6 +77,9 @@ def parse(tool: str, args: list[str], environ: dict[str, str]) -> dict:
     else:
         while i < len(args) and args[i].startswith("-"):
             a = args[i]
+            if a[:2] in ("-n", "-N") and a[2:].isdigit():  # srun's and mpiexec's -N2, -n4
+                args = [*args[:i], a[:2], a[2:], *args[i + 1:]]
+                a = args[i]
             if a == "--":
                 i += 1
                 break
@@ -106,8 +109,8 @@ def parse(tool: str, args: list[str], environ: dict[str, str]) -> dict:
                 if eq:
                     req["env"][k] = val
             elif a == "-genv":  # MPICH: -genv VAR VALUE
-                if i + 2 >= len(args):
-                    raise UsageError("-genv needs a name and a value")
+                if i + 2 >= len(args) or "=" in args[i + 1] or not args[i + 1]:
+                    raise UsageError("-genv needs a name (without '=') and a value")
                 req["env"][args[i + 1]] = args[i + 2]
                 i += 3
             elif a.startswith("--export"):
@@ -118,13 +121,7 @@ def parse(tool: str, args: list[str], environ: dict[str, str]) -> dict:
             else:
                 raise UsageError(f"unsupported {tool} option {a!r}")
         req["argv"] = args[i:]
-        if req.get("per_node_tasks"):
-            nodes = req["nodes"] or int(environ.get("SLURM_NNODES") or
-                                        environ.get("PBS_NUM_NODES") or 1)
-            req["nodes"] = nodes
-            req["ntasks"] = req["ntasks"] or nodes * req["per_node_tasks"]
-        elif tool == "srun" and req["nodes"] and req["ntasks"] is None:
-            req["ntasks"] = req["nodes"]  # srun -N without -n: one task per node
+        _task_count(tool, req, environ)
     if not req["argv"]:
         raise UsageError(f"{tool}: no program given")
     if req.get("bcast"):
@@ -136,6 +133,18 @@ def parse(tool: str, args: list[str], environ: dict[str, str]) -> dict:
         except ValueError as e:
             raise UsageError(str(e)) from None
     return req
+
+
+def _task_count(tool: str, req: dict, environ: dict[str, str]) -> None:
+    """``ntasks`` from ``--ntasks-per-node`` (times ``-N`` or the job's nodes) and, for
+    srun, from ``-N`` alone: one task per node, as Slurm."""
+    if req.get("per_node_tasks"):
+        nodes = req["nodes"] or int(environ.get("SLURM_NNODES") or
+                                    environ.get("PBS_NUM_NODES") or 1)
+        req["nodes"] = nodes
+        req["ntasks"] = req["ntasks"] or nodes * req["per_node_tasks"]
+    if tool == "srun" and req["nodes"] and not req["ntasks"]:
+        req["ntasks"] = req["nodes"]
 
 
 def _launch_option(tool: str, args: list[str], i: int, req: dict) -> int | None:

@@ -75,6 +75,9 @@ def handoff(req: dict, job: dict) -> dict:
     if req.get("nodes"):
         hosts = hosts[:int(req["nodes"])]
     ntasks = int(req.get("ntasks") or len(hosts) * ppn)
+    if req.get("nodes"):  # spread over the N nodes as srun -N does (place_tasks): Open
+        # MPI fills a host's slots first, so -N 2 -n 2 would put both tasks on the first
+        ppn = min(ppn, -(-ntasks // len(hosts)))
     argv = list(spec["argv"])
     if "--host" in argv:
         argv[argv.index("--host") + 1] = ",".join(f"{h}:{ppn}" for h in hosts)

@@ -265,7 +265,10 @@ class _Rank:
             cmd.sub.Free()
 
     def kill_everything(self) -> None:
+        """A worker's end: its --bcast copies, then its tasks (SIGTERM, SIGKILL after the
+        grace)."""
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as in stop_all: finish the clean-up
+        self.copies.remove_all()  # first: mpiexec may kill this rank before the grace ends
         if self.cmd is not None:
             self.cmd.tasks.signal_all(signal.SIGTERM)
             deadline = time.monotonic() + _KILL_GRACE
@@ -292,7 +295,6 @@ class _Rank:
                 pause.after(busy, running)
         finally:
             self.kill_everything()
-            self.copies.remove_all()
         self.finish_sends(timeout=2.0)
         self.end_command()
         return 0
@@ -524,9 +526,8 @@ class _Leader(_StepControl, _Rank):
             _reply(conn, {"k": "e", "msg": refused})
             conn.close()
             return
-        conn.settimeout(10)
         try:
-            line, rest = _readline(conn, 1 << 20)
+            line, rest = _readline(conn, 1 << 20, time.monotonic() + 10)
             req = json.loads(line)
             if tools.is_tool_request(req):
                 tools.accept(self, conn, req)
@@ -700,6 +701,10 @@ class _Leader(_StepControl, _Rank):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.listener.close()
         self._remove_rundir()
+        # mpiexec may SIGKILL this rank well before the grace below runs out (seen: under
+        # half a second after Ctrl-C mid --bcast), so the copies go now, with the rundir;
+        # a running task keeps its unlinked program
+        self.copies.remove_all()
         self.script.signal_all(signal.SIGTERM)
         if self.cmd is not None:
             self.cmd.tasks.signal_all(signal.SIGTERM)
@@ -712,7 +717,6 @@ class _Leader(_StepControl, _Rank):
         self.script.kill_all()
         if self.cmd is not None:
             self.cmd.tasks.kill_all()
-        self.copies.remove_all()
         self.finish_sends(timeout=1.0)
         for _, stream, data in self.script.pieces(1 << 30):
             if data is not None:

@@ -138,10 +138,13 @@ class LocalTasks:
         try:
             proc = subprocess.Popen(argv, env=env, cwd=cwd or None, stdin=how,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    pass_fds=pass_fds, start_new_session=True,
-                                    preexec_fn=_die_with_rank(os.getpid()))
-        except FileNotFoundError:
-            self.tasks[task] = _Task(task, None, 0, 127, f"command not found: {argv[0]}")
+                                     pass_fds=pass_fds, start_new_session=True,
+                                     preexec_fn=_die_with_rank(os.getpid()))
+        except FileNotFoundError as e:
+            # subprocess names the working directory when the child could not enter it
+            why = (f"no working directory {cwd} on this host" if cwd and e.filename == cwd
+                   else f"command not found: {argv[0]}")
+            self.tasks[task] = _Task(task, None, 0, 127, why)
             return
         except PermissionError:
             self.tasks[task] = _Task(task, None, 0, 126, f"permission denied: {argv[0]}")
@@ -149,6 +152,9 @@ class LocalTasks:
         except OSError as e:
             self.tasks[task] = _Task(task, None, 0, 126, f"cannot start {argv[0]}: "
                                                          f"{e.strerror}")
+            return
+        except ValueError as e:  # a NUL in argv or env, '=' in a name: the task's, not the job's
+            self.tasks[task] = _Task(task, None, 0, 126, f"cannot start {argv[0]!r}: {e}")
             return
         self.tasks[task] = _Task(task, proc, tag=tag)
         if stdin == "pipe":
