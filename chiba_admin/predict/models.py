@@ -35,6 +35,7 @@ FANOUT = 32
 SBCAST_WIDTH = 8
 SBCAST_BLOCK = 8 << 20
 SLURM_TREE_WIDTH = 50
+TOP_SENDERS = 8  # hosts listed in a result's "top_senders"
 
 
 def _result(job, topo, sim: Sim, seconds: float, phases: dict, receivers: int,
@@ -45,6 +46,9 @@ def _result(job, topo, sim: Sim, seconds: float, phases: dict, receivers: int,
             "aggregate_bps": per * receivers,
             "bytes_by_class": {k: round(v) for k, v in sim.bytes_by_class.items()},
             "president_tx": round(sim.tx_by_host.get(topo.president.name, 0.0)),
+            # the hosts that sent most (bytes): a tree's heads, a chain's every hop
+            "top_senders": {h: round(b) for h, b in sorted(
+                sim.tx_by_host.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_SENDERS]},
             "messages": sim.messages, **extra}
 
 

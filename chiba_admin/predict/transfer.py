@@ -65,19 +65,22 @@ def bcast(sim, topo, job, calib) -> dict:
     if alg not in (8, 9):
         r = simulate_bcast_stream(sim, pres, ranks, total, chunk, alg)
         transfer = r["seconds"]
-    else:
+    else:  # chunk 0 read; chunks 0..n-2 each broadcast while the next is read; the last
         t = sim.clock
         sim.send(pres, ranks[0], min(chunk, total))
         sim.loop()
-        first = sim.clock - t
-        before = sim.byte_marks()
-        t = sim.clock
+        transfer = sim.clock - t
         if n > 1:
-            sim.send(pres, ranks[0], chunk)  # the next chunk arrives meanwhile
-        simulate_bcast_once(sim, ranks, min(chunk, total), lib)
-        sim.loop()
-        transfer = first + n * (sim.clock - t)
-        sim.scale_bytes(before, n)  # every chunk moves the same bytes
+            before = sim.byte_marks()
+            t = sim.clock
+            sim.send(pres, ranks[0], chunk)
+            simulate_bcast_once(sim, ranks, chunk, lib)
+            sim.loop()
+            transfer += (n - 1) * (sim.clock - t)
+            sim.scale_bytes(before, n - 1)  # every chunk moves the same bytes
+        t = sim.clock
+        simulate_bcast_once(sim, ranks, total - (n - 1) * chunk, lib)
+        transfer += sim.clock - t
     phases = {**_mpi_costs(calib, len(ranks)), "transfer": transfer}
     return {**_finish(phases), "algorithm": f"{alg} {ALG_NAMES[alg]}", "chunks": n,
             "chunk": chunk}
