@@ -161,9 +161,11 @@ def sbcast(sim, topo, job, calib) -> dict:
     width = min(SBCAST_WIDTH, int(job.get("fanout") or SBCAST_WIDTH))
     tree_width = int(job.get("tree_width") or SLURM_TREE_WIDTH)
     groups = slurm_split(hosts, width)
-    n, last = max(1, -(-size // block)), size - (max(1, -(-size // block)) - 1) * block
+    n = max(1, -(-size // block))
+    last = size - (n - 1) * block
+    runs = [(n, block)] if last == block else [(n - 1, block), (1, last)]
     seconds = 0.0
-    for count, nbytes in ((n - 1, block), (1, last)):
+    for count, nbytes in runs:
         if count <= 0 or nbytes <= 0:
             continue
         before = sim.byte_marks()
@@ -177,14 +179,24 @@ def sbcast(sim, topo, job, calib) -> dict:
 
 def _sbcast_block(sim, src: str, groups, nbytes: int, tree_width: int) -> None:
     """One block down Slurm's message tree: every (head, rest) of ``groups`` gets it from
-    ``src``; each head forwards to its ``rest`` when the block has arrived."""
-    def forward(head: str, rest: list[str]) -> None:
-        for h2, rest2 in slurm_split(rest, tree_width):
-            sim.send(head, h2, nbytes, lambda h2=h2, rest2=rest2: forward(h2, rest2))
+    ``src``; each head, once the block has arrived, forwards it to its ``rest`` (split
+    at ``tree_width``) as a slurmd of its own, and answers when its subtree has."""
+    def fan_out(sender: str, branches) -> None:
+        comms = [sim.start(sender, h, nbytes) for h, _ in branches]
+        todo = list(branches)
+        kids = []
+        while comms:
+            i = sim.sg.Comm.wait_any(comms)
+            comms.pop(i)
+            head, rest = todo.pop(i)
+            if rest:
+                sub = slurm_split(rest, tree_width)
+                kids.append(sim.spawn(f"slurmd-{head}", head,
+                                      lambda h=head, sub=sub: fan_out(h, sub)))
+        for k in kids:
+            k.join()
 
-    for head, rest in groups:
-        sim.send(src, head, nbytes, lambda head=head, rest=rest: forward(head, rest))
-    sim.loop()
+    fan_out(src, groups)
 
 
 def slurm_span(total: int, width: int) -> list[int]:
