@@ -252,6 +252,13 @@ class Sim:
         self._active.append(c)
         self._done.append(then)
 
+    def discount(self, a: str, b: str, size: float) -> None:
+        """Take ``size`` bytes from a to b off the counts (a scaled period that counted a
+        whole message where the last one is shorter)."""
+        self.tx_by_host[a] = self.tx_by_host.get(a, 0.0) - size
+        for k in self.route_classes(a, b):
+            self.bytes_by_class[k] -= size
+
     def start(self, a: str, b: str, size: float):
         """Start a message of ``size`` bytes from ``a`` to ``b`` and return its Comm, for
         an actor that waits on its own messages (:meth:`spawn`)."""

@@ -78,6 +78,7 @@ def bcast(sim, topo, job, calib) -> dict:
             sim.loop()
             transfer += (n - 1) * (sim.clock - t)
             sim.scale_bytes(before, n - 1)  # every chunk moves the same bytes
+            sim.discount(pres, ranks[0], n * chunk - total)  # the last read is shorter
         t = sim.clock
         simulate_bcast_once(sim, ranks, total - (n - 1) * chunk, lib)
         transfer += sim.clock - t
