@@ -70,18 +70,22 @@ def bcast(sim, topo, job, calib) -> dict:
         sim.send(pres, ranks[0], min(chunk, total))
         sim.loop()
         transfer = sim.clock - t
+        last = total - (n - 1) * chunk
+        # chunks broadcast while the next is read; a whole last chunk taken as one of them
+        alike = n - 1 + (last == chunk) if n > 1 else 0
         if n > 1:
             before = sim.byte_marks()
             t = sim.clock
             sim.send(pres, ranks[0], chunk)
             simulate_bcast_once(sim, ranks, chunk, lib)
             sim.loop()
-            transfer += (n - 1) * (sim.clock - t)
-            sim.scale_bytes(before, n - 1)  # every chunk moves the same bytes
-            sim.discount(pres, ranks[0], n * chunk - total)  # the last read is shorter
-        t = sim.clock
-        simulate_bcast_once(sim, ranks, total - (n - 1) * chunk, lib)
-        transfer += sim.clock - t
+            transfer += alike * (sim.clock - t)
+            sim.scale_bytes(before, alike)  # every chunk moves the same bytes
+            sim.discount(pres, ranks[0], alike * chunk - (total - chunk))  # reads: n - 1
+        if alike < n:  # the last chunk, shorter, alone
+            t = sim.clock
+            simulate_bcast_once(sim, ranks, last, lib)
+            transfer += sim.clock - t
     phases = {**_mpi_costs(calib, len(ranks)), "transfer": transfer}
     return {**_finish(phases), "algorithm": f"{alg} {ALG_NAMES[alg]}", "chunks": n,
             "chunk": chunk}
