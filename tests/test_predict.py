@@ -13,6 +13,7 @@ import pytest
 from chiba_admin.bench.records import load_records
 from chiba_admin.predict import calibrate, engine
 from chiba_admin.predict.bcast import decide, tree_children
+from chiba_admin.predict.transfer import slurm_span, slurm_split
 from topology.generate import generated_topology_toml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,6 +166,41 @@ def test_bad_input_is_one_line_exit_2(cli, args, what):
     r = cli("predict", "--cluster", REPO / "clusters" / "chiba-city.toml", *args)
     assert r.code == 2, r.err
     assert what in r.err and len(r.err.strip().splitlines()) == 1
+
+
+# Slurm 22.05's sbcast on the paper-shaped testbed (towns of 4 or 8 nodes, 20 Mb/s node
+# and town links), 16 MiB: which nodes sent copies of the file, from each run's per-NIC
+# byte counters (tx bytes / the 16.8 MB archive, rounded; the president sent the rest).
+# -F (legacy_transit/peers.py tree_width), nodes -> (president's copies, {node: copies}).
+SBCAST_MEASURED = {
+    (8, 4): (4, {}),                                     # a star
+    (8, 8): (8, {}),
+    (8, 16): (8, {"ccn01": 8}),                          # one head of 8, 7 direct
+    (8, 32): (8, {"ccn01": 8, "ccn10": 8, "ccn19": 8}),  # three heads, 5 direct
+    (2, 4): (2, {"ccn01": 2}),
+    (3, 8): (2, {"ccn01": 3, "ccn05": 3}),
+    (4, 16): (4, {"ccn01": 4, "ccn06": 4, "ccn11": 4}),
+    (6, 32): (5, {"ccn01": 6, "ccn08": 6, "ccn15": 6, "ccn22": 6, "ccn29": 3}),
+}
+
+
+@pytest.mark.parametrize("fanout, nodes", sorted(SBCAST_MEASURED))
+def test_sbcast_tree_is_slurms_as_measured(fanout, nodes):
+    """slurm_split (Slurm's set_span + route split) gives the president's copies and the
+    heads' forwards that the testbed's NIC counters measured."""
+    hosts = [f"ccn{i:02d}" for i in range(1, nodes + 1)]
+    groups = slurm_split(hosts, fanout)
+    pres, heads = SBCAST_MEASURED[(fanout, nodes)]
+    assert len(groups) == pres
+    assert {h: len(rest) for h, rest in groups if rest} == heads
+    assert sorted(h for g in groups for h in [g[0], *g[1]]) == hosts  # each node once
+
+
+def test_slurm_span_beyond_a_two_level_tree():
+    # 256 nodes at width 8: 8 heads of about 32 (each forwards as a star, TreeWidth 50)
+    assert slurm_span(256, 8) == [32, 32, 32, 32, 32, 32, 32, 24]
+    assert slurm_span(8, 8) == [0] * 8  # up to the width: every node a branch of its own
+    assert sum(1 + k for k in slurm_span(10_000, 8)) == 10_000
 
 
 # -- simulated ----------------------------------------------------------------------------
@@ -386,3 +422,65 @@ def test_peers_are_bound_by_the_mayors_town_links(cli, tmp_path):
         net = sum(v for k, v in r["phases"].items() if k not in ("ssh", "launch"))
         assert bound < net < bound * 1.3, r
         assert r["bytes_by_class"]["town"] == 8 * 4 * MiB
+
+
+@needs_simgrid
+@pytest.mark.parametrize("method, nodes, heads", [
+    ("sbcast", 32, ["ccn01", "ccn10", "ccn19"]),  # -F 8
+    ("sbcast-tree", 32, ["ccn01", "ccn08", "ccn15", "ccn22"]),  # -F 6; ccn29 forwards 3
+])
+def test_sbcast_bytes_per_nic_match_the_testbed(tmp_path, method, nodes, heads):
+    """sbcast at 32 nodes on the paper-shaped testbed (4 towns of 8): the simulated bytes
+    each NIC sent are the measured ones (SBCAST_MEASURED), and so is the time: the
+    records measured 66.9 s (sbcast) and 57.7 s (sbcast -F 6) with ~3 s of start-up;
+    a store-and-forward of both 8 MiB blocks down a level-by-level tree took 220 s."""
+    from chiba_admin.predict.runner import predict_points
+    from topology.loader import loads_topology
+
+    text = generated_topology_toml(4, 8, 20e6, 200e6, uplink_bps=20e6)
+    fan = 8 if method == "sbcast" else 6
+    job = {"method": "sbcast", "n": nodes, "bytes": 16 * MiB, "fanout": fan}
+    (r,) = predict_points(text, loads_topology(text, "<t>"), [job], engine.Calibration(),
+                          "<t>")
+    pres, measured = SBCAST_MEASURED[(fan, nodes)]
+    assert r["president_tx"] == pres * 16 * MiB
+    senders = {h: b // (16 * MiB) for h, b in r["top_senders"].items() if h.startswith("ccn")}
+    assert senders == measured and sorted(senders)[:len(heads)] == heads
+    measured_s = {"sbcast": 66.9, "sbcast-tree": 57.7}[method]
+    assert 0.85 * (measured_s - 3) < r["phases"]["transfer"] < 1.1 * measured_s
+
+
+@needs_simgrid
+def test_bcast_chunks_stream_down_the_tree(tmp_path):
+    """MPI_Bcast per 4 MiB chunk does not synchronise: at 4 nodes (Open MPI's chain,
+    rank 0 -> 1 -> 2 -> 3) rank 0 sends chunk k + 1 once rank 1 has sent chunk k on and
+    entered the next MPI_Bcast (rendezvous: two hop times a chunk), so the read, 4 chunks
+    and the tail take about 11 hop times, where chunk after chunk (read, then 3 hops each)
+    took 13; the testbed measured 16.8 s (9.7 hop times) for the transfer. Rank 0 reads
+    each chunk once; ranks 0-2 each send the file once."""
+    from chiba_admin.predict.runner import predict_points
+    from topology.loader import loads_topology
+
+    text = generated_topology_toml(2, 2, 20e6, 200e6, uplink_bps=20e6)
+    job = {"method": "bcast", "n": 4, "bytes": 16 * MiB}
+    (r,) = predict_points(text, loads_topology(text, "<t>"), [job], engine.Calibration(),
+                          "<t>")
+    hop = 4 * MiB * 8 / 20e6 / engine.Calibration().tcp_efficiency
+    assert r["algorithm"] == "2 chain"
+    assert 9 * hop < r["phases"]["transfer"] < 11 * hop
+    assert r["president_tx"] == 16 * MiB
+    assert set(r["top_senders"]) >= {"ccn01", "ccn02", "ccn03"}
+    assert all(r["top_senders"][h] == 16 * MiB for h in ("ccn01", "ccn02", "ccn03"))
+    # 16 ranks: scatter + allgather, chunk after chunk; still one read of each byte, and
+    # every rank sends about 15/16 of the file in the allgather (rank 0 as much again in
+    # the scatter), as the records' NIC counters show (ccn01 1.9 copies, the others ~1)
+    text = generated_topology_toml(4, 4, 20e6, 200e6, uplink_bps=20e6)
+    for nbytes in (16 * MiB, 16 * MiB + 992, 4 * MiB):
+        (r,) = predict_points(text, loads_topology(text, "<t>"),
+                              [{"method": "bcast", "n": 16, "bytes": nbytes}],
+                              engine.Calibration(), "<t>")
+        assert r["algorithm"] == "8 scatter_allgather"
+        assert r["president_tx"] == nbytes
+        top = r["top_senders"]
+        assert max(top, key=top.get) == "ccn01"
+        assert 1.8 < top["ccn01"] / nbytes < 1.95

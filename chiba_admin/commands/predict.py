@@ -192,7 +192,7 @@ def render_check(out: dict) -> None:
                     "host costs)")
     for col in ("workload", "method", "launch", "hosts", "bytes", "scenario", "shape",
                 "record", "runs", "measured s", "network s", "predicted s", "error",
-                "left out"):
+                "left out", "pres. sent MB"):
         t.add_column(col, justify="left" if col in ("workload", "method", "launch",
                                                     "scenario", "shape",
                                                     "record") else "right")
@@ -204,7 +204,8 @@ def render_check(out: dict) -> None:
         t.add_row(r["workload"], r["method"], r.get("launch") or "", str(r["hosts"]),
                   format_bytes(r["bytes"]), r["scenario"] or "", r["shape"],
                   _record_tag(r["source"]), runs, f"{r['measured']:.1f}",
-                  f"{r['network_seconds']:.1f}", f"{r['predicted']:.1f}", err, loo)
+                  f"{r['network_seconds']:.1f}", f"{r['predicted']:.1f}", err, loo,
+                  _tx_pair(r))
     con.print(t)
     if out["max_abs_error"] is not None:
         within = sum(1 for r in out["rows"] if abs(r["error"]) <= 0.15)
@@ -213,7 +214,9 @@ def render_check(out: dict) -> None:
     con.print("measured s: median of the runs; network s: simulated (SimGrid); predicted "
               "adds the host costs (start-up, exit, per-file work) of the point's method, "
               "launch and scenario, times its record's load factor, fitted to all points "
-              "(error) or to all but this one (left out; - when nothing else predicts it)")
+              "(error) or to all but this one (left out; - when nothing else predicts it); "
+              "pres. sent MB: the bytes the president's NIC sent, measured / simulated "
+              "(measured counts TCP, ssh and Slurm framing: a few % more)")
     for line in out["fit"] + [out.get("fit_load") or ""]:
         if line:
             con.print(f"fit: {line}")
@@ -221,6 +224,13 @@ def render_check(out: dict) -> None:
         n = len(out["not_modelled"])
         con.print(f"not predicted: {n} run(s) (collect, run, service start and other "
                   "workloads have no model; failed runs are left out)")
+
+
+def _tx_pair(r: dict) -> str:
+    got, sim = r.get("president_tx_measured"), r.get("president_tx_predicted")
+    if got is None or sim is None:
+        return "-"
+    return f"{got / 1e6:.0f} / {sim / 1e6:.0f}"
 
 
 def paper_predictions(path: str, calib=None) -> dict:

@@ -11,7 +11,7 @@ per edge). The Userstage path (mpitools/stage/ranks.py ``bcast``) calls MPI_Bcas
 
 from __future__ import annotations
 
-__all__ = ["decide", "ALG_NAMES", "tree_children", "simulate_bcast_once"]
+__all__ = ["decide", "ALG_NAMES", "tree_children", "simulate_bcast_once", "simulate_bcast_stream"]
 
 ALG_NAMES = {1: "basic_linear", 2: "chain", 3: "pipeline", 4: "split_binary_tree",
              5: "binary_tree", 6: "binomial", 7: "knomial", 8: "scatter_allgather",
@@ -148,3 +148,100 @@ def simulate_bcast_once(sim, hosts: list[str], nbytes: int,
     else:
         _tree(sim, hosts, nbytes, alg)
     return alg, sim.clock - t0
+
+
+def simulate_bcast_stream(sim, src: str, hosts: list[str], total: int, chunk: int,
+                          alg: int, ahead: int = 2, budget: int | None = None) -> dict:
+    """``total`` bytes as one MPI_Bcast per ``chunk`` from hosts[0] down the tree of
+    ``alg`` (a tree algorithm: 1, 2, 5, 6, 7), rank 0 reading each chunk from ``src``
+    (the spool over HTTP, at most ``ahead`` chunks ahead of the broadcast).
+
+    MPI_Bcast does not synchronise: a rank returns once it has its chunk and has sent it
+    to its children, and calls the next, so chunks follow each other down the tree (rank
+    1 forwards chunk k while rank 0 sends it chunk k + 1). A message of 4 MiB goes by
+    rendezvous: a parent's send of chunk k starts once the child has entered its k-th
+    MPI_Bcast (its (k-1)-th returned). Long streams: the first chunks are simulated (the
+    event ``budget``, pipeline.EVENT_BUDGET) and the rest extrapolated at the period of
+    the last ones. Returns {"seconds", "chunks", "simulated_chunks", "extrapolated"}."""
+    from .pipeline import EVENT_BUDGET
+
+    p, n = len(hosts), max(1, -(-total // chunk))
+    k_sim = n if n * p <= (budget or EVENT_BUDGET) else max(8, min(n, (budget or EVENT_BUDGET) // p))
+    kids = tree_children(alg, p) if p > 1 else [[]]
+    parent = [None] * p
+    for v, cs in enumerate(kids):
+        for c in cs:
+            parent[c] = v
+    got = [0] * p           # chunks each rank holds (rank 0: read from src)
+    fin = [-1] * p          # the last chunk whose MPI_Bcast returned on each rank
+    sent = [0] * p          # chunks each rank has had sent to it
+    busy = [False] * p      # a message to this rank in flight
+    todo = [len(kids[v]) for v in range(p)]
+    left = [p] * k_sim      # ranks still inside each chunk's MPI_Bcast
+    ends: list[float] = []
+    t0 = sim.clock
+    before = sim.byte_marks()
+    reading = [False, 0]    # a read in flight, chunks read
+
+    def size(k: int) -> int:
+        return min(chunk, total - k * chunk)
+
+    def finish(v: int, k: int) -> None:
+        fin[v] = k
+        todo[v] = len(kids[v])
+        left[k] -= 1
+        if not left[k]:
+            ends.append(sim.clock - t0)
+        poke(v)
+
+    def edge(v: int, c: int) -> None:
+        k = sent[c]
+        if busy[c] or k >= k_sim or got[v] <= k or fin[v] != k - 1 or fin[c] < k - 1:
+            return
+        busy[c] = True
+
+        def arrived() -> None:
+            busy[c] = False
+            sent[c] = got[c] = k + 1
+            todo[v] -= 1
+            if not todo[v]:
+                finish(v, k)
+            if kids[c]:
+                poke(c)
+            else:
+                finish(c, k)
+
+        sim.send(hosts[v], hosts[c], size(k), arrived)
+
+    def poke(v: int) -> None:
+        for c in kids[v]:
+            edge(v, c)
+        if parent[v] is not None:
+            edge(parent[v], v)
+        if v == 0:
+            if p == 1 and got[0] > fin[0] + 1:
+                finish(0, fin[0] + 1)
+            read()
+
+    def read() -> None:
+        if reading[0] or reading[1] >= k_sim or reading[1] - (fin[0] + 1) > ahead:
+            return
+        reading[0] = True
+
+        def done() -> None:
+            reading[0] = False
+            reading[1] += 1
+            got[0] = reading[1]
+            poke(0)
+
+        sim.send(src, hosts[0], size(reading[1]), done)
+
+    read()
+    sim.loop()
+    t = ends[-1]
+    if k_sim < n:
+        back = max(1, k_sim // 4)
+        t += (n - k_sim) * (ends[-1] - ends[-1 - back]) / back
+        sim.scale_bytes(before, n / k_sim)
+    return {"seconds": t, "chunks": n, "simulated_chunks": k_sim,
+            "extrapolated": k_sim < n}

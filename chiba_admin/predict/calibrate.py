@@ -57,6 +57,7 @@ class Point:
     source: str = ""
     launch: str | None = None
     model: str = ""
+    president_tx: int | None = None  # bytes the president's NIC sent (the record's "nic")
 
     def __post_init__(self):
         self.model = self.model or self.method
@@ -160,7 +161,7 @@ def _point(run: dict, c: dict, source: str, full: dict[int, int],
         return Point("stage", name, int(run["nodes"]),
                      int(run.get("archive_bytes") or run["size_bytes"]),
                      float(run["seconds"]), c, source=source, launch=launch, model=model,
-                     fanout=fan)
+                     fanout=fan, president_tx=_president_tx(run))
     if run.get("workload") == "sync":
         m = {"mpi": "mpisync", "rsync": "rsync"}.get(run.get("method"))
         if m is None:
@@ -170,8 +171,14 @@ def _point(run: dict, c: dict, source: str, full: dict[int, int],
                      float(run["seconds"]), _sync_cluster(c, n, mixed),
                      files=files_for(run, full),
                      scenario=run.get("scenario"), fanout=max(1, n), source=source,
-                     launch=launch)
+                     launch=launch, president_tx=_president_tx(run))
     return None
+
+
+def _president_tx(run: dict) -> int | None:
+    """Bytes the president sent during the run (bench's per-NIC counters), or None."""
+    got = (run.get("nic") or {}).get("president_tx")
+    return int(got) if got is not None else None
 
 
 def _sync_cluster(c: dict, targets: int, mixed: bool) -> dict:

@@ -132,7 +132,8 @@ class Sim:
     Inside ``run(program)``, ``program(sim)`` starts messages with :meth:`send` (a callback
     when each arrives) and :meth:`loop` processes arrivals until none is in flight;
     :meth:`exchange` sends a set of messages and waits for all (a lock-step phase).
-    Byte counts per link class are kept for every message (``bytes_by_class``).
+    Byte counts per link class are kept for every message (``bytes_by_class``), and the
+    bytes each host sent (``tx_by_host``; the testbed records measure them per NIC).
     """
 
     def __init__(self, topo, hosts: list[str], calib: Calibration):
@@ -151,6 +152,7 @@ class Sim:
         self._classes: dict[tuple[str, str], tuple[str, ...]] = {}
         self._build(topo, set(hosts))
         self.bytes_by_class = {k: 0.0 for k in LINK_CLASSES}
+        self.tx_by_host: dict[str, float] = {}  # bytes each host sent (its NIC's tx)
         self.messages = 0
         self._active: list = []
         self._done: list[Callable | None] = []
@@ -231,6 +233,7 @@ class Sim:
     # messages -----------------------------------------------------------------------------
     def _count(self, a: str, b: str, size: float) -> None:
         self.messages += 1
+        self.tx_by_host[a] = self.tx_by_host.get(a, 0.0) + size
         for k in self.route_classes(a, b):
             self.bytes_by_class[k] += size
 
@@ -248,6 +251,25 @@ class Sim:
             c = self.sg.Comm.sendto_async(self.hosts[a], self.hosts[b], int(max(1, size)))
         self._active.append(c)
         self._done.append(then)
+
+    def discount(self, a: str, b: str, size: float) -> None:
+        """Take ``size`` bytes from a to b off the counts (a scaled period that counted a
+        whole message where the last one is shorter)."""
+        self.tx_by_host[a] = self.tx_by_host.get(a, 0.0) - size
+        for k in self.route_classes(a, b):
+            self.bytes_by_class[k] -= size
+
+    def start(self, a: str, b: str, size: float):
+        """Start a message of ``size`` bytes from ``a`` to ``b`` and return its Comm, for
+        an actor that waits on its own messages (:meth:`spawn`)."""
+        self._count(a, b, size)
+        return self.sg.Comm.sendto_async(self.hosts[a], self.hosts[b], int(max(1, size)))
+
+    def spawn(self, name: str, host: str, fn: Callable[[], None]):
+        """An actor running ``fn()`` on ``host`` (``join()`` waits for it): a host that
+        forwards on its own, so that waiting stays per host (wait_any over every message
+        of 10,000 hosts costs the whole list each time)."""
+        return self.sg.Actor.create(name, self.hosts[host], fn)
 
     def loop(self) -> None:
         """Process arrivals (running their callbacks) until nothing is in flight."""
@@ -268,6 +290,17 @@ class Sim:
                                                    int(max(1, size))))
         if comms:
             self.sg.Comm.wait_all(comms)
+
+    def scale_bytes(self, before: tuple[dict, dict], times: float) -> None:
+        """Count the bytes sent since ``before`` (a :meth:`byte_marks`) ``times`` over: a
+        period simulated once stands for ``times`` alike."""
+        for counts, old in zip((self.bytes_by_class, self.tx_by_host), before):
+            for k in counts:
+                counts[k] = old.get(k, 0.0) + (counts[k] - old.get(k, 0.0)) * times
+
+    def byte_marks(self) -> tuple[dict, dict]:
+        """The byte counts now, for :meth:`scale_bytes`."""
+        return dict(self.bytes_by_class), dict(self.tx_by_host)
 
     @property
     def clock(self) -> float:

@@ -28,11 +28,14 @@ METHODS = STAGE_METHODS + SYNC_METHODS
 # pdsh/pdcp and clush: a window of 32 (``-f``); City Transit and rsync use the same
 # (legacy_transit/fanout.py DEFAULT_FANOUT).
 FANOUT = 32
-# sbcast: its message fan-out -F, 8 by default (sbcast(1): "Maximum value is currently
-# eight"; legacy_transit/peers.py); it moves the file in blocks, one block at a time down
-# the tree (8 MiB here, sbcast's historical --size default).
+# sbcast: its message fan-out -F, 8 by default and at most (sbcast(1): "Maximum value is
+# currently eight"; legacy_transit/peers.py); it moves the file in blocks, one block at a
+# time down the tree (8 MiB: Slurm 22.05's default --size). Below the heads sbcast sends
+# to, slurmds forward at slurm.conf's TreeWidth (50 by default; testbed/slurm.py keeps it).
 SBCAST_WIDTH = 8
 SBCAST_BLOCK = 8 << 20
+SLURM_TREE_WIDTH = 50
+TOP_SENDERS = 8  # hosts listed in a result's "top_senders"
 
 
 def _result(job, topo, sim: Sim, seconds: float, phases: dict, receivers: int,
@@ -42,6 +45,10 @@ def _result(job, topo, sim: Sim, seconds: float, phases: dict, receivers: int,
             "seconds": seconds, "phases": phases, "per_node_bps": per,
             "aggregate_bps": per * receivers,
             "bytes_by_class": {k: round(v) for k, v in sim.bytes_by_class.items()},
+            "president_tx": round(sim.tx_by_host.get(topo.president.name, 0.0)),
+            # the hosts that sent most (bytes): a tree's heads, a chain's every hop
+            "top_senders": {h: round(b) for h, b in sorted(
+                sim.tx_by_host.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_SENDERS]},
             "messages": sim.messages, **extra}
 
 

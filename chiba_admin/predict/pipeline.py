@@ -43,7 +43,7 @@ def simulate_pipeline(sim, hosts: list[str], total: int, seg: int, *, window: in
     inflight = [0] * (hops + 1)
     last_times: list[float] = []
     start = sim.clock
-    before = dict(sim.bytes_by_class)
+    before = sim.byte_marks()
 
     def pump(h: int) -> None:
         while (h < hops and sent[h] < arrived[h] and inflight[h] < window
@@ -80,8 +80,6 @@ def simulate_pipeline(sim, hosts: list[str], total: int, seg: int, *, window: in
         back = min(k - 1, window * max(1, k // (4 * window)))
         period = (last_times[-1] - last_times[-1 - back]) / back
         t += (n - k) * period
-        scale = n / k
-        for c in sim.bytes_by_class:
-            sim.bytes_by_class[c] = before[c] + (sim.bytes_by_class[c] - before[c]) * scale
+        sim.scale_bytes(before, n / k)
     return {"seconds": t, "segments": n, "simulated_segments": k,
             "extrapolated": extrapolated}

@@ -111,6 +111,10 @@ def check_records(records: list[dict], calib: Calibration | None = None) -> dict
     fits, load, notes = fit_with_load(pts)
     cal = replace(base, host_fit=fits, source="host costs fitted to measured runs")
     rows = [_row(p, net, fits, load, pts, groups[p.key]) for p, net in zip(reps, nets)]
+    for row, p, r in zip(rows, reps, results):  # the president's bytes: a check of the model
+        txs = [q.president_tx for q in groups[p.key] if q.president_tx is not None]
+        row["president_tx_measured"] = _median(txs) if txs else None
+        row["president_tx_predicted"] = r.get("president_tx")
     worst = max((abs(r["error"]) for r in rows if r["error"] is not None), default=None)
     loads = [f"{os.path.basename(k)}: {v:.2f}" for k, v in sorted(load.items())]
     return {"rows": rows, "calibration": cal.to_dict(), "fit": notes, "load": load,

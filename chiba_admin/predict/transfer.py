@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from .bcast import ALG_NAMES, simulate_bcast_once
-from .models import FANOUT, SBCAST_BLOCK, SBCAST_WIDTH, windows
+from .bcast import ALG_NAMES, decide, simulate_bcast_once, simulate_bcast_stream
+from .models import FANOUT, SBCAST_BLOCK, SBCAST_WIDTH, SLURM_TREE_WIDTH, windows
 from .pipeline import simulate_pipeline
 
-__all__ = ["chain", "bcast", "transit", "pdcp", "sbcast", "rsync", "mpisync"]
+__all__ = ["chain", "bcast", "transit", "pdcp", "sbcast", "rsync", "mpisync", "slurm_span",
+           "slurm_split"]
 
 SEGMENT = 64 << 10       # mpitools/stage/driver.py SEGMENT: the chain's message
 STAGE_CHUNK = 4 << 20    # mpitools/stage/driver.py DEFAULT_CHUNK: bcast's message, read-ahead
@@ -50,26 +51,42 @@ def _bytes(bps):
 
 
 def bcast(sim, topo, job, calib) -> dict:
-    """mpitools/stage/ranks.py bcast: one MPI_Bcast per --chunk; rank 0 reads the next chunk
-    over HTTP while the current one is broadcast (a read-ahead of two chunks)."""
+    """mpitools/stage/ranks.py bcast: one MPI_Bcast per --chunk; rank 0 reads the chunks
+    over HTTP ahead of the broadcast (a queue of two, ranks.py ``_Downloader``). The tree
+    algorithms stream chunk after chunk down the tree (bcast.simulate_bcast_stream); the
+    scatter + allgather ones involve every rank in every step, one chunk after the
+    other."""
     ranks = _ranks(topo, job["hosts"])
     pres = topo.president.name
     total, chunk = int(job["bytes"]), int(job.get("chunk") or STAGE_CHUNK)
+    lib = job.get("mpi") or "openmpi"
+    alg = decide(len(ranks), min(chunk, total), lib)
     n = max(1, -(-total // chunk))
-    t = sim.clock
-    sim.send(pres, ranks[0], min(chunk, total))
-    sim.loop()
-    first = sim.clock - t
-    before = dict(sim.bytes_by_class)
-    t = sim.clock
-    if n > 1:
-        sim.send(pres, ranks[0], chunk)  # the next chunk arrives meanwhile
-    alg, _ = simulate_bcast_once(sim, ranks, min(chunk, total), job.get("mpi") or "openmpi")
-    sim.loop()
-    period = sim.clock - t
-    for c in sim.bytes_by_class:  # every chunk moves the same bytes
-        sim.bytes_by_class[c] = before[c] + (sim.bytes_by_class[c] - before[c]) * n
-    phases = {**_mpi_costs(calib, len(ranks)), "transfer": first + n * period}
+    if alg not in (8, 9):
+        r = simulate_bcast_stream(sim, pres, ranks, total, chunk, alg)
+        transfer = r["seconds"]
+    else:  # chunk 0 read; chunks 0..n-2 each broadcast while the next is read; the last
+        t = sim.clock
+        sim.send(pres, ranks[0], min(chunk, total))
+        sim.loop()
+        transfer = sim.clock - t
+        last = total - (n - 1) * chunk
+        # chunks broadcast while the next is read; a whole last chunk taken as one of them
+        alike = n - 1 + (last == chunk) if n > 1 else 0
+        if n > 1:
+            before = sim.byte_marks()
+            t = sim.clock
+            sim.send(pres, ranks[0], chunk)
+            simulate_bcast_once(sim, ranks, chunk, lib)
+            sim.loop()
+            transfer += alike * (sim.clock - t)
+            sim.scale_bytes(before, alike)  # every chunk moves the same bytes
+            sim.discount(pres, ranks[0], alike * chunk - (total - chunk))  # reads: n - 1
+        if alike < n:  # the last chunk, shorter, alone
+            t = sim.clock
+            simulate_bcast_once(sim, ranks, last, lib)
+            transfer += sim.clock - t
+    phases = {**_mpi_costs(calib, len(ranks)), "transfer": transfer}
     return {**_finish(phases), "algorithm": f"{alg} {ALG_NAMES[alg]}", "chunks": n,
             "chunk": chunk}
 
@@ -132,29 +149,105 @@ def pdcp(sim, topo, job, calib) -> dict:
 
 
 def sbcast(sim, topo, job, calib) -> dict:
-    """Slurm sbcast: the file in blocks, each sent down the slurmd tree (``fanout``, -F) and
-    acknowledged before the next; launch as one Slurm step. A level's messages start
-    together (its parents got the block at about the same time: their links are alike)."""
-    hosts = [topo.president.name] + _ranks(topo, job["hosts"])
+    """Slurm 22.05's sbcast (src/bcast/file_bcast.c ``_bcast_file``): the file in 8 MiB
+    blocks (``SBCAST_SIZE``), one REQUEST_FILE_BCAST per block to the job's node list,
+    answered by every node before the next block is sent. The message tree is Slurm's
+    (src/common/forward.c ``start_msg_tree``): the node list, in hostlist order, is cut
+    by ``set_span`` at the tree width min(-F, 8) into heads with the nodes each forwards
+    to; sbcast sends the block to every head; a head's slurmd forwards it once the whole
+    block has arrived, splitting its list at the TreeWidth of slurm.conf (50, Slurm's
+    default: a star up to 50), and so on down. 8 nodes at -F 8 are a star; 32 are three
+    heads of 8 and 5 direct copies (the president sends 8 blocks, the testbed's records
+    measure that)."""
+    pres = topo.president.name
+    hosts = sorted(job["hosts"], key=_natural)
     size = int(job["bytes"])
     block = int(job.get("chunk") or SBCAST_BLOCK)
+    width = min(SBCAST_WIDTH, int(job.get("fanout") or SBCAST_WIDTH))
+    tree_width = int(job.get("tree_width") or SLURM_TREE_WIDTH)
+    groups = slurm_split(hosts, width)
     n = max(1, -(-size // block))
-    kids = _kary(len(hosts), int(job.get("fanout") or SBCAST_WIDTH))
-    before = dict(sim.bytes_by_class)
-    t = sim.clock
-    level = [0]
-    while level:  # level by level: a wide tree has width^2 messages at its second
-        sim.exchange([(hosts[v], hosts[c], min(block, size)) for v in level for c in kids[v]])
-        level = [c for v in level for c in kids[v]]
-    per = sim.clock - t
-    for c in sim.bytes_by_class:
-        sim.bytes_by_class[c] = before[c] + (sim.bytes_by_class[c] - before[c]) * n
-    phases = {"launch": calib.cost("launch", len(hosts) - 1), "transfer": n * per}
-    return _finish(phases)
+    last = size - (n - 1) * block
+    runs = [(n, block)] if last == block else [(n - 1, block), (1, last)]
+    seconds = 0.0
+    for count, nbytes in runs:
+        if count <= 0 or nbytes <= 0:
+            continue
+        before = sim.byte_marks()
+        t = sim.clock
+        _sbcast_block(sim, pres, groups, nbytes, tree_width)
+        seconds += count * (sim.clock - t)  # blocks go one after the other, alike
+        sim.scale_bytes(before, count)
+    phases = {"launch": calib.cost("launch", len(hosts)), "transfer": seconds}
+    return {**_finish(phases), "blocks": n, "heads": sum(1 for g in groups if g[1])}
 
 
-def _kary(size: int, k: int) -> list[list[int]]:
-    return [[c for c in range(k * v + 1, k * v + k + 1) if c < size] for v in range(size)]
+def _sbcast_block(sim, src: str, groups, nbytes: int, tree_width: int) -> None:
+    """One block down Slurm's message tree: every (head, rest) of ``groups`` gets it from
+    ``src``; each head, once the block has arrived, forwards it to its ``rest`` (split
+    at ``tree_width``) as a slurmd of its own, and answers when its subtree has."""
+    def fan_out(sender: str, branches) -> None:
+        comms = [sim.start(sender, h, nbytes) for h, _ in branches]
+        todo = list(branches)
+        kids = []
+        while comms:
+            i = sim.sg.Comm.wait_any(comms)
+            comms.pop(i)
+            head, rest = todo.pop(i)
+            if rest:
+                sub = slurm_split(rest, tree_width)
+                kids.append(sim.spawn(f"slurmd-{head}", head,
+                                      lambda h=head, sub=sub: fan_out(h, sub)))
+        for k in kids:
+            k.join()
+
+    fan_out(src, groups)
+
+
+def slurm_span(total: int, width: int) -> list[int]:
+    """Slurm's ``set_span`` (src/common/slurm_protocol_api.c): how many nodes each of at
+    most ``width`` branches forwards to, for ``total`` nodes (all 0 up to ``width``)."""
+    span = [0] * width
+    left = total
+    if total <= width:
+        return span
+    while left > 0:
+        for i in range(width):
+            if width - i >= left:  # the rest fit as branches of their own
+                if span[i]:
+                    span[i] += left
+                left = 0
+                break
+            if left <= width:
+                if not span[i]:
+                    left -= 1  # this branch's head
+                span[i] += left
+                left = 0
+                break
+            if not span[i]:
+                left -= 1
+            span[i] += width
+            left -= width
+    return span
+
+
+def slurm_split(hosts: list[str], width: int) -> list[tuple[str, list[str]]]:
+    """Slurm's route split (src/common/slurm_route.c ``route_split_hostlist_treewidth``):
+    ``hosts`` cut into (head, the hosts the head forwards to) by :func:`slurm_span`."""
+    span = slurm_span(len(hosts), max(1, width))
+    out, i = [], 0
+    while i < len(hosts):
+        k = span[len(out)] if len(out) < len(span) else 0
+        out.append((hosts[i], list(hosts[i + 1:i + 1 + k])))
+        i += 1 + k
+    return out
+
+
+def _natural(name: str) -> tuple:
+    """Hostlist order: the name's text, then its number (ccn2 before ccn10)."""
+    import re
+
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
 def rsync(sim, topo, job, calib) -> dict:
