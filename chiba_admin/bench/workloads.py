@@ -324,7 +324,7 @@ def _sync(site: Site, *, target_counts: list[int], repeat: int, workdir: Path, f
                     args += ["-f", str(max(1, n))] if method == "rsync" else []
                     res, m = _measured(site, args + _launch_args(launch))
                     _emit(runs, {"workload": "sync", "scenario": scenario, "targets": n,
-                                 "method": sync_method(method),
+                                 "files": files, "method": sync_method(method),
                                  "launch": res.get("launch") or launch, "repeat": i,
                                  "changed_bytes": changed, **m}, on_run)
         site.wipe(targets, "CHIBA_REPO", dest)
