@@ -249,3 +249,15 @@ def test_a_failing_suite_keeps_what_it_measured(tmp_path, monkeypatch):
     assert rec["partial"] is True and rec["runs"] == seen and rec["commit"] == "c0ffee1"
     md = render.to_markdown(aggregate.report_dict(records.load_records([f])))
     assert "(stopped half-way: partial)" in md
+
+
+def test_sync_bound_beyond_the_mayors_is_a_node_link():
+    """Targets beyond the mayors are nodes: the bound is their 20 Mb/s link (or their
+    town's uplink), not the mayors' 200 Mb/s core link."""
+    cl = {"kind": "testbed", "towns": 8, "nodes_per_town": 7, "node_bps": 20e6,
+          "mayor_bps": 200e6, "uplink_bps": 20e6}
+    runs = [{"workload": "sync", "scenario": "full", "targets": n, "method": "mpi",
+             "ok": True, "seconds": 40.0, "changed_bytes": 60 * M} for n in (8, 16)]
+    rows = aggregate.sync_rows([{"cluster": cl, "runs": runs}])
+    assert _row(rows, targets=8)["bound_s"] == pytest.approx(60 * M * 8 / 200e6)
+    assert _row(rows, targets=16)["bound_s"] == pytest.approx(60 * M * 8 / 20e6)

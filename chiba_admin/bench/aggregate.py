@@ -174,11 +174,19 @@ def collect_rows(records: list[dict]) -> list[dict]:
 
 def sync_rows(records: list[dict]) -> list[dict]:
     """One row per (cluster kind, targets, scenario, method): medians, bound and ratios.
-    The bound is changed bytes / president link rate."""
+    The bound is changed bytes / the slowest link a target sits behind: the mayors' core
+    link while the targets are mayors only, else a node's link or its town's uplink
+    (the bench takes the mayors first, then nodes)."""
     def fields(case, runs, ok, med):
-        pres_bps = runs[0]["_cluster"].get("mayor_bps")
+        cl = runs[0]["_cluster"]
+        rate = cl.get("mayor_bps")
+        # records before the paper-shaped testbed (no uplink_bps) held one cluster for
+        # every site, so their sync targets cannot be told apart: the core link, as then
+        if rate and cl.get("uplink_bps") and cl.get("towns") and \
+                (case.get("targets") or 0) > cl["towns"]:
+            rate = min(x for x in (cl.get("node_bps"), cl.get("uplink_bps") or rate, rate) if x)
         changed = _median([r.get("changed_bytes") for r in runs])
-        bound = (changed * 8 / pres_bps) if changed is not None and pres_bps else None
+        bound = (changed * 8 / rate) if changed is not None and rate else None
         # mpisync reports its phases: the transfer alone against the bound shows how much
         # of the gap is moving bytes and how much is starting and ending the job
         xfer = _median([(r.get("phases") or {}).get("transfer") for r in ok])
