@@ -217,6 +217,18 @@ def render_rich(d: dict, console) -> None:
         console.print(f"record {line}", markup=False, soft_wrap=True)
 
 
+# One colour per method in every panel and figure (matplotlib's default cycle would give
+# a method a different colour in each panel that shows fewer methods).
+_COLORS = {"City Transit": "C0", "rsync": "C0", "MPI bcast": "C1", "MPI chain": "C2",
+           "mpisync": "C2", "clush --copy": "C3", "pdcp": "C4", "sbcast": "C5",
+           "sbcast (tree)": "C6"}
+
+
+def _color(label: str) -> str:
+    base = label.removesuffix(" (service)")
+    return _COLORS.get(base, "C7" if base == label else "C8")
+
+
 def _bars(ax, rows, xkey, ykey, labels, ylabel, title):
     """Grouped bars: one group per ``xkey`` value, one bar per label (method)."""
     xs = sorted({r[xkey] for r in rows})
@@ -229,7 +241,8 @@ def _bars(ax, rows, xkey, ykey, labels, ylabel, title):
         pts = [(p, y) for p, y in pts if y is not None]
         if not pts:
             continue
-        bars = ax.bar([p for p, _ in pts], [y for _, y in pts], width, label=lab)
+        bars = ax.bar([p for p, _ in pts], [y for _, y in pts], width, label=lab,
+                      color=_color(lab))
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
     ax.set_xticks(range(len(xs)), [str(x) for x in xs])
     ax.set_ylabel(ylabel)
