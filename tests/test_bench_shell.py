@@ -147,3 +147,12 @@ def test_hydra_goes_over_the_testbeds_ssh_with_its_interface_pinned(tmp_path):
     import subprocess
 
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_init_max_is_read_when_another_ranks_output_follows_on_its_line():
+    """MPICH's mpiexec on the testbed printed ``init_max 0.592734rank 1 of 8 ...``."""
+    from chiba_admin.bench.shellbench import _init_max
+
+    assert _init_max("rank 0 of 8\ninit_max 0.592734rank 1 of 8 on ccn02\n") == 0.592734
+    assert _init_max("init_max 1.5\n") == 1.5
+    assert _init_max("rank 0 of 8\n") is None

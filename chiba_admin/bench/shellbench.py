@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -143,8 +144,11 @@ def _times(path: Path) -> list[tuple[int, int, float]]:
 
 
 def _init_max(text: str) -> float | None:
-    return next((float(ln.split()[1]) for ln in text.splitlines()
-                 if ln.startswith("init_max ")), None)
+    """Rank 0's ``init_max S`` (seconds). MPICH's mpiexec forwards the ranks' output
+    unbuffered, so another rank's line may follow on the same line (seen on the testbed:
+    ``init_max 0.592734rank 1 of 8 ...``)."""
+    m = re.search(r"^init_max ([0-9]+(?:\.[0-9]+)?)", text, re.M)
+    return float(m.group(1)) if m else None
 
 
 def _check_hostnames(text: str, n: int) -> str | None:
