@@ -17,6 +17,7 @@ from mpitools.shell.client import parse
 from mpitools.shell.directives import (DirectiveError, nodefile_text, parse_pbs, parse_slurm,
                                        parse_walltime)
 from mpitools.shell.ranks import mapping_blocks, place_tasks
+from support.procs import default_sigint
 
 REPO = Path(__file__).resolve().parent.parent
 MPICH_PY = REPO / ".venv-mpich" / "bin" / "python"
@@ -348,7 +349,8 @@ def test_sigterm_to_the_shell_ends_every_task(embedded, tmp_path):
     reader = os.open(marks, os.O_RDONLY | os.O_NONBLOCK)
     keep = os.open(marks, os.O_WRONLY)  # no end of file between the tasks' writes
     p = subprocess.Popen([str(BIN / "chiba-admin"), "shell", "--nodes", "ccn[01-04]",
-                          str(script)], env=env, stderr=subprocess.PIPE)
+                          str(script)], env=env, stderr=subprocess.PIPE,
+                         preexec_fn=default_sigint)
     got = b""
     try:
         while got.count(b"\n") < 4:  # every task is running

@@ -32,6 +32,7 @@ from mpitools.shell.client import UsageError as WrapperUsage
 from mpitools.shell.client import parse
 from mpitools.shell.openmpi import handoff
 from mpitools.shell.tasks import LocalTasks
+from support.procs import default_sigint
 
 from test_shell import BIN, shell
 from test_shell_bcast import _copies, no_shell_left, scratch_of
@@ -164,7 +165,7 @@ def test_ctrl_c_while_tasks_ignore_sigterm_leaves_no_copy(embedded, tmp_path):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     p = subprocess.Popen([str(BIN / "chiba-admin"), "shell", "--nodes", "ccn[01-02]",
                           str(job)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+                         stderr=subprocess.PIPE, preexec_fn=default_sigint)
     try:
         started = [p.stdout.readline() for _ in range(2)]  # both tasks run their copy
         assert sorted(started) == [b"started ccn01\n", b"started ccn02\n"]

@@ -15,6 +15,7 @@ import pytest
 
 from mpitools.shell.client import Interrupts, UsageError, parse
 from mpitools.shell.directives import DirectiveError, parse_slurm
+from support.procs import default_sigint
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
@@ -44,7 +45,8 @@ class _Job:
         self.keep = os.open(self.marks, os.O_WRONLY)  # no end of file between writers
         self.p = subprocess.Popen([str(BIN / "chiba-admin"), "shell", "--nodes", nodes,
                                    str(path)], env=ENV, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, cwd=tmp_path)
+                                  stderr=subprocess.PIPE, cwd=tmp_path,
+                                  preexec_fn=default_sigint)
         self.got, self.err = b"", b""
 
     def marked(self, n: int) -> list[bytes]:

@@ -235,12 +235,16 @@ def test_timeout_stops_mpiexec_and_cleans_up(embedded, cli, tmp_path, monkeypatc
 def test_ctrl_c_ends_mpiexec_and_removes_temp_dirs(embedded, cli, tmp_path, monkeypatch):
     src = make_tree(tmp_path / "proj", big=1_000_000)
     monkeypatch.setenv("CHIBA_FAULTS", SLOW_RANK0)
+    # pytest started in the background without job control (`make test &` in a script)
+    # inherits SIGINT ignored: give this test a terminal's Ctrl-C
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(6.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
         r = cli("stage", src, "--nodes", "@town1", "--chunk", "64KiB")
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, old)
     assert r.code == 130 and "interrupted" in r.err
     assert all(v == [] for v in scratch_listing(embedded).values())
     assert rank_processes(embedded) == []

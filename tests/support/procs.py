@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import subprocess
 import time
 
@@ -39,3 +40,10 @@ def service_processes(job_arg: str) -> list[str]:
     ps = subprocess.run(["ps", "-ww", "-eo", "pid=,stat=,args="], capture_output=True,
                         text=True, check=True).stdout
     return [ln for ln in ps.splitlines() if job_arg in ln and not ln.split()[1].startswith("Z")]
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child a test sends SIGINT (a terminal's Ctrl-C): a shell that
+    starts a job in the background without job control (``cmd &`` in a script, nohup)
+    leaves SIGINT ignored, and a Python child keeps it ignored, so the test would hang."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
