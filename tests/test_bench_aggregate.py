@@ -261,3 +261,18 @@ def test_sync_bound_beyond_the_mayors_is_a_node_link():
     rows = aggregate.sync_rows([{"cluster": cl, "runs": runs}])
     assert _row(rows, targets=8)["bound_s"] == pytest.approx(60 * M * 8 / 200e6)
     assert _row(rows, targets=16)["bound_s"] == pytest.approx(60 * M * 8 / 20e6)
+
+
+def test_peer_argv_in_records_names_no_path_of_this_machine():
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from chiba_admin.bench.workloads import portable_argv
+
+    work = f"{tempfile.gettempdir()}/chiba-bench-ab12_x"
+    clush = str(Path(sys.executable).with_name("clush"))
+    assert portable_argv([clush, "-o", f"-F {work}/testbed-2x2/ssh/ssh_config", "--copy",
+                          f"{work}/stage/data.bin", "--dest", "/scratch/b"]) == \
+        ["clush", "-o", "-F $WORKDIR/testbed-2x2/ssh/ssh_config", "--copy",
+         "$WORKDIR/stage/data.bin", "--dest", "/scratch/b"]

@@ -15,6 +15,7 @@ president's and mayors' NICs (``nic``).
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import statistics
 import sys
@@ -170,6 +171,15 @@ def _stage(site: Site, *, nodes: int, sizes: list[int], datas: list[str], repeat
 PEER_NAMES = tuple(m for m, _ in PEER_METHODS)
 
 
+def portable_argv(argv: list[str]) -> list[str]:
+    """``argv`` as a record keeps it: the bench's temporary directory as ``$WORKDIR`` and
+    the venv's programs by name, so records shipped in the repository name no path of
+    the machine that measured them."""
+    bindir = str(Path(sys.executable).parent) + "/"
+    tmp = re.escape(tempfile.gettempdir()) + r"/chiba-bench-[^/\s]+"
+    return [re.sub(tmp, "$WORKDIR", a.replace(bindir, "")) for a in argv]
+
+
 def _peer_stage(site: Site, peer: str, src: Path, names: list[str], dest: str,
                 repeat: int) -> dict | None:
     """One run of ``peer`` copying ``src``'s contents into ``$CHIBA_SCRATCH/dest`` on
@@ -214,7 +224,7 @@ def _peer_stage(site: Site, peer: str, src: Path, names: list[str], dest: str,
     failures = {} if pr.ok else {"-": pr.output or f"exit {pr.rc}"}
     failures.update(_verify(site, names, target, peers.digest_tree(src)))
     return {"ok": not failures, "seconds": pr.seconds, "phases": {}, "failures": failures,
-            **_nic_fields(m), "cpu_busy": cpu.busy, "argv": argv,
+            **_nic_fields(m), "cpu_busy": cpu.busy, "argv": portable_argv(argv),
             "verified": len(names) - len([h for h in failures if h != "-"])}
 
 
