@@ -155,4 +155,6 @@ def test_init_max_is_read_when_another_ranks_output_follows_on_its_line():
 
     assert _init_max("rank 0 of 8\ninit_max 0.592734rank 1 of 8 on ccn02\n") == 0.592734
     assert _init_max("init_max 1.5\n") == 1.5
+    assert _init_max("rank 14 of 32 on ccn15: sum 496, init 2.05 sinit_max 3.115719\n") == \
+        3.115719
     assert _init_max("rank 0 of 8\n") is None

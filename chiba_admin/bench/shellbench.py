@@ -145,9 +145,9 @@ def _times(path: Path) -> list[tuple[int, int, float]]:
 
 def _init_max(text: str) -> float | None:
     """Rank 0's ``init_max S`` (seconds). MPICH's mpiexec forwards the ranks' output
-    unbuffered, so another rank's line may follow on the same line (seen on the testbed:
-    ``init_max 0.592734rank 1 of 8 ...``)."""
-    m = re.search(r"^init_max ([0-9]+(?:\.[0-9]+)?)", text, re.M)
+    unbuffered, so another rank's line may share its line on either side (seen on the
+    testbed: ``init_max 0.592734rank 1 of 8 ...`` and ``... init 2.05 sinit_max 3.115719``)."""
+    m = re.search(r"init_max ([0-9]+(?:\.[0-9]+)?)", text)
     return float(m.group(1)) if m else None
 
 
