@@ -3,6 +3,9 @@ on a small embedded cluster through the real commands, and its report table."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from chiba_admin.bench import aggregate, cpuprofile, suites
@@ -26,15 +29,19 @@ def test_cpu_workload_measures_each_method_per_node_and_reports_it(site, tmp_pat
     assert seen == runs
     assert [(r["op"], r["method"]) for r in runs] == [
         ("stage", "transit"), ("stage", "mpi"), ("collect", "transit"), ("collect", "mpi")]
+    hosts = Path(site.topo.state_dir) / "hosts"
     for r in runs:
         assert r["ok"], r.get("failures")
         assert r["files"] == 60 and r["size_bytes"] == 2 << 20
+        # as root the hosts live on a tmpfs of the workload's own, gone afterwards
+        assert r["disk"] == ("tmpfs" if os.geteuid() == 0 else "dir")
         # every process of the command is counted: 3 nodes cost more than 1
         assert r["cpu_n_s"] > r["cpu_1_s"] > 0
         per = (r["cpu_n_s"] - r["cpu_1_s"]) / 2
         assert r["cpu_per_node_s"] == pytest.approx(per)
         assert r["cpu_per_node_gb_s"] == pytest.approx(per / (r["size_bytes"] / 1e9))
         assert r["cpu_per_kfile_s"] == pytest.approx(per / 0.060)
+    assert not os.path.ismount(hosts)
     rec = {"cluster": {"kind": "embedded"}, "runs": runs, "date": "2026-01-01T00:00:00Z"}
     rows = aggregate.report_dict([rec])["cpu"]
     assert [(r["op"], r["label"]) for r in rows] == [

@@ -10,12 +10,23 @@ the same in both and drops out. It is reported per GB of tree and per 1,000 file
 
 The default tree is this Python's standard library (site-packages left out: about 7,700
 files and 250 MB with its ``__pycache__``), the tree issue 18 measured.
+
+As root the hosts' directories are put on a private tmpfs for the workload (``disk``:
+"tmpfs" in every run), as on the testbed. On a disk the kernel's cost of creating files
+depends on what was deleted just before: on this machine's ext4 (no journal) the inode
+allocator skips inodes deleted in the last seconds one buffer lookup at a time
+(``recently_deleted`` in ext4's ialloc.c, 46% of all CPU samples under ``perf``), so
+each method paid for the tree the bench had wiped before it: the same Transit run cost
+1.18 s a node first and 5.85 s after a wipe. Without root the runs say ``disk``: "dir".
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
 import shutil
+import subprocess
 import sysconfig
 from pathlib import Path
 from typing import Callable
@@ -86,7 +97,8 @@ def cpu(site, *, nodes: int = 8, repeat: int = 1, workdir: Path, tree: str = "st
     """Per method and op, the command to 1 node and to ``nodes`` nodes; one run each with
     ``cpu_1_s``/``cpu_n_s`` (seconds, every process of the command), ``cpu_per_node_s``,
     ``cpu_per_node_gb_s`` (per 1e9 bytes of tree) and ``cpu_per_kfile_s`` (per 1,000
-    files). ``tree``: "stdlib" or "text" (``size`` bytes in ``files`` files). Collect
+    files) and ``disk`` ("tmpfs" or "dir", see the module's docstring). ``tree``:
+    "stdlib" or "text" (``size`` bytes in ``files`` files). Collect
     has no bcast: it runs once per method. InvalidRequest off the embedded cluster (a
     testbed host's processes are not this process's children) or with fewer than 2 nodes.
     """
@@ -98,19 +110,54 @@ def cpu(site, *, nodes: int = 8, repeat: int = 1, workdir: Path, tree: str = "st
         raise InvalidRequest(f"the cpu workload needs 2 to {len(names)} nodes, not {nodes}")
     src = _tree(workdir, tree, size, files)
     payload, nfiles = data.tree_bytes(src), _count(src)
+    with _hosts_on_tmpfs(site) as disk:
+        # what collect brings home goes on the same tmpfs: the home creates every file too
+        back = Path(site.topo.state_dir) / "hosts" if disk == "tmpfs" else workdir
+        runs = _cpu_runs(site, src, names[:nodes], back, repeat, ops, methods, on_run,
+                         dict(tree=tree, files=nfiles, size_bytes=payload, disk=disk))
+    return runs
+
+
+@contextlib.contextmanager
+def _hosts_on_tmpfs(site):
+    """Yield "tmpfs" with every host's directory on one new tmpfs (root only; unmounted
+    and its contents gone on the way out, also after an error), else "dir"."""
+    state = getattr(site.topo, "state_dir", None)
+    if os.geteuid() != 0 or not state or not shutil.which("mount"):
+        yield "dir"
+        return
+    from ..embedded import init_cluster
+
+    hosts = Path(state) / "hosts"
+    hosts.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "chiba-bench-cpu",
+                           str(hosts)], capture_output=True, text=True)
+    if done.returncode:
+        yield "dir"
+        return
+    try:
+        init_cluster(site.topo)
+        yield "tmpfs"
+    finally:
+        subprocess.run(["umount", "--lazy", str(hosts)], capture_output=True)
+
+
+def _cpu_runs(site, src: Path, names: list[str], back: Path, repeat: int, ops, methods,
+              on_run, extra: dict) -> list[dict]:
+    nodes, payload, nfiles = len(names), extra["size_bytes"], extra["files"]
     runs: list[dict] = []
     for i in range(repeat):
         for op in ops:
             for method, alg in methods:
                 if op == "collect" and alg == "bcast":
                     continue
-                run = _measure(site, op, method, alg, src, names[:nodes], workdir, i)
-                run.update(tree=tree, files=nfiles, size_bytes=payload)
+                run = _measure(site, op, method, alg, src, names, back, i)
+                run.update(extra)
                 _per_node(run, nodes, payload, nfiles)
                 runs.append(run)
                 if on_run:
                     on_run(run)
-    site.wipe(names[:nodes], "CHIBA_SCRATCH", "bench-cpu")
+    site.wipe(names, "CHIBA_SCRATCH", "bench-cpu")
     return runs
 
 
