@@ -97,3 +97,48 @@ def test_a_symlink_or_another_users_file_in_the_spool_is_not_served(tmp_path):
         assert _get(srv.url_for(fifo))[0] == 404  # and no hang opening it
         if os.geteuid() == 0:
             assert _get(srv.url_for(other))[0] == 404
+
+
+def test_a_paced_archive_goes_out_on_a_paced_socket(tmp_path, capsys):
+    """SpoolServer.pace sets Linux's SO_MAX_PACING_RATE on the connection that sends that
+    archive (read back from the socket), and on no other. (Loopback's 64 KiB packets make
+    the cap's effect on time unmeasurable here; the testbed measures it: README.)"""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("TCP pacing is Linux's")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    pub = publish(make_tree(tmp_path / "src", big=1000), str(spool), "none")
+    other = publish(make_tree(tmp_path / "src2", big=10), str(spool), "none")
+    body = open(pub.path, "rb").read()
+    with SpoolServer(str(spool), "127.0.0.1", 0, verbose=True) as srv:
+        srv.pace(pub.name, 2_425_000)
+        assert _get(srv.url_for(pub.name)) == (200, body)
+        assert _get(srv.url_for(other.name))[0] == 200
+        srv.pace(pub.name, None)
+        assert srv.pacing == {}
+        assert _get(srv.url_for(pub.name)) == (200, body)
+    err = capsys.readouterr().err
+    assert err.count("paced at") == 1 and f"/{pub.name} paced at 2425000 bytes/s" in err
+    pub.remove()
+    other.remove()
+
+
+def test_download_pacing_follows_the_narrowest_link_below_the_home_servers_own():
+    from mpitools.stage.driver import PACING_SHARE, download_pacing
+    from topology import loads_topology
+    from topology.generate import generated_topology_toml
+
+    def topo(node=20e6, core=200e6, **kw):  # generated files are embedded: as ssh hosts
+        text = generated_topology_toml(2, 4, node, core, **kw)
+        return loads_topology(text.replace('kind = "embedded"', 'kind = "ssh"'), source="t")
+
+    # the paper's network: 200 Mb/s core, 20 Mb/s town links: paced at the town link
+    assert download_pacing(topo(), "ccn01") == int(PACING_SHARE * 20e6 / 8)
+    # "fat mayors": the node's own link is still the narrowest
+    assert download_pacing(topo(uplink_bps=200e6), "ccn05") == int(PACING_SHARE * 20e6 / 8)
+    # the home server's own link is the narrowest: nothing to pace
+    assert download_pacing(topo(node=200e6, core=20e6), "ccn01") is None
+    assert download_pacing(topo(), "pres") is None
+    # the embedded cluster has no links to queue in
+    emb = loads_topology(generated_topology_toml(2, 4, 20e6, 200e6), source="t")
+    assert emb.kind == "embedded" and download_pacing(emb, "ccn01") is None

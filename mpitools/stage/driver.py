@@ -20,8 +20,8 @@ from mpitools.common.spool import SUMS_SUFFIX, Published, SpoolServer, publish, 
 from mpitools.common.targets import (aborted_rows, check_nodes, cleanup_embedded, confine_all,
                                      host_rows, launch_failures, spool_dir_of, spool_or_fail)
 
-__all__ = ["stage_mpi", "stage_archive", "pipeline_segment", "DEFAULT_CHUNK",
-           "DEFAULT_ALGORITHM"]
+__all__ = ["stage_mpi", "stage_archive", "pipeline_segment", "download_pacing",
+           "DEFAULT_CHUNK", "DEFAULT_ALGORITHM"]
 
 DEFAULT_CHUNK = 4 << 20
 # measured faster on every setup we tried (README, "Staging (Figure 1)")
@@ -43,9 +43,38 @@ def pipeline_segment(total: int, ranks: int, chunk: int, *, segment: int = SEGME
     return min(segment, chunk)
 
 
+# Pace at this share of the path's narrowest link: TCP's pacing counts IP bytes, the link
+# also carries each frame's Ethernet header; 0.97 of 20 Mb/s kept the town link's queue
+# empty and still ran ahead of the chain (README, "The grid on the paper's network").
+PACING_SHARE = 0.97
+
+
+def download_pacing(topo, downloader: str) -> int | None:
+    """Bytes/s at which the home server should send the archive to ``downloader`` (rank
+    0): ``PACING_SHARE`` of the narrowest link on the route, when that link is slower than
+    the home server's own (the queue then builds in the network, at a mayor, where it
+    delays everyone else's packets); None on the embedded cluster, for a route without
+    rates, or when the home server's own link is the narrowest (its own queue paces it)."""
+    if topo.kind == "embedded":
+        return None
+    home = topo.home_server.name
+    if downloader == home:
+        return None
+    try:
+        narrow = topo.bottleneck(home, downloader)
+        own = topo.route(home, downloader)[0].bandwidth
+    except (KeyError, ValueError, IndexError, TypeError):
+        return None
+    if not (0 < narrow < own) or narrow == float("inf"):
+        return None
+    return int(PACING_SHARE * narrow / 8)
+
+
 @contextmanager
-def _spool_url(topo, name: str, spool_url: str | None) -> Iterator[str]:
-    """The archive's URL: under a given spool server, or one we run for this command."""
+def _spool_url(topo, name: str, spool_url: str | None,
+               pacing: int | None = None) -> Iterator[str]:
+    """The archive's URL: under a given spool server, or one we run for this command
+    (sending ``name`` at most at ``pacing`` bytes/s)."""
     if spool_url:
         yield spool_url.rstrip("/") + "/" + name
         return
@@ -57,6 +86,7 @@ def _spool_url(topo, name: str, spool_url: str | None) -> Iterator[str]:
         raise MPIToolError(f"cannot start the spool HTTP server on {bind}: {e.strerror or e}",
                          where=home.name, hint="run `chiba-admin spool serve` on the home "
                          "server and pass --spool-url") from None
+    server.pace(name, pacing)
     with server:
         yield server.url_for(name)
 
@@ -170,7 +200,7 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dests: dict[str, di
             progress.advance(ev.get("done") or 0, ev.get("total"))
 
     try:
-        with _spool_url(topo, pub.name, spool_url) as url:
+        with _spool_url(topo, pub.name, spool_url, download_pacing(topo, ranks[0])) as url:
             job = {**from_environ(), "jobid": secrets.token_hex(6), "url": url, "size": info.bytes,
                    "hash": info.hash, "hash_alg": info.hash_alg, "compress": info.compress,
                    "sums_url": url + SUMS_SUFFIX, "sums_hash": sums_hash, "block": info.block,
