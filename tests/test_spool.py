@@ -196,3 +196,35 @@ def test_pacing_is_per_server_and_keyed_by_the_served_name_only(tmp_path, capsys
             assert r.status == status, path
             assert ("paced at 1000000" in capsys.readouterr().err) == paced, path
     pub.remove()
+
+
+def test_download_pacing_on_the_shipped_cluster_and_other_homes():
+    """Where the queue would build in the network, and only there: the shipped Chiba City
+    (1 Gb/s core, 100 Mb/s towns), a home server that is a mayor or a node, staging to a
+    mayor, a core of unlimited rate."""
+    from pathlib import Path
+
+    from mpitools.stage.driver import PACING_SHARE, download_pacing
+    from topology import load_topology, loads_topology
+    from topology.generate import generated_topology_toml
+
+    city = load_topology(Path(__file__).parent.parent / "clusters" / "chiba-city.toml")
+    assert download_pacing(city, "ccn001") == int(PACING_SHARE * 100e6 / 8)
+    assert download_pacing(city, "mayor2") is None  # the core link all the way
+
+    def topo(home=None, **kw):
+        text = generated_topology_toml(2, 4, 20e6, 200e6, **kw).replace(
+            'kind = "embedded"', 'kind = "ssh"' + (f'\nhome = "{home}"' if home else ""))
+        return loads_topology(text, source="t")
+
+    town = int(PACING_SHARE * 20e6 / 8)
+    # a mayor at home: its own town-side link is the narrowest into its town, not into others
+    assert [download_pacing(topo("mayor1"), n) for n in ("ccn01", "ccn05", "mayor2")] == [
+        None, town, None]
+    assert download_pacing(topo("mayor1", uplink_bps=200e6), "ccn01") == town
+    # a node at home: its own 20 Mb/s link is the narrowest everywhere
+    assert [download_pacing(topo("ccn01"), n) for n in ("ccn02", "ccn05", "pres")] == [
+        None, None, None]
+    inf = loads_topology(generated_topology_toml(2, 4, 20e6, 200e6).replace(
+        'kind = "embedded"', 'kind = "ssh"').replace("200000000.0", "inf"), source="t")
+    assert download_pacing(inf, "ccn01") == town and download_pacing(inf, "mayor1") is None

@@ -130,10 +130,11 @@ def _hosts_on_tmpfs(site):
     it resolved once, and comes off through a descriptor of its own root. Renaming a
     directory above the state directory while the workload runs (a ``--workdir`` in a
     directory another user can write) then neither moves the mount nor turns the unmount
-    onto another file system's mount, as ``umount --lazy PATH`` did. A bench killed
-    before the way out (SIGKILL, SIGTERM) leaves the tmpfs mounted on
-    ``WORKDIR/chiba-bench-*/cluster-*/hosts``, holding its files in memory: ``umount -l``
-    it (``findmnt -t tmpfs -S chiba-bench-cpu`` lists them).
+    onto another file system's mount, as ``umount --lazy PATH`` did. Ctrl-C and SIGTERM
+    unwind through here (chiba_admin/cli.py); a bench killed outright (SIGKILL, the OOM
+    killer) leaves the tmpfs mounted on ``WORKDIR/chiba-bench-*/cluster-*/hosts``, holding
+    its files in memory: ``umount -l`` it (``findmnt -t tmpfs -S chiba-bench-cpu`` lists
+    them).
     """
     state = getattr(site.topo, "state_dir", None)
     if os.geteuid() != 0 or not state or not sys.platform.startswith("linux"):
