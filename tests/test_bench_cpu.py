@@ -4,7 +4,9 @@ on a small embedded cluster through the real commands, and its report table."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -85,3 +87,73 @@ def test_stdlib_tree_leaves_site_packages_out(tmp_path, monkeypatch):
     tree = cpuprofile.stdlib_tree(work)
     assert sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*")) == [
         "json", "json/__init__.py", "os.py"]
+
+
+def _mounted(path) -> bool:
+    return os.path.ismount(path)
+
+
+def _sources_at(path) -> list[str]:
+    """What is mounted on ``path``, bottom first (the sources in /proc/self/mountinfo)."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mine, _, fs = line.partition(" - ")
+            if mine.split()[4] == str(path):
+                out.append(fs.split()[1])
+    return out
+
+
+@pytest.fixture
+def state_under_a_movable_dir(tmp_path, monkeypatch):
+    """A state directory under ``tmp_path/work`` (a directory someone could rename), a
+    bystander tmpfs at ``tmp_path/victim``, and no cluster to initialise."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    from chiba_admin import embedded
+
+    monkeypatch.setattr(embedded, "init_cluster", lambda topo: None)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "chiba-test-victim", str(victim)], check=True)
+    state = tmp_path / "work" / "cluster"
+    state.mkdir(parents=True)
+    yield SimpleNamespace(topo=SimpleNamespace(state_dir=str(state))), state, victim
+    for p in (victim, tmp_path / "moved" / "cluster" / "hosts", state / "hosts"):
+        while _mounted(p):
+            subprocess.run(["umount", "--lazy", str(p)], check=True)
+
+
+def test_the_hosts_tmpfs_comes_off_by_descriptor_not_by_a_path_someone_moved(
+        state_under_a_movable_dir, tmp_path):
+    """A directory above the state directory renamed mid-run and the old path pointed at
+    another mount: the unmount takes the workload's tmpfs, never the other (`umount
+    --lazy PATH` took the other and left the workload's mounted)."""
+    site, state, victim = state_under_a_movable_dir
+    with cpuprofile._hosts_on_tmpfs(site) as disk:
+        assert disk == "tmpfs" and _mounted(state / "hosts")
+        (tmp_path / "work").rename(tmp_path / "moved")
+        (tmp_path / "work" / "cluster").mkdir(parents=True)
+        (tmp_path / "work" / "cluster" / "hosts").symlink_to(victim)
+    assert _mounted(victim)
+    assert not _mounted(tmp_path / "moved" / "cluster" / "hosts")
+
+
+def test_the_hosts_tmpfs_is_not_put_through_a_symlink_and_comes_off_after_an_error(
+        state_under_a_movable_dir, monkeypatch):
+    site, state, victim = state_under_a_movable_dir
+    (state / "hosts").symlink_to(victim)  # a planted symlink: no tmpfs over its target
+    with cpuprofile._hosts_on_tmpfs(site) as disk:
+        assert disk == "dir" and _sources_at(victim) == ["chiba-test-victim"]
+    assert _sources_at(victim) == ["chiba-test-victim"]
+    (state / "hosts").unlink()
+    from chiba_admin import embedded
+
+    def boom(topo):
+        assert _mounted(state / "hosts")  # initialised on the tmpfs, then it fails
+        raise OSError("disk on fire")
+    monkeypatch.setattr(embedded, "init_cluster", boom)
+    with pytest.raises(OSError, match="on fire"):
+        with cpuprofile._hosts_on_tmpfs(site):
+            pass
+    assert not _mounted(state / "hosts")

@@ -142,3 +142,89 @@ def test_download_pacing_follows_the_narrowest_link_below_the_home_servers_own()
     # the embedded cluster has no links to queue in
     emb = loads_topology(generated_topology_toml(2, 4, 20e6, 200e6), source="t")
     assert emb.kind == "embedded" and download_pacing(emb, "ccn01") is None
+
+
+def test_a_rate_above_a_c_int_still_sends_the_whole_archive_paced(tmp_path, capsys):
+    """A narrowest link above 17.6 Gb/s gives a rate above 2**31 - 1 bytes/s: the socket
+    takes it as 64 bits (it used to raise in the handler after the 200's headers, and
+    rank 0 read no body); nonsense rates leave the archive unpaced."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("TCP pacing is Linux's")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    pub = publish(make_tree(tmp_path / "src", big=1000), str(spool), "none")
+    body = open(pub.path, "rb").read()
+    with SpoolServer(str(spool), "127.0.0.1", 0, verbose=True) as srv:
+        srv.pace(pub.name, 3_031_250_000)  # 0.97 of 25 Gb/s
+        assert _get(srv.url_for(pub.name)) == (200, body)
+        for nonsense in (0, -5, 0.5):
+            srv.pace(pub.name, nonsense)
+            assert srv.pacing == {}
+    assert f"/{pub.name} paced at 3031250000 bytes/s" in capsys.readouterr().err
+    pub.remove()
+
+
+def test_pacing_is_per_server_and_keyed_by_the_served_name_only(tmp_path, capsys):
+    """Two servers in one process (`spool serve` beside a stage's own) pace independently;
+    a client's spelling of the path (query, doubled slash) reaches the same archive at the
+    same rate, and the digest list beside it, a HEAD or a 404 is never paced."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("TCP pacing is Linux's")
+    import http.client
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    pub = publish(make_tree(tmp_path / "src", big=1000), str(spool), "none")
+    (spool / (pub.name + ".sums")).write_bytes(b"x" * 32)
+    os.chmod(spool / (pub.name + ".sums"), 0o600)
+    with SpoolServer(str(spool), verbose=True) as a, SpoolServer(str(spool), verbose=True) as b:
+        a.pace(pub.name, 1_000_000)
+        assert b.pacing == {} and a.pacing == {pub.name: 1_000_000}
+        assert _get(b.url_for(pub.name))[0] == 200
+        assert "paced at" not in capsys.readouterr().err
+        host, port = a.address
+        for method, path, status, paced in (
+                ("GET", f"//{pub.name}?x=1&rate=9", 200, True),
+                ("GET", f"/{pub.name}.sums", 200, False),
+                ("HEAD", f"/{pub.name}", 200, False),
+                ("GET", f"/{pub.name}/..", 404, False)):
+            c = http.client.HTTPConnection(host, port, timeout=5)
+            c.request(method, path)
+            r = c.getresponse()
+            r.read()
+            c.close()
+            assert r.status == status, path
+            assert ("paced at 1000000" in capsys.readouterr().err) == paced, path
+    pub.remove()
+
+
+def test_download_pacing_on_the_shipped_cluster_and_other_homes():
+    """Where the queue would build in the network, and only there: the shipped Chiba City
+    (1 Gb/s core, 100 Mb/s towns), a home server that is a mayor or a node, staging to a
+    mayor, a core of unlimited rate."""
+    from pathlib import Path
+
+    from mpitools.stage.driver import PACING_SHARE, download_pacing
+    from topology import load_topology, loads_topology
+    from topology.generate import generated_topology_toml
+
+    city = load_topology(Path(__file__).parent.parent / "clusters" / "chiba-city.toml")
+    assert download_pacing(city, "ccn001") == int(PACING_SHARE * 100e6 / 8)
+    assert download_pacing(city, "mayor2") is None  # the core link all the way
+
+    def topo(home=None, **kw):
+        text = generated_topology_toml(2, 4, 20e6, 200e6, **kw).replace(
+            'kind = "embedded"', 'kind = "ssh"' + (f'\nhome = "{home}"' if home else ""))
+        return loads_topology(text, source="t")
+
+    town = int(PACING_SHARE * 20e6 / 8)
+    # a mayor at home: its own town-side link is the narrowest into its town, not into others
+    assert [download_pacing(topo("mayor1"), n) for n in ("ccn01", "ccn05", "mayor2")] == [
+        None, town, None]
+    assert download_pacing(topo("mayor1", uplink_bps=200e6), "ccn01") == town
+    # a node at home: its own 20 Mb/s link is the narrowest everywhere
+    assert [download_pacing(topo("ccn01"), n) for n in ("ccn02", "ccn05", "pres")] == [
+        None, None, None]
+    inf = loads_topology(generated_topology_toml(2, 4, 20e6, 200e6).replace(
+        'kind = "embedded"', 'kind = "ssh"').replace("200000000.0", "inf"), source="t")
+    assert download_pacing(inf, "ccn01") == town and download_pacing(inf, "mayor1") is None

@@ -23,10 +23,12 @@ each method paid for the tree the bench had wiped before it: the same Transit ru
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import resource
 import shutil
-import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 from typing import Callable
@@ -120,26 +122,68 @@ def cpu(site, *, nodes: int = 8, repeat: int = 1, workdir: Path, tree: str = "st
 
 @contextlib.contextmanager
 def _hosts_on_tmpfs(site):
-    """Yield "tmpfs" with every host's directory on one new tmpfs (root only; unmounted
-    and its contents gone on the way out, also after an error), else "dir"."""
+    """Yield "tmpfs" with every host's directory on one new tmpfs (root on Linux only;
+    unmounted and its contents gone on the way out, also after an error), else "dir".
+
+    Mounted and unmounted through file descriptors, never by path again: the tmpfs goes on
+    the ``hosts`` directory opened (a symlink there is refused) in the state directory as
+    it resolved once, and comes off through a descriptor of its own root. Renaming a
+    directory above the state directory while the workload runs (a ``--workdir`` in a
+    directory another user can write) then neither moves the mount nor turns the unmount
+    onto another file system's mount, as ``umount --lazy PATH`` did. Ctrl-C and SIGTERM
+    unwind through here (chiba_admin/cli.py); a bench killed outright (SIGKILL, the OOM
+    killer) leaves the tmpfs mounted on ``WORKDIR/chiba-bench-*/cluster-*/hosts``, holding
+    its files in memory: ``umount -l`` it (``findmnt -t tmpfs -S chiba-bench-cpu`` lists
+    them).
+    """
     state = getattr(site.topo, "state_dir", None)
-    if os.geteuid() != 0 or not state or not shutil.which("mount"):
+    if os.geteuid() != 0 or not state or not sys.platform.startswith("linux"):
         yield "dir"
         return
     from ..embedded import init_cluster
 
-    hosts = Path(state) / "hosts"
-    hosts.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "chiba-bench-cpu",
-                           str(hosts)], capture_output=True, text=True)
-    if done.returncode:
-        yield "dir"
-        return
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    Path(state).mkdir(parents=True, exist_ok=True)
+    parent = os.open(state, flags & ~os.O_NOFOLLOW)
     try:
-        init_cluster(site.topo)
-        yield "tmpfs"
+        with contextlib.suppress(FileExistsError):
+            os.mkdir("hosts", 0o755, dir_fd=parent)
+        root = _mount_tmpfs(parent, "hosts", flags)
+        if root is None:
+            yield "dir"
+            return
+        try:
+            init_cluster(site.topo)
+            yield "tmpfs"
+        finally:
+            _libc().umount2(f"/proc/self/fd/{root}".encode(), _MNT_DETACH)
+            os.close(root)
     finally:
-        subprocess.run(["umount", "--lazy", str(hosts)], capture_output=True)
+        os.close(parent)
+
+
+_MNT_DETACH = 2  # umount2(2)'s lazy unmount (umount --lazy)
+
+
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _mount_tmpfs(parent: int, name: str, flags: int) -> int | None:
+    """Mount a tmpfs on directory ``name`` of the directory open as ``parent`` (no symlink
+    followed); a descriptor of the new tmpfs's root, or None when the mount failed."""
+    try:
+        under = os.open(name, flags, dir_fd=parent)
+    except OSError:
+        return None
+    try:
+        if _libc().mount(b"chiba-bench-cpu", f"/proc/self/fd/{under}".encode(), b"tmpfs", 0,
+                         b"mode=0755"):
+            return None
+        # the lookup crosses into the mount just made: a mount point cannot be renamed
+        return os.open(name, flags, dir_fd=parent)
+    finally:
+        os.close(under)
 
 
 def _cpu_runs(site, src: Path, names: list[str], back: Path, repeat: int, ops, methods,

@@ -9,6 +9,7 @@ import secrets
 import shutil
 import socket
 import stat
+import struct
 import sys
 import threading
 import urllib.error
@@ -72,6 +73,7 @@ def publish(src: str, spool_dir: str, compress: str = "zstd", *,
 
 # Linux's SO_MAX_PACING_RATE (asm-generic/socket.h); Python's socket module lacks the name
 _SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
+_U64_MAX = (1 << 64) - 1
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -116,18 +118,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if f is not None:
             f.close()
 
+    def _pace(self) -> None:
+        rate = self.pacing.get(self.path.split("?", 1)[0].lstrip("/"))
+        if not rate or not sys.platform.startswith("linux"):
+            return
+        # As an unsigned 64-bit value (Linux >= 4.20 reads 8 bytes): Python packs a plain
+        # int as a C int, so a rate above 2**31 - 1 bytes/s (17 Gb/s) raised TypeError here
+        # and rank 0 got the 200's headers and no body.
+        val = struct.pack("=Q", min(int(rate), _U64_MAX))
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, _SO_MAX_PACING_RATE, val)
+            got = self.connection.getsockopt(socket.SOL_SOCKET, _SO_MAX_PACING_RATE, 8)
+        except OSError:
+            return  # unpaced, as before
+        self.log_message("%s paced at %d bytes/s", self.path,
+                         int.from_bytes(got, sys.byteorder))
+
     def do_GET(self) -> None:  # noqa: N802
+        self._pace()  # before the response starts: nothing here can cut a 200 short
         f = self._open()
         if f is None:
             return
-        rate = self.pacing.get(self.path.split("?", 1)[0].lstrip("/"))
-        if rate and sys.platform.startswith("linux"):
-            try:
-                self.connection.setsockopt(socket.SOL_SOCKET, _SO_MAX_PACING_RATE, rate)
-                got = self.connection.getsockopt(socket.SOL_SOCKET, _SO_MAX_PACING_RATE)
-                self.log_message("%s paced at %d bytes/s", self.path, got)
-            except OSError:
-                pass  # unpaced, as before
         with f:
             try:
                 shutil.copyfileobj(f, self.wfile, _SEND_CHUNK)
@@ -155,14 +166,14 @@ class SpoolServer:
 
     def pace(self, name: str, bytes_per_s: int | None) -> None:
         """Send archive ``name`` at most at ``bytes_per_s`` (Linux TCP pacing,
-        ``SO_MAX_PACING_RATE``; None: unpaced).
+        ``SO_MAX_PACING_RATE``; None or under 1 byte/s: unpaced).
 
         Why: the president's link is faster than the town link its download crosses, so an
         unpaced TCP sender keeps the mayor's town-side queue full, and a chain hop that
         sends its acknowledgements back through that queue stalls (README, "The grid on
         the paper's network": 8 nodes, 256 MiB, 116.5-116.8 s paced against 133-138 s).
         """
-        if bytes_per_s:
+        if bytes_per_s and bytes_per_s >= 1:
             self.pacing[name] = int(bytes_per_s)
         else:
             self.pacing.pop(name, None)
