@@ -228,3 +228,24 @@ def test_download_pacing_on_the_shipped_cluster_and_other_homes():
     inf = loads_topology(generated_topology_toml(2, 4, 20e6, 200e6).replace(
         'kind = "embedded"', 'kind = "ssh"').replace("200000000.0", "inf"), source="t")
     assert download_pacing(inf, "ccn01") == town and download_pacing(inf, "mayor1") is None
+
+
+def test_a_failed_paced_download_names_the_rate_it_was_paced_at():
+    """Rank 0's download error says the spool paced it, and at what rate, when the job says
+    so (a topology that understates its links can make the download time out)."""
+    from mpitools.common.archive import block_sums
+    from mpitools.stage.ranks import _Downloader
+
+    class _Stalled:
+        def read(self, n):
+            raise TimeoutError("timed out")
+
+        def close(self):
+            pass
+
+    for paced, want in ((2, "download failed: timed out (the spool paced it at 2 bytes/s "
+                            "from the topology file's link rates)"),
+                        (None, "download failed: timed out")):
+        down = _Downloader(_Stalled(), 64 << 10, 2, block_sums(b"x" * 10), 64 << 10, paced)
+        assert down.get(lambda: None) is None
+        assert down.error == want

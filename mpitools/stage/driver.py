@@ -200,12 +200,14 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dests: dict[str, di
             progress.advance(ev.get("done") or 0, ev.get("total"))
 
     try:
-        with _spool_url(topo, pub.name, spool_url, download_pacing(topo, ranks[0])) as url:
+        pacing = None if spool_url else download_pacing(topo, ranks[0])
+        with _spool_url(topo, pub.name, spool_url, pacing) as url:
             job = {**from_environ(), "jobid": secrets.token_hex(6), "url": url, "size": info.bytes,
                    "hash": info.hash, "hash_alg": info.hash_alg, "compress": info.compress,
                    "sums_url": url + SUMS_SUFFIX, "sums_hash": sums_hash, "block": info.block,
                    "chunk": seg, "buffer": int(chunk), "algorithm": algorithm,
-                   "hosts": ranks, "dests": dests, "replace": bool(replace)}
+                   "hosts": ranks, "dests": dests, "replace": bool(replace),
+                   "pacing": pacing}
             progress.phase("launch", total_bytes=info.bytes)
             try:
                 res = launch(topo, "mpitools.stage.ranks", [encode_job(job)], ranks, None,

@@ -206,8 +206,9 @@ class _Downloader:
     from packing and queues only verified ``chunk``-sized pieces (nothing unverified is
     ever forwarded or unpacked)."""
 
-    def __init__(self, resp, chunk: int, depth: int, sums: bytes, block: int):
-        self._resp, self._chunk = resp, chunk
+    def __init__(self, resp, chunk: int, depth: int, sums: bytes, block: int,
+                 paced: int | None = None):
+        self._resp, self._chunk, self._paced = resp, chunk, paced
         self._verifier = BlockVerifier(sums, block)
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = False
@@ -231,6 +232,9 @@ class _Downloader:
             self.error = str(e)
         except Exception as e:  # noqa: BLE001 - becomes this rank's agreed failure
             self.error = f"download failed: {e}"
+            if self._paced:  # a topology that understates its links slows the download
+                self.error += (f" (the spool paced it at {self._paced} bytes/s from the "
+                               "topology file's link rates)")
         finally:
             self._q.put(None)
 
@@ -469,8 +473,8 @@ def _transfer(run: _Run) -> bool:
     # the download runs ahead by up to --chunk bytes: a queue two segments deep
     # left rank 0 waiting on HTTP (0.83 of line rate against 0.90 with 4 MiB ahead)
     ahead = max(_NBUF, int(job.get("buffer", chunk)) // chunk)
-    down = (_Downloader(run.resp, chunk, ahead, run.sums, int(job["block"]))
-            if rank == 0 else None)
+    down = (_Downloader(run.resp, chunk, ahead, run.sums, int(job["block"]),
+                        job.get("pacing")) if rank == 0 else None)
     get = _source(down, total, chunk, down_failed) if rank == 0 else None
     algo = chain if job["algorithm"] == "chain" else bcast
     algo(run.comm, total, chunk, get, _sink(ex, rank, total, t), run.faults)
