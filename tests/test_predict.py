@@ -509,13 +509,16 @@ def test_check_the_shipped_grid(cli):
 @needs_simgrid
 def test_check_the_shipped_grid_with_its_idle_repeats(cli):
     """The grid with its idle re-measures (docs/results/grid-idle: the two 256 MiB chain
-    cases with the paced download, and MPI_Bcast and the chain at 16 nodes, the grid's one
-    miss, measured under load): every point within 15%."""
+    cases with the paced download, MPI_Bcast and the chain at 16 nodes, the grid's one
+    miss, measured under load, and every method and peer at 64 MiB at 8 and 32 nodes):
+    every point within 15%."""
     grid, idle = SHIPPED / "grid", SHIPPED / "grid-idle"
     if not any(grid.glob("*.json")) or not any(idle.glob("*.json")):
         pytest.skip("no grid records under docs/results/grid*/")
     r = cli("--json", "predict", "--check", str(grid), "--check", str(idle))
     assert r.code == 0, r.err
     rows = r.json()["rows"]
-    assert len(rows) >= 78
+    assert len(rows) >= 90
+    assert {(x["method"], x["hosts"]) for x in rows if x["bytes"] == 64 << 20} >= {
+        (m, n) for m in ("pdcp", "clush", "sbcast", "sbcast-tree") for n in (8, 32)}
     assert [(x["method"], x["hosts"]) for x in rows if abs(x["error"]) > 0.15] == []
