@@ -87,8 +87,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if getattr(self.server, "verbose", False):
             super().log_message(format, *args)
 
+    def _name(self) -> str:
+        """The archive name the request asks for (query string and leading slashes off)."""
+        return self.path.split("?", 1)[0].lstrip("/")
+
     def _open(self):
-        name = self.path.split("?", 1)[0].lstrip("/")
+        name = self._name()
         if not NAME_RE.match(name):
             self.send_error(404, "not found")
             return None
@@ -119,7 +123,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             f.close()
 
     def _pace(self) -> None:
-        rate = self.pacing.get(self.path.split("?", 1)[0].lstrip("/"))
+        rate = self.pacing.get(self._name())
         if not rate or not sys.platform.startswith("linux"):
             return
         # As an unsigned 64-bit value (Linux >= 4.20 reads 8 bytes): Python packs a plain

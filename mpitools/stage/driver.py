@@ -53,19 +53,15 @@ def download_pacing(topo, downloader: str) -> int | None:
     """Bytes/s at which the home server should send the archive to ``downloader`` (rank
     0): ``PACING_SHARE`` of the narrowest link on the route, when that link is slower than
     the home server's own (the queue then builds in the network, at a mayor, where it
-    delays everyone else's packets); None on the embedded cluster, for a route without
-    rates, or when the home server's own link is the narrowest (its own queue paces it)."""
-    if topo.kind == "embedded":
-        return None
+    delays everyone else's packets); None on the embedded cluster, for the home server
+    itself, or when its own link is the narrowest (its own queue paces it). Every link has
+    a bandwidth (the topology loader requires one)."""
     home = topo.home_server.name
-    if downloader == home:
+    if topo.kind == "embedded" or downloader == home:
         return None
-    try:
-        narrow = topo.bottleneck(home, downloader)
-        own = topo.route(home, downloader)[0].bandwidth
-    except (KeyError, ValueError, IndexError, TypeError):
-        return None
-    if not (0 < narrow < own) or narrow == float("inf"):
+    links = topo.route(home, downloader)
+    narrow = min(lk.bandwidth for lk in links)
+    if not 0 < narrow < links[0].bandwidth:
         return None
     return int(PACING_SHARE * narrow / 8)
 
