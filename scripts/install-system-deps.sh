@@ -7,6 +7,11 @@ command -v ssh >/dev/null || need+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ip >/dev/null || need+=(iproute2)
 command -v tar >/dev/null || need+=(tar)
+# libarchive-c (every unpacking rank) loads the C library libarchive
+if command -v ldconfig >/dev/null || [ -x /sbin/ldconfig ]; then
+    { ldconfig -p 2>/dev/null || /sbin/ldconfig -p; } | grep -q 'libarchive\.so\.13' \
+        || need+=(libarchive13)
+fi
 # the peers `bench` measures beside our methods (testbed only): pdcp, and Slurm's sbcast
 # on a Slurm the testbed starts itself (`testbed up --slurm`; its own config and key, so
 # Debian's services for these packages need no configuration and may stay stopped)

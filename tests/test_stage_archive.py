@@ -8,9 +8,9 @@ import stat
 import tarfile
 
 import pytest
-import zstandard
 
-from mpitools.common.archive import (BLOCK, BlockVerifier, Extractor, RefusedMember, VerifyError,
+from mpitools.common.archive import (BLOCK, BlockVerifier, Extractor, RefusedMember, TarReadError,
+                              VerifyError,
                               block_sums, clean_stale, make_locked_temp, new_hasher, pack_tree,
                               temp_name)
 from mpitools.stage.ranks import DestRefused, NodeStage
@@ -80,9 +80,11 @@ def test_corrupt_stream_is_an_error(tmp_path):
     data = bytearray(out.getvalue())
     data[len(data) // 2] ^= 0xFF
     (tmp_path / "d").mkdir()
-    # a damaged zstd frame, or (had the flip kept the frame valid) a damaged tar header
-    with pytest.raises((zstandard.ZstdError, tarfile.TarError)):
+    # a damaged zstd frame (its checksum), or (had the flip kept the frame valid) a
+    # damaged tar header: libarchive's message, in one line
+    with pytest.raises(TarReadError, match="Zstd|checksum|header") as e:
         _feed(bytes(data), str(tmp_path / "d"), "zstd")
+    assert "\n" not in str(e.value)
 
 
 def _fd(path) -> int:
@@ -346,44 +348,3 @@ def test_pack_tells_the_payload_as_it_goes(tmp_path):
     seen: list[int] = []
     pack_tree(str(src), io.BytesIO(), "zstd", on_payload=seen.append)
     assert sorted(seen) == [123, 5000] and sum(seen) == check_source(str(src)).bytes
-
-
-def _headers(data: bytes, tarinfo) -> list[tuple]:
-    from mpitools.common.archive import _ForwardReader
-
-    with tarfile.open(fileobj=_ForwardReader(io.BytesIO(data)), mode="r:",
-                      tarinfo=tarinfo) as tar:
-        return [(m.name, m.mode, m.uid, m.gid, m.size, m.mtime, m.type, m.linkname, m.uname,
-                 m.gname, m.devmajor, m.devminor, m.chksum, m.offset_data, m.pax_headers)
-                for m in tar]
-
-
-@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT,
-                                 tarfile.GNU_FORMAT])
-def test_quick_header_reader_reads_what_tarfile_reads(fmt):
-    """The one-struct header reader gives tarfile's members for every kind of header,
-    falling back to tarfile for those it does not read (GNU, base-256, bad checksums)."""
-    from mpitools.common.archive import _TarInfo
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
-        def add(name, type_=tarfile.REGTYPE, data=b"", **kw):
-            ti = tarfile.TarInfo(name)
-            ti.type, ti.size = type_, len(data)
-            for k, v in kw.items():
-                setattr(ti, k, v)
-            tar.addfile(ti, io.BytesIO(data))
-        add("d/", tarfile.DIRTYPE, mode=0o755)
-        add("d/f", data=b"x" * 700, mode=0o4755, uid=1000, gid=1000, uname="u", gname="g",
-            mtime=1_700_000_000)
-        add("p" * 80 + "/" + "q" * 80, data=b"long")  # ustar: split into prefix and name
-        add("d/big-ids", uid=0o7777777 + 1 if fmt != tarfile.USTAR_FORMAT else 7)  # base 256
-        add("d/l", tarfile.SYMTYPE, linkname="../f")
-        add("d/h", tarfile.LNKTYPE, linkname="d/f")
-        add("d/fifo", tarfile.FIFOTYPE)
-    data = buf.getvalue()
-    assert _headers(data, _TarInfo) == _headers(data, tarfile.TarInfo)
-    bad = bytearray(data)
-    bad[0] ^= 1  # first header's checksum no longer matches: tarfile's error, not ours
-    with pytest.raises(tarfile.ReadError):
-        _headers(bytes(bad), _TarInfo)

@@ -1,26 +1,27 @@
 """Compressed tar streams: pack a tree, unpack one safely from verified chunks, temp-dir hygiene.
 
-Extraction does not rely on :mod:`tarfile`'s extraction filters (their protection depends on
-the Python version: the CVE-2025-4517 symlink-chain escape is fixed only in 3.11.13+).
-``tarfile`` only parses headers; :class:`SafeUnpacker` creates every entry itself, relative
-to directory file descriptors opened with ``O_NOFOLLOW`` below the temporary directory, so
-no member can be written through a symlink or outside it, whatever the archive says
-(docs/design.md, "Safety").
+Packing writes PAX with :mod:`tarfile`. Unpacking relies on no library's extraction
+(:mod:`tarfile`'s filters depend on the Python version: the CVE-2025-4517 symlink-chain
+escape is fixed only in 3.11.13+; libarchive's secure-extraction flags work on paths
+relative to the process's working directory): libarchive only parses the stream and writes
+a file's data into a descriptor given to it (mpitools/common/tarread.py), and
+:class:`SafeUnpacker` creates every entry itself, relative to directory file descriptors
+opened with ``O_NOFOLLOW`` below the temporary directory, so no member can be written
+through a symlink or outside it, whatever the archive says (docs/design.md, "Safety").
 """
 
-# Imported by the rank programs: keep it to the standard library plus zstandard/blake3.
+# Imported by the rank programs: the standard library plus zstandard, blake3 and
+# libarchive-c (loaded when the first archive is read).
 from __future__ import annotations
 
 import errno
 import fcntl
 import gzip
-import io
 import os
 import queue
 import re
 import shutil
 import stat
-import struct
 import tarfile
 import threading
 from dataclasses import dataclass
@@ -29,11 +30,13 @@ from typing import BinaryIO, Callable
 from inventory.beneath import BeneathError, open_dir_beneath
 
 from mpitools.common.runtime import queue_put
+from mpitools.common.tarread import (MTIME_XATTR, SOCKET_XATTR, Member, TarReader,
+                                     TarReadError, exact_mtime)
 
 __all__ = ["COMPRESSIONS", "BLOCK", "PackInfo", "new_hasher", "block_sums", "BlockHasher",
            "BlockVerifier", "VerifyError", "pack_tree", "ChunkWriter", "RefusedMember",
            "SafeUnpacker", "Extractor", "temp_name", "make_locked_temp", "clean_stale",
-           "remove_entry", "TEMP_RE"]
+           "remove_entry", "TEMP_RE", "TarReadError"]
 
 COMPRESSIONS = ("zstd", "gzip", "none")
 # Archive bytes are verified in blocks of this size against blake3 digests taken while
@@ -43,8 +46,11 @@ BLOCK = 64 << 10
 _DIGEST = 32
 TEMP_RE = re.compile(r"^\.(?P<name>.+)\.chiba-(?P<kind>stage|collect)-(?P<job>[0-9a-f]{12})"
                      r"(?P<old>\.old)?$")
-# PAX attribute carrying a socket (tar has no type for one; rsync -a recreates them)
-SOCKET_ATTR = "CHIBA.socket"
+# PAX records libarchive hands on as the entry's xattrs (mpitools/common/tarread.py): a FIFO
+# that was a socket (tar has no type for one; rsync -a recreates them), an exact negative
+# fractional mtime
+SOCKET_ATTR = "SCHILY.xattr." + SOCKET_XATTR
+MTIME_ATTR = "SCHILY.xattr." + MTIME_XATTR
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -235,13 +241,6 @@ class _TarSink:
             self._buf = bytearray()
 
 
-def _exact_mtime(st: os.stat_result) -> str:
-    """st_mtime as an exact decimal (a float loses the nanoseconds rsync keeps)."""
-    sign = "-" if st.st_mtime_ns < 0 else ""
-    s, ns = divmod(abs(st.st_mtime_ns), 10**9)
-    return f"{sign}{s}.{ns:09d}" if ns else f"{sign}{s}"
-
-
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
 
 
@@ -264,7 +263,10 @@ class _Packer:
         ti = tarfile.TarInfo(arcname)
         ti.mode, ti.uid, ti.gid = st.st_mode & 0o7777, st.st_uid, st.st_gid
         ti.mtime = st.st_mtime
-        ti.pax_headers = {"mtime": _exact_mtime(st)}
+        # exact: a float loses the nanoseconds rsync keeps
+        ti.pax_headers = {"mtime": exact_mtime(st.st_mtime_ns)}
+        if st.st_mtime_ns < 0 and st.st_mtime_ns % 10**9:
+            ti.pax_headers[MTIME_ATTR] = ti.pax_headers["mtime"]
         m = st.st_mode
         if stat.S_ISREG(m):
             key = (st.st_dev, st.st_ino)
@@ -403,148 +405,23 @@ class ChunkWriter:
 class RefusedMember(tarfile.FilterError):
     """An archive member that would reach outside the destination or is never created."""
 
-    def __init__(self, member: tarfile.TarInfo | None, why: str):
+    def __init__(self, member: Member | None, why: str):
         name = member.name if member is not None else "?"
         super().__init__(f"{name!r}: {why}")
-        self.tarinfo = member
+        self.member = member
 
 
-class _ForwardReader:
-    """A stream that :mod:`tarfile` may ``seek`` forward in: tar's random-access mode
-    (``r:``) on a pipe.
-
-    tarfile's own stream mode (``r|``) copies the rest of its 1 MiB buffer on every
-    512-byte header read: on the CPython standard library (7,733 files) that was half of
-    an unpacking node's user CPU. Here a read takes a slice of the current buffer and
-    :meth:`copy_to` writes member data from it without copying. Seeking backwards raises
-    ``io.UnsupportedOperation``.
-    """
-
-    def __init__(self, raw, bufsize: int = 1 << 20):
-        self._raw, self._bufsize = raw, bufsize
-        self._buf, self._off, self._pos = b"", 0, 0  # _buf[_off] is stream byte _pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def _fill(self) -> bool:
-        self._buf, self._off = self._raw.read(self._bufsize), 0
-        return bool(self._buf)
-
-    def _take(self, n: int) -> memoryview:
-        """Up to ``n`` bytes from the buffer (refilled when empty); empty at the end."""
-        if self._off >= len(self._buf) and not self._fill():
-            return memoryview(b"")
-        view = memoryview(self._buf)[self._off:self._off + n]
-        self._off += len(view)
-        self._pos += len(view)
-        return view
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            parts = [bytes(self._take(len(self._buf)))]
-            while self._fill():
-                parts.append(self._buf)
-                self._pos += len(self._buf)
-            self._buf, self._off = b"", 0
-            return b"".join(parts)
-        first = self._take(n)
-        if len(first) == n or not len(first):
-            return bytes(first)
-        parts = [bytes(first)]
-        n -= len(first)
-        while n:
-            more = self._take(n)
-            if not len(more):
-                break
-            parts.append(bytes(more))
-            n -= len(more)
-        return b"".join(parts)
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        if whence != 0 or pos < self._pos:
-            raise io.UnsupportedOperation("a tar stream is only read forwards")
-        while self._pos < pos:
-            if not len(self._take(pos - self._pos)):
-                raise tarfile.ReadError("unexpected end of data")
-        return self._pos
-
-    def copy_to(self, fd: int, n: int) -> None:
-        """Write the next ``n`` bytes of the stream to ``fd``; ReadError if it ends first."""
-        while n:
-            view = self._take(n)
-            if not len(view):
-                raise tarfile.ReadError("unexpected end of data")
-            n -= len(view)
-            while len(view):
-                view = view[os.write(fd, view):]
-
-
-_USTAR = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s")
-
-
-def _octal(field: bytes) -> int:
-    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)  # ValueError: not octal
-
-
-class _TarInfo(tarfile.TarInfo):
-    """:class:`tarfile.TarInfo` that reads a plain POSIX header (what :func:`pack_tree`
-    writes) in one ``struct`` call; any other header, or one it cannot read, goes to
-    tarfile's own parser, which validates and refuses as before. tarfile's field-by-field
-    parse was 0.5 s of an unpacking node's CPU on the CPython standard library."""
-
-    @classmethod
-    def frombuf(cls, buf, encoding, errors):
-        if len(buf) != tarfile.BLOCKSIZE or buf[257:263] != tarfile.POSIX_MAGIC[:6] \
-                or buf[156:157] == tarfile.GNUTYPE_SPARSE:
-            return super().frombuf(buf, encoding, errors)
-        (name, mode, uid, gid, size, mtime, chksum, typ, linkname, _, _, uname, gname,
-         devmajor, devminor, prefix) = _USTAR.unpack_from(buf)
-        try:
-            nums = [_octal(f) for f in (mode, uid, gid, size, mtime, chksum, devmajor,
-                                        devminor)]
-        except ValueError:  # base-256 numbers, garbage: tarfile decides
-            return super().frombuf(buf, encoding, errors)
-        if nums[5] != 256 + sum(buf) - sum(buf[148:156]):
-            return super().frombuf(buf, encoding, errors)  # signed sums, or bad: tarfile's
-        obj = cls()
-        obj.name = tarfile.nts(name, encoding, errors)
-        obj.mode, obj.uid, obj.gid, obj.size, obj.mtime, obj.chksum = nums[:6]
-        obj.devmajor, obj.devminor = nums[6:]
-        obj.type = typ
-        obj.linkname = tarfile.nts(linkname, encoding, errors)
-        obj.uname = tarfile.nts(uname, encoding, errors)
-        obj.gname = tarfile.nts(gname, encoding, errors)
-        prefix = tarfile.nts(prefix, encoding, errors)
-        if obj.type == tarfile.AREGTYPE and obj.name.endswith("/"):
-            obj.type = tarfile.DIRTYPE  # as tarfile reads a V7 directory
-        if obj.isdir():
-            obj.name = obj.name.rstrip("/")
-        if prefix and obj.type not in tarfile.GNU_TYPES:
-            obj.name = prefix + "/" + obj.name
-        return obj
-
-
-def _member_parts(ti: tarfile.TarInfo, name: str | None = None) -> tuple[str, ...]:
+def _member_parts(m: Member, name: str | None = None) -> tuple[str, ...]:
     """The components of a member name; refuses absolute names, ``..``, NUL and empty."""
-    name = ti.name if name is None else name
+    name = m.name if name is None else name
     if not name or "\0" in name:
-        raise RefusedMember(ti, "empty name or NUL byte")
+        raise RefusedMember(m, "empty name or NUL byte")
     if name.startswith("/"):
-        raise RefusedMember(ti, "is an absolute path")
+        raise RefusedMember(m, "is an absolute path")
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
-        raise RefusedMember(ti, "has a '..' component")
+        raise RefusedMember(m, "has a '..' component")
     return parts
-
-
-def _mtime_ns(ti: tarfile.TarInfo) -> int:
-    raw = ti.pax_headers.get("mtime", "")
-    sign, digits = (-1, raw[1:]) if raw.startswith("-") else (1, raw)
-    s, _, frac = digits.partition(".")
-    if s.isdigit() and (not frac or frac.isdigit()):
-        return sign * (int(s) * 10**9 + int((frac + "000000000")[:9]))
-    return int(ti.mtime * 10**9)
 
 
 class SafeUnpacker:
@@ -563,15 +440,16 @@ class SafeUnpacker:
     def __init__(self, root_fd: int):
         self.root_fd = root_fd
         self.as_root = os.geteuid() == 0
+        self._ids = (os.geteuid(), os.getegid())
         self.members = 0
-        self._dirs: dict[tuple[str, ...], tarfile.TarInfo | None] = {}
+        self._dirs: dict[tuple[str, ...], Member | None] = {}
         self._made: set[tuple[str, ...]] = set()  # directories created here
         self._nondirs: set[tuple[str, ...]] = set()
-        self._later: list[tuple[tarfile.TarInfo, tuple[str, ...]]] = []
+        self._later: list[tuple[Member, tuple[str, ...]]] = []
         self._cached: tuple[tuple[str, ...], int] | None = None
 
     # -- walking ---------------------------------------------------------------------------
-    def _parent(self, ti: tarfile.TarInfo, parts: tuple[str, ...]) -> int:
+    def _parent(self, m: Member, parts: tuple[str, ...]) -> int:
         """The fd of ``parts``' parent (cached for the next member; do not close it)."""
         key = parts[:-1]
         if self._cached is not None and self._cached[0] == key:
@@ -583,7 +461,7 @@ class SafeUnpacker:
                     nfd = open_dir_beneath(fd, part)
                 except BeneathError as e:
                     if e.errno != errno.ENOENT:
-                        raise RefusedMember(ti, f"parent {'/'.join(key[:i + 1])!r} "
+                        raise RefusedMember(m, f"parent {'/'.join(key[:i + 1])!r} "
                                                 f"{e.what}") from None
                     os.mkdir(part, 0o700, dir_fd=fd)  # as tar does for a missing parent
                     self._made.add(key[:i + 1])
@@ -603,81 +481,80 @@ class SafeUnpacker:
             self._cached = None
 
     # -- metadata --------------------------------------------------------------------------
-    def _mode(self, ti: tarfile.TarInfo) -> int:
-        mode = ti.mode & 0o7777
-        return mode if self.as_root else mode & ~(stat.S_ISUID | stat.S_ISGID)
+    def _mode(self, m: Member) -> int:
+        return m.mode if self.as_root else m.mode & ~(stat.S_ISUID | stat.S_ISGID)
 
-    def _meta_fd(self, fd: int, ti: tarfile.TarInfo) -> None:
-        if self.as_root:
-            os.fchown(fd, ti.uid, ti.gid)  # before chmod: chown clears setuid/setgid
-        os.fchmod(fd, self._mode(ti))
-        m = _mtime_ns(ti)
-        os.utime(fd, ns=(m, m))
+    def _chown(self, m: Member) -> bool:
+        # what this process creates is already its own: skip a no-op chown per file
+        return self.as_root and (m.uid, m.gid) != self._ids
 
-    def _meta_at(self, pfd: int, name: str, ti: tarfile.TarInfo, *, link: bool) -> None:
-        if self.as_root:
-            os.chown(name, ti.uid, ti.gid, dir_fd=pfd, follow_symlinks=False)
+    def _meta_fd(self, fd: int, m: Member) -> None:
+        if self._chown(m):
+            os.fchown(fd, m.uid, m.gid)  # before chmod: chown clears setuid/setgid
+        os.fchmod(fd, self._mode(m))
+        os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+
+    def _meta_at(self, pfd: int, name: str, m: Member, *, link: bool) -> None:
+        if self._chown(m):
+            os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
         if not link:
             # a node created a moment ago in a 0700 directory only this process writes to
-            os.chmod(name, self._mode(ti), dir_fd=pfd)
-        m = _mtime_ns(ti)
-        os.utime(name, ns=(m, m), dir_fd=pfd, follow_symlinks=False)
+            os.chmod(name, self._mode(m), dir_fd=pfd)
+        os.utime(name, ns=(m.mtime_ns, m.mtime_ns), dir_fd=pfd, follow_symlinks=False)
 
     # -- members ---------------------------------------------------------------------------
-    def add(self, tar: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
-        """Create member ``ti`` (its data read from ``tar``), or queue it for :meth:`close`."""
+    def add(self, m: Member, write_data: Callable[[int], None]) -> None:
+        """Create member ``m`` (a file's data written by ``write_data(fd)``), or queue it
+        for :meth:`close`."""
         self.members += 1
-        parts = _member_parts(ti)
-        if ti.isdir():
-            self._dir(ti, parts)
+        if m.bad:
+            raise RefusedMember(m, m.bad)
+        parts = _member_parts(m)
+        kind = m.kind
+        if kind == "dir":
+            self._dir(m, parts)
         elif not parts:
-            raise RefusedMember(ti, "a non-directory as the destination itself")
-        elif ti.issym() or ti.islnk():
-            self._later.append((ti, parts))
-        elif ti.isreg():
-            self._file(tar, ti, parts)
-        elif ti.isfifo():
-            pfd = self._parent(ti, parts)
-            if ti.pax_headers.get(SOCKET_ATTR) == "1":
+            raise RefusedMember(m, "a non-directory as the destination itself")
+        elif kind in ("symlink", "hardlink"):
+            self._later.append((m, parts))
+        elif kind == "file":
+            self._file(m, parts, write_data)
+        elif kind in ("fifo", "socket"):
+            pfd = self._parent(m, parts)
+            if kind == "socket":
                 os.mknod(parts[-1], stat.S_IFSOCK | 0o600, dir_fd=pfd)
             else:
                 os.mkfifo(parts[-1], 0o600, dir_fd=pfd)
-            self._meta_at(pfd, parts[-1], ti, link=False)
+            self._meta_at(pfd, parts[-1], m, link=False)
             self._nondirs.add(parts)
-        elif ti.ischr() or ti.isblk():
-            raise RefusedMember(ti, "is a device node (never created)")
+        elif kind in ("chr", "blk"):
+            raise RefusedMember(m, "is a device node (never created)")
         else:
-            raise RefusedMember(ti, f"has an unsupported type {ti.type!r}")
+            raise RefusedMember(m, "has an unsupported type")
 
-    def _dir(self, ti: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
+    def _dir(self, m: Member, parts: tuple[str, ...]) -> None:
         if parts in self._dirs:
-            raise RefusedMember(ti, "appears twice")
+            raise RefusedMember(m, "appears twice")
         if parts:
-            pfd = self._parent(ti, parts)
+            pfd = self._parent(m, parts)
             try:
                 os.mkdir(parts[-1], 0o700, dir_fd=pfd)
             except FileExistsError:
                 if parts not in self._made:  # only a parent made for an earlier member
-                    raise RefusedMember(ti, "already exists") from None
-        self._dirs[parts] = ti
+                    raise RefusedMember(m, "already exists") from None
+        self._dirs[parts] = m
 
-    def _file(self, tar: tarfile.TarFile, ti: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
-        pfd = self._parent(ti, parts)
+    def _file(self, m: Member, parts: tuple[str, ...],
+              write_data: Callable[[int], None]) -> None:
+        pfd = self._parent(m, parts)
         try:
             fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600, dir_fd=pfd)
         except FileExistsError:
-            raise RefusedMember(ti, "already exists") from None
+            raise RefusedMember(m, "already exists") from None
         try:
-            if ti.sparse is None:
-                # straight from the stream's buffer (through extractfile() cost twice the
-                # CPU per byte)
-                tar.fileobj.seek(ti.offset_data)
-                tar.fileobj.copy_to(fd, ti.size)
-            else:
-                with os.fdopen(os.dup(fd), "wb") as out:
-                    shutil.copyfileobj(tar.extractfile(ti), out, 1 << 20)
-            self._meta_fd(fd, ti)
+            write_data(fd)
+            self._meta_fd(fd, m)
         finally:
             os.close(fd)
         self._nondirs.add(parts)
@@ -685,119 +562,102 @@ class SafeUnpacker:
     def close(self) -> None:
         """Hard links, then symlinks, then every directory's metadata (deepest first)."""
         try:
-            for ti, parts in [x for x in self._later if x[0].islnk()]:
-                self._hardlink(ti, parts)
-            for ti, parts in [x for x in self._later if x[0].issym()]:
-                pfd = self._parent(ti, parts)
+            for m, parts in [x for x in self._later if x[0].kind == "hardlink"]:
+                self._hardlink(m, parts)
+            for m, parts in [x for x in self._later if x[0].kind == "symlink"]:
+                pfd = self._parent(m, parts)
                 try:
-                    os.symlink(ti.linkname, parts[-1], dir_fd=pfd)
+                    os.symlink(m.linkname, parts[-1], dir_fd=pfd)
                 except FileExistsError:
-                    raise RefusedMember(ti, "already exists") from None
-                self._meta_at(pfd, parts[-1], ti, link=True)
+                    raise RefusedMember(m, "already exists") from None
+                self._meta_at(pfd, parts[-1], m, link=True)
                 self._nondirs.add(parts)
             self._drop_cache()
             todo = {p: self._dirs.get(p) for p in self._made | set(self._dirs)}
             for parts in sorted(todo, key=len, reverse=True):
                 fd = open_dir_beneath(self.root_fd, "/".join(parts))
                 try:
-                    ti = todo[parts]
-                    if ti is None:
+                    m = todo[parts]
+                    if m is None:
                         os.fchmod(fd, 0o755)  # a parent the archive did not list
                     else:
-                        self._meta_fd(fd, ti)
+                        self._meta_fd(fd, m)
                 finally:
                     os.close(fd)
         finally:
             self._drop_cache()
 
-    def _hardlink(self, ti: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
-        target = _member_parts(ti, ti.linkname)
+    def _hardlink(self, m: Member, parts: tuple[str, ...]) -> None:
+        target = _member_parts(m, m.linkname)
         if target not in self._nondirs:
-            raise RefusedMember(ti, f"hard link to {ti.linkname!r}, which is not a file "
+            raise RefusedMember(m, f"hard link to {m.linkname!r}, which is not a file "
                                     "extracted before it")
         tfd = open_dir_beneath(self.root_fd, "/".join(target[:-1]))
         try:
-            pfd = self._parent(ti, parts)
+            pfd = self._parent(m, parts)
             try:
                 os.link(target[-1], parts[-1], src_dir_fd=tfd, dst_dir_fd=pfd,
                         follow_symlinks=False)
             except FileExistsError:
-                raise RefusedMember(ti, "already exists") from None
+                raise RefusedMember(m, "already exists") from None
         finally:
             os.close(tfd)
         self._nondirs.add(parts)
 
 
-def unpack_stream(fileobj, root_fd: int, compress: str) -> SafeUnpacker:
-    """Parse the (compressed) tar read from ``fileobj`` and create it below ``root_fd``."""
-    src = fileobj
-    if compress == "zstd":
-        import zstandard
+def unpack_stream(source, root_fd: int, compress: str) -> SafeUnpacker:
+    """Parse the tar (compressed with ``compress``) and create it below ``root_fd``.
 
-        src = zstandard.ZstdDecompressor().stream_reader(fileobj, read_size=1 << 20,
-                                                         closefd=False)
-    elif compress == "gzip":
-        src = gzip.GzipFile(fileobj=fileobj, mode="rb")
+    ``source``: a binary file object, or a callable returning the stream's next bytes
+    (``b""`` at the end). Raises RefusedMember, TarReadError, OSError, or whatever the
+    callable raised (VerifyError).
+    """
+    if callable(source):
+        next_chunk = source
+    else:
+        def next_chunk() -> bytes:
+            return source.read(1 << 20)
     unpacker = SafeUnpacker(root_fd)
-    with tarfile.open(fileobj=_ForwardReader(src), mode="r:", tarinfo=_TarInfo) as tar:
-        for ti in tar:
-            unpacker.add(tar, ti)
+    with TarReader(next_chunk, compress) as tar:
+        for m in tar:
+            unpacker.add(m, tar.write_data)
         unpacker.close()
     return unpacker
 
 
 class _QueueReader:
-    """Read side of the chunk queue: a blocking byte stream that hashes what passes and,
-    given block digests, hands on only bytes verified against them."""
+    """Read side of the chunk queue: hashes what passes and, given block digests, hands on
+    only bytes verified against them (:meth:`next_chunk`, a TarReader's source)."""
 
     def __init__(self, q: "queue.Queue[bytes | None]", hash_alg: str,
                  verifier: BlockVerifier | None):
         self._q = q
-        self._cur = memoryview(b"")
         self.eof = False
         self.hasher = new_hasher(hash_alg)
         self.count = 0
         self._verifier = verifier
 
-    def _next(self) -> bool:
+    def next_chunk(self) -> bytes:
+        """The next verified bytes (never empty before the end), ``b""`` at the end.
+        Raises VerifyError at the first block that differs."""
         while not self.eof:
             data = self._q.get()
             if data is None:
                 self.eof = True
-                if self._verifier is not None:
-                    tail = self._verifier.finish()
-                    if tail:
-                        self._cur = memoryview(tail)
-                        return True
-                return False
+                return self._verifier.finish() if self._verifier is not None else b""
             self.hasher.update(data)
             self.count += len(data)
             if self._verifier is not None:
                 data = self._verifier.push(data)
             if data:
-                self._cur = memoryview(data)
-                return True
-        return False
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            parts = [bytes(self._cur)]
-            while self._next():
-                parts.append(bytes(self._cur))
-            self._cur = memoryview(b"")
-            return b"".join(parts)
-        while not len(self._cur):
-            if not self._next():
-                return b""
-        out, self._cur = bytes(self._cur[:n]), self._cur[n:]
-        return out
+                return data
+        return b""
 
     def drain(self) -> None:
         """After an error: swallow the rest unverified (nothing reads it any more)."""
-        self._cur = memoryview(b"")
         self._verifier = None
-        while self._next():
-            self._cur = memoryview(b"")
+        while self.next_chunk():
+            pass
 
 
 class Extractor:
@@ -808,7 +668,7 @@ class Extractor:
     block that differs stops it with VerifyError before any of that block is used.
     ``feed`` blocks (calling ``idle`` meanwhile) when ``depth`` chunks are queued, so memory
     stays bounded; ``finish`` returns (bytes, hash) of everything fed, or raises the
-    extraction error (RefusedMember, VerifyError, OSError, tarfile.TarError). After an
+    extraction error (RefusedMember, VerifyError, OSError, TarReadError). After an
     error the thread keeps draining, so feeding never hangs.
     """
 
@@ -828,7 +688,8 @@ class Extractor:
 
     def _run(self) -> None:
         try:
-            self.members = unpack_stream(self._reader, self._fd, self.compress).members
+            self.members = unpack_stream(self._reader.next_chunk, self._fd,
+                                         self.compress).members
         except BaseException as e:  # noqa: BLE001 - reported by finish() to every rank
             self.error = e
         finally:
