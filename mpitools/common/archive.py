@@ -51,6 +51,8 @@ TEMP_RE = re.compile(r"^\.(?P<name>.+)\.chiba-(?P<kind>stage|collect)-(?P<job>[0
 # fractional mtime
 SOCKET_ATTR = "SCHILY.xattr." + SOCKET_XATTR
 MTIME_ATTR = "SCHILY.xattr." + MTIME_XATTR
+# (uid_t)-1: chown's "leave it as it is"
+_NO_ID = 2**32 - 1
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -509,6 +511,9 @@ class SafeUnpacker:
         self.members += 1
         if m.bad:
             raise RefusedMember(m, m.bad)
+        if not (0 <= m.uid < _NO_ID and 0 <= m.gid < _NO_ID):
+            # no file has such an owner; -1 would leave the file root's, setuid kept
+            raise RefusedMember(m, f"has an owner or group id out of range ({m.uid}:{m.gid})")
         parts = _member_parts(m)
         kind = m.kind
         if kind == "dir":

@@ -8,8 +8,15 @@ took an unpacking node's CPU on the CPython standard library (7,733 files, 251 M
 from 1.0-1.1 s with :mod:`tarfile` to 0.55 s (docs/design.md, "Per-node CPU").
 
 libarchive is reached through libarchive-c's ``ffi`` module (its loaded library and
-prototypes). Only the tar format and the job's own compression filter are enabled, so a
-stream can never make libarchive pick another format or an external decompressor.
+prototypes). Only its tar format is enabled and none of its filters: the job's compression
+is undone by the zstandard or gzip module, so a stream can never make libarchive pick
+another format, and no build of libarchive runs an external decompressor (one built
+without libzstd or zlib answers ARCHIVE_WARN to enabling that filter, then runs ``zstd -d``
+or ``gzip -d`` from PATH). libarchive is handed the tar at most ``_PIECE`` bytes at a time,
+so the read callback can cap the bytes one member's headers take (``_HEADER_LIMIT``):
+libarchive holds a GNU sparse map in memory, about 100 bytes per entry, and 17 KB of zstd
+(a 200 MB map) took 400 MB while one header was read. Sparse members are refused (the packer
+never writes one).
 
 Two facts travel as PAX ``SCHILY.xattr.chiba.*`` records, which libarchive exposes as
 extended attributes of the entry (it drops PAX keys it does not know; nothing here ever
@@ -18,10 +25,11 @@ type for one), and ``chiba.mtime`` carries a negative fractional mtime exactly (
 3.6 reads PAX ``mtime=-1.5`` as -1 s + 0.5 s).
 """
 
-# Rank-side module: standard library and libarchive-c only.
+# Rank-side module: standard library, zstandard and libarchive-c only.
 from __future__ import annotations
 
 import ctypes
+import gzip
 import os
 import re
 import stat
@@ -33,8 +41,12 @@ __all__ = ["Member", "TarReader", "TarReadError", "SOCKET_XATTR", "MTIME_XATTR",
 
 SOCKET_XATTR = "chiba.socket"
 MTIME_XATTR = "chiba.mtime"
-_MTIME_RE = re.compile(r"^(-?)(\d{1,19})(?:\.(\d{1,9}))?$")
-_FILTERS = {"zstd": "zstd", "gzip": "gzip", "none": None}
+_MTIME_RE = re.compile(r"^(-?)(\d{1,18})(?:\.(\d{1,9}))?$")  # seconds that fit a time_t
+_COMPRESSIONS = ("zstd", "gzip", "none")
+_PIECE = 1 << 20  # tar bytes handed to libarchive per read callback
+# tar bytes one member's headers may take; the packer's take a few KiB (PAX records of a
+# path, a link target and an mtime)
+_HEADER_LIMIT = 2 << 20
 _TYPES = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink",
           stat.S_IFIFO: "fifo", stat.S_IFCHR: "chr", stat.S_IFBLK: "blk",
           stat.S_IFSOCK: "socket"}
@@ -97,6 +109,8 @@ def _lib():
                           ffi.READ_CALLBACK, ffi.CLOSE_CALLBACK),
             "next_header": proto("archive_read_next_header2", c_int, vp, vp),
             "data_into_fd": proto("archive_read_data_into_fd", c_int, vp, c_int),
+            "data_skip": proto("archive_read_data_skip", c_int, vp),
+            "sparse_count": proto("archive_entry_sparse_count", c_int, vp),
             "xattr_reset": proto("archive_entry_xattr_reset", c_int, vp),
             "xattr_next": proto("archive_entry_xattr_next", c_int, vp,
                                 ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(vp),
@@ -107,6 +121,53 @@ def _lib():
     return ffi
 
 
+class _Chunks:
+    """``next_chunk()``'s bytes, taken without copying (:meth:`take`) or read as a file by a
+    decompressor; ``error`` is what ``next_chunk`` raised (re-raised as itself, not as a
+    damaged stream)."""
+
+    def __init__(self, next_chunk: Callable[[], bytes]):
+        self._next, self._buf, self._off = next_chunk, b"", 0
+        self.error: BaseException | None = None
+
+    def take(self, n: int) -> tuple[bytes, int, int]:
+        """Up to ``n`` bytes as (buffer, start, end) of the current chunk; start == end at
+        the end of the stream."""
+        if self._off >= len(self._buf):
+            try:
+                data = self._next() or b""
+            except BaseException as e:
+                self.error = e
+                raise
+            self._buf, self._off = data if isinstance(data, bytes) else bytes(data), 0
+        start = self._off
+        self._off = min(len(self._buf), start + n)
+        return self._buf, start, self._off
+
+    def read(self, n: int = -1) -> bytes:
+        buf, start, end = self.take(n if n is not None and n >= 0 else 1 << 62)
+        return buf if (start, end) == (0, len(buf)) else buf[start:end]
+
+
+def _pieces(chunks: _Chunks, compress: str) -> Callable[[], tuple[bytes | bytearray, int, int]]:
+    """A function returning the tar's next bytes as (buffer, start, end), at most ``_PIECE``
+    of them (none at the end), valid until the next call: decompressed into one reused
+    buffer (a fresh 1 MiB object per piece cost a page fault per 4 KiB: 190,000 more faults
+    unpacking the Python installation's 59,000 files)."""
+    if compress == "none":
+        return lambda: chunks.take(_PIECE)
+    if compress == "zstd":
+        import zstandard
+
+        src = zstandard.ZstdDecompressor().stream_reader(
+            chunks, read_size=_PIECE, read_across_frames=True, closefd=False)
+    else:
+        src = gzip.GzipFile(fileobj=chunks, mode="rb")
+    buf = bytearray(_PIECE)
+    view = memoryview(buf)
+    return lambda: (buf, 0, src.readinto(view))
+
+
 class TarReader:
     """The members of the tar (compressed with ``compress``: zstd, gzip or none) whose bytes
     ``next_chunk()`` returns piece by piece (``b""`` once at the end).
@@ -114,27 +175,30 @@ class TarReader:
     Iterate for :class:`Member` objects; while a file member is current,
     :meth:`write_data` writes its data into a descriptor. An exception raised by
     ``next_chunk`` (a block that fails verification) is re-raised as itself. Other errors:
-    TarReadError (not a tar, a damaged header or compressed frame, a truncated stream),
-    OSError (writing the data). Use as a context manager, or call :meth:`close`.
+    TarReadError (not a tar, a damaged header or compressed stream, a truncated stream, a
+    member whose headers take more than ``_HEADER_LIMIT`` bytes), OSError (writing the
+    data). Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(self, next_chunk: Callable[[], bytes], compress: str):
-        if compress not in _FILTERS:
+        if compress not in _COMPRESSIONS:
             raise ValueError(f"unknown compression {compress!r}")
         self._ffi = ffi = _lib()
         self._fn = ffi._chiba
-        self._next_chunk = next_chunk
-        self._keep = b""  # the chunk libarchive is reading: alive until the next callback
+        self._compress = compress
+        self._chunks = _Chunks(next_chunk)
+        self._next_piece = _pieces(self._chunks, compress)
+        self._handed = 0  # tar bytes handed to libarchive
+        self._header_end: int | None = None  # while a header is read: where its cap is
+        self._keep: bytes | bytearray = b""  # what libarchive reads: alive until the next call
         self._source_error: BaseException | None = None
         self._cb = ffi.READ_CALLBACK(self._read)  # referenced: libarchive calls it later
         self._a = ffi.read_new()
         self._e = None
         try:
             ffi.read_support_format_tar(self._a)
-            if _FILTERS[compress]:
-                getattr(ffi, f"read_support_filter_{_FILTERS[compress]}")(self._a)
             self._e = ffi.entry_new()
-            # reads the first bytes, to recognise the format and the compression
+            # reads the first bytes, to recognise the format
             if self._fn["open"](self._a, None, ffi.NO_OPEN_CB, self._cb,
                                 ffi.NO_CLOSE_CB) < ffi.ARCHIVE_WARN:
                 self._fail("start")
@@ -144,22 +208,40 @@ class TarReader:
 
     def _read(self, _archive, _ctx, ptr) -> int:
         try:
-            data = self._next_chunk() or b""  # b"": the end of the stream
+            buf, start, end = self._piece()
         except BaseException as e:  # noqa: BLE001 - re-raised by _fail; C cannot unwind it
             self._source_error = e
             return -1
-        if not isinstance(data, bytes):
-            data = bytes(data)
-        self._keep = data
-        ctypes.cast(ptr, ctypes.POINTER(ctypes.c_char_p))[0] = data
-        return len(data)
+        self._keep = buf
+        if isinstance(buf, bytes):
+            addr = ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value
+        else:
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        ctypes.cast(ptr, ctypes.POINTER(ctypes.c_void_p))[0] = addr + start
+        return end - start
+
+    def _piece(self) -> tuple[bytes | bytearray, int, int]:
+        """The next piece of the tar as (buffer, start, end); start == end at the end."""
+        if self._header_end is not None and self._handed >= self._header_end:
+            raise TarReadError(f"one member's headers take more than "
+                               f"{_HEADER_LIMIT >> 20} MiB of the archive")
+        try:
+            buf, start, end = self._next_piece()
+        except Exception as e:
+            if self._chunks.error is not None:
+                raise self._chunks.error from None
+            if self._compress == "none":
+                raise
+            raise TarReadError(f"damaged {self._compress} stream: {e}") from None
+        self._handed += end - start
+        return buf, start, end
 
     def _fail(self, what: str):
         if self._source_error is not None:
             raise self._source_error
         msg = self._fn["error_string"](self._a)
         err = self._fn["errno"](self._a)
-        text = msg.decode("utf-8", "replace") if msg else "unknown error"
+        text = msg.decode("utf-8", "replace") if msg else "damaged archive"
         if what == "data" and err and text in ("Write error", "Seek error"):
             raise OSError(err, os.strerror(err))
         raise TarReadError(f"{text} (reading the archive's {what})")
@@ -167,14 +249,24 @@ class TarReader:
     def __iter__(self) -> Iterator[Member]:
         ffi, fn, a, e = self._ffi, self._fn, self._a, self._e
         while True:
-            r = fn["next_header"](a, e)
+            self._header_end = self._handed + _HEADER_LIMIT
+            try:
+                r = fn["next_header"](a, e)
+            finally:
+                self._header_end = None
             if r == ffi.ARCHIVE_EOF:
                 if self._source_error is not None:
                     raise self._source_error
                 return
-            if r < ffi.ARCHIVE_WARN:  # a warning (a name not in this locale) still reads
+            # a warning (a name not in this locale) still reads; ARCHIVE_RETRY is a header
+            # whose checksum is wrong
+            if r not in (ffi.ARCHIVE_OK, ffi.ARCHIVE_WARN):
                 self._fail("headers")
             yield self._member(e)
+            # data not written (a link's or a directory's): skipped before the next
+            # header is read, so that header's cap does not count it
+            if fn["data_skip"](a) != ffi.ARCHIVE_OK:
+                self._fail("data")
 
     def _member(self, e) -> Member:
         ffi = self._ffi
@@ -189,6 +281,8 @@ class TarReader:
                    os.fsdecode(link) if link is not None else "")
         if self._fn["xattr_reset"](e):
             self._apply_xattrs(e, m)
+        if self._fn["sparse_count"](e):
+            m.bad = "is a sparse file (the packer never writes one)"
         return m
 
     def _apply_xattrs(self, e, m: Member) -> None:
@@ -210,8 +304,8 @@ class TarReader:
                     m.mtime_ns = ns
 
     def write_data(self, fd: int) -> None:
-        """Write the current file member's data into ``fd`` (holes of a sparse member by
-        seeking). Raises OSError when writing fails, TarReadError when the stream does."""
+        """Write the current file member's data into ``fd``. Raises OSError when writing
+        fails, TarReadError when the stream does."""
         r = self._fn["data_into_fd"](self._a, fd)
         if r < self._ffi.ARCHIVE_WARN:
             self._fail("data")
