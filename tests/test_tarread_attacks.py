@@ -10,7 +10,7 @@ import os
 import pytest
 import zstandard
 
-from mpitools.common.archive import RefusedMember, unpack_stream
+from mpitools.common.archive import RefusedMember, SafeUnpacker, unpack_stream
 from mpitools.common.tarread import TarReader, TarReadError
 
 END = b"\0" * 1024
@@ -266,3 +266,22 @@ def test_collect_refuses_a_header_bomb_from_a_node(embedded, cli, tmp_path, monk
     why = j["failures"]["ccn02"]
     assert "headers take more than 2 MiB" in why and "\n" not in why, why
     assert sorted(os.listdir(out)) == ["ccn01"]
+
+
+@pytest.mark.parametrize("link", [(b"2", b"t"), (b"1", b"f")], ids=["symlink", "hardlink"])
+def test_a_repeated_link_is_refused_at_once(tmp_path, link):
+    """Links wait for close(): a stream repeating one link's header (10,000 of them here;
+    a million are 47 KB of zstd and held 300 MB until close) is refused at the second."""
+    typ, target = link
+    stream = _file(b"f", b"x") + _hdr(b"l", typ, link=target) * 10_000 + END
+    it = iter([stream])
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        unpacker = SafeUnpacker(fd)
+        with TarReader(lambda: next(it, b""), "none") as tar, \
+                pytest.raises(RefusedMember, match="'l': appears twice"):
+            for m in tar:
+                unpacker.add(m, tar.write_data)
+    finally:
+        os.close(fd)
+    assert unpacker.members == 3

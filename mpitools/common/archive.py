@@ -448,6 +448,7 @@ class SafeUnpacker:
         self._made: set[tuple[str, ...]] = set()  # directories created here
         self._nondirs: set[tuple[str, ...]] = set()
         self._later: list[tuple[Member, tuple[str, ...]]] = []
+        self._queued: set[tuple[str, ...]] = set()  # the names in _later
         self._cached: tuple[tuple[str, ...], int] | None = None
 
     # -- walking ---------------------------------------------------------------------------
@@ -521,6 +522,11 @@ class SafeUnpacker:
         elif not parts:
             raise RefusedMember(m, "a non-directory as the destination itself")
         elif kind in ("symlink", "hardlink"):
+            # refused now, not at close(): a million copies of one link header are 47 KB
+            # of zstd and held 300 MB here until then
+            if parts in self._queued:
+                raise RefusedMember(m, "appears twice")
+            self._queued.add(parts)
             self._later.append((m, parts))
         elif kind == "file":
             self._file(m, parts, write_data)
