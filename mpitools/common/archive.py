@@ -435,7 +435,8 @@ class SafeUnpacker:
     owner and mtime last (deepest first); symlinks (targets kept verbatim, absolute ones
     included) and hard links are made only after every other member, hard links only to
     members already extracted here; device nodes, absolute names and ``..`` are refused
-    (RefusedMember). As root, owners and groups are set from the numeric ids; otherwise
+    (RefusedMember), so are owner or group ids no file can have and a link name queued
+    twice. As root, owners and groups are set from the numeric ids; otherwise
     setuid/setgid bits are dropped, so ownership is never widened.
     """
 

@@ -190,6 +190,7 @@ class TarReader:
         self._next_piece = _pieces(self._chunks, compress)
         self._handed = 0  # tar bytes handed to libarchive
         self._header_end: int | None = None  # while a header is read: where its cap is
+        self._data_read = False  # the current member's data was written
         self._keep: bytes | bytearray = b""  # what libarchive reads: alive until the next call
         self._source_error: BaseException | None = None
         self._cb = ffi.READ_CALLBACK(self._read)  # referenced: libarchive calls it later
@@ -262,10 +263,11 @@ class TarReader:
             # whose checksum is wrong
             if r not in (ffi.ARCHIVE_OK, ffi.ARCHIVE_WARN):
                 self._fail("headers")
+            self._data_read = False
             yield self._member(e)
             # data not written (a link's or a directory's): skipped before the next
             # header is read, so that header's cap does not count it
-            if fn["data_skip"](a) != ffi.ARCHIVE_OK:
+            if not self._data_read and fn["data_skip"](a) != ffi.ARCHIVE_OK:
                 self._fail("data")
 
     def _member(self, e) -> Member:
@@ -281,7 +283,7 @@ class TarReader:
                    os.fsdecode(link) if link is not None else "")
         if self._fn["xattr_reset"](e):
             self._apply_xattrs(e, m)
-        if self._fn["sparse_count"](e):
+        if kind == "file" and self._fn["sparse_count"](e):
             m.bad = "is a sparse file (the packer never writes one)"
         return m
 
@@ -309,6 +311,7 @@ class TarReader:
         r = self._fn["data_into_fd"](self._a, fd)
         if r < self._ffi.ARCHIVE_WARN:
             self._fail("data")
+        self._data_read = True
 
     def close(self) -> None:
         """Free libarchive's reader (idempotent)."""
