@@ -285,3 +285,35 @@ def test_a_repeated_link_is_refused_at_once(tmp_path, link):
     finally:
         os.close(fd)
     assert unpacker.members == 3
+
+
+def test_a_deep_name_costs_linear_work(tmp_path, monkeypatch):
+    """One member named a/a/.../a/f made SafeUnpacker keep every prefix of the chain
+    (O(depth^2) memory) and open each directory from the root again at close(), building
+    each path's text component by component: 4,000 levels (130 bytes of zstd) took 31 s of
+    CPU, and a PAX name may be 1 MiB long. Here 900 levels (shutil.rmtree of 3.11 recurses
+    once per level), counted in directory opens and in memory: linear in the depth."""
+    import tracemalloc
+
+    depth = 900
+    opens = []
+    real_open = os.open
+
+    def counting_open(path, flags, *args, **kw):
+        if flags & os.O_DIRECTORY:
+            opens.append(path)
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    tracemalloc.start()
+    try:
+        _unpack(tmp_path, _pax({"path": "a/" * depth + "f"}) + _file(b"f", b"x") + END)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert os.path.isfile(os.path.join(tmp_path, *["a"] * depth, "f"))
+    assert len(opens) < 5 * depth, len(opens)  # at most 4 per level; the root walk: 405,000
+    assert peak < 2 << 20, peak  # the prefixes of the chain alone: 3.3 MB
+    import subprocess
+
+    subprocess.run(["rm", "-rf", "--", str(tmp_path / "a")], check=True)  # not left to rmtree

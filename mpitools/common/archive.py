@@ -426,6 +426,17 @@ def _member_parts(m: Member, name: str | None = None) -> tuple[str, ...]:
     return parts
 
 
+class _Dir:
+    """A directory made below the root: its subdirectories by name, and the member that
+    listed it (None: a parent made for a member inside it)."""
+
+    __slots__ = ("kids", "member")
+
+    def __init__(self):
+        self.kids: dict[str, _Dir] = {}
+        self.member: Member | None = None
+
+
 class SafeUnpacker:
     """Create a tar's members below the directory ``root_fd``, safely by construction.
 
@@ -445,39 +456,44 @@ class SafeUnpacker:
         self.as_root = os.geteuid() == 0
         self._ids = (os.geteuid(), os.getegid())
         self.members = 0
-        self._dirs: dict[tuple[str, ...], Member | None] = {}
-        self._made: set[tuple[str, ...]] = set()  # directories created here
+        # every directory made here, as a tree: a deep name costs its depth, not its square
+        self._root = _Dir()
         self._nondirs: set[tuple[str, ...]] = set()
         self._later: list[tuple[Member, tuple[str, ...]]] = []
         self._queued: set[tuple[str, ...]] = set()  # the names in _later
-        self._cached: tuple[tuple[str, ...], int] | None = None
+        self._cached: tuple[tuple[str, ...], int, _Dir] | None = None
 
     # -- walking ---------------------------------------------------------------------------
     def _parent(self, m: Member, parts: tuple[str, ...]) -> int:
         """The fd of ``parts``' parent (cached for the next member; do not close it)."""
         key = parts[:-1]
-        if self._cached is not None and self._cached[0] == key:
-            return self._cached[1]
-        fd = os.dup(self.root_fd)
+        if self._cached is None or self._cached[0] != key:
+            fd, node = self._walk(m, key, create=True)
+            self._drop_cache()
+            self._cached = (key, fd, node)
+        return self._cached[1]
+
+    def _walk(self, m: Member, key: tuple[str, ...], *, create: bool) -> tuple[int, _Dir]:
+        """A new fd of directory ``key`` and its node, its missing components made when
+        ``create`` (RefusedMember when one is not a directory, or is missing)."""
+        fd, node = os.dup(self.root_fd), self._root
         try:
             for i, part in enumerate(key):
                 try:
                     nfd = open_dir_beneath(fd, part)
                 except BeneathError as e:
-                    if e.errno != errno.ENOENT:
+                    if e.errno != errno.ENOENT or not create:
                         raise RefusedMember(m, f"parent {'/'.join(key[:i + 1])!r} "
                                                 f"{e.what}") from None
                     os.mkdir(part, 0o700, dir_fd=fd)  # as tar does for a missing parent
-                    self._made.add(key[:i + 1])
                     nfd = open_dir_beneath(fd, part)
                 os.close(fd)
                 fd = nfd
+                node = node.kids.get(part) or node.kids.setdefault(part, _Dir())
         except BaseException:
             os.close(fd)
             raise
-        self._drop_cache()
-        self._cached = (key, fd)
-        return fd
+        return fd, node
 
     def _drop_cache(self) -> None:
         if self._cached is not None:
@@ -545,16 +561,21 @@ class SafeUnpacker:
             raise RefusedMember(m, "has an unsupported type")
 
     def _dir(self, m: Member, parts: tuple[str, ...]) -> None:
-        if parts in self._dirs:
-            raise RefusedMember(m, "appears twice")
+        node = self._root
         if parts:
             pfd = self._parent(m, parts)
+            parent = self._cached[2]
+            node = parent.kids.get(parts[-1])
             try:
                 os.mkdir(parts[-1], 0o700, dir_fd=pfd)
             except FileExistsError:
-                if parts not in self._made:  # only a parent made for an earlier member
+                if node is None:  # only a directory made here for an earlier member
                     raise RefusedMember(m, "already exists") from None
-        self._dirs[parts] = m
+            else:
+                node = parent.kids[parts[-1]] = _Dir()
+        if node.member is not None:
+            raise RefusedMember(m, "appears twice")
+        node.member = m
 
     def _file(self, m: Member, parts: tuple[str, ...],
               write_data: Callable[[int], None]) -> None:
@@ -585,26 +606,46 @@ class SafeUnpacker:
                 self._meta_at(pfd, parts[-1], m, link=True)
                 self._nondirs.add(parts)
             self._drop_cache()
-            todo = {p: self._dirs.get(p) for p in self._made | set(self._dirs)}
-            for parts in sorted(todo, key=len, reverse=True):
-                fd = open_dir_beneath(self.root_fd, "/".join(parts))
-                try:
-                    m = todo[parts]
-                    if m is None:
-                        os.fchmod(fd, 0o755)  # a parent the archive did not list
-                    else:
-                        self._meta_fd(fd, m)
-                finally:
-                    os.close(fd)
+            self._dir_metadata()
         finally:
             self._drop_cache()
+
+    def _dir_metadata(self) -> None:
+        """Every directory's mode, owner and mtime, each after those below it: one walk of
+        the tree with one descriptor, down by name and up by ``..`` (opened before the
+        directory's own mode is set), each ``O_NOFOLLOW | O_DIRECTORY``. Nothing else can
+        move these directories: they are below ``root_fd``, which only this process
+        enters until its own metadata is set, last."""
+        fd = os.dup(self.root_fd)
+        stack = [(self._root, iter(list(self._root.kids.items())))]
+        try:
+            while stack:
+                node, kids = stack[-1]
+                name, kid = next(kids, (None, None))
+                if kid is not None:
+                    nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    os.close(fd)
+                    fd = nfd
+                    stack.append((kid, iter(list(kid.kids.items()))))
+                    continue
+                stack.pop()
+                up = os.open("..", _DIR_FLAGS, dir_fd=fd) if stack else -1
+                if node.member is not None:
+                    self._meta_fd(fd, node.member)
+                elif stack:
+                    os.fchmod(fd, 0o755)  # a parent the archive did not list
+                os.close(fd)
+                fd = up
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def _hardlink(self, m: Member, parts: tuple[str, ...]) -> None:
         target = _member_parts(m, m.linkname)
         if target not in self._nondirs:
             raise RefusedMember(m, f"hard link to {m.linkname!r}, which is not a file "
                                     "extracted before it")
-        tfd = open_dir_beneath(self.root_fd, "/".join(target[:-1]))
+        tfd = self._walk(m, target[:-1], create=False)[0]
         try:
             pfd = self._parent(m, parts)
             try:
