@@ -317,3 +317,74 @@ def test_a_deep_name_costs_linear_work(tmp_path, monkeypatch):
     import subprocess
 
     subprocess.run(["rm", "-rf", "--", str(tmp_path / "a")], check=True)  # not left to rmtree
+
+
+@pytest.mark.mpi
+def test_collect_removes_a_deep_refused_tree(embedded, cli, tmp_path, monkeypatch):
+    """ccn02 sends a chain of 1,100 directories, then a device node: refused. Removing
+    what was unpacked used shutil.rmtree, which in Python 3.11 recurses once per level: a
+    RecursionError left the temporary tree (and its lock) behind. Nothing of ccn02 stays."""
+    import json
+
+    from support.trees import make_tree
+
+    for n in ("ccn01", "ccn02"):
+        h = embedded.host(n)
+        make_tree(os.path.join(h.local_path(h.scratch), "results"), big=2_000)
+    deep = "results/" + "d/" * 1100
+    evil = tmp_path / "evil.tar"
+    evil.write_bytes(_hdr(b"results/", b"5", mode=0o755) + _pax({"path": deep + "f"})
+                     + _file(b"f", b"x") + _hdr(b"results/null", b"3") + END)
+    monkeypatch.setenv("CHIBA_FAULTS", json.dumps(  # rank 2 is ccn02
+        {"point": "collect.archive", "rank": 2, "do": "replace", "file": str(evil)}))
+    out = tmp_path / "out"
+    try:
+        r = cli("collect", "results", "--nodes", "ccn[01-02]", "--dest", str(out), "--json",
+                "--compress", "none")
+        assert r.code == 1 and r.out, (r.code, r.err[-3000:])
+        j = r.json()
+        assert list(j["failures"]) == ["ccn02"]
+        assert "is a device node" in j["failures"]["ccn02"]
+        assert sorted(os.listdir(out)) == ["ccn01"], os.listdir(out)
+    finally:  # whatever happened: never leave pytest's own rmtree a tree this deep
+        import subprocess
+
+        subprocess.run(["rm", "-rf", "--", str(out)], check=True)
+
+
+def test_remove_entry_takes_a_deep_tree_and_follows_nothing(tmp_path):
+    """remove_entry (a refused stream's temporary tree, an old copy) on 1,500 levels, with
+    files, FIFOs and symlinks to outside on the way: all gone, the outside untouched."""
+    from mpitools.common.archive import remove_entry
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    top = tmp_path / "t"
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(1500):
+            if i % 100 == 0:
+                os.symlink(str(outside), "to-outside", dir_fd=fd)
+                os.mkfifo("fifo", dir_fd=fd)
+                with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd), "w") as f:
+                    f.write("x")
+                os.mkdir("side", dir_fd=fd)
+            os.mkdir("d", 0o700, dir_fd=fd)
+            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
+    pfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        remove_entry(pfd, "t")
+    finally:
+        os.close(pfd)
+        if top.exists():  # never leave pytest's own rmtree a tree this deep
+            import subprocess
+
+            subprocess.run(["rm", "-rf", "--", str(top)], check=True)
+    assert sorted(os.listdir(tmp_path)) == ["outside"]
+    assert os.listdir(outside) == ["keep"]
