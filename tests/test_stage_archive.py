@@ -266,6 +266,11 @@ def test_without_root_setuid_and_setgid_are_dropped(tmp_path):
     dest.mkdir()
     os.chown(dest, 65534, 65534)
     fd = _fd(dest)  # pytest's tmp dirs are root's: nobody reaches dest only by this fd
+    # libarchive is loaded on first use: here, while root can still read the interpreter's
+    # own modules (nobody may not: run alone, the child failed to import ctypes.util)
+    from mpitools.common.tarread import _lib
+
+    _lib()
     pid = os.fork()
     if pid == 0:  # the child becomes nobody and unpacks
         code = 1
