@@ -388,3 +388,38 @@ def test_remove_entry_takes_a_deep_tree_and_follows_nothing(tmp_path):
             subprocess.run(["rm", "-rf", "--", str(top)], check=True)
     assert sorted(os.listdir(tmp_path)) == ["outside"]
     assert os.listdir(outside) == ["keep"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="owners are set only as root")
+def test_root_owned_members_keep_their_group_below_a_setgid_directory(tmp_path):
+    """The temporary directory is made in the destination's parent; when that is setgid
+    (a project directory), everything made below takes its group. The chown to root:root
+    skipped as a no-op left a root:root setgid program setgid to the project's group."""
+    import tarfile
+
+    from mpitools.common.archive import make_locked_temp
+
+    parent = tmp_path / "proj"
+    parent.mkdir()
+    os.chown(parent, 0, 1234)
+    os.chmod(parent, 0o2775)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, mode, ids in (("d", 0o755, 0), ("d/tool", 0o2755, 0), ("d/user", 0o644, 1000)):
+            ti = tarfile.TarInfo(name)
+            ti.type = tarfile.DIRTYPE if name == "d" else tarfile.REGTYPE
+            ti.mode, ti.uid, ti.gid = mode, ids, ids
+            tar.addfile(ti, io.BytesIO(b""))
+    pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        tfd = make_locked_temp(pfd, ".d.chiba-stage-0123456789ab")
+        try:
+            unpack_stream(io.BytesIO(buf.getvalue()), tfd, "none")
+        finally:
+            os.close(tfd)
+    finally:
+        os.close(pfd)
+    got = {n: (os.lstat(parent / ".d.chiba-stage-0123456789ab" / n).st_uid,
+               os.lstat(parent / ".d.chiba-stage-0123456789ab" / n).st_gid)
+           for n in ("d", "d/tool", "d/user")}
+    assert got == {"d": (0, 0), "d/tool": (0, 0), "d/user": (1000, 1000)}

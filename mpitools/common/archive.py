@@ -453,7 +453,11 @@ class SafeUnpacker:
     def __init__(self, root_fd: int):
         self.root_fd = root_fd
         self.as_root = os.geteuid() == 0
-        self._ids = (os.geteuid(), os.getegid())
+        # what this process creates is its own, and a chown to its own ids is skipped, unless
+        # the root is setgid or of another group: then new entries take the root's group
+        st = os.fstat(root_fd)
+        own = not st.st_mode & stat.S_ISGID and st.st_gid == os.getegid()
+        self._ids = (os.geteuid(), os.getegid()) if own else None
         self.members = 0
         # every directory made here, as a tree: a deep name costs its depth, not its square
         self._root = _Dir()
@@ -504,7 +508,7 @@ class SafeUnpacker:
         return m.mode if self.as_root else m.mode & ~(stat.S_ISUID | stat.S_ISGID)
 
     def _chown(self, m: Member) -> bool:
-        # what this process creates is already its own: skip a no-op chown per file
+        # a chown to the ids a new entry already has is skipped (one syscall per file)
         return self.as_root and (m.uid, m.gid) != self._ids
 
     def _meta_fd(self, fd: int, m: Member) -> None:
