@@ -633,12 +633,14 @@ class SafeUnpacker:
                     continue
                 stack.pop()
                 up = os.open("..", _DIR_FLAGS, dir_fd=fd) if stack else -1
-                if node.member is not None:
-                    self._meta_fd(fd, node.member)
-                elif stack:
-                    os.fchmod(fd, 0o755)  # a parent the archive did not list
-                os.close(fd)
-                fd = up
+                try:
+                    if node.member is not None:
+                        self._meta_fd(fd, node.member)
+                    elif stack:
+                        os.fchmod(fd, 0o755)  # a parent the archive did not list
+                finally:
+                    os.close(fd)
+                    fd = up
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -833,9 +835,9 @@ def _remove_tree(parent_fd: int, name: str) -> None:
     removal anywhere else (OSError).
     """
     fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-    # (the name of fd's directory in its parent, the parent's stat, subdirectories left)
-    stack = [(name, os.fstat(parent_fd), _clear_files(fd))]
     try:
+        # (the name of fd's directory in its parent, the parent's stat, subdirectories left)
+        stack = [(name, os.fstat(parent_fd), _clear_files(fd))]
         while stack:
             if stack[-1][2]:
                 sub = stack[-1][2].pop()
