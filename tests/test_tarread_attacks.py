@@ -423,3 +423,15 @@ def test_root_owned_members_keep_their_group_below_a_setgid_directory(tmp_path):
                os.lstat(parent / ".d.chiba-stage-0123456789ab" / n).st_gid)
            for n in ("d", "d/tool", "d/user")}
     assert got == {"d": (0, 0), "d/tool": (0, 0), "d/user": (1000, 1000)}
+
+
+def test_a_refusal_names_a_long_member_in_a_short_line(tmp_path):
+    """A PAX name may be 1 MiB: the refusal (a line of collect's report) shows its ends."""
+    name = "x" * 100_000 + "/../evil"
+    with pytest.raises(RefusedMember) as e:
+        _unpack(tmp_path, _pax({"path": name}) + _file(b"f", b"x") + END)
+    text = str(e.value)
+    assert len(text) < 300 and text.endswith("has a '..' component") and "/../evil" in text
+    with pytest.raises(RefusedMember) as e:
+        _unpack(tmp_path, _pax({"linkpath": "y" * 100_000}) + _hdr(b"h", b"1", link=b"y") + END)
+    assert len(str(e.value)) < 400 and "hard link to 'yyy" in str(e.value)

@@ -403,12 +403,18 @@ class ChunkWriter:
             self._buf.clear()
 
 
+def _shown(name: str, limit: int = 200) -> str:
+    """``name`` quoted for a message, its middle cut when long (a PAX name may be 1 MiB)."""
+    text = repr(name)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"
+
+
 class RefusedMember(tarfile.FilterError):
     """An archive member that would reach outside the destination or is never created."""
 
     def __init__(self, member: Member | None, why: str):
         name = member.name if member is not None else "?"
-        super().__init__(f"{name!r}: {why}")
+        super().__init__(f"{_shown(name)}: {why}")
         self.member = member
 
 
@@ -486,7 +492,7 @@ class SafeUnpacker:
                     nfd = open_dir_beneath(fd, part)
                 except BeneathError as e:
                     if e.errno != errno.ENOENT or not create:
-                        raise RefusedMember(m, f"parent {'/'.join(key[:i + 1])!r} "
+                        raise RefusedMember(m, f"parent {_shown('/'.join(key[:i + 1]))} "
                                                 f"{e.what}") from None
                     os.mkdir(part, 0o700, dir_fd=fd)  # as tar does for a missing parent
                     nfd = open_dir_beneath(fd, part)
@@ -648,7 +654,7 @@ class SafeUnpacker:
     def _hardlink(self, m: Member, parts: tuple[str, ...]) -> None:
         target = _member_parts(m, m.linkname)
         if target not in self._nondirs:
-            raise RefusedMember(m, f"hard link to {m.linkname!r}, which is not a file "
+            raise RefusedMember(m, f"hard link to {_shown(m.linkname)}, which is not a file "
                                     "extracted before it")
         tfd = self._walk(m, target[:-1], create=False)[0]
         try:
