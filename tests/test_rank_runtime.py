@@ -179,3 +179,44 @@ def test_two_chains_on_sub_communicators_deliver_every_frame_in_order(embedded, 
                  timeout=120)
     assert res.ok, res.describe()
     assert res.result["ok"] and res.result["ranks"] == 7
+
+
+class _CountedReq:
+    """A send request complete at its ``n``-th test, by either spelling (mpi4py's ``test``
+    and ``Test``), counting every test: each runs Open MPI's progress engine."""
+
+    def __init__(self, n: int, log: list):
+        self.n, self.log = n, log
+
+    def test(self, status=None):
+        self.log.append(self)
+        return len([r for r in self.log if r is self]) >= self.n, None
+
+    def Test(self):
+        return self.test()[0]
+
+
+class _FakeComm:
+    rank, size = 0, 2
+
+    def __init__(self):
+        self.log: list = []
+        self.sent: list = []
+
+    def Isend(self, buf, dest, tag):
+        self.sent.append(_CountedReq(3, self.log))
+        return self.sent[-1]
+
+
+def test_rank_0_waiting_for_room_tests_its_send_once_a_wake(monkeypatch):
+    """Chain.send(frame, chain.progress) must not run the chain's progress (a second test
+    of the same send) on every wake of the wait for room."""
+    from mpitools.common.chain import Chain
+
+    comm = _FakeComm()
+    monkeypatch.setattr(runtime.time, "sleep", lambda s: comm.log.append("sleep"))
+    ch = Chain(comm, max_frame=16, depth=1)
+    ch.send(b"a", ch.progress)
+    ch.send(b"b", ch.progress)  # waits for the first send: complete at its 3rd test
+    wakes = "".join("s" if x == "sleep" else "t" for x in comm.log)
+    assert wakes.startswith("tsts")  # one test per wake (it was "ttstt...")

@@ -4,9 +4,10 @@ Rank 0 of the communicator produces frames; rank i receives each frame from rank
 forwards it to rank i+1 and then hands it to its consumer, so every link of a chain
 ordered town by town carries the data once and the stream's bytes reach the last rank one
 frame behind the first. Frames are at most ``max_frame`` bytes; an empty message with
-``TAG_END`` ends the stream. Every wait is a ``Test`` followed by a short sleep
+``TAG_END`` ends the stream. Every wait is one ``Test`` followed by a short sleep
 (:func:`mpitools.common.runtime.wait`): on hosts whose ranks share cores, a spinning wait
-starves the ranks that have work (docs/design.md, "Waiting without spinning").
+starves the ranks that have work, and each test runs Open MPI's progress engine
+(docs/design.md, "Waiting without spinning").
 
 Used by stage (64 KiB segments of an archive), mpisync (frames of file pieces, one chain
 per group of targets) and, through :class:`Sender` alone, collect (each node's stream to
@@ -119,9 +120,13 @@ class Chain:
 
     # -- rank 0 ----------------------------------------------------------------------------
     def send(self, frame, idle: Idle = None) -> None:
-        """Rank 0: send one frame down the chain (nothing to do for a chain of one)."""
+        """Rank 0: send one frame down the chain (nothing to do for a chain of one).
+
+        While it waits for room, ``idle`` runs unless it is this chain's own
+        :meth:`progress`, which would only test the send being waited for a second time.
+        """
         if self.out is not None:
-            self.out.send(frame, idle)
+            self.out.send(frame, None if idle == self.progress else idle)
 
     def end(self) -> None:
         """Rank 0: end the stream once every frame has left."""
@@ -168,8 +173,9 @@ class Chain:
             if self.out is not None:
                 # finish this frame's forward before taking the next one: on the testbed
                 # (8 nodes, 20 Mb/s, 64 KiB frames, same run) leaving it in flight while the
-                # next receive was waited for cost 0.90 -> 0.85 of line rate
-                self.out.flush(self.progress)
+                # next receive was waited for cost 0.90 -> 0.85 of line rate; meanwhile
+                # only receives are posted (the send waited for is tested once a wake)
+                self.out.flush(self._post_free)
             i += 1
 
     def progress(self) -> None:
