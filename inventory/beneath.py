@@ -25,7 +25,7 @@ import stat
 
 __all__ = ["BeneathError", "open_root", "open_dir_beneath", "split_rel", "lock_dest",
            "unlock_dest", "LOCK_SUFFIX", "lock_name", "STAGED_SUFFIX", "staged_marker",
-           "mark_staged", "was_staged", "unmark_staged"]
+           "mark_staged", "was_staged", "unmark_staged", "remove_entry"]
 
 LOCK_SUFFIX = ".chiba-lock"
 STAGED_SUFFIX = ".chiba-staged"
@@ -230,3 +230,69 @@ def unmark_staged(parent_fd: int, name: str) -> None:
         os.unlink(staged_marker(name), dir_fd=parent_fd)
     except FileNotFoundError:
         pass
+
+
+def remove_entry(parent_fd: int, name: str) -> None:
+    """Remove ``name`` in ``parent_fd`` (a tree, never followed if a symlink); absent is fine."""
+    try:
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            _remove_tree(parent_fd, name)
+        else:
+            os.unlink(name, dir_fd=parent_fd)
+    except FileNotFoundError:
+        pass
+
+
+def _clear_files(fd: int) -> list[str]:
+    """Unlink every entry but directories in ``fd``'s directory; returns the directories."""
+    subdirs = []
+    with os.scandir(fd) as it:
+        for e in it:
+            if e.is_dir(follow_symlinks=False):
+                subdirs.append(e.name)
+            else:
+                try:
+                    os.unlink(e.name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+    return subdirs
+
+
+def _remove_tree(parent_fd: int, name: str) -> None:
+    """Remove directory ``name`` in ``parent_fd`` and all below it, following no symlink.
+
+    shutil.rmtree recurses once per level in Python 3.11: a tree 1,000 levels deep (an
+    archive from a node can hold one) raised RecursionError and stayed. Here one descriptor
+    walks the tree: down by name (``O_NOFOLLOW``), up by ``..``, which must be the directory
+    it came down from (device and inode), so a directory moved meanwhile never leads the
+    removal anywhere else (OSError).
+    """
+    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        # (the name of fd's directory in its parent, the parent's stat, subdirectories left)
+        stack = [(name, os.fstat(parent_fd), _clear_files(fd))]
+        while stack:
+            if stack[-1][2]:
+                sub = stack[-1][2].pop()
+                st = os.fstat(fd)
+                try:
+                    nfd = os.open(sub, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                os.close(fd)
+                fd = nfd
+                stack.append((sub, st, _clear_files(fd)))
+                continue
+            done, parent_st, _ = stack.pop()
+            up = os.open("..", _DIR_FLAGS, dir_fd=fd) if stack else os.dup(parent_fd)
+            os.close(fd)
+            fd = up
+            if not os.path.samestat(os.fstat(fd), parent_st):
+                raise OSError(errno.ESTALE, "a directory moved while it was being removed")
+            os.rmdir(done, dir_fd=fd)
+    finally:
+        os.close(fd)

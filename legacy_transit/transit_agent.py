@@ -100,18 +100,12 @@ def tar_x_argv() -> list[str]:
 
 
 def _remove(parent_fd: int, name: str) -> None:
-    """Remove entry ``name`` of ``parent_fd`` without following symlinks (a tree by fd)."""
-    import shutil
-    import stat as st_
+    """Remove entry ``name`` of ``parent_fd`` without following symlinks (a tree by fd,
+    without recursion: shutil.rmtree recursed once per level, so a node's tree 1,100
+    levels deep failed with RecursionError and stayed)."""
+    from inventory.beneath import remove_entry
 
-    try:
-        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if st_.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=parent_fd)
-    else:
-        os.unlink(name, dir_fd=parent_fd)
+    remove_entry(parent_fd, name)
 
 
 def _sweep(parent_fd: int, name: str) -> None:

@@ -773,6 +773,31 @@ def test_collect_hostile_socket_list_refused_on_the_home_server(tmp_path, kind):
     assert not list(tmp_path.rglob("pwned*")) and not Path("/tmp/pwned-sock").exists()
 
 
+def test_collect_refused_deep_tree_is_removed_without_recursion(tmp_path):
+    """A node sends 1,100 nested directories, then a device node: refused, and the
+    temporary tree goes (shutil.rmtree recursed once per level: RecursionError, and the
+    tree stayed on the home server)."""
+    import io
+    import subprocess
+
+    from legacy_transit.transit_agent import extract
+
+    home = tmp_path / "home"
+    home.mkdir()
+    commit = "CHIBA-COMMIT-test"
+    spec = {"root": str(home), "rel": "ccn02/r", "display": "x", "inner": "r", "top": "r",
+            "job": "0123456789ab", "replace": False, "timeout": 120, "input": "-",
+            "commit": commit}
+    members = [("r" + "/d" * i, "dir", None) for i in range(1101)]
+    members += [("r" + "/d" * 1100 + "/f", "file", "deep"), ("r/null", "chr", None)]
+    try:
+        res = extract(spec, io.BytesIO(_pack_stream(_header([]), members, tmp_path, commit)))
+        assert not res["ok"] and res["tree"] == "none", res
+        assert os.listdir(home / "ccn02") == []
+    finally:  # never leave pytest's own (recursive) cleanup a tree this deep
+        subprocess.run(["rm", "-rf", "--", str(home)], check=True)
+
+
 def test_collect_listed_sockets_recreated_by_descriptor(tmp_path):
     """The sockets a node lists are made in the collected tree, with mode and mtime (and
     owner as root), the parent's mtime kept as tar restored it."""
