@@ -773,6 +773,15 @@ def test_collect_hostile_socket_list_refused_on_the_home_server(tmp_path, kind):
     assert not list(tmp_path.rglob("pwned*")) and not Path("/tmp/pwned-sock").exists()
 
 
+def _home_spec(tmp_path: Path) -> tuple[Path, dict]:
+    """The home server's directory and the agent's extract spec for ccn02's ``r``."""
+    home = tmp_path / "home"
+    home.mkdir()
+    return home, {"root": str(home), "rel": "ccn02/r", "display": "x", "inner": "r",
+                  "top": "r", "job": "0123456789ab", "replace": False, "timeout": 120,
+                  "input": "-", "commit": "CHIBA-COMMIT-test"}
+
+
 def test_collect_refused_deep_tree_is_removed_without_recursion(tmp_path):
     """A node sends 1,100 nested directories, then a device node: refused, and the
     temporary tree goes (shutil.rmtree recursed once per level: RecursionError, and the
@@ -782,16 +791,12 @@ def test_collect_refused_deep_tree_is_removed_without_recursion(tmp_path):
 
     from legacy_transit.transit_agent import extract
 
-    home = tmp_path / "home"
-    home.mkdir()
-    commit = "CHIBA-COMMIT-test"
-    spec = {"root": str(home), "rel": "ccn02/r", "display": "x", "inner": "r", "top": "r",
-            "job": "0123456789ab", "replace": False, "timeout": 120, "input": "-",
-            "commit": commit}
+    home, spec = _home_spec(tmp_path)
     members = [("r" + "/d" * i, "dir", None) for i in range(1101)]
     members += [("r" + "/d" * 1100 + "/f", "file", "deep"), ("r/null", "chr", None)]
     try:
-        res = extract(spec, io.BytesIO(_pack_stream(_header([]), members, tmp_path, commit)))
+        res = extract(spec, io.BytesIO(_pack_stream(_header([]), members, tmp_path,
+                                                    spec["commit"])))
         assert not res["ok"] and res["tree"] == "none", res
         assert os.listdir(home / "ccn02") == []
     finally:  # never leave pytest's own (recursive) cleanup a tree this deep
@@ -806,12 +811,8 @@ def test_collect_listed_sockets_recreated_by_descriptor(tmp_path):
 
     from legacy_transit.transit_agent import extract
 
-    home = tmp_path / "home"
-    home.mkdir()
-    commit = "CHIBA-COMMIT-test"
-    spec = {"root": str(home), "rel": "ccn02/r", "display": "x", "inner": "r", "top": "r",
-            "job": "0123456789ab", "replace": False, "timeout": 60, "input": "-",
-            "commit": commit}
+    home, spec = _home_spec(tmp_path)
+    commit = spec["commit"]
     header = _header([_sock("r/d/a sock", uid=4321 if os.geteuid() == 0 else os.getuid()),
                       _sock("r/top sock", mode=0o600)])
     members = [("r", "dir", None), ("r/d", "dir", None), ("r/f", "file", "data")]
