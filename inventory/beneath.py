@@ -25,7 +25,7 @@ import stat
 
 __all__ = ["BeneathError", "open_root", "open_dir_beneath", "split_rel", "lock_dest",
            "unlock_dest", "LOCK_SUFFIX", "lock_name", "STAGED_SUFFIX", "staged_marker",
-           "mark_staged", "was_staged", "unmark_staged", "remove_entry"]
+           "mark_staged", "was_staged", "unmark_staged", "remove_entry", "shown_name"]
 
 LOCK_SUFFIX = ".chiba-lock"
 STAGED_SUFFIX = ".chiba-staged"
@@ -296,3 +296,10 @@ def _remove_tree(parent_fd: int, name: str) -> None:
             os.rmdir(done, dir_fd=fd)
     finally:
         os.close(fd)
+
+
+def shown_name(name: str, limit: int = 200) -> str:
+    """``name`` quoted for a one-line message, its middle cut when long (an archive member's
+    PAX name may be 1 MiB; a node may send one)."""
+    text = repr(name)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"

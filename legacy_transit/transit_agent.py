@@ -177,6 +177,8 @@ def _feed_sanitized(inp, out, top: str, commit: str) -> list[dict]:
     import re
     import tarfile
 
+    from inventory.beneath import shown_name
+
     mtime_ok = re.compile(r"-?[0-9]{1,20}(\.[0-9]{1,9})?\Z")
     kinds: dict[str, str] = {}  # path -> "d" (directory), "f" (regular), "o" (other)
     w = None
@@ -189,19 +191,19 @@ def _feed_sanitized(inp, out, top: str, commit: str) -> list[dict]:
             parent = name.rpartition("/")[0]
             if parent and kinds.get(parent) != "d":
                 why = "a symlink or file" if parent in kinds else "no directory of it"
-                raise ExtractError(f"member {m.name!r} lies below {why}")
+                raise ExtractError(f"member {shown_name(m.name)} lies below {why}")
             if m.ischr() or m.isblk():
-                raise ExtractError(f"member {m.name!r} is a device node (never unpacked)")
+                raise ExtractError(f"member {shown_name(m.name)} is a device node (never unpacked)")
             if name in kinds:
-                raise ExtractError(f"member {m.name!r} appears twice in the archive")
+                raise ExtractError(f"member {shown_name(m.name)} appears twice in the archive")
             if m.islnk():
                 target = _member_name(m.linkname, top)
                 if kinds.get(target) != "f":
-                    raise ExtractError(f"hard link {m.name!r} -> {m.linkname!r} does not name"
+                    raise ExtractError(f"hard link {shown_name(m.name)} -> {shown_name(m.linkname)} does not name"
                                        " an earlier file of the archive")
                 m.linkname = target
             elif not (m.isreg() or m.isdir() or m.issym() or m.isfifo()):
-                raise ExtractError(f"member {m.name!r} has a type collect does not unpack "
+                raise ExtractError(f"member {shown_name(m.name)} has a type collect does not unpack "
                                    f"({m.type!r})")
             kinds[name] = "d" if m.isdir() else "f" if m.isreg() else "o"
             mtime = m.pax_headers.get("mtime", "")
@@ -259,9 +261,11 @@ def _read_header(inp, top: str) -> list[dict]:
 
 
 def _member_name(raw: str, top: str) -> str:
+    from inventory.beneath import shown_name
+
     parts = [p for p in raw.split("/") if p not in ("", ".")]
     if raw.startswith("/") or ".." in parts or not parts or parts[0] != top:
-        raise ExtractError(f"member {raw!r} is outside {top!r} (absolute, '..' or another"
+        raise ExtractError(f"member {shown_name(raw)} is outside {top!r} (absolute, '..' or another"
                            " name)")
     return "/".join(parts)
 

@@ -803,6 +803,22 @@ def test_collect_refused_deep_tree_is_removed_without_recursion(tmp_path):
         subprocess.run(["rm", "-rf", "--", str(home)], check=True)
 
 
+def test_collect_refusal_names_a_long_member_in_a_short_line(tmp_path):
+    """A node's member with a 5,000-character name, refused: the error line shows the
+    name's two ends, not all of it."""
+    import io
+
+    from legacy_transit.transit_agent import extract
+
+    home, spec = _home_spec(tmp_path)
+    long = "r/x/" + "n" * 5000
+    res = extract(spec, io.BytesIO(_pack_stream(_header([]), [("r", "dir", None),
+                                                             (long, "file", "x")],
+                                                 tmp_path, spec["commit"])))
+    assert not res["ok"] and "lies below no directory" in res["error"], res
+    assert len(res["error"]) < 400 and "..." in res["error"]
+
+
 def test_collect_listed_sockets_recreated_by_descriptor(tmp_path):
     """The sockets a node lists are made in the collected tree, with mode and mtime (and
     owner as root), the parent's mtime kept as tar restored it."""

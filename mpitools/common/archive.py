@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
 from inventory.beneath import BeneathError, open_dir_beneath, remove_entry
+from inventory.beneath import shown_name as _shown
 
 from mpitools.common.runtime import queue_put
 from mpitools.common.tarread import (MTIME_XATTR, SOCKET_XATTR, Member, TarReader,
@@ -401,12 +402,6 @@ class ChunkWriter:
         if self._buf:
             self._put(bytes(self._buf))
             self._buf.clear()
-
-
-def _shown(name: str, limit: int = 200) -> str:
-    """``name`` quoted for a message, its middle cut when long (a PAX name may be 1 MiB)."""
-    text = repr(name)
-    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"
 
 
 class RefusedMember(tarfile.FilterError):
