@@ -3,9 +3,9 @@
 :class:`TarReader` parses; it creates nothing. :class:`mpitools.common.archive.SafeUnpacker`
 decides where and how each member is created (below directory fds, never through a
 symlink) and hands the reader only a descriptor it opened itself, which libarchive writes a
-regular file's data into (``archive_read_data_into_fd``). Parsing and decompressing in C
-took an unpacking node's CPU on the CPython standard library (7,733 files, 251 MB, zstd)
-from 1.0-1.1 s with :mod:`tarfile` to 0.55 s (docs/design.md, "Per-node CPU").
+regular file's data into (``archive_read_data_into_fd``). Parsing in C took one unpack of
+the CPython standard library (7,733 files, 251 MB, zstd) from 1.0-1.1 s of CPU with
+:mod:`tarfile` to 0.55-0.85 s (docs/design.md, "Per-node CPU").
 
 libarchive is reached through libarchive-c's ``ffi`` module (its loaded library and
 prototypes). Only its tar format is enabled and none of its filters: the job's compression
@@ -91,12 +91,15 @@ class Member:
     bad: str = ""
 
 
+_FN: dict = {}  # our prototypes of libarchive's functions, made on first use
+
+
 def _lib():
-    """libarchive-c's ffi module plus the prototypes it does not declare (imported on first
-    use: ranks that never unpack do not pay for loading libarchive)."""
+    """libarchive-c's ffi module, and in ``_FN`` the prototypes it does not declare
+    (imported on first use: ranks that never unpack do not pay for loading libarchive)."""
     from libarchive import ffi
 
-    if not hasattr(ffi, "_chiba"):
+    if not _FN:
         lib, vp, c_int = ffi.libarchive, ctypes.c_void_p, ctypes.c_int
 
         def proto(name, restype, *argtypes):
@@ -104,7 +107,7 @@ def _lib():
             # and raise its ArchiveError, whose text shows a pointer
             return ctypes.CFUNCTYPE(restype, *argtypes)((name, lib))
 
-        ffi._chiba = {
+        _FN.update({
             "open": proto("archive_read_open", c_int, vp, vp, ffi.OPEN_CALLBACK,
                           ffi.READ_CALLBACK, ffi.CLOSE_CALLBACK),
             "next_header": proto("archive_read_next_header2", c_int, vp, vp),
@@ -117,7 +120,7 @@ def _lib():
                                 ctypes.POINTER(ctypes.c_size_t)),
             "error_string": proto("archive_error_string", ctypes.c_char_p, vp),
             "errno": proto("archive_errno", c_int, vp),
-        }
+        })
     return ffi
 
 
@@ -184,7 +187,7 @@ class TarReader:
         if compress not in _COMPRESSIONS:
             raise ValueError(f"unknown compression {compress!r}")
         self._ffi = ffi = _lib()
-        self._fn = ffi._chiba
+        self._fn = _FN
         self._compress = compress
         self._chunks = _Chunks(next_chunk)
         self._next_piece = _pieces(self._chunks, compress)
