@@ -12,7 +12,7 @@ from support.cluster import DEMO
 
 # fixtures that live in tests/support (the testbed, a loopback sshd, `cluster`), for every
 # test file
-pytest_plugins = ["support.testbed", "support.ssh", "support.backends"]
+pytest_plugins = ["support.testbed", "support.ssh", "support.backends", "support.shm"]
 
 
 @dataclass

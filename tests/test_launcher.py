@@ -58,6 +58,21 @@ def test_embedded_command_runs_everything_here_oversubscribed():
     # no hardware probing of libfabric/UCX in every local rank's MPI_Init
     assert a[a.index("btl") - 1:a.index("btl") + 2] == ["--mca", "btl", "^ofi,uct"]
     assert "--allow-run-as-root" not in build_command(topo, "m", [], ["ccn01"]).argv
+    assert a[a.index("mpi_yield_when_idle") - 1:a.index("mpi_yield_when_idle") + 2] == [
+        "--mca", "mpi_yield_when_idle", "1"]
+
+
+def test_ranks_yield_the_core_in_blocking_calls_unless_the_topology_says_otherwise():
+    """Ranks blocked in a collective or MPI_Finalize yield instead of spinning, also where
+    Open MPI does not know a host is shared; the topology's own setting is kept, once."""
+    plain = _SSH.replace('args = "--mca mpi_yield_when_idle 1"\n', "")
+    assert "mpi_yield_when_idle" not in plain
+    a = build_command(loads_topology(plain), "m", [], ["n1", "n2"]).argv
+    i = a.index("mpi_yield_when_idle")
+    assert a[i - 1:i + 2] == ["--mca", "mpi_yield_when_idle", "1"] and i < a.index("-m")
+    own = _SSH.replace("mpi_yield_when_idle 1", "mpi_yield_when_idle 0")
+    a = build_command(loads_topology(own), "m", [], ["n1", "n2"]).argv
+    assert a.count("mpi_yield_when_idle") == 1 and a[a.index("mpi_yield_when_idle") + 1] == "0"
 
 
 def test_ssh_command_uses_hosts_in_town_order_and_mpi_table():
@@ -77,7 +92,7 @@ def test_ssh_command_uses_hosts_in_town_order_and_mpi_table():
     assert "-x OPENBLAS_NUM_THREADS" in s
     assert "--prtemca prte_if_include 10.9.0.0/16" in s
     assert a[a.index("plm_ssh_args") + 1] == "-F /etc/chiba/ssh_config"
-    assert "--mca mpi_yield_when_idle 1" in s
+    assert "--mca mpi_yield_when_idle 1" in s and a.count("mpi_yield_when_idle") == 1
     forwarded = {a[i + 1] for i, x in enumerate(a) if x == "-x"}
     assert {"CHIBA_RANK_HOSTS", "PYTHONPATH", "OMP_NUM_THREADS", "CHIBA_EXAMPLE"} <= forwarded
     assert a[-4:] == ["/opt/venv/bin/python", "-m", "mpitools.stage.ranks", "J"]

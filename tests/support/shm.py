@@ -1,0 +1,64 @@
+"""Open MPI's shared-memory segments that the test run leaves in /dev/shm, removed at its end.
+
+Open MPI 5's shared-memory transport creates ``sm_segment.HOST.UID.JOBID.RANK`` files (16 MiB
+each) in /dev/shm. A job that ends normally removes them; a job the tests abort on purpose
+(a killed rank, a fault rule) and a singleton ``MPI_Init`` in a test process leave them, and
+the previous sessions found hundreds there, which is memory taken from the machine. The
+session removes only segments that appeared while it ran and that no live process maps.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHM = Path("/dev/shm")
+PATTERN = "sm_segment.*"
+
+
+def segments(shm: Path = SHM) -> set[str]:
+    """Names of Open MPI segment files in ``shm`` (empty when it does not exist)."""
+    try:
+        return {p.name for p in shm.glob(PATTERN)}
+    except OSError:
+        return set()
+
+
+def mapped_paths() -> set[str]:
+    """Every file path some live process of this machine has mapped (from /proc/*/maps;
+    processes this user cannot read are skipped)."""
+    out: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    path = line.rstrip("\n").split(maxsplit=5)[5:]  # the 6th field, if any
+                    if path and path[0].startswith("/"):
+                        out.add(path[0].removesuffix(" (deleted)"))
+        except OSError:
+            continue
+    return out
+
+
+def leftovers(before: set[str], shm: Path = SHM) -> list[Path]:
+    """Segments in ``shm`` that were not there ``before`` and that no process maps."""
+    new = segments(shm) - before
+    if not new:
+        return []
+    live = mapped_paths()
+    return sorted(p for p in (shm / n for n in new) if str(p) not in live)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_leftover_mpi_segments():
+    before = segments()
+    yield
+    for p in leftovers(before):
+        try:
+            p.unlink()
+        except OSError:
+            pass  # another user's, or gone meanwhile

@@ -1,0 +1,25 @@
+"""The test session's clean-up of Open MPI segments (tests/support/shm.py)."""
+
+from __future__ import annotations
+
+import mmap
+
+from support.shm import leftovers, segments
+
+
+def test_only_new_unmapped_segments_are_left_overs(tmp_path):
+    (tmp_path / "sm_segment.vm.0.1.0").write_bytes(b"\0" * 4096)  # there before: kept
+    before = segments(tmp_path)
+    (tmp_path / "sm_segment.vm.0.2.0").write_bytes(b"\0" * 4096)  # new, nobody maps it
+    live = tmp_path / "sm_segment.vm.0.3.0"
+    live.write_bytes(b"\0" * 4096)
+    (tmp_path / "other-file").write_bytes(b"x")  # not Open MPI's
+    with open(live, "r+b") as f, mmap.mmap(f.fileno(), 4096):
+        assert leftovers(before, tmp_path) == [tmp_path / "sm_segment.vm.0.2.0"]
+    assert [p.name for p in leftovers(before, tmp_path)] == ["sm_segment.vm.0.2.0",
+                                                              "sm_segment.vm.0.3.0"]
+
+
+def test_no_shm_directory_means_no_segments(tmp_path):
+    assert segments(tmp_path / "absent") == set()
+    assert leftovers(set(), tmp_path / "absent") == []
