@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import mmap
+import os
+
+import pytest
 
 from support.shm import leftovers, segments
 
@@ -23,3 +26,12 @@ def test_only_new_unmapped_segments_are_left_overs(tmp_path):
 def test_no_shm_directory_means_no_segments(tmp_path):
     assert segments(tmp_path / "absent") == set()
     assert leftovers(set(), tmp_path / "absent") == []
+
+
+def test_another_users_segment_is_not_a_left_over(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root: only root can give a file to another user")
+    seg = tmp_path / "sm_segment.vm.65534.4.0"
+    seg.write_bytes(b"\0" * 4096)
+    os.chown(seg, 65534, 65534)
+    assert leftovers(set(), tmp_path) == []

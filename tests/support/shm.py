@@ -45,12 +45,20 @@ def mapped_paths() -> set[str]:
 
 
 def leftovers(before: set[str], shm: Path = SHM) -> list[Path]:
-    """Segments in ``shm`` that were not there ``before`` and that no process maps."""
+    """Segments in ``shm`` that were not there ``before``, that this user owns and that no
+    process maps."""
     new = segments(shm) - before
     if not new:
         return []
     live = mapped_paths()
-    return sorted(p for p in (shm / n for n in new) if str(p) not in live)
+    return sorted(p for p in (shm / n for n in new) if str(p) not in live and _mine(p))
+
+
+def _mine(p: Path) -> bool:
+    try:
+        return p.lstat().st_uid == os.geteuid()
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="session", autouse=True)
