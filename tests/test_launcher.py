@@ -75,6 +75,18 @@ def test_ranks_yield_the_core_in_blocking_calls_unless_the_topology_says_otherwi
     assert a.count("mpi_yield_when_idle") == 1 and a[a.index("mpi_yield_when_idle") + 1] == "0"
 
 
+def test_a_users_mpi_program_is_not_made_to_yield():
+    """The shell's --mpi=openmpi line runs the user's program: Open MPI's own choice stands
+    (only a topology's [mpi] args, the site's, still apply)."""
+    from mpitools.shell.openmpi import launcher
+
+    plain = _SSH.replace('args = "--mca mpi_yield_when_idle 1"\n', "")
+    assert "mpi_yield_when_idle" not in launcher(loads_topology(plain), ["n1", "n2"], 1)["argv"]
+    assert "mpi_yield_when_idle" not in launcher(load_topology(DEMO), ["ccn01"], 1)["argv"]
+    site = launcher(loads_topology(_SSH), ["n1", "n2"], 1)["argv"]
+    assert site.count("mpi_yield_when_idle") == 1
+
+
 def test_ssh_command_uses_hosts_in_town_order_and_mpi_table():
     from mpitools.common.launch import rank_hosts
 

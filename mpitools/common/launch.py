@@ -194,12 +194,16 @@ def rank_env(topo, env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def build_command(topo, module: str, args: list[str], ranks: list[str], *,
-                  as_root: bool = False, env: dict[str, str] | None = None) -> LaunchPlan:
+                  as_root: bool = False, env: dict[str, str] | None = None,
+                  tool: bool = True) -> LaunchPlan:
     """The mpiexec argv and environment for ``python -m module args`` with one rank per host.
 
     Pure: reads only the topology (``[mpi]`` table, host addresses). On the embedded
     cluster every rank runs here, oversubscribed; on SSH clusters ranks go to the hosts
-    in ``ranks`` order with the interface and ssh settings from ``[mpi]``.
+    in ``ranks`` order with the interface and ssh settings from ``[mpi]``. ``tool``: the
+    ranks are this project's rank programs, which yield the core inside blocking MPI calls
+    (``mpi_yield_when_idle``); False for a user's MPI program (the shell's ``--mpi=openmpi``
+    line), which keeps Open MPI's own choice.
     """
     mpi = topo.mpi or {}
     embedded = topo.kind == "embedded"
@@ -239,12 +243,12 @@ def build_command(topo, module: str, args: list[str], ranks: list[str], *,
         for k in sorted(add_env):
             argv += ["-x", k]
     extra = _mpi_list(mpi.get("args"))
-    if not any("mpi_yield_when_idle" in a for a in extra):
+    if tool and not any("mpi_yield_when_idle" in a for a in extra):
         # a rank inside a blocking MPI call (a collective, MPI_Finalize) spins; these are
         # administrative tools on hosts that run users' jobs, so they yield the core
         # instead. Open MPI only does so by itself when it knows a host is oversubscribed:
         # on the testbed (one rank per namespace, 33 on two cores) a service request's
-        # launch and check fell from 0.84-0.94 s and 0.33-0.36 s to 0.07-0.08 s each, and a
+        # launch and check fell from 0.84-0.94 s and 0.33-0.36 s to 0.07-0.09 s each, and a
         # fresh job's exit from 3.0-3.4 s to 0.5 s (32 nodes; docs/design.md)
         argv += ["--mca", "mpi_yield_when_idle", "1"]
     argv += extra

@@ -44,7 +44,8 @@ def launcher(topo, hosts: list[str], ppn: int) -> dict:
     ``{"argv", "env", "embedded"}`` (the job spec carries it to rank 0)."""
     from mpitools.common.launch import RANK_HOSTS_ENV, build_command
 
-    plan = build_command(topo, "", [], list(hosts), as_root=os.geteuid() == 0)
+    # a user's program: Open MPI decides whether it spins (our ranks' yield is not forced on it)
+    plan = build_command(topo, "", [], list(hosts), as_root=os.geteuid() == 0, tool=False)
     argv = list(plan.argv[:-3])  # less "python -m MODULE": the command's argv goes there
     drop = {RANK_HOSTS_ENV, "PYTHONPATH"}  # the rank programs' own
     out: list[str] = []

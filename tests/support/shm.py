@@ -4,7 +4,8 @@ Open MPI 5's shared-memory transport creates ``sm_segment.HOST.UID.JOBID.RANK`` 
 each) in /dev/shm. A job that ends normally removes them; a job the tests abort on purpose
 (a killed rank, a fault rule) and a singleton ``MPI_Init`` in a test process leave them, and
 the previous sessions found hundreds there, which is memory taken from the machine. The
-session removes only segments that appeared while it ran and that no live process maps.
+session removes only segments that appeared while it ran, that its user owns and that no
+live process maps.
 """
 
 from __future__ import annotations
@@ -69,4 +70,4 @@ def _remove_leftover_mpi_segments():
         try:
             p.unlink()
         except OSError:
-            pass  # another user's, or gone meanwhile
+            pass  # gone meanwhile
