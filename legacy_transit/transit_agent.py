@@ -99,23 +99,16 @@ def tar_x_argv() -> list[str]:
     return argv
 
 
-def _remove(parent_fd: int, name: str) -> None:
-    """Remove entry ``name`` of ``parent_fd`` without following symlinks (a tree by fd,
-    without recursion: shutil.rmtree recursed once per level, so a node's tree 1,100
-    levels deep failed with RecursionError and stayed)."""
-    from inventory.beneath import remove_entry
-
-    remove_entry(parent_fd, name)
-
-
 def _sweep(parent_fd: int, name: str) -> None:
     """Remove what dead runs on this destination left (we hold its lock: no live run owns them)."""
     import re
 
+    from inventory.beneath import remove_entry
+
     pat = re.compile(re.escape(f".{name}") + r"\.chiba-(tmp|old)-[0-9a-f]{12}\Z")
     for entry in os.listdir(parent_fd):
         if pat.match(entry):
-            _remove(parent_fd, entry)
+            remove_entry(parent_fd, entry)
 
 
 def _first_line(err: bytes) -> str:
@@ -293,7 +286,7 @@ def extract(spec: dict, inp) -> dict:
     path of an earlier tree left untouched, if any.
     """
     from inventory.beneath import (BeneathError, lock_dest, mark_staged, open_dir_beneath,
-                                   open_root, unlock_dest, was_staged)
+                                   open_root, remove_entry, unlock_dest, was_staged)
 
     shown = spec.get("display") or spec["rel"]
     parent_rel, _, name = spec["rel"].rpartition("/")
@@ -345,7 +338,7 @@ def extract(spec: dict, inp) -> dict:
     finally:
         os.chdir("/")
         try:
-            _remove(parent_fd, tmp)
+            remove_entry(parent_fd, tmp)
         except OSError as e:
             if not res["ok"]:
                 res.update(tree="partial", path=f"{shown_parent.rstrip('/')}/{tmp}")
@@ -462,6 +455,8 @@ def _make_sockets(tree_fd: int, sockets) -> None:
 def _swap(parent_fd: int, tmp_fd: int, inner: str, name: str, job: str, existed: bool,
           shown: str) -> None:
     """Rename the complete tree ``tmp_fd/inner`` to ``name``; an older one goes, after."""
+    from inventory.beneath import remove_entry
+
     if not _exists(tmp_fd, inner):
         raise ExtractError(f"the archive did not hold {inner!r}")
     old = _own(name, _OLD, job)
@@ -474,7 +469,7 @@ def _swap(parent_fd: int, tmp_fd: int, inner: str, name: str, job: str, existed:
             os.rename(old, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
         raise
     if existed:
-        _remove(parent_fd, old)
+        remove_entry(parent_fd, old)
 
 
 def list_sockets(dir_fd: int, name: str | None = None) -> list[dict]:

@@ -209,14 +209,14 @@ class _FakeComm:
 
 
 def test_rank_0_waiting_for_room_tests_its_send_once_a_wake(monkeypatch):
-    """Chain.send(frame, chain.progress) must not run the chain's progress (a second test
-    of the same send) on every wake of the wait for room."""
+    """Rank 0's wait for room (Chain.send as mpitools/stage/ranks.py calls it) tests the
+    send it waits for once a wake, not a second time through the chain's progress."""
     from mpitools.common.chain import Chain
 
     comm = _FakeComm()
     monkeypatch.setattr(runtime.time, "sleep", lambda s: comm.log.append("sleep"))
     ch = Chain(comm, max_frame=16, depth=1)
-    ch.send(b"a", ch.progress)
-    ch.send(b"b", ch.progress)  # waits for the first send: complete at its 3rd test
+    ch.send(b"a")
+    ch.send(b"b")  # waits for the first send: complete at its 3rd test
     wakes = "".join("s" if x == "sleep" else "t" for x in comm.log)
     assert wakes.startswith("tsts")  # one test per wake (it was "ttstt...")

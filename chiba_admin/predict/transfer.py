@@ -10,9 +10,9 @@ from .pipeline import simulate_pipeline
 __all__ = ["chain", "bcast", "transit", "pdcp", "sbcast", "rsync", "mpisync", "slurm_span",
            "slurm_split"]
 
-SEGMENT = (64 << 10) - 128     # mpitools/stage/driver.py SEGMENT: the chain's message
+SEGMENT = (64 << 10) - 128     # mpitools/common/chain.py EAGER_FRAME: the chain's message
 STAGE_CHUNK = 4 << 20    # mpitools/stage/driver.py DEFAULT_CHUNK: bcast's message, read-ahead
-SYNC_FRAME = (64 << 10) - 128  # mpitools/sync/driver.py DEFAULT_CHUNK: mpisync's frames
+SYNC_FRAME = SEGMENT           # mpitools/sync/driver.py DEFAULT_CHUNK: mpisync's frames
 INVENTORY_ENTRY = 64     # bytes per file in the encoded inventory (bench: ~60)
 
 

@@ -23,11 +23,15 @@ from typing import Callable, Iterable, Iterator
 
 from mpitools.common.runtime import PeerLost, wait
 
-__all__ = ["TAG_DATA", "TAG_END", "Sender", "Chain", "chain_send", "chain_frames",
-           "chain_receive"]
+__all__ = ["TAG_DATA", "TAG_END", "EAGER_FRAME", "Sender", "Chain", "chain_send",
+           "chain_frames", "chain_receive"]
 
 TAG_DATA = 71
 TAG_END = 72
+# The largest frame Open MPI's TCP transport sends eagerly: its eager limit (64 KiB)
+# counts its own headers, so a frame of exactly 64 KiB went by rendezvous, whose reply
+# waits for the receiver's next poll (docs/design.md, "Waiting without spinning").
+EAGER_FRAME = (64 << 10) - 128
 
 Idle = Callable[[], None] | None
 
@@ -120,13 +124,11 @@ class Chain:
 
     # -- rank 0 ----------------------------------------------------------------------------
     def send(self, frame, idle: Idle = None) -> None:
-        """Rank 0: send one frame down the chain (nothing to do for a chain of one).
-
-        While it waits for room, ``idle`` runs unless it is this chain's own
-        :meth:`progress`, which would only test the send being waited for a second time.
-        """
+        """Rank 0: send one frame down the chain (nothing to do for a chain of one);
+        ``idle`` runs while it waits for room (not this chain's :meth:`progress`: rank 0
+        has no receives, so that would only test the send waited for a second time)."""
         if self.out is not None:
-            self.out.send(frame, None if idle == self.progress else idle)
+            self.out.send(frame, idle)
 
     def end(self) -> None:
         """Rank 0: end the stream once every frame has left."""

@@ -13,6 +13,7 @@ from chiba_admin.outcome import TransferRun
 from chiba_admin.progress import Progress, or_silent
 
 from mpitools.common.archive import COMPRESSIONS, BlockHasher, PackInfo, new_hasher
+from mpitools.common.chain import EAGER_FRAME
 from mpitools.common.launch import LaunchResult, launch, rank_hosts
 from mpitools.common.runtime import encode_job
 from mpitools.common.faults import from_environ  # tests inject faults
@@ -30,11 +31,9 @@ DEFAULT_ALGORITHM = "chain"
 
 # Chain messages just under 64 KiB: on the testbed (8 nodes, 20 Mb/s) a chain moved 64 MiB
 # at 0.94 of line rate with 64 KiB messages, 0.90 with 256 KiB, 0.77 with 1 MiB and 0.64
-# with 4 MiB (same run): store-and-forward fill grows with the message. Open MPI's TCP
-# eager limit is 64 KiB including its headers, so a message of exactly 64 KiB went by
-# rendezvous, whose reply must wait for the receiver's next poll; 128 bytes less and
-# every frame is sent eagerly (docs/design.md, "Waiting without spinning").
-SEGMENT = (64 << 10) - 128
+# with 4 MiB (same run): store-and-forward fill grows with the message; and every frame
+# of EAGER_FRAME bytes is sent eagerly (mpitools/common/chain.py).
+SEGMENT = EAGER_FRAME
 
 
 def pipeline_segment(total: int, ranks: int, chunk: int, *, segment: int = SEGMENT) -> int:

@@ -16,13 +16,14 @@ from mpitools.common.launch import launch
 from mpitools.common.runtime import encode_job
 from mpitools.common.faults import from_environ  # tests inject faults
 from mpitools.common.targets import launch_failures
+from mpitools.common.chain import EAGER_FRAME
 
 __all__ = ["sync_mpi", "DEFAULT_CHUNK", "check_source_dir", "target_dests"]
 
 # 64 KiB frames: on the testbed a 9-rank chain at 200 Mb/s moved 150 MB at 0.93 of line
-# rate with 64 KiB messages against 0.85-0.90 with 256 KiB-1 MiB; 128 bytes under 64 KiB
-# so that Open MPI sends each one eagerly (see mpitools/stage/driver.py SEGMENT)
-DEFAULT_CHUNK = (64 << 10) - 128
+# rate with 64 KiB messages against 0.85-0.90 with 256 KiB-1 MiB; EAGER_FRAME, 128 bytes
+# under 64 KiB, so that Open MPI sends each one eagerly (mpitools/common/chain.py)
+DEFAULT_CHUNK = EAGER_FRAME
 
 
 def check_source_dir(src: str, *, delete: bool = False) -> str:
