@@ -123,6 +123,19 @@ def _ours(rundir: str) -> bool:
         return False  # gone meanwhile, or not a wrapper directory
 
 
+def test_the_script_and_its_tasks_do_not_inherit_the_ranks_forced_mca(embedded, tmp_path):
+    """The shell's ranks run with OMPI_MCA_mpi_yield_when_idle (our tools yield the core);
+    the user's script, and the MPI programs and tasks it starts, keep Open MPI's default."""
+    r = shell(embedded, tmp_path, """
+env | grep -c -e OMPI_MCA_mpi_yield_when_idle -e CHIBA_FORCED_MCA
+mpiexec -n 2 sh -c 'env | grep -c -e OMPI_MCA_mpi_yield_when_idle -e CHIBA_FORCED_MCA'
+exit 0
+""", "--nodes", "ccn[01-02]")
+    assert r.returncode == 0, r.stderr.decode()
+    assert [ln.strip() for ln in r.stdout.decode().splitlines() if ln.strip().isdigit()] == [
+        "0", "0", "0"], r.stdout.decode()
+
+
 def test_parallel_commands_labels_statuses_and_errors(embedded, tmp_path):
     r = shell(embedded, tmp_path, """
 mpiexec -n 4 -l sh -c 'echo "out $SLURM_PROCID $CHIBA_HOST"; echo "err $PMI_RANK" >&2'

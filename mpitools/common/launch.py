@@ -21,7 +21,7 @@ from chiba_admin.procfs import proc_stat
 from topology import place_ranks
 
 from mpitools.common.diagnose import RuntimeReport, parse_runtime
-from mpitools.common.runtime import EVENT_PREFIX
+from mpitools.common.runtime import EVENT_PREFIX, FORCED_MCA_ENV
 
 __all__ = ["LaunchPlan", "LaunchResult", "rank_hosts", "build_command", "launch", "RANK_ENV",
            "RANK_HOSTS_ENV", "FORWARD_PREFIXES", "rank_python", "rank_env", "child_env",
@@ -210,6 +210,18 @@ def build_command(topo, module: str, args: list[str], ranks: list[str], *,
     mpiexec = mpi.get("mpiexec") or str(Path(sys.executable).with_name("mpiexec"))
     python = rank_python(topo)
     add_env = {RANK_HOSTS_ENV: ",".join(ranks), **rank_env(topo, env)}
+    extra = _mpi_list(mpi.get("args"))
+    # a rank inside a blocking MPI call (a collective, MPI_Finalize) spins; these are
+    # administrative tools on hosts that run users' jobs, so they yield the core instead.
+    # Open MPI only does so by itself when it knows a host is oversubscribed: on the
+    # testbed (one rank per namespace, 33 on two cores) a service request's launch and
+    # check fell from 0.84-0.94 s and 0.33-0.36 s to 0.07-0.09 s each, and a fresh job's
+    # exit from 3.0-3.4 s to 0.5 s (32 nodes; docs/design.md)
+    forced = tool and not any("mpi_yield_when_idle" in a for a in extra)
+    if forced:
+        # Open MPI hands it to every rank as OMPI_MCA_mpi_yield_when_idle; named so that
+        # a user's command a rank runs does not inherit it (runtime.user_environ)
+        add_env[FORCED_MCA_ENV] = "mpi_yield_when_idle"
 
     argv = [mpiexec]
     if as_root:
@@ -242,14 +254,7 @@ def build_command(topo, module: str, args: list[str], ranks: list[str], *,
             argv += ["--prtemca", "prte_if_include", str(mpi["prte_if_include"])]
         for k in sorted(add_env):
             argv += ["-x", k]
-    extra = _mpi_list(mpi.get("args"))
-    if tool and not any("mpi_yield_when_idle" in a for a in extra):
-        # a rank inside a blocking MPI call (a collective, MPI_Finalize) spins; these are
-        # administrative tools on hosts that run users' jobs, so they yield the core
-        # instead. Open MPI only does so by itself when it knows a host is oversubscribed:
-        # on the testbed (one rank per namespace, 33 on two cores) a service request's
-        # launch and check fell from 0.84-0.94 s and 0.33-0.36 s to 0.07-0.09 s each, and a
-        # fresh job's exit from 3.0-3.4 s to 0.5 s (32 nodes; docs/design.md)
+    if forced:
         argv += ["--mca", "mpi_yield_when_idle", "1"]
     argv += extra
     argv += [python, "-m", module, *args]

@@ -9,11 +9,10 @@ Rank-side module: standard library and mpi4py only. Runs under the service
 from __future__ import annotations
 
 import base64
-import os
 import signal
 import time
 
-from mpitools.common.runtime import emit, rank_hosts, rank_main
+from mpitools.common.runtime import emit, rank_hosts, rank_main, user_environ
 from mpitools.common.unixsock import Pause
 from mpitools.shell.tasks import LocalTasks
 
@@ -30,7 +29,7 @@ def run_here(cmd, env: dict[str, str], cwd: str | None, timeout: float | None) -
     argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else [str(a) for a in cmd]
     t0 = time.monotonic()
     tasks = LocalTasks()
-    tasks.start(0, argv, {**os.environ, **env}, cwd)
+    tasks.start(0, argv, {**user_environ(), **env}, cwd)
     out = {1: bytearray(), 2: bytearray()}
     pause, error = Pause(), None
     while not (_outputs_closed(tasks) and tasks.finished()):

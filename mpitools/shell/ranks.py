@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from mpitools.common.runtime import emit, rank_hosts, rank_main
+from mpitools.common.runtime import emit, rank_hosts, rank_main, user_environ
 from mpitools.common.unixsock import Pause as _Pause, listen, readline as _readline, refusal
 from mpitools.common.unixsock import BUSY_SLEEP, reply as _reply
 from . import openmpi, tools
@@ -429,7 +429,7 @@ class _Leader(_StepControl, _Rank):
                 f.write(f"#!/bin/sh\nexec '{sys.executable}' -m mpitools.shell.client "
                         f"{name} \"$@\"\n")
             os.chmod(path, 0o755)
-        env = {**os.environ, **self.job.get("env", {})}
+        env = {**user_environ(), **self.job.get("env", {})}
         if self.job.get("nodefile") is not None:
             nf = os.path.join(self.rundir, "nodefile")
             with open(nf, "w") as f:
