@@ -73,6 +73,13 @@ def test_ranks_yield_the_core_in_blocking_calls_unless_the_topology_says_otherwi
     own = _SSH.replace("mpi_yield_when_idle 1", "mpi_yield_when_idle 0")
     a = build_command(loads_topology(own), "m", [], ["n1", "n2"]).argv
     assert a.count("mpi_yield_when_idle") == 1 and a[a.index("mpi_yield_when_idle") + 1] == "0"
+    # the site's setting in [mpi] env is its own too; a parameter merely named alike is not
+    env = plain.replace('env = { OMP_NUM_THREADS = "1" }',
+                        'env = { OMP_NUM_THREADS = "1", OMPI_MCA_mpi_yield_when_idle = "0" }')
+    assert "mpi_yield_when_idle" not in build_command(loads_topology(env), "m", [], ["n1"]).argv
+    alike = _SSH.replace("mpi_yield_when_idle 1", "mpi_yield_when_idle_x 1")
+    a = build_command(loads_topology(alike), "m", [], ["n1"]).argv
+    assert a[a.index("mpi_yield_when_idle") + 1] == "1"
 
 
 def test_the_forced_setting_is_named_for_the_ranks_and_only_when_forced():

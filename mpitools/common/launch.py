@@ -178,6 +178,16 @@ def _mpi_list(value) -> list[str]:
     return shlex.split(value) if isinstance(value, str) else [str(v) for v in value]
 
 
+_YIELD = "mpi_yield_when_idle"
+
+
+def _site_sets(param: str, args: list[str], env: dict[str, str]) -> bool:
+    """Whether the topology sets MCA ``param`` itself: in ``[mpi] args`` (a token naming it,
+    or NAME=VALUE) or as OMPI_MCA_<param> in the ranks' environment (``[mpi] env``)."""
+    names = {param, f"OMPI_MCA_{param}"}
+    return f"OMPI_MCA_{param}" in env or any(a.split("=", 1)[0] in names for a in args)
+
+
 def rank_python(topo) -> str:
     """The interpreter the ranks run: the topology's [mpi] python, else this one."""
     return (topo.mpi or {}).get("python") or sys.executable
@@ -217,11 +227,11 @@ def build_command(topo, module: str, args: list[str], ranks: list[str], *,
     # testbed (one rank per namespace, 33 on two cores) a service request's launch and
     # check fell from 0.84-0.94 s and 0.33-0.36 s to 0.07-0.09 s each, and a fresh job's
     # exit from 3.0-3.4 s to 0.5 s (32 nodes; docs/design.md)
-    forced = tool and not any("mpi_yield_when_idle" in a for a in extra)
+    forced = tool and not _site_sets(_YIELD, extra, add_env)
     if forced:
         # Open MPI hands it to every rank as OMPI_MCA_mpi_yield_when_idle; named so that
         # a user's command a rank runs does not inherit it (runtime.user_environ)
-        add_env[FORCED_MCA_ENV] = "mpi_yield_when_idle"
+        add_env[FORCED_MCA_ENV] = _YIELD
 
     argv = [mpiexec]
     if as_root:
@@ -255,7 +265,7 @@ def build_command(topo, module: str, args: list[str], ranks: list[str], *,
         for k in sorted(add_env):
             argv += ["-x", k]
     if forced:
-        argv += ["--mca", "mpi_yield_when_idle", "1"]
+        argv += ["--mca", _YIELD, "1"]
     argv += extra
     argv += [python, "-m", module, *args]
     return LaunchPlan(argv, add_env, tuple(ranks), embedded)
