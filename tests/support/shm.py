@@ -27,20 +27,22 @@ def segments(shm: Path = SHM) -> set[str]:
         return set()
 
 
-def mapped_paths(ignore: int | None = None) -> set[str]:
-    """Every file path some live process of this machine other than ``ignore`` (a pid) has
-    mapped (from /proc/*/maps; processes this user cannot read are skipped)."""
-    out: set[str] = set()
+def mapped_files(ignore: int | None = None) -> set[tuple[int, int, int]]:
+    """(device major, minor, inode) of every file some live process of this machine other
+    than ``ignore`` (a pid) has mapped, from /proc/*/maps (processes this user cannot read
+    are skipped). Identities, not paths: a path there may be escaped or read otherwise."""
+    out: set[tuple[int, int, int]] = set()
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == ignore:
             continue
         try:
             with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
                 for line in f:
-                    path = line.rstrip("\n").split(maxsplit=5)[5:]  # the 6th field, if any
-                    if path and path[0].startswith("/"):
-                        out.add(path[0].removesuffix(" (deleted)"))
-        except OSError:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) >= 5 and fields[4] != "0":
+                        major, _, minor = fields[3].partition(":")
+                        out.add((int(major, 16), int(minor, 16), int(fields[4])))
+        except (OSError, ValueError):
             continue
     return out
 
@@ -51,8 +53,16 @@ def leftovers(before: set[str], shm: Path = SHM, ignore: int | None = None) -> l
     new = segments(shm) - before
     if not new:
         return []
-    live = mapped_paths(ignore)
-    return sorted(p for p in (shm / n for n in new) if str(p) not in live and _mine(p))
+    live = mapped_files(ignore)
+    return sorted(p for p in (shm / n for n in new) if _mine(p) and _identity(p) not in live)
+
+
+def _identity(p: Path) -> tuple[int, int, int] | None:
+    try:
+        st = p.lstat()
+    except OSError:
+        return None
+    return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
 
 
 def _mine(p: Path) -> bool:
