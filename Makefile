@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 VENV_MPICH := .venv-mpich
 STAMP_MPICH := $(VENV_MPICH)/.installed
 
-.PHONY: demo test test-fast bench bench-quick setup clean
+.PHONY: demo test test-fast bench bench-quick setup bytecode clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,15 @@ $(STAMP): pyproject.toml scripts/install-system-deps.sh Makefile
 	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
-demo: $(STAMP) $(STAMP_MPICH)
+# Every rank and CLI call imports the project: without current bytecode each compiles it
+# again (0.03 s a rank, 0.05 s a CLI start on this machine), and nothing writes it back
+# where PYTHONDONTWRITEBYTECODE is set (the development machine sets it). Only stale files
+# compile.
+PACKAGES := chiba_admin mpitools inventory topology legacy_transit testbed
+bytecode: $(STAMP)
+	$(PY) -m compileall -q $(PACKAGES)
+
+demo: $(STAMP) $(STAMP_MPICH) bytecode
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
 
 $(STAMP_MPICH): Makefile
@@ -33,20 +41,20 @@ $(STAMP_MPICH): Makefile
 
 # ruff first (pyproject.toml's [tool.ruff]); wall-clock bounds (marker perf) only on request:
 # `$(VENV)/bin/pytest -m perf`
-test: $(STAMP) $(STAMP_MPICH)
+test: $(STAMP) $(STAMP_MPICH) bytecode
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q -ra -m "not perf"
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) bytecode
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q -ra -m "not testbed and not slow and not perf"
 
 # the README's comparison: the testbed as root (about 50 minutes), else the embedded cluster
-bench: $(STAMP)
+bench: $(STAMP) bytecode
 	bash scripts/bench.sh default
 
 # one size, 8 nodes, fewer repeats: the testbed as root (about 7 minutes), else embedded
-bench-quick: $(STAMP)
+bench-quick: $(STAMP) bytecode
 	bash scripts/bench.sh quick
 
 clean:

@@ -353,3 +353,23 @@ def test_pack_tells_the_payload_as_it_goes(tmp_path):
     seen: list[int] = []
     pack_tree(str(src), io.BytesIO(), "zstd", on_payload=seen.append)
     assert sorted(seen) == [123, 5000] and sum(seen) == check_source(str(src)).bytes
+
+
+@pytest.mark.parametrize("head, total, chunk", [(0, 0, 4096), (32, 1000, 4096),
+                                                (4096, 4096, 4096), (4128, 10_000, 4096),
+                                                (64, 65408 * 3, 65408)])
+def test_frames_carry_the_table_then_the_archive(head, total, chunk):
+    from mpitools.common.faults import Faults
+    from mpitools.stage.ranks import _Frames
+
+    f = _Frames(head, total, chunk)
+    sizes = [f.length(i) for i in range(f.count)]
+    assert all(0 < n <= chunk for n in sizes)
+    assert sum(sizes[:f.head_frames]) == head and sum(sizes[f.head_frames:]) == total
+    # fault points count archive segments only, whatever the table's frames
+    seen = []
+    faults = Faults([{"point": "stage.chunk", "do": "sleep", "seconds": 0}], 0)
+    faults.checkpoint = lambda point, count=0: seen.append((point, count))
+    for i in range(f.count):
+        f.checkpoint(faults, i)
+    assert seen == [("stage.chunk", k) for k in range(f.count - f.head_frames)]

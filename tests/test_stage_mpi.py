@@ -642,3 +642,40 @@ def test_find_device_follows_nothing_and_names_the_path(tmp_path):
                 "/scratch/t/a/b/caf\\xe9: a block device node (")
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("algorithm", ["chain", "bcast"])
+def test_digest_table_spanning_several_frames_heads_the_stream(embedded, cli, tmp_path,
+                                                               algorithm):
+    # 9 MB incompressible in 4 KiB frames: the block-digest table (32 bytes per 64 KiB
+    # block, 4.4 KB here) takes two frames ahead of the archive's
+    src = make_tree(tmp_path / "proj", big=9_000_000)
+    r = cli("stage", src, "--nodes", "@nodes", "--chunk", "4KiB", "--compress", "none",
+            "--algorithm", algorithm, "--json")
+    assert r.code == 0, r.err
+    j = r.json()
+    assert j["bytes"] > 4096 // 32 * (64 << 10), "the table must need more than one frame"
+    for n in NODES:
+        assert j["hosts"][n]["bytes"] == j["bytes"]
+        assert_same_tree(src, os.path.join(scratch(embedded, n), "proj"))
+
+
+@pytest.mark.parametrize("algorithm", ["chain", "bcast"])
+def test_forged_digest_table_is_refused_by_every_node(embedded, cli, tmp_path, monkeypatch,
+                                                      algorithm):
+    # rank 0 (ccn01) sends a table that is not the packed one (as a relaying rank that
+    # rewrote the table to match data it rewrote would): each node checks the table against
+    # the job's hash before it uses a byte of the archive
+    forged = tmp_path / "forged.sums"
+    forged.write_bytes(os.urandom(4096))
+    monkeypatch.setenv("CHIBA_FAULTS", json.dumps(
+        {"point": "stage.table", "rank": 0, "do": "replace", "file": str(forged)}))
+    src = make_tree(tmp_path / "proj", big=400_000)
+    r = cli("stage", src, "--nodes", "@nodes", "--algorithm", algorithm, "--json")
+    assert r.code == 1
+    j = r.json()
+    assert set(j["failures"]) == set(NODES), j["failures"]
+    assert all("block digests arrived damaged" in j["hosts"][n]["error"] for n in NODES)
+    assert all(j["hosts"][n]["bytes"] == 0 for n in NODES)
+    assert all(v == [] for v in scratch_listing(embedded).values())
+    assert rank_processes(embedded) == []

@@ -85,6 +85,11 @@ def block_sums(data: bytes, block: int = BLOCK) -> bytes:
     return h.finish()
 
 
+def sums_size(size: int, block: int = BLOCK) -> int:
+    """Bytes of the digest table of a ``size``-byte archive (32 per started ``block``)."""
+    return -(-size // block) * _DIGEST
+
+
 class BlockHasher:
     """Digests of consecutive ``block``-byte pieces of a stream (the last one may be short)."""
 
