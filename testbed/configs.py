@@ -208,6 +208,9 @@ def mpi_recipe(plan: TestbedPlan, lay: Layout) -> dict:
         # primary NIC is eth0, so naming it keeps out-of-band traffic in the testbed too
         "prte_if_include": PRTE_IF,
         "plm_ssh_args": f"-F {lay.ssh_config}",
+        # no testbed host has a UCX device (veth only: pml ob1 over TCP), and UCX's memory
+        # hooks, loaded with libmpi, cost every rank 20 ms of CPU at start (docs/design.md)
+        "env": {"UCX_MEM_EVENTS": "no"},
     }
 
 

@@ -85,35 +85,52 @@ def test_ranks_yield_the_core_in_blocking_calls_unless_the_topology_says_otherwi
 def test_the_forced_setting_is_named_for_the_ranks_and_only_when_forced():
     plain = _SSH.replace('args = "--mca mpi_yield_when_idle 1"\n', "")
     plan = build_command(loads_topology(plain), "m", [], ["n1", "n2"])
-    assert plan.env["CHIBA_FORCED_MCA"] == "mpi_yield_when_idle"
-    assert plan.argv[plan.argv.index("CHIBA_FORCED_MCA") - 1] == "-x"  # reaches remote ranks
+    assert plan.env["CHIBA_FORCED_ENV"] == "OMPI_MCA_mpi_yield_when_idle"
+    assert plan.argv[plan.argv.index("CHIBA_FORCED_ENV") - 1] == "-x"  # reaches remote ranks
+    assert "UCX_MEM_EVENTS" not in plan.env  # an SSH cluster's hosts may use UCX
     site = build_command(loads_topology(_SSH), "m", [], ["n1", "n2"])
-    assert "CHIBA_FORCED_MCA" not in site.env and "CHIBA_FORCED_MCA" not in site.argv
+    assert "CHIBA_FORCED_ENV" not in site.env and "CHIBA_FORCED_ENV" not in site.argv
     user = build_command(loads_topology(plain), "m", [], ["n1", "n2"], tool=False)
-    assert "CHIBA_FORCED_MCA" not in user.env
+    assert "CHIBA_FORCED_ENV" not in user.env
+
+
+def test_embedded_ranks_skip_ucx_memory_hooks_unless_the_site_says(embedded):
+    """Loading libmpi loads UCX, whose memory hooks cost each rank 20 ms of CPU; the
+    embedded cluster never selects UCX, so our ranks turn them off, and say so."""
+    plan = build_command(embedded, "m", [], ["ccn01", "ccn02"])
+    assert plan.env["UCX_MEM_EVENTS"] == "no"
+    assert plan.env["CHIBA_FORCED_ENV"] == "OMPI_MCA_mpi_yield_when_idle,UCX_MEM_EVENTS"
+    user = build_command(embedded, "m", [], ["ccn01", "ccn02"], tool=False)
+    assert "UCX_MEM_EVENTS" not in user.env and "CHIBA_FORCED_ENV" not in user.env
+    site = build_command(embedded, "m", [], ["ccn01"], env={"UCX_MEM_EVENTS": "yes"})
+    assert site.env["UCX_MEM_EVENTS"] == "yes"
+    assert site.env["CHIBA_FORCED_ENV"] == "OMPI_MCA_mpi_yield_when_idle"
 
 
 def test_a_users_command_does_not_inherit_what_was_forced_on_the_ranks(monkeypatch):
     from mpitools.common.runtime import user_environ
 
-    monkeypatch.setenv("CHIBA_FORCED_MCA", "mpi_yield_when_idle")
+    monkeypatch.setenv("CHIBA_FORCED_ENV", "OMPI_MCA_mpi_yield_when_idle,UCX_MEM_EVENTS")
     monkeypatch.setenv("OMPI_MCA_mpi_yield_when_idle", "1")
+    monkeypatch.setenv("UCX_MEM_EVENTS", "no")
     monkeypatch.setenv("OMPI_MCA_btl_tcp_links", "2")  # the site's: kept
     env = user_environ()
-    assert "OMPI_MCA_mpi_yield_when_idle" not in env and "CHIBA_FORCED_MCA" not in env
+    assert "OMPI_MCA_mpi_yield_when_idle" not in env and "CHIBA_FORCED_ENV" not in env
+    assert "UCX_MEM_EVENTS" not in env
     assert env["OMPI_MCA_btl_tcp_links"] == "2"
-    monkeypatch.delenv("CHIBA_FORCED_MCA")  # the site's own setting ([mpi] args): kept
+    monkeypatch.delenv("CHIBA_FORCED_ENV")  # the site's own setting ([mpi] args): kept
     assert user_environ()["OMPI_MCA_mpi_yield_when_idle"] == "1"
 
 
 def test_a_command_run_by_fresh_ranks_sees_no_forced_setting(embedded, cli):
     """Through real mpiexec: the ranks run with OMPI_MCA_mpi_yield_when_idle (Open MPI
-    passes --mca on that way), the user's command does not see it."""
+    passes --mca on that way) and UCX_MEM_EVENTS=no, the user's command sees neither."""
     r = cli("--json", "run", "--launch", "mpiexec", "-w", "ccn01", "--", "env")
     assert r.code == 0, r.err
     out = r.json()["hosts"]["ccn01"]["stdout"]
     assert "CHIBA_HOST=ccn01" in out  # the command's own environment is there
-    assert "OMPI_MCA_mpi_yield_when_idle" not in out and "CHIBA_FORCED_MCA" not in out
+    assert "OMPI_MCA_mpi_yield_when_idle" not in out and "CHIBA_FORCED_ENV" not in out
+    assert "UCX_MEM_EVENTS" not in out
 
 
 def test_a_users_mpi_program_is_not_made_to_yield():

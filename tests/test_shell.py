@@ -124,11 +124,12 @@ def _ours(rundir: str) -> bool:
 
 
 def test_the_script_and_its_tasks_do_not_inherit_the_ranks_forced_mca(embedded, tmp_path):
-    """The shell's ranks run with OMPI_MCA_mpi_yield_when_idle (our tools yield the core);
-    the user's script, and the MPI programs and tasks it starts, keep Open MPI's default."""
+    """The shell's ranks run with OMPI_MCA_mpi_yield_when_idle (our tools yield the core)
+    and UCX_MEM_EVENTS=no; the user's script, and the MPI programs and tasks it starts,
+    keep Open MPI's and UCX's defaults."""
     r = shell(embedded, tmp_path, """
-env | grep -c -e OMPI_MCA_mpi_yield_when_idle -e CHIBA_FORCED_MCA
-mpiexec -n 2 sh -c 'env | grep -c -e OMPI_MCA_mpi_yield_when_idle -e CHIBA_FORCED_MCA'
+env | grep -c -e OMPI_MCA_mpi_yield_when_idle -e CHIBA_FORCED_ENV -e UCX_MEM_EVENTS
+mpiexec -n 2 sh -c 'env | grep -c -e OMPI_MCA_mpi_yield_when_idle -e CHIBA_FORCED_ENV -e UCX_MEM_EVENTS'
 exit 0
 """, "--nodes", "ccn[01-02]")
     assert r.returncode == 0, r.stderr.decode()

@@ -21,7 +21,7 @@ from chiba_admin.procfs import proc_stat
 from topology import place_ranks
 
 from mpitools.common.diagnose import RuntimeReport, parse_runtime
-from mpitools.common.runtime import EVENT_PREFIX, FORCED_MCA_ENV
+from mpitools.common.runtime import EVENT_PREFIX, FORCED_ENV
 
 __all__ = ["LaunchPlan", "LaunchResult", "rank_hosts", "build_command", "launch", "RANK_ENV",
            "RANK_HOSTS_ENV", "FORWARD_PREFIXES", "rank_python", "rank_env", "child_env",
@@ -179,6 +179,7 @@ def _mpi_list(value) -> list[str]:
 
 
 _YIELD = "mpi_yield_when_idle"
+_UCX_EVENTS = "UCX_MEM_EVENTS"
 
 
 def _site_sets(param: str, args: list[str], env: dict[str, str]) -> bool:
@@ -228,10 +229,16 @@ def build_command(topo, module: str, args: list[str], ranks: list[str], *,
     # check fell from 0.84-0.94 s and 0.33-0.36 s to 0.07-0.09 s each, and a fresh job's
     # exit from 3.0-3.4 s to 0.5 s (32 nodes; docs/design.md)
     forced = tool and not _site_sets(_YIELD, extra, add_env)
-    if forced:
-        # Open MPI hands it to every rank as OMPI_MCA_mpi_yield_when_idle; named so that
-        # a user's command a rank runs does not inherit it (runtime.user_environ)
-        add_env[FORCED_MCA_ENV] = _YIELD
+    # named so that a user's command a rank runs does not inherit them (runtime.user_environ)
+    forced_env = [f"OMPI_MCA_{_YIELD}"] if forced else []  # Open MPI hands it on so
+    if tool and embedded and _UCX_EVENTS not in add_env:
+        # loading libmpi loads UCX, whose memory hooks cost 20 ms of CPU in every rank's
+        # start (41 of 61 ms of the dlopen, sched_yield spins), for a transport the
+        # embedded cluster never selects (pml ob1 over shared memory); docs/design.md
+        add_env[_UCX_EVENTS] = "no"
+        forced_env.append(_UCX_EVENTS)
+    if forced_env:
+        add_env[FORCED_ENV] = ",".join(forced_env)
 
     argv = [mpiexec]
     if as_root:

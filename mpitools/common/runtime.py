@@ -16,14 +16,14 @@ from typing import Any, Callable
 
 __all__ = ["EVENT_PREFIX", "PeerLost", "load_job", "rank_hosts", "encode_job", "emit",
            "set_emitter", "Backoff", "wait", "queue_get", "queue_put", "agree_any",
-           "Terminated", "rank_main", "maxrss_bytes", "SLEEP", "IDLE_CAP", "FORCED_MCA_ENV",
+           "Terminated", "rank_main", "maxrss_bytes", "SLEEP", "IDLE_CAP", "FORCED_ENV",
            "user_environ"]
 
 EVENT_PREFIX = "@@chiba "
-# The MCA parameters the launcher set for our rank programs only (comma-separated names;
-# mpitools/common/launch.py): Open MPI hands them to every rank as OMPI_MCA_<name>, and a
-# user's command that a rank runs must not inherit them (nor this list).
-FORCED_MCA_ENV = "CHIBA_FORCED_MCA"
+# The environment variables the launcher set for our rank programs only (comma-separated
+# names; mpitools/common/launch.py), among them the MCA parameters Open MPI hands every rank
+# as OMPI_MCA_<name>: a user's command that a rank runs must not inherit them (nor this list).
+FORCED_ENV = "CHIBA_FORCED_ENV"
 # Waiting by Test + a short sleep instead of a blocking call: ranks that outnumber cores
 # would otherwise spin and starve each other (docs/design.md, "Waiting without spinning").
 SLEEP = 0.001
@@ -33,13 +33,13 @@ IDLE_CAP = 0.02
 
 
 def user_environ() -> dict[str, str]:
-    """This rank's environment for a user's command: less the MCA settings the launcher
-    forced on our own ranks (:data:`FORCED_MCA_ENV`), so that an MPI program the command
-    starts keeps Open MPI's defaults or the site's own settings."""
+    """This rank's environment for a user's command: less the settings the launcher forced
+    on our own ranks (:data:`FORCED_ENV`), so that an MPI program the command starts keeps
+    Open MPI's and UCX's defaults or the site's own settings."""
     env = dict(os.environ)
-    names = env.pop(FORCED_MCA_ENV, "")
+    names = env.pop(FORCED_ENV, "")
     for name in filter(None, names.split(",")):
-        env.pop(f"OMPI_MCA_{name}", None)
+        env.pop(name, None)
     return env
 
 
