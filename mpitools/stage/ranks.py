@@ -27,7 +27,7 @@ from mpitools.common.archive import (BlockVerifier, Extractor, RefusedMember, Ve
 from mpitools.common.chain import Chain
 from mpitools.common.faults import NONE, Faults
 from mpitools.common.runtime import (PeerLost, agree_any, emit, maxrss_bytes, queue_get,
-                                     rank_hosts, rank_main)
+                                     rank_hosts, rank_main, wait)
 
 __all__ = ["ALGORITHMS", "NodeStage", "DestRefused", "chain", "bcast", "main"]
 
@@ -445,7 +445,11 @@ def _check(run: _Run) -> bool:
                 run.close_source()
     # only the verdict: the digest table itself heads the data stream (_Frames), so it
     # crosses each link once, pipelined, instead of in a tree of whole copies before
-    # anything moves (1.1-1.5 s of check at 32 nodes and 256 MiB on the testbed)
+    # anything moves (1.1-1.5 s of check at 32 nodes and 256 MiB on the testbed).
+    # Quiet barriers before each pickled collective that waits on uneven work (here the
+    # ranks' own start-up and rank 0's HTTP): a blocking collective spins in Open MPI's
+    # progress loop, and spinning ranks take the cores from those still working
+    wait(comm.Ibarrier())
     err = comm.bcast(err, root=0)
     refusal = None
     if err is None:
@@ -525,6 +529,7 @@ def _transfer(run: _Run) -> bool:
     report.update(bytes=got, seconds=time.time() - t)
     # verify: when rank 0 refused the download, the others only say they unpacked none
     report["stage"] = "verify"
+    wait(run.comm.Ibarrier())  # nodes finish unpacking at different times
     ref, src_err = run.comm.bcast((digest, down_failed[0] if down_failed else None)
                                   if rank == 0 else None, root=0)
     primary = True
@@ -623,6 +628,7 @@ def _describe(e: BaseException) -> str:
 def _finish(run: _Run) -> int:
     """Gather every node's report to rank 0, which emits the one result event."""
     run.report["maxrss"] = maxrss_bytes()
+    wait(run.comm.Ibarrier())
     reports = run.comm.gather(run.report, root=0)
     if run.rank == 0:
         emit("result", ok=all(r["ok"] for r in reports), reports=reports, phases=run.phases,

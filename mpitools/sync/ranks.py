@@ -545,6 +545,7 @@ def _group(run: _Sync) -> None:
         groups = group_bitmaps(run.src, bitmaps) if bitmaps and not run.opts["dry_run"] else []
         index = {e.path: i for i, e in enumerate(run.files)}
         wire = [(sorted(g.targets), [index[p] for p in g.paths], g.nbytes) for g in groups]
+    wait(run.comm.Ibarrier())  # the root groups the files meanwhile
     run.groups = run.comm.bcast(wire, root=0)
 
 
