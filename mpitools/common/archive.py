@@ -33,7 +33,7 @@ from mpitools.common.runtime import queue_put
 from mpitools.common.tarread import (MTIME_XATTR, SOCKET_XATTR, Member, TarReader,
                                      TarReadError, exact_mtime)
 
-__all__ = ["COMPRESSIONS", "BLOCK", "PackInfo", "new_hasher", "block_sums", "BlockHasher",
+__all__ = ["COMPRESSIONS", "BLOCK", "BATCH", "PackInfo", "new_hasher", "block_sums", "BlockHasher",
            "BlockVerifier", "VerifyError", "pack_tree", "ChunkWriter", "RefusedMember",
            "SafeUnpacker", "Extractor", "temp_name", "make_locked_temp", "clean_stale",
            "remove_entry", "TEMP_RE", "TarReadError"]
@@ -43,6 +43,10 @@ COMPRESSIONS = ("zstd", "gzip", "none")
 # packing: 32 bytes of digest per 64 KiB (0.05 %), and a node holds at most one block
 # back from its extractor while it waits for the block to complete.
 BLOCK = 64 << 10
+# The extractor's thread is handed the stream in batches of this size, not frame by frame:
+# every handover wakes a thread (tens of microseconds each on a shared virtual machine),
+# and a 64 KiB frame at a time cost a node 0.1 ms per frame (docs/design.md, "Per-node CPU")
+BATCH = 1 << 20
 _DIGEST = 32
 TEMP_RE = re.compile(r"^\.(?P<name>.+)\.chiba-(?P<kind>stage|collect)-(?P<job>[0-9a-f]{12})"
                      r"(?P<old>\.old)?$")
@@ -730,15 +734,19 @@ class Extractor:
     ``dest`` is a directory fd (not closed here) or a path. With ``sums`` (block digests
     from packing, :class:`PackInfo`.blocks) the unpacker only ever sees verified bytes: a
     block that differs stops it with VerifyError before any of that block is used.
-    ``feed`` blocks (calling ``idle`` meanwhile) when ``depth`` chunks are queued, so memory
-    stays bounded; ``finish`` returns (bytes, hash) of everything fed, or raises the
-    extraction error (RefusedMember, VerifyError, OSError, TarReadError). After an
-    error the thread keeps draining, so feeding never hangs.
+    ``feed`` copies the bytes given (any bytes-like object, reusable once it returns) into a
+    batch of ``batch`` bytes, and queues whole batches to the thread; it blocks (calling
+    ``idle`` meanwhile) when ``depth`` batches are queued, so memory stays bounded.
+    ``finish`` returns (bytes, hash) of everything fed, or raises the extraction error
+    (RefusedMember, VerifyError, OSError, TarReadError). After an error the thread keeps
+    draining, so feeding never hangs.
     """
 
     def __init__(self, dest: str | int, compress: str, *, hash_alg: str = "blake3",
-                 depth: int = 4, sums: bytes | None = None, block: int = BLOCK):
+                 depth: int = 4, sums: bytes | None = None, block: int = BLOCK,
+                 batch: int = BATCH):
         self.compress = compress
+        self._batch, self._batch_size = bytearray(), max(1, batch)
         self._own = isinstance(dest, str)
         self._fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if self._own \
             else dest
@@ -759,11 +767,17 @@ class Extractor:
         finally:
             self._reader.drain()
 
-    def feed(self, data: bytes, idle: Callable[[], None] | None = None) -> None:
-        queue_put(self._q, data, idle)
+    def feed(self, data, idle: Callable[[], None] | None = None) -> None:
+        self._batch += data
+        if len(self._batch) >= self._batch_size:
+            queue_put(self._q, bytes(self._batch), idle)
+            self._batch.clear()
 
     def finish(self, idle: Callable[[], None] | None = None) -> tuple[int, str]:
-        self.feed(None, idle)  # type: ignore[arg-type]
+        if self._batch:
+            queue_put(self._q, bytes(self._batch), idle)
+            self._batch.clear()
+        queue_put(self._q, None, idle)
         while self._thread.is_alive():
             self._thread.join(0.001)
             if idle is not None:

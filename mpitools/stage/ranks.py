@@ -323,7 +323,7 @@ def chain(comm, frames: _Frames, get: Callable | None, sink: Callable,
         else:
             for i, data in enumerate(ch.frames(count=frames.count)):
                 frames.checkpoint(faults, i)
-                sink(bytes(data), ch.progress)
+                sink(data, ch.progress)  # the sink copies what it keeps
     except MPI.Exception as e:  # an error not tied to one request: neighbour unknown
         raise PeerLost(None, e.Get_error_string()) from None
 
@@ -340,7 +340,7 @@ def bcast(comm, frames: _Frames, get: Callable | None, sink: Callable,
             buf[:n] = get(i, lambda: None)
         comm.Bcast([buf, n, MPI.BYTE], root=0)
         frames.checkpoint(faults, i)
-        sink(bytes(buf[:n]), None)
+        sink(memoryview(buf)[:n], None)  # the sink copies what it keeps
 
 
 def _open_url(url: str, size: int, timeout: float):
