@@ -88,10 +88,12 @@ def test_the_forced_setting_is_named_for_the_ranks_and_only_when_forced():
     assert plan.env["CHIBA_FORCED_ENV"] == "OMPI_MCA_mpi_yield_when_idle"
     assert plan.argv[plan.argv.index("CHIBA_FORCED_ENV") - 1] == "-x"  # reaches remote ranks
     assert "UCX_MEM_EVENTS" not in plan.env  # an SSH cluster's hosts may use UCX
+    # nothing forced: the list is set, empty, so that one from the operator's environment
+    # (CHIBA_* reaches the ranks) cannot name what users' commands lose
     site = build_command(loads_topology(_SSH), "m", [], ["n1", "n2"])
-    assert "CHIBA_FORCED_ENV" not in site.env and "CHIBA_FORCED_ENV" not in site.argv
+    assert site.env["CHIBA_FORCED_ENV"] == ""
     user = build_command(loads_topology(plain), "m", [], ["n1", "n2"], tool=False)
-    assert "CHIBA_FORCED_ENV" not in user.env
+    assert user.env["CHIBA_FORCED_ENV"] == ""
 
 
 def test_embedded_ranks_skip_ucx_memory_hooks_unless_the_site_says(embedded):
@@ -101,10 +103,17 @@ def test_embedded_ranks_skip_ucx_memory_hooks_unless_the_site_says(embedded):
     assert plan.env["UCX_MEM_EVENTS"] == "no"
     assert plan.env["CHIBA_FORCED_ENV"] == "OMPI_MCA_mpi_yield_when_idle,UCX_MEM_EVENTS"
     user = build_command(embedded, "m", [], ["ccn01", "ccn02"], tool=False)
-    assert "UCX_MEM_EVENTS" not in user.env and "CHIBA_FORCED_ENV" not in user.env
+    assert "UCX_MEM_EVENTS" not in user.env and user.env["CHIBA_FORCED_ENV"] == ""
     site = build_command(embedded, "m", [], ["ccn01"], env={"UCX_MEM_EVENTS": "yes"})
     assert site.env["UCX_MEM_EVENTS"] == "yes"
     assert site.env["CHIBA_FORCED_ENV"] == "OMPI_MCA_mpi_yield_when_idle"
+
+
+def test_the_operators_own_ucx_setting_stands(embedded, monkeypatch):
+    monkeypatch.setenv("UCX_MEM_EVENTS", "yes")
+    plan = build_command(embedded, "m", [], ["ccn01"])
+    assert "UCX_MEM_EVENTS" not in plan.env  # the operator's, inherited as it is
+    assert plan.env["CHIBA_FORCED_ENV"] == "OMPI_MCA_mpi_yield_when_idle"
 
 
 def test_a_users_command_does_not_inherit_what_was_forced_on_the_ranks(monkeypatch):
@@ -118,6 +127,13 @@ def test_a_users_command_does_not_inherit_what_was_forced_on_the_ranks(monkeypat
     assert "OMPI_MCA_mpi_yield_when_idle" not in env and "CHIBA_FORCED_ENV" not in env
     assert "UCX_MEM_EVENTS" not in env
     assert env["OMPI_MCA_btl_tcp_links"] == "2"
+    # a list that names more than the launcher forces takes nothing else away
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/site/lib")
+    monkeypatch.setenv("CHIBA_FORCED_ENV", "PATH,LD_LIBRARY_PATH,OMPI_MCA_mpi_yield_when_idle")
+    env = user_environ()
+    assert env["PATH"] == os.environ["PATH"] and env["LD_LIBRARY_PATH"] == "/opt/site/lib"
+    assert "OMPI_MCA_mpi_yield_when_idle" not in env
+    monkeypatch.setenv("OMPI_MCA_mpi_yield_when_idle", "1")
     monkeypatch.delenv("CHIBA_FORCED_ENV")  # the site's own setting ([mpi] args): kept
     assert user_environ()["OMPI_MCA_mpi_yield_when_idle"] == "1"
 

@@ -64,13 +64,32 @@ def test_extractor_error_does_not_block_feeding(tmp_path):
     """After a refused member the thread keeps draining, so the MPI side never stalls."""
     dest = tmp_path / "d"
     dest.mkdir()
-    ex = Extractor(str(dest), "none", depth=1)
+    ex = Extractor(str(dest), "none", depth=1, batch=4096)  # every feed queues
     data = crafted_tar("dotdot") + bytes(1 << 20)
     for i in range(0, len(data), 4096):
         ex.feed(data[i:i + 4096])
     with pytest.raises(tarfile.FilterError):
         ex.finish()
     assert ex.received == len(data)
+
+
+@pytest.mark.parametrize("batch", [1, 5000, 1 << 20])
+def test_extractor_copies_a_reused_buffer_before_it_returns(tmp_path, batch):
+    """The chain hands the extractor its receive buffers, which it reuses at once."""
+    src = make_tree(tmp_path / "src", big=300_000)
+    out = io.BytesIO()
+    info = pack_tree(src, out, "zstd")
+    data = out.getvalue()
+    (tmp_path / "d").mkdir()
+    ex = Extractor(str(tmp_path / "d"), "zstd", sums=info.blocks, batch=batch)
+    buf = bytearray(4096)
+    for i in range(0, len(data), 4096):
+        piece = data[i:i + 4096]
+        buf[:len(piece)] = piece
+        ex.feed(memoryview(buf)[:len(piece)])
+        buf[:] = bytes(len(buf))  # reused: what was fed must already be copied
+    assert ex.finish()[0] == len(data)
+    assert_same_tree(src, tmp_path / "d")
 
 
 def test_corrupt_stream_is_an_error(tmp_path):

@@ -176,7 +176,7 @@ class _Incoming:
             return None
         n = self.status.Get_count(MPI.BYTE)
         if n:
-            self.ex.feed(bytes(self.buf[:n]))
+            self.ex.feed(memoryview(self.buf)[:n])  # the extractor copies it
             self.post()
         return n
 

@@ -33,7 +33,7 @@ from mpitools.common.runtime import queue_put
 from mpitools.common.tarread import (MTIME_XATTR, SOCKET_XATTR, Member, TarReader,
                                      TarReadError, exact_mtime)
 
-__all__ = ["COMPRESSIONS", "BLOCK", "BATCH", "PackInfo", "new_hasher", "block_sums", "BlockHasher",
+__all__ = ["COMPRESSIONS", "BLOCK", "BATCH", "sums_size", "PackInfo", "new_hasher", "block_sums", "BlockHasher",
            "BlockVerifier", "VerifyError", "pack_tree", "ChunkWriter", "RefusedMember",
            "SafeUnpacker", "Extractor", "temp_name", "make_locked_temp", "clean_stale",
            "remove_entry", "TEMP_RE", "TarReadError"]

@@ -189,6 +189,13 @@ def _site_sets(param: str, args: list[str], env: dict[str, str]) -> bool:
     return f"OMPI_MCA_{param}" in env or any(a.split("=", 1)[0] in names for a in args)
 
 
+def _env_set(name: str, args: list[str], env: dict[str, str]) -> bool:
+    """Whether the site or the operator sets environment variable ``name`` for the ranks:
+    ``[mpi] env``, this process's environment, or ``-x NAME[=VALUE]`` in ``[mpi] args``."""
+    return (name in env or name in os.environ
+            or any(a.split("=", 1)[0] == name for a in args))
+
+
 def rank_python(topo) -> str:
     """The interpreter the ranks run: the topology's [mpi] python, else this one."""
     return (topo.mpi or {}).get("python") or sys.executable
@@ -231,14 +238,15 @@ def build_command(topo, module: str, args: list[str], ranks: list[str], *,
     forced = tool and not _site_sets(_YIELD, extra, add_env)
     # named so that a user's command a rank runs does not inherit them (runtime.user_environ)
     forced_env = [f"OMPI_MCA_{_YIELD}"] if forced else []  # Open MPI hands it on so
-    if tool and embedded and _UCX_EVENTS not in add_env:
+    if tool and embedded and not _env_set(_UCX_EVENTS, extra, add_env):
         # loading libmpi loads UCX, whose memory hooks cost 20 ms of CPU in every rank's
         # start (41 of 61 ms of the dlopen, sched_yield spins), for a transport the
         # embedded cluster never selects (pml ob1 over shared memory); docs/design.md
         add_env[_UCX_EVENTS] = "no"
         forced_env.append(_UCX_EVENTS)
-    if forced_env:
-        add_env[FORCED_ENV] = ",".join(forced_env)
+    # always set, empty when nothing was forced: a CHIBA_FORCED_ENV from the operator's
+    # environment (CHIBA_* reaches the ranks) must not name what users' commands lose
+    add_env[FORCED_ENV] = ",".join(forced_env)
 
     argv = [mpiexec]
     if as_root:

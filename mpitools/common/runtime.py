@@ -24,6 +24,7 @@ EVENT_PREFIX = "@@chiba "
 # names; mpitools/common/launch.py), among them the MCA parameters Open MPI hands every rank
 # as OMPI_MCA_<name>: a user's command that a rank runs must not inherit them (nor this list).
 FORCED_ENV = "CHIBA_FORCED_ENV"
+_FORCEABLE = frozenset({"UCX_MEM_EVENTS"})  # beside Open MPI's OMPI_MCA_* parameters
 # Waiting by Test + a short sleep instead of a blocking call: ranks that outnumber cores
 # would otherwise spin and starve each other (docs/design.md, "Waiting without spinning").
 SLEEP = 0.001
@@ -39,7 +40,9 @@ def user_environ() -> dict[str, str]:
     env = dict(os.environ)
     names = env.pop(FORCED_ENV, "")
     for name in filter(None, names.split(",")):
-        env.pop(name, None)
+        # only what the launcher can force: the list cannot take PATH from a user
+        if name.startswith("OMPI_MCA_") or name in _FORCEABLE:
+            env.pop(name, None)
     return env
 
 

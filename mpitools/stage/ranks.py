@@ -402,7 +402,7 @@ class _Run:
         self.phases: dict[str, float] = {}
         self.t0 = time.time()
         self.resp = None  # rank 0: the archive's HTTP response
-        self.sums: bytes | None = None  # the archive's block digests (every rank)
+        self.sums: bytes | None = None  # rank 0: the archive's block digests, from the spool
 
     def close_source(self) -> None:
         if self.resp is not None:
@@ -565,7 +565,8 @@ class _Receiver:
         if frames.head_frames == 0:
             self._start()
 
-    def __call__(self, data: bytes, idle) -> None:
+    def __call__(self, data, idle) -> None:
+        """Take one frame (bytes-like, valid only during the call: copied if kept)."""
         i, self._i = self._i, self._i + 1
         if i < self.frames.head_frames:
             self._table += data
