@@ -244,9 +244,11 @@ def build_command(topo, module: str, args: list[str], ranks: list[str], *,
         # embedded cluster never selects (pml ob1 over shared memory); docs/design.md
         add_env[_UCX_EVENTS] = "no"
         forced_env.append(_UCX_EVENTS)
-    # always set, empty when nothing was forced: a CHIBA_FORCED_ENV from the operator's
-    # environment (CHIBA_* reaches the ranks) must not name what users' commands lose
-    add_env[FORCED_ENV] = ",".join(forced_env)
+    if tool:
+        # always set for our ranks, empty when nothing was forced: a CHIBA_FORCED_ENV from
+        # the operator's environment (CHIBA_* reaches the ranks) must not name what users'
+        # commands lose. A user's own MPI program (tool=False) gets none of this.
+        add_env[FORCED_ENV] = ",".join(forced_env)
 
     argv = [mpiexec]
     if as_root:
