@@ -161,6 +161,20 @@ def _corrupt(what: str, where: str | None = None) -> InventoryError:
                           hint="re-send it; if this persists the sender is broken or hostile")
 
 
+def _decompress(frame: bytes, limit: int) -> bytes:
+    """The frame's content, read 1 MiB at a time: ``decompress(max_output_size=limit)``
+    allocated the size the header claims before decoding a byte (a mutated header of 40
+    bytes made it ask for hundreds of MB: MemoryError, not InventoryError). Raises
+    InventoryError when the content is longer than ``limit``."""
+    out = bytearray()
+    with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
+        while piece := reader.read(1 << 20):
+            out += piece
+            if len(out) > limit:
+                raise _corrupt("body longer than its header says")
+    return bytes(out)
+
+
 def decode_inventory(data: bytes | bytearray | memoryview, *,
                      max_decoded: int = MAX_DECODED) -> Inventory:
     """Inverse of encode_inventory. Rejects anything malformed or unsafe with InventoryError:
@@ -183,8 +197,7 @@ def decode_inventory(data: bytes | bytearray | memoryview, *,
         # Truncated or padded: either way not what the sender produced.
         raise _corrupt(f"{len(data) - _HEADER.size} body bytes where the header says {frame_len}")
     try:
-        body = zstandard.ZstdDecompressor().decompress(data[_HEADER.size:],
-                                                       max_output_size=body_len)
+        body = _decompress(data[_HEADER.size:], body_len)
     except zstandard.ZstdError as exc:
         raise _corrupt(f"compressed body does not decode ({exc})") from exc
     if len(body) != body_len:

@@ -183,3 +183,13 @@ def test_decoder_never_fails_other_than_inventory_error(data):
     except InventoryError:
         return
     assert isinstance(out, Inventory)
+
+
+def test_a_frame_claiming_a_huge_content_size_is_refused_without_allocating_it():
+    """Hypothesis found it: one byte of the zstd frame header changed made the content
+    size it claims enormous, and the decoder asked for that much memory up front
+    (MemoryError instead of InventoryError)."""
+    blob = bytearray(encode_inventory(sample()))
+    blob[32] = 244  # the frame header's descriptor byte (a content-size field appears)
+    with pytest.raises(InventoryError):
+        decode_inventory(bytes(blob))

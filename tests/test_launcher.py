@@ -381,3 +381,25 @@ def test_kill_9_of_a_rank_blames_only_its_host_through_real_mpiexec(embedded):
     assert not res.ok and res.returncode == 137
     assert res.failed_hosts() == {"ccn03": "process killed by signal 9 (Killed)"}
     assert res.describe() == "rank(s) died: ccn03 (process killed by signal 9 (Killed))"
+
+
+_CHATTY_MPIEXEC = """#!/bin/sh
+# a stand-in for mpiexec whose ranks never pause: an event every 20 ms for 6 s
+echo '@@chiba {"event": "start", "size": 1}'
+i=0
+while [ $i -lt 300 ]; do echo '@@chiba {"event": "progress", "done": 1}'; sleep 0.02; i=$((i + 1)); done
+echo '@@chiba {"event": "result", "ok": true}'
+"""
+
+
+def test_timeout_holds_while_the_ranks_keep_printing(tmp_path):
+    """--timeout was checked only when output paused for 0.1 s: a job printing steadily
+    ran to its end. Now it is stopped at the deadline."""
+    from mpitools.common.launch import launch
+
+    exe = tmp_path / "mpiexec"
+    exe.write_text(_CHATTY_MPIEXEC)
+    exe.chmod(0o755)
+    topo = loads_topology(_SSH.replace('mpiexec = "/opt/ompi/bin/mpiexec"', f'mpiexec = "{exe}"'))
+    res = launch(topo, "m", [], ["m1"], timeout=0.5, retry=False)
+    assert res.timed_out and res.result is None

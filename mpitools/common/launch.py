@@ -557,18 +557,22 @@ def _run_once(topo, plan: LaunchPlan, timeout: float | None,
     deadline = None if timeout is None else res.started + timeout
     try:
         while open_streams:
+            # checked before every line, not only when output pauses: a job whose ranks
+            # print without a 0.1 s gap ran past its --timeout to the end
+            now = time.time()
+            if deadline is not None and now > deadline:
+                res.timed_out = True
+                _stop(proc, grace)
+                break
+            if (start_timeout is not None and not res.events
+                    and now > res.started + start_timeout):
+                res.start_timed_out = True
+                _stop(proc, grace)
+                break
             try:
-                tag, line = lines.get(timeout=0.1)
+                tag, line = lines.get(timeout=0.1 if deadline is None
+                                      else min(0.1, max(0.0, deadline - now)))
             except queue.Empty:
-                if deadline is not None and time.time() > deadline:
-                    res.timed_out = True
-                    _stop(proc, grace)
-                    break
-                if (start_timeout is not None and not res.events
-                        and time.time() > res.started + start_timeout):
-                    res.start_timed_out = True
-                    _stop(proc, grace)
-                    break
                 continue
             if line is None:
                 open_streams -= 1
