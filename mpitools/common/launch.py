@@ -530,6 +530,17 @@ def _say(text: str) -> None:
         get_err_console().print(text, markup=False, highlight=False)
 
 
+def _overdue(res: LaunchResult, now: float, deadline: float | None,
+             start_timeout: float | None) -> bool:
+    """Whether the job is past its deadline, or printed no event within ``start_timeout``
+    seconds of its start; sets ``res.timed_out`` or ``res.start_timed_out``."""
+    if deadline is not None and now > deadline:
+        res.timed_out = True
+    elif start_timeout is not None and not res.events and now > res.started + start_timeout:
+        res.start_timed_out = True
+    return res.timed_out or res.start_timed_out
+
+
 def _run_once(topo, plan: LaunchPlan, timeout: float | None,
               on_event: Callable[[dict], None] | None, grace: float,
               start_timeout: float | None) -> LaunchResult:
@@ -560,13 +571,7 @@ def _run_once(topo, plan: LaunchPlan, timeout: float | None,
             # checked before every line, not only when output pauses: a job whose ranks
             # print without a 0.1 s gap ran past its --timeout to the end
             now = time.time()
-            if deadline is not None and now > deadline:
-                res.timed_out = True
-                _stop(proc, grace)
-                break
-            if (start_timeout is not None and not res.events
-                    and now > res.started + start_timeout):
-                res.start_timed_out = True
+            if _overdue(res, now, deadline, start_timeout):
                 _stop(proc, grace)
                 break
             try:
