@@ -249,3 +249,36 @@ def test_a_failed_paced_download_names_the_rate_it_was_paced_at():
         down = _Downloader(_Stalled(), 64 << 10, 2, block_sums(b"x" * 10), 64 << 10, paced)
         assert down.get(lambda: None) is None
         assert down.error == want
+
+
+def test_the_spooled_archive_carries_no_zstd_checksum_yet_every_flip_is_refused(tmp_path):
+    """The stage spool leaves zstd's frame checksum out (each node checks every block
+    against the digest table before decompressing it); a flipped byte anywhere is still
+    refused before any of its block is unpacked."""
+    import io
+
+    import zstandard
+
+    from mpitools.common.archive import Extractor, VerifyError, pack_tree
+
+    src = make_tree(tmp_path / "src", big=300_000)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    pub = publish(src, str(spool), "zstd")
+    data = open(pub.path, "rb").read()
+    assert not zstandard.get_frame_parameters(data).has_checksum
+    out = io.BytesIO()
+    pack_tree(src, out, "zstd")  # every other zstd stream (collect's) keeps its checksum
+    assert zstandard.get_frame_parameters(out.getvalue()).has_checksum
+    for where in (40, len(data) // 2, len(data) - 3):
+        bad = bytearray(data)
+        bad[where] ^= 0x10
+        dest = tmp_path / f"d{where}"
+        dest.mkdir()
+        ex = Extractor(str(dest), "zstd", sums=pub.info.blocks)
+        ex.feed(bad)
+        with pytest.raises(VerifyError, match="differs"):
+            ex.finish()
+        if where < 65536:  # the first block: nothing at all was unpacked
+            assert os.listdir(dest) == []
+

@@ -73,7 +73,7 @@ def test_extractor_error_does_not_block_feeding(tmp_path):
     assert ex.received == len(data)
 
 
-@pytest.mark.parametrize("batch", [1, 5000, 1 << 20])
+@pytest.mark.parametrize("batch", [1, 5000, 3 * BLOCK + 100, 1 << 20])
 def test_extractor_copies_a_reused_buffer_before_it_returns(tmp_path, batch):
     """The chain hands the extractor its receive buffers, which it reuses at once."""
     src = make_tree(tmp_path / "src", big=300_000)
@@ -392,3 +392,45 @@ def test_frames_carry_the_table_then_the_archive(head, total, chunk):
     for i in range(f.count):
         f.checkpoint(faults, i)
     assert seen == [("stage.chunk", k) for k in range(f.count - f.head_frames)]
+
+
+def test_the_verifier_hands_on_whole_blocks_as_a_view_and_checks_each(tmp_path):
+    """Block-aligned batches (the extractor's) pass on without a copy; a block that
+    differs inside one still stops everything before it is handed on."""
+    src = make_tree(tmp_path / "src", big=300_000)
+    out = io.BytesIO()
+    info = pack_tree(src, out, "none")
+    good = out.getvalue()
+    batch = bytearray(good[:3 * BLOCK])
+    v = BlockVerifier(info.blocks)
+    got = v.push(batch)
+    assert isinstance(got, memoryview) and got.obj is batch and got == good[:3 * BLOCK]
+    rest = bytearray(good[3 * BLOCK:])
+    assert v.push(memoryview(rest)[:10]) == b""  # part of a block: held back, copied
+    rest[5] ^= 1  # changing the caller's buffer afterwards cannot change what was held
+    assert bytes(v.push(memoryview(bytes(good[3 * BLOCK + 10:4 * BLOCK])))) == \
+        good[3 * BLOCK:4 * BLOCK]
+    forged = bytearray(good[4 * BLOCK:6 * BLOCK])
+    forged[BLOCK + 7] ^= 1  # the second block of an aligned batch
+    with pytest.raises(VerifyError, match="block 5 differs"):
+        v.push(forged)
+
+
+def test_a_read_only_view_as_the_source_unpacks(tmp_path):
+    """TarReader takes a source's read-only views too (copied for libarchive, which ctypes
+    can only hand a writable buffer's address)."""
+    from mpitools.common.archive import unpack_stream
+
+    src = make_tree(tmp_path / "src")
+    out = io.BytesIO()
+    pack_tree(src, out, "none")
+    data = out.getvalue()
+    pieces = iter([memoryview(data)[i:i + 9999] for i in range(0, len(data), 9999)])
+    (tmp_path / "d").mkdir()
+    fd = os.open(tmp_path / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        unpack_stream(lambda: next(pieces, b""), fd, "none")
+    finally:
+        os.close(fd)
+    assert_same_tree(src, tmp_path / "d")
+

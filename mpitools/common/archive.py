@@ -130,7 +130,9 @@ class BlockVerifier:
     """Pass on only bytes whose ``block``-sized piece matches its digest from packing.
 
     ``push`` returns the verified bytes now available (whole blocks; the bytes of an
-    incomplete block are held back), ``finish`` the verified last block. Both raise
+    incomplete block are held back): a view of ``data`` when no earlier bytes are held back,
+    so ``data`` must not change while the result is used. ``finish`` returns the verified
+    last block. Both raise
     VerifyError at the first block that differs, or when the stream is longer or shorter
     than what was packed.
     """
@@ -151,8 +153,16 @@ class BlockVerifier:
                               "(spool file changed?); nothing of it was unpacked")
         self._k += 1
 
-    def push(self, data) -> bytes:
+    def push(self, data) -> bytes | memoryview:
         mv = memoryview(data).cast("B")
+        if not self._buf:
+            # the common case (block-aligned batches from Extractor): a view of ``data``
+            # itself, not a copy; the caller does not change ``data`` while it is used
+            whole = len(mv) - len(mv) % self.block
+            for off in range(0, whole, self.block):
+                self._check(mv[off:off + self.block])
+            self._buf += mv[whole:]
+            return mv[:whole]
         out: list = []
         if self._buf:
             need = self.block - len(self._buf)
@@ -342,7 +352,8 @@ class _Packer:
 
 def pack_tree(src: str, out: BinaryIO, compress: str = "zstd", *, level: int | None = None,
               hash_alg: str = "blake3", arcname: str | None = None, dir_fd: int | None = None,
-              block: int = BLOCK, on_payload: Callable[[int], None] | None = None) -> PackInfo:
+              block: int = BLOCK, on_payload: Callable[[int], None] | None = None,
+              checksum: bool = True) -> PackInfo:
     """Stream ``src`` as a tar into ``out``; returns its PackInfo (sizes, hash, block digests).
 
     Without ``arcname`` the directory ``src`` is packed as ``.`` (its own mode, owner and
@@ -354,6 +365,10 @@ def pack_tree(src: str, out: BinaryIO, compress: str = "zstd", *, level: int | N
     :class:`_Packer`). Symlinks are stored as they are,
     FIFOs as FIFOs, sockets as FIFOs marked by a PAX attribute, mtimes exactly. Raises
     OSError for a device node (refused before anything is sent by every method).
+    ``checksum=False`` leaves zstd's content checksum (XXH64 of the whole tar) out of the
+    frame: only for a stream whose every block is verified against the digests returned
+    here before it is decompressed (the stage spool), where it would check the same bytes
+    a second time.
     """
     if compress not in COMPRESSIONS:
         raise ValueError(f"unknown compression {compress!r}")
@@ -361,7 +376,7 @@ def pack_tree(src: str, out: BinaryIO, compress: str = "zstd", *, level: int | N
     if compress == "zstd":
         import zstandard
 
-        comp = zstandard.ZstdCompressor(level=level or 3, write_checksum=True).stream_writer(
+        comp = zstandard.ZstdCompressor(level=level or 3, write_checksum=checksum).stream_writer(
             counter, closefd=False)
     elif compress == "gzip":
         comp = gzip.GzipFile(fileobj=counter, mode="wb", compresslevel=level or 6, mtime=0)
@@ -735,7 +750,8 @@ class Extractor:
     from packing, :class:`PackInfo`.blocks) the unpacker only ever sees verified bytes: a
     block that differs stops it with VerifyError before any of that block is used.
     ``feed`` copies the bytes given (any bytes-like object, reusable once it returns) into a
-    batch of ``batch`` bytes, and queues whole batches to the thread; it blocks (calling
+    batch of ``batch`` bytes (whole blocks of ``block`` bytes with ``sums``), and queues
+    each full batch to the thread without copying it again; it blocks (calling
     ``idle`` meanwhile) when ``depth`` batches are queued, so memory stays bounded.
     ``finish`` returns (bytes, hash) of everything fed, or raises the extraction error
     (RefusedMember, VerifyError, OSError, TarReadError). After an error the thread keeps
@@ -746,7 +762,11 @@ class Extractor:
                  depth: int = 4, sums: bytes | None = None, block: int = BLOCK,
                  batch: int = BATCH):
         self.compress = compress
-        self._batch, self._batch_size = bytearray(), max(1, batch)
+        # batches are cut at a block boundary when verifying, so the verifier hands each
+        # on as a view instead of joining copies of its blocks
+        self._align = block if sums is not None else 1
+        self._batch_size = max(self._align, batch - batch % self._align)
+        self._batch, self._fill = bytearray(self._batch_size), 0
         self._own = isinstance(dest, str)
         self._fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if self._own \
             else dest
@@ -768,15 +788,25 @@ class Extractor:
             self._reader.drain()
 
     def feed(self, data, idle: Callable[[], None] | None = None) -> None:
-        self._batch += data
-        if len(self._batch) >= self._batch_size:
-            queue_put(self._q, bytes(self._batch), idle)
-            self._batch.clear()
+        mv = memoryview(data).cast("B")
+        while len(mv):
+            # one copy per byte: into the batch, which is handed over whole (never touched
+            # again here) and replaced by a fresh one
+            take = min(len(mv), self._batch_size - self._fill)
+            self._batch[self._fill:self._fill + take] = mv[:take]
+            self._fill += take
+            mv = mv[take:]
+            if self._fill == self._batch_size:
+                self._hand_over(idle)
+
+    def _hand_over(self, idle: Callable[[], None] | None) -> None:
+        batch = memoryview(self._batch)[:self._fill]
+        self._batch, self._fill = bytearray(self._batch_size), 0
+        queue_put(self._q, batch, idle)
 
     def finish(self, idle: Callable[[], None] | None = None) -> tuple[int, str]:
-        if self._batch:
-            queue_put(self._q, bytes(self._batch), idle)
-            self._batch.clear()
+        if self._fill:
+            self._hand_over(idle)
         queue_put(self._q, None, idle)
         while self._thread.is_alive():
             self._thread.join(0.001)

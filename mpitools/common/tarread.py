@@ -133,7 +133,7 @@ class _Chunks:
         self._next, self._buf, self._off = next_chunk, b"", 0
         self.error: BaseException | None = None
 
-    def take(self, n: int) -> tuple[bytes, int, int]:
+    def take(self, n: int) -> tuple[bytes | memoryview, int, int]:
         """Up to ``n`` bytes as (buffer, start, end) of the current chunk; start == end at
         the end of the stream."""
         if self._off >= len(self._buf):
@@ -142,17 +142,20 @@ class _Chunks:
             except BaseException as e:
                 self.error = e
                 raise
-            self._buf, self._off = data if isinstance(data, bytes) else bytes(data), 0
+            # a view is kept as it is (the extractor's batches: never changed once queued)
+            self._buf, self._off = (data if isinstance(data, (bytes, memoryview))
+                                    else bytes(data)), 0
         start = self._off
         self._off = min(len(self._buf), start + n)
         return self._buf, start, self._off
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int = -1) -> bytes | memoryview:
         buf, start, end = self.take(n if n is not None and n >= 0 else 1 << 62)
         return buf if (start, end) == (0, len(buf)) else buf[start:end]
 
 
-def _pieces(chunks: _Chunks, compress: str) -> Callable[[], tuple[bytes | bytearray, int, int]]:
+def _pieces(chunks: _Chunks, compress: str
+            ) -> Callable[[], tuple[bytes | bytearray | memoryview, int, int]]:
     """A function returning the tar's next bytes as (buffer, start, end), at most ``_PIECE``
     of them (none at the end), valid until the next call: decompressed into one reused
     buffer (a fresh 1 MiB object per piece cost a page fault per 4 KiB: 190,000 more faults
@@ -194,7 +197,8 @@ class TarReader:
         self._handed = 0  # tar bytes handed to libarchive
         self._header_end: int | None = None  # while a header is read: where its cap is
         self._data_read = False  # the current member's data was written
-        self._keep: bytes | bytearray = b""  # what libarchive reads: alive until the next call
+        # what libarchive reads: alive until the next call
+        self._keep: bytes | bytearray | memoryview = b""
         self._source_error: BaseException | None = None
         self._cb = ffi.READ_CALLBACK(self._read)  # referenced: libarchive calls it later
         self._a = ffi.read_new()
@@ -216,6 +220,8 @@ class TarReader:
         except BaseException as e:  # noqa: BLE001 - re-raised by _fail; C cannot unwind it
             self._source_error = e
             return -1
+        if isinstance(buf, memoryview) and buf.readonly:
+            buf, start, end = bytes(buf[start:end]), 0, end - start  # ctypes needs it writable
         self._keep = buf
         if isinstance(buf, bytes):
             addr = ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value
@@ -224,7 +230,7 @@ class TarReader:
         ctypes.cast(ptr, ctypes.POINTER(ctypes.c_void_p))[0] = addr + start
         return end - start
 
-    def _piece(self) -> tuple[bytes | bytearray, int, int]:
+    def _piece(self) -> tuple[bytes | bytearray | memoryview, int, int]:
         """The next piece of the tar as (buffer, start, end); start == end at the end."""
         if self._header_end is not None and self._handed >= self._header_end:
             raise TarReadError(f"one member's headers take more than "
