@@ -7,7 +7,7 @@ command -v ssh >/dev/null || need+=(openssh-client)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ip >/dev/null || need+=(iproute2)
 command -v tar >/dev/null || need+=(tar)
-# libarchive-c (every unpacking rank) loads the C library libarchive
+# every unpacking rank loads the C library libarchive (mpitools/common/tarread.py)
 if command -v ldconfig >/dev/null || [ -x /sbin/ldconfig ]; then
     { ldconfig -p 2>/dev/null || /sbin/ldconfig -p; } | grep -q 'libarchive\.so\.13' \
         || need+=(libarchive13)

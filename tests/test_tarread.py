@@ -173,3 +173,24 @@ def test_chiba_records_that_do_not_fit_are_refused(tmp_path, pax, why):
     finally:
         os.close(fd)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_missing_libarchive_is_one_line_naming_the_package(monkeypatch):
+    """The binding loads libarchive by its soname, else where LIBARCHIVE (libarchive-c's
+    variable) or the linker's cache says; missing, it says what to install."""
+    import ctypes.util
+
+    from mpitools.common import tarread
+
+    assert tarread._load()._name == tarread._SONAME  # the Debian package's library
+    monkeypatch.setenv("LIBARCHIVE", "/nonexistent/libarchive.so")
+    with pytest.raises(OSError, match="not loaded from '/nonexistent/libarchive.so'.*"
+                                      "libarchive13") as e:
+        tarread._load()
+    assert "\n" not in str(e.value)
+    monkeypatch.delenv("LIBARCHIVE")
+    monkeypatch.setattr(tarread, "_SONAME", "libarchive-nonexistent.so.99")
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    with pytest.raises(OSError, match="libarchive not found.*libarchive13"):
+        tarread._load()
+

@@ -10,8 +10,8 @@ opened with ``O_NOFOLLOW`` below the temporary directory, so no member can be wr
 through a symlink or outside it, whatever the archive says (docs/design.md, "Safety").
 """
 
-# Imported by the rank programs: the standard library plus zstandard, blake3 and
-# libarchive-c (loaded when the first archive is read).
+# Imported by the rank programs: the standard library plus zstandard, blake3 and the
+# libarchive C library (loaded when the first archive is read).
 from __future__ import annotations
 
 import errno

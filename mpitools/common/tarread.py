@@ -7,8 +7,11 @@ regular file's data into (``archive_read_data_into_fd``). Parsing in C took one 
 the CPython standard library (7,733 files, 251 MB, zstd) from 1.0-1.1 s of CPU with
 :mod:`tarfile` to 0.55-0.85 s (docs/design.md, "Per-node CPU").
 
-libarchive is reached through libarchive-c's ``ffi`` module (its loaded library and
-prototypes). Only its tar format is enabled and none of its filters: the job's compression
+libarchive (Debian's libarchive13) is loaded with ctypes and only the 23 functions used here
+are declared (:func:`_lib`): importing libarchive-c for them cost every rank 20 ms of CPU
+(``ctypes.util``, ``logging``, its readers and writers; docs/design.md, "Per-node CPU"),
+2% of a node's whole share of a stage. Only its tar format is enabled and none of its
+filters (no filter function is even declared): the job's compression
 is undone by the zstandard or gzip module, so a stream can never make libarchive pick
 another format, and no build of libarchive runs an external decompressor (one built
 without libzstd or zlib answers ARCHIVE_WARN to enabling that filter, then runs ``zstd -d``
@@ -25,7 +28,7 @@ type for one), and ``chiba.mtime`` carries a negative fractional mtime exactly (
 3.6 reads PAX ``mtime=-1.5`` as -1 s + 0.5 s).
 """
 
-# Rank-side module: standard library, zstandard and libarchive-c only.
+# Rank-side module: standard library, zstandard and the libarchive C library only.
 from __future__ import annotations
 
 import ctypes
@@ -33,6 +36,7 @@ import gzip
 import os
 import re
 import stat
+import types
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -91,37 +95,69 @@ class Member:
     bad: str = ""
 
 
-_FN: dict = {}  # our prototypes of libarchive's functions, made on first use
+_LIB: list = []  # the bound library, made on first use
+# libarchive's return codes (archive.h)
+ARCHIVE_EOF, ARCHIVE_OK, ARCHIVE_WARN = 1, 0, -20
+_SONAME = "libarchive.so.13"  # libarchive 3.x on Linux; else found as libarchive-c does
 
 
-def _lib():
-    """libarchive-c's ffi module, and in ``_FN`` the prototypes it does not declare
-    (imported on first use: ranks that never unpack do not pay for loading libarchive)."""
-    from libarchive import ffi
+def _load() -> ctypes.CDLL:
+    name = os.environ.get("LIBARCHIVE")  # libarchive-c's variable: a site's own build
+    if not name:
+        try:
+            return ctypes.CDLL(_SONAME)
+        except OSError:
+            from ctypes.util import find_library
 
-    if not _FN:
-        lib, vp, c_int = ffi.libarchive, ctypes.c_void_p, ctypes.c_int
+            name = find_library("archive")
+    if not name:
+        raise OSError(f"libarchive not found ({_SONAME}): install Debian's libarchive13, "
+                      "or name the library in LIBARCHIVE")
+    try:
+        return ctypes.CDLL(name)
+    except OSError as e:
+        raise OSError(f"libarchive not loaded from {name!r} ({e}): install Debian's "
+                      "libarchive13, or name the library in LIBARCHIVE") from None
 
-        def proto(name, restype, *argtypes):
-            # fresh function objects: libarchive-c's own ones log ARCHIVE_WARN returns
-            # and raise its ArchiveError, whose text shows a pointer
-            return ctypes.CFUNCTYPE(restype, *argtypes)((name, lib))
 
-        _FN.update({
-            "open": proto("archive_read_open", c_int, vp, vp, ffi.OPEN_CALLBACK,
-                          ffi.READ_CALLBACK, ffi.CLOSE_CALLBACK),
-            "next_header": proto("archive_read_next_header2", c_int, vp, vp),
-            "data_into_fd": proto("archive_read_data_into_fd", c_int, vp, c_int),
-            "data_skip": proto("archive_read_data_skip", c_int, vp),
-            "sparse_count": proto("archive_entry_sparse_count", c_int, vp),
-            "xattr_reset": proto("archive_entry_xattr_reset", c_int, vp),
-            "xattr_next": proto("archive_entry_xattr_next", c_int, vp,
-                                ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(vp),
-                                ctypes.POINTER(ctypes.c_size_t)),
-            "error_string": proto("archive_error_string", ctypes.c_char_p, vp),
-            "errno": proto("archive_errno", c_int, vp),
-        })
-    return ffi
+def _lib() -> types.SimpleNamespace:
+    """libarchive's functions used here, as ctypes prototypes (archive.h,
+    archive_entry.h), and the read callback's type: loaded on first use, so ranks that
+    never unpack do not pay for loading libarchive. Raises OSError when it is missing."""
+    if _LIB:
+        return _LIB[0]
+    lib = _load()
+    vp, c_int, c_char_p = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p
+    import sysconfig
+
+    c_time_t = ctypes.c_int64 if sysconfig.get_config_var("SIZEOF_TIME_T") == 8 \
+        else ctypes.c_long
+
+    def proto(name, restype, *argtypes):
+        return ctypes.CFUNCTYPE(restype, *argtypes)(("archive_" + name, lib))
+
+    open_cb = close_cb = ctypes.CFUNCTYPE(c_int, vp, vp)
+    read_cb = ctypes.CFUNCTYPE(ctypes.c_ssize_t, vp, vp, ctypes.POINTER(vp))
+    ns = types.SimpleNamespace(READ_CALLBACK=read_cb, NO_OPEN_CB=ctypes.cast(None, open_cb),
+                               NO_CLOSE_CB=ctypes.cast(None, close_cb))
+    for name, restype, *argtypes in (
+            ("read_new", vp), ("read_free", c_int, vp), ("entry_new", vp),
+            ("entry_free", None, vp), ("read_support_format_tar", c_int, vp),
+            ("read_open", c_int, vp, vp, open_cb, read_cb, close_cb),
+            ("read_next_header2", c_int, vp, vp),
+            ("read_data_into_fd", c_int, vp, c_int), ("read_data_skip", c_int, vp),
+            ("error_string", c_char_p, vp), ("errno", c_int, vp),
+            ("entry_pathname", c_char_p, vp), ("entry_mode", c_int, vp),
+            ("entry_hardlink", c_char_p, vp), ("entry_symlink", c_char_p, vp),
+            ("entry_uid", ctypes.c_int64, vp), ("entry_gid", ctypes.c_int64, vp),
+            ("entry_mtime", c_time_t, vp), ("entry_mtime_nsec", ctypes.c_long, vp),
+            ("entry_size", ctypes.c_int64, vp), ("entry_sparse_count", c_int, vp),
+            ("entry_xattr_reset", c_int, vp),
+            ("entry_xattr_next", c_int, vp, ctypes.POINTER(c_char_p), ctypes.POINTER(vp),
+             ctypes.POINTER(ctypes.c_size_t))):
+        setattr(ns, name, proto(name, restype, *argtypes))
+    _LIB.append(ns)
+    return ns
 
 
 class _Chunks:
@@ -189,8 +225,7 @@ class TarReader:
     def __init__(self, next_chunk: Callable[[], bytes], compress: str):
         if compress not in _COMPRESSIONS:
             raise ValueError(f"unknown compression {compress!r}")
-        self._ffi = ffi = _lib()
-        self._fn = _FN
+        self._lib = lib = _lib()
         self._compress = compress
         self._chunks = _Chunks(next_chunk)
         self._next_piece = _pieces(self._chunks, compress)
@@ -200,15 +235,20 @@ class TarReader:
         # what libarchive reads: alive until the next call
         self._keep: bytes | bytearray | memoryview = b""
         self._source_error: BaseException | None = None
-        self._cb = ffi.READ_CALLBACK(self._read)  # referenced: libarchive calls it later
-        self._a = ffi.read_new()
+        self._cb = lib.READ_CALLBACK(self._read)  # referenced: libarchive calls it later
+        self._a = lib.read_new()
         self._e = None
         try:
-            ffi.read_support_format_tar(self._a)
-            self._e = ffi.entry_new()
+            if self._a is None:
+                raise MemoryError("libarchive could not allocate a reader")
+            if lib.read_support_format_tar(self._a) != ARCHIVE_OK:
+                self._fail("format")
+            self._e = lib.entry_new()
+            if self._e is None:
+                raise MemoryError("libarchive could not allocate an entry")
             # reads the first bytes, to recognise the format
-            if self._fn["open"](self._a, None, ffi.NO_OPEN_CB, self._cb,
-                                ffi.NO_CLOSE_CB) < ffi.ARCHIVE_WARN:
+            if lib.read_open(self._a, None, lib.NO_OPEN_CB, self._cb,
+                             lib.NO_CLOSE_CB) < ARCHIVE_WARN:
                 self._fail("start")
         except BaseException:
             self.close()
@@ -249,56 +289,56 @@ class TarReader:
     def _fail(self, what: str):
         if self._source_error is not None:
             raise self._source_error
-        msg = self._fn["error_string"](self._a)
-        err = self._fn["errno"](self._a)
+        msg = self._lib.error_string(self._a)
+        err = self._lib.errno(self._a)
         text = msg.decode("utf-8", "replace") if msg else "damaged archive"
         if what == "data" and err and text in ("Write error", "Seek error"):
             raise OSError(err, os.strerror(err))
         raise TarReadError(f"{text} (reading the archive's {what})")
 
     def __iter__(self) -> Iterator[Member]:
-        ffi, fn, a, e = self._ffi, self._fn, self._a, self._e
+        lib, a, e = self._lib, self._a, self._e
         while True:
             self._header_end = self._handed + _HEADER_LIMIT
             try:
-                r = fn["next_header"](a, e)
+                r = lib.read_next_header2(a, e)
             finally:
                 self._header_end = None
-            if r == ffi.ARCHIVE_EOF:
+            if r == ARCHIVE_EOF:
                 if self._source_error is not None:
                     raise self._source_error
                 return
             # a warning (a name not in this locale) still reads; ARCHIVE_RETRY is a header
             # whose checksum is wrong
-            if r not in (ffi.ARCHIVE_OK, ffi.ARCHIVE_WARN):
+            if r not in (ARCHIVE_OK, ARCHIVE_WARN):
                 self._fail("headers")
             self._data_read = False
             yield self._member(e)
             # data not written (a link's or a directory's): skipped before the next
             # header is read, so that header's cap does not count it
-            if not self._data_read and fn["data_skip"](a) != ffi.ARCHIVE_OK:
+            if not self._data_read and lib.read_data_skip(a) != ARCHIVE_OK:
                 self._fail("data")
 
     def _member(self, e) -> Member:
-        ffi = self._ffi
-        mode = ffi.entry_mode(e)
-        hard = ffi.entry_hardlink(e)
+        lib = self._lib
+        mode = lib.entry_mode(e)
+        hard = lib.entry_hardlink(e)
         kind = "hardlink" if hard is not None else _TYPES.get(stat.S_IFMT(mode), "other")
-        link = hard if hard is not None else ffi.entry_symlink(e)
-        m = Member(os.fsdecode(ffi.entry_pathname(e) or b""), kind, mode & 0o7777,
-                   ffi.entry_uid(e), ffi.entry_gid(e),
-                   ffi.entry_mtime(e) * 10**9 + ffi.entry_mtime_nsec(e),
-                   ffi.entry_size(e) if kind == "file" else 0,
+        link = hard if hard is not None else lib.entry_symlink(e)
+        m = Member(os.fsdecode(lib.entry_pathname(e) or b""), kind, mode & 0o7777,
+                   lib.entry_uid(e), lib.entry_gid(e),
+                   lib.entry_mtime(e) * 10**9 + lib.entry_mtime_nsec(e),
+                   lib.entry_size(e) if kind == "file" else 0,
                    os.fsdecode(link) if link is not None else "")
-        if self._fn["xattr_reset"](e):
+        if lib.entry_xattr_reset(e):
             self._apply_xattrs(e, m)
-        if kind == "file" and self._fn["sparse_count"](e):
+        if kind == "file" and lib.entry_sparse_count(e):
             m.bad = "is a sparse file (the packer never writes one)"
         return m
 
     def _apply_xattrs(self, e, m: Member) -> None:
         name, value, size = ctypes.c_char_p(), ctypes.c_void_p(), ctypes.c_size_t()
-        nxt = self._fn["xattr_next"]
+        nxt = self._lib.entry_xattr_next
         while nxt(e, ctypes.byref(name), ctypes.byref(value), ctypes.byref(size)) == 0:
             key = name.value
             raw = ctypes.string_at(value, size.value) if value.value else b""
@@ -317,18 +357,18 @@ class TarReader:
     def write_data(self, fd: int) -> None:
         """Write the current file member's data into ``fd``. Raises OSError when writing
         fails, TarReadError when the stream does."""
-        r = self._fn["data_into_fd"](self._a, fd)
-        if r < self._ffi.ARCHIVE_WARN:
+        r = self._lib.read_data_into_fd(self._a, fd)
+        if r < ARCHIVE_WARN:
             self._fail("data")
         self._data_read = True
 
     def close(self) -> None:
         """Free libarchive's reader (idempotent)."""
         if self._e is not None:
-            self._ffi.entry_free(self._e)
+            self._lib.entry_free(self._e)
             self._e = None
         if self._a is not None:
-            self._ffi.read_free(self._a)
+            self._lib.read_free(self._a)
             self._a = None
 
     def __enter__(self) -> "TarReader":
