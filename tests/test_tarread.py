@@ -3,6 +3,7 @@ tarfile reads, its errors, and the chiba.* records (no MPI)."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import tarfile
@@ -182,6 +183,7 @@ def test_a_missing_libarchive_is_one_line_naming_the_package(monkeypatch):
 
     from mpitools.common import tarread
 
+    monkeypatch.delenv("LIBARCHIVE", raising=False)
     assert tarread._load()._name == tarread._SONAME  # the Debian package's library
     monkeypatch.setenv("LIBARCHIVE", "/nonexistent/libarchive.so")
     with pytest.raises(OSError, match="not loaded from '/nonexistent/libarchive.so'.*"
@@ -193,4 +195,42 @@ def test_a_missing_libarchive_is_one_line_naming_the_package(monkeypatch):
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
     with pytest.raises(OSError, match="libarchive not found.*libarchive13"):
         tarread._load()
+    monkeypatch.setattr(tarread, "_SONAME", "libc.so.6")  # a library, not libarchive
+    monkeypatch.setattr(tarread, "_LIB", [])
+    with pytest.raises(OSError, match="has no archive_read_new.*libarchive13"):
+        tarread._lib()
 
+
+def test_a_multi_member_gzip_read_from_views_unpacks():
+    """gzip's reader is handed bytes: it concatenates what it reads and puts bytes back
+    between members, which views (the extractor's batches) do not allow. pigz, bgzip and
+    concatenated .gz files are several members; here one ends exactly where a view ends."""
+    import gzip
+
+    data = _tar(members=[(f"f{i}", tarfile.REGTYPE, os.urandom(3000), {}) for i in range(4)])
+    first, second = gzip.compress(data[:2048]), gzip.compress(data[2048:])
+    for cut in (len(first), len(first) - 1, len(first) + 1, 8192):
+        stream = first + second
+        views = iter([memoryview(bytearray(stream[:cut])), memoryview(bytearray(stream[cut:]))])
+        with TarReader(lambda: next(views, b""), "gzip") as tar:
+            assert [m.name for m in tar] == ["f0", "f1", "f2", "f3"]
+
+
+
+def test_a_missing_libarchive_surfaces_through_the_extractor(tmp_path, monkeypatch):
+    """What a node reports: one line naming the package, nothing created."""
+    import ctypes.util
+
+    from mpitools.common import tarread
+    from mpitools.common.archive import Extractor
+
+    monkeypatch.delenv("LIBARCHIVE", raising=False)
+    monkeypatch.setattr(tarread, "_LIB", [])
+    monkeypatch.setattr(tarread, "_SONAME", "libarchive-nonexistent.so.99")
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    ex = Extractor(str(tmp_path), "none")
+    ex.feed(_tar(members=[("f", tarfile.REGTYPE, b"x" * 100_000, {})]))
+    with pytest.raises(OSError, match="libarchive not found.*libarchive13") as e:
+        ex.finish()
+    assert e.value.errno == errno.ENOENT and "\n" not in str(e.value)
+    assert os.listdir(tmp_path) == []

@@ -164,6 +164,18 @@ def test_ids_outside_uid_t_are_refused(tmp_path, pax):
     assert os.listdir(tmp_path) == []
 
 
+def test_sizes_and_ids_past_32_bits_are_read_whole():
+    """Sizes, owners and groups are libarchive's 64-bit integers: a 5 GiB member and ids
+    past 2**32 come through untruncated (the ids are then refused by the unpacker)."""
+    big = 5 << 30
+    data = _pax({"size": str(big), "uid": str(2**32 + 7), "gid": str(2**33)}) + \
+        _hdr(b"huge", size=0)
+    it = iter([data])
+    with TarReader(lambda: next(it, b""), "none") as tar:
+        m = next(iter(tar))
+    assert (m.name, m.size, m.uid, m.gid) == ("huge", big, 2**32 + 7, 2**33)
+
+
 def test_chiba_mtime_out_of_range_is_refused(tmp_path):
     with pytest.raises(RefusedMember, match="chiba.mtime"):
         _unpack(tmp_path, _pax({"SCHILY.xattr.chiba.mtime": "-9999999999999999999.5"})
@@ -191,9 +203,16 @@ def test_libarchive_never_decompresses(tmp_path):
     import gzip
 
     plain = _file(b"f", b"data") + END
-    for compress, data in (("zstd", zstandard.ZstdCompressor().compress(plain)),
-                           ("gzip", gzip.compress(plain)), ("none", plain)):
+    zc = zstandard.ZstdCompressor()
+    for compress, data in (("zstd", zc.compress(plain)), ("gzip", gzip.compress(plain)),
+                           ("none", plain)):
         assert [(m.name, m.kind) for m in _members(data, compress)] == [("f", "file")]
+    # compressed twice: once undone by the job's decompressor, what libarchive gets is
+    # still compressed; with a filter of its own enabled it would read the tar inside
+    for compress, data in (("zstd", zc.compress(zc.compress(plain))),
+                           ("gzip", gzip.compress(gzip.compress(plain)))):
+        with pytest.raises(TarReadError):
+            _members(data, compress)
 
 
 def test_the_sources_error_comes_through_a_decompressor_as_itself(tmp_path):

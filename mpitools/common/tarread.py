@@ -32,6 +32,7 @@ type for one), and ``chiba.mtime`` carries a negative fractional mtime exactly (
 from __future__ import annotations
 
 import ctypes
+import errno
 import gzip
 import os
 import re
@@ -111,13 +112,19 @@ def _load() -> ctypes.CDLL:
 
             name = find_library("archive")
     if not name:
-        raise OSError(f"libarchive not found ({_SONAME}): install Debian's libarchive13, "
-                      "or name the library in LIBARCHIVE")
+        raise OSError(errno.ENOENT, f"libarchive not found ({_SONAME}): install Debian's "
+                      "libarchive13, or name the library in LIBARCHIVE")
     try:
         return ctypes.CDLL(name)
     except OSError as e:
-        raise OSError(f"libarchive not loaded from {name!r} ({e}): install Debian's "
-                      "libarchive13, or name the library in LIBARCHIVE") from None
+        raise OSError(errno.ENOENT, f"libarchive not loaded from {name!r} ({e}): install "
+                      "Debian's libarchive13, or name the library in LIBARCHIVE") from None
+
+
+def _time_t():
+    import sysconfig  # 2 ms: only where time_t's width is not the pointer's (32-bit)
+
+    return ctypes.c_int64 if sysconfig.get_config_var("SIZEOF_TIME_T") == 8 else ctypes.c_long
 
 
 def _lib() -> types.SimpleNamespace:
@@ -128,10 +135,7 @@ def _lib() -> types.SimpleNamespace:
         return _LIB[0]
     lib = _load()
     vp, c_int, c_char_p = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p
-    import sysconfig
-
-    c_time_t = ctypes.c_int64 if sysconfig.get_config_var("SIZEOF_TIME_T") == 8 \
-        else ctypes.c_long
+    c_time_t = ctypes.c_int64 if ctypes.sizeof(vp) == 8 else _time_t()  # LP64: 64 bits
 
     def proto(name, restype, *argtypes):
         return ctypes.CFUNCTYPE(restype, *argtypes)(("archive_" + name, lib))
@@ -147,7 +151,7 @@ def _lib() -> types.SimpleNamespace:
             ("read_next_header2", c_int, vp, vp),
             ("read_data_into_fd", c_int, vp, c_int), ("read_data_skip", c_int, vp),
             ("error_string", c_char_p, vp), ("errno", c_int, vp),
-            ("entry_pathname", c_char_p, vp), ("entry_mode", c_int, vp),
+            ("entry_pathname", c_char_p, vp), ("entry_mode", ctypes.c_uint, vp),
             ("entry_hardlink", c_char_p, vp), ("entry_symlink", c_char_p, vp),
             ("entry_uid", ctypes.c_int64, vp), ("entry_gid", ctypes.c_int64, vp),
             ("entry_mtime", c_time_t, vp), ("entry_mtime_nsec", ctypes.c_long, vp),
@@ -155,7 +159,11 @@ def _lib() -> types.SimpleNamespace:
             ("entry_xattr_reset", c_int, vp),
             ("entry_xattr_next", c_int, vp, ctypes.POINTER(c_char_p), ctypes.POINTER(vp),
              ctypes.POINTER(ctypes.c_size_t))):
-        setattr(ns, name, proto(name, restype, *argtypes))
+        try:
+            setattr(ns, name, proto(name, restype, *argtypes))
+        except AttributeError:  # a LIBARCHIVE library that is not libarchive 3
+            raise OSError(errno.ENOENT, f"libarchive {lib._name!r} has no archive_{name}: "
+                          "install Debian's libarchive13") from None
     _LIB.append(ns)
     return ns
 
@@ -190,6 +198,18 @@ class _Chunks:
         return buf if (start, end) == (0, len(buf)) else buf[start:end]
 
 
+class _BytesReads:
+    """``chunks`` read as ``bytes``, for gzip's reader: it concatenates what it reads and
+    puts bytes back between members, which a view does not support."""
+
+    def __init__(self, chunks: _Chunks):
+        self._chunks = chunks
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._chunks.read(n)
+        return data if isinstance(data, bytes) else bytes(data)
+
+
 def _pieces(chunks: _Chunks, compress: str
             ) -> Callable[[], tuple[bytes | bytearray | memoryview, int, int]]:
     """A function returning the tar's next bytes as (buffer, start, end), at most ``_PIECE``
@@ -204,7 +224,7 @@ def _pieces(chunks: _Chunks, compress: str
         src = zstandard.ZstdDecompressor().stream_reader(
             chunks, read_size=_PIECE, read_across_frames=True, closefd=False)
     else:
-        src = gzip.GzipFile(fileobj=chunks, mode="rb")
+        src = gzip.GzipFile(fileobj=_BytesReads(chunks), mode="rb")
     buf = bytearray(_PIECE)
     view = memoryview(buf)
     return lambda: (buf, 0, src.readinto(view))
@@ -255,20 +275,23 @@ class TarReader:
             raise
 
     def _read(self, _archive, _ctx, ptr) -> int:
+        # everything inside the try: an exception cannot unwind through C, and ctypes
+        # would hand libarchive an undefined length
         try:
             buf, start, end = self._piece()
+            if isinstance(buf, memoryview) and buf.readonly:
+                # ctypes takes the address of a writable buffer only
+                buf, start, end = bytes(buf[start:end]), 0, end - start
+            self._keep = buf
+            if isinstance(buf, bytes):
+                addr = ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value
+            else:
+                addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            ctypes.cast(ptr, ctypes.POINTER(ctypes.c_void_p))[0] = addr + start
+            return end - start
         except BaseException as e:  # noqa: BLE001 - re-raised by _fail; C cannot unwind it
             self._source_error = e
             return -1
-        if isinstance(buf, memoryview) and buf.readonly:
-            buf, start, end = bytes(buf[start:end]), 0, end - start  # ctypes needs it writable
-        self._keep = buf
-        if isinstance(buf, bytes):
-            addr = ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value
-        else:
-            addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        ctypes.cast(ptr, ctypes.POINTER(ctypes.c_void_p))[0] = addr + start
-        return end - start
 
     def _piece(self) -> tuple[bytes | bytearray | memoryview, int, int]:
         """The next piece of the tar as (buffer, start, end); start == end at the end."""
