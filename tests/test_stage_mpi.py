@@ -679,3 +679,73 @@ def test_forged_digest_table_is_refused_by_every_node(embedded, cli, tmp_path, m
     assert all(j["hosts"][n]["bytes"] == 0 for n in NODES)
     assert all(v == [] for v in scratch_listing(embedded).values())
     assert rank_processes(embedded) == []
+
+
+# a stage stopped with no result once the commit had begun (tests/test_outcome_schema.py's
+# STAGE_MPI_NO_RESULT, plus what the nodes hold)
+STAGE_MPI_STOPPED = {"method", "algorithm", "ok", "source", "dest", "nodes", "bytes",
+                     "payload_bytes", "files", "seconds", "phases", "phase_bytes", "hosts",
+                     "failures", "compress", "chunk", "segment", "kind", "launch", "error",
+                     "mpiexec_stderr", "outcome"}
+
+
+def _hold_at(point: str) -> str:
+    # rank 1 (a node) sleeps there until the launcher's --timeout stops the job
+    return json.dumps({"point": point, "rank": 1, "do": "sleep", "seconds": 120})
+
+
+def test_a_job_stopped_after_the_commit_point_keeps_the_new_tree_and_says_so(
+        embedded, cli, tmp_path, monkeypatch):
+    """Stopped once every node has moved its tree in: every node finishes forward (two-phase
+    commit) and keeps the new tree, and the command says so, not "nothing was committed"."""
+    old, new = make_tree(tmp_path / "old"), make_tree(tmp_path / "new", big=70_000)
+    assert cli("stage", old, "--nodes", "@town1", "--dest", "cp").code == 0
+    monkeypatch.setenv("CHIBA_FAULTS", _hold_at("stage.committed"))
+    r = cli("stage", new, "--nodes", "@town1", "--dest", "cp", "--replace", "--timeout", "10")
+    assert r.code == 1
+    assert "nothing was committed" not in r.err
+    assert "every node had moved the new tree into place when the job was stopped" in r.err
+    for n in NODES[:4]:
+        assert_same_tree(new, os.path.join(scratch(embedded, n), "cp"))
+    assert stage_leftovers(embedded, NODES) == []
+    assert rank_processes(embedded) == []
+
+
+def test_a_job_stopped_before_the_commit_point_rolls_back_and_says_nodes_may_differ(
+        embedded, cli, tmp_path, monkeypatch):
+    """Stopped while one node has not moved its tree in: the others roll back to what they
+    held, and the command does not claim to know that nothing changed."""
+    old, new = make_tree(tmp_path / "old"), make_tree(tmp_path / "new", big=70_000)
+    assert cli("stage", old, "--nodes", "@town1", "--dest", "cp").code == 0
+    monkeypatch.setenv("CHIBA_FAULTS", _hold_at("stage.commit"))
+    r = cli("stage", new, "--nodes", "@town1", "--dest", "cp", "--replace", "--json",
+            "--timeout", "10")
+    assert r.code == 1
+    j = r.json()
+    assert j["outcome"].startswith("stopped during the commit: each node holds either")
+    assert set(j) == STAGE_MPI_STOPPED
+    for n in NODES[:4]:  # every rank got mpiexec's SIGTERM in time: all rolled back
+        assert_same_tree(old, os.path.join(scratch(embedded, n), "cp"))
+    assert stage_leftovers(embedded, NODES) == []
+    assert rank_processes(embedded) == []
+
+
+
+def test_a_job_that_overran_its_timeout_while_exiting_says_every_node_committed():
+    """The result came (every node committed), then mpiexec outlived --timeout: a failure
+    of the time budget, reported as such, never as "nothing was committed"."""
+    from chiba_admin.outcome import TransferRun
+    from mpitools.common.launch import LaunchResult
+    from mpitools.stage.driver import _stage_hosts
+
+    reports = [{"host": h, "ok": True, "bytes": 10, "seconds": 1.0, "stage": "done",
+                "error": None, "maxrss": 1} for h in NODES[:2]]
+    res = LaunchResult(argv=[], hosts=tuple(NODES[:2]), returncode=-15, timed_out=True,
+                       result={"event": "result", "ok": True, "reports": reports,
+                               "phases": {}}, started=1.0, seconds=3.0, result_at=2.0)
+    out = TransferRun(method="mpi", nodes=list(NODES[:2]), phases={})
+    _stage_hosts(out, res, None, {}, 1.5)
+    assert not out.ok and out.hosts_ok == 2
+    assert out.outcome == ("every node committed the new tree; then the job overran "
+                           "--timeout while exiting")
+    assert out.error

@@ -25,7 +25,8 @@ The CLI takes a rule's ``dir`` or ``file`` only when it is a test fixture on thi
 make every rank write, or send, a file of the attacker's choosing.
 
 Points (count in brackets): ``stage.chunk`` (chunk index), ``stage.locked`` (every lock
-taken), ``sync.file`` (files written), ``ping.start``; ``replace`` points:
+taken), ``stage.commit`` (before this node moves its tree in), ``stage.committed`` (every
+node has), ``sync.file`` (files written), ``ping.start``; ``replace`` points:
 ``collect.archive`` (a node's archive), ``stage.table`` (rank 0's block-digest table).
 """
 

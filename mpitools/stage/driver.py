@@ -229,18 +229,35 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dests: dict[str, di
     return out
 
 
+def _stopped_outcome(res: LaunchResult) -> str | None:
+    """What the nodes hold when the job was stopped before its result: unknown once rank 0
+    announced the commit (None: nothing was committed on any node)."""
+    if res.first_event("committed") is not None:
+        return ("every node had moved the new tree into place when the job was stopped, "
+                "and keeps it (a node killed outright may lack its staged mark: the next "
+                "stage to it then needs --replace)")
+    if res.first_event("commit") is not None:
+        return ("stopped during the commit: each node holds either the new tree or what it "
+                "held before (a node stopped in time rolled back); stage again with "
+                "--replace to make them agree")
+    return None
+
+
 def _stage_hosts(out: TransferRun, res: LaunchResult, topo, dests: dict[str, dict],
                  timeout: float | None) -> None:
     """Fill ``out`` from the job: ok only when every rank reported ok and mpiexec ended
     well; per-host outcomes, the failures (primary errors first), refused, phases."""
     if res.launch_seconds() is not None:
         out.phases["launch"] = res.launch_seconds()
-    if res.result is None:  # no rank reported: every host failed, none holds anything
+    if res.result is None:  # no rank reported: every host failed
         cleanup_embedded(topo, dests)
         out.failures = launch_failures(res, out.nodes, timeout)
         out.hosts = aborted_rows(out.nodes, out.failures)
         out.error = res.describe()
         out.mpiexec_stderr = res.stderr.splitlines()[-30:]
+        stopped = _stopped_outcome(res)
+        if stopped:
+            out.outcome = stopped
         return
     r = res.result
     out.phases.update(r.get("phases", {}))
@@ -249,6 +266,11 @@ def _stage_hosts(out: TransferRun, res: LaunchResult, topo, dests: dict[str, dic
     out.failures = {x["host"]: x["error"] for x in r["reports"]
                     if x.get("primary") and x.get("error")}
     out.ok = bool(r["ok"]) and res.returncode == 0
+    if r["ok"] and not out.ok:  # every node committed; only mpiexec's end went wrong
+        out.error = res.describe()
+        out.outcome = ("every node committed the new tree; then the job overran --timeout "
+                       "while exiting" if res.timed_out else "every node committed the "
+                       "new tree; then mpiexec ended badly")
     out.refused = any(x.get("refused") for x in r["reports"])
     if not out.ok and not out.failures:
         out.failures = {x["host"]: x["error"] or "failed" for x in r["reports"] if not x["ok"]}

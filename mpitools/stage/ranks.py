@@ -401,6 +401,7 @@ class _Run:
                        "stage": "check", "error": None, "primary": False, "refused": False}
         self.phases: dict[str, float] = {}
         self.t0 = time.time()
+        self.committed = False  # every node has moved its new tree in (the commit point)
         self.resp = None  # rank 0: the archive's HTTP response
         self.sums: bytes | None = None  # rank 0: the archive's block digests, from the spool
 
@@ -426,9 +427,24 @@ def main(comm, job: dict) -> int:
             if _prepare(run):
                 _commit(run, _transfer(run))
         except BaseException:
-            run.node.abandon()
+            _stop(run)
             raise
     return _finish(run)
+
+
+def _stop(run: _Run) -> None:
+    """This rank was stopped mid-job (SIGTERM from mpiexec ending the job, an error): before
+    the commit point it rolls back, after it (every node agreed its tree is in) it finishes
+    forward, so that a job stopped there leaves every node with the new tree, not some
+    nodes with the old one (two-phase commit)."""
+    if not run.committed:
+        run.node.abandon()
+        return
+    try:
+        if run.node.state != "done":
+            run.node.finish()
+    except OSError:
+        pass  # the tree is in place; only its mark or the old copy's removal is missing
 
 
 def _check(run: _Run) -> bool:
@@ -600,12 +616,22 @@ def _commit(run: _Run, failed: bool) -> None:
     t, report, node = time.time(), run.report, run.node
     if not failed:
         report["stage"] = "commit"
+        if run.rank == 0:
+            # from here a stopped job may leave nodes changed: the launcher must not
+            # then say that nothing was committed (chiba_admin/commands/stage.py)
+            emit("commit")
+        run.faults.checkpoint("stage.commit")
         try:
             node.commit()
         except OSError as e:
             report.update(error=f"cannot rename into {node.shown}: {e.strerror or e}",
                           primary=True)
         failed = agree_any(run.comm, report["error"] is not None)
+        if not failed:
+            run.committed = True
+            if run.rank == 0:
+                emit("committed")  # every node has its new tree in place
+            run.faults.checkpoint("stage.committed")
     if failed:
         node.abandon()
         report["error"] = report["error"] or "aborted: another node failed"
