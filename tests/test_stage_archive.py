@@ -434,3 +434,37 @@ def test_a_read_only_view_as_the_source_unpacks(tmp_path):
         os.close(fd)
     assert_same_tree(src, tmp_path / "d")
 
+
+
+def test_a_file_that_shrinks_while_packed_is_named_with_what_to_do(tmp_path, monkeypatch):
+    """tarfile's bare "unexpected end of data" becomes one line naming the file (a job
+    still writing its output when collect runs)."""
+    import mpitools.common.archive as archive
+    from mpitools.collect.ranks import read_error
+
+    src = tmp_path / "job"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "out.dat").write_bytes(b"x" * 1000)
+    real = os.fstat
+
+    class Larger:  # the file had 5000 bytes when it was opened, 1000 when read
+        def __init__(self, st):
+            self._st = st
+
+        def __getattr__(self, name):
+            return 5000 if name == "st_size" else getattr(self._st, name)
+
+    def fstat(fd):
+        st = real(fd)
+        return Larger(st) if os.readlink(f"/proc/self/fd/{fd}").endswith("/out.dat") else st
+
+    monkeypatch.setattr(archive.os, "fstat", fstat)
+    with pytest.raises(OSError, match="shrank while it was packed") as e:
+        pack_tree("job", io.BytesIO(), "zstd", arcname="job",
+                  dir_fd=os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY))
+    assert e.value.filename == os.path.join("job", "sub", "out.dat")
+    assert read_error("job", e.value) == (
+        "cannot read job/sub/out.dat: shrank while it was packed (still being written? "
+        "collect it again once it is complete)")
+    assert read_error("job", OSError(13, "Permission denied", "out.dat")) == \
+        "cannot read job: Permission denied"  # a bare name from os.open: the root is shown

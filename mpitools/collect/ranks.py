@@ -53,12 +53,21 @@ class _Packer:
                                       dir_fd=self.dir_fd)
             w.close()
         except Exception as e:  # noqa: BLE001 - reported to rank 0 in the status
-            self.error = f"cannot read {path}: {getattr(e, 'strerror', None) or e}"
+            self.error = read_error(path, e)
         finally:
             self.q.put(None)
 
     def get(self, idle=None) -> bytes | None:
         return queue_get(self.q, idle)
+
+
+def read_error(path: str, e: BaseException) -> str:
+    """One line for a node that could not pack ``path``: the entry below it that failed
+    when the packer named it (``path/sub/file``), else ``path``."""
+    name = getattr(e, "filename", None)
+    if not (isinstance(name, str) and name.startswith(path.rstrip("/") + "/")):
+        name = path
+    return f"cannot read {name}: {getattr(e, 'strerror', None) or e}"
 
 
 def _send_file(path: str, w: ChunkWriter, compress: str, hash_alg: str) -> PackInfo:

@@ -335,7 +335,15 @@ class _Packer:
         if ti.isreg():
             self.bytes += ti.size
             with os.fdopen(os.dup(fd), "rb") as f:
-                self._emit(ti, f)
+                try:
+                    self._emit(ti, f)
+                except OSError as e:
+                    if e.errno is not None:
+                        raise
+                    # tarfile's "unexpected end of data": fewer bytes than fstat said
+                    raise OSError(errno.EAGAIN, "shrank while it was packed (still being "
+                                  "written? collect it again once it is complete)",
+                                  where) from None
             return
         self._emit(ti)
         if ti.isdir():
