@@ -196,7 +196,7 @@ def test_a_missing_libarchive_is_one_line_naming_the_package(monkeypatch):
     with pytest.raises(OSError, match="libarchive not found.*libarchive13"):
         tarread._load()
     monkeypatch.setattr(tarread, "_SONAME", "libc.so.6")  # a library, not libarchive
-    monkeypatch.setattr(tarread, "_LIB", [])
+    tarread._lib.cache_clear()  # bound again on the next call
     with pytest.raises(OSError, match="has no archive_read_new.*libarchive13"):
         tarread._lib()
 
@@ -225,7 +225,7 @@ def test_a_missing_libarchive_surfaces_through_the_extractor(tmp_path, monkeypat
     from mpitools.common.archive import Extractor
 
     monkeypatch.delenv("LIBARCHIVE", raising=False)
-    monkeypatch.setattr(tarread, "_LIB", [])
+    tarread._lib.cache_clear()  # bound again on the next call
     monkeypatch.setattr(tarread, "_SONAME", "libarchive-nonexistent.so.99")
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
     ex = Extractor(str(tmp_path), "none")

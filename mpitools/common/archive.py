@@ -155,15 +155,7 @@ class BlockVerifier:
 
     def push(self, data) -> bytes | memoryview:
         mv = memoryview(data).cast("B")
-        if not self._buf:
-            # the common case (block-aligned batches from Extractor): a view of ``data``
-            # itself, not a copy; the caller does not change ``data`` while it is used
-            whole = len(mv) - len(mv) % self.block
-            for off in range(0, whole, self.block):
-                self._check(mv[off:off + self.block])
-            self._buf += mv[whole:]
-            return mv[:whole]
-        out: list = []
+        held = b""  # the block completed from bytes held back by an earlier push
         if self._buf:
             need = self.block - len(self._buf)
             self._buf += mv[:need]
@@ -171,14 +163,13 @@ class BlockVerifier:
             if len(self._buf) < self.block:
                 return b""
             self._check(self._buf)
-            out.append(bytes(self._buf))
-            self._buf = bytearray()
-        while len(mv) >= self.block:
-            self._check(mv[:self.block])
-            out.append(mv[:self.block])
-            mv = mv[self.block:]
-        self._buf += mv
-        return b"".join(out)
+            held, self._buf = bytes(self._buf), bytearray()
+        whole = len(mv) - len(mv) % self.block
+        for off in range(0, whole, self.block):
+            self._check(mv[off:off + self.block])
+        self._buf += mv[whole:]  # copied: the caller may reuse ``data``
+        # without held bytes (the extractor's block-aligned batches) a view, not a copy
+        return held + mv[:whole] if held else mv[:whole]
 
     def finish(self) -> bytes:
         rest = bytes(self._buf)
@@ -772,8 +763,8 @@ class Extractor:
         self.compress = compress
         # batches are cut at a block boundary when verifying, so the verifier hands each
         # on as a view instead of joining copies of its blocks
-        self._align = block if sums is not None else 1
-        self._batch_size = max(self._align, batch - batch % self._align)
+        align = block if sums is not None else 1
+        self._batch_size = max(align, batch - batch % align)
         self._batch, self._fill = bytearray(self._batch_size), 0
         self._own = isinstance(dest, str)
         self._fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if self._own \

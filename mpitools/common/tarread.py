@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import gzip
 import os
 import re
@@ -96,7 +97,6 @@ class Member:
     bad: str = ""
 
 
-_LIB: list = []  # the bound library, made on first use
 # libarchive's return codes (archive.h)
 ARCHIVE_EOF, ARCHIVE_OK, ARCHIVE_WARN = 1, 0, -20
 _SONAME = "libarchive.so.13"  # libarchive 3.x on Linux; else found as libarchive-c does
@@ -127,12 +127,11 @@ def _time_t():
     return ctypes.c_int64 if sysconfig.get_config_var("SIZEOF_TIME_T") == 8 else ctypes.c_long
 
 
+@functools.cache
 def _lib() -> types.SimpleNamespace:
     """libarchive's functions used here, as ctypes prototypes (archive.h,
     archive_entry.h), and the read callback's type: loaded on first use, so ranks that
     never unpack do not pay for loading libarchive. Raises OSError when it is missing."""
-    if _LIB:
-        return _LIB[0]
     lib = _load()
     vp, c_int, c_char_p = ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p
     c_time_t = ctypes.c_int64 if ctypes.sizeof(vp) == 8 else _time_t()  # LP64: 64 bits
@@ -164,7 +163,6 @@ def _lib() -> types.SimpleNamespace:
         except AttributeError:  # a LIBARCHIVE library that is not libarchive 3
             raise OSError(errno.ENOENT, f"libarchive {lib._name!r} has no archive_{name}: "
                           "install Debian's libarchive13") from None
-    _LIB.append(ns)
     return ns
 
 
