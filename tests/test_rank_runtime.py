@@ -220,3 +220,18 @@ def test_rank_0_waiting_for_room_tests_its_send_once_a_wake(monkeypatch):
     ch.send(b"b")  # waits for the first send: complete at its 3rd test
     wakes = "".join("s" if x == "sleep" else "t" for x in comm.log)
     assert wakes.startswith("tsts")  # one test per wake (it was "ttstt...")
+
+
+def test_a_stage_rank_loads_no_packing_or_dataclass_modules():
+    """Every rank pays for its imports on every node of every job: the unpacking side
+    loads neither tarfile (packing only) nor dataclasses (which imports inspect, ast and
+    dis): 16 ms of CPU a rank start together (docs/design.md, "Per-node CPU")."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mpitools.stage.ranks\n"
+            "print(' '.join(m for m in ('tarfile', 'dataclasses', 'inspect') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == []

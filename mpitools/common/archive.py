@@ -21,17 +21,20 @@ import os
 import queue
 import re
 import stat
-import tarfile
 import threading
-from dataclasses import dataclass
-from typing import BinaryIO, Callable
+from collections.abc import Callable
 
 from inventory.beneath import BeneathError, open_dir_beneath, remove_entry
 from inventory.beneath import shown_name as _shown
 
 from mpitools.common.runtime import queue_put
-from mpitools.common.tarread import (MTIME_XATTR, SOCKET_XATTR, Member, TarReader,
+from mpitools.common.tarread import (MTIME_XATTR, SOCKET_XATTR, Member, Record, TarReader,
                                      TarReadError, exact_mtime)
+
+TYPE_CHECKING = False  # typing itself is not imported by ranks (rank start-up, as Record)
+if TYPE_CHECKING:
+    import tarfile
+    from typing import BinaryIO
 
 __all__ = ["COMPRESSIONS", "BLOCK", "BATCH", "sums_size", "PackInfo", "new_hasher", "block_sums", "BlockHasher",
            "BlockVerifier", "VerifyError", "pack_tree", "ChunkWriter", "RefusedMember",
@@ -181,19 +184,19 @@ class BlockVerifier:
         return rest
 
 
-@dataclass
-class PackInfo:
-    """What packing produced: archive bytes and hash, tree bytes and member count, and the
-    digests of every ``block`` bytes of the archive (``blocks``, 32 bytes each)."""
+class PackInfo(Record):
+    """What packing produced: archive ``bytes`` and ``hash`` (hex, by ``hash_alg``), tree
+    bytes (``payload_bytes``) and member count (``files``), ``compress``, and the digests
+    of every ``block`` bytes of the archive (``blocks``, 32 bytes each)."""
 
-    bytes: int
-    hash: str
-    hash_alg: str
-    payload_bytes: int
-    files: int
-    compress: str
-    blocks: bytes = b""
-    block: int = BLOCK
+    __slots__ = ("bytes", "hash", "hash_alg", "payload_bytes", "files", "compress", "blocks",
+                 "block")
+
+    def __init__(self, bytes: int, hash: str, hash_alg: str, payload_bytes: int, files: int,
+                 compress: str, blocks: bytes = b"", block: int = BLOCK):
+        self.bytes, self.hash, self.hash_alg = bytes, hash, hash_alg
+        self.payload_bytes, self.files, self.compress = payload_bytes, files, compress
+        self.blocks, self.block = blocks, block
 
 
 class _CountingWriter:
@@ -272,6 +275,8 @@ class _Packer:
         self._on_payload = on_payload
 
     def _info(self, st: os.stat_result, arcname: str, where: str) -> tarfile.TarInfo:
+        import tarfile  # packing only: ranks that only unpack never load it (PackInfo)
+
         ti = tarfile.TarInfo(arcname)
         ti.mode, ti.uid, ti.gid = st.st_mode & 0o7777, st.st_uid, st.st_gid
         ti.mtime = st.st_mtime
@@ -305,6 +310,8 @@ class _Packer:
         """Add ``name`` in ``dir_fd`` (a path when ``dir_fd`` is None) and its tree."""
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if stat.S_ISLNK(st.st_mode):
+            import tarfile  # see _info
+
             ti = self._info(st, arcname, where)
             ti.type, ti.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dir_fd)
             self._emit(ti)
@@ -371,6 +378,8 @@ def pack_tree(src: str, out: BinaryIO, compress: str = "zstd", *, level: int | N
     """
     if compress not in COMPRESSIONS:
         raise ValueError(f"unknown compression {compress!r}")
+    import tarfile  # here, not at the top: see _Packer._info
+
     counter = _CountingWriter(out, new_hasher(hash_alg), block)
     if compress == "zstd":
         import zstandard
@@ -427,7 +436,7 @@ class ChunkWriter:
             self._buf.clear()
 
 
-class RefusedMember(tarfile.FilterError):
+class RefusedMember(Exception):
     """An archive member that would reach outside the destination or is never created."""
 
     def __init__(self, member: Member | None, why: str):
@@ -443,7 +452,10 @@ def _member_parts(m: Member, name: str | None = None) -> tuple[str, ...]:
         raise RefusedMember(m, "empty name or NUL byte")
     if name.startswith("/"):
         raise RefusedMember(m, "is an absolute path")
-    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    parts = name.split("/")
+    if "" in parts or "." in parts:  # "a//b", "./a", "a/": rare, so filtered only then
+        parts = [p for p in parts if p not in ("", ".")]
+    parts = tuple(parts)
     if ".." in parts:
         raise RefusedMember(m, "has a '..' component")
     return parts

@@ -19,7 +19,7 @@ the home server).
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from mpitools.common.runtime import PeerLost, wait
 

@@ -11,7 +11,11 @@ import queue
 import signal
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+
+TYPE_CHECKING = False  # typing: not loaded by rank modules (zstandard still loads it)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 __all__ = ["EVENT_PREFIX", "PeerLost", "load_job", "rank_hosts", "encode_job", "emit",

@@ -39,10 +39,9 @@ import os
 import re
 import stat
 import types
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
-__all__ = ["Member", "TarReader", "TarReadError", "SOCKET_XATTR", "MTIME_XATTR",
+__all__ = ["Member", "Record", "TarReader", "TarReadError", "SOCKET_XATTR", "MTIME_XATTR",
            "exact_mtime"]
 
 SOCKET_XATTR = "chiba.socket"
@@ -78,23 +77,40 @@ def _parse_mtime(text: str) -> int | None:
     return -ns if m.group(1) else ns
 
 
-@dataclass(slots=True)
-class Member:
+class Record:
+    """A plain record: the fields its ``__slots__`` name, compared and shown by them.
+
+    Written out instead of :mod:`dataclasses` because importing that module (it imports
+    :mod:`inspect`, :mod:`ast` and :mod:`dis`) cost every rank about 15 ms of CPU at
+    start, 1.5% of a node's whole share of a stage (docs/design.md, "Per-node CPU").
+    """
+
+    __slots__ = ()
+
+    def __eq__(self, other):
+        return type(other) is type(self) and all(
+            getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    __hash__ = None  # mutable, as a dataclass is
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class Member(Record):
     """One archive member: ``name`` and ``linkname`` as str (undecodable bytes kept through
     :func:`os.fsdecode`), ``kind`` ("file", "dir", "symlink", "hardlink", "fifo",
     "socket", "chr", "blk" or "other"), permission bits ``mode`` (0o7777), numeric
     ``uid``/``gid``, ``mtime_ns`` (nanoseconds), ``size`` (bytes of data, files only),
     ``bad`` (why the reader could not take a chiba.* record, else "")."""
 
-    name: str
-    kind: str
-    mode: int
-    uid: int
-    gid: int
-    mtime_ns: int
-    size: int = 0
-    linkname: str = ""
-    bad: str = ""
+    __slots__ = ("name", "kind", "mode", "uid", "gid", "mtime_ns", "size", "linkname", "bad")
+
+    def __init__(self, name: str, kind: str, mode: int, uid: int, gid: int, mtime_ns: int,
+                 size: int = 0, linkname: str = "", bad: str = ""):
+        self.name, self.kind, self.mode, self.uid, self.gid = name, kind, mode, uid, gid
+        self.mtime_ns, self.size, self.linkname, self.bad = mtime_ns, size, linkname, bad
 
 
 # libarchive's return codes (archive.h)
@@ -137,7 +153,11 @@ def _lib() -> types.SimpleNamespace:
     c_time_t = ctypes.c_int64 if ctypes.sizeof(vp) == 8 else _time_t()  # LP64: 64 bits
 
     def proto(name, restype, *argtypes):
-        return ctypes.CFUNCTYPE(restype, *argtypes)(("archive_" + name, lib))
+        # an entry's getters neither block nor call back: called holding the GIL
+        # (PYFUNCTYPE), they skip a release and a re-take of it, ten times a member, each a
+        # chance for the MPI thread to take it in between (docs/design.md, "Per-node CPU")
+        kind = ctypes.PYFUNCTYPE if name.startswith("entry_") else ctypes.CFUNCTYPE
+        return kind(restype, *argtypes)(("archive_" + name, lib))
 
     open_cb = close_cb = ctypes.CFUNCTYPE(c_int, vp, vp)
     read_cb = ctypes.CFUNCTYPE(ctypes.c_ssize_t, vp, vp, ctypes.POINTER(vp))
@@ -343,12 +363,16 @@ class TarReader:
     def _member(self, e) -> Member:
         lib = self._lib
         mode = lib.entry_mode(e)
-        hard = lib.entry_hardlink(e)
-        kind = "hardlink" if hard is not None else _TYPES.get(stat.S_IFMT(mode), "other")
-        link = hard if hard is not None else lib.entry_symlink(e)
+        link = lib.entry_hardlink(e)
+        if link is not None:
+            kind = "hardlink"
+        else:
+            kind = _TYPES.get(stat.S_IFMT(mode), "other")
+            if kind == "symlink":
+                link = lib.entry_symlink(e)
         m = Member(os.fsdecode(lib.entry_pathname(e) or b""), kind, mode & 0o7777,
                    lib.entry_uid(e), lib.entry_gid(e),
-                   lib.entry_mtime(e) * 10**9 + lib.entry_mtime_nsec(e),
+                   lib.entry_mtime(e) * 1_000_000_000 + lib.entry_mtime_nsec(e),
                    lib.entry_size(e) if kind == "file" else 0,
                    os.fsdecode(link) if link is not None else "")
         if lib.entry_xattr_reset(e):

@@ -16,7 +16,7 @@ import queue
 import stat
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from inventory.beneath import (BeneathError, lock_dest, mark_staged, open_dir_beneath,
                                open_root, split_rel, unlock_dest, was_staged)
