@@ -127,6 +127,25 @@ def test_truncated_stream_is_an_error():
         _read(data[:1536])
 
 
+@pytest.mark.parametrize("compress", ["zstd", "none"])
+@pytest.mark.parametrize("share", [0, 0.002, 0.05, 0.3, 0.6, 0.99])
+def test_a_stream_cut_short_says_it_ended_early(compress, share):
+    """python-zstandard ends a zstd stream cut inside a frame without an error, and
+    libarchive then called a first header cut off "Unrecognized archive format": the
+    message says the archive ended early, and after how many bytes of tar."""
+    import zstandard
+
+    tar = _tar(members=[("f", tarfile.REGTYPE, b"y" * 3000, {}), ("g", tarfile.REGTYPE,
+                                                                  os.urandom(3000), {})])
+    data = zstandard.ZstdCompressor().compress(tar) if compress == "zstd" else tar
+    # cut within what carries the members (a tar's trailing zero blocks may go missing)
+    cut = int(share * (len(data) if compress == "zstd" else 2 * 512 + 2 * 3000))
+    with pytest.raises(TarReadError, match=r"^(empty archive: the (zstd )?stream ended before"
+                                           r" its first header|the archive ends early, "
+                                           r"after \d+ bytes of tar) \(truncated"):
+        _read(data[:cut], compress)
+
+
 def test_the_sources_own_error_comes_through_as_itself(tmp_path):
     """A VerifyError raised while libarchive asks for bytes is what the caller sees."""
     class Boom(Exception):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import gzip
 import os
 import queue
 import re
@@ -387,6 +386,8 @@ def pack_tree(src: str, out: BinaryIO, compress: str = "zstd", *, level: int | N
         comp = zstandard.ZstdCompressor(level=level or 3, write_checksum=checksum).stream_writer(
             counter, closefd=False)
     elif compress == "gzip":
+        import gzip
+
         comp = gzip.GzipFile(fileobj=counter, mode="wb", compresslevel=level or 6, mtime=0)
     else:
         comp = counter

@@ -34,7 +34,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
-import gzip
 import os
 import re
 import stat
@@ -52,6 +51,7 @@ _PIECE = 1 << 20  # tar bytes handed to libarchive per read callback
 # tar bytes one member's headers may take; the packer's take a few KiB (PAX records of a
 # path, a link target and an mtime)
 _HEADER_LIMIT = 2 << 20
+_BLOCK_BYTES = 512  # one tar header
 _TYPES = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink",
           stat.S_IFIFO: "fifo", stat.S_IFCHR: "chr", stat.S_IFBLK: "blk",
           stat.S_IFSOCK: "socket"}
@@ -242,6 +242,8 @@ def _pieces(chunks: _Chunks, compress: str
         src = zstandard.ZstdDecompressor().stream_reader(
             chunks, read_size=_PIECE, read_across_frames=True, closefd=False)
     else:
+        import gzip  # as zstandard above: loaded by the jobs that use it
+
         src = gzip.GzipFile(fileobj=_BytesReads(chunks), mode="rb")
     buf = bytearray(_PIECE)
     view = memoryview(buf)
@@ -268,6 +270,7 @@ class TarReader:
         self._chunks = _Chunks(next_chunk)
         self._next_piece = _pieces(self._chunks, compress)
         self._handed = 0  # tar bytes handed to libarchive
+        self._ended = False  # the stream has ended (libarchive was told so)
         self._header_end: int | None = None  # while a header is read: where its cap is
         self._data_read = False  # the current member's data was written
         # what libarchive reads: alive until the next call
@@ -325,6 +328,7 @@ class TarReader:
                 raise
             raise TarReadError(f"damaged {self._compress} stream: {e}") from None
         self._handed += end - start
+        self._ended = start == end
         return buf, start, end
 
     def _fail(self, what: str):
@@ -335,6 +339,15 @@ class TarReader:
         text = msg.decode("utf-8", "replace") if msg else "damaged archive"
         if what == "data" and err and text in ("Write error", "Seek error"):
             raise OSError(err, os.strerror(err))
+        if self._ended and (text.startswith("Truncated") or self._handed < _BLOCK_BYTES):
+            # a zstd stream cut short just ends (python-zstandard reports no error): say
+            # so, not libarchive's "Unrecognized archive format" for a first header cut off
+            stream = "stream" if self._compress == "none" else f"{self._compress} stream"
+            if not self._handed:
+                raise TarReadError(f"empty archive: the {stream} ended before its first "
+                                   "header (truncated?)")
+            raise TarReadError(f"the archive ends early, after {self._handed} bytes of tar "
+                               f"(truncated {stream}?)")
         raise TarReadError(f"{text} (reading the archive's {what})")
 
     def __iter__(self) -> Iterator[Member]:
