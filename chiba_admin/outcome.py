@@ -188,7 +188,10 @@ class TransferRun(RunOutcome):
     ``phase_bytes`` (bytes per phase). ``refused`` (nothing was touched: exit 2) with
     ``refusal`` (one line), ``error`` (the run's own failure), ``outcome`` (City Transit:
     who holds what) and the MPI details (algorithm, compress, chunk, segment, kind,
-    peak_rss in KiB, the tail of mpiexec's stderr) when the method reports them."""
+    peak_rss in KiB, the tail of mpiexec's stderr) when the method reports them. A dry run
+    (``stage --dry-run``) has ``dry_run`` True and its ``plan`` (where the bytes would go:
+    ``mpitools.stage.driver.route_plan``, ``legacy_transit.transit.transit_route``); both
+    are absent from a real run's JSON."""
 
     algorithm: str | None = ABSENT
     source: str | None = None
@@ -210,12 +213,14 @@ class TransferRun(RunOutcome):
     peak_rss: int = ABSENT
     mpiexec_stderr: list[str] = ABSENT
     outcome: str = ABSENT
+    dry_run: bool = ABSENT
+    plan: dict = ABSENT
 
     KEYS: ClassVar[tuple[str, ...]] = (
-        "method", "algorithm", "ok", "source", "dest", "dest_dir", "dests", "nodes", "bytes",
-        "payload_bytes", "files", "seconds", "phases", "phase_bytes", "hosts", "failures",
-        "compress", "chunk", "segment", "kind", "refused", "refusal", "error", "peak_rss",
-        "mpiexec_stderr", "outcome", "launch")
+        "method", "algorithm", "ok", "dry_run", "source", "dest", "dest_dir", "dests",
+        "nodes", "bytes", "payload_bytes", "files", "seconds", "phases", "phase_bytes",
+        "hosts", "failures", "compress", "chunk", "segment", "kind", "refused", "refusal",
+        "error", "peak_rss", "mpiexec_stderr", "outcome", "plan", "launch")
 
 
 @dataclass

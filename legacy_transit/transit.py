@@ -26,7 +26,8 @@ from .transit_agent import RESULT_TAG, host_record, list_sockets, node_result
 from .transport import Transport, transport_for
 
 __all__ = ["STAGES", "TransitPlan", "TownLeg", "plan_transit", "stage_transit",
-           "collect_transit", "tree_size", "agent_argv"]
+           "stage_transit_dry_run", "transit_route", "collect_transit", "tree_size",
+           "agent_argv"]
 
 STAGES = ("pack", "to_president", "to_mayors", "unpack", "cleanup")
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,6 +112,14 @@ def plan_transit(topo, src: str, nodes: list[str], dest: str | None = None) -> T
     return TransitPlan(source, info.is_dir, member, home, pres, posixpath.join(home.spool, name),
                        posixpath.join(pres.spool, name), legs, dests, confined, info.files,
                        info.bytes, _sockets(source) if info.is_dir else [])
+
+
+def transit_route(plan: TransitPlan) -> dict:
+    """Where City Transit would carry the tar (pure): packed uncompressed on ``from`` (the
+    home server), copied to ``via`` (the president; None when it is the home server), then
+    to each mayor of ``towns`` (mayor -> its destination nodes), whose nodes unpack it."""
+    return {"from": plan.home.name, "via": None if plan.same_host else plan.president.name,
+            "towns": {leg.mayor.name: [n.name for n in leg.nodes] for leg in plan.legs}}
 
 
 def _sockets(source: str) -> list[dict]:
@@ -317,6 +326,84 @@ def stage_transit(topo, src: str, nodes: list[str], dest: str | None = None, *,
         seconds=round(total, 6), phases={k: round(v, 6) for k, v in run.phases.items()},
         phase_bytes=run.phase_bytes, hosts=run.hosts, failures=run.failures,
         outcome=outcome(run.hosts, "node"))
+
+
+def stage_transit_dry_run(topo, src: str, nodes: list[str], dest: str | None = None, *,
+                          fanout: int = DEFAULT_FANOUT, timeout: float | None = None,
+                          progress: Progress | None = None, transport: Transport | None = None,
+                          replace: bool = False) -> TransferRun:
+    """What :func:`stage_transit` would do, writing nothing anywhere: a TransferRun with
+    ``dry_run`` True and its ``plan`` (:func:`transit_route`).
+
+    The same planning and checks (raising InvalidRequest on bad input); no tar is packed
+    and nothing is sent. The home server reaches the president (when it is another host)
+    and each mayor, whose agent asks each of its nodes what extract would do with its
+    destination (``transit_agent check-dest``: reads only). A node that would be staged
+    has stage "would create" or "would replace"; one that would fail has the real run's
+    stage and line (an existing destination without --replace: "unpack", exit 1).
+    """
+    plan = plan_transit(topo, src, nodes, dest)
+    names = [n.name for n in plan.nodes]
+    run = _Run(names, progress)
+    run.phases = {"check": 0.0}
+    own = transport is None
+    transport = transport or transport_for(topo)
+    try:
+        with run.stage("check", names, per_host=True):
+            if not plan.same_host:  # the real run copies the tar there first
+                r = transport.run(plan.president, ["true"], timeout=timeout or 60)
+                for n in names if not r.ok else []:
+                    run.fail(n, "to_president", r.reason())
+            legs = [leg for leg in plan.legs if run.pending(leg.nodes)]
+            if legs:
+                _check_dests(topo, plan, legs, transport, run, fanout, timeout, replace)
+    finally:
+        if own:
+            transport.close()
+    _tell_trees(run.hosts, run.failures)
+    dests = sorted(set(plan.dests.values()))
+    return TransferRun(
+        method="transit", ok=not run.failures, source=plan.source,
+        dest=dests[0] if len(dests) == 1 else (dest or os.path.basename(plan.source)),
+        dests=plan.dests, nodes=names, payload_bytes=plan.payload, files=plan.files,
+        seconds=round(time.monotonic() - run.t0, 6),
+        phases={k: round(v, 6) for k, v in run.phases.items()}, hosts=run.hosts,
+        failures=run.failures, outcome="dry run: nothing was written on any host",
+        dry_run=True, plan=transit_route(plan))
+
+
+def _check_dests(topo, plan: TransitPlan, legs: list[TownLeg], transport, run: _Run,
+                 fanout, timeout, replace: bool) -> None:
+    """Run the agent on every mayor at once; each asks its nodes what extract would do."""
+    base = agent_argv(topo)
+    by_mayor = {leg.mayor.name: leg for leg in legs}
+
+    def on_mayor(m):
+        kids = []
+        for n in by_mayor[m.name].nodes:
+            d = plan.confined[n.name]
+            spec = {"root": n.local_path(d.root), "rel": d.rel, "display": d.path,
+                    "replace": bool(replace)}
+            kids.append({"host": host_record(n), "argv": [*base, "check-dest",
+                                                          json.dumps(spec)]})
+        agent = {"action": "check-dest", "kind": topo.kind, "fanout": fanout,
+                 "timeout": timeout, "children": kids}
+        return _call_agent(topo, transport, m, agent, timeout, len(kids), fanout)
+
+    for mname, got in window([leg.mayor for leg in legs], on_mayor, len(legs)).items():
+        detail, err = got.value if got.ok else (None, got.error)
+        for n in by_mayor[mname].nodes:
+            d = (detail or {}).get(n.name)
+            if d is None:  # the real run's copy to this mayor would fail the same way
+                run.fail(n.name, "to_mayors", f"mayor {mname}: {err or 'no result'}")
+            elif not d["ok"]:
+                run.hosts[n.name].previous = d.get("previous")
+                run.fail(n.name, "unpack", d["error"] or f"exit {d['rc']}")
+            else:
+                h = run.hosts[n.name]
+                h.ok, h.stage = True, f"would {d['action']}"
+                h.seconds = round(time.monotonic() - run.t0, 6)
+                run.progress.host_done(n.name, True)
 
 
 def _tell_trees(hosts: dict[str, TransferHost], failures: dict, where: str = "on it") -> None:

@@ -6,11 +6,13 @@ fans out to its nodes and compacts their exit codes into its own, as pdsh forced
 pdsh it also prints the per-child detail as one JSON line, so the report can name the host.
 Imports stay lean (no topology, no networkx): this starts once per mayor per stage.
 
-``transit_agent extract SPEC`` / ``pack SPEC`` / ``probe SPEC`` / ``check SPEC`` (JSON
-argument) is the node-side half that each node runs (and the home server, for collect):
-unpack by descriptor below a confined destination, archive a confined path, say what a
-silent unpacker left, or check a path for device nodes before collect sends anything
-(:func:`extract`, :func:`pack_to_stdout`, :func:`probe`, :func:`check_path`).
+``transit_agent extract SPEC`` / ``pack SPEC`` / ``probe SPEC`` / ``check SPEC`` /
+``check-dest SPEC`` (JSON argument) is the node-side half that each node runs (and the home
+server, for collect): unpack by descriptor below a confined destination, archive a
+confined path, say what a silent unpacker left, check a path for device nodes before
+collect sends anything, or say what extract would do to a destination (stage --dry-run)
+(:func:`extract`, :func:`pack_to_stdout`, :func:`probe`, :func:`check_path`,
+:func:`check_dest`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 __all__ = ["AgentHost", "host_record", "run_plan", "main", "RESULT_TAG", "extract",
-           "pack_to_stdout", "probe", "check_path", "list_sockets", "PACK_HEADER", "node_main",
-           "node_result", "tar_x_argv", "ExtractError"]
+           "pack_to_stdout", "probe", "check_path", "check_dest", "list_sockets",
+           "PACK_HEADER", "node_main", "node_result", "tar_x_argv", "ExtractError"]
 
 RESULT_TAG = "CHIBA-TRANSIT-RESULT "  # marks the one line the caller parses
 
@@ -309,8 +311,7 @@ def extract(spec: dict, inp) -> dict:
         existed = _exists(parent_fd, name)
         if existed and not spec.get("replace") and not was_staged(parent_fd, name):
             res["previous"] = shown
-            raise ExtractError(f"{shown} exists and was not made by chiba-admin stage or "
-                               "collect (left untouched; pass --replace to replace it)")
+            raise ExtractError(_not_ours(shown))
         os.mkdir(tmp, 0o700, dir_fd=parent_fd)  # root-only until renamed into place
         tmp_fd = os.open(tmp, _DIR_FLAGS, dir_fd=parent_fd)
         fds.append(tmp_fd)
@@ -345,6 +346,56 @@ def extract(spec: dict, inp) -> dict:
                 res["error"] = f"{res['error']}; cannot remove the partial tree: {e.strerror}"
         unlock_dest(parent_fd, name, lock)
         _close(fds)
+
+
+def _not_ours(shown: str) -> str:
+    """Why an existing destination is left alone (extract, and check_dest's forecast)."""
+    return (f"{shown} exists and was not made by chiba-admin stage or collect (left "
+            "untouched; pass --replace to replace it)")
+
+
+def check_dest(spec: dict) -> dict:
+    """stage --dry-run on a node: what :func:`extract` would do with ``spec``'s destination
+    (``root``, ``rel``, ``display``, ``replace`` as extract takes them), reading only: no
+    parent made, no lock taken, no leftover swept.
+
+    Returns ``{"ok", "action", "error", "previous"}``: ``action`` "create" (the destination
+    and any missing parent would be made) or "replace" (an earlier stage's tree, or any
+    entry with ``replace``); or ``error``, the line extract would give (a symlink or a file
+    on the way, an existing destination without ``replace``: ``previous`` names it).
+    """
+    import errno
+
+    from inventory.beneath import BeneathError, open_dir_beneath, open_root, was_staged
+
+    shown = spec.get("display") or spec["rel"]
+    parent_rel, _, name = spec["rel"].rpartition("/")
+    res = {"ok": False, "action": None, "error": None, "previous": None}
+    try:
+        root = open_root(spec["root"])
+    except BeneathError as e:
+        res["error"] = str(e)
+        return res
+    try:
+        parent = open_dir_beneath(root, parent_rel, display=spec["root"])
+    except BeneathError as e:
+        if e.errno != errno.ENOENT:
+            res["error"] = str(e)
+        else:  # extract makes the missing parents
+            res.update(ok=True, action="create")
+        return res
+    finally:
+        os.close(root)
+    try:
+        if not _exists(parent, name):
+            res.update(ok=True, action="create")
+        elif spec.get("replace") or was_staged(parent, name):
+            res.update(ok=True, action="replace")
+        else:
+            res.update(error=_not_ours(shown), previous=shown)
+        return res
+    finally:
+        os.close(parent)
 
 
 def _exists(dir_fd: int, name: str) -> bool:
@@ -610,8 +661,8 @@ def node_main(action: str, spec_json: str) -> int:
     spec = json.loads(spec_json)
     if action == "pack":
         return pack_to_stdout(spec)
-    if action in ("probe", "check"):
-        got = probe(spec) if action == "probe" else check_path(spec)
+    if action in ("probe", "check", "check-dest"):
+        got = {"probe": probe, "check": check_path, "check-dest": check_dest}[action](spec)
         sys.stdout.write(RESULT_TAG + json.dumps(got) + "\n")
         return 0
     if spec.get("input", "-") == "-":
@@ -657,12 +708,13 @@ def run_plan(plan: dict) -> dict:
                 r = RunResult(h.name, 0)
             except Exception as e:  # TransportError names the host and path
                 n, r = 0, RunResult(h.name, UNREACHABLE, error=str(e))
-        elif action == "unpack":
-            # the node's own agent unpacks by descriptor (node_main); its timeout is its own,
-            # this one only stops a node that never answers
+        elif action in ("unpack", "check-dest"):
+            # the node's own agent unpacks by descriptor (node_main), or says what it would
+            # do (check-dest, stage --dry-run); its timeout is its own, this one only stops
+            # a node that never answers
             limit = timeout + 30 if timeout else None
-            if plan.get("mode") == "read":  # the node reads the tar from its mayor's disk
-                r = transport.run(h, c["argv"], timeout=limit)
+            if action == "check-dest" or plan.get("mode") == "read":  # nothing on stdin,
+                r = transport.run(h, c["argv"], timeout=limit)  # or the tar on the mayor's disk
             else:  # the mayor streams the tar into the node's unpacker
                 with open(plan["file"], "rb") as f:
                     r = transport.run(h, c["argv"], timeout=limit, stdin=f)

@@ -15,7 +15,7 @@ from ..embedded import require_initialized
 from ..errors import UsageError
 from ..outcome import TransferRun
 
-__all__ = ["register", "stage_cmd", "collect_cmd", "render_result"]
+__all__ = ["register", "stage_cmd", "collect_cmd", "render_result", "render_dry_run"]
 
 _METHODS = ("mpi", "transit")
 
@@ -62,6 +62,62 @@ def render_result(result: TransferRun, verb: str) -> None:
         _render_failure(result, verb)
 
 
+def render_dry_run(result: TransferRun) -> None:
+    """A stage --dry-run: a table of what would happen on each host, the plan (route,
+    source, compression), a summary line; on stderr each failure as the real run names it
+    (a refusal, exit 2, with the real run's last line too)."""
+    algo = f"/{result.algorithm}" if result.algorithm else ""
+    t = Table(title=f"stage --dry-run --method {result.method}{algo}: {result.source} -> "
+                    f"{result.dest}")
+    for col in ("host", "ok", "would", "error"):
+        t.add_column(col, justify="center" if col == "ok" else "left")
+    for name, h in result.hosts.items():
+        t.add_row(name, "yes" if h.ok else "[red]NO[/]",
+                  str(h.stage or "")[len("would "):] if h.ok else "",
+                  escape(str(h.error or "")))
+    con = get_console()
+    con.print(t)
+    for line in _plan_lines(result):
+        con.print(line, markup=False, highlight=False)
+    con.print(f"dry run: {result.hosts_ok}/{len(result.nodes)} hosts would be staged; "
+              "nothing was written", markup=False, highlight=False)
+    if result.ok:
+        return
+    err = get_err_console()
+    if result.error:
+        err.print(f"chiba-admin stage: {result.error}", markup=False)
+    for name, why in result.failures.items():
+        err.print(f"chiba-admin stage: {name}: {why}", markup=False)
+    if result.refused:  # the real run's own last line
+        last = "refused; nothing was touched on any node"
+    elif result.error:  # the dry run's own job failed (a host unreachable, --timeout)
+        last = "dry run failed; nothing was written"
+    else:
+        last = "dry run: the real run would fail on the hosts above; nothing was written"
+    err.print(f"chiba-admin stage: {last}", markup=False)
+
+
+def _plan_lines(result: TransferRun) -> list[str]:
+    """The route and the source of a dry run's plan, one line each."""
+    plan = result.plan or {}
+    source = f"source: {result.files} files, {format_bytes(result.payload_bytes)}; "
+    if result.method == "transit":
+        via = f" -> {plan['via']}" if plan.get("via") else ""
+        towns = "; ".join(f"{m} -> {fold(ns)}" for m, ns in plan.get("towns", {}).items())
+        return [f"route: {plan.get('from')}{via} -> mayors: {towns}",
+                source + "packed as an uncompressed tar when the real run starts"]
+    order = plan.get("order") or result.nodes
+    paced = f", paced at {format_bytes(plan['pacing'])}/s" if plan.get("pacing") else ""
+    if plan.get("tree") == "chain":
+        then = (f"then a pipelined chain {' -> '.join(order)} in "
+                f"{format_bytes(result.segment)} segments")
+    else:
+        then = (f"then MPI_Bcast from {order[0]} to {fold(order[1:]) or 'no other node'} "
+                f"in {format_bytes(result.chunk)} chunks (the MPI library picks the tree)")
+    return [f"route: {plan.get('from')} -> {order[0]} over HTTP{paced}, {then}",
+            source + f"packed with {result.compress} when the real run starts"]
+
+
 def _render_failure(result: TransferRun, verb: str) -> None:
     """On stderr: the refusal alone, or the run's error, each failure, and what is left."""
     err = get_err_console()
@@ -90,6 +146,8 @@ def _finish(ctx, result: TransferRun, verb: str) -> int:
     note_launch(ctx, result)
     if ctx.json:
         print_json(result.to_dict())
+    elif result.dry_run:
+        render_dry_run(result)
     else:
         render_result(result, verb)
     if result.ok:
@@ -130,10 +188,13 @@ def _common(f):
                                       "bcast: MPI_Bcast per chunk.")
 @click.option("--spool-url", default=None, metavar="URL",
               help="Base URL of a running spool server (default: serve one for this run).")
+@click.option("--dry-run", "dry_run", is_flag=True,
+              help="Check everything and say what would happen on each node (would create, "
+                   "would replace, refused); write nothing anywhere.")
 @launch_option
 @pass_ctx
 def stage_cmd(ctx, src, nodeset, method, chunk, compress, timeout, json_output, replace, dest,
-              algorithm, spool_url):
+              algorithm, spool_url, dry_run):
     """Copy directory SRC onto every node: all nodes get it, or none does."""
     ctx.json = ctx.json or json_output
     topo = ctx.topology
@@ -142,16 +203,18 @@ def stage_cmd(ctx, src, nodeset, method, chunk, compress, timeout, json_output, 
     size = _chunk(chunk)
     with progress(f"stage ({method})") as bar:
         if method == "transit":
-            from legacy_transit.transit import stage_transit
+            from legacy_transit.transit import stage_transit, stage_transit_dry_run
 
-            result = stage_transit(topo, src, nodes, dest, timeout=timeout, progress=bar,
-                                   replace=replace)
+            run = stage_transit_dry_run if dry_run else stage_transit
+            result = run(topo, src, nodes, dest, timeout=timeout, progress=bar,
+                         replace=replace)
         else:
-            from mpitools.stage.driver import stage_mpi
+            from mpitools.stage.driver import stage_mpi, stage_mpi_dry_run
 
-            result = stage_mpi(topo, src, nodes, dest, algorithm=algorithm, chunk=size,
-                               compress=compress, timeout=timeout, progress=bar,
-                               spool_url=spool_url, replace=replace)
+            run = stage_mpi_dry_run if dry_run else stage_mpi
+            result = run(topo, src, nodes, dest, algorithm=algorithm, chunk=size,
+                         compress=compress, timeout=timeout, progress=bar,
+                         spool_url=spool_url, replace=replace)
     return _finish(ctx, result, "stage")
 
 

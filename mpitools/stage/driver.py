@@ -1,9 +1,11 @@
-"""Stage-in the MPI way, from the CLI side: pack into the spool, serve it, launch, report."""
+"""Stage-in the MPI way, from the CLI side: pack into the spool, serve it, launch, report
+(or, for a dry run, check and say what would happen, writing nothing)."""
 
 from __future__ import annotations
 
 import os
 import secrets
+import stat
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -21,8 +23,9 @@ from mpitools.common.spool import SUMS_SUFFIX, Published, SpoolServer, publish, 
 from mpitools.common.targets import (aborted_rows, check_nodes, cleanup_embedded, confine_all,
                                      host_rows, launch_failures, spool_dir_of, spool_or_fail)
 
-__all__ = ["stage_mpi", "stage_archive", "pipeline_segment", "download_pacing",
-           "DEFAULT_CHUNK", "DEFAULT_ALGORITHM"]
+__all__ = ["stage_mpi", "stage_mpi_dry_run", "stage_archive", "pipeline_segment",
+           "download_pacing", "route_plan", "tree_counts", "DEFAULT_CHUNK",
+           "DEFAULT_ALGORITHM"]
 
 DEFAULT_CHUNK = 4 << 20
 # measured faster on every setup we tried (README, "Staging (Figure 1)")
@@ -101,17 +104,8 @@ def stage_mpi(topo, src: str, nodes: list[str], dest: str | None = None, *,
     (``refused``, nothing touched) unless ``replace``. ``progress`` hears the phases
     pack, launch and distribute, with bytes done.
     """
-    from inventory.source import check_source
-
-    info = check_source(src)
-    if not info.is_dir:
-        raise InvalidRequest("source is not a directory", where=info.path,
-                         hint="stage a directory of the home file system")
+    info, nodes, dests = _request(topo, src, nodes, dest, compress)
     src = info.path
-    nodes = check_nodes(topo, nodes)
-    if compress not in COMPRESSIONS:
-        raise InvalidRequest(f"unknown compression {compress!r}", hint="zstd, gzip or none")
-    dests = confine_all(topo, rank_hosts(topo, nodes), dest, os.path.basename(src))
     spool = spool_or_fail(topo)
     t0 = time.time()
     progress = or_silent(progress)
@@ -131,6 +125,118 @@ def stage_mpi(topo, src: str, nodes: list[str], dest: str | None = None, *,
                       spool_url=spool_url, env=env, replace=replace)
     finally:
         pub.remove()  # a spooled archive is useful once
+
+
+def _request(topo, src: str, nodes: list[str], dest: str | None, compress: str):
+    """The checks of a stage before anything is written: (SourceInfo, the nodes, each
+    rank's confined destination). Raises InvalidRequest (exit 2) as stage_mpi says."""
+    from inventory.source import check_source
+
+    info = check_source(src)
+    if not info.is_dir:
+        raise InvalidRequest("source is not a directory", where=info.path,
+                         hint="stage a directory of the home file system")
+    nodes = check_nodes(topo, nodes)
+    if compress not in COMPRESSIONS:
+        raise InvalidRequest(f"unknown compression {compress!r}", hint="zstd, gzip or none")
+    dests = confine_all(topo, rank_hosts(topo, nodes), dest, os.path.basename(info.path))
+    return info, nodes, dests
+
+
+def _check_algorithm(algorithm: str) -> None:
+    if algorithm not in ("chain", "bcast"):
+        raise InvalidRequest(f"unknown algorithm {algorithm!r}", hint="chain or bcast")
+
+
+def tree_counts(src: str) -> tuple[int, int]:
+    """(entries, payload bytes) of the directory ``src`` as packing counts them
+    (mpitools/common/archive.py ``pack_tree``): every entry below it, directories
+    included; the sizes of regular files, a hard-linked file's once. Reads metadata only,
+    nothing below ``src`` is followed; raises OSError."""
+    from inventory.source import walk_below
+
+    entries = size = 0
+    seen: set[tuple[int, int]] = set()
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for _, st in walk_below(fd):
+            entries += 1
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if st.st_nlink > 1:
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+            size += st.st_size
+    finally:
+        os.close(fd)
+    return entries, size
+
+
+def route_plan(topo, ranks: list[str], algorithm: str, spool_url: str | None = None
+               ) -> dict:
+    """Where a stage's bytes would go (pure): ``from`` (the home server, or the given
+    spool URL) serves the archive over HTTP to ``download`` (rank 0), which passes it on
+    in ``order``: down one pipelined chain (``tree`` "chain"), or by MPI_Bcast (``tree``
+    "MPI_Bcast": the MPI library picks the tree); ``pacing`` is the download's bytes/s
+    (download_pacing; None: unpaced)."""
+    return {"from": spool_url or topo.home_server.name, "download": ranks[0],
+            "order": list(ranks), "tree": "chain" if algorithm == "chain" else "MPI_Bcast",
+            "pacing": None if spool_url else download_pacing(topo, ranks[0])}
+
+
+def stage_mpi_dry_run(topo, src: str, nodes: list[str], dest: str | None = None, *,
+                      algorithm: str = DEFAULT_ALGORITHM, chunk: int = DEFAULT_CHUNK,
+                      compress: str = "zstd", timeout: float | None = None,
+                      progress: Progress | None = None, spool_url: str | None = None,
+                      env: dict[str, str] | None = None, replace: bool = False
+                      ) -> TransferRun:
+    """What :func:`stage_mpi` would do, writing nothing anywhere; a TransferRun with
+    ``dry_run`` True and its ``plan`` (:func:`route_plan`).
+
+    The same checks before anything is sent (raising InvalidRequest, exit 2, with the
+    same lines), nothing packed: the source's entries and bytes are counted as packing
+    counts them. The ranks are launched as for a real run (every host reached, rank 0
+    reaching the spool server) and each node checks its destination with the real run's
+    check, making nothing (mpitools/stage/dryrun.py): a node's ``stage`` is "would create"
+    or "would replace", or it fails as the real run would (``refused`` for a destination
+    that exists without --replace, a non-directory or a symlink: exit 2). ``bytes`` and
+    ``phase_bytes`` stay empty: nothing crossed.
+    """
+    info, nodes, dests = _request(topo, src, nodes, dest, compress)
+    spool_or_fail(topo)
+    _check_algorithm(algorithm)
+    try:
+        files, payload = tree_counts(info.path)
+    except OSError as e:
+        raise MPIToolError(f"cannot read {info.path}: {e}", where=info.path) from None
+    ranks = rank_hosts(topo, nodes)
+    t0 = time.time()
+    progress = or_silent(progress)
+
+    def on_event(ev: dict) -> None:
+        if ev.get("event") == "start":
+            progress.phase("check", hosts=len(ranks))
+
+    progress.phase("launch")
+    # a server that answers for this run's URL (no archive is published under it), so
+    # that rank 0 checks it can reach the spool as the real run's rank 0 would
+    with _spool_url(topo, spool_name(compress), spool_url) as url:
+        job = {"dry_run": True, "jobid": secrets.token_hex(6), "url": url,
+               "algorithm": algorithm, "hosts": ranks, "dests": dests,
+               "replace": bool(replace)}
+        res = launch(topo, "mpitools.stage.ranks", [encode_job(job)], ranks, None,
+                     timeout=timeout, on_event=on_event, env=env)
+    seg = pipeline_segment(payload, len(ranks), chunk) if algorithm == "chain" else chunk
+    out = TransferRun(
+        method="mpi", algorithm=algorithm, source=info.path, dest=dests[ranks[0]]["shown"],
+        nodes=ranks, payload_bytes=payload, files=files, phases={}, compress=compress,
+        chunk=int(chunk), segment=seg, kind=topo.kind, dry_run=True,
+        plan=route_plan(topo, ranks, algorithm, spool_url))
+    _take_result(out, res, timeout)
+    out.seconds = time.time() - t0
+    out.phases["total"] = out.seconds
+    return out
 
 
 def stage_archive(topo, archive: str, nodes: list[str], dest: str, *, compress: str,
@@ -181,8 +287,7 @@ def _stage(topo, pub: Published, src: str, nodes: list[str], dests: dict[str, di
            t0: float, pack: float, algorithm: str, chunk: int, timeout: float | None,
            progress: Progress | None, spool_url: str | None, env: dict[str, str] | None,
            replace: bool) -> TransferRun:
-    if algorithm not in ("chain", "bcast"):
-        raise InvalidRequest(f"unknown algorithm {algorithm!r}", hint="chain or bcast")
+    _check_algorithm(algorithm)
     progress = or_silent(progress)
     ranks = rank_hosts(topo, nodes)
     info = pub.info
@@ -245,20 +350,34 @@ def _stopped_outcome(res: LaunchResult) -> str | None:
 
 def _stage_hosts(out: TransferRun, res: LaunchResult, topo, dests: dict[str, dict],
                  timeout: float | None) -> None:
-    """Fill ``out`` from the job: ok only when every rank reported ok and mpiexec ended
-    well; per-host outcomes, the failures (primary errors first), refused, phases."""
-    if res.launch_seconds() is not None:
-        out.phases["launch"] = res.launch_seconds()
+    """Fill ``out`` from the job (:func:`_take_result`); a job that gave no result has its
+    temporary dirs removed here (embedded) and says what the nodes hold."""
     if res.result is None:  # no rank reported: every host failed
         cleanup_embedded(topo, dests)
-        out.failures = launch_failures(res, out.nodes, timeout)
-        out.hosts = aborted_rows(out.nodes, out.failures)
-        out.error = res.describe()
-        out.mpiexec_stderr = res.stderr.splitlines()[-30:]
+    if not _take_result(out, res, timeout):
         stopped = _stopped_outcome(res)
         if stopped:
             out.outcome = stopped
         return
+    if res.result["ok"] and not out.ok:  # every node committed; only mpiexec's end failed
+        out.error = res.describe()
+        out.outcome = ("every node committed the new tree; then the job overran --timeout "
+                       "while exiting" if res.timed_out else "every node committed the "
+                       "new tree; then mpiexec ended badly")
+
+
+def _take_result(out: TransferRun, res: LaunchResult, timeout: float | None) -> bool:
+    """Fill ``out`` from the job, a real run's or a dry run's: ok only when every rank
+    reported ok and mpiexec ended well; per-host outcomes, the failures (primary errors
+    first), refused, phases. False when no rank reported (every host failed)."""
+    if res.launch_seconds() is not None:
+        out.phases["launch"] = res.launch_seconds()
+    if res.result is None:
+        out.failures = launch_failures(res, out.nodes, timeout)
+        out.hosts = aborted_rows(out.nodes, out.failures)
+        out.error = res.describe()
+        out.mpiexec_stderr = res.stderr.splitlines()[-30:]
+        return False
     r = res.result
     out.phases.update(r.get("phases", {}))
     out.phases["exit"] = res.exit_seconds()
@@ -266,12 +385,8 @@ def _stage_hosts(out: TransferRun, res: LaunchResult, topo, dests: dict[str, dic
     out.failures = {x["host"]: x["error"] for x in r["reports"]
                     if x.get("primary") and x.get("error")}
     out.ok = bool(r["ok"]) and res.returncode == 0
-    if r["ok"] and not out.ok:  # every node committed; only mpiexec's end went wrong
-        out.error = res.describe()
-        out.outcome = ("every node committed the new tree; then the job overran --timeout "
-                       "while exiting" if res.timed_out else "every node committed the "
-                       "new tree; then mpiexec ended badly")
     out.refused = any(x.get("refused") for x in r["reports"])
     if not out.ok and not out.failures:
         out.failures = {x["host"]: x["error"] or "failed" for x in r["reports"] if not x["ok"]}
     out.peak_rss = max((x.get("maxrss") or 0) for x in r["reports"])
+    return True

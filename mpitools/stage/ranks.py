@@ -417,8 +417,13 @@ def main(comm, job: dict) -> int:
     A sequence of phases, each ending in an agreement of every rank (mpiFileUtils' dsync
     is the model): check (the source, every destination), prepare (temp dirs, locks),
     transfer (move, unpack, verify), commit (renames); then every report goes to rank 0.
-    Works on any intracommunicator (``rank_hosts(job)`` names each rank's host).
+    Works on any intracommunicator (``rank_hosts(job)`` names each rank's host). A job
+    with ``dry_run`` only checks, writing nothing (mpitools/stage/dryrun.py).
     """
+    if job.get("dry_run"):
+        from mpitools.stage.dryrun import main as dry_run
+
+        return dry_run(comm, job)
     run = _Run(comm, job)
     if run.rank == 0:
         emit("start", time=run.t0, ranks=comm.size)
