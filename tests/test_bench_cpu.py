@@ -67,12 +67,43 @@ def test_cpu_workload_refuses_one_node_and_the_testbed(site, tmp_path):
 
 
 def test_bench_cpu_plan_runs_on_the_embedded_cluster_with_eight_nodes():
+    from chiba_admin.bench import workloads as w
+
     plan = suites.plan_from_options(
-        "cpu", shapes=[(2, 4)], sizes=[1], datas=["tree"], repeat=2, stage_methods=(),
-        collect_methods=(), sync_methods=(), targets=[], repo_files=1, repo_size=1,
-        memory_size=1, inventory_files=1, hash_size=1)
+        "cpu", shapes=[(2, 4)], sizes=[1], datas=["tree"], repeat=2,
+        stage_methods=w.STAGE_METHODS + w.SERVICE_STAGE_METHODS[:1],
+        collect_methods=w.COLLECT_METHODS, sync_methods=(), targets=[], repo_files=1,
+        repo_size=1, memory_size=1, inventory_files=1, hash_size=1)
+    # the peers need the testbed: the cpu workload keeps this project's own methods
     assert suites.describe_plan(plan, "testbed") == [
-        {"workload": "cpu", "site": "embedded", "shape": "2x4", "nodes": 8, "repeat": 2}]
+        {"workload": "cpu", "site": "embedded", "shape": "2x4", "nodes": 8, "repeat": 2,
+         "methods": [["transit", None], ["mpi", "bcast"], ["mpi", "chain"],
+                     ["mpi", "chain", "service"]],
+         "collect_methods": [["transit", None], ["mpi", None]]}]
+
+
+def test_cpu_through_the_service_counts_its_ranks(site, tmp_path):
+    """The service's ranks live on between commands, so this process never reaps them:
+    their CPU is what `service status` says they used during the command, added to the
+    command's own; its rows are labelled, and the service is stopped afterwards."""
+    from mpitools.service import driver
+
+    runs = cpuprofile.cpu(site, nodes=3, workdir=tmp_path, tree="text", size=2 << 20,
+                          files=60, methods=(("mpi", "chain", "service"),),
+                          collect_methods=(("mpi", None, "service"),))
+    assert [(r["op"], r["launch"]) for r in runs] == [("stage", "service"),
+                                                       ("collect", "service")]
+    for r in runs:
+        assert r["ok"], r.get("failures")
+        # the ranks' own share is counted (a 2 MiB tree: the CLI's noise hides it in the
+        # difference of 3 nodes and 1)
+        assert r["ranks_cpu_n_s"] > 0 and r["ranks_cpu_1_s"] > 0
+        assert r["cpu_n_s"] > r["ranks_cpu_n_s"] and r["cpu_1_s"] > r["ranks_cpu_1_s"]
+        assert r["cpu_per_node_s"] is not None
+    assert not driver.status(site.topo)["running"]
+    rec = {"cluster": {"kind": "embedded"}, "runs": runs, "date": "2026-01-01T00:00:00Z"}
+    labels = [r["label"] for r in aggregate.report_dict([rec])["cpu"]]
+    assert labels == ["MPI (service)", "MPI chain (service)"]
 
 
 def test_stdlib_tree_leaves_site_packages_out(tmp_path, monkeypatch):

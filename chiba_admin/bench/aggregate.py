@@ -25,7 +25,7 @@ KEYS = {
     "memory": ("nodes", "size_bytes", "chunk", "algorithm"),
     "inventory": ("metric",),
     "shell": ("case", "nodes", "method"),
-    "cpu": ("op", "tree", "nodes", "method", "algorithm"),
+    "cpu": ("op", "tree", "nodes", "method", "algorithm", "launch"),
 }
 # A run whose median CPU busy share reaches this was bound by the machine's cores (every
 # emulated host and rank shares them), not by the emulated links.

@@ -35,11 +35,12 @@ from typing import Callable
 
 from . import data
 from .records import cpu_meter
-from ..errors import InvalidRequest
+from ..errors import ChibaError, InvalidRequest
 
-__all__ = ["CPU_METHODS", "CPU_OPS", "cpu", "stdlib_tree", "children_cpu", "cpu_rows"]
+__all__ = ["CPU_METHODS", "CPU_COLLECT_METHODS", "CPU_OPS", "cpu", "stdlib_tree", "children_cpu", "cpu_rows"]
 
 CPU_METHODS = (("transit", None), ("mpi", "chain"), ("mpi", "bcast"))
+CPU_COLLECT_METHODS = (("transit", None), ("mpi", None))
 CPU_OPS = ("stage", "collect")
 
 
@@ -83,26 +84,43 @@ def _one(site, args: list[str]) -> tuple[bool, float, float, float | None, str]:
 
 
 def _args(op: str, method: str, alg: str | None, src: Path, names: list[str], dest: str,
-          back: Path) -> list[str]:
+          back: Path, launch: str | None = None) -> list[str]:
     from topology import fold
 
     if op == "stage":
         args = ["stage", str(src), "--nodes", fold(names), "--dest", dest, "--replace"]
     else:
         args = ["collect", dest, "--nodes", fold(names), "--dest", str(back), "--replace"]
-    return args + ["--method", method] + (["--algorithm", alg] if alg else [])
+    return (args + ["--method", method] + (["--algorithm", alg] if alg else [])
+            + (["--launch", launch] if launch else []))
+
+
+def _service_cpu(site) -> float:
+    """CPU seconds the running service's ranks have used so far (all ranks and the
+    coordinator, as `service status` reports them: mpitools/service/driver.py)."""
+    from mpitools.service import driver
+
+    st = driver.status(site.topo)
+    if not st.get("running"):
+        raise ChibaError("the service stopped during the cpu workload", where="president")
+    return float(st["cpu_seconds"])
 
 
 def cpu(site, *, nodes: int = 8, repeat: int = 1, workdir: Path, tree: str = "stdlib",
         size: int = 16 << 20, files: int = 400, ops=CPU_OPS, methods=CPU_METHODS,
+        collect_methods=CPU_COLLECT_METHODS,
         on_run: Callable[[dict], None] | None = None) -> list[dict]:
     """Per method and op, the command to 1 node and to ``nodes`` nodes; one run each with
     ``cpu_1_s``/``cpu_n_s`` (seconds, every process of the command), ``cpu_per_node_s``,
     ``cpu_per_node_gb_s`` (per 1e9 bytes of tree) and ``cpu_per_kfile_s`` (per 1,000
     files) and ``disk`` ("tmpfs" or "dir", see the module's docstring). ``tree``:
-    "stdlib" or "text" (``size`` bytes in ``files`` files). Collect
-    has no bcast: it runs once per method. InvalidRequest off the embedded cluster (a
-    testbed host's processes are not this process's children) or with fewer than 2 nodes.
+    "stdlib" or "text" (``size`` bytes in ``files`` files). ``methods`` stage and
+    ``collect_methods`` collect, as (method, algorithm[, launch]) tuples
+    (chiba_admin/bench/workloads.py); a "service" launch runs through the long-running
+    service, started for those rows and stopped after them, and its ranks' CPU (which
+    this process never reaps) is what `service status` says they used during the
+    command. InvalidRequest off the embedded cluster (a testbed host's processes are not
+    this process's children) or with fewer than 2 nodes.
     """
     if site.kind != "embedded":
         raise InvalidRequest("the cpu workload runs on the embedded cluster only",
@@ -115,7 +133,9 @@ def cpu(site, *, nodes: int = 8, repeat: int = 1, workdir: Path, tree: str = "st
     with _hosts_on_tmpfs(site) as disk:
         # what collect brings home goes on the same tmpfs: the home creates every file too
         back = Path(site.topo.state_dir) / "hosts" if disk == "tmpfs" else workdir
-        runs = _cpu_runs(site, src, names[:nodes], back, repeat, ops, methods, on_run,
+        chosen = {"stage": methods, "collect": collect_methods}
+        runs = _cpu_runs(site, src, names[:nodes], back, repeat,
+                         [(op, chosen[op]) for op in ops], on_run,
                          dict(tree=tree, files=nfiles, size_bytes=payload, disk=disk))
     return runs
 
@@ -186,30 +206,47 @@ def _mount_tmpfs(parent: int, name: str, flags: int) -> int | None:
         os.close(under)
 
 
-def _cpu_runs(site, src: Path, names: list[str], back: Path, repeat: int, ops, methods,
-              on_run, extra: dict) -> list[dict]:
+def _cpu_runs(site, src: Path, names: list[str], back: Path, repeat: int, plan, on_run,
+              extra: dict) -> list[dict]:
+    from .workloads import launch_of, service_up
+
     nodes, payload, nfiles = len(names), extra["size_bytes"], extra["files"]
     runs: list[dict] = []
+
+    def measure(op: str, m: tuple, i: int) -> None:
+        run = _measure(site, op, m, src, names, back, i)
+        run.update(extra)
+        _per_node(run, nodes, payload, nfiles)
+        runs.append(run)
+        if on_run:
+            on_run(run)
+
     for i in range(repeat):
-        for op in ops:
-            for method, alg in methods:
-                if op == "collect" and alg == "bcast":
-                    continue
-                run = _measure(site, op, method, alg, src, names, back, i)
-                run.update(extra)
-                _per_node(run, nodes, payload, nfiles)
-                runs.append(run)
-                if on_run:
-                    on_run(run)
+        for op, methods in plan:
+            served = [m for m in methods if launch_of(m) == "service"]
+            for m in methods:
+                if m not in served:
+                    measure(op, m, i)
+            # the service only for its rows: an idle service's ranks would share the
+            # cores with the other methods' runs
+            with service_up(site, bool(served)):
+                for m in served:
+                    # its ranks import a tool's modules on its first job, once per
+                    # service: not part of what each later job costs
+                    _measure(site, op, m, src, names, back, i)
+                    measure(op, m, i)
     site.wipe(names, "CHIBA_SCRATCH", "bench-cpu")
     return runs
 
 
-def _measure(site, op: str, method: str, alg: str | None, src: Path, names: list[str],
-             workdir: Path, i: int) -> dict:
+def _measure(site, op: str, m: tuple, src: Path, names: list[str], workdir: Path,
+             i: int) -> dict:
     dest = "bench-cpu"
-    run = {"workload": "cpu", "op": op, "method": method,
-           "algorithm": None if op == "collect" else alg, "nodes": len(names), "repeat": i}
+    method, alg = m[0], m[1] if op == "stage" else None
+    launch = m[2] if len(m) > 2 else None
+    run = {"workload": "cpu", "op": op, "method": method, "algorithm": alg,
+           "launch": launch or ("mpiexec" if method == "mpi" else None),
+           "nodes": len(names), "repeat": i}
     for tag, hosts in (("1", names[:1]), ("n", names)):
         if op == "stage":
             site.wipe(names, "CHIBA_SCRATCH", dest)
@@ -217,8 +254,12 @@ def _measure(site, op: str, method: str, alg: str | None, src: Path, names: list
             site.cli(*_args("stage", "mpi", "chain", src, names, dest, workdir))
         back = workdir / f"cpu-back-{tag}"
         shutil.rmtree(back, ignore_errors=True)
-        ok, spent, wall, busy, why = _one(site, _args(op, method, run["algorithm"], src, hosts,
-                                                        dest, back))
+        served = _service_cpu(site) if launch == "service" else 0.0
+        ok, spent, wall, busy, why = _one(site, _args(op, method, alg, src, hosts, dest, back,
+                                                        launch))
+        if launch == "service":
+            run[f"ranks_cpu_{tag}_s"] = _service_cpu(site) - served
+            spent += run[f"ranks_cpu_{tag}_s"]
         shutil.rmtree(back, ignore_errors=True)
         run[f"cpu_{tag}_s"] = spent
         if tag == "n":
@@ -239,15 +280,18 @@ def _per_node(run: dict, nodes: int, payload: int, nfiles: int) -> None:
 
 
 def cpu_rows(groups: dict[tuple, list[dict]], median) -> list[dict]:
-    """One row per (cluster, op, tree, nodes, method, algorithm): median CPU seconds per
-    node, per GB and per 1,000 files, and ``x_transit`` (this method's per-node CPU over
-    City Transit's in the same case; 1.5 is issue 18's ceiling for MPI)."""
+    """One row per (cluster, op, tree, nodes, method, algorithm, launch): median CPU
+    seconds per node, per GB and per 1,000 files, and ``x_transit`` (this method's
+    per-node CPU over City Transit's in the same case; 1.5 is issue 18's ceiling for
+    MPI)."""
     rows, base = [], {}
     for key, runs in groups.items():
         ok = [r for r in runs if r.get("ok")]
-        row = dict(zip(("cluster", "op", "tree", "nodes", "method", "algorithm"), key))
+        row = dict(zip(("cluster", "op", "tree", "nodes", "method", "algorithm", "launch"),
+                       key))
         row["label"] = {"transit": "City Transit"}.get(row["method"]) or " ".join(
-            x for x in ("MPI", row["algorithm"]) if x)
+            x for x in ("MPI", row["algorithm"],
+                        "(service)" if row.get("launch") == "service" else "") if x)
         row.update(runs=len(runs), failures=len(runs) - len(ok),
                    files=runs[-1].get("files"), size_bytes=runs[-1].get("size_bytes"),
                    median_s=median([r.get("seconds") for r in ok]),
@@ -262,4 +306,4 @@ def cpu_rows(groups: dict[tuple, list[dict]], median) -> list[dict]:
         per = row["cpu_per_node_s"]
         row["x_transit"] = per / b if b and per is not None else None
     return sorted(rows, key=lambda r: (r["cluster"], r["op"], r["method"] != "transit",
-                                       r["algorithm"] or ""))
+                                       r.get("launch") == "service", r["algorithm"] or ""))

@@ -66,6 +66,12 @@ def _memory(size: int) -> Step:
                 where="embedded")
 
 
+def _ours(methods) -> tuple:
+    """The stage methods of this project among ``methods`` (in their order): not the
+    peers, which need the testbed."""
+    return tuple(m for m in methods if m[0] in ("transit", "mpi"))
+
+
 def _cpu(**kw) -> Step:
     return Step("cpu", (2, 4), {"nodes": 8, **kw}, where="embedded")
 
@@ -216,7 +222,9 @@ def plan_from_options(what: str, *, shapes: list[tuple[int, int]], sizes: list[i
     if what == "inventory":
         plan.append(_inventory(inventory_files, hash_size, repeat))
     if what == "cpu":
-        plan.append(_cpu(repeat=repeat))
+        # the cpu workload runs our own methods on the embedded cluster (no peers there)
+        plan.append(_cpu(repeat=repeat, methods=_ours(stage_methods),
+                         collect_methods=tuple(collect_methods)))
     return plan
 
 
