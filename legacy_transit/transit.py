@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -656,7 +657,7 @@ def _collect(topo, path: str, hosts: list, confined: dict[str, HostDest], dest_d
     """collect_transit once its input is checked: preflight, then one stream per node."""
     t0 = time.monotonic()
     refused = _preflight(topo, hosts, confined, transport, fanout, timeout)
-    if refused:  # a device node on some node: nothing is sent, nothing is made here
+    if refused:  # a device node or a symlink on some node: nothing is sent or made here
         return _refused_collect(path, dest_dir, hosts, refused, time.monotonic() - t0)
     try:
         os.makedirs(dest_dir, exist_ok=True)
@@ -672,20 +673,31 @@ def _collect(topo, path: str, hosts: list, confined: dict[str, HostDest], dest_d
     checked = time.monotonic() - t0
     progress = or_silent(progress)
     progress.phase("collect", hosts=len(hosts))
+    stop = threading.Event()  # set when the command is stopped (SIGTERM, Ctrl-C)
 
     def one(h) -> TransferHost:
         s = time.monotonic()
+        if stop.is_set():
+            return TransferHost.failed("not started: the collect was stopped",
+                                       stage="collect", tree="none", tree_path=None,
+                                       previous=None)
         d = confined[h.name]
         shown = os.path.join(dest_dir, h.name, d.name)
         spec = {"root": dest_dir, "rel": f"{h.name}/{d.name}", "display": shown,
                 "inner": d.name, "top": d.name, "job": job, "replace": bool(replace),
                 "timeout": timeout, "input": "-", "commit": commit}
+        # its own session: a Ctrl-C at the terminal must not stop it half-way through
+        # renaming a tree into place; the end of its input (with or without the commit
+        # token) decides what it does
         untar = subprocess.Popen([*home_argv, json.dumps(spec)], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 env={**os.environ, "PYTHONPATH": _REPO_ROOT}, cwd="/")
+                                 env={**os.environ, "PYTHONPATH": _REPO_ROOT}, cwd="/",
+                                 start_new_session=True)
         moved = [0]
 
         def sink(b: bytes) -> None:
+            if stop.is_set():
+                return  # stopped: the rest of this node's stream is not unpacked
             moved[0] += len(b)
             try:
                 untar.stdin.write(b)
@@ -694,10 +706,11 @@ def _collect(topo, path: str, hosts: list, confined: dict[str, HostDest], dest_d
 
         host_dir = os.path.join(dest_dir, h.name)
         had_dir = os.path.lexists(host_dir)
-        node_spec = {"root": h.local_path(d.root), "rel": d.rel, "display": d.path}
+        node_spec = {"root": h.local_path(d.root), "rel": d.rel, "display": d.path,
+                     "host_root": d.root}
         r = transport.run(h, [*base, "pack", json.dumps(node_spec)], timeout=timeout,
                           on_stdout=sink)
-        if r.ok:  # only then may the home side rename the tree into place
+        if r.ok and not stop.is_set():  # only then may the home side rename it in
             sink(commit.encode())
             moved[0] -= len(commit)
         out, lerr = untar.communicate()  # closes its stdin: end of the stream
@@ -726,10 +739,7 @@ def _collect(topo, path: str, hosts: list, confined: dict[str, HostDest], dest_d
     def done(got) -> None:
         progress.host_done(got.host, got.ok and got.value.ok)
 
-    hosts_out: dict[str, TransferHost] = {}
-    for name, r in window(hosts, one, fanout, done).items():
-        hosts_out[name] = r.value if r.ok else TransferHost.failed(
-            r.error, stage="collect", tree="unknown", tree_path=None, previous=None)
+    hosts_out = _stoppable(hosts, one, fanout, done, stop)
     failures = {n: f"collect: {h.error}" for n, h in hosts_out.items() if not h.ok}
     _tell_trees(hosts_out, failures, "on the home server")
     total = time.monotonic() - t0
@@ -744,24 +754,67 @@ def _collect(topo, path: str, hosts: list, confined: dict[str, HostDest], dest_d
         outcome=outcome(hosts_out, "host"))
 
 
+def _stoppable(hosts: list, one, fanout: int, done, stop: threading.Event
+               ) -> dict[str, TransferHost]:
+    """Every host's outcome of ``one`` (a window of ``fanout``), the main thread left free
+    to take a SIGTERM or Ctrl-C. Stopped, ``stop`` is set: no host starts and none is
+    committed from then on; the hosts under way end (their nodes' commands run to their
+    end: the transport cannot stop them), then one line on stderr says which hosts'
+    copies are in place before the stop goes on (exit 143 or 130)."""
+    got: dict = {}
+    ended = threading.Event()  # not Thread.join: one interrupted by a signal marks a
+    # live thread as ended (CPython's bpo-45274 fix), and the next join returns at once
+
+    def run() -> None:
+        try:
+            got.update(window(hosts, one, fanout, done))
+        finally:
+            ended.set()
+
+    threading.Thread(target=run, name="collect-window", daemon=True).start()
+    try:
+        while not ended.wait(0.2):
+            pass
+    except KeyboardInterrupt:
+        stop.set()
+        ended.wait()
+        from chiba_admin.console import get_err_console
+
+        said = outcome(_host_rows(got), "host")
+        get_err_console().print(f"chiba-admin collect: stopped; {said}", markup=False,
+                                highlight=False)
+        raise
+    return _host_rows(got)
+
+
+def _host_rows(got: dict) -> dict[str, TransferHost]:
+    return {name: r.value if r.ok else TransferHost.failed(
+        r.error, stage="collect", tree="unknown", tree_path=None, previous=None)
+        for name, r in got.items()}
+
+
 def _preflight(topo, hosts: list, confined: dict[str, HostDest], transport, fanout: int,
                timeout: float | None) -> dict[str, str]:
-    """Every node checks its PATH for device nodes (transit_agent check) before any sends.
+    """Every node checks its PATH (transit_agent check) before any sends: a device node at
+    or below it, or a symbolic link at it or on its way below the root, refuses it.
 
-    Returns host -> the line naming its device node, for the hosts that hold one. A node
-    that cannot answer or walk its PATH is not refused here: its pack fails and names it.
+    Returns host -> the line naming its device node or symlink, for the hosts that hold
+    one. A node that cannot answer or walk its PATH otherwise (missing, say) is not
+    refused here: its pack fails and names it.
     """
     base = agent_argv(topo)
 
     def one(h) -> dict | None:
         d = confined[h.name]
-        spec = {"root": h.local_path(d.root), "rel": d.rel, "display": d.path}
+        spec = {"root": h.local_path(d.root), "rel": d.rel, "display": d.path,
+                "host_root": d.root}  # paths in its lines as the host names them
         return node_result(transport.run(h, [*base, "check", json.dumps(spec)],
                                          timeout=timeout))
 
     said = {name: got.value for name, got in window(hosts, one, fanout).items() if got.ok}
-    return {h.name: said[h.name]["device"] for h in hosts
-            if isinstance(said.get(h.name), dict) and said[h.name].get("device")}
+    return {h.name: said[h.name].get("device") or said[h.name]["symlink"] for h in hosts
+            if isinstance(said.get(h.name), dict)
+            and (said[h.name].get("device") or said[h.name].get("symlink"))}
 
 
 def _refused_collect(path: str, dest_dir: str, hosts: list, refused: dict[str, str],
@@ -769,7 +822,7 @@ def _refused_collect(path: str, dest_dir: str, hosts: list, refused: dict[str, s
     """The outcome of a collect refused before anything was sent (the CLI exits 2)."""
     culprits = ", ".join(refused)
     rows = {h.name: TransferHost.failed(refused.get(h.name) or
-                                        f"not collected: a device node on {culprits}",
+                                        f"not collected: PATH was refused on {culprits}",
                                         stage="check", tree="none", tree_path=None,
                                         previous=None) for h in hosts}
     return TransferRun(

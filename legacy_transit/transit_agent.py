@@ -160,14 +160,15 @@ def _feed_sanitized(inp, out, top: str, commit: str) -> list[dict]:
     sane modes, owners and times) for :func:`_make_sockets` to recreate.
 
     Every member must be ``top`` or below it, without ``..`` or absolute names; types are
-    regular files, directories, symlinks, hard links to an earlier regular member, FIFOs;
-    no member may lie below a symlink or a non-directory, none may appear twice. Anything
-    else (a device node above all) raises ExtractError naming the member. GNU tar reads
-    only what this writes (pax, built here), so no parser difference between a checker and
-    tar can be exploited. Owners, modes, mtimes (to the nanosecond) pass through as the
-    node's tar recorded them. After the archive only zero padding and then ``commit`` may
-    follow (the caller appends it once the node's tar exited 0): without it the stream was
-    cut short and ExtractError is raised, so a truncated tree is never renamed into place.
+    regular files, directories, symlinks, hard links to an earlier regular member, FIFOs
+    (``top`` itself not a link); no member may lie below a symlink or a non-directory,
+    none may appear twice. Anything else (a device node above all) raises ExtractError
+    naming the member. GNU tar reads only what this writes (pax, built here), so no parser
+    difference between a checker and tar can be exploited. Owners, modes, mtimes (to the
+    nanosecond) pass through as the node's tar recorded them. After the archive only zero
+    padding and then ``commit`` may follow (the caller appends it once the node's tar
+    exited 0): without it the stream was cut short and ExtractError is raised, so a
+    truncated tree is never renamed into place.
     """
     import re
     import tarfile
@@ -189,6 +190,11 @@ def _feed_sanitized(inp, out, top: str, commit: str) -> list[dict]:
                 raise ExtractError(f"member {shown_name(m.name)} lies below {why}")
             if m.ischr() or m.isblk():
                 raise ExtractError(f"member {shown_name(m.name)} is a device node (never unpacked)")
+            if name == top and not (m.isdir() or m.isreg() or m.isfifo()):
+                # a node's PATH that is a link (swapped in after its check, or a crafted
+                # stream) would point somewhere on this server once renamed into place
+                raise ExtractError(f"member {shown_name(m.name)} (PATH itself) is a link, "
+                                   "which collect never brings home in place of PATH")
             if name in kinds:
                 raise ExtractError(f"member {shown_name(m.name)} appears twice in the archive")
             if m.islnk():
@@ -553,30 +559,52 @@ def list_sockets(dir_fd: int, name: str | None = None) -> list[dict]:
             os.close(fd)
 
 
+# collect: what to do about a symlink at or above PATH on a node (after "PATH: is a
+# symbolic link"); mpitools/collect/ranks.py says the same for the MPI method
+SYMLINK_HINT = ("collect reads as root on the nodes and never follows one: name the real "
+                "directory below scratch, or remove the link")
+
+
 def _open_parent(spec: dict) -> tuple[int, str]:
     """(fd of the parent of ``spec["root"]/spec["rel"]``, its name), walked below root
-    without following symlinks; raises BeneathError naming the path (missing included)."""
+    without following symlinks; raises BeneathError naming the path: ELOOP when the path
+    or a directory on its way below root is a symbolic link (collect never sends what a
+    link planted in scratch points to, nor the link itself as its PATH), ENOENT missing."""
+    import errno
+    import stat
+
     from inventory.beneath import BeneathError, open_dir_beneath, open_root
 
     parent_rel, _, name = spec["rel"].rpartition("/")
+    shown = spec.get("display") or spec["rel"]
     root = open_root(spec["root"])
     try:
-        parent = open_dir_beneath(root, parent_rel, display=spec["root"])
+        parent = open_dir_beneath(root, parent_rel,
+                                  display=spec.get("host_root") or spec["root"])
     finally:
         os.close(root)
-    if not _exists(parent, name):
+    try:
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
         os.close(parent)
-        raise BeneathError(2, "does not exist", spec.get("display") or spec["rel"])
+        raise BeneathError(errno.ENOENT, "does not exist", shown) from None
+    if stat.S_ISLNK(st.st_mode):
+        os.close(parent)
+        raise BeneathError(errno.ELOOP, "is a symbolic link (not followed)", shown)
     return parent, name
 
 
 def check_path(spec: dict) -> dict:
     """collect's preflight on a node: is ``spec["root"]/spec["rel"]`` fit to send?
 
-    Returns ``{"ok", "device", "error"}``: ``device`` is one line naming the first device
-    node at or below it (inventory.source.find_device; the whole collect is refused);
-    ``error`` says why the path cannot be walked or read (that host fails at pack time).
+    Returns ``{"ok", "device", "symlink", "error"}``: ``device`` is one line naming the
+    first device node at or below it (inventory.source.find_device), ``symlink`` one line
+    naming the path or the directory on its way that is a symbolic link; either refuses
+    the whole collect. ``error`` says why the path cannot be walked or read otherwise
+    (missing, say: that host fails at pack time).
     """
+    import errno
+
     from inventory.beneath import BeneathError
     from inventory.source import find_device, unreadable
 
@@ -584,16 +612,19 @@ def check_path(spec: dict) -> dict:
     try:
         parent, name = _open_parent(spec)
     except BeneathError as e:
-        return {"ok": False, "device": None, "error": str(e)}
+        if e.errno == errno.ELOOP:
+            return {"ok": False, "device": None, "error": None,
+                    "symlink": f"{e.path}: is a symbolic link ({SYMLINK_HINT})"}
+        return {"ok": False, "device": None, "symlink": None, "error": str(e)}
     try:
         dev = find_device(parent, name)
     except OSError as e:
-        return {"ok": False, "device": None, "error": unreadable(shown, e)}
+        return {"ok": False, "device": None, "symlink": None, "error": unreadable(shown, e)}
     finally:
         os.close(parent)
     if dev is not None:
-        return {"ok": False, "device": dev.line(shown), "error": None}
-    return {"ok": True, "device": None, "error": None}
+        return {"ok": False, "device": dev.line(shown), "symlink": None, "error": None}
+    return {"ok": True, "device": None, "symlink": None, "error": None}
 
 
 def pack_to_stdout(spec: dict) -> int:

@@ -12,6 +12,7 @@ from chiba_admin.cli import main
 from chiba_admin.errors import InvalidRequest
 from chiba_admin.progress import Progress
 from support.cluster import DEMO
+from support.fakes import node_tar
 from support.trees import assert_same_tree, count_files, make_tree, tree_signature
 
 NODES = [f"ccn0{i}" for i in range(1, 9)]
@@ -368,10 +369,12 @@ def test_transit_planted_symlink_in_scratch_not_followed(demo, cli, tmp_path):
     # collect does not follow it either (root would read /anywhere and send it home)
     (victim / "x").mkdir()
     (victim / "x" / "secret").write_text("root only")
+    # (refused, exit 2, like a device node: tests/test_collect_symlink_root.py)
     r = cli("--json", "collect", "jobdir/x", "--nodes", "ccn03", "--method", "transit",
             "--dest", str(tmp_path / "back"))
-    assert r.code == 1 and "symbolic link" in r.json()["failures"]["ccn03"]
-    assert not list((tmp_path / "back").rglob("secret"))
+    assert r.code == 2 and r.json()["refused"]
+    assert "/scratch/jobdir: is a symbolic link" in r.json()["failures"]["ccn03"]
+    assert not (tmp_path / "back").exists()
 
 
 @needs_root
@@ -594,12 +597,7 @@ def test_collect_hostile_archive_from_a_node(demo, cli, tmp_path, monkeypatch, k
     assert cli("stage", str(make_tree(tmp_path / "r")), "--nodes", "ccn0[1-2]", "--method",
                "transit").code == 0
     crafted = _crafted(tmp_path / "crafted.tar", HOSTILE[kind])
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "tar").write_text(f'#!/bin/sh\nif [ "$CHIBA_HOST" = ccn02 ] && [ "$1" = -c ]; then '
-                              f'exec cat {crafted}; fi\nexec {_real_tar()} "$@"\n')
-    (fake / "tar").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", node_tar(tmp_path / "bin", "ccn02", f"exec cat {crafted}"))
     victim = tmp_path / "victim"
     victim.mkdir()
     home = tmp_path / "home"
@@ -616,12 +614,6 @@ def test_collect_hostile_archive_from_a_node(demo, cli, tmp_path, monkeypatch, k
     assert os.listdir(victim) == [] and not Path("/tmp/pwned").exists()
     assert not list(tmp_path.rglob("pwned")) and not list(tmp_path.rglob("null"))
     assert _snapshot(tmp_path / "state") == before
-
-
-def _real_tar() -> str:
-    import shutil
-
-    return shutil.which("tar")
 
 
 def test_collect_existing_copy_not_collected_refused_unless_replace(demo, cli, tmp_path):

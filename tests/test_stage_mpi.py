@@ -528,10 +528,11 @@ def test_collect_path_is_confined_and_home_side_is_not_replaced(embedded, cli, t
     (elsewhere / "results").mkdir(parents=True)
     (elsewhere / "results" / "secret").write_text("not yours")
     os.symlink(str(elsewhere), os.path.join(scratch(embedded, "ccn03"), "jobdir"))
+    # (refused, exit 2, like a device node: tests/test_collect_symlink_root.py)
     r = cli("collect", "jobdir/results", "--nodes", "ccn03", "--dest", str(tmp_path / "o2"),
             "--json")
-    assert r.code == 1
-    assert "/scratch/jobdir: is a symbolic link (not followed)" in r.json()["failures"]["ccn03"]
+    assert r.code == 2 and r.json()["refused"]
+    assert "/scratch/jobdir: is a symbolic link" in r.json()["failures"]["ccn03"]
     assert not (tmp_path / "o2").exists()
 
 

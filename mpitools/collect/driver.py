@@ -8,11 +8,12 @@ import secrets
 import time
 
 from chiba_admin.errors import InvalidRequest
-from chiba_admin.outcome import TransferRun
+from chiba_admin.outcome import TransferHost, TransferRun
 from chiba_admin.progress import Progress, or_silent
 
-from mpitools.common.archive import COMPRESSIONS, clean_stale
-from mpitools.common.launch import LaunchResult, launch, rank_hosts
+from mpitools.collect.ranks import entry_id
+from mpitools.common.archive import COMPRESSIONS, clean_stale, temp_name
+from mpitools.common.launch import LaunchResult, last_launch, launch, rank_hosts
 from mpitools.common.runtime import encode_job
 from mpitools.common.faults import from_environ  # tests inject faults
 from mpitools.common.targets import (check_nodes, confine_all, host_rows,
@@ -58,18 +59,77 @@ def check_collect_dest(dest_dir: str, names: dict[str, str], replace: bool) -> N
             os.close(fd)
 
 
-def _clean_collect(dest_dir: str, names: dict[str, str]) -> None:
-    """After a killed collect: remove its dead temp dirs (and lock-free leftovers) now."""
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_host_dir(dest_dir: str, host: str) -> int | None:
+    """``DIR/<host>`` opened without following a symlink there, or None."""
+    try:
+        return os.open(os.path.join(dest_dir, host), _DIR_FLAGS)
+    except OSError:
+        return None
+
+
+def _slots(dest_dir: str, names: dict[str, str]) -> dict:
+    """Before the launch, what the home server holds: whether ``DIR`` exists (key None)
+    and, per host, whether ``DIR/<host>`` exists and what ``DIR/<host>/<name>`` is."""
+    out: dict = {None: os.path.lexists(dest_dir)}
     for host, name in names.items():
-        try:
-            fd = os.open(os.path.join(dest_dir, host), os.O_RDONLY | os.O_DIRECTORY
-                         | os.O_NOFOLLOW)
-        except OSError:
+        fd = _open_host_dir(dest_dir, host)
+        out[host] = (fd is not None, entry_id(fd, name) if fd is not None else None)
+        if fd is not None:
+            os.close(fd)
+    return out
+
+
+def _marked_by(fd: int, name: str, jobid: str) -> bool:
+    """Whether ``name`` in ``fd`` is there with the staged mark of job ``jobid``."""
+    from inventory.beneath import staged_marker, was_staged
+
+    if entry_id(fd, name) is None or not was_staged(fd, name):
+        return False
+    try:
+        mfd = os.open(staged_marker(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      dir_fd=fd)
+    except OSError:
+        return False
+    try:
+        return os.read(mfd, 64).strip() == jobid.encode()
+    finally:
+        os.close(mfd)
+
+
+def _clean_collect(dest_dir: str, names: dict[str, str], before: dict) -> None:
+    """After a stopped or killed collect: remove its dead temp dirs (a previous copy left
+    aside goes back in place: ``clean_stale``); when the job's ranks are gone (a fresh
+    mpiexec, stopped), also its lock files and the per-host directories and ``DIR`` it
+    made that stayed empty. A job on the service's ranks may still be at work: only what
+    no live process holds is touched then."""
+    from inventory.beneath import BeneathError, lock_dest, unlock_dest
+
+    ended = last_launch() == "mpiexec"
+    for host, name in names.items():
+        fd = _open_host_dir(dest_dir, host)
+        if fd is None:
             continue
         try:
             clean_stale(fd, name)
+            if ended:
+                unlock_dest(fd, name, lock_dest(fd, name))  # a killed rank's lock file
+        except BeneathError:
+            pass  # another live run holds it
         finally:
             os.close(fd)
+        if ended and not before[host][0]:
+            try:
+                os.rmdir(os.path.join(dest_dir, host))
+            except OSError:
+                pass  # not empty: a copy of this run, or someone else's files
+    if ended and not before[None]:
+        try:
+            os.rmdir(dest_dir)
+        except OSError:
+            pass
 
 
 def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
@@ -84,9 +144,18 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
     ``path`` is confined below each node's scratch (option PATH); InvalidRequest (exit 2)
     before any launch for a refused path, a ``dest_dir`` that is a file, or an existing
     ``dest_dir/<host>/<name>`` not made by collect (unless ``replace``). A device node
-    below any node's ``path`` refuses the whole collect before anything is sent:
-    ``refused`` (exit 2), ``refusal`` one line naming each such host and device, nothing
-    created on the home server. ``progress`` hears one phase ("collect") with bytes done.
+    at or below any node's ``path``, or a symbolic link at it or on its way below the
+    node's root (planted by a user: collect reads as root), refuses the whole collect
+    before anything is sent: ``refused`` (exit 2), ``refusal`` one line naming each such
+    host and path, nothing created on the home server. ``progress`` hears one phase
+    ("collect") with bytes done.
+
+    A job stopped before its result (``--timeout``, SIGTERM) keeps the copies already
+    moved into place; what ``dest_dir`` then holds is read from the disk (each copy's
+    staged mark names this job): those hosts are ok, ``outcome`` says which hosts' copies
+    are in and that the others' slots are as they were, and the job's lock files, temp
+    dirs and empty directories are removed. Stopped by a SIGTERM or Ctrl-C to this
+    process, the same line goes to stderr before the interrupt is raised again.
     """
     nodes = check_nodes(topo, nodes)
     home = topo.home_server.name
@@ -109,29 +178,131 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
            "towns": [topo.host(h).town for h in ranks]}
     progress = or_silent(progress)
     progress.phase("collect", hosts=len(nodes))
+    before = _slots(dest_dir, names)
+    committed: dict[str, dict] = {}  # host -> rank 0's "committed" event
 
     def on_event(ev: dict) -> None:
         if ev.get("event") == "progress":
             progress.advance(ev.get("done") or 0)
             progress.note(f"collected {ev.get('hosts_done')}/{ev.get('hosts')} hosts")
+        elif ev.get("event") == "committed":
+            committed[str(ev.get("host"))] = ev
 
     try:
         res = launch(topo, "mpitools.collect.ranks", [encode_job(job)], ranks[1:], home,
                      timeout=timeout, on_event=on_event, env=env)
-    except KeyboardInterrupt:
-        _clean_collect(dest_dir, names)
+    except KeyboardInterrupt:  # SIGTERM or Ctrl-C: the ranks are stopped; say what is in
+        _clean_collect(dest_dir, names, before)
+        said = _stopped_outcome(_held(dest_dir, names, before, job["jobid"]), dest_dir, names)
+        _say("chiba-admin collect: stopped; "
+             + (said or f"nothing was collected (nothing of this run is in {dest_dir})"))
         raise
     out = TransferRun(method="mpi", algorithm=f"window{window}", source=path, dest=dest_dir,
                       dest_dir=dest_dir, nodes=ranks[1:], phases={}, kind=topo.kind)
     if not _collect_hosts(out, res, home):
-        _clean_collect(dest_dir, names)  # rank 0 ran on this machine: tidy its temp dirs
+        _clean_collect(dest_dir, names, before)  # rank 0 ran on this machine: tidy up
         out.failures = launch_failures(res, ranks[1:], timeout)
         out.error = res.describe()
         out.mpiexec_stderr = res.stderr.splitlines()[-30:]
+        _stopped_hosts(out, _held(dest_dir, names, before, job["jobid"]), committed,
+                       dest_dir, names)
     out.phase_bytes = {"collect": out.bytes}
     out.seconds = time.time() - t0
     out.phases["total"] = out.seconds
     return out
+
+
+def _held(dest_dir: str, names: dict[str, str], before: dict, jobid: str) -> dict[str, str]:
+    """After a job that gave no result, what each host's slot on the home server holds,
+    read from the disk: "collected" (its copy is in place with this job's mark), "changed"
+    (another entry than before the launch, without that mark: stopped while it was moved
+    in, or killed outright), "left" (this job's temporary directory could not be removed)
+    or "none" (nothing of this job)."""
+    out = {}
+    for host, name in names.items():
+        fd = _open_host_dir(dest_dir, host)
+        if fd is None:
+            out[host] = "changed" if before[host][1] is not None else "none"
+            continue
+        try:
+            tmp = temp_name(name, "collect", jobid)
+            if _marked_by(fd, name, jobid):
+                out[host] = "collected"
+            elif entry_id(fd, name) != before[host][1]:
+                out[host] = "changed"
+            elif entry_id(fd, tmp) or entry_id(fd, tmp + ".old"):
+                out[host] = "left"
+            else:
+                out[host] = "none"
+        finally:
+            os.close(fd)
+    return out
+
+
+def _stopped_outcome(held: dict[str, str], dest_dir: str, names: dict[str, str]) -> str | None:
+    """One line: which hosts' copies are in ``DIR`` after a stopped job, and what the
+    others hold; None when nothing of this job is anywhere in ``DIR`` and its ranks are
+    gone (the failure lines then say it all)."""
+    from topology import fold
+
+    ended = last_launch() == "mpiexec"
+    live = "" if ended else (
+        f" (the job may still be running on the {last_launch()}'s ranks: what {dest_dir} "
+        "holds can still change)")
+    by: dict[str, list[str]] = {}
+    for host, state in held.items():
+        by.setdefault(state, []).append(host)
+    if set(by) == {"none"}:
+        return None if ended else f"nothing was collected yet{live}"
+    slot = os.path.join(dest_dir, "<host>", next(iter(names.values())))
+    when = "before the job was stopped" if ended else "before the command stopped waiting"
+    parts = []
+    if len(by.get("collected", ())) == len(held):
+        parts.append(f"every host's copy was collected into {slot} {when}, and is kept")
+    elif by.get("collected"):
+        parts.append(f"collected {when}, into {slot}: {fold(by['collected'])} "
+                     f"({len(by['collected'])} of {len(held)})")
+    if by.get("changed"):
+        parts.append(f"{fold(by['changed'])}: {slot} changed but has no mark of this run "
+                     "(stopped while it was moved in): look at it, and collect again with "
+                     "--replace")
+    if by.get("left"):
+        parts.append(f"{fold(by['left'])}: a partial copy of this run is left beside {slot}"
+                     " (the next collect there removes it)" if ended else
+                     f"{fold(by['left'])}: still being received beside {slot}")
+    if by.get("none"):
+        parts.append(f"not collected: {fold(by['none'])} (their slots are as they were)")
+    return "; ".join(parts) + live
+
+
+def _stopped_hosts(out: TransferRun, held: dict[str, str], committed: dict[str, dict],
+                   dest_dir: str, names: dict[str, str]) -> None:
+    """A job stopped before its result: the hosts whose copies are in place (``held``) are
+    ok and no longer failures; ``outcome`` says what ``DIR`` holds."""
+    said = _stopped_outcome(held, dest_dir, names)
+    if said is None:
+        return  # nothing of this run anywhere: every host failed, as the failures say
+    out.outcome = said
+    rows = {}
+    for host, state in held.items():
+        if state == "collected":
+            ev = committed.get(host, {})
+            rows[host] = TransferHost(ok=True, bytes=int(ev.get("bytes") or 0),
+                                      stage="done")
+            out.failures.pop(host, None)
+            out.bytes += rows[host].bytes
+            out.files += int(ev.get("files") or 0)
+            out.payload_bytes += int(ev.get("payload_bytes") or 0)
+        else:
+            rows[host] = TransferHost.failed(out.failures.get(host, "the job was stopped"),
+                                             stage="aborted")
+    out.hosts = rows
+
+
+def _say(line: str) -> None:
+    from chiba_admin.console import get_err_console
+
+    get_err_console().print(line, markup=False, highlight=False)
 
 
 def _collect_hosts(out: TransferRun, res: LaunchResult, home: str) -> bool:
@@ -150,13 +321,18 @@ def _collect_hosts(out: TransferRun, res: LaunchResult, home: str) -> bool:
     out.failures = {x["host"]: x["error"] for x in reports
                     if x.get("error") and x.get("primary", True)}
     refused = {x["host"]: x["error"] for x in reports if x.get("refused")}
-    if refused:  # a device node below PATH: nothing was sent (the CLI exits 2)
+    if refused:  # a device node or a symlink at PATH: nothing was sent (the CLI exits 2)
         out.refused = True
         out.refusal = "; ".join(f"{h}: {why}" for h, why in refused.items())
     if r.get("error"):
         out.failures[home] = r["error"]
         out.error = r["error"]
     out.ok = bool(r["ok"]) and res.returncode == 0 and not r.get("error")
+    if r["ok"] and not out.ok:  # every host's copy is in; only mpiexec's end went wrong
+        out.error = res.describe()
+        out.outcome = ("every host's copy was collected; then the job overran --timeout "
+                       "while exiting" if res.timed_out else "every host's copy was "
+                       "collected; then mpiexec ended badly")
     out.bytes = sum(x["bytes"] for x in reports)
     out.payload_bytes = sum(x.get("payload_bytes") or 0 for x in reports)
     out.files = sum(x.get("files") or 0 for x in reports)

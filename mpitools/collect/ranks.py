@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import queue
+import stat
 import threading
 import time
 
@@ -24,9 +25,12 @@ from mpitools.common.faults import NONE, Faults
 from mpitools.common.runtime import (Backoff, emit, maxrss_bytes, queue_get, rank_hosts,
                                      rank_main, wait)
 
-__all__ = ["main", "check_node", "send_tree", "receive_all"]
+__all__ = ["main", "check_node", "send_tree", "receive_all", "entry_id"]
 
 _GO, _DATA, _STATUS = 31, 32, 33
+# what to do about a symlink at or above collect's PATH on a node (one line, with the path)
+SYMLINK_HINT = ("collect reads as root on the nodes and never follows one: name the real "
+                "directory below scratch, or remove the link")
 
 
 class _Packer:
@@ -86,7 +90,9 @@ def _send_file(path: str, w: ChunkWriter, compress: str, hash_alg: str) -> PackI
 
 def open_source(spec: dict) -> tuple[int, str]:
     """A node's PATH: (fd of its parent, walked below root without following symlinks,
-    its name). Raises BeneathError (a symlink on the way, missing) naming the path."""
+    its name). Raises BeneathError naming the path: ELOOP when PATH or a directory on the
+    way below root is a symbolic link (``/scratch/job -> /etc``, planted by a user: root
+    would read and send home what it points to), ENOENT when missing."""
     parent, _, name = spec["rel"].rpartition("/")
     root_fd = open_root(spec["root"])
     try:
@@ -94,10 +100,14 @@ def open_source(spec: dict) -> tuple[int, str]:
     finally:
         os.close(root_fd)
     try:
-        os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
     except FileNotFoundError:
         os.close(pfd)
         raise BeneathError(errno.ENOENT, "does not exist", spec.get("shown", name)) from None
+    if stat.S_ISLNK(st.st_mode):
+        os.close(pfd)
+        raise BeneathError(errno.ELOOP, "is a symbolic link (not followed)",
+                           spec.get("shown", name))
     return pfd, name
 
 
@@ -126,7 +136,9 @@ def send_tree(comm, path: str, arcname: str, job: dict, dir_fd: int | None = Non
 
 class _Incoming:
     """Rank 0's state for one sending node: its locked ``DIR/<host>/`` slot, buffer, posted
-    receive, extractor and temporary directory (``.NAME.chiba-collect-JOBID``, 0700)."""
+    receive, extractor and temporary directory (``.NAME.chiba-collect-JOBID``, 0700); a
+    previous copy is moved aside beside it (the same name + ``.old``) while the new one
+    goes in, where ``clean_stale`` puts it back if a killed job left no copy in place."""
 
     def __init__(self, comm, rank: int, host: str, out_fd: int, job: dict):
         from mpi4py import MPI
@@ -135,6 +147,7 @@ class _Incoming:
         self.name, self.jobid = job["names"][host], job["jobid"]
         self.shown = os.path.join(job["out_dir"], host, self.name)
         self.made_host = False
+        self.faults = Faults.of(job, comm.rank)
         try:
             self.hfd = open_dir_beneath(out_fd, host, display=job["out_dir"])
         except BeneathError as e:
@@ -205,6 +218,11 @@ class _Incoming:
             err = f"received {got} of {st['bytes']} bytes, hash mismatch"
         if err is None:
             err = self._commit()
+        if err is None:
+            # the launcher's record of what is in place, should the job be stopped later
+            emit("committed", host=self.host, bytes=got, files=st.get("files", 0),
+                 payload_bytes=st.get("payload_bytes", 0))
+            self.faults.checkpoint("collect.committed")
         self._release(ok=err is None)
         secs = time.time() - self.t
         return {"host": self.host, "ok": err is None, "bytes": got, "seconds": secs,
@@ -213,22 +231,64 @@ class _Incoming:
                 "files": st.get("files", 0), "maxrss": st.get("maxrss")}
 
     def _commit(self) -> str | None:
+        """Move the verified tree in (an error line, or None once it is in and marked).
+
+        A tree whose top is a symbolic link is refused (a node's PATH swapped for one after
+        its check, or a crafted archive): it would point somewhere on this server. Once the
+        move has begun, a stop (SIGTERM: ``--timeout``, the launcher stopped) finishes it
+        before the rank ends, so that the host's slot holds the new copy, marked, and not a
+        previous copy moved aside with nothing in its place; the launcher reads which
+        hosts' copies are in place from their marks (mpitools/collect/driver.py).
+        """
         try:
-            os.stat(self.name, dir_fd=self.tmp_fd, follow_symlinks=False)
+            top = os.stat(self.name, dir_fd=self.tmp_fd, follow_symlinks=False)
         except FileNotFoundError:
             return f"the archive from {self.host} did not hold {self.name!r}"
+        if stat.S_ISLNK(top.st_mode):
+            return (f"archive refused on the home server: it holds {self.name!r} as a "
+                    "symbolic link, which collect never brings home in place of PATH")
+        self.faults.checkpoint("collect.commit")
         try:
-            try:
-                os.stat(self.name, dir_fd=self.hfd, follow_symlinks=False)
-                # the old copy goes into the temp dir, removed with it
-                os.rename(self.name, ".old", src_dir_fd=self.hfd, dst_dir_fd=self.tmp_fd)
-            except FileNotFoundError:
-                pass
-            os.rename(self.name, self.name, src_dir_fd=self.tmp_fd, dst_dir_fd=self.hfd)
-            mark_staged(self.hfd, self.name, self.jobid)
+            self._move_in(hold=True)
         except OSError as e:
+            self._move_back()
             return f"cannot move into {os.path.dirname(self.shown)}: {e.strerror or e}"
+        except BaseException:
+            try:  # stopped half-way: finish, then stop
+                self._move_in(hold=False)
+            except OSError:
+                self._move_back()
+            raise
         return None
+
+    def _move_in(self, hold: bool) -> None:
+        """Previous copy aside, new tree in, marked, previous copy removed. Idempotent:
+        called again after a stop, it does what is left."""
+        old = self.tmp + ".old"
+        if entry_id(self.tmp_fd, self.name):
+            if entry_id(self.hfd, self.name):
+                os.rename(self.name, old, src_dir_fd=self.hfd, dst_dir_fd=self.hfd)
+            if hold:
+                self.faults.checkpoint("collect.aside")
+            os.rename(self.name, self.name, src_dir_fd=self.tmp_fd, dst_dir_fd=self.hfd)
+        mark_staged(self.hfd, self.name, self.jobid)
+        try:
+            remove_entry(self.hfd, old)
+        except OSError:
+            pass  # the new copy is in: the next collect here removes what is left of it
+
+    def _move_back(self) -> None:
+        """After a failed move: the new tree back into the temp dir (removed with it), the
+        previous copy (if it was moved aside) back in place."""
+        old = self.tmp + ".old"
+        try:
+            # the temp dir held the tree when the move began: if it is gone, it went in
+            if entry_id(self.tmp_fd, self.name) is None and entry_id(self.hfd, self.name):
+                os.rename(self.name, self.name, src_dir_fd=self.hfd, dst_dir_fd=self.tmp_fd)
+            if entry_id(self.hfd, old) and entry_id(self.hfd, self.name) is None:
+                os.rename(old, self.name, src_dir_fd=self.hfd, dst_dir_fd=self.hfd)
+        except OSError:
+            pass  # clean_stale puts a previous copy back when nothing is in its place
 
     def _release(self, ok: bool) -> None:
         if self.tmp_fd is not None:
@@ -244,6 +304,17 @@ class _Incoming:
                 os.rmdir(self.host, dir_fd=self.out_fd)  # no empty per-host dir is left
             except OSError:
                 pass
+
+
+def entry_id(dir_fd: int, name: str) -> tuple[int, int] | None:
+    """Which entry ``name`` of directory ``dir_fd`` is, not followed: (device, inode), or
+    None when there is none. A copy moved in is another inode than the one it replaced
+    (both exist while it is moved in): the driver compares them after a stopped job."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def receive_all(comm, hosts: list[str], ready: list[dict], out_fd: int,
@@ -304,18 +375,24 @@ def check_node(spec: dict) -> tuple[int | None, str | None, dict]:
     """A node's verdict on its PATH before anything is sent: (parent fd, name, verdict).
 
     The verdict is ``{"ok", "error", "refused"}``: ``refused`` when a device node lies at
-    or below PATH (the check of ``inventory.source.check_source``, made here; the whole
-    collect is then refused, exit 2); not ``ok`` when PATH cannot be walked (this host
-    fails, the others are collected). The fd is None unless ``ok``.
+    or below PATH (the check of ``inventory.source.check_source``, made here) or when PATH
+    or a directory on its way below the root is a symbolic link (:data:`SYMLINK_HINT`);
+    the whole collect is then refused (exit 2). Not ``ok`` when PATH cannot be walked
+    otherwise, e.g. it is missing (this host fails, the others are collected). The fd is
+    None unless ``ok``.
     """
     from inventory.source import find_device, unreadable
 
     shown = spec.get("shown", spec["rel"])
     try:
         src_fd, name = open_source(spec)
+    except BeneathError as e:
+        link = e.errno == errno.ELOOP
+        return None, None, {"ok": False, "refused": link, "error": f"{e.path}: is a "
+                            f"symbolic link ({SYMLINK_HINT})" if link else str(e)}
     except OSError as e:
-        return None, None, {"ok": False, "refused": False, "error": str(e) if isinstance(
-            e, BeneathError) else f"{shown}: {e.strerror or e}"}
+        return None, None, {"ok": False, "refused": False,
+                            "error": f"{shown}: {e.strerror or e}"}
     try:
         dev = find_device(src_fd, name)
     except OSError as e:
@@ -328,22 +405,25 @@ def check_node(spec: dict) -> tuple[int | None, str | None, dict]:
 
 
 def _refused_reports(hosts: list[str], ready: list[dict]) -> list[dict]:
-    """Every node's report when one refused its PATH: nothing is collected from any."""
+    """Every node's report when one refused its PATH (a device node, a symlink): nothing
+    is collected from any."""
     culprits = ", ".join(hosts[r] for r in range(1, len(ready)) if ready[r].get("refused"))
     return [{"host": hosts[r], "ok": False, "bytes": 0, "seconds": 0.0, "stage": "check",
              "primary": bool(ready[r].get("refused")), "refused": bool(ready[r].get("refused")),
              "error": ready[r]["error"] if ready[r].get("refused") else
-             f"not collected: a device node on {culprits}"} for r in range(1, len(ready))]
+             f"not collected: PATH was refused on {culprits}"} for r in range(1, len(ready))]
 
 
 def main(comm, job: dict) -> int:
     """Collect every node's path into ``job['out_dir']/<host>/<name>`` on rank 0.
 
-    Phases, each ending in an agreement: 1. every node checks its PATH (walkable, no device
-    node) and rank 0 gathers the verdicts; 2. a device node on any node refuses the whole
-    collect: nothing is sent, nothing is created on the home server (``refused`` in the
-    reports); 3. otherwise rank 0 makes ``out_dir`` and receives each ready node's stream,
-    and every node learns from rank 0 whether to send. Works on any intracommunicator.
+    Phases, each ending in an agreement: 1. every node checks its PATH (walkable, no
+    symbolic link at or above it below the root, no device node) and rank 0 gathers the
+    verdicts; 2. a symlink or a device node on any node refuses the whole collect: nothing
+    is sent, nothing is created on the home server (``refused`` in the reports); 3.
+    otherwise rank 0 makes ``out_dir`` and receives each ready node's stream, and every
+    node learns from rank 0 whether to send; each host's copy moved into place is
+    announced (event ``committed``). Works on any intracommunicator.
     """
     rank = comm.rank
     hosts = rank_hosts(job)
@@ -394,6 +474,7 @@ def _receive_phase(comm, job: dict, hosts: list[str], ready: list[dict], t0: flo
         return
     try:
         reports = receive_all(comm, hosts, ready, out_fd, job)
+        Faults.of(job, comm.rank).checkpoint("collect.done")
         emit("result", ok=all(r["ok"] for r in reports), reports=reports,
              phases={"check": t - t0, "collect": time.time() - t},
              seconds=time.time() - t0, maxrss_root=maxrss_bytes())

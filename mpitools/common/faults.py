@@ -26,7 +26,10 @@ make every rank write, or send, a file of the attacker's choosing.
 
 Points (count in brackets): ``stage.chunk`` (chunk index), ``stage.locked`` (every lock
 taken), ``stage.commit`` (before this node moves its tree in), ``stage.committed`` (every
-node has), ``sync.file`` (files written), ``ping.start``; ``replace`` points:
+node has), ``sync.file`` (files written), ``ping.start``; collect's rank 0, for each host:
+``collect.commit`` (before its copy is moved in), ``collect.aside`` (its previous copy
+moved aside, the new one not yet in), ``collect.committed`` (its copy in and marked), and
+``collect.done`` (every host handled, before the result); ``replace`` points:
 ``collect.archive`` (a node's archive), ``stage.table`` (rank 0's block-digest table).
 """
 

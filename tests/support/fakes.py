@@ -1,12 +1,29 @@
-"""A scripted transport for the fan-out's unit tests: rendezvous on a barrier, never a sleep."""
+"""A scripted transport for the fan-out's unit tests (rendezvous on a barrier, never a
+sleep), and a stand-in for one node's ``tar -c`` (a compromised or slow node)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 
 from legacy_transit.transport import UNREACHABLE, RunResult, Transport
 
-__all__ = ["FakeTransport"]
+__all__ = ["FakeTransport", "node_tar"]
+
+
+def node_tar(bin_dir, host: str, instead: str) -> str:
+    """A ``tar`` in ``bin_dir`` that runs the shell line ``instead`` when ``host``'s City
+    Transit agent packs (``tar -c``; ``instead`` may end with ``exec cat FILE`` to send a
+    crafted archive, or just wait), and the real tar otherwise. Returns a PATH value that
+    puts it first."""
+    os.makedirs(bin_dir, exist_ok=True)
+    fake = os.path.join(bin_dir, "tar")
+    with open(fake, "w") as f:
+        f.write(f'#!/bin/sh\nif [ "$CHIBA_HOST" = {host} ] && [ "$1" = -c ]; then '
+                f'{instead}; fi\nexec {shutil.which("tar")} "$@"\n')
+    os.chmod(fake, 0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
 
 
 class FakeTransport(Transport):
