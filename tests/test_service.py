@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,27 @@ def test_service_dir_from_the_topology(embedded, cli, tmp_path, monkeypatch):
     r = cli("service", "start")
     assert r.code == 2 and "too long for a Unix socket" in r.err and r.err.count("\n") == 1
     assert not (tmp_path / ("d" * 100)).exists()
+
+
+def test_a_stage_stopped_waiting_for_the_service_says_the_job_goes_on(embedded, cli, service,
+                                                                      tmp_path, monkeypatch):
+    """--timeout ends the command's wait, not a job on the service's ranks: the command
+    said "mpiexec and its ranks were stopped" and "nothing was committed on any node",
+    and then the job committed. Now it says the job goes on, and it does."""
+    from support.trees import assert_same_tree, make_tree
+
+    new = make_tree(tmp_path / "new")
+    monkeypatch.setenv("CHIBA_FAULTS", json.dumps({"point": "stage.locked", "rank": 1,
+                                                   "do": "sleep", "seconds": 6}))
+    r = cli("stage", new, "--nodes", "@town1", "--dest", "late", "--launch", "service",
+            "--timeout", "2")
+    assert r.code == 1
+    assert "nothing was committed" not in r.err and "were stopped" not in r.err
+    assert "the job goes on in the ranks of the service" in r.err
+    dests = [os.path.join(embedded.host(n).local_path(embedded.host(n).scratch), "late")
+             for n in NODES[:4]]
+    deadline = time.time() + 60
+    while not all(os.path.isdir(d) for d in dests) and time.time() < deadline:
+        time.sleep(0.2)
+    for d in dests:
+        assert_same_tree(new, d)

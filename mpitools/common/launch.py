@@ -114,6 +114,12 @@ class LaunchResult:
                 out.setdefault(self.hosts[r], why)
         return out
 
+    def detached(self) -> bool:
+        """Whether the job ran on ranks that outlive this command (the long-running
+        service's or a shell job's, mpitools/service/driver.py ``submit``): a --timeout or
+        Ctrl-C there stops only the command's wait, never the job."""
+        return bool(self.argv) and self.argv[0] in ("service", "shell")
+
     def launch_seconds(self) -> float | None:
         """Seconds from starting mpiexec to rank 0's start event (None: it never came)."""
         return max(0.0, self.start_at - self.started) if self.start_at else None
@@ -141,6 +147,10 @@ class LaunchResult:
         if self.start_timed_out:
             return ("the ranks did not start in time (mpiexec or its ssh launch hung); "
                     "mpiexec was stopped: check that every host is reachable and rerun")
+        if (self.timed_out or self.interrupted) and self.detached():
+            return (f"{'timed out' if self.timed_out else 'interrupted'}; the job goes on "
+                    f"in the ranks of the {self.argv[0]} (only this command stopped "
+                    "waiting for it)")
         if self.timed_out:
             return "timed out; mpiexec and its ranks were stopped"
         if self.interrupted:

@@ -341,6 +341,10 @@ def _stopped_outcome(res: LaunchResult) -> str | None:
         return ("every node had moved the new tree into place when the job was stopped, "
                 "and keeps it (a node killed outright may lack its staged mark: the next "
                 "stage to it then needs --replace)")
+    if res.detached():  # nothing stopped it: it may still commit, or roll back
+        return (f"the job goes on in the ranks of the {res.argv[0]}: each node may yet "
+                "get the new tree or keep what it held; look before staging again "
+                "(with --replace)")
     if res.first_event("commit") is not None:
         return ("stopped during the commit: each node holds either the new tree or what it "
                 "held before (a node stopped in time rolled back); stage again with "
