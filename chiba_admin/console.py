@@ -1,5 +1,11 @@
 """The one place rich is set up: consoles, verbosity, and the progress bar that draws a run's
-events (chiba_admin/progress.py); silent when quiet."""
+events (chiba_admin/progress.py); silent when quiet.
+
+Both consoles read no markup and no emoji codes in strings: what they print is full of
+strings from users and hosts (a source path, --dest, a host's error line) in which
+``[red]``, ``[/x]`` or ``:smile:`` must print as typed; as markup ``[/x]`` raised
+MarkupError after a stage had committed. A deliberate style is a ``rich.text.Text``.
+"""
 
 from __future__ import annotations
 
@@ -43,14 +49,16 @@ def get_console() -> Console:
         # a fresh Console each configure() so tests capturing sys.stdout see output
         # a pipe or file gets wide tables rather than columns squeezed to 80 characters
         width = None if sys.stdout.isatty() else 160
-        _console = Console(file=sys.stdout, highlight=False, soft_wrap=True, width=width)
+        _console = Console(file=sys.stdout, highlight=False, soft_wrap=True, width=width,
+                           markup=False, emoji=False)
     return _console
 
 
 def get_err_console() -> Console:
     global _err
     if _err is None:
-        _err = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+        _err = Console(file=sys.stderr, highlight=False, soft_wrap=True, markup=False,
+                       emoji=False)
     return _err
 
 
@@ -132,7 +140,7 @@ def progress(label: str) -> Iterator[Progress]:
     if _state["quiet"] or _state["json"] or not err.is_terminal:
         yield SILENT
         return
-    cols = [TextColumn("{task.description}"), BarColumn(), BytesColumn(), RateColumn(),
-            TimeElapsedColumn()]
+    cols = [TextColumn("{task.description}", markup=False), BarColumn(), BytesColumn(),
+            RateColumn(), TimeElapsedColumn()]
     with RichProgress(*cols, console=err, transient=True) as bar:
         yield BarProgress(bar, label)

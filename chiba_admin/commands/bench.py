@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import click
+from rich.text import Text
 
 from topology import parse_size
 
@@ -71,10 +72,11 @@ def _say(run: dict) -> None:
     elif w == "run" and run.get("launch"):
         what += f" ({run['launch']})"
     state = (f"skipped ({run['skipped']})" if run.get("skipped") else
-             "ok" if run["ok"] else "[red]FAILED[/]")
+             "ok" if run["ok"] else "FAILED")
     n = f" #{run['repeat'] + 1}" if "repeat" in run else ""
     busy = f", CPU {run['cpu_busy']:.0%}" if run.get("cpu_busy") is not None else ""
-    get_err_console().print(f"  {what}{n}: {run['seconds']:.2f} s{busy} {state}")
+    get_err_console().print(Text.assemble(f"  {what}{n}: {run['seconds']:.2f} s{busy} ",
+                                          (state, "red" if state == "FAILED" else "")))
 
 
 _METHOD_HINT = ("stage: transit, bcast, chain, pdcp, clush, sbcast, sbcast-tree, "
@@ -204,9 +206,9 @@ def bench_cmd(cctx, ctx, what, where, shapes, sizes, datas, repeat, methods, tar
             plan, suite=suite, where=site_kind, workdir=work, outdir=Path(outdir),
             node_mbit=node_mbit, mayor_mbit=mayor_mbit, uplink_mbit=uplink_mbit,
             on_run=None if ctx.quiet else _say,
-            on_site=lambda kind, shape: con.print(
-                (f"[bold]{what} on the {kind} cluster" if shape else f"[bold]{what} on this machine")
-                + (f", {shape[0]} towns x {shape[1]} nodes[/]" if shape else "[/]")))
+            on_site=lambda kind, shape: con.print(Text(
+                f"{what} on the {kind} cluster, {shape[0]} towns x {shape[1]} nodes"
+                if shape else f"{what} on this machine", style="bold")))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if ctx.json:

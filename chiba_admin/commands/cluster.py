@@ -11,11 +11,20 @@ from ..errors import UsageError
 
 __all__ = ["register", "cluster_group"]
 
-_STATUS_STYLE = {"ok": "ok", "warn": "[yellow]WARN[/]", "fail": "[bold red]FAIL[/]",
-                 "skip": "[dim]skip[/]"}
-_INIT_STYLE = {"exists": "exists", "created": "[green]created[/]",
-               "would-create": "[cyan]would create[/]", "notdir": "[bold red]FAIL[/]",
-               "failed": "[bold red]FAIL[/]", "unreachable": "[bold red]FAIL[/]"}
+# state -> (shown as, rich style); the consoles read no markup (chiba_admin/console.py)
+_STATUS_STYLE = {"ok": ("ok", ""), "warn": ("WARN", "yellow"), "fail": ("FAIL", "bold red"),
+                 "skip": ("skip", "dim")}
+_INIT_STYLE = {"exists": ("exists", ""), "created": ("created", "green"),
+               "would-create": ("would create", "cyan"), "notdir": ("FAIL", "bold red"),
+               "failed": ("FAIL", "bold red"), "unreachable": ("FAIL", "bold red")}
+
+
+def _styled(styles: dict, state: str):
+    """``state`` as the table shows it: a rich Text in its style."""
+    from rich.text import Text
+
+    text, style = styles.get(state, (state, ""))
+    return Text(text, style=style)
 
 
 def _hosts(topo, spec: str | None) -> list[str]:
@@ -119,7 +128,7 @@ def _init_table(topo, rows, dry_run: bool) -> None:
     for col in ("host", "directory", "path", "result", "detail"):
         t.add_column(col, overflow="fold")
     for r in rows:
-        t.add_row(r.host, r.which, r.path, _INIT_STYLE.get(r.state, r.state), r.detail)
+        t.add_row(r.host, r.which, r.path, _styled(_INIT_STYLE, r.state), r.detail)
     con = get_console()
     con.print(t)
     made = [r for r in rows if r.state in ("created", "would-create")]
@@ -201,7 +210,6 @@ def _grouped(checks) -> list[tuple[list[str], object]]:
 
 
 def _check_table(topo, checks, summary) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     from topology import fold
@@ -210,8 +218,7 @@ def _check_table(topo, checks, summary) -> None:
     for col in ("host", "check", "ok", "detail"):
         t.add_column(col, overflow="fold")
     for hosts, c in _grouped(checks):
-        t.add_row(fold(hosts), c.check, _STATUS_STYLE.get(c.status, c.status),
-                  escape(c.detail))
+        t.add_row(fold(hosts), c.check, _styled(_STATUS_STYLE, c.status), c.detail)
     con = get_console()
     con.print(t)
     fails = [c for c in checks if c.status == "fail"]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import click
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from topology import expand, fold, format_bandwidth, format_bytes, parse_size
 
@@ -30,11 +30,16 @@ def _chunk(value: str) -> int:
     return n
 
 
+def _no() -> Text:
+    return Text("NO", style="red")
+
+
 def render_result(result: TransferRun, verb: str) -> None:
     """A table with one row per host, a summary line, then each failure on stderr.
 
     A result with ``refusal`` (bad input the hosts found before anything was sent, e.g. a
     device node below collect's PATH) prints that one line on stderr and nothing else.
+    Paths, host names and error lines print as they are (the consoles read no markup).
     """
     hosts = result.hosts
     # stage's --algorithm is the user's choice; collect's window is an internal detail
@@ -46,10 +51,10 @@ def render_result(result: TransferRun, verb: str) -> None:
                          ("throughput", "right"), ("error", "left")):
         t.add_column(col, justify=justify)
     for name, h in hosts.items():
-        t.add_row(name, "yes" if h.ok else "[red]NO[/]", str(h.stage or ""),
+        t.add_row(name, "yes" if h.ok else _no(), str(h.stage or ""),
                   format_bytes(h.bytes or 0), f"{h.seconds or 0:.2f}",
                   format_bandwidth(h.throughput_bps) if h.throughput_bps else "-",
-                  escape(str(h.error or "")))
+                  str(h.error or ""))
     con = get_console()
     con.print(t)
     phases = ", ".join(f"{k} {v:.2f}s" for k, v in (result.phases or {}).items()
@@ -57,7 +62,7 @@ def render_result(result: TransferRun, verb: str) -> None:
     con.print(f"{result.hosts_ok}/{len(result.nodes)} hosts ok; "
               f"{result.files} files, {format_bytes(result.payload_bytes)}"
               f" (archive {format_bytes(result.bytes)}) in "
-              f"{result.seconds:.2f} s" + (escape(f" [{phases}]") if phases else ""))
+              f"{result.seconds:.2f} s" + (f" [{phases}]" if phases else ""))
     if not result.ok:
         _render_failure(result, verb)
 
@@ -72,9 +77,8 @@ def render_dry_run(result: TransferRun) -> None:
     for col in ("host", "ok", "would", "error"):
         t.add_column(col, justify="center" if col == "ok" else "left")
     for name, h in result.hosts.items():
-        t.add_row(name, "yes" if h.ok else "[red]NO[/]",
-                  str(h.stage or "")[len("would "):] if h.ok else "",
-                  escape(str(h.error or "")))
+        t.add_row(name, "yes" if h.ok else _no(),
+                  str(h.stage or "")[len("would "):] if h.ok else "", str(h.error or ""))
     con = get_console()
     con.print(t)
     for line in _plan_lines(result):

@@ -7,6 +7,7 @@ from typing import Callable
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from topology import expand, format_bytes, parse_size
 
@@ -61,12 +62,12 @@ def render_sync(result: SyncRun) -> None:
     con = get_console()
     for name, h in hosts.items():
         if h.plan is not ABSENT:
-            con.print(f"[bold]{name}[/] {h.get('dest', '')}: "
-                      f"{h.plan_summary['write']} to write, "
-                      f"{h.plan_summary['delete']} to delete")
+            con.print(Text.assemble((name, "bold"), f" {h.get('dest', '')}: "
+                                    f"{h.plan_summary['write']} to write, "
+                                    f"{h.plan_summary['delete']} to delete"))
             con.print(h.plan or "  (nothing to do)", markup=False)
         elif h.changes is not ABSENT:
-            con.print(f"[bold]{name}[/] {h.get('dest', '')}:")
+            con.print(Text.assemble((name, "bold"), f" {h.get('dest', '')}:"))
             con.print("\n".join(h.changes) or "  (nothing to do)", markup=False)
     t = Table(title=f"sync-mayors --method {result.method}: {result.source} -> "
                     f"{result.dest}" + (" (dry run)" if result.dry_run else ""))
@@ -80,7 +81,7 @@ def render_sync(result: SyncRun) -> None:
         # bytes that crossed to the target: mpisync's payload received there, rsync's
         # bytes sent to it (its protocol included)
         to_target = h.bytes_received if mpi else h.bytes_sent
-        row = [name, "yes" if h.ok else "[red]NO[/]", f"{h.seconds:.2f}",
+        row = [name, "yes" if h.ok else Text("NO", style="red"), f"{h.seconds:.2f}",
                str(h.files_transferred), str(h.get("created", "")),
                str(h.get("updated", "")), str(h.get("deleted", "")), format_bytes(to_target)]
         t.add_row(*row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from rich.text import Text
 from rich.tree import Tree
 
 from topology import expand, fold, format_bandwidth
@@ -44,12 +45,13 @@ def show(ctx):
         print_json(d)
         return 0
     pres = topo.president
-    tree = Tree(f"[bold]{topo.name}[/] ({topo.kind}): 1 president, {d['mayors']} mayors, "
-                f"{d['towns']} towns, {d['nodes']} nodes")
-    p = tree.add(f"president [bold]{pres.name}[/]"
-                 + (f" {pres.address}" if pres.address else ""))
+    tree = Tree(Text.assemble((topo.name, "bold"), f" ({topo.kind}): 1 president, "
+                              f"{d['mayors']} mayors, {d['towns']} towns, {d['nodes']} nodes"))
+    p = tree.add(Text.assemble("president ", (pres.name, "bold"),
+                               f" {pres.address}" if pres.address else ""))
     for t in d["towns_detail"]:
-        m = p.add(f"mayor [bold]{t['mayor']}[/] ─ {format_bandwidth(d['core_bandwidth'])}")
+        m = p.add(Text.assemble("mayor ", (t["mayor"], "bold"),
+                                f" ─ {format_bandwidth(d['core_bandwidth'])}"))
         m.add(f"{t['name']}: {t['nodes']} ({t['count']} nodes) ─ "
               f"{format_bandwidth(t['bandwidth'])} each, "
               f"{format_bandwidth(t['uplink_bandwidth'])} shared to the mayor")
