@@ -13,7 +13,9 @@ tool then works with ``*at`` calls on the final descriptor.
 The lock (:func:`lock_dest`) is one exact-named file beside the destination,
 ``.NAME.chiba-lock``, held with ``flock`` for the life of a run: every method (MPI stage,
 City Transit, mpisync, rsync's wrapper) takes the same lock, so a second run on the same
-destination of a host is refused whatever the method.
+destination of a host is refused whatever the method. A dry run asks
+:func:`lock_forecast` instead: the same verdict and line, from ``lstat`` and
+``/proc/locks``, taking no lock and making no file.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import stat
 
 __all__ = ["BeneathError", "open_root", "open_dir_beneath", "split_rel", "lock_dest",
-           "unlock_dest", "LOCK_SUFFIX", "lock_name", "STAGED_SUFFIX", "staged_marker",
+           "unlock_dest", "lock_forecast", "flock_held", "lstat_at", "LOCK_SUFFIX", "lock_name", "STAGED_SUFFIX", "staged_marker",
            "mark_staged", "was_staged", "unmark_staged", "remove_entry", "shown_name"]
 
 LOCK_SUFFIX = ".chiba-lock"
@@ -122,38 +124,114 @@ def lock_name(name: str) -> str:
     return f".{name}{LOCK_SUFFIX}"
 
 
+def _lock_refused(st: os.stat_result, lname: str, shown: str) -> BeneathError | None:
+    """Why the lock file ``lname`` (``st``, not followed) may not be used, or None.
+
+    Planted by someone else (in a scratch any user can write) it is neither trusted nor
+    removed: a symlink, a file of another owner, anything but a regular file."""
+    if stat.S_ISLNK(st.st_mode):
+        return _lock_symlink(lname, shown)
+    if st.st_uid != os.geteuid():
+        return BeneathError(errno.EPERM, f"lock file {lname} belongs to uid {st.st_uid}, "
+                            "not to chiba-admin's user (remove it, or pick another --dest)",
+                            shown)
+    if not stat.S_ISREG(st.st_mode):
+        return BeneathError(errno.EPERM, f"lock file {lname} is not a regular file (remove"
+                            " it, or pick another --dest)", shown)
+    return None
+
+
+def _lock_symlink(lname: str, shown: str) -> BeneathError:
+    return BeneathError(errno.ELOOP, f"lock file {lname} is a symbolic link (remove it, or"
+                        " pick another --dest)", shown)
+
+
+def _busy(shown: str) -> BeneathError:
+    return BeneathError(errno.EBUSY, "another chiba-admin run is writing this destination"
+                        " (wait for it, or pick another --dest)", shown)
+
+
+def lstat_at(parent_fd: int, name: str) -> os.stat_result | None:
+    """``name`` in directory ``parent_fd``, not followed; None when it does not exist."""
+    try:
+        return os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _lock_shown(name: str, display: str) -> str:
+    return f"{display.rstrip('/')}/{name}" if display else name
+
+
+def flock_held(st: os.stat_result) -> bool | None:
+    """Does a process hold a ``flock`` on the file ``st`` describes? Read from Linux's
+    ``/proc/locks`` (by device and inode), taking no lock: a probe with ``flock`` itself,
+    even shared, would make a real run's ``LOCK_EX | LOCK_NB`` fail while it held it.
+    None when ``/proc/locks`` cannot be read."""
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 5722 fe:00:2196438 0 EOF"; waiters have "->" after
+        # the number and hold nothing
+        f = line.split()
+        if len(f) > 5 and f[1] == "FLOCK" and f[5] == key:
+            return True
+    return False
+
+
+def lock_forecast(parent_fd: int, name: str, *, display: str = "") -> BeneathError | None:
+    """What :func:`lock_dest` would raise for destination ``name`` now (the same error and
+    line), or None when it would take the lock; for a dry run: reads only (``lstat``,
+    :func:`flock_held`), makes no lock file and takes no lock. A held lock is not seen
+    where ``/proc/locks`` cannot be read."""
+    lname = lock_name(name)
+    shown = _lock_shown(name, display)
+    st = lstat_at(parent_fd, lname)
+    if st is None:
+        return None  # lock_dest makes it
+    refused = _lock_refused(st, lname, shown)
+    if refused is None and flock_held(st):
+        return _busy(shown)
+    return refused
+
+
 def lock_dest(parent_fd: int, name: str, *, display: str = "") -> int:
     """Take the run lock of destination ``name`` in directory ``parent_fd``; returns its fd.
 
     Non-blocking: raises BeneathError(EBUSY) when another live run holds it (the message
-    says so). The lock file is created ``O_NOFOLLOW`` (a planted symlink is refused) and
-    re-checked after locking so that a lock file removed by its previous holder is not
-    trusted. Release with :func:`unlock_dest`.
+    says so). A lock file planted by another user (a symlink, another owner's file, a FIFO)
+    is refused by ``lstat`` before it is opened, then the file is opened ``O_NOFOLLOW`` and
+    checked again; a lock file removed by its previous holder while we waited is not
+    trusted. Every failure is a BeneathError naming the destination and the lock file.
+    Release with :func:`unlock_dest`.
     """
     lname = lock_name(name)
-    shown = f"{display.rstrip('/')}/{name}" if display else name
+    shown = _lock_shown(name, display)
     for _ in range(8):
+        st = lstat_at(parent_fd, lname)
+        if st is not None and (refused := _lock_refused(st, lname, shown)) is not None:
+            raise refused
         try:
             fd = os.open(lname, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                          dir_fd=parent_fd)
         except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise BeneathError(e.errno, f"lock file {lname} is a symbolic link", shown) \
-                    from None
-            raise
-        owner = os.fstat(fd).st_uid
-        if owner != os.geteuid():  # planted by someone else: neither trusted nor removed
+            if e.errno == errno.ELOOP:  # swapped in after the lstat
+                raise _lock_symlink(lname, shown) from None
+            raise BeneathError(e.errno or errno.EIO, f"cannot open lock file {lname}: "
+                               f"{e.strerror or e}", shown) from None
+        refused = _lock_refused(os.fstat(fd), lname, shown)
+        if refused is not None:  # swapped in after the lstat
             os.close(fd)
-            raise BeneathError(errno.EPERM, f"lock file {lname} belongs to uid {owner}, not"
-                               " to chiba-admin's user (remove it, or pick another --dest)",
-                               shown)
+            raise refused
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise BeneathError(errno.EBUSY, "another chiba-admin run is writing this"
-                               " destination (wait for it, or pick another --dest)",
-                               shown) from None
+            raise _busy(shown) from None
         try:
             now = os.stat(lname, dir_fd=parent_fd, follow_symlinks=False)
         except FileNotFoundError:

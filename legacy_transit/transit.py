@@ -337,11 +337,13 @@ def stage_transit_dry_run(topo, src: str, nodes: list[str], dest: str | None = N
     ``dry_run`` True and its ``plan`` (:func:`transit_route`).
 
     The same planning and checks (raising InvalidRequest on bad input); no tar is packed
-    and nothing is sent. The home server reaches the president (when it is another host)
-    and each mayor, whose agent asks each of its nodes what extract would do with its
-    destination (``transit_agent check-dest``: reads only). A node that would be staged
-    has stage "would create" or "would replace"; one that would fail has the real run's
-    stage and line (an existing destination without --replace: "unpack", exit 1).
+    (``bytes`` None) and nothing is sent. The home server checks the spool directory the
+    tar would be copied to on the president (when it is another host) and on each mayor,
+    whose agent then asks each of its nodes what extract would do with its destination
+    (``transit_agent check-dest``: reads only, the lock included). A node that would be
+    staged has stage "would create ..." or "would replace ..." (what would be made or
+    deleted); one that would fail has stage "would fail at STAGE" and the real run's
+    failure line (an existing destination without --replace: "unpack: ...", exit 1).
     """
     plan = plan_transit(topo, src, nodes, dest)
     names = [n.name for n in plan.nodes]
@@ -352,9 +354,9 @@ def stage_transit_dry_run(topo, src: str, nodes: list[str], dest: str | None = N
     try:
         with run.stage("check", names, per_host=True):
             if not plan.same_host:  # the real run copies the tar there first
-                r = transport.run(plan.president, ["true"], timeout=timeout or 60)
-                for n in names if not r.ok else []:
-                    run.fail(n, "to_president", r.reason())
+                err = _spool_missing(transport, plan.president, timeout)
+                for n in names if err else []:
+                    run.fail(n, "to_president", err)
             legs = [leg for leg in plan.legs if run.pending(leg.nodes)]
             if legs:
                 _check_dests(topo, plan, legs, transport, run, fanout, timeout, replace)
@@ -362,29 +364,52 @@ def stage_transit_dry_run(topo, src: str, nodes: list[str], dest: str | None = N
         if own:
             transport.close()
     _tell_trees(run.hosts, run.failures)
+    for h in run.hosts.values():
+        if not h.ok and h.stage:  # nothing was sent or unpacked: a forecast
+            h.stage = f"would fail at {h.stage}"
     dests = sorted(set(plan.dests.values()))
     return TransferRun(
         method="transit", ok=not run.failures, source=plan.source,
         dest=dests[0] if len(dests) == 1 else (dest or os.path.basename(plan.source)),
-        dests=plan.dests, nodes=names, payload_bytes=plan.payload, files=plan.files,
+        dests=plan.dests, nodes=names, bytes=None, payload_bytes=plan.payload,
+        files=plan.files,
         seconds=round(time.monotonic() - run.t0, 6),
         phases={k: round(v, 6) for k, v in run.phases.items()}, hosts=run.hosts,
         failures=run.failures, outcome="dry run: nothing was written on any host",
         dry_run=True, plan=transit_route(plan))
 
 
+def _spool_missing(transport, host, timeout) -> str | None:
+    """Why the real run could not copy its tar into ``host``'s spool directory (missing,
+    not a directory, not writable, the host unreachable), or None; reads only."""
+    spool = host.local_path(host.spool)
+    r = transport.run(host, ["sh", "-c", 'test -d "$1" || exit 3; test -w "$1" || exit 4',
+                             "sh", spool], timeout=timeout or 60)
+    if r.ok:
+        return None
+    if r.error is None and r.rc in (3, 4):  # the real run's put says the same
+        what = "is missing" if r.rc == 3 else "is not writable"
+        return (f"{host.name}: spool directory {host.spool} {what} (run `chiba-admin "
+                "cluster init`)")
+    return r.reason()
+
+
 def _check_dests(topo, plan: TransitPlan, legs: list[TownLeg], transport, run: _Run,
                  fanout, timeout, replace: bool) -> None:
-    """Run the agent on every mayor at once; each asks its nodes what extract would do."""
+    """On every mayor at once: check the spool the tar would be copied to, then run the
+    agent, which asks each of the mayor's nodes what extract would do."""
     base = agent_argv(topo)
     by_mayor = {leg.mayor.name: leg for leg in legs}
 
     def on_mayor(m):
+        err = _spool_missing(transport, m, timeout)
+        if err:
+            return None, err
         kids = []
         for n in by_mayor[m.name].nodes:
             d = plan.confined[n.name]
             spec = {"root": n.local_path(d.root), "rel": d.rel, "display": d.path,
-                    "replace": bool(replace)}
+                    "host_root": d.root, "replace": bool(replace)}
             kids.append({"host": host_record(n), "argv": [*base, "check-dest",
                                                           json.dumps(spec)]})
         agent = {"action": "check-dest", "kind": topo.kind, "fanout": fanout,
@@ -402,7 +427,8 @@ def _check_dests(topo, plan: TransitPlan, legs: list[TownLeg], transport, run: _
                 run.fail(n.name, "unpack", d["error"] or f"exit {d['rc']}")
             else:
                 h = run.hosts[n.name]
-                h.ok, h.stage = True, f"would {d['action']}"
+                what = f" ({d['detail']})" if d.get("detail") else ""
+                h.ok, h.stage = True, f"would {d['action']}{what}"
                 h.seconds = round(time.monotonic() - run.t0, 6)
                 run.progress.host_done(n.name, True)
 
@@ -496,7 +522,7 @@ def node_extract_spec(plan: TransitPlan, node, run: _Run, size: int, timeout,
     """What a node's unpacker (transit_agent.extract) is told; JSON in its command line."""
     d = plan.confined[node.name]
     return {"root": node.local_path(d.root), "rel": d.rel, "display": d.path,
-            "inner": "." if plan.is_dir else plan.member, "job": plan.job,
+            "host_root": d.root, "inner": "." if plan.is_dir else plan.member, "job": plan.job,
             "replace": bool(replace), "timeout": timeout, "input": file or "-",
             "size": size, "chunk": run.chunk, "hashes": run.hashes, "sockets": plan.sockets}
 

@@ -277,8 +277,10 @@ def extract(spec: dict, inp) -> dict:
     ``spec``: ``root`` (trusted local directory), ``rel`` (destination below it, no ``..``),
     ``inner`` (``"."`` when the archive is the tree itself, else the one name it holds),
     ``job`` (12 hex digits), ``replace`` (bool), ``display`` (the destination as shown to
-    the user), and either ``hashes``/``chunk``/``size`` (stage: bytes are verified before
-    tar sees them) or ``top`` (collect: the stream is sanitized, see :func:`_sanitized`).
+    the user), ``host_root`` (``root`` as the host names it, for messages), and either
+    ``hashes``/``chunk``/``size`` (stage: bytes are verified before tar sees them; ``root``
+    must be this host's scratch or one of its dest_roots, :func:`_dest_parts`) or ``top``
+    (collect, on the home server: the stream is sanitized, see :func:`_feed_sanitized`).
 
     The parent of the destination is walked without following symlinks
     (:mod:`inventory.beneath`), the destination's lock is taken, and tar runs with its
@@ -294,21 +296,26 @@ def extract(spec: dict, inp) -> dict:
     path of an earlier tree left untouched, if any.
     """
     from inventory.beneath import (BeneathError, lock_dest, mark_staged, open_dir_beneath,
-                                   open_root, remove_entry, unlock_dest, was_staged)
+                                   remove_entry, unlock_dest, was_staged)
 
+    res = {"ok": False, "error": None, "tree": "none", "path": None, "previous": None}
+    try:
+        parent_rel, name = _dest_parts(spec, own_root="top" not in spec)
+    except ExtractError as e:
+        res["error"] = str(e)
+        return res
     shown = spec.get("display") or spec["rel"]
-    parent_rel, _, name = spec["rel"].rpartition("/")
     shown_parent = shown.rpartition("/")[0] or "/"
     job, inner = spec["job"], spec.get("inner") or "."
-    res = {"ok": False, "error": None, "tree": "none", "path": None, "previous": None}
     fds: list[int] = []
     try:
-        fds.append(open_root(spec["root"]))
-        parent_fd = open_dir_beneath(fds[0], parent_rel, create=True, display=spec["root"])
+        fds.append(_open_dest_root(spec))
+        parent_fd = open_dir_beneath(fds[0], parent_rel, create=True,
+                                     display=spec.get("host_root") or spec["root"])
         fds.append(parent_fd)
         lock = lock_dest(parent_fd, name, display=shown_parent)
-    except BeneathError as e:
-        res["error"] = str(e)
+    except OSError as e:  # BeneathError names its path (a planted lock file included)
+        res["error"] = str(e) if isinstance(e, BeneathError) else f"{shown}: {e.strerror or e}"
         _close(fds)
         return res
     tmp = _own(name, _TMP, job)
@@ -360,43 +367,106 @@ def _not_ours(shown: str) -> str:
             "untouched; pass --replace to replace it)")
 
 
+def _dest_parts(spec: dict, *, own_root: bool) -> tuple[str, str]:
+    """(parent's path below root, name) of ``spec``'s destination, checked here too
+    (defence in depth: the CLI confines --dest before any spec is made). Raises
+    ExtractError, one line: ``rel`` absolute, with a ``..``, or naming no entry below
+    ``root`` (empty, ``.``); with ``own_root``, a ``root`` that is not this host's scratch
+    nor one of its dest_roots (``CHIBA_SCRATCH``, ``CHIBA_DEST_ROOTS``: the topology's, in
+    every command's environment)."""
+    from inventory.beneath import split_rel
+
+    rel, root = spec.get("rel"), spec.get("root")
+    try:
+        parts = split_rel(rel) if isinstance(rel, str) else None
+    except ValueError:
+        parts = None
+    if not parts:
+        raise ExtractError(f"destination {rel!r} refused: not a path below its root "
+                           "(absolute, '..' or no name)")
+    if own_root:
+        mine = [os.environ.get("CHIBA_SCRATCH", ""),
+                *os.environ.get("CHIBA_DEST_ROOTS", "").split(os.pathsep)]
+        mine = sorted({os.path.normpath(r) for r in mine if r and os.path.isabs(r)} - {"/"})
+        if not isinstance(root, str) or os.path.normpath(root) not in mine:
+            raise ExtractError(f"destination root {root!r} refused: not this host's scratch "
+                               f"or a dest_roots entry ({', '.join(mine) or 'none known'})")
+    return "/".join(parts[:-1]), parts[-1]
+
+
+def _open_dest_root(spec: dict) -> int:
+    """``spec["root"]`` opened; a BeneathError names it as the host does (``host_root``)."""
+    from inventory.beneath import BeneathError, open_root
+
+    try:
+        return open_root(spec["root"])
+    except BeneathError as e:
+        raise BeneathError(e.errno, e.what, spec.get("host_root") or e.path) from None
+
+
+def _replaced(st: os.stat_result, staged: bool) -> str:
+    """What a replace would delete, in a few words (stage --dry-run)."""
+    import stat
+
+    if stat.S_ISDIR(st.st_mode) and staged:
+        return "an earlier stage's tree"
+    by = "the run" if staged else "--replace"  # a staged mark beside a non-directory
+    if stat.S_ISLNK(st.st_mode):
+        return f"a symbolic link, which {by} deletes, not what it points to"
+    kind = ("directory" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode)
+            else "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
+            else "device node")
+    return f"a {kind}{'' if staged else ' no stage made'}, which {by} deletes"
+
+
 def check_dest(spec: dict) -> dict:
     """stage --dry-run on a node: what :func:`extract` would do with ``spec``'s destination
-    (``root``, ``rel``, ``display``, ``replace`` as extract takes them), reading only: no
-    parent made, no lock taken, no leftover swept.
+    (``root``, ``rel``, ``display``, ``host_root``, ``replace`` as extract takes them),
+    reading only: no parent made, no lock taken (:func:`inventory.beneath.lock_forecast`),
+    no leftover swept.
 
-    Returns ``{"ok", "action", "error", "previous"}``: ``action`` "create" (the destination
-    and any missing parent would be made) or "replace" (an earlier stage's tree, or any
-    entry with ``replace``); or ``error``, the line extract would give (a symlink or a file
-    on the way, an existing destination without ``replace``: ``previous`` names it).
+    Returns ``{"ok", "action", "detail", "error", "previous"}``: ``action`` "create" (the
+    destination, and the missing parents ``detail`` names, would be made) or "replace"
+    (``detail``: an earlier stage's tree, or the entry ``replace`` would delete); or
+    ``error``, the line extract would give (a bad spec, a symlink or a file on the way,
+    the lock held or planted, an existing destination without ``replace``: ``previous``
+    names it).
     """
     import errno
 
-    from inventory.beneath import BeneathError, open_dir_beneath, open_root, was_staged
+    from inventory.beneath import (BeneathError, lock_forecast, lstat_at, open_dir_beneath,
+                                   was_staged)
 
-    shown = spec.get("display") or spec["rel"]
-    parent_rel, _, name = spec["rel"].rpartition("/")
-    res = {"ok": False, "action": None, "error": None, "previous": None}
+    res = {"ok": False, "action": None, "detail": None, "error": None, "previous": None}
     try:
-        root = open_root(spec["root"])
-    except BeneathError as e:
+        parent_rel, name = _dest_parts(spec, own_root=True)
+        root = _open_dest_root(spec)
+    except (ExtractError, BeneathError) as e:
         res["error"] = str(e)
         return res
+    shown = spec.get("display") or spec["rel"]
     try:
-        parent = open_dir_beneath(root, parent_rel, display=spec["root"])
+        parent = open_dir_beneath(root, parent_rel,
+                                  display=spec.get("host_root") or spec["root"])
     except BeneathError as e:
         if e.errno != errno.ENOENT:
             res["error"] = str(e)
         else:  # extract makes the missing parents
-            res.update(ok=True, action="create")
+            res.update(ok=True, action="create",
+                       detail=f"and the missing parent directories, from {e.path}")
         return res
     finally:
         os.close(root)
     try:
-        if not _exists(parent, name):
+        locked = lock_forecast(parent, name, display=shown.rpartition("/")[0] or "/")
+        st = None if locked else lstat_at(parent, name)
+        staged = st is not None and was_staged(parent, name)
+        if locked:
+            res["error"] = str(locked)
+        elif st is None:
             res.update(ok=True, action="create")
-        elif spec.get("replace") or was_staged(parent, name):
-            res.update(ok=True, action="replace")
+        elif spec.get("replace") or staged:
+            res.update(ok=True, action="replace", detail=_replaced(st, staged))
         else:
             res.update(error=_not_ours(shown), previous=shown)
         return res

@@ -113,7 +113,9 @@ class Host:
         return str(PurePosixPath(base) / dest)
 
     def environment(self) -> dict[str, str]:
-        """The variables every command run on this host sees."""
+        """The variables every command run on this host sees. ``CHIBA_DEST_ROOTS`` (its
+        dest_roots, ``os.pathsep``-separated, maybe empty) and ``CHIBA_SCRATCH`` let the
+        City Transit node agent refuse a destination root that is not the host's own."""
         return {
             "CHIBA_HOST": self.name,
             "CHIBA_ROLE": self.role,
@@ -121,6 +123,8 @@ class Host:
             "CHIBA_SCRATCH": self.local_path(self.scratch),
             "CHIBA_SPOOL": self.local_path(self.spool),
             "CHIBA_REPO": self.local_path(self.repository),
+            "CHIBA_DEST_ROOTS": os.pathsep.join(self.local_path(r)
+                                                for r in self.paths.dest_roots),
         }
 
 

@@ -70,15 +70,16 @@ def render_result(result: TransferRun, verb: str) -> None:
 def render_dry_run(result: TransferRun) -> None:
     """A stage --dry-run: a table of what would happen on each host, the plan (route,
     source, compression), a summary line; on stderr each failure as the real run names it
-    (a refusal, exit 2, with the real run's last line too)."""
+    (a refusal, exit 2, with the real run's last line too, and what it would tidy first:
+    ``outcome``)."""
     algo = f"/{result.algorithm}" if result.algorithm else ""
     t = Table(title=f"stage --dry-run --method {result.method}{algo}: {result.source} -> "
                     f"{result.dest}")
     for col in ("host", "ok", "would", "error"):
         t.add_column(col, justify="center" if col == "ok" else "left")
     for name, h in result.hosts.items():
-        t.add_row(name, "yes" if h.ok else _no(),
-                  str(h.stage or "")[len("would "):] if h.ok else "", str(h.error or ""))
+        t.add_row(name, "yes" if h.ok else _no(), str(h.stage or "").removeprefix("would "),
+                  str(h.error or ""))
     con = get_console()
     con.print(t)
     for line in _plan_lines(result):
@@ -92,7 +93,9 @@ def render_dry_run(result: TransferRun) -> None:
         err.print(f"chiba-admin stage: {result.error}", markup=False)
     for name, why in result.failures.items():
         err.print(f"chiba-admin stage: {name}: {why}", markup=False)
-    if result.refused:  # the real run's own last line
+    if result.refused and result.outcome:  # a dead run's leftover put back first
+        last = f"refused; before refusing, {result.outcome}; nothing was written"
+    elif result.refused:  # the real run's own last line
         last = "refused; nothing was touched on any node"
     elif result.error:  # the dry run's own job failed (a host unreachable, --timeout)
         last = "dry run failed; nothing was written"
@@ -104,7 +107,12 @@ def render_dry_run(result: TransferRun) -> None:
 def _plan_lines(result: TransferRun) -> list[str]:
     """The route and the source of a dry run's plan, one line each."""
     plan = result.plan or {}
-    source = f"source: {result.files} files, {format_bytes(result.payload_bytes)}; "
+    # each method counts as its real run does: MPI's packer every entry, Transit regular
+    # files only (so the same tree reads 3 and 2): say which
+    n = result.files
+    what = (f"regular file{'s' * (n != 1)}" if result.method == "transit" else
+            f"entr{'ies' if n != 1 else 'y'} (directories included)")
+    source = f"source: {n} {what}, {format_bytes(result.payload_bytes)}; "
     if result.method == "transit":
         via = f" -> {plan['via']}" if plan.get("via") else ""
         towns = "; ".join(f"{m} -> {fold(ns)}" for m, ns in plan.get("towns", {}).items())
@@ -132,9 +140,10 @@ def _render_failure(result: TransferRun, verb: str) -> None:
         err.print(f"chiba-admin {verb}: {result.error}", markup=False)
     for name, why in result.failures.items():
         err.print(f"chiba-admin {verb}: {name}: {why}", markup=False)
-    if result.refused:
-        err.print(f"chiba-admin {verb}: refused; nothing was touched on any node",
-                  markup=False)
+    if result.refused:  # outcome: a dead run's leftover the nodes put back first
+        err.print(f"chiba-admin {verb}: refused; " + (
+            f"{result.outcome}; nothing else was touched on any node" if result.outcome
+            else "nothing was touched on any node"), markup=False)
         return
     if result.outcome:  # what each host holds now, as the method reports it
         err.print(f"chiba-admin {verb}: failed; {result.outcome}", markup=False)

@@ -537,7 +537,7 @@ def submit(svc: Service, module: str, args: list[str], ranks: list[str], *,
     """Run ``module``'s main on the service's ranks of ``ranks`` (in that order) with the
     job in ``args[0]``; the same LaunchResult a fresh mpiexec gives. Ctrl-C re-raises."""
     if not svc.covers(ranks):
-        raise InvalidRequest(f"the {_NAMES[svc.kind]} has no rank on "
+        raise InvalidRequest(f"{_NAMES[svc.kind]} has no rank on "
                              + ", ".join(svc.missing(ranks)), hint="--launch mpiexec")
     res = LaunchResult([svc.kind, module], tuple(ranks), None, None, started=time.time(),
                        command=f"{svc.kind} {svc.socket_path}: {module}")

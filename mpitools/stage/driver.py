@@ -200,8 +200,8 @@ def stage_mpi_dry_run(topo, src: str, nodes: list[str], dest: str | None = None,
     reaching the spool server) and each node checks its destination with the real run's
     check, making nothing (mpitools/stage/dryrun.py): a node's ``stage`` is "would create"
     or "would replace", or it fails as the real run would (``refused`` for a destination
-    that exists without --replace, a non-directory or a symlink: exit 2). ``bytes`` and
-    ``phase_bytes`` stay empty: nothing crossed.
+    that exists without --replace, a non-directory or a symlink: exit 2). ``bytes`` is
+    None (nothing is packed) and ``phase_bytes`` empty: nothing crossed.
     """
     info, nodes, dests = _request(topo, src, nodes, dest, compress)
     spool_or_fail(topo)
@@ -230,8 +230,8 @@ def stage_mpi_dry_run(topo, src: str, nodes: list[str], dest: str | None = None,
     seg = pipeline_segment(payload, len(ranks), chunk) if algorithm == "chain" else chunk
     out = TransferRun(
         method="mpi", algorithm=algorithm, source=info.path, dest=dests[ranks[0]]["shown"],
-        nodes=ranks, payload_bytes=payload, files=files, phases={}, compress=compress,
-        chunk=int(chunk), segment=seg, kind=topo.kind, dry_run=True,
+        nodes=ranks, bytes=None, payload_bytes=payload, files=files, phases={},
+        compress=compress, chunk=int(chunk), segment=seg, kind=topo.kind, dry_run=True,
         plan=route_plan(topo, ranks, algorithm, spool_url))
     _take_result(out, res, timeout)
     out.seconds = time.time() - t0
@@ -373,7 +373,9 @@ def _stage_hosts(out: TransferRun, res: LaunchResult, topo, dests: dict[str, dic
 def _take_result(out: TransferRun, res: LaunchResult, timeout: float | None) -> bool:
     """Fill ``out`` from the job, a real run's or a dry run's: ok only when every rank
     reported ok and mpiexec ended well; per-host outcomes, the failures (primary errors
-    first), refused, phases. False when no rank reported (every host failed)."""
+    first), refused, phases; for a refused run ``outcome`` names what the nodes put back
+    first (a dead job's moved-aside copy, ``tidied``). False when no rank reported (every
+    host failed)."""
     if res.launch_seconds() is not None:
         out.phases["launch"] = res.launch_seconds()
     if res.result is None:
@@ -390,6 +392,9 @@ def _take_result(out: TransferRun, res: LaunchResult, timeout: float | None) -> 
                     if x.get("primary") and x.get("error")}
     out.ok = bool(r["ok"]) and res.returncode == 0
     out.refused = any(x.get("refused") for x in r["reports"])
+    tidied = {x["host"]: x["tidied"] for x in r["reports"] if x.get("tidied")}
+    if out.refused and tidied:  # "refused" must not then say that nothing was touched
+        out.outcome = "; ".join(f"{h} {what}" for h, what in tidied.items())
     if not out.ok and not out.failures:
         out.failures = {x["host"]: x["error"] or "failed" for x in r["reports"] if not x["ok"]}
     out.peak_rss = max((x.get("maxrss") or 0) for x in r["reports"])

@@ -48,6 +48,17 @@ def _exists(parent_fd: int, name: str):
         return None
 
 
+def _put_back(parent_fd: int, name: str) -> str | None:
+    """Remove dead jobs' leftovers of ``name`` (``clean_stale``; the caller holds the lock:
+    no live run of ours uses them); the name of the moved-aside copy put back in place of
+    a missing ``name``, if one was."""
+    missing = _exists(parent_fd, name) is None
+    done = clean_stale(parent_fd, name)
+    if missing and _exists(parent_fd, name) is not None:
+        return next((n for n in done if n.endswith(".old")), None)
+    return None
+
+
 class NodeStage:
     """One node's side of all-or-nothing below a confined destination ``root`` + ``rel``.
 
@@ -55,7 +66,9 @@ class NodeStage:
     (:mod:`inventory.beneath`); the destination's run lock is held from ``prepare`` to the
     end; the temporary directory ``.NAME.chiba-stage-JOBID`` (0700, flock-held) becomes the
     destination by a rename within the parent's fd, and the destination is marked as staged.
-    An existing destination without that mark is refused unless ``replace``.
+    An existing destination without that mark is refused unless ``replace``. ``restored``
+    names a dead job's moved-aside copy that ``prepare`` put back in place of a missing
+    destination (``clean_stale``), so that a refusal of it does not read as untouched.
     """
 
     def __init__(self, root: str, rel: str, jobid: str, *, replace: bool = False,
@@ -74,6 +87,7 @@ class NodeStage:
         self._lock: int | None = None
         self._old_fd: int | None = None
         self._made: list[tuple[int, str]] = []  # (fd of its parent, name) of dirs we made
+        self.restored: str | None = None
         self.state = "new"  # new -> prepared -> aside -> committed -> done | removed
 
     def check(self) -> None:
@@ -93,13 +107,14 @@ class NodeStage:
                     return
                 raise DestRefused(str(e)) from None
             try:
-                self._check_dest(pfd)
+                self.check_at(pfd)
             finally:
                 os.close(pfd)
         finally:
             os.close(root_fd)
 
-    def _check_dest(self, pfd: int) -> None:
+    def check_at(self, pfd: int) -> None:
+        """:meth:`check` in the open parent directory ``pfd``: raises DestRefused."""
         st = _exists(pfd, self.name)
         if st is None:
             return
@@ -108,8 +123,10 @@ class NodeStage:
         if not stat.S_ISDIR(st.st_mode):
             raise DestRefused(f"{self.shown} exists and is not a directory")
         if not self.replace and not was_staged(pfd, self.name):
+            back = (f" (a copy that a dead run had moved aside, put back in its place from "
+                    f"{self.restored} by this run)" if self.restored else "")
             raise DestRefused(f"{self.shown} exists and was not created by chiba-admin stage;"
-                              " pass --replace to replace it")
+                              f" pass --replace to replace it{back}")
 
     def prepare(self) -> None:
         """Walk (making missing parents), lock, clean dead jobs' leftovers, re-check, make
@@ -136,8 +153,8 @@ class NodeStage:
             raise
         self.parent_fd = fd
         self._lock = lock_dest(fd, self.name, display=os.path.dirname(self.shown))
-        clean_stale(fd, self.name)  # we hold the lock: no live run of ours uses them
-        self._check_dest(fd)
+        self.restored = _put_back(fd, self.name)
+        self.check_at(fd)
         self.tmp_fd = make_locked_temp(fd, self.tmp)
         self.state = "prepared"
 
@@ -506,6 +523,9 @@ def _prepare(run: _Run) -> bool:
         report.update(error=str(e), primary=True)
     except OSError as e:
         report.update(error=f"cannot prepare {node.shown}: {e.strerror or e}", primary=True)
+    if node.restored:  # what a refusal may not call untouched (driver: outcome)
+        report["tidied"] = (f"put back {node.shown} from {node.restored}, a copy a dead run "
+                            "had moved aside")
     failed = agree_any(run.comm, report["error"] is not None)
     run.phases["prepare"] = time.time() - t
     if failed:
