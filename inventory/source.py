@@ -11,10 +11,14 @@ import stat
 from dataclasses import dataclass
 from typing import Iterator
 
-__all__ = ["check_collect_root", "SourceInfo", "check_source", "walk_below", "find_device",
-           "DeviceNode", "unreadable", "DEVICE_HINT"]
+__all__ = ["check_collect_root", "check_collect_name", "SourceInfo", "check_source",
+           "walk_below", "find_device", "DeviceNode", "unreadable", "DEVICE_HINT", "shown_path",
+           "COLLECT_NAME_MAX"]
 
 DEVICE_HINT = "device nodes are never copied; remove it or exclude it"
+# the longest name collect puts beside a copy NAME is ".NAME.chiba-collect-JOBID.old"
+# (NAME + 32 bytes; the staged mark's temporary name takes 31): NAME_MAX (255) less that
+COLLECT_NAME_MAX = 255 - 32
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -58,8 +62,20 @@ def unreadable(top: str, e: OSError) -> str:
 
 
 def _shown(top: str, rel: str) -> str:
-    path = os.path.join(top, rel) if rel else top
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return shown_path(os.path.join(top, rel) if rel else top)
+
+
+def shown_path(path: str) -> str:
+    """``path`` for a one-line message: as it is (bytes that are not UTF-8 as ``\\xNN``)
+    when every character prints, else quoted and escaped as
+    :func:`inventory.beneath.shown_name` does: a newline in a user's PATH must not split
+    the line, nor a control character rewrite the terminal."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    from inventory.beneath import shown_name
+
+    return shown_name(text)
 
 
 def walk_below(dir_fd: int) -> Iterator[tuple[str, os.stat_result]]:
@@ -187,11 +203,32 @@ def _refuse_device(dev: DeviceNode, top: str) -> None:
 def check_collect_root(dest_dir: str) -> str:
     """The home server's directory for collected copies (absolute), refusing ``/``: every
     method writes ``DIR/<host>/<name>`` there, and under ``/`` that is a new top-level
-    directory per host. Raises InvalidRequest (exit 2)."""
-    path = os.path.abspath(dest_dir)
-    if os.path.realpath(path) == "/":
-        from chiba_admin.errors import InvalidRequest
+    directory per host; refusing a ``DIR`` that is itself a symbolic link (a user's
+    ``/tmp/udir -> /etc`` would have root write there; its parents are the
+    administrator's, followed). Raises InvalidRequest (exit 2)."""
+    from chiba_admin.errors import InvalidRequest
 
+    path = os.path.abspath(dest_dir)
+    if os.path.islink(path):
+        raise InvalidRequest("--dest is a symbolic link, which collect (writing as root) "
+                             "never follows", where=path,
+                             hint="name the directory it points to instead; links among "
+                                  "its parents are followed")
+    if os.path.realpath(path) == "/":
         raise InvalidRequest("--dest is the root directory", where=dest_dir,
                          hint="name a directory for the collected copies, e.g. ./results")
     return path
+
+
+def check_collect_name(name: str) -> None:
+    """Refuse (InvalidRequest, exit 2), before anything is sent, a PATH whose last
+    component ``name`` is too long for the names collect makes beside each copy (its lock,
+    staged mark and temporary entries: :data:`COLLECT_NAME_MAX` bytes at most)."""
+    from chiba_admin.errors import InvalidRequest
+
+    size = len(os.fsencode(name))
+    if size > COLLECT_NAME_MAX:
+        raise InvalidRequest(f"PATH's last component is {size} bytes long; collect takes at "
+                             f"most {COLLECT_NAME_MAX} (it names its lock, mark and temporary "
+                             "entries after it)", where=shown_path(name),
+                             hint="collect the directory above it, or rename it")

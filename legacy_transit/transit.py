@@ -7,6 +7,7 @@ import math
 import os
 import posixpath
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,17 +19,16 @@ from dataclasses import dataclass, field
 from chiba_admin.errors import InvalidRequest, TransportError
 from chiba_admin.outcome import TransferHost, TransferRun
 from chiba_admin.progress import Progress, or_silent
-from inventory.source import check_collect_root, check_source
+from inventory.source import check_collect_name, check_collect_root, check_source
 from topology import fold
 from topology.confine import HostDest, confine_dest
 
 from .fanout import DEFAULT_FANOUT, window
-from .transit_agent import RESULT_TAG, host_record, list_sockets, node_result
+from .transit_agent import RESULT_TAG, _exists, host_record, list_sockets, node_result
 from .transport import Transport, transport_for
 
 __all__ = ["STAGES", "TransitPlan", "TownLeg", "plan_transit", "stage_transit",
-           "stage_transit_dry_run", "transit_route", "collect_transit", "tree_size",
-           "agent_argv"]
+           "stage_transit_dry_run", "transit_route", "collect_transit", "agent_argv"]
 
 STAGES = ("pack", "to_president", "to_mayors", "unpack", "cleanup")
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,20 +177,6 @@ def agent_argv(topo) -> list[str]:
     """
     python = (topo.mpi or {}).get("python") or sys.executable
     return ["env", f"PYTHONPATH={_REPO_ROOT}", python, "-m", "legacy_transit.transit_agent"]
-
-
-def tree_size(path: str) -> tuple[int, int]:
-    """(bytes of regular files, number of regular files) under ``path`` (or of the file)."""
-    if not os.path.isdir(path):
-        return os.path.getsize(path), 1
-    total = files = 0
-    for d, _, names in os.walk(path):
-        for n in names:
-            p = os.path.join(d, n)
-            if os.path.isfile(p) and not os.path.islink(p):
-                total += os.path.getsize(p)
-                files += 1
-    return total, files
 
 
 # --- execution -------------------------------------------------------------------------------
@@ -640,7 +626,7 @@ def _unlink(path: str) -> None:
 def collect_transit(topo, path: str, nodes: list[str], dest_dir: str, *,
                     fanout: int = DEFAULT_FANOUT, timeout: float | None = None,
                     progress: Progress | None = None, transport: Transport | None = None,
-                    replace: bool = False) -> TransferRun:
+                    replace: bool = False, min_free: int | None = None) -> TransferRun:
     """Bring ``path`` from every node to ``dest_dir/<host>/<name>`` like rpdcp: one tar stream per node.
 
     ``path`` is confined on every node (under its scratch or a ``dest_roots`` entry) before
@@ -651,8 +637,13 @@ def collect_transit(topo, path: str, nodes: list[str], dest_dir: str, *,
     ``dest_dir/<host>/``, and only a complete tree is renamed into place, under the same
     lock and staged-marker rule as stage (an existing copy not made by collect is refused
     unless ``replace``). Owners, groups, modes and mtimes are kept as ``rsync -a`` keeps
-    them. Returns a TransferRun (``hosts[h].tree`` as for stage); raises InvalidRequest
-    on bad input.
+    them. ``dest_dir`` (never a symlink: refused, exit 2) is opened once and every host's
+    unpacker writes below that descriptor; what collect makes there is ``0700``. A host
+    whose next member would leave less than ``min_free`` bytes (None: the default of
+    :func:`inventory.homedir.default_reserve`) free for users on the home file system
+    fails, its node's pack ended, nothing of it kept. Returns a TransferRun
+    (``hosts[h].tree`` as for stage; ``files`` and ``payload_bytes`` count the regular
+    files of the trees collected); raises InvalidRequest on bad input.
     """
     if not nodes:
         raise InvalidRequest("no nodes selected", hint="name nodes like ccn[01-04] or @nodes")
@@ -666,127 +657,204 @@ def collect_transit(topo, path: str, nodes: list[str], dest_dir: str, *,
     if path is None or path == "":
         raise InvalidRequest("no PATH given", hint="name a path relative to each node's scratch")
     confined = {h.name: confine_dest(h, "scratch", path, option="PATH") for h in hosts}
+    for name in {d.name for d in confined.values()}:
+        check_collect_name(name)
     dest_dir = os.path.abspath(dest_dir)
     own = transport is None
     transport = transport or transport_for(topo)
     try:
         return _collect(topo, path, hosts, confined, dest_dir, transport, fanout=fanout,
-                        timeout=timeout, progress=progress, replace=replace)
+                        timeout=timeout, progress=progress, replace=replace,
+                        min_free=min_free)
     finally:
         if own:
             transport.close()
 
 
+class _Stopper:
+    """The stop of a collect (SIGTERM, Ctrl-C): from then on no host starts, and every host
+    under way has its ``cancel`` set, which ends its node's pack (the transport ends the
+    command and its processes) and keeps its stream from being committed."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._under_way: set[threading.Event] = set()
+        self.stopped = False
+
+    def start(self) -> threading.Event | None:
+        """A new host's cancel event, or None once stopped (the host does not start)."""
+        with self._lock:
+            if self.stopped:
+                return None
+            ev = threading.Event()
+            self._under_way.add(ev)
+            return ev
+
+    def end(self, ev: threading.Event) -> None:
+        with self._lock:
+            self._under_way.discard(ev)
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped = True
+            for ev in self._under_way:
+                ev.set()
+
+
 def _collect(topo, path: str, hosts: list, confined: dict[str, HostDest], dest_dir: str,
              transport: Transport, *, fanout: int, timeout: float | None,
-             progress: Progress | None, replace: bool) -> TransferRun:
+             progress: Progress | None, replace: bool, min_free: int | None) -> TransferRun:
     """collect_transit once its input is checked: preflight, then one stream per node."""
+    from inventory.beneath import BeneathError
+    from inventory.homedir import drop_collect_dir, open_collect_dir
+
     t0 = time.monotonic()
     refused = _preflight(topo, hosts, confined, transport, fanout, timeout)
     if refused:  # a device node or a symlink on some node: nothing is sent or made here
         return _refused_collect(path, dest_dir, hosts, refused, time.monotonic() - t0)
-    try:
-        os.makedirs(dest_dir, exist_ok=True)
+    try:  # opened once, never through a link: every host's unpacker writes below it
+        dfd, made = open_collect_dir(dest_dir, create=True)
+    except BeneathError as e:
+        raise InvalidRequest(e.what, where=e.path) from None
     except OSError as e:
         raise InvalidRequest(f"cannot create the destination: {e.strerror or e}",
                          where=dest_dir) from None
+    tally: dict[str, tuple[int, int]] = {}  # host -> (regular files, their bytes) kept
+    try:
+        hosts_out = _collect_hosts(topo, hosts, confined, dest_dir, dfd, transport, tally,
+                                   fanout=fanout, timeout=timeout, progress=progress,
+                                   replace=replace, min_free=min_free)
+    finally:
+        if made:  # nothing of the run in it (every host failed, or stopped): no trace
+            drop_collect_dir(dest_dir, dfd)
+        os.close(dfd)
+    checked = hosts_out.pop(None)
+    failures = {n: f"collect: {h.error}" for n, h in hosts_out.items() if not h.ok}
+    _tell_trees(hosts_out, failures, "on the home server")
+    total = time.monotonic() - t0
+    moved = sum(h.bytes for h in hosts_out.values())
+    kept = [tally.get(n, (0, 0)) for n, h in hosts_out.items() if h.ok]
+    return TransferRun(
+        method="transit", ok=not failures, source=path, dest=dest_dir, dest_dir=dest_dir,
+        nodes=[h.name for h in hosts], bytes=moved,
+        payload_bytes=sum(b for _, b in kept), files=sum(f for f, _ in kept),
+        seconds=round(total, 6),
+        phases={"check": round(checked - t0, 6), "collect": round(total - checked + t0, 6)},
+        phase_bytes={"collect": moved}, hosts=hosts_out, failures=failures,
+        outcome=outcome(hosts_out, "host"))
+
+
+def _collect_hosts(topo, hosts: list, confined: dict[str, HostDest], dest_dir: str,
+                   dfd: int, transport: Transport, tally: dict, *, fanout: int,
+                   timeout: float | None, progress: Progress | None, replace: bool,
+                   min_free: int | None) -> dict:
+    """Every host's TransferHost (and, under None, when the streams began: monotonic);
+    ``tally`` gets each host's (regular files, bytes) its unpacker kept."""
     job = uuid.uuid4().hex[:12]
     # appended by us after a node's tar ended well; the node never sees it, so a stream
     # cut short (node failed, killed, timed out) is never committed however it looks
     commit = f"CHIBA-COMMIT-{uuid.uuid4().hex}"
     base = agent_argv(topo)
     home_argv = [sys.executable, "-m", "legacy_transit.transit_agent", "extract"]
-    checked = time.monotonic() - t0
+    began = time.monotonic()
     progress = or_silent(progress)
     progress.phase("collect", hosts=len(hosts))
-    stop = threading.Event()  # set when the command is stopped (SIGTERM, Ctrl-C)
+    stopper = _Stopper()
 
     def one(h) -> TransferHost:
         s = time.monotonic()
-        if stop.is_set():
+        cancel = stopper.start()
+        if cancel is None:
             return TransferHost.failed("not started: the collect was stopped",
                                        stage="collect", tree="none", tree_path=None,
                                        previous=None)
-        d = confined[h.name]
-        shown = os.path.join(dest_dir, h.name, d.name)
-        spec = {"root": dest_dir, "rel": f"{h.name}/{d.name}", "display": shown,
-                "inner": d.name, "top": d.name, "job": job, "replace": bool(replace),
-                "timeout": timeout, "input": "-", "commit": commit}
-        # its own session: a Ctrl-C at the terminal must not stop it half-way through
-        # renaming a tree into place; the end of its input (with or without the commit
-        # token) decides what it does
-        untar = subprocess.Popen([*home_argv, json.dumps(spec)], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 env={**os.environ, "PYTHONPATH": _REPO_ROOT}, cwd="/",
-                                 start_new_session=True)
-        moved = [0]
-
-        def sink(b: bytes) -> None:
-            if stop.is_set():
-                return  # stopped: the rest of this node's stream is not unpacked
-            moved[0] += len(b)
-            try:
-                untar.stdin.write(b)
-            except (BrokenPipeError, ValueError):
-                pass  # the home side refused the stream: its result says why
-
-        host_dir = os.path.join(dest_dir, h.name)
-        had_dir = os.path.lexists(host_dir)
-        node_spec = {"root": h.local_path(d.root), "rel": d.rel, "display": d.path,
-                     "host_root": d.root}
-        r = transport.run(h, [*base, "pack", json.dumps(node_spec)], timeout=timeout,
-                          on_stdout=sink)
-        if r.ok and not stop.is_set():  # only then may the home side rename it in
-            sink(commit.encode())
-            moved[0] -= len(commit)
-        out, lerr = untar.communicate()  # closes its stdin: end of the stream
-        got = node_result(_Out(out)) or {
-            "ok": False, "tree": "unknown", "path": None, "previous": None,
-            "error": f"the home unpacker printed no result: "
-                     f"{(lerr.decode(errors='replace').strip().splitlines() or ['?'])[-1]}"}
-        err = None
-        if not r.ok:
-            err = f"on {h.name}: {r.reason()}"
-        if not got["ok"]:
-            err = f"{err}; " if err else ""
-            err += f"home: {got['error']}"
-        if err and not had_dir and got.get("tree") == "none":
-            try:
-                os.rmdir(host_dir)  # made for this run and still empty: leave no trace
-            except OSError:
-                pass
-        secs = time.monotonic() - s
-        return TransferHost(ok=err is None, bytes=moved[0], seconds=round(secs, 6),
-                            throughput_bps=round(moved[0] * 8 / secs, 1) if secs else 0.0,
-                            stage="done" if err is None else "collect", error=err,
-                            tree=got.get("tree"), tree_path=got.get("path"),
-                            previous=got.get("previous"))
+        try:
+            return _collect_one(h, confined[h.name], dest_dir, dfd, transport, cancel,
+                                stopper, s, [*base, "pack"], home_argv, tally,
+                                {"job": job, "replace": bool(replace), "timeout": timeout,
+                                 "commit": commit, "min_free": min_free})
+        finally:
+            stopper.end(cancel)
 
     def done(got) -> None:
         progress.host_done(got.host, got.ok and got.value.ok)
 
-    hosts_out = _stoppable(hosts, one, fanout, done, stop)
-    failures = {n: f"collect: {h.error}" for n, h in hosts_out.items() if not h.ok}
-    _tell_trees(hosts_out, failures, "on the home server")
-    total = time.monotonic() - t0
-    moved = sum(h.bytes for h in hosts_out.values())
-    payload, files = tree_size(dest_dir)
-    return TransferRun(
-        method="transit", ok=not failures, source=path, dest=dest_dir, dest_dir=dest_dir,
-        nodes=[h.name for h in hosts], bytes=moved, payload_bytes=payload, files=files,
-        seconds=round(total, 6),
-        phases={"check": round(checked, 6), "collect": round(total - checked, 6)},
-        phase_bytes={"collect": moved}, hosts=hosts_out, failures=failures,
-        outcome=outcome(hosts_out, "host"))
+    return {None: began, **_stoppable(hosts, one, fanout, done, stopper)}
 
 
-def _stoppable(hosts: list, one, fanout: int, done, stop: threading.Event
+def _collect_one(h, d: HostDest, dest_dir: str, dfd: int, transport: Transport,
+                 cancel: threading.Event, stopper: _Stopper, s: float, pack_argv: list,
+                 home_argv: list, tally: dict, common: dict) -> TransferHost:
+    """One host: its node's pack streamed into the home unpacker (transit_agent extract,
+    DIR passed down as the descriptor ``dfd``). ``cancel`` ends the node's pack: set by a
+    stop, or here when the unpacker refused the stream (a member refused, the home file
+    system's reserve reached), so that the node does not read the rest for nothing."""
+    shown = os.path.join(dest_dir, h.name, d.name)
+    spec = {"root": dest_dir, "root_fd": dfd, "rel": f"{h.name}/{d.name}",
+            "display": shown, "inner": d.name, "top": d.name, "input": "-", **common}
+    # its own session: a Ctrl-C at the terminal must not stop it half-way through
+    # renaming a tree into place; the end of its input (with or without the commit
+    # token) decides what it does
+    untar = subprocess.Popen([*home_argv, json.dumps(spec)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": _REPO_ROOT}, cwd="/",
+                             start_new_session=True, pass_fds=(dfd,))
+    moved = [0]
+    refused_home = threading.Event()
+
+    def sink(b: bytes) -> None:
+        if cancel.is_set():
+            return  # stopped or refused: the rest of this node's stream is not unpacked
+        moved[0] += len(b)
+        try:
+            untar.stdin.write(b)
+        except (BrokenPipeError, ValueError):
+            refused_home.set()  # the home side refused the stream: its result says why
+            cancel.set()
+
+    had_dir = _exists(dfd, h.name)
+    node_spec = {"root": h.local_path(d.root), "rel": d.rel, "display": d.path,
+                 "host_root": d.root}
+    r = transport.run(h, [*pack_argv, json.dumps(node_spec)], timeout=common["timeout"],
+                      on_stdout=sink, cancel=cancel)
+    if r.ok and not cancel.is_set():  # only then may the home side rename it in
+        sink(common["commit"].encode())
+        moved[0] -= len(common["commit"])
+    out, lerr = untar.communicate()  # closes its stdin: end of the stream
+    got = node_result(_Out(out)) or {
+        "ok": False, "tree": "unknown", "path": None, "previous": None,
+        "error": f"the home unpacker printed no result: "
+                 f"{(lerr.decode(errors='replace').strip().splitlines() or ['?'])[-1]}"}
+    err = None
+    if stopper.stopped and not got["ok"]:
+        err = "not collected: the collect was stopped while it was under way"
+    elif not r.ok and not refused_home.is_set():
+        err = f"on {h.name}: {r.reason()}"
+    if err is None and not got["ok"]:
+        err = f"home: {got['error']}" if refused_home.is_set() or r.ok else \
+            f"on {h.name}: {r.reason()}; home: {got['error']}"
+    if err and not had_dir and got.get("tree") == "none":
+        try:
+            os.rmdir(h.name, dir_fd=dfd)  # made for this run and still empty: no trace
+        except OSError:
+            pass
+    tally[h.name] = (int(got.get("files") or 0), int(got.get("bytes") or 0))
+    secs = time.monotonic() - s
+    return TransferHost(ok=err is None, bytes=moved[0], seconds=round(secs, 6),
+                        throughput_bps=round(moved[0] * 8 / secs, 1) if secs else 0.0,
+                        stage="done" if err is None else "collect", error=err,
+                        tree=got.get("tree"), tree_path=got.get("path"),
+                        previous=got.get("previous"))
+
+
+def _stoppable(hosts: list, one, fanout: int, done, stopper: _Stopper
                ) -> dict[str, TransferHost]:
     """Every host's outcome of ``one`` (a window of ``fanout``), the main thread left free
-    to take a SIGTERM or Ctrl-C. Stopped, ``stop`` is set: no host starts and none is
-    committed from then on; the hosts under way end (their nodes' commands run to their
-    end: the transport cannot stop them), then one line on stderr says which hosts'
-    copies are in place before the stop goes on (exit 143 or 130)."""
+    to take a SIGTERM or Ctrl-C. Stopped, ``stopper`` stops: no host starts and none is
+    committed from then on, and the hosts under way have their nodes' packs ended; once
+    they have ended, one line on stderr says which hosts' copies are in place before the
+    stop goes on (exit 143 or 130). A second SIGTERM or Ctrl-C meanwhile is ignored (the
+    hosts end within moments): the line is still said and nothing half-done is left."""
     got: dict = {}
     ended = threading.Event()  # not Thread.join: one interrupted by a signal marks a
     # live thread as ended (CPython's bpo-45274 fix), and the next join returns at once
@@ -802,15 +870,29 @@ def _stoppable(hosts: list, one, fanout: int, done, stop: threading.Event
         while not ended.wait(0.2):
             pass
     except KeyboardInterrupt:
-        stop.set()
-        ended.wait()
-        from chiba_admin.console import get_err_console
+        # Python runs its handlers in the main thread whichever thread the signal reached,
+        # so a blocked mask would not hold a second one off: ignore it until the line is said
+        before = _ignore_stops()
+        try:
+            stopper.stop()
+            ended.wait()
+            from chiba_admin.console import get_err_console
 
-        said = outcome(_host_rows(got), "host")
-        get_err_console().print(f"chiba-admin collect: stopped; {said}", markup=False,
-                                highlight=False)
+            said = outcome(_host_rows(got), "host")
+            get_err_console().print(f"chiba-admin collect: stopped; {said}", markup=False,
+                                    highlight=False)
+        finally:
+            for signum, handler in before.items():
+                signal.signal(signum, handler)
         raise
     return _host_rows(got)
+
+
+def _ignore_stops() -> dict:
+    """Ignore SIGTERM and SIGINT (main thread only); returns the handlers to put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)}
 
 
 def _host_rows(got: dict) -> dict[str, TransferHost]:

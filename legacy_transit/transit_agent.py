@@ -151,7 +151,60 @@ def _read_exact(inp, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _feed_sanitized(inp, out, top: str, commit: str) -> list[dict]:
+class _Tally:
+    """collect's home side, member by member: the regular files kept and their bytes, and
+    the :class:`inventory.homedir.SpaceGuard` of ``DIR`` asked before each member goes to
+    tar, then told of each piece of its data as it is written (tar writes a pipe's worth
+    behind)."""
+
+    def __init__(self, dir_fd: int, spec: dict):
+        from inventory.homedir import SpaceGuard
+
+        self.guard = SpaceGuard(dir_fd, spec.get("min_free"), spec["root"])
+        self.files = self.bytes = 0
+        self._sizes: dict[str, int] = {}
+        self._left = 0  # of the current member's cost, not yet written
+
+    def admit(self, m, name: str, data):
+        """Take member ``m``'s space (NoSpace when it does not fit), count it; returns its
+        data (a file object, or None) to be read through :meth:`_wrote`."""
+        from inventory.homedir import member_cost
+
+        cost = member_cost(m.size if m.isreg() else 0)
+        self.guard.take(cost)
+        self._left = cost
+        if m.isreg():
+            self._sizes[name] = m.size
+        if m.isreg() or m.islnk():  # as many paths and bytes as the tree will show
+            self.files += 1
+            self.bytes += self._sizes.get(m.linkname, 0) if m.islnk() else m.size
+        return _Metered(data, self._wrote) if data is not None else None
+
+    def _wrote(self, n: int) -> None:
+        n = min(n, self._left)
+        self._left -= n
+        self.guard.wrote(n)
+
+    def settle(self) -> None:
+        """The member is handed to tar: the rest of its cost (blocks, inode) is taken."""
+        self.guard.wrote(self._left, check=False)
+        self._left = 0
+
+
+class _Metered:
+    """A member's data, each piece read reported to ``wrote`` (it goes to tar next)."""
+
+    def __init__(self, f, wrote):
+        self._f, self._wrote = f, wrote
+
+    def read(self, n: int = -1) -> bytes:
+        b = self._f.read(n)
+        self._wrote(len(b))
+        return b
+
+
+def _feed_sanitized(inp, out, top: str, commit: str, tally: _Tally | None = None
+                    ) -> list[dict]:
     """Re-emit an untrusted tar stream (a node's, for collect) into ``out``, safe members only.
 
     The stream starts with the node's header line (:data:`PACK_HEADER` + JSON, see
@@ -168,12 +221,15 @@ def _feed_sanitized(inp, out, top: str, commit: str) -> list[dict]:
     nanosecond) pass through as the node's tar recorded them. After the archive only zero
     padding and then ``commit`` may follow (the caller appends it once the node's tar
     exited 0): without it the stream was cut short and ExtractError is raised, so a
-    truncated tree is never renamed into place.
+    truncated tree is never renamed into place. With ``tally``, each member is counted
+    and its space taken first: the home file system's reserve reached raises ExtractError
+    (its line says where and how much was left) before the member is written.
     """
     import re
     import tarfile
 
     from inventory.beneath import shown_name
+    from inventory.homedir import NoSpace
 
     mtime_ok = re.compile(r"-?[0-9]{1,20}(\.[0-9]{1,9})?\Z")
     kinds: dict[str, str] = {}  # path -> "d" (directory), "f" (regular), "o" (other)
@@ -210,7 +266,12 @@ def _feed_sanitized(inp, out, top: str, commit: str) -> list[dict]:
             mtime = m.pax_headers.get("mtime", "")
             m.pax_headers = {"mtime": mtime} if mtime_ok.match(mtime) else {}
             m.name, m.uname, m.gname = name, "", ""  # numeric owners, as the node recorded
-            w.addfile(m, src.extractfile(m) if m.isreg() else None)
+            data = src.extractfile(m) if m.isreg() else None
+            if tally is not None:
+                data = tally.admit(m, name, data)
+            w.addfile(m, data)
+            if tally is not None:
+                tally.settle()
         rest, token = b"", commit.encode()
         while len(rest) <= (1 << 20):  # tar pads to its record size (10 KiB by default)
             more = src.fileobj.read(_READ)
@@ -229,6 +290,8 @@ def _feed_sanitized(inp, out, top: str, commit: str) -> list[dict]:
         return sockets
     except tarfile.TarError as e:
         raise ExtractError(f"the node sent a damaged tar stream: {e}") from None
+    except NoSpace as e:
+        raise ExtractError(str(e)) from None
     finally:
         if w is not None and not w.closed:  # refused: tar is killed, flush nothing more
             w.closed = w.fileobj.closed = True
@@ -280,7 +343,10 @@ def extract(spec: dict, inp) -> dict:
     the user), ``host_root`` (``root`` as the host names it, for messages), and either
     ``hashes``/``chunk``/``size`` (stage: bytes are verified before tar sees them; ``root``
     must be this host's scratch or one of its dest_roots, :func:`_dest_parts`) or ``top``
-    (collect, on the home server: the stream is sanitized, see :func:`_feed_sanitized`).
+    (collect, on the home server: the stream is sanitized, see :func:`_feed_sanitized`;
+    ``root_fd``, the descriptor of ``root``, ``DIR``, that the CLI opened once and passed
+    down; the missing ``DIR/<host>`` is made ``0700``; ``min_free``, the reserve of its
+    :class:`inventory.homedir.SpaceGuard`, None for the default).
 
     The parent of the destination is walked without following symlinks
     (:mod:`inventory.beneath`), the destination's lock is taken, and tar runs with its
@@ -293,7 +359,8 @@ def extract(spec: dict, inp) -> dict:
     Returns ``{"ok", "error", "tree", "path", "previous"}``: ``tree`` is ``"complete"``
     (``path`` is the destination), ``"none"`` (nothing of this run is left) or
     ``"partial"`` (``path`` names what could not be removed); ``previous`` is the display
-    path of an earlier tree left untouched, if any.
+    path of an earlier tree left untouched, if any; collect adds ``files`` and ``bytes``
+    (the regular files of the tree and their size).
     """
     from inventory.beneath import (BeneathError, lock_dest, mark_staged, open_dir_beneath,
                                    remove_entry, unlock_dest, was_staged)
@@ -310,7 +377,9 @@ def extract(spec: dict, inp) -> dict:
     fds: list[int] = []
     try:
         fds.append(_open_dest_root(spec))
+        # collect's DIR/<host>: root-only, a node's setuid-root files come home in it
         parent_fd = open_dir_beneath(fds[0], parent_rel, create=True,
+                                     mode=0o700 if "top" in spec else 0o755,
                                      display=spec.get("host_root") or spec["root"])
         fds.append(parent_fd)
         lock = lock_dest(parent_fd, name, display=shown_parent)
@@ -334,7 +403,8 @@ def extract(spec: dict, inp) -> dict:
             work = os.open("tree", _DIR_FLAGS, dir_fd=tmp_fd)
             fds.append(work)
         try:
-            listed = _untar(spec, inp, work)  # collect: the sockets the node listed
+            tally = _Tally(parent_fd, spec) if "top" in spec else None
+            listed = _untar(spec, inp, work, tally)  # collect: the sockets the node listed
             _make_sockets(work, spec.get("sockets") or listed)
         except BaseException:
             if existed:
@@ -344,6 +414,8 @@ def extract(spec: dict, inp) -> dict:
               shown)
         mark_staged(parent_fd, name, job)
         res.update(ok=True, tree="complete", path=shown)
+        if tally is not None:
+            res.update(files=tally.files, bytes=tally.bytes)
         return res
     except (ExtractError, OSError) as e:
         res["error"] = str(e) if isinstance(e, ExtractError) else \
@@ -395,9 +467,20 @@ def _dest_parts(spec: dict, *, own_root: bool) -> tuple[str, str]:
 
 
 def _open_dest_root(spec: dict) -> int:
-    """``spec["root"]`` opened; a BeneathError names it as the host does (``host_root``)."""
+    """``spec["root"]`` opened; a BeneathError names it as the host does (``host_root``).
+    collect's (``top``) is a copy of ``root_fd``, the descriptor its CLI opened on ``DIR``
+    without following a link: every host's unpacker writes below the directory checked."""
     from inventory.beneath import BeneathError, open_root
 
+    if "top" in spec and spec.get("root_fd") is not None:
+        import errno
+        import stat
+
+        fd = os.dup(int(spec["root_fd"]))
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise BeneathError(errno.ENOTDIR, "is not a directory", spec["root"])
+        return fd
     try:
         return open_root(spec["root"])
     except BeneathError as e:
@@ -487,10 +570,11 @@ def _close(fds: list[int]) -> None:
         os.close(fd)
 
 
-def _untar(spec: dict, inp, work_fd: int) -> list[dict]:
+def _untar(spec: dict, inp, work_fd: int, tally: "_Tally | None" = None) -> list[dict]:
     """Run GNU tar -x in directory ``work_fd`` (fchdir: no path is resolved) fed from ``inp``.
 
-    Returns the sockets a node's sanitized stream listed (collect; ``[]`` for stage)."""
+    Returns the sockets a node's sanitized stream listed (collect, whose members are
+    counted and guarded by ``tally``; ``[]`` for stage)."""
     import subprocess
     import threading
 
@@ -513,7 +597,7 @@ def _untar(spec: dict, inp, work_fd: int) -> list[dict]:
     try:
         try:
             if spec.get("top"):
-                sockets = _feed_sanitized(inp, p.stdin, spec["top"], spec["commit"])
+                sockets = _feed_sanitized(inp, p.stdin, spec["top"], spec["commit"], tally)
             else:
                 _feed_verified(inp, p.stdin, spec["hashes"], int(spec["chunk"]),
                                int(spec["size"]))
@@ -676,16 +760,17 @@ def check_path(spec: dict) -> dict:
     import errno
 
     from inventory.beneath import BeneathError
-    from inventory.source import find_device, unreadable
+    from inventory.source import find_device, shown_path, unreadable
 
     shown = spec.get("display") or spec["rel"]
     try:
         parent, name = _open_parent(spec)
-    except BeneathError as e:
+    except BeneathError as e:  # the path escaped: a newline must not cut the line
         if e.errno == errno.ELOOP:
-            return {"ok": False, "device": None, "error": None,
-                    "symlink": f"{e.path}: is a symbolic link ({SYMLINK_HINT})"}
-        return {"ok": False, "device": None, "symlink": None, "error": str(e)}
+            return {"ok": False, "device": None, "error": None, "symlink":
+                    f"{shown_path(e.path)}: is a symbolic link ({SYMLINK_HINT})"}
+        return {"ok": False, "device": None, "symlink": None,
+                "error": f"{shown_path(e.path)}: {e.what}"}
     try:
         dev = find_device(parent, name)
     except OSError as e:

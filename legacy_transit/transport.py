@@ -31,6 +31,7 @@ __all__ = [
     "UNREACHABLE",
     "RUN_TAG",
     "end_tagged_line",
+    "STOPPED",
 ]
 
 # ssh(1) exits 255 when it cannot reach a host; pdsh -S reports the same, so do we.
@@ -44,6 +45,10 @@ _GENERIC_TRAILERS = ("Exiting with failure status", "Error is not recoverable")
 RUN_TAG = "CHIBA_RUN_TAG"
 _TAG = re.compile(r"[0-9a-f]{16}(/[0-9a-f]{16})*")
 _END_ROUNDS = 5  # kills of processes forked between one scan and the next
+# a run's ``cancel`` is looked at this often (seconds)
+_CANCEL_POLL = 0.1
+# RunResult.error of a command ended because its caller set ``cancel``
+STOPPED = "stopped before it ended: its caller stopped it"
 
 Command = Union[str, Sequence[str]]
 Sink = Callable[[bytes], None]
@@ -109,11 +114,15 @@ class Transport:
 
     def run(self, host, cmd: Command, timeout: float | None = None,
             env: dict[str, str] | None = None, stdin: Stdin = None,
-            on_stdout: Sink | None = None, on_stderr: Sink | None = None) -> RunResult:
+            on_stdout: Sink | None = None, on_stderr: Sink | None = None,
+            cancel: threading.Event | None = None) -> RunResult:
         """Run ``cmd`` on ``host``; never raises for host trouble (it is in ``error``).
 
         Output chunks go to ``on_stdout``/``on_stderr`` as they arrive (and are then not
         kept in the result); ``stdin`` may be bytes, text or a binary file streamed in.
+        ``cancel`` set (from another thread) ends the command and every process it
+        started, as ``timeout`` does, within a tenth of a second: ``error`` then says
+        it was stopped (:data:`STOPPED`).
         """
         raise NotImplementedError
 
@@ -252,9 +261,20 @@ def _end_status(rc: int) -> str | None:
             3: "grep cannot read NUL-separated input (-z)"}.get(rc, f"exit {rc}")
 
 
-def _timeout_error(timeout: float, not_ended: str | None) -> str:
-    msg = f"command timed out after {_fmt_timeout(timeout)}"
+def _timeout_error(timeout: float | None, not_ended: str | None,
+                   cancel: threading.Event | None = None) -> str:
+    stopped = cancel is not None and cancel.is_set()
+    msg = STOPPED if stopped else f"command timed out after {_fmt_timeout(timeout)}"
     return msg + (f"; could not end its processes: {not_ended}" if not_ended else "")
+
+
+def _slice(deadline: float | None, cancel: threading.Event | None) -> float | None:
+    """How long to wait before looking again: until ``deadline``, and at most a tenth of
+    a second while ``cancel`` may be set; 0.0 once either has come."""
+    if cancel is not None and cancel.is_set():
+        return 0.0
+    left = _left(deadline)
+    return left if cancel is None else min(_CANCEL_POLL, _CANCEL_POLL if left is None else left)
 
 
 # --- local: the embedded cluster ---------------------------------------------------------
@@ -263,7 +283,8 @@ class LocalTransport(Transport):
 
     def run(self, host, cmd: Command, timeout: float | None = None,
             env: dict[str, str] | None = None, stdin: Stdin = None,
-            on_stdout: Sink | None = None, on_stderr: Sink | None = None) -> RunResult:
+            on_stdout: Sink | None = None, on_stderr: Sink | None = None,
+            cancel: threading.Event | None = None) -> RunResult:
         t0 = time.monotonic()
         deadline = None if timeout is None else t0 + timeout
         tag = _new_tag()
@@ -287,14 +308,16 @@ class LocalTransport(Transport):
         rc = None
         # The leader is reaped only after its outputs closed: until then its pid, hence
         # its process group, cannot be reused, so the killpg below hits nobody else.
-        if reader.read_until(deadline):
-            try:
-                rc = p.wait(timeout=_left(deadline))
-            except subprocess.TimeoutExpired:
-                pass  # it closed its outputs but kept running
+        if reader.read_until(deadline, cancel):
+            while rc is None and (left := _slice(deadline, cancel)) != 0.0:
+                try:
+                    rc = p.wait(timeout=left)
+                except subprocess.TimeoutExpired:
+                    pass  # it closed its outputs but kept running
         error = None
-        if rc is None:  # -u reached, maybe only by a background child holding the output
-            error = _timeout_error(timeout, _end_local(p, tag))
+        if rc is None:  # -u reached (maybe only by a background child holding the
+            # output), or cancelled
+            error = _timeout_error(timeout, _end_local(p, tag), cancel)
             p.wait()
             reader.drain()
             rc = UNREACHABLE
@@ -338,10 +361,12 @@ class _PipeReader:
             os.set_blocking(f.fileno(), False)
             self._sel.register(f, selectors.EVENT_READ, sink)
 
-    def read_until(self, deadline: float | None) -> bool:
-        """Forward chunks to the sinks until every pipe is at EOF (True) or the deadline."""
+    def read_until(self, deadline: float | None,
+                   cancel: threading.Event | None = None) -> bool:
+        """Forward chunks to the sinks until every pipe is at EOF (True), or the deadline
+        or ``cancel`` came (False)."""
         while self._sel.get_map():
-            wait = _left(deadline)
+            wait = _slice(deadline, cancel)
             if wait == 0.0:
                 return False
             for key, _ in self._sel.select(wait):
@@ -506,7 +531,8 @@ class SSHTransport(Transport):
     # commands -------------------------------------------------------------------------
     def run(self, host, cmd: Command, timeout: float | None = None,
             env: dict[str, str] | None = None, stdin: Stdin = None,
-            on_stdout: Sink | None = None, on_stderr: Sink | None = None) -> RunResult:
+            on_stdout: Sink | None = None, on_stderr: Sink | None = None,
+            cancel: threading.Event | None = None) -> RunResult:
         t0 = time.monotonic()
         tag = _new_tag()
         full_env = {**host.environment(), **(env or {}), RUN_TAG: tag}
@@ -531,16 +557,14 @@ class SSHTransport(Transport):
                 t.start()
             # -u bounds the command; connecting was bounded by the connect timeout (-t)
             deadline = None if timeout is None else time.monotonic() + timeout
-            for t in threads[:2]:
-                t.join(_left(deadline))
             # sshd closes the outputs only when every holder has closed them (a background
             # child keeps them open) and sends the exit status only when the command ended
-            if any(t.is_alive() for t in threads[:2]) or \
-                    not chan.status_event.wait(_left(deadline)):
+            if not _ended(threads[:2], chan.status_event, deadline, cancel):
                 not_ended = self._end_remote(host, tag)
                 chan.close()
                 return RunResult(host.name, UNREACHABLE, out.value(), err.value(),
-                                 _timeout_error(timeout, not_ended), time.monotonic() - t0)
+                                 _timeout_error(timeout, not_ended, cancel),
+                                 time.monotonic() - t0)
             rc = chan.recv_exit_status()
             threads[2].join(1.0)
             if rc == -1:  # the channel closed without an exit status: the link died
@@ -622,6 +646,18 @@ def _sftp_isdir(sftp, path: str) -> bool:
         return stat.S_ISDIR(sftp.stat(path).st_mode)
     except OSError:
         return False
+
+
+def _ended(pumps: list[threading.Thread], status: threading.Event, deadline: float | None,
+           cancel: threading.Event | None) -> bool:
+    """Wait until the output ``pumps`` end and the exit ``status`` came (True), or the
+    deadline or ``cancel`` comes first (False)."""
+    for t in pumps:
+        while t.is_alive() and (left := _slice(deadline, cancel)) != 0.0:
+            t.join(left)
+    while not status.is_set() and (left := _slice(deadline, cancel)) != 0.0:
+        status.wait(left)
+    return not any(t.is_alive() for t in pumps) and status.is_set()
 
 
 def _chan_pump(recv: Callable[[int], bytes], sink: _Collector) -> None:

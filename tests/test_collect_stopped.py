@@ -7,7 +7,10 @@ must leave no lock file, temporary directory or empty per-host directory of its 
 behind; a stop in the middle of one host's move finishes it (the host's previous copy is
 never lost). Fault points (mpitools/common/faults.py) hold rank 0 at the moment wanted,
 and each test compares the wording with what is on disk. City Transit's collect, stopped
-by SIGTERM, commits no host after the stop and says which hosts' copies are in place.
+by SIGTERM, commits no host after the stop, ends the nodes' packs under way at once, and
+says which hosts' copies are in place.
+Whatever a test started is killed when it ends, its mpiexec job included
+(``support.cluster.end_job``): a rank held at a fault point must not outlive the test.
 """
 
 from __future__ import annotations
@@ -16,13 +19,11 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from support.cluster import DEMO
+from support.cluster import cli_process, end_job, fault_gate, wait_ready
 from support.fakes import node_tar
 from support.trees import assert_same_tree, make_tree
 
@@ -169,21 +170,17 @@ def test_stopped_while_a_copy_is_moved_in_finishes_that_move(embedded, cli, tmp_
     for n in TOWN1:
         shutil.rmtree(old[n])
         shutil.copytree(new[n], old[n], symlinks=True)
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    for f in ("ready", "go"):
-        os.mkfifo(gate / f)
-    fault = {"point": "collect.aside", "rank": 0, "do": "barrier", "dir": str(gate)}
-    p = _cli_process(embedded, "collect", "res", "--nodes", "@town1", "--dest", str(out),
-                     env={"CHIBA_FAULTS": json.dumps(fault)})
+    gate, fault = fault_gate(tmp_path, "collect.aside")
+    p = cli_process(embedded, "collect", "res", "--nodes", "@town1", "--dest", str(out),
+                    env={"CHIBA_FAULTS": json.dumps(fault)})
     try:
-        _wait_ready(gate / "ready", p)  # rank 0 has moved one previous copy aside
+        wait_ready(gate / "ready", p)  # rank 0 has moved one previous copy aside
         aside = [n for n in TOWN1 if not (out / n / "res").exists()]
         assert len(aside) == 1, aside
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=60)
     finally:
-        p.kill()
+        end_job(p, embedded)
     assert p.returncode == 143, err
     assert _in_place(out) == TOWN1  # nothing left aside, every slot holds a copy
     assert_same_tree(new[aside[0]], out / aside[0] / "res")
@@ -193,31 +190,6 @@ def test_stopped_while_a_copy_is_moved_in_finishes_that_move(embedded, cli, tmp_
     assert (f"chiba-admin collect: stopped; collected before the job was stopped, into "
             f"{out}/<host>/res: {aside[0]} (1 of 4); not collected: ") in err.decode()
     assert _rank_processes(embedded) == []
-
-
-def _wait_ready(fifo, p: subprocess.Popen, seconds: float = 60) -> None:
-    """Read the fault barrier's "ready" (mpitools/common/faults.py) without hanging if the
-    command ends or never gets there."""
-    import select
-
-    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        end = time.time() + seconds
-        while True:
-            assert p.poll() is None, p.communicate()
-            assert time.time() < end, "rank 0 never reached the fault point"
-            if select.select([fd], [], [], 0.2)[0] and os.read(fd, 64) == b"ready\n":
-                return
-            time.sleep(0.05)  # no writer yet: the FIFO reads as at its end
-    finally:
-        os.close(fd)
-
-
-def _cli_process(topo, *args, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", "from chiba_admin.cli import run; run()", *args],
-        env={**os.environ, "CHIBA_STATE": topo.state_dir, "CHIBA_CLUSTER": DEMO, **env},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
 
 
 def _wait_for(pred, seconds: float = 60) -> None:
@@ -232,15 +204,15 @@ def test_mpi_collect_terminated_says_what_is_in_place(embedded, tmp_path):
     "terminated" one line says which copy is in place; nothing else of the run is left."""
     _trees(embedded)
     out = tmp_path / "back"
-    p = _cli_process(embedded, "collect", "res", "--nodes", "@town1", "--dest", str(out),
-                     env={"CHIBA_FAULTS": _hold("collect.committed")})
+    p = cli_process(embedded, "collect", "res", "--nodes", "@town1", "--dest", str(out),
+                    env={"CHIBA_FAULTS": _hold("collect.committed")})
     try:
         _wait_for(lambda: out.exists() and any(
             (out / n / ".res.chiba-staged").exists() for n in os.listdir(out)))
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=60)
     finally:
-        p.kill()
+        end_job(p, embedded)
     assert p.returncode == 143, err
     got = _in_place(out)
     assert len(got) == 1
@@ -249,32 +221,6 @@ def test_mpi_collect_terminated_says_what_is_in_place(embedded, tmp_path):
     assert (f"chiba-admin collect: stopped; collected before the job was stopped, into "
             f"{out}/<host>/res: {got[0]} (1 of 4); not collected: ") in err.decode()
     assert _rank_processes(embedded) == []
-
-
-def test_transit_collect_terminated_commits_nothing_more_and_says_what_is_in_place(
-        embedded, tmp_path):
-    """City Transit: SIGTERM while ccn02's node is still packing. The hosts already in
-    stay; ccn02 is not committed after the stop (before the fix it was, and the command
-    said only "terminated"); one line says which hosts hold a complete tree."""
-    trees = _trees(embedded)
-    out = tmp_path / "back"
-    p = _cli_process(embedded, "collect", "res", "--nodes", "@town1", "--dest", str(out),
-                     "--method", "transit",
-                     env={"PATH": node_tar(tmp_path / "bin", "ccn02", "sleep 4")})
-    others = [n for n in TOWN1 if n != "ccn02"]
-    try:
-        _wait_for(lambda: all((out / n / ".res.chiba-staged").exists() for n in others))
-        p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=60)
-    finally:
-        p.kill()
-    assert p.returncode == 143, err
-    assert _in_place(out) == others
-    for n in others:
-        assert_same_tree(trees[n], out / n / "res")
-    assert err.decode().splitlines()[-1] == "chiba-admin: terminated"
-    assert ("chiba-admin collect: stopped; complete tree on ccn[01,03-04] (3); no tree "
-            "from this run on ccn02 (1)") in err.decode().splitlines()
 
 
 def test_a_result_then_an_overrun_says_every_copy_was_collected():
@@ -295,3 +241,98 @@ def test_a_result_then_an_overrun_says_every_copy_was_collected():
     assert out.outcome == ("every host's copy was collected; then the job overran "
                            "--timeout while exiting")
     assert out.error == "timed out; mpiexec and its ranks were stopped"
+
+
+def test_a_previous_copy_of_a_file_is_put_back_when_rank_0_dies_while_it_is_aside(
+        embedded, cli, tmp_path, monkeypatch):
+    """PATH is a file; a second collect's rank 0 dies (fault ``collect.aside``, exit)
+    after moving the previous copy aside as ``.res.txt.chiba-collect-JOB.old``, before the
+    new one is in. The previous copy is put back (the same file, its content), nothing of
+    the run is left, and the command does not say the slot "changed" (before: clean_stale
+    took only directories for its own, res.txt stayed missing, the file stayed aside, and
+    the line said res.txt "changed but has no mark of this run")."""
+    src = os.path.join(scratch(embedded, "ccn01"), "res.txt")
+    with open(src, "w") as f:
+        f.write("first\n")
+    out = tmp_path / "back"
+    assert cli("collect", "res.txt", "--nodes", "ccn01", "--dest", str(out)).code == 0
+    slot = out / "ccn01"
+    kept = os.lstat(slot / "res.txt").st_ino
+    with open(src, "w") as f:
+        f.write("second\n")
+    monkeypatch.setenv("CHIBA_FAULTS", json.dumps(
+        {"point": "collect.aside", "rank": 0, "do": "exit"}))
+    r = cli("collect", "res.txt", "--nodes", "ccn01", "--dest", str(out))
+    assert r.code == 1, r.err
+    assert sorted(os.listdir(slot)) == [".res.txt.chiba-staged", "res.txt"]
+    assert os.lstat(slot / "res.txt").st_ino == kept
+    assert (slot / "res.txt").read_text() == "first\n"
+    assert "changed" not in r.err and "missing" not in r.err
+    assert r.err.splitlines()[-1] == "chiba-admin collect: failed for pres", r.err
+    assert _rank_processes(embedded) == []
+
+
+def test_a_file_only_named_like_a_copy_aside_is_left_alone(embedded, cli, tmp_path):
+    """A non-directory named as a copy aside, with no temporary directory of its job beside
+    it (a user's file, or one planted): not put in place of the missing copy, not
+    removed."""
+    make_tree(os.path.join(scratch(embedded, "ccn01"), "res"), big=1000)
+    out = tmp_path / "back"
+    (out / "ccn01").mkdir(parents=True)
+    planted = out / "ccn01" / ".res.chiba-collect-0123456789ab.old"
+    planted.write_text("not ours\n")
+    r = cli("collect", "res", "--nodes", "ccn01", "--dest", str(out))
+    assert r.code == 0, r.err
+    assert planted.read_text() == "not ours\n"
+    assert (out / "ccn01" / "res").is_dir()
+
+
+def _state_processes(topo) -> list[int]:
+    """Processes whose environment names this test's cluster (every command the
+    transport ran on its hosts, a node's tar and its children included)."""
+    mark, out = f"CHIBA_STATE={topo.state_dir}".encode(), []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != os.getpid():
+            try:
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    if mark in f.read().split(b"\0"):
+                        out.append(int(d))
+            except OSError:
+                continue
+    return out
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_transit_collect_stopped_ends_the_nodes_packs_and_says_what_is_in_place(
+        embedded, tmp_path, signals):
+    """City Transit: SIGTERM (once, or twice in a row) while ccn02's node packs for a
+    minute. ccn02 is not committed after the stop; the command ends within seconds (before: it waited for every node's tar -c to
+    read to its end, 15 s for a 3 GiB sparse file, days for 50 TB); ccn02's pack and its
+    children are gone; the outcome line is said; no empty DIR/ccn02 is left (before, a
+    second SIGTERM cut the line and left it)."""
+    trees = _trees(embedded)
+    out = tmp_path / "back"
+    p = cli_process(embedded, "collect", "res", "--nodes", "@town1", "--dest", str(out),
+                    "--method", "transit",
+                    env={"PATH": node_tar(tmp_path / "bin", "ccn02", "sleep 60")})
+    others = [n for n in TOWN1 if n != "ccn02"]
+    try:
+        _wait_for(lambda: all((out / n / ".res.chiba-staged").exists() for n in others))
+        t = time.monotonic()
+        for _ in range(signals):
+            p.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+        _, err = p.communicate(timeout=90)
+        took = time.monotonic() - t
+    finally:
+        end_job(p, embedded)
+    assert p.returncode == 143, err
+    assert took < 15, took
+    assert _in_place(out) == others
+    for n in others:
+        assert_same_tree(trees[n], out / n / "res")
+    lines = err.decode().splitlines()
+    assert lines[-1] == "chiba-admin: terminated"
+    assert ("chiba-admin collect: stopped; complete tree on ccn[01,03-04] (3); no tree "
+            "from this run on ccn02 (1)") in lines
+    _wait_for(lambda: _state_processes(embedded) == [], seconds=10)

@@ -103,6 +103,38 @@ def test_faults_are_inert_unless_the_job_targets_this_rank(tmp_path):
     assert not t.is_alive()
 
 
+def test_a_fault_barrier_nobody_answers_times_out(tmp_path):
+    """A rank held at a barrier whose test died (nobody reads "ready", or nobody writes
+    "go") gives up after the rule's ``timeout``, so that it never holds its whole job
+    for good (before: it waited on the FIFO forever)."""
+    import time
+
+    os.mkfifo(tmp_path / "ready")
+    os.mkfifo(tmp_path / "go")
+    rule = {"point": "p", "do": "barrier", "dir": str(tmp_path), "timeout": 1}
+    got: list = []
+
+    def hold() -> None:
+        try:
+            Faults([rule], 0).checkpoint("p")
+        except TimeoutError as e:
+            got.append(str(e))
+
+    for answer in (False, True):  # nobody reads "ready"; "ready" read, no "go" written
+        t = threading.Thread(target=hold, daemon=True)
+        start = time.monotonic()
+        t.start()
+        if answer:
+            with open(tmp_path / "ready") as f:
+                assert f.read() == "ready\n"
+        t.join(10)
+        if t.is_alive():  # the thread (a daemon) stays blocked: fail
+            pytest.fail("the barrier did not time out")
+        assert time.monotonic() - start < 5
+        assert got.pop() == (f"fault barrier in {tmp_path}: the test did not answer in "
+                             "time")
+
+
 def test_a_fatal_fault_ends_the_process_hard_once_its_count_is_reached():
     import subprocess
     import sys

@@ -60,6 +60,31 @@ def test_ssh_run_quoting_env_and_reuse(loop):
         assert r.rc == UNREACHABLE and "timed out after 0.5s" in r.error
 
 
+@pytest.mark.parametrize("kind", ["ssh", "local"])
+def test_a_cancelled_run_ends_its_command_at_once(loop, tmp_path, kind):
+    """``cancel`` set from another thread ends the command (and what it started) within
+    moments, as a timeout does, and says it was stopped: collect --method transit ends a
+    node's pack so on a stop (before, only a timeout could)."""
+    import threading
+    import time
+
+    from legacy_transit.transport import STOPPED, LocalTransport
+
+    path, _ = loop
+    h = _topo(path).host("ccn02")
+    mark = tmp_path / "mark"
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+    with (SSHTransport() if kind == "ssh" else LocalTransport()) as t:
+        t0 = time.monotonic()
+        r = t.run(h, f"sleep 30; touch {mark}", cancel=cancel)
+        took = time.monotonic() - t0
+    assert r.rc == UNREACHABLE and r.error == STOPPED, r
+    assert took < 10, took
+    time.sleep(0.5)
+    assert not mark.exists()
+
+
 def test_ssh_put_get(loop, tmp_path):
     path, base = loop
     h = _topo(path).host("mayor1")

@@ -30,6 +30,20 @@ def _chunk(value: str) -> int:
     return n
 
 
+def _min_free(value: str | None) -> int | None:
+    """collect's ``--min-free``: bytes (``0`` keeps no reserve), None for the default."""
+    import re
+
+    if value is None:
+        return None
+    if re.fullmatch(r"\s*0+\s*[a-zA-Z]*\s*", value):
+        return 0
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise UsageError(f"bad --min-free: {e}", hint="e.g. 2GiB, 500M, 0") from None
+
+
 def _no() -> Text:
     return Text("NO", style="red")
 
@@ -235,28 +249,35 @@ def stage_cmd(ctx, src, nodeset, method, chunk, compress, timeout, json_output, 
 @click.argument("path")
 @_common
 @click.option("--dest", "dest_dir", required=True, metavar="DIR",
-              help="Directory on this (home) machine; each host's copy goes to DIR/<host>/.")
+              help="Directory on this (home) machine, not a symlink; each host's copy goes "
+                   "to DIR/<host>/ (DIR and DIR/<host> are made 0700).")
+@click.option("--min-free", default=None, metavar="SIZE",
+              help="Stop a host's copy before the space left for users on DIR's file "
+                   "system would drop below SIZE [default: 1GiB, or 5% of a file system "
+                   "under 20GiB; 0: none].")
 @launch_option
 @pass_ctx
 def collect_cmd(ctx, path, nodeset, method, chunk, compress, timeout, json_output, replace,
-                dest_dir):
+                dest_dir, min_free):
     """Bring PATH (relative to scratch, or absolute) back from every node into DIR/<host>/."""
     ctx.json = ctx.json or json_output
     topo = ctx.topology
     nodes = expand(topo, nodeset)
     require_initialized(topo)
     size = _chunk(chunk)
+    reserve = _min_free(min_free)
     with progress(f"collect ({method})") as bar:
         if method == "transit":
             from legacy_transit.transit import collect_transit
 
             result = collect_transit(topo, path, nodes, dest_dir, timeout=timeout,
-                                     progress=bar, replace=replace)
+                                     progress=bar, replace=replace, min_free=reserve)
         else:
             from mpitools.collect.driver import collect_mpi
 
             result = collect_mpi(topo, path, nodes, dest_dir, chunk=size, compress=compress,
-                                 timeout=timeout, progress=bar, replace=replace)
+                                 timeout=timeout, progress=bar, replace=replace,
+                                 min_free=reserve)
     return _finish(ctx, result, "collect")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import time
 
 from chiba_admin.errors import InvalidRequest
@@ -26,13 +27,15 @@ __all__ = ["collect_mpi", "check_collect_dest"]
 def check_collect_dest(dest_dir: str, names: dict[str, str], replace: bool) -> None:
     """Refuse (InvalidRequest, exit 2) a home-server ``DIR`` that is not a directory, and a
     ``DIR/<host>/<name>`` that exists but was not made by collect (unless ``replace``) or
-    whose ``DIR/<host>`` is a symlink or a file. Touches nothing."""
-    import stat
-
+    whose ``DIR/<host>`` is a symlink or a file; a ``DIR`` that is a symlink
+    (:func:`inventory.source.check_collect_root`), a ``<name>`` too long for collect's
+    names beside it. Touches nothing."""
     from inventory.beneath import was_staged
 
-    from inventory.source import check_collect_root
+    from inventory.source import check_collect_name, check_collect_root
 
+    for name in set(names.values()):
+        check_collect_name(name)
     check_collect_root(dest_dir)
     if os.path.lexists(dest_dir) and not os.path.isdir(dest_dir):
         raise InvalidRequest("--dest exists and is not a directory", where=dest_dir,
@@ -62,12 +65,25 @@ def check_collect_dest(dest_dir: str, names: dict[str, str], replace: bool) -> N
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _open_host_dir(dest_dir: str, host: str) -> int | None:
-    """``DIR/<host>`` opened without following a symlink there, or None."""
+def _open_dir(dest_dir: str) -> int | None:
+    """``DIR`` opened without following a symlink there (rank 0 refuses one), or None."""
     try:
-        return os.open(os.path.join(dest_dir, host), _DIR_FLAGS)
+        return os.open(dest_dir, _DIR_FLAGS)
     except OSError:
         return None
+
+
+def _open_host_dir(dest_dir: str, host: str) -> int | None:
+    """``DIR/<host>`` opened without following a symlink at ``DIR`` or there, or None."""
+    dfd = _open_dir(dest_dir)
+    if dfd is None:
+        return None
+    try:
+        return os.open(host, _DIR_FLAGS, dir_fd=dfd)
+    except OSError:
+        return None
+    finally:
+        os.close(dfd)
 
 
 def _slots(dest_dir: str, names: dict[str, str]) -> dict:
@@ -83,72 +99,126 @@ def _slots(dest_dir: str, names: dict[str, str]) -> dict:
 
 
 def _marked_by(fd: int, name: str, jobid: str) -> bool:
-    """Whether ``name`` in ``fd`` is there with the staged mark of job ``jobid``."""
+    """Whether ``name`` in ``fd`` is there with the staged mark of job ``jobid``. The mark
+    is read only if it is a regular file when opened (``O_NONBLOCK``: a FIFO swapped in
+    after :func:`~inventory.beneath.was_staged` looked must not hang the command)."""
     from inventory.beneath import staged_marker, was_staged
 
     if entry_id(fd, name) is None or not was_staged(fd, name):
         return False
     try:
-        mfd = os.open(staged_marker(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      dir_fd=fd)
+        mfd = os.open(staged_marker(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                      | os.O_CLOEXEC, dir_fd=fd)
     except OSError:
         return False
     try:
-        return os.read(mfd, 64).strip() == jobid.encode()
+        return stat.S_ISREG(os.fstat(mfd).st_mode) and \
+            os.read(mfd, 64).strip() == jobid.encode()
     finally:
         os.close(mfd)
 
 
-def _clean_collect(dest_dir: str, names: dict[str, str], before: dict) -> None:
+def _clean_collect(dest_dir: str, names: dict[str, str], before: dict,
+                   stopped: str | None = None) -> None:
     """After a stopped or killed collect: remove its dead temp dirs (a previous copy left
     aside goes back in place: ``clean_stale``); when the job's ranks are gone (a fresh
     mpiexec, stopped), also its lock files and the per-host directories and ``DIR`` it
     made that stayed empty. A job on the service's ranks may still be at work: only what
-    no live process holds is touched then."""
+    no live process holds is touched then. ``stopped``: the id of a job that was stopped
+    (SIGTERM, Ctrl-C, ``--timeout``), whose moves begun are finished (:func:`_finish_move`)
+    rather than undone."""
     from inventory.beneath import BeneathError, lock_dest, unlock_dest
 
     ended = last_launch() == "mpiexec"
-    for host, name in names.items():
-        fd = _open_host_dir(dest_dir, host)
-        if fd is None:
-            continue
-        try:
-            clean_stale(fd, name)
-            if ended:
-                unlock_dest(fd, name, lock_dest(fd, name))  # a killed rank's lock file
-        except BeneathError:
-            pass  # another live run holds it
-        finally:
-            os.close(fd)
-        if ended and not before[host][0]:
+    dfd = _open_dir(dest_dir)
+    if dfd is None:
+        return
+    try:
+        for host, name in names.items():
             try:
-                os.rmdir(os.path.join(dest_dir, host))
+                fd = os.open(host, _DIR_FLAGS, dir_fd=dfd)
             except OSError:
-                pass  # not empty: a copy of this run, or someone else's files
-    if ended and not before[None]:
-        try:
-            os.rmdir(dest_dir)
-        except OSError:
-            pass
+                continue
+            try:
+                # the job's ranks are gone: its slot's lock (its file left by a killed
+                # rank) is taken, so that no other run is at work there meanwhile
+                lock = lock_dest(fd, name) if ended else None
+                try:
+                    if lock is not None and stopped:
+                        _finish_move(fd, name, stopped)
+                    clean_stale(fd, name)
+                finally:
+                    if lock is not None:
+                        unlock_dest(fd, name, lock)
+            except BeneathError:
+                pass  # another live run holds it
+            finally:
+                os.close(fd)
+            if ended and not before[host][0]:
+                try:
+                    os.rmdir(host, dir_fd=dfd)
+                except OSError:
+                    pass  # not empty: a copy of this run, or someone else's files
+        if ended and not before[None]:
+            from inventory.homedir import drop_collect_dir
+
+            drop_collect_dir(dest_dir, dfd)
+    finally:
+        os.close(dfd)
+
+
+def _finish_move(fd: int, name: str, jobid: str) -> None:
+    """In ``DIR/<host>`` (``fd``, its lock held): finish the move rank 0 of the stopped job
+    ``jobid`` began, as it would have. mpiexec SIGKILLs every rank moments after one has
+    ended, so a rank 0 stopped while it moved a copy in can be killed before it finishes.
+    Begun means the previous copy lies aside as this job's ``.old``, and the job's
+    temporary directory (dead: no flock held) then holds the verified copy (nothing is
+    moved before it is verified) or has already moved it in: the copy goes in and is
+    marked with the job, and the previous copy is removed. Anything else is left to
+    ``clean_stale``."""
+    import fcntl
+
+    from inventory.beneath import mark_staged, remove_entry
+
+    tmp = temp_name(name, "collect", jobid)
+    if entry_id(fd, tmp + ".old") is None:
+        return  # no move begun
+    try:
+        tfd = os.open(tmp, _DIR_FLAGS, dir_fd=fd)
+    except OSError:
+        return
+    try:
+        fcntl.flock(tfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if entry_id(fd, name) is None and entry_id(tfd, name) is not None:
+            os.rename(name, name, src_dir_fd=tfd, dst_dir_fd=fd)
+        if entry_id(fd, name) is not None and entry_id(tfd, name) is None:
+            if not _marked_by(fd, name, jobid):
+                mark_staged(fd, name, jobid)
+            remove_entry(fd, tmp + ".old")
+    except OSError:
+        pass  # a live process holds it, or the move failed: clean_stale puts it back
+    finally:
+        os.close(tfd)
 
 
 def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
                 chunk: int = DEFAULT_CHUNK, compress: str = "zstd",
                 timeout: float | None = None, progress: Progress | None = None,
                 window: int = 4, env: dict[str, str] | None = None,
-                replace: bool = False) -> TransferRun:
+                replace: bool = False, min_free: int | None = None) -> TransferRun:
     """Bring every node's ``path`` back to ``dest_dir/<host>/<name>`` on the home server.
 
     Rank 0 runs on the home server (an extra rank) and unpacks at most ``window`` nodes'
     streams at a time; each host's copy is moved in only when complete and verified.
     ``path`` is confined below each node's scratch (option PATH); InvalidRequest (exit 2)
-    before any launch for a refused path, a ``dest_dir`` that is a file, or an existing
-    ``dest_dir/<host>/<name>`` not made by collect (unless ``replace``). A device node
-    at or below any node's ``path``, or a symbolic link at it or on its way below the
-    node's root (planted by a user: collect reads as root), refuses the whole collect
-    before anything is sent: ``refused`` (exit 2), ``refusal`` one line naming each such
-    host and path, nothing created on the home server. ``progress`` hears one phase
-    ("collect") with bytes done.
+    before any launch for a refused path, a ``dest_dir`` that is a file or a symlink, or
+    an existing ``dest_dir/<host>/<name>`` not made by collect (unless ``replace``). A
+    device node at or below any node's ``path``, or a symbolic link at it or on its way
+    below the node's root (planted by a user: collect reads as root), refuses the whole
+    collect before anything is sent: ``refused`` (exit 2), ``refusal`` one line naming
+    each such host and path, nothing created on the home server. ``progress`` hears one
+    phase ("collect") with bytes done. What this makes in ``dest_dir`` is ``0700``; a host
+    that would leave less than ``min_free`` bytes free there fails (:mod:`inventory.homedir`).
 
     A job stopped before its result (``--timeout``, SIGTERM) keeps the copies already
     moved into place; what ``dest_dir`` then holds is read from the disk (each copy's
@@ -172,10 +242,10 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
     ranks = rank_hosts(topo, nodes, home)
     job = {"jobid": secrets.token_hex(6), "compress": compress, "chunk": int(chunk),
            "hash_alg": "blake3", "hosts": ranks, "paths": paths, "out_dir": dest_dir,
-           "names": names, "window": window, "replace": bool(replace), **from_environ(),
+           "names": names, "window": window, "replace": bool(replace), "min_free": min_free,
            # the town of each rank: rank 0 spreads its window over the towns, so that
            # each town's shared uplink carries one stream, not the whole window's
-           "towns": [topo.host(h).town for h in ranks]}
+           "towns": [topo.host(h).town for h in ranks], **from_environ()}
     progress = or_silent(progress)
     progress.phase("collect", hosts=len(nodes))
     before = _slots(dest_dir, names)
@@ -192,20 +262,21 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
         res = launch(topo, "mpitools.collect.ranks", [encode_job(job)], ranks[1:], home,
                      timeout=timeout, on_event=on_event, env=env)
     except KeyboardInterrupt:  # SIGTERM or Ctrl-C: the ranks are stopped; say what is in
-        _clean_collect(dest_dir, names, before)
-        said = _stopped_outcome(_held(dest_dir, names, before, job["jobid"]), dest_dir, names)
+        jid = job["jobid"]
+        _clean_collect(dest_dir, names, before, jid)
+        said = _stopped_outcome(_held(dest_dir, names, before, jid), dest_dir, names, jid)
         _say("chiba-admin collect: stopped; "
              + (said or f"nothing was collected (nothing of this run is in {dest_dir})"))
         raise
     out = TransferRun(method="mpi", algorithm=f"window{window}", source=path, dest=dest_dir,
                       dest_dir=dest_dir, nodes=ranks[1:], phases={}, kind=topo.kind)
     if not _collect_hosts(out, res, home):
-        _clean_collect(dest_dir, names, before)  # rank 0 ran on this machine: tidy up
+        _clean_collect(dest_dir, names, before, job["jobid"] if res.timed_out else None)
         out.failures = launch_failures(res, ranks[1:], timeout)
         out.error = res.describe()
         out.mpiexec_stderr = res.stderr.splitlines()[-30:]
         _stopped_hosts(out, _held(dest_dir, names, before, job["jobid"]), committed,
-                       dest_dir, names)
+                       dest_dir, names, job["jobid"])
     out.phase_bytes = {"collect": out.bytes}
     out.seconds = time.time() - t0
     out.phases["total"] = out.seconds
@@ -215,20 +286,25 @@ def collect_mpi(topo, path: str, nodes: list[str], dest_dir: str, *,
 def _held(dest_dir: str, names: dict[str, str], before: dict, jobid: str) -> dict[str, str]:
     """After a job that gave no result, what each host's slot on the home server holds,
     read from the disk: "collected" (its copy is in place with this job's mark), "changed"
-    (another entry than before the launch, without that mark: stopped while it was moved
-    in, or killed outright), "left" (this job's temporary directory could not be removed)
-    or "none" (nothing of this job)."""
+    (another entry than before the launch, without that mark: killed while it was moved
+    in), "aside" (the previous copy is gone from its place and still lies aside, as this
+    job's ``.old``: it could not be put back), "gone" (the previous copy is gone, and not
+    aside either), "left" (this job's temporary directory could not be removed) or "none"
+    (nothing of this job)."""
     out = {}
     for host, name in names.items():
         fd = _open_host_dir(dest_dir, host)
         if fd is None:
-            out[host] = "changed" if before[host][1] is not None else "none"
+            out[host] = "gone" if before[host][1] is not None else "none"
             continue
         try:
             tmp = temp_name(name, "collect", jobid)
+            now = entry_id(fd, name)
             if _marked_by(fd, name, jobid):
                 out[host] = "collected"
-            elif entry_id(fd, name) != before[host][1]:
+            elif now is None and before[host][1] is not None:
+                out[host] = "aside" if entry_id(fd, tmp + ".old") else "gone"
+            elif now != before[host][1]:
                 out[host] = "changed"
             elif entry_id(fd, tmp) or entry_id(fd, tmp + ".old"):
                 out[host] = "left"
@@ -239,7 +315,8 @@ def _held(dest_dir: str, names: dict[str, str], before: dict, jobid: str) -> dic
     return out
 
 
-def _stopped_outcome(held: dict[str, str], dest_dir: str, names: dict[str, str]) -> str | None:
+def _stopped_outcome(held: dict[str, str], dest_dir: str, names: dict[str, str],
+                     jobid: str) -> str | None:
     """One line: which hosts' copies are in ``DIR`` after a stopped job, and what the
     others hold; None when nothing of this job is anywhere in ``DIR`` and its ranks are
     gone (the failure lines then say it all)."""
@@ -266,6 +343,13 @@ def _stopped_outcome(held: dict[str, str], dest_dir: str, names: dict[str, str])
         parts.append(f"{fold(by['changed'])}: {slot} changed but has no mark of this run "
                      "(stopped while it was moved in): look at it, and collect again with "
                      "--replace")
+    if by.get("aside"):
+        old = temp_name(next(iter(names.values())), "collect", jobid) + ".old"
+        parts.append(f"{fold(by['aside'])}: {slot} is missing; its previous copy is still "
+                     f"beside it as {old} (move it back)")
+    if by.get("gone"):
+        parts.append(f"{fold(by['gone'])}: {slot} is missing, and its previous copy is "
+                     "not beside it either")
     if by.get("left"):
         parts.append(f"{fold(by['left'])}: a partial copy of this run is left beside {slot}"
                      " (the next collect there removes it)" if ended else
@@ -276,10 +360,10 @@ def _stopped_outcome(held: dict[str, str], dest_dir: str, names: dict[str, str])
 
 
 def _stopped_hosts(out: TransferRun, held: dict[str, str], committed: dict[str, dict],
-                   dest_dir: str, names: dict[str, str]) -> None:
+                   dest_dir: str, names: dict[str, str], jobid: str) -> None:
     """A job stopped before its result: the hosts whose copies are in place (``held``) are
     ok and no longer failures; ``outcome`` says what ``DIR`` holds."""
-    said = _stopped_outcome(held, dest_dir, names)
+    said = _stopped_outcome(held, dest_dir, names, jobid)
     if said is None:
         return  # nothing of this run anywhere: every host failed, as the failures say
     out.outcome = said
@@ -334,7 +418,8 @@ def _collect_hosts(out: TransferRun, res: LaunchResult, home: str) -> bool:
                        "while exiting" if res.timed_out else "every host's copy was "
                        "collected; then mpiexec ended badly")
     out.bytes = sum(x["bytes"] for x in reports)
-    out.payload_bytes = sum(x.get("payload_bytes") or 0 for x in reports)
-    out.files = sum(x.get("files") or 0 for x in reports)
+    kept = [x for x in reports if x.get("ok")]  # what DIR holds: the copies moved in
+    out.payload_bytes = sum(x.get("payload_bytes") or 0 for x in kept)
+    out.files = sum(x.get("files") or 0 for x in kept)
     out.peak_rss = max([x.get("maxrss") or 0 for x in reports] + [r.get("maxrss_root") or 0])
     return True

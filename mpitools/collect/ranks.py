@@ -16,38 +16,71 @@ import time
 
 from inventory.beneath import (BeneathError, lock_dest, mark_staged, open_dir_beneath,
                                open_root, unlock_dest, was_staged)
+from inventory.homedir import (NoSpace, SpaceGuard, drop_collect_dir, member_cost,
+                               open_collect_dir)
 
 from mpitools.common.archive import (ChunkWriter, Extractor, PackInfo, RefusedMember,
-                                     clean_stale, make_locked_temp, new_hasher, pack_tree,
-                                     remove_entry, temp_name)
+                                     SafeUnpacker, clean_stale, make_locked_temp,
+                                     new_hasher, pack_tree, remove_entry, temp_name)
 from mpitools.common.chain import Sender
 from mpitools.common.faults import NONE, Faults
-from mpitools.common.runtime import (Backoff, emit, maxrss_bytes, queue_get, rank_hosts,
-                                     rank_main, wait)
+from mpitools.common.runtime import (Backoff, emit, maxrss_bytes, rank_hosts, rank_main,
+                                     wait)
+from mpitools.common.tarread import TarReader
 
 __all__ = ["main", "check_node", "send_tree", "receive_all", "entry_id"]
 
-_GO, _DATA, _STATUS = 31, 32, 33
+# _STOP: rank 0 to a sending node, exactly once per node that was told to go: True when
+# its stream is refused part-way (the home file system would fill, a member refused: the
+# node stops packing, which could otherwise read a 50 TB sparse file for days), False
+# after its end mark (nothing is left unmatched on a service's long-lived communicator)
+_GO, _DATA, _STATUS, _STOP = 31, 32, 33, 34
+# how often a node waiting for its packer's next chunk looks for rank 0's stop
+_STOP_POLL = 0.25
 # what to do about a symlink at or above collect's PATH on a node (one line, with the path)
 SYMLINK_HINT = ("collect reads as root on the nodes and never follows one: name the real "
                 "directory below scratch, or remove the link")
 
 
+class _Stopped(Exception):
+    """The packer was told to stop (rank 0 refused this node's stream part-way)."""
+
+
 class _Packer:
-    """A thread packing ``path`` into chunk-sized pieces on a bounded queue."""
+    """A thread packing ``path`` into chunk-sized pieces on a bounded queue.
+
+    :meth:`stop` makes its next piece end it; the thread packs from its own copy of
+    ``dir_fd``, so it never reads through a descriptor its caller closed meanwhile."""
 
     def __init__(self, path: str, arcname: str, compress: str, chunk: int, hash_alg: str,
                  faults: Faults = NONE, dir_fd: int | None = None):
         self.q: queue.Queue = queue.Queue(maxsize=2)
-        self.faults, self.dir_fd = faults, dir_fd
+        self.faults = faults
+        self.dir_fd = None if dir_fd is None else os.dup(dir_fd)
         self.info = None
         self.error: str | None = None
+        self.stopped = False
         args = (path, arcname, compress, chunk, hash_alg)
         self._t = threading.Thread(target=self._run, args=args, name="pack", daemon=True)
         self._t.start()
 
+    def _put(self, piece: bytes) -> None:
+        if self.stopped:
+            raise _Stopped()
+        self.q.put(piece)
+
+    def stop(self) -> None:
+        """Stop packing; nothing more is read from the queue (the thread ends at its next
+        piece, or with the process)."""
+        self.stopped = True
+        try:
+            while True:
+                self.q.get_nowait()  # a thread blocked on a full queue goes on to stop
+        except queue.Empty:
+            pass
+
     def _run(self, path, arcname, compress, chunk, hash_alg) -> None:
-        w = ChunkWriter(self.q.put, chunk)
+        w = ChunkWriter(self._put, chunk)
         try:
             crafted = self.faults.rule("collect.archive")
             if crafted is not None:
@@ -56,13 +89,22 @@ class _Packer:
                 self.info = pack_tree(path, w, compress, hash_alg=hash_alg, arcname=arcname,
                                       dir_fd=self.dir_fd)
             w.close()
+        except _Stopped:
+            pass
         except Exception as e:  # noqa: BLE001 - reported to rank 0 in the status
             self.error = read_error(path, e)
         finally:
-            self.q.put(None)
+            if self.dir_fd is not None:
+                os.close(self.dir_fd)
+            if not self.stopped:
+                self.q.put(None)
 
-    def get(self, idle=None) -> bytes | None:
-        return queue_get(self.q, idle)
+    def get(self, timeout: float) -> bytes | None | bool:
+        """The next piece, None at the end, False when none came within ``timeout`` s."""
+        try:
+            return self.q.get(timeout=timeout)
+        except queue.Empty:
+            return False
 
 
 def read_error(path: str, e: BaseException) -> str:
@@ -114,33 +156,79 @@ def open_source(spec: dict) -> tuple[int, str]:
 def send_tree(comm, path: str, arcname: str, job: dict, dir_fd: int | None = None,
               faults: Faults = NONE) -> dict:
     """A node's side: wait for rank 0's go, then send chunks (at most two in flight, a
-    :class:`mpitools.common.chain.Sender`), an empty end mark, a status."""
+    :class:`mpitools.common.chain.Sender`), an empty end mark, a status, and take rank 0's
+    one stop message (``_STOP``): True part-way stops the packer and the stream at once
+    (the status then carries ``stopped`` and no error: rank 0 says why), False after
+    the end."""
     if not wait(comm.irecv(source=0, tag=_GO)):
         return {"ok": False}
     t = time.time()
     p = _Packer(path, arcname, job["compress"], int(job["chunk"]), job["hash_alg"], faults,
                 dir_fd)
     out = Sender(comm, 0, tag=_DATA, end_tag=_DATA, depth=2)
-    while (data := p.get()) is not None:
-        out.send(data)
+    told = None
+    while told is None and (data := p.get(_STOP_POLL)) is not None:
+        if comm.Iprobe(source=0, tag=_STOP):
+            told = comm.recv(source=0, tag=_STOP)
+            p.stop()
+        elif data is not False:
+            out.send(data)
     out.end()
-    info = p.info
-    status = {"ok": p.error is None and info is not None, "error": p.error,
+    info = None if told else p.info
+    status = {"ok": not told and p.error is None and info is not None,
+              "error": None if told else p.error, "stopped": bool(told),
               "bytes": info.bytes if info else 0, "hash": info.hash if info else None,
               "payload_bytes": info.payload_bytes if info else 0,
               "files": info.files if info else 0, "seconds": time.time() - t,
               "maxrss": maxrss_bytes()}
     wait(comm.isend(status, dest=0, tag=_STATUS))
+    if told is None:
+        wait(comm.irecv(source=0, tag=_STOP))
     return status
 
 
-class _Incoming:
-    """Rank 0's state for one sending node: its locked ``DIR/<host>/`` slot, buffer, posted
-    receive, extractor and temporary directory (``.NAME.chiba-collect-JOBID``, 0700); a
-    previous copy is moved aside beside it (the same name + ``.old``) while the new one
-    goes in, where ``clean_stale`` puts it back if a killed job left no copy in place."""
+class _GuardedExtractor(Extractor):
+    """An :class:`~mpitools.common.archive.Extractor` whose thread asks ``guard`` before
+    each member is created and tells it after (:func:`inventory.homedir.member_cost`): a
+    member too large for the home file system's space above its reserve is never
+    written (NoSpace, the extraction's error). Its thread runs
+    :func:`~mpitools.common.archive.unpack_stream`'s loop with that check around it."""
 
-    def __init__(self, comm, rank: int, host: str, out_fd: int, job: dict):
+    def __init__(self, dest_fd: int, compress: str, guard: SpaceGuard, **kw):
+        self._guard, self._dest = guard, dest_fd
+        super().__init__(dest_fd, compress, **kw)
+
+    def _run(self) -> None:
+        try:
+            unpacker = SafeUnpacker(self._dest)
+            with TarReader(self._reader.next_chunk, self.compress) as tar:
+                for m in tar:
+                    cost = member_cost(m.size if m.kind == "file" else 0)
+                    self._guard.take(cost)
+                    try:
+                        unpacker.add(m, tar.write_data)
+                    except BaseException:
+                        self._guard.wrote(cost, check=False)
+                        raise
+                    self._guard.wrote(cost)
+                unpacker.close()
+            self.members = unpacker.members
+        except BaseException as e:  # noqa: BLE001 - reported by finish(), as Extractor's
+            self.error = e
+        finally:
+            self._reader.drain()
+
+
+class _Incoming:
+    """Rank 0's state for one sending node: its locked ``DIR/<host>/`` slot (made ``0700``
+    when missing), buffer, posted receive, extractor (asking ``guard`` before each member)
+    and temporary directory (``.NAME.chiba-collect-JOBID``, 0700); a previous copy is
+    moved aside beside it (the same name + ``.old``) while the new one goes in, where
+    ``clean_stale`` puts it back if a killed job left no copy in place. A stream the
+    extractor refuses part-way stops the node (``_STOP``)."""
+
+    def __init__(self, comm, rank: int, host: str, out_fd: int, job: dict,
+                 guard: SpaceGuard):
         from mpi4py import MPI
 
         self.comm, self.rank, self.host = comm, rank, host
@@ -153,7 +241,7 @@ class _Incoming:
         except BeneathError as e:
             if e.errno != errno.ENOENT:
                 raise
-            os.mkdir(host, 0o755, dir_fd=out_fd)
+            os.mkdir(host, 0o700, dir_fd=out_fd)  # root-only: a node's setuid files
             self.made_host, self.out_fd = True, out_fd
             self.hfd = open_dir_beneath(out_fd, host, display=job["out_dir"])
         self.out_fd = out_fd
@@ -167,7 +255,9 @@ class _Incoming:
         except BaseException:
             self._release(ok=False)
             raise
-        self.ex = Extractor(self.tmp_fd, job["compress"], hash_alg=job["hash_alg"], depth=2)
+        self.ex = _GuardedExtractor(self.tmp_fd, job["compress"], guard,
+                                    hash_alg=job["hash_alg"], depth=2)
+        self.stop_sent = False
         self.buf = bytearray(int(job["chunk"]))
         self.status = MPI.Status()
         self.t = time.time()
@@ -194,6 +284,8 @@ class _Incoming:
         """Bytes of a chunk that arrived (0 = end), or None when nothing yet."""
         from mpi4py import MPI
 
+        if self.ex.error is not None and not self.stop_sent:
+            self._stop(True)  # refused part-way: the node need not pack the rest
         if not self.req.Test(self.status):
             return None
         n = self.status.Get_count(MPI.BYTE)
@@ -202,12 +294,22 @@ class _Incoming:
             self.post()
         return n
 
+    def _stop(self, now: bool) -> None:
+        """Send the node its one ``_STOP`` (small: it completes without being matched)."""
+        self.stop_sent = True
+        wait(self.comm.isend(now, dest=self.rank, tag=_STOP))
+
     def close(self) -> dict:
         """End of stream: verify, move NAME into DIR/<host>/ (within the dir fds), report."""
         st = wait(self.comm.irecv(source=self.rank, tag=_STATUS))
+        if not self.stop_sent:
+            self._stop(False)
         err = st.get("error")
         try:
             got, digest = self.ex.finish()
+        except NoSpace as e:  # its line names the file system, the space left, the reserve
+            got, digest = self.ex.received, None
+            err = err or str(e)
         except RefusedMember as e:
             got, digest = self.ex.received, None
             err = err or f"archive refused on the home server: {e}"
@@ -321,6 +423,11 @@ def receive_all(comm, hosts: list[str], ready: list[dict], out_fd: int,
                 job: dict) -> list[dict]:
     """Rank 0: receive every ready node's stream, ``window`` nodes at a time.
 
+    One :class:`~inventory.homedir.SpaceGuard` on ``out_fd`` (``job["min_free"]``: the
+    reserve, None for the default) is shared by the streams unpacked at once: a host whose
+    next member would take the file system's space for users below the reserve fails
+    (nothing of it kept), the others go on.
+
     The next node to start is taken from the town with the fewest streams running
     (``job["towns"]``, each rank's town): a town's nodes share their mayor's town-side
     link, so four streams from one town take four times as long as one from each of
@@ -339,6 +446,7 @@ def receive_all(comm, hosts: list[str], ready: list[dict], out_fd: int,
             reports[r] = {"host": hosts[r], "ok": False, "bytes": 0, "seconds": 0.0,
                           "stage": "check", "error": ready[r]["error"], "primary": True}
     active: dict[int, _Incoming] = {}
+    guard = SpaceGuard(out_fd, job.get("min_free"), job["out_dir"])
     total, last = 0, 0.0
     pause = Backoff()
     while todo or active:
@@ -347,7 +455,7 @@ def receive_all(comm, hosts: list[str], ready: list[dict], out_fd: int,
             r = min(todo, key=lambda x: (busy.count(towns[x]), todo.index(x)))
             todo.remove(r)
             try:
-                active[r] = _Incoming(comm, r, hosts[r], out_fd, job)
+                active[r] = _Incoming(comm, r, hosts[r], out_fd, job, guard)
             except OSError as e:
                 comm.send(False, dest=r, tag=_GO)
                 why = str(e) if isinstance(e, BeneathError) or not e.strerror else e.strerror
@@ -381,15 +489,15 @@ def check_node(spec: dict) -> tuple[int | None, str | None, dict]:
     otherwise, e.g. it is missing (this host fails, the others are collected). The fd is
     None unless ``ok``.
     """
-    from inventory.source import find_device, unreadable
+    from inventory.source import find_device, shown_path, unreadable
 
     shown = spec.get("shown", spec["rel"])
     try:
         src_fd, name = open_source(spec)
     except BeneathError as e:
-        link = e.errno == errno.ELOOP
-        return None, None, {"ok": False, "refused": link, "error": f"{e.path}: is a "
-                            f"symbolic link ({SYMLINK_HINT})" if link else str(e)}
+        link = e.errno == errno.ELOOP  # the path escaped: a newline must not cut the line
+        return None, None, {"ok": False, "refused": link, "error": f"{shown_path(e.path)}: "
+                            + (f"is a symbolic link ({SYMLINK_HINT})" if link else e.what)}
     except OSError as e:
         return None, None, {"ok": False, "refused": False,
                             "error": f"{shown}: {e.strerror or e}"}
@@ -462,15 +570,18 @@ def _receive_phase(comm, job: dict, hosts: list[str], ready: list[dict], t0: flo
         emit("result", ok=False, reports=_refused_reports(hosts, ready),
              phases={"check": t - t0}, seconds=time.time() - t0)
         return
-    made_out = not os.path.lexists(job["out_dir"])
+    Faults.of(job, comm.rank).checkpoint("collect.open")
     try:
-        out_fd = open_root(job["out_dir"], create=True)
+        # opened once, never through a link (a DIR swapped for one after the CLI's check
+        # is refused); every host's slot is reached from this descriptor
+        out_fd, made_out = open_collect_dir(job["out_dir"], create=True)
     except OSError as e:
-        _drop_out_dir(job["out_dir"], made_out)
         for r in range(1, comm.size):
             comm.send(False, dest=r, tag=_GO)
+        why = str(e) if isinstance(e, BeneathError) else \
+            f"cannot create {job['out_dir']}: {e.strerror or e}"
         emit("result", ok=False, reports=[], phases={}, seconds=time.time() - t0,
-             error=f"cannot create {job['out_dir']}: {e.strerror or e}")
+             error=why)
         return
     try:
         reports = receive_all(comm, hosts, ready, out_fd, job)
@@ -479,17 +590,9 @@ def _receive_phase(comm, job: dict, hosts: list[str], ready: list[dict], t0: flo
              phases={"check": t - t0, "collect": time.time() - t},
              seconds=time.time() - t0, maxrss_root=maxrss_bytes())
     finally:
+        if made_out:  # every host failed: no empty DIR is left
+            drop_collect_dir(job["out_dir"], out_fd)
         os.close(out_fd)
-        _drop_out_dir(job["out_dir"], made_out)
-
-
-def _drop_out_dir(out_dir: str, made: bool) -> None:
-    """Remove ``out_dir`` if this run made it and it stayed empty (every host failed)."""
-    if made:
-        try:
-            os.rmdir(out_dir)
-        except OSError:
-            pass
 
 
 if __name__ == "__main__":

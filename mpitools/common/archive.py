@@ -863,20 +863,40 @@ def clean_stale(parent_fd: int, name: str | None = None) -> list[str]:
     Only exact names (``.NAME.chiba-stage-JOBID``, ``-collect-``, ``.old``) whose flock no
     live process holds are touched; a dead job's old copy goes back in place when the
     destination is missing. Returns the names handled.
+
+    A collect's previous copy moved aside may be a file (collect of a file PATH): such a
+    ``.NAME.chiba-collect-JOBID.old`` (a regular file, FIFO or socket, never a symlink) is
+    known to be the tool's own by its job's temporary directory beside it, a directory
+    this process's user owns, which only the tool makes, whose flock no live process
+    holds; without that directory it is a user's file and is left alone. Copies aside are
+    handled first, before that directory is removed.
     """
     done = []
     try:
         names = os.listdir(parent_fd)
     except OSError:
         return done
-    for n in names:
+    for n in sorted(names, key=lambda x: not x.endswith(".old")):
         m = TEMP_RE.match(n)
         if not m or (name is not None and m.group("name") != name):
             continue
         try:
             fd = os.open(n, _DIR_FLAGS, dir_fd=parent_fd)
         except OSError:
-            continue  # not a directory (a user's file with such a name): not ours
+            fd = None  # not a directory: a collect's copy of a file aside, or a user's
+            try:
+                st = os.stat(n, dir_fd=parent_fd, follow_symlinks=False)
+                if m.group("old") and m.group("kind") == "collect" and (
+                        stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode)
+                        or stat.S_ISSOCK(st.st_mode)):
+                    fd = os.open(n[:-len(".old")], _DIR_FLAGS, dir_fd=parent_fd)
+                    if os.fstat(fd).st_uid != os.geteuid():
+                        os.close(fd)
+                        fd = None
+            except OSError:
+                fd = None
+            if fd is None:
+                continue  # not the tool's own
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

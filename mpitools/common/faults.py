@@ -15,8 +15,11 @@ communicator, or ``"*"`` (the default) for every rank. Actions:
 - ``sleep``: sleep ``seconds`` each time the point is reached (a slow node); with
   ``announce``, first emit ``holding`` (rank, pid) so a test can kill this process.
 - ``barrier``: a handshake with the test through FIFOs in ``dir``: write ``ready`` to
-  ``dir/ready``, then read ``dir/go`` (the test decides when the rank goes on). Anything
-  but a FIFO there is refused: the rank writes no file.
+  ``dir/ready``, then read ``dir/go`` to its end (the test decides when the rank goes on).
+  Anything but a FIFO there is refused: the rank writes no file. Bounded by ``timeout``
+  (default 300 s) overall: a test that died or was interrupted never answers, and a rank
+  left waiting would hold its whole job (mpiexec, every rank, their shared memory) for
+  good; it raises TimeoutError then, which aborts the job.
 - ``replace``: nothing happens at the point; the rank program reads the rule's ``file``
   through :meth:`Faults.rule` (a node sending a crafted archive).
 
@@ -26,7 +29,8 @@ make every rank write, or send, a file of the attacker's choosing.
 
 Points (count in brackets): ``stage.chunk`` (chunk index), ``stage.locked`` (every lock
 taken), ``stage.commit`` (before this node moves its tree in), ``stage.committed`` (every
-node has), ``sync.file`` (files written), ``ping.start``; collect's rank 0, for each host:
+node has), ``sync.file`` (files written), ``ping.start``; collect's rank 0:
+``collect.open`` (every node checked, before it opens ``DIR``), and for each host
 ``collect.commit`` (before its copy is moved in), ``collect.aside`` (its previous copy
 moved aside, the new one not yet in), ``collect.committed`` (its copy in and marked), and
 ``collect.done`` (every host handled, before the result); ``replace`` points:
@@ -153,19 +157,62 @@ def _apply(rule: dict, rank: int, count: int) -> None:
             emit("holding", rank=rank, pid=os.getpid())
         time.sleep(float(rule.get("seconds", 1.0)))
     elif do == "barrier":
-        # FIFOs only: never created, truncated or followed through a symlink here
-        with _fifo(os.path.join(rule["dir"], "ready"), os.O_WRONLY) as f:
-            f.write(b"ready\n")
-        with _fifo(os.path.join(rule["dir"], "go"), os.O_RDONLY) as f:
-            f.read()
+        _barrier(rule["dir"], time.monotonic() + float(rule.get("timeout", 300)))
 
 
-def _fifo(path: str, flags: int):
-    """``path`` opened unbuffered if it is a FIFO; OSError if it is anything else."""
+def _barrier(where: str, deadline: float) -> None:
+    """Write ``ready`` into the FIFO ``where/ready`` once the test reads it, then read
+    ``where/go`` until the test has written it and closed it; TimeoutError at
+    ``deadline``. Non-blocking opens and ``poll``: a FIFO's blocking open has no timeout."""
+    import errno
+    import select
+
+    while True:
+        try:  # without a reader a non-blocking open for writing fails (ENXIO): retry
+            fd = _fifo(os.path.join(where, "ready"), os.O_WRONLY)
+            break
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+        _left(deadline, where)
+        time.sleep(0.05)
+    try:
+        os.write(fd, b"ready\n")
+    finally:
+        os.close(fd)
+    fd = _fifo(os.path.join(where, "go"), os.O_RDONLY)
+    try:
+        p = select.poll()
+        # Linux reports no hang-up on a FIFO until a writer has come (and gone) since it
+        # was opened for reading: poll waits for the test, then for its close
+        p.register(fd, select.POLLIN | select.POLLHUP)
+        while True:
+            if not p.poll(_left(deadline, where) * 1000):
+                continue
+            try:
+                if not os.read(fd, 4096):
+                    return  # the test wrote "go" and closed it
+            except BlockingIOError:
+                pass
+    finally:
+        os.close(fd)
+
+
+def _left(deadline: float, where: str) -> float:
+    """Seconds left before ``deadline`` (at most 1); TimeoutError when none."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(f"fault barrier in {where}: the test did not answer in time")
+    return min(left, 1.0)
+
+
+def _fifo(path: str, flags: int) -> int:
+    """``path`` opened non-blocking if it is a FIFO (never followed if a symlink); OSError
+    if it is anything else."""
     import stat
 
-    fd = os.open(path, flags | os.O_NOFOLLOW)
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     if not stat.S_ISFIFO(os.fstat(fd).st_mode):
         os.close(fd)
         raise OSError(f"{path}: not a FIFO (fault barrier)")
-    return os.fdopen(fd, "wb" if flags & os.O_WRONLY else "rb", buffering=0)
+    return fd

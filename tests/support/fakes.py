@@ -44,7 +44,7 @@ class FakeTransport(Transport):
         self.calls = []
 
     def run(self, host, cmd, timeout=None, env=None, stdin=None, on_stdout=None,
-            on_stderr=None):
+            on_stderr=None, cancel=None):
         with self.lock:
             self.active += 1
             self.peak = max(self.peak, self.active)
