@@ -20,13 +20,12 @@ from inventory.homedir import (NoSpace, SpaceGuard, drop_collect_dir, member_cos
                                open_collect_dir)
 
 from mpitools.common.archive import (ChunkWriter, Extractor, PackInfo, RefusedMember,
-                                     SafeUnpacker, clean_stale, make_locked_temp,
-                                     new_hasher, pack_tree, remove_entry, temp_name)
+                                     clean_stale, make_locked_temp, new_hasher, pack_tree,
+                                     remove_entry, temp_name)
 from mpitools.common.chain import Sender
 from mpitools.common.faults import NONE, Faults
 from mpitools.common.runtime import (Backoff, emit, maxrss_bytes, rank_hosts, rank_main,
                                      wait)
-from mpitools.common.tarread import TarReader
 
 __all__ = ["main", "check_node", "send_tree", "receive_all", "entry_id"]
 
@@ -187,36 +186,16 @@ def send_tree(comm, path: str, arcname: str, job: dict, dir_fd: int | None = Non
     return status
 
 
-class _GuardedExtractor(Extractor):
-    """An :class:`~mpitools.common.archive.Extractor` whose thread asks ``guard`` before
-    each member is created and tells it after (:func:`inventory.homedir.member_cost`): a
-    member too large for the home file system's space above its reserve is never
-    written (NoSpace, the extraction's error). Its thread runs
-    :func:`~mpitools.common.archive.unpack_stream`'s loop with that check around it."""
-
-    def __init__(self, dest_fd: int, compress: str, guard: SpaceGuard, **kw):
-        self._guard, self._dest = guard, dest_fd
-        super().__init__(dest_fd, compress, **kw)
-
-    def _run(self) -> None:
-        try:
-            unpacker = SafeUnpacker(self._dest)
-            with TarReader(self._reader.next_chunk, self.compress) as tar:
-                for m in tar:
-                    cost = member_cost(m.size if m.kind == "file" else 0)
-                    self._guard.take(cost)
-                    try:
-                        unpacker.add(m, tar.write_data)
-                    except BaseException:
-                        self._guard.wrote(cost, check=False)
-                        raise
-                    self._guard.wrote(cost)
-                unpacker.close()
-            self.members = unpacker.members
-        except BaseException as e:  # noqa: BLE001 - reported by finish(), as Extractor's
-            self.error = e
-        finally:
-            self._reader.drain()
+def _guarded(guard: SpaceGuard):
+    """An ``on_member`` for the extractor (:func:`mpitools.common.archive.unpack_stream`):
+    ``guard`` is asked before each member is created and told after
+    (:func:`inventory.homedir.member_cost`), so a member too large for the home file
+    system's space above its reserve is never written (NoSpace, the extraction's error)."""
+    def before(m):
+        cost = member_cost(m.size if m.kind == "file" else 0)
+        guard.take(cost)
+        return lambda created: guard.wrote(cost, check=created)
+    return before
 
 
 class _Incoming:
@@ -255,8 +234,8 @@ class _Incoming:
         except BaseException:
             self._release(ok=False)
             raise
-        self.ex = _GuardedExtractor(self.tmp_fd, job["compress"], guard,
-                                    hash_alg=job["hash_alg"], depth=2)
+        self.ex = Extractor(self.tmp_fd, job["compress"], hash_alg=job["hash_alg"], depth=2,
+                            on_member=_guarded(guard))
         self.stop_sent = False
         self.buf = bytearray(int(job["chunk"]))
         self.status = MPI.Status()

@@ -700,12 +700,17 @@ class SafeUnpacker:
         self._nondirs.add(parts)
 
 
-def unpack_stream(source, root_fd: int, compress: str) -> SafeUnpacker:
+def unpack_stream(source, root_fd: int, compress: str,
+                  on_member: Callable[[Member], Callable[[bool], None]] | None = None
+                  ) -> SafeUnpacker:
     """Parse the tar (compressed with ``compress``) and create it below ``root_fd``.
 
     ``source``: a binary file object, or a callable returning the stream's next bytes
-    (``b""`` at the end). Raises RefusedMember, TarReadError, OSError, or whatever the
-    callable raised (VerifyError).
+    (``b""`` at the end). ``on_member(m)`` is asked before each member is created (it may
+    raise to refuse it: that error ends the unpacking) and returns what to call after,
+    with True once the member is created, False when creating it failed (collect's
+    free-space guard, mpitools/collect/ranks.py). Raises RefusedMember, TarReadError,
+    OSError, or whatever the callable or ``on_member`` raised (VerifyError).
     """
     if callable(source):
         next_chunk = source
@@ -715,7 +720,16 @@ def unpack_stream(source, root_fd: int, compress: str) -> SafeUnpacker:
     unpacker = SafeUnpacker(root_fd)
     with TarReader(next_chunk, compress) as tar:
         for m in tar:
-            unpacker.add(m, tar.write_data)
+            if on_member is None:
+                unpacker.add(m, tar.write_data)
+                continue
+            done = on_member(m)
+            try:
+                unpacker.add(m, tar.write_data)
+            except BaseException:
+                done(False)
+                raise
+            done(True)
         unpacker.close()
     return unpacker
 
@@ -766,14 +780,17 @@ class Extractor:
     each full batch to the thread without copying it again; it blocks (calling
     ``idle`` meanwhile) when ``depth`` batches are queued, so memory stays bounded.
     ``finish`` returns (bytes, hash) of everything fed, or raises the extraction error
-    (RefusedMember, VerifyError, OSError, TarReadError). After an error the thread keeps
-    draining, so feeding never hangs.
+    (RefusedMember, VerifyError, OSError, TarReadError, or what ``on_member`` raised: see
+    :func:`unpack_stream`). After an error the thread keeps draining, so feeding never
+    hangs.
     """
 
     def __init__(self, dest: str | int, compress: str, *, hash_alg: str = "blake3",
                  depth: int = 4, sums: bytes | None = None, block: int = BLOCK,
-                 batch: int = BATCH):
+                 batch: int = BATCH,
+                 on_member: Callable[[Member], Callable[[bool], None]] | None = None):
         self.compress = compress
+        self._on_member = on_member
         # batches are cut at a block boundary when verifying, so the verifier hands each
         # on as a view instead of joining copies of its blocks
         align = block if sums is not None else 1
@@ -793,7 +810,7 @@ class Extractor:
     def _run(self) -> None:
         try:
             self.members = unpack_stream(self._reader.next_chunk, self._fd,
-                                         self.compress).members
+                                         self.compress, self._on_member).members
         except BaseException as e:  # noqa: BLE001 - reported by finish() to every rank
             self.error = e
         finally:
