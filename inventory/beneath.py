@@ -23,14 +23,23 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import stat
+import time
 
 __all__ = ["BeneathError", "open_root", "open_dir_beneath", "split_rel", "lock_dest",
            "unlock_dest", "lock_forecast", "flock_held", "lstat_at", "LOCK_SUFFIX", "lock_name", "STAGED_SUFFIX", "staged_marker",
-           "mark_staged", "was_staged", "unmark_staged", "remove_entry", "shown_name"]
+           "mark_staged", "was_staged", "unmark_staged", "remove_entry", "shown_name",
+           "clean_staged_leftovers", "STAGED_TMP_MAX", "STAGED_TMP_MIN_AGE"]
 
 LOCK_SUFFIX = ".chiba-lock"
 STAGED_SUFFIX = ".chiba-staged"
+# A killed mark_staged's temporary file (.NAME.chiba-staged.PID-8HEX) holds a job id and a
+# newline: one larger is not the tool's. One younger than this many seconds is left alone
+# (clean_staged_leftovers: a second guard beside the lock, for a file system whose flock
+# is local to each host).
+STAGED_TMP_MAX = 64
+STAGED_TMP_MIN_AGE = 60.0
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -264,13 +273,17 @@ def mark_staged(parent_fd: int, name: str, jobid: str) -> None:
     """Record (beside it, in ``parent_fd``) that destination ``name`` is chiba-admin's own.
 
     An existing destination without this marker was not made by a stage or collect, and
-    every method refuses to replace it unless the user says ``--replace``.
+    every method refuses to replace it unless the user says ``--replace``. The caller holds
+    ``name``'s lock (:func:`lock_dest`). Raises BeneathError when the marker cannot be
+    written; its temporary file is removed on any error or interruption (an exception such
+    as KeyboardInterrupt is raised again), and the one a killed process left is removed by
+    the next run's :func:`clean_staged_leftovers`.
     """
     # A fresh file of ours renamed over the name: whatever another user planted there (a
     # FIFO that would hang an open, a symlink, a file they own) is replaced, never written
     # through; a directory in its place is refused.
     marker = staged_marker(name)
-    tmp = f"{marker}.{os.getpid()}-{os.urandom(4).hex()}"
+    tmp = f"{marker}.{os.getpid()}-{os.urandom(4).hex()}"  # _staged_tmp_re matches it
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o644, dir_fd=parent_fd)
     try:
@@ -279,13 +292,67 @@ def mark_staged(parent_fd: int, name: str, jobid: str) -> None:
         finally:
             os.close(fd)
         os.rename(tmp, marker, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
-    except OSError as e:
+    except BaseException as e:  # a stop (SIGTERM raised as an exception) included
         try:
             os.unlink(tmp, dir_fd=parent_fd)
         except OSError:
             pass
+        if not isinstance(e, OSError):
+            raise
         raise BeneathError(e.errno or errno.EIO, f"cannot write the staged marker {marker}"
                            f" ({e.strerror}); remove what is in its place", name) from None
+
+
+def _staged_tmp_re(name: str) -> re.Pattern:
+    """The exact names :func:`mark_staged` gives its temporary files for ``name`` (to be
+    matched whole: ``fullmatch``); ``name`` is escaped, its metacharacters match only
+    themselves."""
+    return re.compile(re.escape(staged_marker(name)) + r"\.[0-9]+-[0-9a-f]{8}")
+
+
+def _holds_lock(parent_fd: int, name: str, lock_fd: int) -> bool:
+    """Is ``lock_fd`` the file that is ``name``'s lock in ``parent_fd`` now (same device and
+    inode; :func:`lock_dest` holds its flock for as long as it is open)?"""
+    st = lstat_at(parent_fd, lock_name(name))
+    return st is not None and os.path.samestat(st, os.fstat(lock_fd))
+
+
+def clean_staged_leftovers(parent_fd: int, name: str, lock_fd: int) -> list[str]:
+    """Remove the temporary files that a killed :func:`mark_staged` of ``name`` left in
+    ``parent_fd`` (``.NAME.chiba-staged.PID-8HEX``: SIGKILL or a crash between its create
+    and its rename); returns the names removed.
+
+    Only while ``lock_fd``, from :func:`lock_dest`, holds ``name``'s lock: every writer of
+    the marker holds that lock (stage, collect, the City Transit agent), so no live run is
+    between its create and its rename. Nothing is removed when ``lock_fd`` is not that
+    lock file. An entry is removed only if it is certainly the tool's own and dead: its
+    name matched whole for this ``name``, and (``lstat``, never followed) a regular file
+    with one link, owned by this process's effective uid (another user's file in a
+    world-writable scratch is never touched), at most :data:`STAGED_TMP_MAX` bytes, last
+    written at least :data:`STAGED_TMP_MIN_AGE` seconds ago. A symlink, FIFO or directory
+    of that name is left. In a sticky directory no other user can swap a file of ours
+    between the ``lstat`` and the ``unlink`` (which removes a name, never follows it).
+
+    Raises nothing: what cannot be listed, read or removed stays for a later run.
+    """
+    try:
+        if not _holds_lock(parent_fd, name, lock_fd):
+            return []
+        names = os.listdir(parent_fd)
+    except OSError:
+        return []
+    pattern, uid, now, done = _staged_tmp_re(name), os.geteuid(), time.time(), []
+    for entry in sorted(n for n in names if pattern.fullmatch(n)):
+        try:
+            st = os.stat(entry, dir_fd=parent_fd, follow_symlinks=False)
+            if (stat.S_ISREG(st.st_mode) and st.st_uid == uid and st.st_nlink == 1
+                    and st.st_size <= STAGED_TMP_MAX
+                    and now - st.st_mtime >= STAGED_TMP_MIN_AGE):
+                os.unlink(entry, dir_fd=parent_fd)
+                done.append(entry)
+        except OSError:
+            continue  # gone meanwhile, or not removable: left for a later run
+    return done
 
 
 def was_staged(parent_fd: int, name: str) -> bool:

@@ -101,16 +101,18 @@ def tar_x_argv() -> list[str]:
     return argv
 
 
-def _sweep(parent_fd: int, name: str) -> None:
-    """Remove what dead runs on this destination left (we hold its lock: no live run owns them)."""
+def _sweep(parent_fd: int, name: str, lock: int) -> None:
+    """Remove what dead runs on this destination left (we hold its lock, ``lock``: no live
+    run owns them): their temporary trees, and a killed mark's temporary file."""
     import re
 
-    from inventory.beneath import remove_entry
+    from inventory.beneath import clean_staged_leftovers, remove_entry
 
     pat = re.compile(re.escape(f".{name}") + r"\.chiba-(tmp|old)-[0-9a-f]{12}\Z")
     for entry in os.listdir(parent_fd):
         if pat.match(entry):
             remove_entry(parent_fd, entry)
+    clean_staged_leftovers(parent_fd, name, lock)
 
 
 def _first_line(err: bytes) -> str:
@@ -389,7 +391,7 @@ def extract(spec: dict, inp) -> dict:
         return res
     tmp = _own(name, _TMP, job)
     try:
-        _sweep(parent_fd, name)
+        _sweep(parent_fd, name, lock)
         existed = _exists(parent_fd, name)
         if existed and not spec.get("replace") and not was_staged(parent_fd, name):
             res["previous"] = shown

@@ -127,7 +127,8 @@ def _clean_collect(dest_dir: str, names: dict[str, str], before: dict,
     no live process holds is touched then. ``stopped``: the id of a job that was stopped
     (SIGTERM, Ctrl-C, ``--timeout``), whose moves begun are finished (:func:`_finish_move`)
     rather than undone."""
-    from inventory.beneath import BeneathError, lock_dest, unlock_dest
+    from inventory.beneath import (BeneathError, clean_staged_leftovers, lock_dest,
+                                   unlock_dest)
 
     ended = last_launch() == "mpiexec"
     dfd = _open_dir(dest_dir)
@@ -147,6 +148,8 @@ def _clean_collect(dest_dir: str, names: dict[str, str], before: dict,
                     if lock is not None and stopped:
                         _finish_move(fd, name, stopped)
                     clean_stale(fd, name)
+                    if lock is not None:  # a mark_staged killed with the ranks
+                        clean_staged_leftovers(fd, name, lock)
                 finally:
                     if lock is not None:
                         unlock_dest(fd, name, lock)

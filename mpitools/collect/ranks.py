@@ -14,8 +14,8 @@ import stat
 import threading
 import time
 
-from inventory.beneath import (BeneathError, lock_dest, mark_staged, open_dir_beneath,
-                               open_root, unlock_dest, was_staged)
+from inventory.beneath import (BeneathError, clean_staged_leftovers, lock_dest, mark_staged,
+                               open_dir_beneath, open_root, unlock_dest, was_staged)
 from inventory.homedir import (NoSpace, SpaceGuard, drop_collect_dir, member_cost,
                                open_collect_dir)
 
@@ -228,6 +228,7 @@ class _Incoming:
         try:
             self.lock = lock_dest(self.hfd, self.name, display=os.path.dirname(self.shown))
             clean_stale(self.hfd, self.name)
+            clean_staged_leftovers(self.hfd, self.name, self.lock)
             self._check(bool(job.get("replace")))
             self.tmp = temp_name(self.name, "collect", self.jobid)
             self.tmp_fd = make_locked_temp(self.hfd, self.tmp)

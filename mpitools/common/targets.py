@@ -86,8 +86,8 @@ def cleanup_embedded(topo, dests: dict[str, dict]) -> None:
     """
     if topo.kind != "embedded":
         return
-    from inventory.beneath import (BeneathError, lock_dest, open_dir_beneath, open_root,
-                                   unlock_dest)
+    from inventory.beneath import (BeneathError, clean_staged_leftovers, lock_dest,
+                                   open_dir_beneath, open_root, unlock_dest)
 
     for d in dests.values():
         parent, _, name = d["rel"].rpartition("/")
@@ -103,7 +103,11 @@ def cleanup_embedded(topo, dests: dict[str, dict]) -> None:
             os.close(root_fd)
         try:
             clean_stale(pfd, name)
-            unlock_dest(pfd, name, lock_dest(pfd, name))  # a killed run's lock file
+            lock = lock_dest(pfd, name)
+            try:
+                clean_staged_leftovers(pfd, name, lock)  # a mark_staged killed with the job
+            finally:
+                unlock_dest(pfd, name, lock)  # a killed run's lock file
         except BeneathError:
             pass  # another live run holds it
         finally:

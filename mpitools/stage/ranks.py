@@ -18,8 +18,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from inventory.beneath import (BeneathError, lock_dest, mark_staged, open_dir_beneath,
-                               open_root, split_rel, unlock_dest, was_staged)
+from inventory.beneath import (BeneathError, clean_staged_leftovers, lock_dest, mark_staged,
+                               open_dir_beneath, open_root, split_rel, unlock_dest,
+                               was_staged)
 
 from mpitools.common.archive import (BlockVerifier, Extractor, RefusedMember, VerifyError,
                                      clean_stale, make_locked_temp, new_hasher, remove_entry,
@@ -129,9 +130,9 @@ class NodeStage:
                               f" pass --replace to replace it{back}")
 
     def prepare(self) -> None:
-        """Walk (making missing parents), lock, clean dead jobs' leftovers, re-check, make
-        the locked temp dir. Raises OSError/BeneathError (EBUSY: another run holds the
-        lock) or DestRefused."""
+        """Walk (making missing parents), lock, clean dead jobs' leftovers (temporary dirs,
+        a killed mark's temporary file), re-check, make the locked temp dir. Raises
+        OSError/BeneathError (EBUSY: another run holds the lock) or DestRefused."""
         root_fd = open_root(self.root)
         fd = root_fd
         shown = self.host_root
@@ -154,6 +155,7 @@ class NodeStage:
         self.parent_fd = fd
         self._lock = lock_dest(fd, self.name, display=os.path.dirname(self.shown))
         self.restored = _put_back(fd, self.name)
+        clean_staged_leftovers(fd, self.name, self._lock)  # a killed mark_staged's file
         self.check_at(fd)
         self.tmp_fd = make_locked_temp(fd, self.tmp)
         self.state = "prepared"

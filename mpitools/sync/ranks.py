@@ -38,8 +38,8 @@ from inventory import (DestTree, Inventory, check_source, decode_inventory, dele
                        make_dirs, make_plan, make_symlinks, needs_bitmap, scan)
 from inventory.apply import ApplyResult, Conflict, new_tmp_tag, tmp_target
 from inventory.entries import decode_path, encode_path
-from inventory.beneath import (BeneathError, lock_dest, open_dir_beneath, open_root, split_rel,
-                               unlock_dest)
+from inventory.beneath import (BeneathError, clean_staged_leftovers, lock_dest,
+                               open_dir_beneath, open_root, split_rel, unlock_dest)
 from inventory.entries import DIR
 from inventory.plan import WRITE
 
@@ -191,6 +191,8 @@ class _Target:
             if not dry:
                 self._lock_fd = lock_dest(self._parent_fd, self._name,
                                           display=os.path.dirname(self.dest))
+                # a stage's or collect's mark_staged killed there
+                clean_staged_leftovers(self._parent_fd, self._name, self._lock_fd)
             if self.rel:
                 try:
                     os.stat(self._name, dir_fd=self._parent_fd, follow_symlinks=False)
