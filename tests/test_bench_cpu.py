@@ -58,6 +58,32 @@ def test_cpu_workload_measures_each_method_per_node_and_reports_it(site, tmp_pat
     assert "CPU per node" in md and "x Transit" in md and "MPI chain" in md
 
 
+def _cpu_run(method, repeat, per, algorithm=None):
+    return {"workload": "cpu", "op": "stage", "tree": "stdlib", "nodes": 8, "ok": True,
+            "method": method, "algorithm": algorithm, "repeat": repeat,
+            "cpu_per_node_s": per, "seconds": 1.0}
+
+
+def test_x_transit_pairs_runs_of_the_same_record_and_repeat():
+    """Two records of different hours: a fast one (Transit 0.5 s, chain 0.7 s: 1.4x) and
+    a slow one (Transit 1.0 s, chain 1.3 s: 1.3x). The ratio of the medians over both
+    (0.85 / 0.75 = 1.13x) would compare runs of different hours; the paired ratios' median
+    is 1.35x. A record whose chain has no Transit run beside it adds no ratio."""
+    fast = {"cluster": {"kind": "embedded"}, "commit": "a", "date": "2026-01-01T01:00",
+            "runs": [_cpu_run("transit", 0, 0.5), _cpu_run("mpi", 0, 0.7, "chain")]}
+    slow = {"cluster": {"kind": "embedded"}, "commit": "a", "date": "2026-01-01T09:00",
+            "runs": [_cpu_run("transit", 0, 1.0), _cpu_run("mpi", 0, 1.3, "chain")]}
+    lone = {"cluster": {"kind": "embedded"}, "commit": "b", "date": "2026-01-02T09:00",
+            "runs": [_cpu_run("mpi", 0, 9.0, "chain")]}
+    rows = {r["method"]: r for r in aggregate.report_dict([fast, slow, lone])["cpu"]}
+    assert rows["mpi"]["x_transit"] == pytest.approx(1.35)
+    assert rows["transit"]["x_transit"] == pytest.approx(1.0)
+    # with no pair at all, the ratio of the medians
+    rows = {r["method"]: r for r in aggregate.report_dict([
+        {**fast, "runs": fast["runs"][:1]}, lone])["cpu"]}
+    assert rows["mpi"]["x_transit"] == pytest.approx(9.0 / 0.5)
+
+
 def test_cpu_workload_refuses_one_node_and_the_testbed(site, tmp_path):
     with pytest.raises(InvalidRequest):
         cpuprofile.cpu(site, nodes=1, workdir=tmp_path, tree="text")

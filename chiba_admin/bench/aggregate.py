@@ -49,8 +49,9 @@ def launch(run: dict) -> str:
 
 def groups(records: list[dict], workload: str) -> dict[tuple, list[dict]]:
     """Runs of ``workload`` grouped by (cluster kind, *KEYS[workload]); each run gets
-    ``_cluster`` (its record's cluster). A missing algorithm groups as "", a missing
-    launch as ``launch(run)``."""
+    ``_cluster`` (its record's cluster) and ``_record`` (its record's commit and date:
+    which runs were measured in the same hour). A missing algorithm groups as "", a
+    missing launch as ``launch(run)``."""
     out: dict[tuple, list[dict]] = defaultdict(list)
     for rec in records:
         cl = rec.get("cluster") or {}
@@ -61,7 +62,8 @@ def groups(records: list[dict], workload: str) -> dict[tuple, list[dict]]:
             key = (cl.get("kind", "?"),) + tuple(
                 (run.get(f) or "") if f == "algorithm" else launch(run) if f == "launch"
                 else run.get(f) for f in KEYS[workload])
-            out[key].append({**run, "_cluster": cl})
+            out[key].append({**run, "_cluster": cl,
+                             "_record": (rec.get("commit"), rec.get("date"))})
     return out
 
 

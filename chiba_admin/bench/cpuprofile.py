@@ -283,8 +283,11 @@ def cpu_rows(groups: dict[tuple, list[dict]], median) -> list[dict]:
     """One row per (cluster, op, tree, nodes, method, algorithm, launch): median CPU
     seconds per node, per GB and per 1,000 files, and ``x_transit`` (this method's
     per-node CPU over City Transit's in the same case; 1.5 is issue 18's ceiling for
-    MPI)."""
-    rows, base = [], {}
+    MPI): the median of the ratios of runs paired by record and repeat (the bench runs
+    every method of a repeat within a minute or two), since this machine's speed varies
+    by the hour and a ratio of medians over records of different hours would compare
+    runs of different hours; the ratio of the medians when no run has a pair."""
+    rows, base, pairs = [], {}, {}
     for key, runs in groups.items():
         ok = [r for r in runs if r.get("ok")]
         row = dict(zip(("cluster", "op", "tree", "nodes", "method", "algorithm", "launch"),
@@ -298,12 +301,19 @@ def cpu_rows(groups: dict[tuple, list[dict]], median) -> list[dict]:
                    cpu_busy=median([r.get("cpu_busy") for r in runs]),
                    **{k: median([r.get(k) for r in ok]) for k in (
                        "cpu_per_node_s", "cpu_per_node_gb_s", "cpu_per_kfile_s")})
+        row["_runs"] = ok
         if row["method"] == "transit":
             base[key[:4]] = row["cpu_per_node_s"]
+            pairs[key[:4]] = {(r.get("_record"), r.get("repeat")): r.get("cpu_per_node_s")
+                              for r in ok}
         rows.append(row)
     for row in rows:
-        b = base.get(tuple(row[k] for k in ("cluster", "op", "tree", "nodes")))
-        per = row["cpu_per_node_s"]
-        row["x_transit"] = per / b if b and per is not None else None
+        case = tuple(row[k] for k in ("cluster", "op", "tree", "nodes"))
+        b, per, mates = base.get(case), row["cpu_per_node_s"], pairs.get(case, {})
+        ratios = [r["cpu_per_node_s"] / t for r in row.pop("_runs")
+                  if r.get("cpu_per_node_s") is not None
+                  and (t := mates.get((r.get("_record"), r.get("repeat"))))]
+        row["x_transit"] = (median(ratios) if ratios
+                            else per / b if b and per is not None else None)
     return sorted(rows, key=lambda r: (r["cluster"], r["op"], r["method"] != "transit",
                                        r.get("launch") == "service", r["algorithm"] or ""))
