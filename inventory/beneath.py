@@ -275,9 +275,11 @@ def mark_staged(parent_fd: int, name: str, jobid: str) -> None:
     An existing destination without this marker was not made by a stage or collect, and
     every method refuses to replace it unless the user says ``--replace``. The caller holds
     ``name``'s lock (:func:`lock_dest`). Raises BeneathError when the marker cannot be
-    written; its temporary file is removed on any error or interruption (an exception such
-    as KeyboardInterrupt is raised again), and the one a killed process left is removed by
-    the next run's :func:`clean_staged_leftovers`.
+    written (OSError when its temporary file cannot be created); that file is removed on
+    any later error or interruption (an exception such as KeyboardInterrupt is raised
+    again) while its name is still that file: a stop just after the rename leaves the name
+    it freed, which another user may hold by then, alone. The one a killed process left is
+    removed by the next run's :func:`clean_staged_leftovers`.
     """
     # A fresh file of ours renamed over the name: whatever another user planted there (a
     # FIFO that would hang an open, a symlink, a file they own) is replaced, never written
@@ -286,15 +288,20 @@ def mark_staged(parent_fd: int, name: str, jobid: str) -> None:
     tmp = f"{marker}.{os.getpid()}-{os.urandom(4).hex()}"  # _staged_tmp_re matches it
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o644, dir_fd=parent_fd)
+    ours = None  # the temporary file (alive as the marker once renamed: never reused)
     try:
         try:
+            ours = os.fstat(fd)
             os.write(fd, f"{jobid}\n".encode())
         finally:
             os.close(fd)
         os.rename(tmp, marker, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
     except BaseException as e:  # a stop (SIGTERM raised as an exception) included
         try:
-            os.unlink(tmp, dir_fd=parent_fd)
+            # a SIGTERM handler raises when the rename returns: the name is free by then
+            st = os.stat(tmp, dir_fd=parent_fd, follow_symlinks=False)
+            if ours is None or os.path.samestat(st, ours):
+                os.unlink(tmp, dir_fd=parent_fd)
         except OSError:
             pass
         if not isinstance(e, OSError):

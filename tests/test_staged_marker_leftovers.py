@@ -173,6 +173,33 @@ def test_mark_staged_leaves_no_temporary_file_when_interrupted(tmp_path, monkeyp
     assert os.listdir(tmp_path) == []
 
 
+def test_a_stop_just_after_the_rename_removes_nothing_it_did_not_make(tmp_path, monkeypatch):
+    """A SIGTERM handler's exception is raised when the rename returns: the temporary name
+    is free by then, and what holds it now (another user's file, planted in a sticky
+    scratch the moment the name was freed) is not the tool's and stays (it was removed)."""
+    from inventory.beneath import mark_staged
+
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    rename = os.rename
+    planted = []
+
+    def renamed_then_stopped(src, dst, **kw):
+        rename(src, dst, **kw)
+        planted.append(_file(tmp_path / src, b"another user's\n"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", renamed_then_stopped)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            mark_staged(fd, "proj", "0123456789ab")
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(tmp_path)) == [".proj.chiba-staged",
+                                            os.path.basename(planted[0])]
+    assert open(planted[0], "rb").read() == b"another user's\n"
+    assert (tmp_path / ".proj.chiba-staged").read_bytes() == b"0123456789ab\n"
+
+
 def test_what_a_killed_mark_staged_leaves_is_what_the_helper_removes(locked, monkeypatch):
     """The names mark_staged makes and the pattern the helper removes stay in step: a
     rename that never happens (the process killed before it) leaves a file the next run
