@@ -708,8 +708,9 @@ def unpack_stream(source, root_fd: int, compress: str,
     ``source``: a binary file object, or a callable returning the stream's next bytes
     (``b""`` at the end). ``on_member(m)`` is asked before each member is created (it may
     raise to refuse it: that error ends the unpacking) and returns what to call after,
-    with True once the member is created, False when creating it failed (collect's
-    free-space guard, mpitools/collect/ranks.py). Raises RefusedMember, TarReadError,
+    with True once the member is created (symlinks and hard links: once queued, since
+    :class:`SafeUnpacker` makes them last; an error making them ends the unpacking), False
+    when creating it failed (collect's free-space guard, mpitools/collect/ranks.py). Raises RefusedMember, TarReadError,
     OSError, or whatever the callable or ``on_member`` raised (VerifyError).
     """
     if callable(source):
