@@ -9,6 +9,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,13 @@ from mpitools.shell.directives import DirectiveError, parse_slurm
 from support.procs import default_sigint
 
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+
+
+def _env() -> dict[str, str]:
+    """This process's environment as it is now, so that the ``embedded`` fixture's
+    CHIBA_STATE and CHIBA_CLUSTER reach the command (built at import, it sent every job to
+    the default state directory, which a fresh machine does not have)."""
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
 
 
 def _nap() -> str:
@@ -44,17 +51,21 @@ class _Job:
         self.reader = os.open(self.marks, os.O_RDONLY | os.O_NONBLOCK)
         self.keep = os.open(self.marks, os.O_WRONLY)  # no end of file between writers
         self.p = subprocess.Popen([str(BIN / "chiba-admin"), "shell", "--nodes", nodes,
-                                   str(path)], env=ENV, stdout=subprocess.PIPE,
+                                   str(path)], env=_env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, cwd=tmp_path,
                                   preexec_fn=default_sigint)
         self.got, self.err = b"", b""
 
     def marked(self, n: int) -> list[bytes]:
         """Wait for ``n`` lines on the FIFO (events, not time); returns them."""
+        deadline = time.monotonic() + 60
         while self.got.count(b"\n") < n:
-            ready, _, _ = select.select([self.reader], [], [], 60)
-            assert ready and self.p.poll() is None, self.p.stderr.read()
-            self.got += os.read(self.reader, 256)
+            # a job that ended (or never started) fails the test now, not after 60 s
+            ready, _, _ = select.select([self.reader], [], [], 0.2)
+            assert self.p.poll() is None, self.p.stderr.read()
+            assert ready or time.monotonic() < deadline, "no mark within 60 s"
+            if ready:
+                self.got += os.read(self.reader, 256)
         return self.got.split(b"\n")[:n]
 
     def srun_pid(self, tasks: int) -> int:
@@ -229,7 +240,7 @@ def test_fractional_ntasks_directive_is_refused_one_line_exit_2(embedded, tmp_pa
     path = tmp_path / "job.sh"
     path.write_text("#!/bin/sh\n#SBATCH --ntasks=1.5\ntrue\n")
     r = subprocess.run([str(BIN / "chiba-admin"), "shell", "--slurm", "--nodes", "ccn01",
-                        str(path)], capture_output=True, text=True, env=ENV, timeout=60)
+                        str(path)], capture_output=True, text=True, env=_env(), timeout=60)
     assert r.returncode == 2 and f"{path}:2: #SBATCH --ntasks 1.5" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
@@ -240,7 +251,7 @@ def test_short_walltime_warns_one_second_left_then_ends(embedded, tmp_path):
     path.write_text(f"srun -n 2 {nap}\n")
     r = subprocess.run([str(BIN / "chiba-admin"), "shell", "--nodes", "ccn[01-02]",
                         "--walltime", "3", str(path)], capture_output=True, text=True,
-                       env=ENV, timeout=60)
+                       env=_env(), timeout=60)
     assert r.returncode == 124
     assert "walltime: 1 s left" in r.stderr and "0 s left" not in r.stderr, r.stderr
     _nothing_left(nap)
@@ -255,7 +266,7 @@ def test_request_with_a_fractional_count_is_refused(embedded, tmp_path):
            "print(s.makefile().readline().strip())")
     path.write_text(f"{sys.executable} -c \"{ask}\"\n")
     r = subprocess.run([str(BIN / "chiba-admin"), "shell", "--nodes", "ccn01", str(path)],
-                       capture_output=True, text=True, env=ENV, timeout=60)
+                       capture_output=True, text=True, env=_env(), timeout=60)
     assert "must be a whole number, not 1.5" in r.stdout, (r.stdout, r.stderr)
 
 
@@ -269,7 +280,7 @@ def test_pmi_protocol_error_makes_the_command_fail(embedded, tmp_path):
     path = tmp_path / "job.sh"
     path.write_text(f"srun -n 2 {sys.executable} {bad}\necho \"rc=$?\"\n")
     r = subprocess.run([str(BIN / "chiba-admin"), "shell", "--nodes", "ccn[01-02]",
-                        str(path)], capture_output=True, text=True, env=ENV, timeout=60)
+                        str(path)], capture_output=True, text=True, env=_env(), timeout=60)
     assert r.returncode == 0, r.stderr
     assert "rc=1\n" in r.stdout, (r.stdout, r.stderr)
     assert "ccn01: task 0: PMI protocol error" in r.stderr
