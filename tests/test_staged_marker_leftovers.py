@@ -154,22 +154,27 @@ def test_the_helper_leaves_another_users_file(locked):
     assert os.path.exists(planted)
 
 
-def test_mark_staged_leaves_no_temporary_file_when_interrupted(tmp_path, monkeypatch):
-    """A stop raised as an exception (SIGTERM's handler, Ctrl-C) between the create and
-    the rename removes the temporary file too (it stayed: only OSError removed it)."""
+def _mark_stopped(directory, monkeypatch, rename) -> None:
+    """mark_staged of "proj" in ``directory`` with ``os.rename`` replaced by ``rename``,
+    which raises KeyboardInterrupt (a stop), raised again by mark_staged."""
     from inventory.beneath import mark_staged
 
-    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-
-    def stopped(*a, **k):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(os, "rename", stopped)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    monkeypatch.setattr(os, "rename", rename)
     try:
         with pytest.raises(KeyboardInterrupt):
             mark_staged(fd, "proj", "0123456789ab")
     finally:
         os.close(fd)
+
+
+def test_mark_staged_leaves_no_temporary_file_when_interrupted(tmp_path, monkeypatch):
+    """A stop raised as an exception (SIGTERM's handler, Ctrl-C) between the create and
+    the rename removes the temporary file too (it stayed: only OSError removed it)."""
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    _mark_stopped(tmp_path, monkeypatch, stopped)
     assert os.listdir(tmp_path) == []
 
 
@@ -177,9 +182,6 @@ def test_a_stop_just_after_the_rename_removes_nothing_it_did_not_make(tmp_path, 
     """A SIGTERM handler's exception is raised when the rename returns: the temporary name
     is free by then, and what holds it now (another user's file, planted in a sticky
     scratch the moment the name was freed) is not the tool's and stays (it was removed)."""
-    from inventory.beneath import mark_staged
-
-    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     rename = os.rename
     planted = []
 
@@ -188,12 +190,7 @@ def test_a_stop_just_after_the_rename_removes_nothing_it_did_not_make(tmp_path, 
         planted.append(_file(tmp_path / src, b"another user's\n"))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(os, "rename", renamed_then_stopped)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            mark_staged(fd, "proj", "0123456789ab")
-    finally:
-        os.close(fd)
+    _mark_stopped(tmp_path, monkeypatch, renamed_then_stopped)
     assert sorted(os.listdir(tmp_path)) == [".proj.chiba-staged",
                                             os.path.basename(planted[0])]
     assert open(planted[0], "rb").read() == b"another user's\n"

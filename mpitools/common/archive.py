@@ -700,6 +700,10 @@ class SafeUnpacker:
         self._nondirs.add(parts)
 
 
+def _told(created: bool) -> None:
+    """The ``on_member`` follow-up of an unpacking nobody watches."""
+
+
 def unpack_stream(source, root_fd: int, compress: str,
                   on_member: Callable[[Member], Callable[[bool], None]] | None = None
                   ) -> SafeUnpacker:
@@ -710,8 +714,9 @@ def unpack_stream(source, root_fd: int, compress: str,
     raise to refuse it: that error ends the unpacking) and returns what to call after,
     with True once the member is created (symlinks and hard links: once queued, since
     :class:`SafeUnpacker` makes them last; an error making them ends the unpacking), False
-    when creating it failed (collect's free-space guard, mpitools/collect/ranks.py). Raises RefusedMember, TarReadError,
-    OSError, or whatever the callable or ``on_member`` raised (VerifyError).
+    when creating it failed (collect's free-space guard, mpitools/collect/ranks.py).
+    Raises RefusedMember, TarReadError, OSError, or whatever the callable or
+    ``on_member`` raised (VerifyError).
     """
     if callable(source):
         next_chunk = source
@@ -721,10 +726,7 @@ def unpack_stream(source, root_fd: int, compress: str,
     unpacker = SafeUnpacker(root_fd)
     with TarReader(next_chunk, compress) as tar:
         for m in tar:
-            if on_member is None:
-                unpacker.add(m, tar.write_data)
-                continue
-            done = on_member(m)
+            done = _told if on_member is None else on_member(m)
             try:
                 unpacker.add(m, tar.write_data)
             except BaseException:
